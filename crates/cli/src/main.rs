@@ -1,0 +1,64 @@
+//! `boomerang`: the one binary. It parses arguments and calls the library crates; the logic
+//! lives there.
+
+mod output;
+mod quickstart;
+mod store;
+
+use clap::{Parser, Subcommand};
+
+use output::{Output, report_error};
+
+/// Continuous block replication, failover, reprotect and failback.
+#[derive(Parser, Debug)]
+#[command(name = "boomerang", version, about, propagate_version = true)]
+struct Cli {
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Human)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Work on a replica store directly (offline).
+    #[command(subcommand)]
+    Store(store::StoreCommand),
+    /// Run the sample lifecycle on local directories and verify the data.
+    Quickstart(quickstart::QuickstartArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BOOMERANG_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Store(cmd) => store::run(cmd, cli.output).await,
+            Command::Quickstart(args) => quickstart::run(args, cli.output).await,
+        }
+    });
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            report_error(&e, cli.output);
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Where a store lives: a local directory (default), Azure Blob, or memory (tests).
+//!
+//! Every backend is reached through `object_store`; this module turns a location string into
+//! an `ObjectStore`, creates Azure containers on `init` (object_store has no call for that),
+//! and makes local commits durable (chunks are written without fsync and flushed with one
+//! `syncfs` before the manifest, which is written with fsync).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, RetryConfig};
+
+use crate::error::{Result, StoreError};
+
+/// A parsed store location.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// A directory on a local filesystem (the master target's retention volume).
+    Local(PathBuf),
+    /// `azure://container/prefix`.
+    Azure { container: String, prefix: String },
+    /// `memory://name`: a fresh in-memory store, for tests.
+    Memory,
+}
+
+impl Location {
+    /// Parses `azure://container[/prefix]`, `memory://`, `file://PATH` or a plain path.
+    pub fn parse(s: &str) -> Result<Self> {
+        if let Some(rest) = s.strip_prefix("azure://") {
+            let (container, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let valid = (3..=63).contains(&container.len())
+                && container
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !container.starts_with('-')
+                && !container.ends_with('-')
+                && !container.contains("--");
+            if !valid {
+                return Err(StoreError::Invalid(format!(
+                    "{s:?} is not a valid Azure store location: the container name must be 3 to 63 lower-case letters, digits and single hyphens, as in azure://boomerang/site-b"
+                )));
+            }
+            return Ok(Location::Azure {
+                container: container.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+            });
+        }
+        if s.starts_with("memory://") {
+            return Ok(Location::Memory);
+        }
+        if let Some((scheme, _)) = s.split_once("://")
+            && scheme != "file"
+        {
+            return Err(StoreError::Invalid(format!(
+                "store location {s:?} has an unknown scheme {scheme:?}: use a directory path or azure://container/prefix"
+            )));
+        }
+        let path = s.strip_prefix("file://").unwrap_or(s);
+        if path.is_empty() {
+            return Err(StoreError::Invalid(
+                "the store location is empty: give a directory or azure://container/prefix".into(),
+            ));
+        }
+        Ok(Location::Local(PathBuf::from(path)))
+    }
+
+    /// Opens the backend. With `create`, a missing directory or container is created.
+    pub async fn open(&self, create: bool) -> Result<Backend> {
+        match self {
+            Location::Local(dir) => {
+                if create {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        StoreError::io(
+                            format!("could not create store directory {}", dir.display()),
+                            e,
+                        )
+                    })?;
+                } else if !dir.is_dir() {
+                    return Err(StoreError::Missing {
+                        location: dir.display().to_string(),
+                    });
+                }
+                let dir = dir.canonicalize().map_err(|e| {
+                    StoreError::io(
+                        format!("could not open store directory {}", dir.display()),
+                        e,
+                    )
+                })?;
+                let open = |fsync| {
+                    LocalFileSystem::new_with_prefix(&dir)
+                        .map(|fs| Arc::new(fs.with_fsync(fsync)) as Arc<dyn ObjectStore>)
+                        .map_err(|e| {
+                            StoreError::backend(
+                                format!("could not open store directory {}", dir.display()),
+                                e,
+                            )
+                        })
+                };
+                Ok(Backend {
+                    objects: open(false)?,
+                    durable: open(true)?,
+                    local_dir: Some(dir.clone()),
+                    display: dir.display().to_string(),
+                })
+            }
+            Location::Memory => {
+                let mem: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+                Ok(Backend {
+                    objects: mem.clone(),
+                    durable: mem,
+                    local_dir: None,
+                    display: "memory://".into(),
+                })
+            }
+            Location::Azure { container, prefix } => {
+                let display = if prefix.is_empty() {
+                    format!("azure://{container}")
+                } else {
+                    format!("azure://{container}/{prefix}")
+                };
+                if create {
+                    azure::create_container(container).await?;
+                }
+                let retry = RetryConfig {
+                    max_retries: 4,
+                    retry_timeout: Duration::from_secs(30),
+                    ..RetryConfig::default()
+                };
+                let azure = MicrosoftAzureBuilder::from_env()
+                    .with_container_name(container)
+                    .with_retry(retry)
+                    .build()
+                    .map_err(|e| {
+                        StoreError::backend(
+                            format!(
+                                "could not configure Azure Blob for {display}: set AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_USE_EMULATOR=true for Azurite)"
+                            ),
+                            e,
+                        )
+                    })?;
+                let objects: Arc<dyn ObjectStore> = if prefix.is_empty() {
+                    Arc::new(azure)
+                } else {
+                    Arc::new(PrefixStore::new(azure, prefix.as_str()))
+                };
+                Ok(Backend {
+                    objects: objects.clone(),
+                    durable: objects,
+                    local_dir: None,
+                    display,
+                })
+            }
+        }
+    }
+}
+
+/// An opened backend.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    /// For chunks and nodes: content-addressed, idempotent, flushed in bulk before a manifest.
+    pub objects: Arc<dyn ObjectStore>,
+    /// For manifests, leases and the store config: durable when the put returns.
+    pub durable: Arc<dyn ObjectStore>,
+    local_dir: Option<PathBuf>,
+    display: String,
+}
+
+impl Backend {
+    /// Wraps an existing object store (tests, other backends).
+    pub fn from_object_store(objects: Arc<dyn ObjectStore>, display: impl Into<String>) -> Self {
+        Backend {
+            objects: objects.clone(),
+            durable: objects,
+            local_dir: None,
+            display: display.into(),
+        }
+    }
+
+    /// The location as the user wrote it (for messages).
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+
+    /// Makes every object written so far durable. Local stores: one `syncfs`; remote object
+    /// stores are durable when a put returns.
+    pub async fn flush(&self) -> Result<()> {
+        let Some(dir) = self.local_dir.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&dir)?;
+            nix::unistd::syncfs(&f).map_err(std::io::Error::from)
+        })
+        .await
+        .map_err(|e| StoreError::io("the flush task failed", std::io::Error::other(e)))?
+        .map_err(|e| {
+            StoreError::io(
+                format!("could not flush the store to disk ({})", self.display),
+                e,
+            )
+        })
+    }
+}
+
+mod azure {
+    //! Container creation over the Blob REST API with a SharedKey signature.
+
+    use aws_lc_rs::hmac;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+
+    use crate::error::{Result, StoreError};
+
+    const EMULATOR_ACCOUNT: &str = "devstoreaccount1";
+    // Azurite's published development key (not a secret).
+    const EMULATOR_KEY: &str =
+        "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+    const API_VERSION: &str = "2021-08-06";
+
+    fn env(name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+
+    /// Creates `container` if it does not exist yet.
+    pub async fn create_container(container: &str) -> Result<()> {
+        let emulator = env("AZURE_STORAGE_USE_EMULATOR")
+            .or_else(|| env("AZURE_USE_EMULATOR"))
+            .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+        let (account, key, base) = if emulator {
+            let account = env("AZURE_STORAGE_ACCOUNT_NAME").unwrap_or(EMULATOR_ACCOUNT.into());
+            let key = env("AZURE_STORAGE_ACCOUNT_KEY").unwrap_or(EMULATOR_KEY.into());
+            let url = env("AZURITE_BLOB_STORAGE_URL").unwrap_or("http://127.0.0.1:10000".into());
+            let base = format!("{}/{account}", url.trim_end_matches('/'));
+            (account, key, base)
+        } else {
+            let account = env("AZURE_STORAGE_ACCOUNT_NAME").ok_or_else(|| {
+                StoreError::Invalid(
+                    "AZURE_STORAGE_ACCOUNT_NAME is not set: export the storage account name (and AZURE_STORAGE_ACCOUNT_KEY), or AZURE_STORAGE_USE_EMULATOR=true for Azurite".into(),
+                )
+            })?;
+            let key = env("AZURE_STORAGE_ACCOUNT_KEY").ok_or_else(|| {
+                StoreError::Invalid(format!(
+                    "AZURE_STORAGE_ACCOUNT_KEY is not set: export the access key of storage account {account}"
+                ))
+            })?;
+            let base = format!("https://{account}.blob.core.windows.net");
+            (account, key, base)
+        };
+        let key_bytes = STANDARD.decode(key.trim()).map_err(|_| {
+            StoreError::Invalid(
+                "AZURE_STORAGE_ACCOUNT_KEY is not valid base64: copy the key from the storage account's access keys".into(),
+            )
+        })?;
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+        let string_to_sign = format!(
+            "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{API_VERSION}\n/{account}/{container}\nrestype:container"
+        );
+        let signature = STANDARD.encode(
+            hmac::sign(
+                &hmac::Key::new(hmac::HMAC_SHA256, &key_bytes),
+                string_to_sign.as_bytes(),
+            )
+            .as_ref(),
+        );
+        let url = format!("{base}/{container}?restype=container");
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| StoreError::Invalid(format!("could not start an HTTP client: {e}")))?;
+        let mut last_error = String::new();
+        for attempt in 0..4u32 {
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(250 << attempt)).await;
+            }
+            let response = client
+                .put(&url)
+                .header("x-ms-date", &date)
+                .header("x-ms-version", API_VERSION)
+                .header("Content-Length", "0")
+                .header("Authorization", format!("SharedKey {account}:{signature}"))
+                .send()
+                .await;
+            match response {
+                Ok(r) if r.status().is_success() || r.status().as_u16() == 409 => return Ok(()),
+                Ok(r) if r.status().as_u16() == 403 => {
+                    return Err(StoreError::Invalid(format!(
+                        "Azure Blob at {base} rejected the credentials of account {account} (HTTP 403): check AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY"
+                    )));
+                }
+                Ok(r) if r.status().is_client_error() => {
+                    let status = r.status();
+                    let body = r.text().await.unwrap_or_default();
+                    return Err(StoreError::Invalid(format!(
+                        "Azure Blob at {base} refused to create container {container} (HTTP {status}): {}",
+                        body.chars().take(300).collect::<String>()
+                    )));
+                }
+                Ok(r) => last_error = format!("HTTP {}", r.status()),
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        Err(StoreError::Invalid(format!(
+            "could not reach Azure Blob at {base} to create container {container} after 4 attempts ({last_error}): check the endpoint (AZURITE_BLOB_STORAGE_URL for Azurite) and the network"
+        )))
+    }
+}

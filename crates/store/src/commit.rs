@@ -1,0 +1,361 @@
+//! Scan commit: hash an image block by block and store what differs from the disk's latest point.
+//!
+//! ```text
+//! reader thread ──batches of blocks + hashes──▶ commit task ──▶ chunk puts (≤ 32 in flight)
+//!  (read, hash on 2 threads)                     │ compare with the previous tree
+//!                                                └─ tree builder ──▶ node puts
+//!                                     all puts done ─▶ flush ─▶ manifest (conditional put)
+//! ```
+//! Memory is bounded by the channel (a few batches of 8 MiB) and the puts in flight, whatever
+//! the image size.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path as FsPath;
+use std::time::Instant;
+
+use boomerang_core::{ChunkHash, DiskName, PointId, Seq};
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{PutMode, PutOptions, PutPayload};
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use crate::error::{Result, StoreError};
+use crate::point::{CommitStats, MarkKind, PointManifest};
+use crate::tree::{FANOUT, NewNode, Shape, TreeBuilder, TreeReader};
+use crate::{Progress, Store, chunk, now_ms};
+
+const BATCH_BYTES: u64 = 8 << 20;
+const PUTS_IN_FLIGHT: usize = 32;
+
+/// How to label a commit.
+#[derive(Clone, Copy, Debug)]
+pub struct CommitOptions {
+    pub mark: MarkKind,
+    pub seq: Option<Seq>,
+}
+
+impl Default for CommitOptions {
+    fn default() -> Self {
+        CommitOptions {
+            mark: MarkKind::Crash,
+            seq: None,
+        }
+    }
+}
+
+/// What a commit did.
+#[derive(Clone, Debug, Serialize)]
+pub struct CommitReport {
+    pub disk: DiskName,
+    pub point: PointId,
+    pub parent: Option<PointId>,
+    pub size: u64,
+    pub block_size: u64,
+    #[serde(flatten)]
+    pub stats: CommitStats,
+    pub elapsed_ms: u64,
+}
+
+struct Batch {
+    first_block: u64,
+    data: Bytes,
+    hashes: Vec<ChunkHash>,
+}
+
+impl Store {
+    /// Commits the image at `image` as a new point of `disk`.
+    pub async fn commit_image(
+        &self,
+        disk: &DiskName,
+        image: &FsPath,
+        options: CommitOptions,
+        progress: &dyn Progress,
+    ) -> Result<CommitReport> {
+        let started = Instant::now();
+        let mut file = File::open(image).map_err(|e| {
+            StoreError::io(
+                format!("could not open image {}: check the path", image.display()),
+                e,
+            )
+        })?;
+        let size = file.seek(SeekFrom::End(0)).map_err(|e| {
+            StoreError::io(
+                format!("could not find the size of image {}", image.display()),
+                e,
+            )
+        })?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| StoreError::io(format!("could not read image {}", image.display()), e))?;
+
+        let lease = self.commit_lease().await?;
+        let result = self
+            .commit_locked(disk, file, image, size, options, progress)
+            .await;
+        lease.release().await;
+        let (point, parent, stats) = result?;
+        Ok(CommitReport {
+            disk: disk.clone(),
+            point,
+            parent,
+            size,
+            block_size: self.block_size(),
+            stats,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    async fn commit_locked(
+        &self,
+        disk: &DiskName,
+        file: File,
+        image: &FsPath,
+        size: u64,
+        options: CommitOptions,
+        progress: &dyn Progress,
+    ) -> Result<(PointId, Option<PointId>, CommitStats)> {
+        let block_size = self.block_size();
+        let prev = self.latest(disk).await?;
+        if let Some(p) = &prev
+            && size < p.size
+        {
+            return Err(StoreError::Invalid(format!(
+                "image {} of disk {disk} is {size} bytes, smaller than the {} bytes of point {}: Boomerang does not shrink a protected disk, since that would drop written data; if the disk was replaced on purpose, commit it under a new disk name",
+                image.display(),
+                p.size,
+                p.id
+            )));
+        }
+        let shape = Shape::new(size, block_size);
+        let prev_leaves = prev.as_ref().map_or(0, |p| p.shape().leaves);
+        let mut prev_tree = prev
+            .as_ref()
+            .map(|p| TreeReader::new(self.clone(), p.tree()));
+
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Batch>>(3);
+        let reader_shape = shape;
+        let reader = std::thread::Builder::new()
+            .name("commit-reader".into())
+            .spawn(move || read_and_hash(file, reader_shape, tx))
+            .map_err(|e| StoreError::io("could not start the image reader thread", e))?;
+
+        progress.start("commit", size);
+        let mut stats = CommitStats::default();
+        let mut builder = TreeBuilder::new(shape);
+        let mut puts: JoinSet<Result<u64>> = JoinSet::new();
+        let mut nodes = Vec::new();
+        let mut node_bytes = 0u64;
+        let mut next_block = 0u64;
+
+        while let Some(batch) = rx.recv().await {
+            let batch = batch.map_err(|e| {
+                StoreError::io(format!("could not read image {}", image.display()), e)
+            })?;
+            debug_assert_eq!(batch.first_block, next_block);
+            let mut offset = 0usize;
+            for (k, hash) in batch.hashes.iter().enumerate() {
+                let i = batch.first_block + k as u64;
+                let len = shape.block_len(i);
+                let before = match prev_tree.as_mut() {
+                    Some(t) if i < prev_leaves => t.group(i / FANOUT).await?[(i % FANOUT) as usize],
+                    _ => ChunkHash::ZERO,
+                };
+                if *hash != before {
+                    stats.blocks_changed += 1;
+                    stats.bytes_changed += len as u64;
+                    if !hash.is_zero() {
+                        let data = batch.data.slice(offset..offset + len);
+                        let store = self.clone();
+                        let path = Store::chunk_path(hash);
+                        wait_for_room(&mut puts, &mut stats.bytes_stored).await?;
+                        puts.spawn(async move {
+                            let object = tokio::task::spawn_blocking(move || chunk::encode(&data))
+                                .await
+                                .map_err(|e| {
+                                    StoreError::io("chunk encoder failed", std::io::Error::other(e))
+                                })?;
+                            let n = object.len() as u64;
+                            store.put_object(path, Bytes::from(object)).await?;
+                            Ok(n)
+                        });
+                    }
+                }
+                offset += len;
+                builder.push(*hash, &mut nodes);
+                for node in nodes.drain(..) {
+                    node_bytes += self
+                        .put_node_if_new(
+                            node,
+                            prev_tree.as_ref(),
+                            &mut puts,
+                            &mut stats.bytes_stored,
+                        )
+                        .await?;
+                }
+            }
+            next_block += batch.hashes.len() as u64;
+            stats.bytes_read += batch.data.len() as u64;
+            progress.advance(batch.data.len() as u64);
+        }
+        reader.join().map_err(|_| {
+            StoreError::io(
+                "the image reader thread panicked",
+                std::io::Error::other("panic"),
+            )
+        })?;
+        if next_block != shape.leaves {
+            return Err(StoreError::Invalid(format!(
+                "image {} of disk {disk} changed size while it was read: commit from a stable image or snapshot",
+                image.display()
+            )));
+        }
+        let root = builder.finish(&mut nodes)?;
+        for node in nodes.drain(..) {
+            node_bytes += self
+                .put_node_if_new(node, prev_tree.as_ref(), &mut puts, &mut stats.bytes_stored)
+                .await?;
+        }
+        while let Some(done) = puts.join_next().await {
+            stats.bytes_stored += join_result(done)?;
+        }
+        progress.finish();
+        stats.node_bytes_stored = node_bytes;
+
+        // Objects first, manifest last.
+        self.backend().flush().await?;
+        let id = PointId(prev.as_ref().map_or(1, |p| p.id.0 + 1));
+        let manifest = PointManifest {
+            disk: disk.clone(),
+            id,
+            parent: prev.as_ref().map(|p| p.id),
+            created_unix_ms: now_ms(),
+            mark: options.mark,
+            seq: options.seq,
+            size,
+            block_size,
+            depth: shape.depth,
+            root,
+            stats,
+        };
+        let path = PointManifest::path(disk, id);
+        match self
+            .backend()
+            .durable
+            .put_opts(
+                &Path::from(path.as_str()),
+                PutPayload::from(manifest.encode()),
+                PutOptions::from(PutMode::Create),
+            )
+            .await
+        {
+            Ok(_) => Ok((id, manifest.parent, stats)),
+            Err(object_store::Error::AlreadyExists { .. }) => Err(StoreError::Conflict(format!(
+                "another commit to disk {disk} created point {id} meanwhile: run the commit again"
+            ))),
+            Err(e) => Err(StoreError::backend(
+                format!("could not write point manifest {path}"),
+                e,
+            )),
+        }
+    }
+
+    /// Stores a new tree node unless it is all zeros or the previous tree has it at the same place.
+    async fn put_node_if_new(
+        &self,
+        node: NewNode,
+        prev: Option<&TreeReader>,
+        puts: &mut JoinSet<Result<u64>>,
+        stored: &mut u64,
+    ) -> Result<u64> {
+        let Some(bytes) = node.bytes else {
+            return Ok(0);
+        };
+        if prev.and_then(|t| t.cached_hash(node.level, node.index)) == Some(node.hash) {
+            return Ok(0);
+        }
+        let n = bytes.len() as u64;
+        wait_for_room(puts, stored).await?;
+        let store = self.clone();
+        let path = Store::node_path(&node.hash);
+        puts.spawn(async move { store.put_object(path, bytes).await.map(|_| n) });
+        Ok(n)
+    }
+}
+
+async fn wait_for_room(puts: &mut JoinSet<Result<u64>>, stored: &mut u64) -> Result<()> {
+    while puts.len() >= PUTS_IN_FLIGHT {
+        if let Some(done) = puts.join_next().await {
+            *stored += join_result(done)?;
+        }
+    }
+    Ok(())
+}
+
+fn join_result(r: std::result::Result<Result<u64>, tokio::task::JoinError>) -> Result<u64> {
+    r.map_err(|e| StoreError::io("a store write task failed", std::io::Error::other(e)))?
+}
+
+/// Reads the image in batches, hashes every block (zero blocks get [`ChunkHash::ZERO`]) and
+/// sends the batches in order. Stops early if the receiver is gone.
+fn read_and_hash(
+    mut file: File,
+    shape: Shape,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Batch>>,
+) {
+    let blocks_per_batch = (BATCH_BYTES / shape.block_size).max(1);
+    let mut block = 0u64;
+    while block < shape.leaves {
+        let count = blocks_per_batch.min(shape.leaves - block);
+        let start = block * shape.block_size;
+        let len = ((block + count) * shape.block_size).min(shape.size) - start;
+        let mut data = vec![0u8; len as usize];
+        let read = file.read_exact(&mut data).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                std::io::Error::other("the image shrank while it was read")
+            } else {
+                e
+            }
+        });
+        let msg = read.map(|()| {
+            let hashes = hash_blocks(&data, shape.block_size as usize);
+            Batch {
+                first_block: block,
+                data: Bytes::from(data),
+                hashes,
+            }
+        });
+        let failed = msg.is_err();
+        if tx.blocking_send(msg).is_err() || failed {
+            return;
+        }
+        block += count;
+    }
+}
+
+/// Hashes each block of `data`, on two threads when there is enough of it.
+pub(crate) fn hash_blocks(data: &[u8], block_size: usize) -> Vec<ChunkHash> {
+    let one = |d: &[u8]| -> Vec<ChunkHash> {
+        d.chunks(block_size)
+            .map(|b| {
+                if chunk::is_zero(b) {
+                    ChunkHash::ZERO
+                } else {
+                    chunk::hash(b)
+                }
+            })
+            .collect()
+    };
+    let blocks = data.len().div_ceil(block_size);
+    if blocks < 4 {
+        return one(data);
+    }
+    let split = blocks / 2 * block_size;
+    let (a, b) = data.split_at(split);
+    std::thread::scope(|s| {
+        let second = s.spawn(|| one(b));
+        let mut first = one(a);
+        first.extend(second.join().unwrap_or_else(|_| one(b)));
+        first
+    })
+}

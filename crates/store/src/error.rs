@@ -1,0 +1,112 @@
+//! The store's one public error type.
+
+use boomerang_core::{DiskName, PointId};
+
+/// What went wrong in a replica store, with enough context to name the object and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No store at the location.
+    #[error("no Boomerang store at {location}: create it with `boomerang store init {location}`")]
+    Missing { location: String },
+
+    /// `init` on a location that already holds a store.
+    #[error(
+        "a Boomerang store already exists at {location}: use it as it is, or choose another location"
+    )]
+    AlreadyExists { location: String },
+
+    /// Input from the user that cannot be used.
+    #[error("{0}")]
+    Invalid(String),
+
+    /// A disk or point that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+
+    /// Data that fails its checks: the message names disk, point, offset and object.
+    #[error("{0}")]
+    Corrupt(String),
+
+    /// Another writer got there first (a concurrent commit, a running GC).
+    #[error("{0}")]
+    Conflict(String),
+
+    /// The backend refused or failed a request.
+    #[error("{context}")]
+    Backend {
+        context: String,
+        retryable: bool,
+        #[source]
+        source: object_store::Error,
+    },
+
+    /// A local file could not be read or written.
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Backend { retryable, .. } => *retryable,
+            StoreError::Conflict(_) => true,
+            _ => false,
+        }
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Wraps a backend error with a sentence that says which object and what to do.
+    pub(crate) fn backend(what: impl std::fmt::Display, source: object_store::Error) -> Self {
+        use object_store::Error as E;
+        let (hint, retryable) = match &source {
+            E::Unauthenticated { .. } | E::PermissionDenied { .. } => (
+                "the backend rejected the credentials: check AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or the store's permissions)",
+                false,
+            ),
+            E::NotFound { .. } => ("the object does not exist", false),
+            E::Generic { source: inner, .. } => {
+                let text = inner.to_string();
+                if text.contains("403") || text.contains("AuthenticationFailed") {
+                    (
+                        "the backend rejected the credentials: check AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY",
+                        false,
+                    )
+                } else if text.contains("ContainerNotFound") {
+                    (
+                        "the container does not exist: create the store with `boomerang store init`",
+                        false,
+                    )
+                } else {
+                    (
+                        "the backend could not be reached or failed after retries: check the endpoint and network, then retry",
+                        true,
+                    )
+                }
+            }
+            _ => ("the backend failed the request", true),
+        };
+        StoreError::Backend {
+            context: format!("{what}: {hint}"),
+            retryable,
+            source,
+        }
+    }
+}
+
+/// Where a bad block or node sits, for error messages.
+pub(crate) fn place(disk: &DiskName, point: PointId, offset: u64) -> String {
+    format!("disk {disk}, point {point}, offset {offset}")
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;

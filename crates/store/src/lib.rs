@@ -1,0 +1,346 @@
+//! Boomerang's replica store: every disk's recovery points as Merkle trees over
+//! content-addressed chunks, on a local directory or an object store.
+//!
+//! ```text
+//! <store>/boomerang-store.json          config: format version, block size, fan-out
+//!         chunks/<h[0..2]>/<h>          one block, zstd or as is (chunk.rs), h = BLAKE3(block)
+//!         nodes/<h[0..2]>/<h>           one tree node (tree.rs), h = BLAKE3(node bytes)
+//!         points/<disk>/<id:020>.point  one recovery point's manifest (point.rs)
+//!         leases/                       commit and GC leases (lease.rs)
+//! ```
+//!
+//! Invariants:
+//! - Objects first, manifest last: a manifest is written (conditional put, durable) only after
+//!   every chunk and node it references is durable. A crash leaves at worst unreferenced
+//!   objects, which GC removes.
+//! - Content-addressed puts are idempotent; a block of zeros (or a subtree of them) is stored as
+//!   nothing and named [`ChunkHash::ZERO`].
+//! - Every object is checked against its name when read: a flipped byte is an error naming the
+//!   disk, point and offset, never wrong data.
+//! - GC and commits exclude each other through leases: a commit never references an object that
+//!   a GC is deleting. Commits to different disks, exports, diffs and verify run concurrently.
+
+pub mod backend;
+pub mod chunk;
+mod commit;
+mod diff;
+pub mod error;
+mod gc;
+mod lease;
+pub mod point;
+mod read;
+mod retention;
+pub mod tree;
+mod verify;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use boomerang_core::{ChunkHash, DiskName, PointId};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+
+pub use backend::{Backend, Location};
+pub use commit::{CommitOptions, CommitReport};
+pub use diff::ChangedRange;
+pub use error::{Result, StoreError};
+pub use gc::GcReport;
+pub use point::{CommitStats, MarkKind, PointManifest};
+pub use read::ExportReport;
+pub use retention::{Keep, PruneReport};
+pub use verify::{BadObject, VerifyReport};
+
+const CONFIG_PATH: &str = "boomerang-store.json";
+/// Smallest and largest block sizes a store accepts.
+pub const MIN_BLOCK_SIZE: u64 = 4096;
+pub const MAX_BLOCK_SIZE: u64 = chunk::MAX_RAW_LEN as u64;
+pub const DEFAULT_BLOCK_SIZE: u64 = 64 * 1024;
+
+/// The store's config object.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoreConfig {
+    pub format: String,
+    pub version: u32,
+    pub block_size: u64,
+    pub fanout: u64,
+    pub created_unix_ms: u64,
+}
+
+/// Reports progress of long work (a progress bar in the CLI).
+pub trait Progress: Send + Sync {
+    /// A new phase of `total` units (bytes unless said otherwise) begins.
+    fn start(&self, _what: &str, _total: u64) {}
+    fn advance(&self, _n: u64) {}
+    fn finish(&self) {}
+}
+
+/// Progress that goes nowhere.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// An open replica store. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    backend: Backend,
+    config: Arc<StoreConfig>,
+}
+
+impl Store {
+    /// Creates a store at `location` (a directory, `azure://container/prefix` or `memory://`).
+    pub async fn init(location: &str, block_size: u64) -> Result<Store> {
+        check_block_size(block_size)?;
+        let backend = Location::parse(location)?.open(true).await?;
+        Self::init_on(backend, block_size).await
+    }
+
+    /// Creates a store on an opened backend.
+    pub async fn init_on(backend: Backend, block_size: u64) -> Result<Store> {
+        check_block_size(block_size)?;
+        let config = StoreConfig {
+            format: "boomerang-store".into(),
+            version: 1,
+            block_size,
+            fanout: tree::FANOUT,
+            created_unix_ms: now_ms(),
+        };
+        let bytes = serde_json::to_vec_pretty(&config).expect("config serializes");
+        let put = backend
+            .durable
+            .put_opts(
+                &Path::from(CONFIG_PATH),
+                PutPayload::from(bytes),
+                PutOptions::from(PutMode::Create),
+            )
+            .await;
+        match put {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                return Err(StoreError::AlreadyExists {
+                    location: backend.display().to_string(),
+                });
+            }
+            Err(e) => {
+                return Err(StoreError::backend(
+                    format!("could not create the store at {}", backend.display()),
+                    e,
+                ));
+            }
+        }
+        Ok(Store {
+            backend,
+            config: Arc::new(config),
+        })
+    }
+
+    /// Opens an existing store.
+    pub async fn open(location: &str) -> Result<Store> {
+        let backend = Location::parse(location)?.open(false).await?;
+        Self::open_on(backend).await
+    }
+
+    /// Opens the store on an opened backend.
+    pub async fn open_on(backend: Backend) -> Result<Store> {
+        let bytes = match backend.durable.get(&Path::from(CONFIG_PATH)).await {
+            Ok(r) => r.bytes().await,
+            Err(e) => Err(e),
+        };
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::Missing {
+                    location: backend.display().to_string(),
+                });
+            }
+            Err(e) => {
+                return Err(StoreError::backend(
+                    format!("could not open the store at {}", backend.display()),
+                    e,
+                ));
+            }
+        };
+        let config: StoreConfig = serde_json::from_slice(&bytes).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "the store config {CONFIG_PATH} at {} does not parse ({e}): restore it from a copy",
+                backend.display()
+            ))
+        })?;
+        if config.format != "boomerang-store" || config.version != 1 {
+            return Err(StoreError::Invalid(format!(
+                "the store at {} has format {:?} version {}, which this Boomerang does not read: upgrade Boomerang",
+                backend.display(),
+                config.format,
+                config.version
+            )));
+        }
+        if config.fanout != tree::FANOUT || check_block_size(config.block_size).is_err() {
+            return Err(StoreError::Corrupt(format!(
+                "the store config {CONFIG_PATH} at {} has impossible values (block size {}, fan-out {}): restore it from a copy",
+                backend.display(),
+                config.block_size,
+                config.fanout
+            )));
+        }
+        Ok(Store {
+            backend,
+            config: Arc::new(config),
+        })
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.config.block_size
+    }
+
+    /// The location, for messages.
+    pub fn display(&self) -> &str {
+        self.backend.display()
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    pub fn chunk_path(hash: &ChunkHash) -> String {
+        let hex = hash.to_hex();
+        format!("chunks/{}/{hex}", &hex[..2])
+    }
+
+    pub fn node_path(hash: &ChunkHash) -> String {
+        let hex = hash.to_hex();
+        format!("nodes/{}/{hex}", &hex[..2])
+    }
+
+    pub(crate) async fn get_object(&self, path: &str) -> Result<Bytes> {
+        let p = Path::from(path);
+        let r = match self.backend.objects.get(&p).await {
+            Ok(r) => r.bytes().await,
+            Err(e) => Err(e),
+        };
+        r.map_err(|e| {
+            StoreError::backend(format!("could not read {path} from {}", self.display()), e)
+        })
+    }
+
+    pub(crate) async fn put_object(&self, path: String, bytes: Bytes) -> Result<()> {
+        self.backend
+            .objects
+            .put(&Path::from(path.as_str()), PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                StoreError::backend(format!("could not write {path} to {}", self.display()), e)
+            })
+    }
+
+    pub(crate) async fn get_node(&self, hash: &ChunkHash) -> Result<Bytes> {
+        self.get_object(&Self::node_path(hash)).await
+    }
+
+    /// All points of `disk` (or of every disk), oldest first per disk.
+    pub async fn points(&self, disk: Option<&DiskName>) -> Result<Vec<PointManifest>> {
+        let mut paths = self.point_paths(disk).await?;
+        paths.sort();
+        let mut out = Vec::with_capacity(paths.len());
+        for p in paths {
+            out.push(self.read_manifest(&p).await?);
+        }
+        Ok(out)
+    }
+
+    /// Manifest paths under `points/` (of one disk, or all).
+    pub(crate) async fn point_paths(&self, disk: Option<&DiskName>) -> Result<Vec<String>> {
+        let prefix = match disk {
+            Some(d) => Path::from(format!("points/{d}")),
+            None => Path::from("points"),
+        };
+        let metas: Vec<_> = self
+            .backend
+            .durable
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| {
+                StoreError::backend(format!("could not list points in {}", self.display()), e)
+            })?;
+        Ok(metas
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .filter(|p| p.ends_with(".point"))
+            .collect())
+    }
+
+    pub(crate) async fn read_manifest(&self, path: &str) -> Result<PointManifest> {
+        let bytes = match self.backend.durable.get(&Path::from(path)).await {
+            Ok(r) => r.bytes().await,
+            Err(e) => Err(e),
+        };
+        let bytes = bytes
+            .map_err(|e| StoreError::backend(format!("could not read point manifest {path}"), e))?;
+        PointManifest::decode(&bytes, path).map_err(StoreError::Corrupt)
+    }
+
+    /// The newest point of `disk`, if it has any.
+    pub async fn latest(&self, disk: &DiskName) -> Result<Option<PointManifest>> {
+        let mut paths = self.point_paths(Some(disk)).await?;
+        paths.sort();
+        match paths.last() {
+            Some(p) => Ok(Some(self.read_manifest(p).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A point by id, or the latest with `None`.
+    pub async fn point(&self, disk: &DiskName, id: Option<PointId>) -> Result<PointManifest> {
+        let found = match id {
+            None => self.latest(disk).await?,
+            Some(id) => {
+                let path = PointManifest::path(disk, id);
+                match self.backend.durable.head(&Path::from(path.as_str())).await {
+                    Ok(_) => Some(self.read_manifest(&path).await?),
+                    Err(object_store::Error::NotFound { .. }) => None,
+                    Err(e) => {
+                        return Err(StoreError::backend(
+                            format!("could not read point manifest {path}"),
+                            e,
+                        ));
+                    }
+                }
+            }
+        };
+        found.ok_or_else(|| {
+            StoreError::NotFound(match id {
+                None => format!(
+                    "disk {disk} has no points in {}: commit one with `boomerang store commit`",
+                    self.display()
+                ),
+                Some(id) => format!(
+                    "disk {disk} has no point {id} in {}: list them with `boomerang store points {} --disk {disk}`",
+                    self.display(),
+                    self.display()
+                ),
+            })
+        })
+    }
+}
+
+fn check_block_size(block_size: u64) -> Result<()> {
+    if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
+        return Err(StoreError::Invalid(format!(
+            "block size {block_size} is not valid: use a power of two from 4 KiB to 4 MiB, such as 64KiB"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,200 @@
+//! Reading a disk at a point: a streaming, ordered block walk with read-ahead, and raw export.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path as FsPath, PathBuf};
+use std::time::Instant;
+
+use boomerang_core::{ChunkHash, DiskName, PointId};
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+use crate::error::{Result, StoreError, place};
+use crate::point::PointManifest;
+use crate::tree::{FANOUT, TreeReader};
+use crate::{Progress, Store, chunk};
+
+const READ_AHEAD: usize = 32;
+
+/// What an export wrote.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExportReport {
+    pub disk: DiskName,
+    pub point: PointId,
+    pub size: u64,
+    /// Bytes of non-zero blocks written.
+    pub bytes_written: u64,
+    /// Bytes left as holes (zero blocks).
+    pub bytes_sparse: u64,
+    pub elapsed_ms: u64,
+}
+
+impl Store {
+    /// Calls `f(block_index, data)` for every block of the point in order; `data` is `None` for a
+    /// block of zeros. Chunks are fetched ahead and each is checked against its hash.
+    pub async fn for_each_block<F>(&self, point: &PointManifest, mut f: F) -> Result<()>
+    where
+        F: FnMut(u64, Option<Bytes>) -> Result<()>,
+    {
+        let shape = point.shape();
+        let mut tree = TreeReader::new(self.clone(), point.tree());
+        let mut queue: VecDeque<(u64, Option<JoinHandle<Result<Bytes>>>)> = VecDeque::new();
+        for i in 0..shape.leaves {
+            let hash = tree.group(i / FANOUT).await?[(i % FANOUT) as usize];
+            let fetch = (!hash.is_zero()).then(|| {
+                let store = self.clone();
+                let disk = point.disk.clone();
+                let id = point.id;
+                let len = shape.block_len(i);
+                let offset = i * shape.block_size;
+                tokio::spawn(async move { store.read_chunk(&hash, len, &disk, id, offset).await })
+            });
+            queue.push_back((i, fetch));
+            while queue.len() > READ_AHEAD || queue.front().is_some_and(|(_, h)| h.is_none()) {
+                pop(&mut queue, &mut f).await?;
+            }
+        }
+        while !queue.is_empty() {
+            pop(&mut queue, &mut f).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads one chunk and checks it; errors name the disk, point and offset.
+    pub async fn read_chunk(
+        &self,
+        hash: &ChunkHash,
+        len: usize,
+        disk: &DiskName,
+        point: PointId,
+        offset: u64,
+    ) -> Result<Bytes> {
+        let path = Store::chunk_path(hash);
+        let bytes = self.get_object(&path).await.map_err(|e| match e {
+            StoreError::Backend {
+                source: object_store::Error::NotFound { .. },
+                ..
+            } => StoreError::Corrupt(format!(
+                "block at {} is missing: chunk {path} is not in the store; run `boomerang store verify` and restore the store from a copy",
+                place(disk, point, offset)
+            )),
+            other => other,
+        })?;
+        let expected = *hash;
+        let decoded = tokio::task::spawn_blocking(move || chunk::decode(&bytes, &expected, len))
+            .await
+            .map_err(|e| StoreError::io("chunk decoder failed", std::io::Error::other(e)))?;
+        decoded.map_err(|e| {
+            StoreError::Corrupt(format!(
+                "block at {} is damaged: chunk {path}: {e}; the point cannot be read correctly; run `boomerang store verify` and restore the store from a copy",
+                place(disk, point, offset)
+            ))
+        })
+    }
+
+    /// Writes the point as a sparse raw image at `out` (via `out.partial`, renamed on success).
+    pub async fn export_raw(
+        &self,
+        point: &PointManifest,
+        out: &FsPath,
+        progress: &dyn Progress,
+    ) -> Result<ExportReport> {
+        let started = Instant::now();
+        let partial = partial_path(out);
+        let file = File::create(&partial).map_err(|e| {
+            StoreError::io(
+                format!(
+                    "could not create {}: check the directory exists and is writable",
+                    partial.display()
+                ),
+                e,
+            )
+        })?;
+        let shape = point.shape();
+        progress.start("export", shape.size);
+        let mut written = 0u64;
+        let walk = self
+            .for_each_block(point, |i, data| {
+                let len = shape.block_len(i) as u64;
+                if let Some(data) = data {
+                    file.write_all_at(&data, i * shape.block_size)
+                        .map_err(|e| {
+                            StoreError::io(
+                                format!("could not write {}: check free space", partial.display()),
+                                e,
+                            )
+                        })?;
+                    written += len;
+                }
+                progress.advance(len);
+                Ok(())
+            })
+            .await;
+        let finish = walk.and_then(|()| {
+            file.set_len(shape.size)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| {
+                    StoreError::io(
+                        format!("could not finish {}: check free space", partial.display()),
+                        e,
+                    )
+                })
+        });
+        if let Err(e) = finish {
+            drop(file);
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        std::fs::rename(&partial, out).map_err(|e| {
+            StoreError::io(
+                format!(
+                    "could not rename {} to {}",
+                    partial.display(),
+                    out.display()
+                ),
+                e,
+            )
+        })?;
+        progress.finish();
+        Ok(ExportReport {
+            disk: point.disk.clone(),
+            point: point.id,
+            size: shape.size,
+            bytes_written: written,
+            bytes_sparse: shape.size - written,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+}
+
+/// `FILE.partial` beside `FILE`.
+pub fn partial_path(out: &FsPath) -> PathBuf {
+    let mut name = out
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".partial");
+    out.with_file_name(name)
+}
+
+async fn pop<F>(
+    queue: &mut VecDeque<(u64, Option<JoinHandle<Result<Bytes>>>)>,
+    f: &mut F,
+) -> Result<()>
+where
+    F: FnMut(u64, Option<Bytes>) -> Result<()>,
+{
+    let Some((i, fetch)) = queue.pop_front() else {
+        return Ok(());
+    };
+    let data =
+        match fetch {
+            None => None,
+            Some(handle) => Some(handle.await.map_err(|e| {
+                StoreError::io("a chunk read task failed", std::io::Error::other(e))
+            })??),
+        };
+    f(i, data)
+}
