@@ -1,6 +1,7 @@
 //! Boomerang's shared vocabulary: identities, and the write-log record format.
 //!
-//! This crate does no I/O of its own. Everything a protected machine writes travels through
+//! Apart from reading and writing log segment files, this crate does no I/O (no network, no
+//! stores). Everything a protected machine writes travels through
 //! Boomerang as [`log::Record`]s in segment files (see `docs/formats.md`): the agent's outbound
 //! queue, the process server's cache and the master target's incoming log use the same bytes,
 //! so a record is encoded once and forwarded by reference.
