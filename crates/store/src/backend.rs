@@ -231,6 +231,7 @@ mod azure {
         let emulator = env("AZURE_STORAGE_USE_EMULATOR")
             .or_else(|| env("AZURE_USE_EMULATOR"))
             .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+        // Path-style endpoints (the emulator) sign the whole URL path after the account.
         let (account, key, base) = if emulator {
             let account = env("AZURE_STORAGE_ACCOUNT_NAME").unwrap_or(EMULATOR_ACCOUNT.into());
             let key = env("AZURE_STORAGE_ACCOUNT_KEY").unwrap_or(EMULATOR_KEY.into());
@@ -257,8 +258,13 @@ mod azure {
             )
         })?;
         let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+        let resource = if emulator {
+            format!("/{account}/{container}")
+        } else {
+            format!("/{container}")
+        };
         let string_to_sign = format!(
-            "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{API_VERSION}\n/{account}/{container}\nrestype:container"
+            "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{API_VERSION}\n/{account}{resource}\nrestype:container"
         );
         let signature = STANDARD.encode(
             hmac::sign(

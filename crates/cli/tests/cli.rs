@@ -1,0 +1,397 @@
+//! The `boomerang` binary end to end, checked with real tools (qemu-img) and a real Azure Blob
+//! emulator (Azurite, started by `scripts/test`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn boomerang(args: &[&str]) -> Output {
+    boomerang_env(args, &[])
+}
+
+fn boomerang_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_boomerang"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("the boomerang binary runs")
+}
+
+/// Runs and expects success; returns stdout.
+fn ok(args: &[&str]) -> String {
+    let out = boomerang(args);
+    assert!(
+        out.status.success(),
+        "boomerang {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["--output", "json"]);
+    serde_json::from_str(&ok(&all)).unwrap()
+}
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Whether `tool` is installed; in CI a missing tool is a failure, elsewhere a visible skip.
+fn have(tool: &str) -> bool {
+    let found = Command::new(tool).arg("--version").output().is_ok();
+    if !found {
+        assert!(
+            !ci(),
+            "{tool} is required in CI: run the tests through ./scripts/test"
+        );
+        eprintln!("SKIPPED: {tool} is not installed; ./scripts/test installs it");
+    }
+    found
+}
+
+fn azurite() -> bool {
+    if std::env::var_os("BOOMERANG_TEST_AZURITE").is_some() {
+        return true;
+    }
+    assert!(
+        !ci(),
+        "Azurite is required in CI: run the tests through ./scripts/test"
+    );
+    eprintln!("SKIPPED: Azurite is not running; ./scripts/test starts it");
+    false
+}
+
+fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{name}-{}-{}", std::process::id(), nanos % 1_000_000_000)
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Writes `count` random 4 KiB-ish patches into the image.
+fn scribble(image: &Path, rng: &mut Rng, count: usize) {
+    let mut data = std::fs::read(image).unwrap();
+    for _ in 0..count {
+        let off = (rng.next() % (data.len() as u64 - 5000)) as usize;
+        for b in &mut data[off..off + 5000] {
+            *b = rng.next() as u8;
+        }
+    }
+    std::fs::write(image, data).unwrap();
+}
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Several points of a changing image: every raw export equals the image at that point, and
+/// qcow2, vmdk and vhd exports hold the same data according to qemu-img.
+fn round_trip(store: &str, dir: &Path) {
+    ok(&["store", "init", store, "--block-size", "64KiB"]);
+    let image = dir.join("disk.img");
+    // 20 MiB + 12 KiB: the tail block is short.
+    let mut data = vec![0u8; 20 * 1024 * 1024 + 12 * 1024];
+    let mut rng = Rng(42);
+    for b in &mut data[..6 * 1024 * 1024] {
+        *b = rng.next() as u8;
+    }
+    std::fs::write(&image, &data).unwrap();
+    let mut copies: Vec<PathBuf> = Vec::new();
+    for n in 1..=4 {
+        if n > 1 {
+            scribble(&image, &mut rng, 30);
+        }
+        let r = json(&[
+            "store",
+            "commit",
+            store,
+            "--disk",
+            "sda",
+            "--image",
+            image.to_str().unwrap(),
+        ]);
+        assert_eq!(r["point"], n);
+        let copy = dir.join(format!("copy-{n}.img"));
+        std::fs::copy(&image, &copy).unwrap();
+        copies.push(copy);
+    }
+    let points = json(&["store", "points", store, "--disk", "sda"]);
+    assert_eq!(points.as_array().unwrap().len(), 4);
+
+    for (i, copy) in copies.iter().enumerate() {
+        let out = dir.join(format!("export-{}.raw", i + 1));
+        let point = (i + 1).to_string();
+        ok(&[
+            "store",
+            "export",
+            store,
+            "--disk",
+            "sda",
+            "--point",
+            &point,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(copy).unwrap(),
+            "raw export of point {point} differs from the image at that point"
+        );
+    }
+    let raw = dir.join("export-2.raw");
+    for (format, qemu_format) in [("qcow2", "qcow2"), ("vmdk", "vmdk"), ("vhd", "vpc")] {
+        let out = dir.join(format!("export-2.{format}"));
+        ok(&[
+            "store",
+            "export",
+            store,
+            "--disk",
+            "sda",
+            "--point",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+            "--format",
+            format,
+        ]);
+        if format == "qcow2" {
+            qemu_img(&["check", out.to_str().unwrap()]);
+        }
+        qemu_img(&[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            qemu_format,
+            raw.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]);
+    }
+
+    // Diff between points names the changed ranges.
+    let diff = json(&["store", "diff", store, "--disk", "sda", "1", "latest"]);
+    assert!(diff["changed_bytes"].as_u64().unwrap() > 0);
+    assert!(!diff["ranges"].as_array().unwrap().is_empty());
+
+    // Prune and GC keep the newest points readable.
+    let pruned = json(&["store", "prune", store, "--keep", "2"]);
+    assert_eq!(pruned["removed"].as_array().unwrap().len(), 2);
+    let gc = json(&["store", "gc", store]);
+    assert!(gc["deleted_objects"].as_u64().unwrap() > 0);
+    let out = dir.join("after-gc.raw");
+    ok(&[
+        "store",
+        "export",
+        store,
+        "--disk",
+        "sda",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&copies[3]).unwrap());
+    let verify = json(&["store", "verify", store]);
+    assert!(verify["bad"].as_array().unwrap().is_empty(), "{verify}");
+}
+
+#[test]
+fn round_trip_on_a_local_store() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    round_trip(store.to_str().unwrap(), dir.path());
+    // Sparse raw export: the zero tail of the disk is a hole.
+    let meta = std::fs::metadata(dir.path().join("after-gc.raw")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 < meta.len(),
+        "raw exports must be sparse"
+    );
+}
+
+#[test]
+fn round_trip_on_azure_blob() {
+    if !have("qemu-img") || !azurite() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("azure://{}/site-b", unique("cli"));
+    round_trip(&store, dir.path());
+}
+
+#[test]
+fn a_flipped_byte_in_a_chunk_is_named_by_verify_and_stops_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let store = store.to_str().unwrap();
+    ok(&["store", "init", store, "--block-size", "4KiB"]);
+    let image = dir.path().join("disk.img");
+    let mut rng = Rng(5);
+    let data: Vec<u8> = (0..1024 * 1024).map(|_| rng.next() as u8).collect();
+    std::fs::write(&image, &data).unwrap();
+    ok(&[
+        "store",
+        "commit",
+        store,
+        "--disk",
+        "db",
+        "--image",
+        image.to_str().unwrap(),
+    ]);
+
+    // The chunk of the block at offset 40960.
+    let block = &data[40960..40960 + 4096];
+    let hex = blake3::hash(block).to_hex().to_string();
+    let chunk = Path::new(store).join("chunks").join(&hex[..2]).join(&hex);
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&chunk, bytes).unwrap();
+
+    let out = boomerang(&["store", "verify", store]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "verify must fail on a damaged chunk"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("disk db, point 1, offset 40960"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&hex), "{stderr}");
+
+    let target = dir.path().join("out.img");
+    let out = boomerang(&[
+        "store",
+        "export",
+        store,
+        "--disk",
+        "db",
+        "--out",
+        target.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "export of a damaged point must fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("disk db, point 1, offset 40960"),
+        "{stderr}"
+    );
+    assert!(
+        !target.exists(),
+        "a failed export must not leave its output behind"
+    );
+}
+
+#[test]
+fn bad_input_is_refused_with_a_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let store = store.to_str().unwrap();
+    let out = boomerang(&["store", "init", store, "--block-size", "3000"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
+
+    let out = boomerang(&["store", "points", "/nonexistent/store"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("boomerang store init /nonexistent/store")
+    );
+
+    // JSON errors are JSON.
+    let out = boomerang(&["store", "points", "/nonexistent/store", "--output", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("no Boomerang store"));
+
+    ok(&["store", "init", store]);
+    let out = boomerang(&["store", "init", store]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let out = boomerang(&[
+        "store", "export", store, "--disk", "nope", "--out", "/tmp/x",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no points"));
+    let out = boomerang(&["store", "prune", store, "--keep", "forever"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a retention"));
+}
+
+#[test]
+fn azure_credentials_and_reachability_errors() {
+    // Nothing listens on port 9: retried, then a clear error.
+    let store = format!("azure://{}", unique("unreachable"));
+    let out = boomerang_env(
+        &["store", "init", &store],
+        &[
+            ("AZURE_STORAGE_USE_EMULATOR", "true"),
+            ("AZURITE_BLOB_STORAGE_URL", "http://127.0.0.1:9"),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("could not reach"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    if !azurite() {
+        return;
+    }
+    let wrong = [(
+        "AZURE_STORAGE_ACCOUNT_KEY",
+        "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktd3Jvbmcta2V5LXdyb25nLWtleQ==",
+    )];
+    let store = format!("azure://{}", unique("badkey"));
+    let out = boomerang_env(&["store", "init", &store], &wrong);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("AZURE_STORAGE_ACCOUNT_KEY"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A store made with the right key, read with a wrong one.
+    ok(&["store", "init", &store]);
+    let out = boomerang_env(&["store", "points", &store], &wrong);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("credentials"), "{stderr}");
+}
+
+#[test]
+fn quickstart_verifies_an_older_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = json(&[
+        "quickstart",
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--disk-size",
+        "16MiB",
+        "--points",
+        "4",
+    ]);
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(v["store_intact"], true, "{v}");
+    assert_eq!(v["verified_point"], 2);
+    assert!(v["bytes_stored"].as_u64().unwrap() > 0);
+}
