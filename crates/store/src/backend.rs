@@ -186,6 +186,12 @@ impl Backend {
         &self.display
     }
 
+    /// The file that holds object `path`, for stores on a local directory: readers on the hot
+    /// path read it in one blocking call instead of through the object-store stream.
+    pub fn local_file(&self, path: &str) -> Option<PathBuf> {
+        self.local_dir.as_ref().map(|d| d.join(path))
+    }
+
     /// Makes every object written so far durable. Local stores: one `syncfs`; remote object
     /// stores are durable when a put returns.
     pub async fn flush(&self) -> Result<()> {
