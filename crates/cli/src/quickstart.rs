@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use boomerang_core::DiskName;
+use boomerang_core::sample::XorShift as Rng;
 use boomerang_store::{CommitOptions, MarkKind, NoProgress, Store};
 use serde::Serialize;
 
@@ -45,23 +46,6 @@ struct Summary {
 }
 
 const BLOCK: u64 = 4096;
-
-/// A small deterministic generator: the workload is the same on every run.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
 
 pub async fn run(args: QuickstartArgs, output: Output) -> anyhow::Result<i32> {
     let started = Instant::now();
@@ -102,7 +86,7 @@ pub async fn run(args: QuickstartArgs, output: Output) -> anyhow::Result<i32> {
         "  site B (replica store):     {}",
         store_dir.display()
     ));
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut rng = Rng::new(0x2545_f491_4f6c_dd1d);
     make_sample_disk(&image, args.disk_size, &mut rng)?;
     say(format!(
         "[1/4] created sample disk {} ({})",
@@ -238,7 +222,7 @@ fn make_sample_disk(path: &Path, size: u64, rng: &mut Rng) -> anyhow::Result<()>
     let mut offset = 0;
     while offset < size {
         let len = (size - offset).min(buf.len() as u64) as usize;
-        match rng.next() % 6 {
+        match rng.next_u64() % 6 {
             0 => rng.fill(&mut buf[..len]),
             1 => buf[..len]
                 .iter_mut()
@@ -265,9 +249,9 @@ fn workload(path: &Path, size: u64, rng: &mut Rng) -> anyhow::Result<u64> {
     for i in 0..writes {
         rng.fill(&mut buf);
         let block = if i % 4 == 0 {
-            rng.next() % hot.max(1)
+            rng.next_u64() % hot.max(1)
         } else {
-            rng.next() % (size / BLOCK)
+            rng.next_u64() % (size / BLOCK)
         };
         file.write_all_at(&buf, block * BLOCK)?;
     }

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use boomerang_core::sample::XorShift as Rng;
 use serde_json::Value;
 
 fn boomerang(args: &[&str]) -> Output {
@@ -74,23 +75,13 @@ fn unique(name: &str) -> String {
     format!("{name}-{}-{}", std::process::id(), nanos % 1_000_000_000)
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// Writes `count` random 4 KiB-ish patches into the image.
 fn scribble(image: &Path, rng: &mut Rng, count: usize) {
     let mut data = std::fs::read(image).unwrap();
     for _ in 0..count {
-        let off = (rng.next() % (data.len() as u64 - 5000)) as usize;
+        let off = (rng.next_u64() % (data.len() as u64 - 5000)) as usize;
         for b in &mut data[off..off + 5000] {
-            *b = rng.next() as u8;
+            *b = rng.next_u64() as u8;
         }
     }
     std::fs::write(image, data).unwrap();
@@ -113,9 +104,9 @@ fn round_trip(store: &str, dir: &Path) {
     let image = dir.join("disk.img");
     // 20 MiB + 12 KiB: the tail block is short.
     let mut data = vec![0u8; 20 * 1024 * 1024 + 12 * 1024];
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     for b in &mut data[..6 * 1024 * 1024] {
-        *b = rng.next() as u8;
+        *b = rng.next_u64() as u8;
     }
     std::fs::write(&image, &data).unwrap();
     let mut copies: Vec<PathBuf> = Vec::new();
@@ -248,8 +239,8 @@ fn a_flipped_byte_in_a_chunk_is_named_by_verify_and_stops_export() {
     let store = store.to_str().unwrap();
     ok(&["store", "init", store, "--block-size", "4KiB"]);
     let image = dir.path().join("disk.img");
-    let mut rng = Rng(5);
-    let data: Vec<u8> = (0..1024 * 1024).map(|_| rng.next() as u8).collect();
+    let mut rng = Rng::new(5);
+    let data: Vec<u8> = (0..1024 * 1024).map(|_| rng.next_u64() as u8).collect();
     std::fs::write(&image, &data).unwrap();
     ok(&[
         "store",

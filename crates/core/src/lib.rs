@@ -11,5 +11,6 @@
 
 pub mod ids;
 pub mod log;
+pub mod sample;
 
 pub use ids::{ChunkHash, DiskName, InvalidName, PointId, Seq};

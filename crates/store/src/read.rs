@@ -17,6 +17,8 @@ use crate::tree::{FANOUT, TreeReader};
 use crate::{Progress, Store, chunk};
 
 const READ_AHEAD: usize = 64;
+/// Threads that read, check and write one group of blocks in a local export.
+const EXPORT_THREADS: usize = 4;
 
 /// What an export wrote.
 #[derive(Clone, Debug, Serialize)]
@@ -97,7 +99,7 @@ impl Store {
         decoded.map_err(|e| damaged_chunk(&path, e, disk, point, offset))
     }
 
-    /// Export from a local store: per group of 256 blocks, two threads read, check and write
+    /// Export from a local store: per group of 256 blocks, a few threads read, check and write
     /// the chunks with plain blocking calls (far cheaper than a task per chunk).
     async fn export_local(
         &self,
@@ -139,14 +141,26 @@ impl Store {
                     }
                     Ok(n)
                 };
-                let (a, b) = hashes.split_at(hashes.len() / 2);
+                let part = hashes.len().div_ceil(EXPORT_THREADS).max(1);
                 std::thread::scope(|s| {
-                    let second = s.spawn(|| work(b, first + a.len() as u64));
-                    let one = work(a, first)?;
-                    let two = second.join().map_err(|_| {
-                        StoreError::io("an export thread panicked", std::io::Error::other("panic"))
-                    })??;
-                    Ok(one + two)
+                    let workers: Vec<_> = hashes
+                        .chunks(part)
+                        .enumerate()
+                        .map(|(n, blocks)| {
+                            let work = &work;
+                            s.spawn(move || work(blocks, first + (n * part) as u64))
+                        })
+                        .collect();
+                    let mut total = 0;
+                    for w in workers {
+                        total += w.join().map_err(|_| {
+                            StoreError::io(
+                                "an export thread panicked",
+                                std::io::Error::other("panic"),
+                            )
+                        })??;
+                    }
+                    Ok(total)
                 })
             })
             .await

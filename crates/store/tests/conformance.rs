@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use boomerang_core::sample::XorShift as Rng;
 use boomerang_core::{DiskName, PointId};
 use boomerang_store::{CommitOptions, Keep, NoProgress, Store, StoreError};
 use bytes::Bytes;
@@ -13,21 +14,6 @@ use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjPath;
 
 const BLOCK: u64 = 4096;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for b in buf.iter_mut() {
-            *b = self.next() as u8;
-        }
-    }
-}
 
 fn disk() -> DiskName {
     DiskName::new("web-01-disk0").unwrap()
@@ -77,7 +63,7 @@ fn expected_diff(a: &[u8], b: &[u8]) -> Vec<(u64, u64)> {
 async fn suite(store: Store) {
     let tmp = tempfile::tempdir().unwrap();
     let image = tmp.path().join("disk.img");
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
 
     // 3 MiB + a short tail block: 769 blocks, a tree of depth 2.
     let mut data = vec![0u8; 3 * 1024 * 1024 + 5000];
@@ -103,7 +89,7 @@ async fn suite(store: Store) {
 
     // Random writes, a zeroed range, a rewritten tail.
     for _ in 0..40 {
-        let off = (rng.next() % (data.len() as u64 - 700)) as usize;
+        let off = (rng.next_u64() % (data.len() as u64 - 700)) as usize;
         rng.fill(&mut data[off..off + 700]);
     }
     data[0..64 * 1024].fill(0);
@@ -260,7 +246,7 @@ async fn flip_first_chunk_of(store: &Store, image: &[u8], offset: usize) -> Stri
 async fn gc_races_commits(store: Store) {
     let tmp = tempfile::tempdir().unwrap();
     let image = tmp.path().join("disk.img");
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     let mut data = vec![0u8; 1024 * 1024];
     rng.fill(&mut data);
     std::fs::write(&image, &data).unwrap();
@@ -282,7 +268,7 @@ async fn gc_races_commits(store: Store) {
     let mut last = Vec::new();
     for _ in 0..8 {
         for _ in 0..10 {
-            let off = (rng.next() % (data.len() as u64 - 100)) as usize;
+            let off = (rng.next_u64() % (data.len() as u64 - 100)) as usize;
             rng.fill(&mut data[off..off + 100]);
         }
         std::fs::write(&image, &data).unwrap();
