@@ -1,8 +1,8 @@
 //! Scan commit: hash an image block by block and store what differs from the disk's latest point.
 //!
 //! ```text
-//! reader thread ──batches of blocks + hashes──▶ commit task ──▶ chunk puts (≤ 32 in flight)
-//!  (read, hash on 2 threads)                     │ compare with the previous tree
+//! 2 reader threads ──batches of blocks + hashes──▶ commit task ──▶ chunk puts (≤ 32 in flight)
+//!  (pread + hash, batches in turn)                 │ compare with the previous tree
 //!                                                └─ tree builder ──▶ node puts
 //!                                     all puts done ─▶ flush ─▶ manifest (conditional put)
 //! ```
@@ -10,7 +10,8 @@
 //! the image size.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::Path as FsPath;
 use std::time::Instant;
 
@@ -28,6 +29,10 @@ use crate::{Progress, Store, chunk, now_ms};
 
 const BATCH_BYTES: u64 = 8 << 20;
 const PUTS_IN_FLIGHT: usize = 32;
+/// Batches in each reader's channel; one more is being read and one processed.
+const BUFFERS: usize = 2;
+/// Threads that read and hash the image.
+const READERS: usize = 2;
 
 /// How to label a commit.
 #[derive(Clone, Copy, Debug)]
@@ -60,7 +65,7 @@ pub struct CommitReport {
 
 struct Batch {
     first_block: u64,
-    data: Bytes,
+    data: Vec<u8>,
     hashes: Vec<ChunkHash>,
 }
 
@@ -133,12 +138,27 @@ impl Store {
             .as_ref()
             .map(|p| TreeReader::new(self.clone(), p.tree()));
 
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Batch>>(3);
-        let reader_shape = shape;
-        let reader = std::thread::Builder::new()
-            .name("commit-reader".into())
-            .spawn(move || read_and_hash(file, reader_shape, tx))
-            .map_err(|e| StoreError::io("could not start the image reader thread", e))?;
+        // READERS threads take batches in turn (batch k goes to reader k % READERS), so reading
+        // and hashing use every core. Buffers go back to their reader once processed: no page
+        // faults on fresh memory per batch.
+        let mut batches = Vec::with_capacity(READERS);
+        let mut free = Vec::with_capacity(READERS);
+        let mut readers = Vec::with_capacity(READERS);
+        for n in 0..READERS {
+            let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Batch>>(BUFFERS);
+            let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+            let file = file.try_clone().map_err(|e| {
+                StoreError::io(format!("could not read image {}", image.display()), e)
+            })?;
+            let reader = std::thread::Builder::new()
+                .name(format!("commit-reader-{n}"))
+                .spawn(move || read_and_hash(&file, shape, n, tx, free_rx))
+                .map_err(|e| StoreError::io("could not start an image reader thread", e))?;
+            batches.push(rx);
+            free.push(free_tx);
+            readers.push(reader);
+        }
+        drop(file);
 
         progress.start("commit", size);
         let mut stats = CommitStats::default();
@@ -148,7 +168,8 @@ impl Store {
         let mut node_bytes = 0u64;
         let mut next_block = 0u64;
 
-        while let Some(batch) = rx.recv().await {
+        let mut turn = 0;
+        while let Some(batch) = batches[turn % READERS].recv().await {
             let batch = batch.map_err(|e| {
                 StoreError::io(format!("could not read image {}", image.display()), e)
             })?;
@@ -165,7 +186,7 @@ impl Store {
                     stats.blocks_changed += 1;
                     stats.bytes_changed += len as u64;
                     if !hash.is_zero() {
-                        let data = batch.data.slice(offset..offset + len);
+                        let data = Bytes::copy_from_slice(&batch.data[offset..offset + len]);
                         let store = self.clone();
                         let path = Store::chunk_path(hash);
                         wait_for_room(&mut puts, &mut stats.bytes_stored).await?;
@@ -197,13 +218,18 @@ impl Store {
             next_block += batch.hashes.len() as u64;
             stats.bytes_read += batch.data.len() as u64;
             progress.advance(batch.data.len() as u64);
+            let _ = free[turn % READERS].send(batch.data);
+            turn += 1;
         }
-        reader.join().map_err(|_| {
-            StoreError::io(
-                "the image reader thread panicked",
-                std::io::Error::other("panic"),
-            )
-        })?;
+        drop(batches);
+        for reader in readers {
+            reader.join().map_err(|_| {
+                StoreError::io(
+                    "an image reader thread panicked",
+                    std::io::Error::other("panic"),
+                )
+            })?;
+        }
         if next_block != shape.leaves {
             return Err(StoreError::Invalid(format!(
                 "image {} of disk {disk} changed size while it was read: commit from a stable image or snapshot",
@@ -299,63 +325,62 @@ fn join_result(r: std::result::Result<Result<u64>, tokio::task::JoinError>) -> R
 /// Reads the image in batches, hashes every block (zero blocks get [`ChunkHash::ZERO`]) and
 /// sends the batches in order. Stops early if the receiver is gone.
 fn read_and_hash(
-    mut file: File,
+    file: &File,
     shape: Shape,
+    reader: usize,
     tx: tokio::sync::mpsc::Sender<std::io::Result<Batch>>,
+    free: std::sync::mpsc::Receiver<Vec<u8>>,
 ) {
     let blocks_per_batch = (BATCH_BYTES / shape.block_size).max(1);
-    let mut block = 0u64;
-    while block < shape.leaves {
+    let mut fresh = BUFFERS + 1;
+    let mut batch = reader as u64;
+    loop {
+        let block = batch * blocks_per_batch;
+        if block >= shape.leaves {
+            return;
+        }
         let count = blocks_per_batch.min(shape.leaves - block);
         let start = block * shape.block_size;
         let len = ((block + count) * shape.block_size).min(shape.size) - start;
-        let mut data = vec![0u8; len as usize];
-        let read = file.read_exact(&mut data).map_err(|e| {
+        let mut data = if fresh > 0 {
+            fresh -= 1;
+            Vec::new()
+        } else {
+            match free.recv() {
+                Ok(buffer) => buffer,
+                Err(_) => return, // the commit ended early
+            }
+        };
+        data.resize(len as usize, 0);
+        let read = file.read_exact_at(&mut data, start).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 std::io::Error::other("the image shrank while it was read")
             } else {
                 e
             }
         });
-        let msg = read.map(|()| {
-            let hashes = hash_blocks(&data, shape.block_size as usize);
-            Batch {
-                first_block: block,
-                data: Bytes::from(data),
-                hashes,
-            }
+        let msg = read.map(|()| Batch {
+            first_block: block,
+            hashes: hash_blocks(&data, shape.block_size as usize),
+            data,
         });
         let failed = msg.is_err();
         if tx.blocking_send(msg).is_err() || failed {
             return;
         }
-        block += count;
+        batch += READERS as u64;
     }
 }
 
-/// Hashes each block of `data`, on two threads when there is enough of it.
+/// Hashes each block of `data` (zero blocks get [`ChunkHash::ZERO`]).
 pub(crate) fn hash_blocks(data: &[u8], block_size: usize) -> Vec<ChunkHash> {
-    let one = |d: &[u8]| -> Vec<ChunkHash> {
-        d.chunks(block_size)
-            .map(|b| {
-                if chunk::is_zero(b) {
-                    ChunkHash::ZERO
-                } else {
-                    chunk::hash(b)
-                }
-            })
-            .collect()
-    };
-    let blocks = data.len().div_ceil(block_size);
-    if blocks < 4 {
-        return one(data);
-    }
-    let split = blocks / 2 * block_size;
-    let (a, b) = data.split_at(split);
-    std::thread::scope(|s| {
-        let second = s.spawn(|| one(b));
-        let mut first = one(a);
-        first.extend(second.join().unwrap_or_else(|_| one(b)));
-        first
-    })
+    data.chunks(block_size)
+        .map(|b| {
+            if chunk::is_zero(b) {
+                ChunkHash::ZERO
+            } else {
+                chunk::hash(b)
+            }
+        })
+        .collect()
 }

@@ -19,6 +19,8 @@ use crate::{Progress, Store, chunk};
 const READ_AHEAD: usize = 64;
 /// Threads that read, check and write one group of blocks in a local export.
 const EXPORT_THREADS: usize = 4;
+/// Groups (of 256 blocks) between background flushes of a local export.
+const FLUSH_EVERY: u64 = 8;
 
 /// What an export wrote.
 #[derive(Clone, Debug, Serialize)]
@@ -111,7 +113,23 @@ impl Store {
     ) -> Result<()> {
         let shape = point.shape();
         let mut tree = TreeReader::new(self.clone(), point.tree());
+        // Write-back runs beside the export: every FLUSH_EVERY groups a background fdatasync
+        // pushes what is dirty so far, so the final sync has little left to do.
+        let mut flushing: Option<JoinHandle<std::io::Result<()>>> = None;
         for group in 0..shape.leaves.div_ceil(FANOUT) {
+            if group % FLUSH_EVERY == FLUSH_EVERY - 1
+                && flushing.as_ref().is_none_or(|h| h.is_finished())
+            {
+                if let Some(done) = flushing.take() {
+                    done.await
+                        .map_err(|e| {
+                            StoreError::io("a flush task failed", std::io::Error::other(e))
+                        })?
+                        .map_err(|e| write_error(partial, e))?;
+                }
+                let file = file.clone();
+                flushing = Some(tokio::task::spawn_blocking(move || file.sync_data()));
+            }
             let hashes = tree.group(group).await?;
             let store = self.clone();
             let file = file.clone();
@@ -169,6 +187,11 @@ impl Store {
             let first_byte = first * shape.block_size;
             let end = ((first + FANOUT) * shape.block_size).min(shape.size);
             progress.advance(end - first_byte);
+        }
+        if let Some(done) = flushing {
+            done.await
+                .map_err(|e| StoreError::io("a flush task failed", std::io::Error::other(e)))?
+                .map_err(|e| write_error(partial, e))?;
         }
         Ok(())
     }
