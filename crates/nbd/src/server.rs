@@ -1,0 +1,166 @@
+//! Exports, listeners and connection handling.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Semaphore, watch};
+
+use crate::BlockDevice;
+use crate::handshake::{Negotiated, handshake};
+
+/// One disk served under a name.
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub device: Arc<dyn BlockDevice>,
+    pub read_only: bool,
+}
+
+/// An NBD server over a fixed set of exports.
+#[derive(Clone)]
+pub struct Server {
+    exports: Arc<BTreeMap<String, Arc<Export>>>,
+    connections: Arc<Semaphore>,
+}
+
+/// Where to listen: `127.0.0.1:PORT` (any socket address) or `unix:PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some(p) if !p.is_empty() => Ok(ListenAddr::Unix(PathBuf::from(p))),
+            Some(_) => Err("unix: needs a socket path, as in unix:/run/boomerang/nbd.sock".into()),
+            None if s.contains(':') => Ok(ListenAddr::Tcp(s.to_string())),
+            None => Err(format!(
+                "{s:?} is not a listen address: use HOST:PORT or unix:PATH"
+            )),
+        }
+    }
+}
+
+/// A bound listener.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    pub async fn bind(addr: &ListenAddr) -> io::Result<Self> {
+        match addr {
+            ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
+            ListenAddr::Unix(p) => Ok(Listener::Unix(UnixListener::bind(p)?)),
+        }
+    }
+
+    /// The bound address, as a client would give it (`nbd://` URIs use the TCP port).
+    pub fn local_addr(&self) -> io::Result<String> {
+        match self {
+            Listener::Tcp(l) => Ok(l.local_addr()?.to_string()),
+            Listener::Unix(l) => Ok(format!(
+                "unix:{}",
+                l.local_addr()?
+                    .as_pathname()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            )),
+        }
+    }
+}
+
+impl Server {
+    /// Up to `max_connections` clients are served at once; more wait to be accepted.
+    pub fn new(exports: Vec<Export>, max_connections: usize) -> Self {
+        let exports = exports
+            .into_iter()
+            .map(|e| (e.name.clone(), Arc::new(e)))
+            .collect();
+        Server {
+            exports: Arc::new(exports),
+            connections: Arc::new(Semaphore::new(max_connections.max(1))),
+        }
+    }
+
+    pub(crate) fn export(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports.get(name).cloned()
+    }
+
+    pub(crate) fn exports(&self) -> impl Iterator<Item = &Arc<Export>> {
+        self.exports.values()
+    }
+
+    /// Accepts clients until `shutdown` turns true; then stops accepting and returns.
+    /// Connections already open finish on their own (the client disconnects).
+    pub async fn serve(
+        &self,
+        listener: Listener,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> io::Result<()> {
+        loop {
+            let permit = tokio::select! {
+                p = self.connections.clone().acquire_owned() => p.map_err(io::Error::other)?,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            let server = self.clone();
+            tokio::select! {
+                accepted = accept(&listener) => {
+                    let conn = match accepted {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not accept an NBD connection");
+                            continue;
+                        }
+                    };
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        match conn {
+                            Conn::Tcp(s) => {
+                                let _ = s.set_nodelay(true);
+                                server.handle(s).await
+                            }
+                            Conn::Unix(s) => server.handle(s).await,
+                        }
+                    });
+                }
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+
+    /// Serves one client connection to its end.
+    pub async fn handle<S>(&self, mut stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        match handshake(&mut stream, self).await {
+            Ok(Negotiated::Transmit(session)) => {
+                if let Err(e) = crate::transmission::transmit(stream, session).await {
+                    tracing::debug!(error = %e, "NBD connection ended with an error");
+                }
+            }
+            Ok(Negotiated::Closed) => {}
+            Err(e) => tracing::debug!(error = %e, "NBD handshake failed"),
+        }
+    }
+}
+
+enum Conn {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> io::Result<Conn> {
+    match l {
+        Listener::Tcp(l) => Ok(Conn::Tcp(l.accept().await?.0)),
+        Listener::Unix(l) => Ok(Conn::Unix(l.accept().await?.0)),
+    }
+}

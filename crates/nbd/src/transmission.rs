@@ -1,0 +1,266 @@
+//! The transmission phase: a reader parses requests and hands each to its own task (at most
+//! [`IN_FLIGHT`] at once); a writer sends replies as they complete, matched by cookie.
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::handshake::Session;
+use crate::proto::*;
+
+/// Requests served concurrently per connection.
+pub const IN_FLIGHT: usize = 64;
+
+/// What a finished request sends back.
+enum Outcome {
+    Ok,
+    Read(Vec<u8>),
+    Status(Vec<(u32, u32)>),
+    Err(u32),
+}
+
+/// Serves requests until the client disconnects or breaks the protocol.
+pub async fn transmit<S>(stream: S, session: Session) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
+    let writer = tokio::spawn(async move {
+        while let Some(buf) = rx.recv().await {
+            wr.write_all(&buf).await?;
+            // Send at once unless more replies are already waiting.
+            if rx.is_empty() {
+                wr.flush().await?;
+            }
+        }
+        wr.flush().await?;
+        wr.shutdown().await
+    });
+    let session = Arc::new(session);
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let result = read_requests(&mut rd, &session, &slots, &tx).await;
+    // Let the requests in flight finish and reply, then close.
+    let _ = slots.acquire_many(IN_FLIGHT as u32).await;
+    drop(tx);
+    let written = writer.await.map_err(io::Error::other)?;
+    result.and(written)
+}
+
+async fn read_requests<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    session: &Arc<Session>,
+    slots: &Arc<Semaphore>,
+    tx: &mpsc::Sender<Vec<u8>>,
+) -> io::Result<()> {
+    let size = session.export.device.size();
+    loop {
+        let mut header = [0u8; REQUEST_HEADER_LEN];
+        match rd.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let req =
+            Request::parse(&header).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if req.kind == CMD_DISC {
+            return Ok(());
+        }
+        let mut payload = Vec::new();
+        if req.kind == CMD_WRITE {
+            if req.length > MAX_PAYLOAD {
+                // The payload cannot be skipped without reading it all: refuse and hang up.
+                let _ = tx
+                    .send(reply_bytes(session, &req, Outcome::Err(EOVERFLOW)))
+                    .await;
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "write payload over the limit",
+                ));
+            }
+            payload = vec![0u8; req.length as usize];
+            rd.read_exact(&mut payload).await?;
+        }
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(io::Error::other)?;
+        if let Some(err) = check(session, &req, size) {
+            let _ = tx.send(reply_bytes(session, &req, Outcome::Err(err))).await;
+            continue;
+        }
+        let session = session.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let s = session.clone();
+            let outcome = tokio::task::spawn_blocking(move || execute(&s, &req, payload))
+                .await
+                .unwrap_or(Outcome::Err(EIO));
+            let _ = tx.send(reply_bytes(&session, &req, outcome)).await;
+            drop(permit);
+        });
+    }
+}
+
+/// The errno for a request that must not run, if any.
+fn check(session: &Session, req: &Request, size: u64) -> Option<u32> {
+    let known_flags =
+        CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
+    if req.flags & !known_flags != 0 {
+        return Some(EINVAL);
+    }
+    let end = req.offset.checked_add(u64::from(req.length));
+    let in_range = end.is_some_and(|e| e <= size);
+    let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    match req.kind {
+        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS | CMD_CACHE
+        | CMD_FLUSH => {}
+        _ => return Some(EINVAL),
+    }
+    if writes && session.export.read_only {
+        return Some(EPERM);
+    }
+    if req.kind == CMD_READ && req.length > MAX_PAYLOAD {
+        return Some(EINVAL);
+    }
+    if req.kind == CMD_BLOCK_STATUS
+        && (!session.structured || !session.base_allocation || req.length == 0)
+    {
+        return Some(EINVAL);
+    }
+    if req.kind != CMD_FLUSH && !in_range {
+        return Some(if writes { ENOSPC } else { EINVAL });
+    }
+    if req.kind == CMD_WRITE_ZEROES
+        && req.flags & CMD_FLAG_FAST_ZERO != 0
+        && req.flags & CMD_FLAG_NO_HOLE != 0
+    {
+        // Writing real zero bytes is not fast; say so, as the protocol asks.
+        return Some(ENOTSUP);
+    }
+    None
+}
+
+fn errno(e: &io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(28) | Some(122) => ENOSPC, // ENOSPC, EDQUOT
+        Some(1) | Some(13) | Some(30) => EPERM,
+        Some(12) => ENOMEM,
+        _ => EIO,
+    }
+}
+
+fn execute(session: &Session, req: &Request, payload: Vec<u8>) -> Outcome {
+    let dev = &session.export.device;
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let done = |r: io::Result<()>| match r {
+        Ok(()) => Outcome::Ok,
+        Err(e) => Outcome::Err(errno(&e)),
+    };
+    match req.kind {
+        CMD_READ => {
+            let mut buf = vec![0u8; req.length as usize];
+            match dev.read_at(&mut buf, req.offset) {
+                Ok(()) => Outcome::Read(buf),
+                Err(e) => Outcome::Err(errno(&e)),
+            }
+        }
+        CMD_WRITE => done(dev.write_at(&payload, req.offset, fua)),
+        CMD_FLUSH => done(dev.flush()),
+        CMD_TRIM => done(
+            dev.trim(req.offset, u64::from(req.length))
+                .and_then(|()| if fua { dev.flush() } else { Ok(()) }),
+        ),
+        CMD_WRITE_ZEROES => {
+            let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
+            done(dev.write_zeroes(req.offset, u64::from(req.length), may_trim, fua))
+        }
+        CMD_CACHE => Outcome::Ok,
+        CMD_BLOCK_STATUS => match dev.block_status(req.offset, u64::from(req.length)) {
+            Ok(extents) => {
+                let mut out = Vec::new();
+                let mut left = u64::from(req.length).min(dev.size() - req.offset);
+                for e in extents {
+                    if left == 0 {
+                        break;
+                    }
+                    let len = e.len.min(left).min(u64::from(u32::MAX)) as u32;
+                    if len == 0 {
+                        continue;
+                    }
+                    let flags =
+                        if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 };
+                    match out.last_mut() {
+                        Some((l, f))
+                            if *f == flags
+                                && u64::from(*l) + u64::from(len) <= u64::from(u32::MAX) =>
+                        {
+                            *l += len
+                        }
+                        _ => out.push((len, flags)),
+                    }
+                    left -= u64::from(len);
+                    if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                        break;
+                    }
+                }
+                if out.is_empty() {
+                    Outcome::Err(EIO)
+                } else {
+                    if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                        out.truncate(1);
+                    }
+                    Outcome::Status(out)
+                }
+            }
+            Err(e) => Outcome::Err(errno(&e)),
+        },
+        _ => Outcome::Err(EINVAL),
+    }
+}
+
+fn reply_bytes(session: &Session, req: &Request, outcome: Outcome) -> Vec<u8> {
+    let structured_read = session.structured && matches!(req.kind, CMD_READ | CMD_BLOCK_STATUS);
+    match outcome {
+        Outcome::Ok => simple_reply(0, req.cookie).to_vec(),
+        Outcome::Err(err) if structured_read => {
+            let mut b = structured_reply(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, req.cookie, 6).to_vec();
+            b.extend_from_slice(&err.to_be_bytes());
+            b.extend_from_slice(&0u16.to_be_bytes());
+            b
+        }
+        Outcome::Err(err) => simple_reply(err, req.cookie).to_vec(),
+        Outcome::Read(data) if session.structured => {
+            let mut b = Vec::with_capacity(28 + data.len());
+            b.extend_from_slice(&structured_reply(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                req.cookie,
+                8 + data.len() as u32,
+            ));
+            b.extend_from_slice(&req.offset.to_be_bytes());
+            b.extend_from_slice(&data);
+            b
+        }
+        Outcome::Read(data) => {
+            let mut b = Vec::with_capacity(16 + data.len());
+            b.extend_from_slice(&simple_reply(0, req.cookie));
+            b.extend_from_slice(&data);
+            b
+        }
+        Outcome::Status(extents) => {
+            let len = 4 + 8 * extents.len() as u32;
+            let mut b = structured_reply(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, req.cookie, len)
+                .to_vec();
+            b.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+            for (l, f) in extents {
+                b.extend_from_slice(&l.to_be_bytes());
+                b.extend_from_slice(&f.to_be_bytes());
+            }
+            b
+        }
+    }
+}
