@@ -1,6 +1,7 @@
 //! `boomerang`: the one binary. It parses arguments and calls the library crates; the logic
 //! lives there.
 
+mod agent;
 mod output;
 mod quickstart;
 mod store;
@@ -25,6 +26,8 @@ enum Command {
     /// Work on a replica store directly (offline).
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// Mobility agent: serve protected disks over NBD, capturing every write.
+    Agent(agent::AgentArgs),
     /// Run the sample lifecycle on local directories and verify the data.
     Quickstart(quickstart::QuickstartArgs),
 }
@@ -52,6 +55,7 @@ fn main() {
         match cli.command {
             Command::Store(cmd) => store::run(cmd, cli.output).await,
             Command::Quickstart(args) => quickstart::run(args, cli.output).await,
+            Command::Agent(args) => agent::run(args, cli.output).await,
         }
     });
     match result {

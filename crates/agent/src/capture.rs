@@ -1,0 +1,108 @@
+//! The write splitter: a [`BlockDevice`] that records every change in the write log before
+//! applying it to the disk, under one lock so both see the same order.
+
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use boomerang_core::DiskName;
+use boomerang_core::log::Op;
+use boomerang_nbd::{BlockDevice, Extent, FileDevice};
+
+use crate::logdir::{LogDir, LogDirError};
+
+/// The largest write record; longer NBD writes are split (segments hold at least 1 MiB).
+pub const RECORD_PIECE: usize = 256 * 1024;
+
+/// A protected disk whose changes go to the write log first.
+pub struct CaptureDevice {
+    disk: DiskName,
+    inner: FileDevice,
+    log: Arc<Mutex<LogDir>>,
+}
+
+impl CaptureDevice {
+    pub fn new(disk: DiskName, inner: FileDevice, log: Arc<Mutex<LogDir>>) -> Self {
+        CaptureDevice { disk, inner, log }
+    }
+
+    fn log(&self) -> io::Result<MutexGuard<'_, LogDir>> {
+        self.log
+            .lock()
+            .map_err(|_| io::Error::other("the write log lock is poisoned"))
+    }
+}
+
+fn log_error(e: LogDirError) -> io::Error {
+    // The client gets EIO (ENOSPC for a full log volume); nothing unlogged is acknowledged.
+    tracing::error!(error = %e, "could not append to the write log; the write is refused");
+    match e {
+        LogDirError::Log(boomerang_core::log::LogError::Io { source, .. })
+            if source.raw_os_error() == Some(28) =>
+        {
+            io::Error::from_raw_os_error(28)
+        }
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+impl BlockDevice for CaptureDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        let mut log = self.log()?;
+        // Large writes become several records; the lock keeps a mark from falling between them.
+        for (k, piece) in data.chunks(RECORD_PIECE).enumerate() {
+            log.append(Op::Write {
+                disk: self.disk.clone(),
+                offset: offset + (k * RECORD_PIECE) as u64,
+                data: piece.to_vec(),
+            })
+            .map_err(log_error)?;
+        }
+        if fua {
+            log.sync().map_err(log_error)?;
+        }
+        self.inner.write_at(data, offset, fua)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
+        let mut log = self.log()?;
+        log.append(Op::Zero {
+            disk: self.disk.clone(),
+            offset,
+            len,
+        })
+        .map_err(log_error)?;
+        if fua {
+            log.sync().map_err(log_error)?;
+        }
+        self.inner.write_zeroes(offset, len, may_trim, fua)
+    }
+
+    /// Trimmed ranges read back as zeros, on the disk and in a replay alike.
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut log = self.log()?;
+        log.append(Op::Trim {
+            disk: self.disk.clone(),
+            offset,
+            len,
+        })
+        .map_err(log_error)?;
+        self.inner.write_zeroes(offset, len, true, false)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.log()?.sync().map_err(log_error)?;
+        self.inner.flush()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        self.inner.block_status(offset, len)
+    }
+}

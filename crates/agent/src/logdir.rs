@@ -1,0 +1,236 @@
+//! A write log as a directory of segment files named by their first sequence number:
+//! `seg-<first seq, 20 digits>.log`. Appends go to the newest segment; a full segment rolls
+//! over to a new one. Reopening cuts a torn tail of the newest segment (a crash mid-append).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use boomerang_core::Seq;
+use boomerang_core::log::{
+    AppendOutcome, LogError, MarkId, MarkKind, Op, Record, SegmentReader, SegmentWriter, UnixNanos,
+};
+use nix::fcntl::{Flock, FlockArg};
+
+/// Default size limit of one segment.
+pub const DEFAULT_SEGMENT_LEN: u64 = 64 << 20;
+/// Smallest segment size limit: a record piece of the capture device must fit with room to spare.
+pub const MIN_SEGMENT: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogDirError {
+    #[error("could not use log directory {dir}: check that it exists and is writable")]
+    Io {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "log directory {dir} is in use by another agent: stop it first, or give this agent its own --log-dir"
+    )]
+    Locked { dir: PathBuf },
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("a segment size of {0} bytes is too small: use at least 1 MiB")]
+    SegmentTooSmall(u64),
+    #[error(
+        "a record of {len} bytes does not fit in a segment of {max} bytes: raise the segment size"
+    )]
+    TooLarge { len: usize, max: u64 },
+}
+
+/// The open, locked write log of one agent.
+pub struct LogDir {
+    dir: PathBuf,
+    max_segment: u64,
+    writer: SegmentWriter,
+    next_seq: Seq,
+    next_mark: u64,
+    _lock: Flock<File>,
+}
+
+/// Segment files of `dir` in log order.
+pub fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("seg-") && n.ends_with(".log"))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+fn segment_path(dir: &Path, first: Seq) -> PathBuf {
+    dir.join(format!("seg-{:020}.log", first.0))
+}
+
+impl LogDir {
+    /// Opens (or creates) the log in `dir` and locks it.
+    pub fn open(dir: &Path, max_segment: u64) -> Result<Self, LogDirError> {
+        let io = |source| LogDirError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        if max_segment < MIN_SEGMENT {
+            return Err(LogDirError::SegmentTooSmall(max_segment));
+        }
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let lock_file = File::create(dir.join("agent.lock")).map_err(io)?;
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
+            LogDirError::Locked {
+                dir: dir.to_path_buf(),
+            }
+        })?;
+        let existing = segments(dir).map_err(io)?;
+        let (writer, next_seq, next_mark) = match existing.last() {
+            None => {
+                let w = SegmentWriter::create(segment_path(dir, Seq(1)), Seq(1), max_segment)?;
+                (w, Seq(1), 1)
+            }
+            Some(last) => {
+                let (w, recovered) = SegmentWriter::open_append(last)?;
+                if recovered.cut > 0 {
+                    tracing::warn!(segment = %last.display(), bytes = recovered.cut, "cut a torn tail left by a crash");
+                }
+                let next = recovered
+                    .last_seq
+                    .map_or(w.header().first_seq, |s| Seq(s.0 + 1));
+                let next_mark = last_mark(&existing)?.map_or(1, |m| m.0 + 1);
+                (w, next, next_mark)
+            }
+        };
+        Ok(LogDir {
+            dir: dir.to_path_buf(),
+            max_segment,
+            writer,
+            next_seq,
+            next_mark,
+            _lock: lock,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The sequence number the next record gets.
+    pub fn next_seq(&self) -> Seq {
+        self.next_seq
+    }
+
+    /// Appends one record (not yet durable; see [`LogDir::sync`]) and returns its sequence.
+    pub fn append(&mut self, op: Op) -> Result<Seq, LogDirError> {
+        let record = Record {
+            seq: self.next_seq,
+            op,
+        };
+        if let AppendOutcome::Full = self.writer.append(&record)? {
+            self.writer.sync()?;
+            self.writer = SegmentWriter::create(
+                segment_path(&self.dir, record.seq),
+                record.seq,
+                self.max_segment,
+            )?;
+            if let AppendOutcome::Full = self.writer.append(&record)? {
+                return Err(LogDirError::TooLarge {
+                    len: record.encoded_len(),
+                    max: self.max_segment,
+                });
+            }
+        }
+        self.next_seq = Seq(record.seq.0 + 1);
+        Ok(record.seq)
+    }
+
+    /// Appends a consistency mark; returns its id and sequence number.
+    pub fn mark(&mut self, kind: MarkKind) -> Result<(MarkId, Seq), LogDirError> {
+        let id = MarkId(self.next_mark);
+        let seq = self.append(Op::Mark {
+            kind,
+            id,
+            time: UnixNanos::now(),
+        })?;
+        self.next_mark += 1;
+        Ok((id, seq))
+    }
+
+    /// Makes every appended record durable.
+    pub fn sync(&mut self) -> Result<(), LogDirError> {
+        Ok(self.writer.sync()?)
+    }
+}
+
+/// The id of the last mark in the log, if any.
+fn last_mark(segments: &[PathBuf]) -> Result<Option<MarkId>, LogError> {
+    let mut last = None;
+    for path in segments {
+        for record in SegmentReader::open(path)? {
+            if let Op::Mark { id, .. } = record?.op {
+                last = Some(id);
+            }
+        }
+    }
+    Ok(last)
+}
+
+/// Every record of the log in `dir`, in order.
+pub fn read_all(dir: &Path) -> Result<impl Iterator<Item = Result<Record, LogError>>, LogDirError> {
+    let paths = segments(dir).map_err(|source| LogDirError::Io {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    let mut readers = Vec::new();
+    for p in paths {
+        readers.push(SegmentReader::open(&p)?);
+    }
+    Ok(readers.into_iter().flatten())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use boomerang_core::DiskName;
+
+    #[test]
+    fn rolls_over_reopens_and_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskName::new("d").unwrap();
+        {
+            assert!(matches!(
+                LogDir::open(dir.path(), 8192),
+                Err(LogDirError::SegmentTooSmall(8192))
+            ));
+            let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+            assert!(matches!(
+                LogDir::open(dir.path(), MIN_SEGMENT),
+                Err(LogDirError::Locked { .. })
+            ));
+            for i in 0..20u64 {
+                log.append(Op::Write {
+                    disk: disk.clone(),
+                    offset: i * 1000,
+                    data: vec![i as u8; 300_000],
+                })
+                .unwrap();
+            }
+            let (id, _) = log.mark(MarkKind::Crash).unwrap();
+            assert_eq!(id, MarkId(1));
+            log.sync().unwrap();
+        }
+        assert!(
+            segments(dir.path()).unwrap().len() >= 3,
+            "1 MiB segments roll over"
+        );
+        let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+        assert_eq!(log.next_seq(), Seq(22));
+        assert_eq!(log.mark(MarkKind::App).unwrap().0, MarkId(2));
+        drop(log);
+        let seqs: Vec<u64> = read_all(dir.path())
+            .unwrap()
+            .map(|r| r.unwrap().seq.0)
+            .collect();
+        assert_eq!(seqs, (1..=22).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,276 @@
+//! `boomerang agent`: serve protected disks over NBD with write capture, and work on its log.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use boomerang_agent::{CaptureDevice, LogDir, ReplayTo, logdir};
+use boomerang_core::DiskName;
+use boomerang_core::log::{MarkKind, Op, SegmentReader};
+use boomerang_nbd::server::{ListenAddr, Listener};
+use boomerang_nbd::{Export, FileDevice, Server};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use crate::output::{Output, Table, bytes, parse_size, print_json};
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AgentArgs {
+    #[command(subcommand)]
+    command: Option<AgentCommand>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// A protected disk: NAME=PATH (raw image or block device). Repeat for more disks.
+    #[arg(long = "disk", value_parser = parse_disk)]
+    disks: Vec<(DiskName, PathBuf)>,
+    /// Where to serve NBD: 127.0.0.1:PORT or unix:PATH.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    listen: ListenAddr,
+    /// The agent's write log.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Seconds between crash-consistent marks (0: none).
+    #[arg(long, default_value_t = 5.0)]
+    mark_interval: f64,
+    /// Size limit of one log segment.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    segment_size: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentCommand {
+    /// Inspect or replay a write log.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum LogCommand {
+    /// List segments, record counts and marks.
+    Inspect { dir: PathBuf },
+    /// Apply the log to a copy of a disk's starting image.
+    Replay {
+        dir: PathBuf,
+        #[arg(long)]
+        disk: DiskName,
+        /// The disk's image when the log started.
+        #[arg(long)]
+        base: PathBuf,
+        /// latest, mark:ID or seq:N.
+        #[arg(long, default_value = "latest")]
+        to: ReplayTo,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn parse_disk(s: &str) -> Result<(DiskName, PathBuf), String> {
+    let (name, path) = s.split_once('=').ok_or_else(|| {
+        format!("{s:?} is not NAME=PATH, as in --disk sda=/var/lib/images/web01.img")
+    })?;
+    Ok((
+        DiskName::new(name).map_err(|e| e.to_string())?,
+        PathBuf::from(path),
+    ))
+}
+
+pub async fn run(args: AgentArgs, output: Output) -> anyhow::Result<i32> {
+    match args.command {
+        Some(AgentCommand::Log(LogCommand::Inspect { dir })) => inspect(&dir, output),
+        Some(AgentCommand::Log(LogCommand::Replay {
+            dir,
+            disk,
+            base,
+            to,
+            out,
+        })) => {
+            let r = boomerang_agent::replay(&dir, &disk, &base, to, &out)?;
+            if output == Output::Json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "replayed {} records ({} written) of disk {disk} onto {}; last seq {}",
+                    r.records_applied,
+                    bytes(r.bytes_written),
+                    out.display(),
+                    r.last_seq.map_or("-".into(), |s| s.to_string())
+                );
+            }
+            Ok(0)
+        }
+        None => serve(args.run).await,
+    }
+}
+
+async fn serve(args: RunArgs) -> anyhow::Result<i32> {
+    if args.disks.is_empty() {
+        anyhow::bail!("give at least one protected disk with --disk NAME=PATH");
+    }
+    let log_dir = args
+        .log_dir
+        .context("give the agent a write log directory with --log-dir DIR")?;
+    let log = Arc::new(Mutex::new(LogDir::open(&log_dir, args.segment_size)?));
+    let mut exports = Vec::new();
+    for (name, path) in &args.disks {
+        let dev = FileDevice::open(path, false).with_context(|| {
+            format!(
+                "could not open disk {name} at {}: check the path and permissions",
+                path.display()
+            )
+        })?;
+        exports.push(Export {
+            name: name.to_string(),
+            description: format!("protected disk {name}"),
+            device: Arc::new(CaptureDevice::new(name.clone(), dev, log.clone())),
+            read_only: false,
+        });
+    }
+    let server = Server::new(exports, 64);
+    let listener = Listener::bind(&args.listen)
+        .await
+        .with_context(|| format!("could not listen on {:?}: is the port in use?", args.listen))?;
+    // The first line of stdout is the address, for scripts and tests.
+    println!("listening on {}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let marks = (args.mark_interval > 0.0).then(|| {
+        let log = log.clone();
+        let every = Duration::from_secs_f64(args.mark_interval);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let log = log.clone();
+                let marked = tokio::task::spawn_blocking(move || {
+                    let mut log = log
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("log lock poisoned"))?;
+                    log.mark(MarkKind::Crash)?;
+                    log.sync()?;
+                    anyhow::Ok(())
+                })
+                .await;
+                if let Ok(Err(e)) | Err(e) = marked.map_err(anyhow::Error::from) {
+                    tracing::warn!(error = %e, "could not insert a crash-consistent mark");
+                }
+            }
+        })
+    });
+    let serving = tokio::spawn(async move { server.serve(listener, stopped).await });
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    let _ = serving.await;
+    if let Some(m) = marks {
+        m.abort();
+    }
+    let mut log = log
+        .lock()
+        .map_err(|_| anyhow::anyhow!("log lock poisoned"))?;
+    log.sync()?;
+    eprintln!("agent stopped; write log synced in {}", log.dir().display());
+    Ok(0)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[derive(Serialize)]
+struct SegmentInfo {
+    path: String,
+    first_seq: u64,
+    last_seq: Option<u64>,
+    records: u64,
+    writes: u64,
+    bytes_written: u64,
+    end: String,
+}
+
+#[derive(Serialize)]
+struct MarkInfo {
+    id: u64,
+    kind: String,
+    seq: u64,
+    time_unix_ns: u64,
+}
+
+fn inspect(dir: &std::path::Path, output: Output) -> anyhow::Result<i32> {
+    let mut segs = Vec::new();
+    let mut marks = Vec::new();
+    for path in logdir::segments(dir)
+        .with_context(|| format!("could not read log directory {}", dir.display()))?
+    {
+        let mut reader = SegmentReader::open(&path)?;
+        let mut info = SegmentInfo {
+            path: path.display().to_string(),
+            first_seq: reader.header().first_seq.0,
+            last_seq: None,
+            records: 0,
+            writes: 0,
+            bytes_written: 0,
+            end: String::new(),
+        };
+        for record in reader.by_ref() {
+            let record = record?;
+            info.records += 1;
+            info.last_seq = Some(record.seq.0);
+            match record.op {
+                Op::Write { data, .. } => {
+                    info.writes += 1;
+                    info.bytes_written += data.len() as u64;
+                }
+                Op::Mark { kind, id, time } => marks.push(MarkInfo {
+                    id: id.0,
+                    kind: format!("{kind:?}").to_lowercase(),
+                    seq: record.seq.0,
+                    time_unix_ns: time.0,
+                }),
+                _ => {}
+            }
+        }
+        info.end = reader.end().map_or("unknown".into(), |e| format!("{e:?}"));
+        segs.push(info);
+    }
+    if output == Output::Json {
+        print_json(&serde_json::json!({ "segments": segs, "marks": marks }))?;
+    } else {
+        let mut t = Table::new(&["SEGMENT", "FIRST", "LAST", "RECORDS", "WRITES", "WRITTEN"]);
+        for s in &segs {
+            t.row(vec![
+                s.path.clone(),
+                s.first_seq.to_string(),
+                s.last_seq.map_or("-".into(), |x| x.to_string()),
+                s.records.to_string(),
+                s.writes.to_string(),
+                bytes(s.bytes_written),
+            ]);
+        }
+        t.print();
+        println!(
+            "{} marks{}",
+            marks.len(),
+            marks.last().map_or(String::new(), |m| format!(
+                ", last: mark {} ({}) at seq {}",
+                m.id, m.kind, m.seq
+            ))
+        );
+    }
+    Ok(0)
+}
