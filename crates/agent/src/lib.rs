@@ -6,7 +6,9 @@
 //! NBD client ─▶ boomerang-nbd ─▶ CaptureDevice::write_at ─┬─▶ LogDir::append (segment files)
 //!                                   (one lock: log order  └─▶ disk image
 //!                                    = disk order)
-//! timer ─▶ LogDir::append(Mark{crash})          replay.rs: log + base image ─▶ image at a mark
+//! timers, `agent mark` (control.rs) ─▶ marks.rs ─▶ LogDir::append(Mark{crash|app})
+//!                                                 (app: between the freeze and thaw hooks)
+//! replay.rs: log + base image ─▶ the disk as it was at a mark
 //! ```
 //!
 //! Invariants:
@@ -16,9 +18,12 @@
 //! - The log directory has one writer: `LogDir::open` takes an exclusive lock on it.
 
 pub mod capture;
+pub mod control;
 pub mod logdir;
+pub mod marks;
 pub mod replay;
 
 pub use capture::CaptureDevice;
 pub use logdir::{LogDir, LogDirError};
+pub use marks::{Hooks, MarkOutcome};
 pub use replay::{ReplayReport, ReplayTo, replay};

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use boomerang_agent::{CaptureDevice, LogDir, ReplayTo, logdir};
+use boomerang_agent::{CaptureDevice, Hooks, LogDir, ReplayTo, control, logdir, marks};
 use boomerang_core::DiskName;
 use boomerang_core::log::{MarkKind, Op, SegmentReader};
 use boomerang_nbd::server::{ListenAddr, Listener};
@@ -41,6 +41,18 @@ struct RunArgs {
     /// Size limit of one log segment.
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     segment_size: u64,
+    /// Seconds between app-consistent marks (0: only on request with `agent mark --app`).
+    #[arg(long, default_value_t = 0.0)]
+    app_mark_interval: f64,
+    /// Command (run with sh -c) that quiesces the application before an app-consistent mark.
+    #[arg(long)]
+    freeze_hook: Option<String>,
+    /// Command that resumes the application after the mark.
+    #[arg(long)]
+    thaw_hook: Option<String>,
+    /// Seconds a hook may run before it is stopped and the mark falls back to crash-consistent.
+    #[arg(long, default_value_t = 30.0)]
+    hook_timeout: f64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -48,6 +60,15 @@ enum AgentCommand {
     /// Inspect or replay a write log.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Ask the running agent for a consistency mark now.
+    Mark {
+        /// The running agent's log directory.
+        #[arg(long)]
+        log_dir: PathBuf,
+        /// An app-consistent mark, between the freeze and thaw hooks.
+        #[arg(long)]
+        app: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -104,6 +125,27 @@ pub async fn run(args: AgentArgs, output: Output) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Some(AgentCommand::Mark { log_dir, app }) => {
+            let reply =
+                control::request(&log_dir, if app { "mark app" } else { "mark crash" }).await?;
+            if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
+                anyhow::bail!("{e}");
+            }
+            if output == Output::Json {
+                print_json(&reply)?;
+            } else {
+                println!(
+                    "mark {} ({}) at seq {}",
+                    reply["id"],
+                    reply["kind"].as_str().unwrap_or("?"),
+                    reply["seq"]
+                );
+                for w in reply["warnings"].as_array().into_iter().flatten() {
+                    eprintln!("warning: {}", w.as_str().unwrap_or_default());
+                }
+            }
+            Ok(0)
+        }
         None => serve(args.run).await,
     }
 }
@@ -138,37 +180,45 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     // The first line of stdout is the address, for scripts and tests.
     println!("listening on {}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let marks = (args.mark_interval > 0.0).then(|| {
-        let log = log.clone();
-        let every = Duration::from_secs_f64(args.mark_interval);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
+    let hooks = Hooks {
+        freeze: args.freeze_hook.clone(),
+        thaw: args.thaw_hook.clone(),
+        timeout: Duration::from_secs_f64(args.hook_timeout.max(0.1)),
+    };
+    let mut background = Vec::new();
+    for (every, kind) in [
+        (args.mark_interval, MarkKind::Crash),
+        (args.app_mark_interval, MarkKind::App),
+    ] {
+        if every <= 0.0 {
+            continue;
+        }
+        let (log, hooks) = (log.clone(), hooks.clone());
+        background.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(every));
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let log = log.clone();
-                let marked = tokio::task::spawn_blocking(move || {
-                    let mut log = log
-                        .lock()
-                        .map_err(|_| anyhow::anyhow!("log lock poisoned"))?;
-                    log.mark(MarkKind::Crash)?;
-                    log.sync()?;
-                    anyhow::Ok(())
-                })
-                .await;
-                if let Ok(Err(e)) | Err(e) = marked.map_err(anyhow::Error::from) {
-                    tracing::warn!(error = %e, "could not insert a crash-consistent mark");
+                if let Err(e) = marks::mark(&log, kind, &hooks).await {
+                    tracing::warn!(error = %e, "could not insert a {kind:?} mark");
                 }
             }
-        })
-    });
+        }));
+    }
+    // The control socket: we hold the log directory's lock, so an old socket file is stale.
+    let sock = control::socket_path(&log_dir);
+    let _ = std::fs::remove_file(&sock);
+    let control = tokio::net::UnixListener::bind(&sock)
+        .with_context(|| format!("could not create the control socket {}", sock.display()))?;
+    background.push(tokio::spawn(control::serve(control, log.clone(), hooks)));
     let serving = tokio::spawn(async move { server.serve(listener, stopped).await });
     shutdown_signal().await;
     let _ = stop.send(true);
     let _ = serving.await;
-    if let Some(m) = marks {
-        m.abort();
+    for task in background {
+        task.abort();
     }
+    let _ = std::fs::remove_file(&sock);
     let mut log = log
         .lock()
         .map_err(|_| anyhow::anyhow!("log lock poisoned"))?;

@@ -291,3 +291,276 @@ fn one_log_directory_one_agent() {
     );
     first.stop();
 }
+
+/// A bare NBD client: handshake with NBD_OPT_EXPORT_NAME, then simple-reply requests.
+struct RawClient(std::net::TcpStream);
+
+impl RawClient {
+    fn connect(addr: &str, export: &str) -> RawClient {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).unwrap();
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut opt = b"IHAVEOPT".to_vec();
+        opt.extend_from_slice(&1u32.to_be_bytes());
+        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        opt.extend_from_slice(export.as_bytes());
+        s.write_all(&opt).unwrap();
+        let mut info = [0u8; 10];
+        s.read_exact(&mut info).unwrap();
+        RawClient(s)
+    }
+
+    /// Writes and waits for the reply; `Err` when the connection is gone.
+    fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) -> std::io::Result<u32> {
+        use std::io::{Read, Write};
+        let mut b = Vec::with_capacity(28 + data.len());
+        b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&1u16.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.0.write_all(&b)?;
+        let mut reply = [0u8; 16];
+        self.0.read_exact(&mut reply)?;
+        Ok(u32::from_be_bytes([reply[4], reply[5], reply[6], reply[7]]))
+    }
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    let log = dir.path().join("log");
+    const BLOCKS: u64 = 16384;
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(BLOCKS * 4096)
+        .unwrap();
+    let base = dir.path().join("base.img");
+    std::fs::copy(&disk, &base).unwrap();
+
+    let mut agent = Agent::start(
+        &disk,
+        &log,
+        &["--mark-interval", "0.05", "--segment-size", "1MiB"],
+    );
+    let mut client = RawClient::connect(&agent.addr, "d0");
+    let writer = std::thread::spawn(move || {
+        // Block i gets the pattern i, each block written once, one write at a time.
+        let mut acked = 0u64;
+        for i in 0..BLOCKS {
+            let data: Vec<u8> = (0..512).flat_map(|_| (i + 1).to_le_bytes()).collect();
+            match client.write(i, i * 4096, &data) {
+                Ok(0) => acked = i + 1,
+                Ok(err) => panic!("write {i} failed with errno {err}"),
+                Err(_) => break,
+            }
+        }
+        acked
+    });
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let pid = agent.child.id().to_string();
+    Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+    let _ = agent.child.wait();
+    let acked = writer.join().unwrap();
+    assert!(
+        acked > 100 && acked < BLOCKS,
+        "the kill must land mid-run (acked {acked})"
+    );
+
+    // The log as it is after the crash, replayed onto the starting image.
+    let replayed = dir.path().join("replayed.img");
+    boomerang(&[
+        "agent",
+        "log",
+        "replay",
+        log.to_str().unwrap(),
+        "--disk",
+        "d0",
+        "--base",
+        base.to_str().unwrap(),
+        "--out",
+        replayed.to_str().unwrap(),
+    ]);
+    let live = std::fs::read(&disk).unwrap();
+    let again = std::fs::read(&replayed).unwrap();
+    for i in 0..BLOCKS {
+        let range = (i * 4096) as usize..((i + 1) * 4096) as usize;
+        let want: Vec<u8> = (0..512).flat_map(|_| (i + 1).to_le_bytes()).collect();
+        if i < acked {
+            assert!(
+                live[range.clone()] == want[..],
+                "acknowledged block {i} is not on the disk"
+            );
+            assert!(
+                again[range] == want[..],
+                "acknowledged block {i} is not in the log"
+            );
+        } else if i > acked {
+            assert!(
+                live[range.clone()].iter().all(|&b| b == 0) && again[range].iter().all(|&b| b == 0),
+                "block {i} was never written"
+            );
+        }
+    }
+
+    // The agent starts again on the same log (cutting a torn tail if there is one).
+    let restarted = Agent::start(&disk, &log, &[]);
+    restarted.stop();
+}
+
+#[test]
+fn app_marks_run_the_hooks_and_fall_back_to_crash_marks() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let log = dir.path().join("log");
+    let journal = dir.path().join("hooks.txt");
+    let record = |word: &str| format!("echo {word} >> {}", journal.display());
+    let mark = |app: bool| -> Value {
+        let mut args = vec![
+            "agent",
+            "mark",
+            "--log-dir",
+            log.to_str().unwrap(),
+            "--output",
+            "json",
+        ];
+        if app {
+            args.push("--app");
+        }
+        serde_json::from_str(&boomerang(&args)).unwrap()
+    };
+
+    // Hooks that work: an app-consistent mark between freeze and thaw.
+    let agent = Agent::start(
+        &disk,
+        &log,
+        &[
+            "--mark-interval",
+            "0",
+            "--freeze-hook",
+            &record("frozen"),
+            "--thaw-hook",
+            &record("thawed"),
+        ],
+    );
+    let m = mark(true);
+    assert_eq!(m["kind"], "app", "{m}");
+    assert_eq!(
+        std::fs::read_to_string(&journal).unwrap(),
+        "frozen\nthawed\n"
+    );
+    let c = mark(false);
+    assert_eq!(c["kind"], "crash");
+    assert_eq!(
+        std::fs::read_to_string(&journal).unwrap(),
+        "frozen\nthawed\n",
+        "crash marks run no hooks"
+    );
+    agent.stop();
+
+    // A failing freeze hook: a crash-consistent mark, a warning, and the thaw still runs.
+    let agent = Agent::start(
+        &disk,
+        &log,
+        &[
+            "--mark-interval",
+            "0",
+            "--freeze-hook",
+            "echo no >&2; exit 3",
+            "--thaw-hook",
+            &record("thawed-after-failure"),
+        ],
+    );
+    let m = mark(true);
+    assert_eq!(m["kind"], "crash", "{m}");
+    assert!(m["warnings"][0].as_str().unwrap().contains("failed"), "{m}");
+    assert!(
+        std::fs::read_to_string(&journal)
+            .unwrap()
+            .ends_with("thawed-after-failure\n")
+    );
+    agent.stop();
+
+    // A hanging freeze hook is stopped after the timeout; the mark is not stuck.
+    let agent = Agent::start(
+        &disk,
+        &log,
+        &[
+            "--mark-interval",
+            "0",
+            "--freeze-hook",
+            "sleep 30",
+            "--hook-timeout",
+            "0.5",
+        ],
+    );
+    let started = std::time::Instant::now();
+    let m = mark(true);
+    assert_eq!(m["kind"], "crash", "{m}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "a hanging hook blocked the mark"
+    );
+    agent.stop();
+
+    // The marks are in the log, ids continuing across restarts, and replay finds them.
+    let inspect: Value = serde_json::from_str(&boomerang(&[
+        "agent",
+        "log",
+        "inspect",
+        log.to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let kinds: Vec<&str> = inspect["marks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["app", "crash", "crash", "crash"]);
+    let ids: Vec<u64> = inspect["marks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 2, 3, 4]);
+    let out = dir.path().join("at-mark.img");
+    boomerang(&[
+        "agent",
+        "log",
+        "replay",
+        log.to_str().unwrap(),
+        "--disk",
+        "d0",
+        "--base",
+        disk.to_str().unwrap(),
+        "--to",
+        "mark:2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+
+    // No agent: a clear error.
+    let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args(["agent", "mark", "--log-dir", log.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no agent is running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

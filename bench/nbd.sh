@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Benchmark of the agent's NBD path with write capture on, against nbdkit (file plugin) and
+# qemu-nbd serving the same image file, in one run, with the same fio jobs (nbd engine):
+#   4 KiB random write at queue depth 16, 1 MiB sequential write, 4 KiB random read.
+# Also the agent's peak RSS. Usage: bench/nbd.sh [SECONDS_PER_JOB] [IMAGE_GIB]
+# Needs: fio (with its nbd engine), nbdkit, qemu-nbd (qemu-utils), python3.
+# With WRITE_DOCS=1 the table goes into docs/benchmarks.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-15}
+gib=${2:-1}
+for tool in fio nbdkit qemu-nbd python3; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install fio nbdkit qemu-utils python3" >&2; exit 1; }
+done
+cargo build --release -q
+bin=$PWD/target/release/boomerang
+work=${BENCH_DIR:-$(mktemp -d /var/tmp/boomerang-nbd-bench.XXXXXX)}
+server_pid=
+cleanup() {
+  if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+image=$work/disk.img
+log() { printf '== %s\n' "$*" >&2; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "server did not listen on $1" >&2; exit 1; }
+
+jobs=(
+  "randwrite-4k-qd16 --rw=randwrite --bs=4k --iodepth=16"
+  "seqwrite-1m --rw=write --bs=1M --iodepth=4"
+  "randread-4k-qd16 --rw=randread --bs=4k --iodepth=16"
+)
+
+start_server() {
+  local name=$1 port=$2
+  rm -f "$image"; rm -rf "$work/log"
+  # A fully allocated image with data, the same for every server.
+  head -c "$((gib << 30))" /dev/urandom >"$image"
+  sync
+  case $name in
+    agent) "$bin" agent --disk bench="$image" --listen "127.0.0.1:$port" --log-dir "$work/log" --segment-size 256MiB >/dev/null 2>"$work/agent.err" & ;;
+    nbdkit) nbdkit --foreground --exit-with-parent -i 127.0.0.1 -p "$port" file "$image" & ;;
+    qemu-nbd) qemu-nbd -f raw -b 127.0.0.1 -p "$port" -x bench -e 16 --persistent --cache=writeback --aio=threads "$image" & ;;
+  esac
+  server_pid=$!
+  wait_port "$port"
+}
+
+stop_server() {
+  kill "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=
+}
+
+for server in agent nbdkit qemu-nbd; do
+  for job in "${jobs[@]}"; do
+    set -- $job
+    name=$1; shift
+    port=$(free_port)
+    log "$server: $name"
+    start_server "$server" "$port"
+    fio --name="$name" --ioengine=nbd --uri="nbd://127.0.0.1:$port/bench" "$@" \
+      --size="${gib}G" --time_based --runtime="$secs" --ramp_time=2 --randseed=1 \
+      --output-format=json >"$work/$server-$name.json"
+    if [ "$server" = agent ]; then
+      awk '/VmHWM/ {print $2}' "/proc/$server_pid/status" >"$work/agent-$name.rss"
+    fi
+    stop_server
+  done
+done
+
+python3 - "$work" "$secs" "$gib" <<'PY' | tee "$work/report.md"
+import json, sys
+work, secs, gib = sys.argv[1], sys.argv[2], sys.argv[3]
+jobs = ["randwrite-4k-qd16", "seqwrite-1m", "randread-4k-qd16"]
+def result(server, job):
+    j = json.load(open(f"{work}/{server}-{job}.json"))["jobs"][0]
+    side = j["read"] if "read" in job else j["write"]
+    return side["iops"], side["bw"] / 1024
+print(f"fio nbd engine, {secs} s per job after 2 s ramp, {gib} GiB image file of random data; one server at a time on 127.0.0.1.")
+print()
+print("| job | agent (capture on) | nbdkit file | qemu-nbd | agent / faster peer | target |")
+print("| --- | --- | --- | --- | --- | --- |")
+rss = 0
+for job in jobs:
+    a, n, q = (result(s, job) for s in ("agent", "nbdkit", "qemu-nbd"))
+    best = max(n[0], q[0])
+    fmt = lambda r: f"{r[0]:,.0f} IOPS, {r[1]:,.0f} MiB/s"
+    print(f"| {job} | {fmt(a)} | {fmt(n)} | {fmt(q)} | {a[0]/best:.2f}x | >= 0.9x |")
+    rss = max(rss, int(open(f"{work}/agent-{job}.rss").read().strip() or 0))
+print()
+print(f"Agent peak RSS over the jobs: {rss/1024:.0f} MiB (target < 64 MiB).")
+PY
+if [ "${WRITE_DOCS:-0}" = 1 ]; then
+  python3 - "$work/report.md" <<'PY'
+import re, sys, datetime, os
+report = open(sys.argv[1]).read()
+path = "docs/benchmarks.md"
+doc = open(path).read()
+section = f"## NBD with write capture (`bench/nbd.sh`)\n\nRun on {datetime.date.today()} ({os.cpu_count()} cores).\n\n{report}\n"
+if "## NBD with write capture" in doc:
+    doc = re.sub(r"## NBD with write capture \(`bench/nbd.sh`\).*?(?=\n## |\Z)", lambda m: section.rstrip("\n"), doc, flags=re.S)
+else:
+    doc = doc.rstrip("\n") + "\n\n" + section
+open(path, "w").write(doc.rstrip("\n") + "\n")
+PY
+fi
