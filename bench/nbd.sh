@@ -75,7 +75,9 @@ import json, sys
 work, secs, gib = sys.argv[1], sys.argv[2], sys.argv[3]
 jobs = ["randwrite-4k-qd16", "seqwrite-1m", "randread-4k-qd16"]
 def result(server, job):
-    j = json.load(open(f"{work}/{server}-{job}.json"))["jobs"][0]
+    text = open(f"{work}/{server}-{job}.json").read()
+    # fio may print notes before its JSON.
+    j = json.loads(text[text.index("{"):])["jobs"][0]
     side = j["read"] if "read" in job else j["write"]
     return side["iops"], side["bw"] / 1024
 print(f"fio nbd engine, {secs} s per job after 2 s ramp, {gib} GiB image file of random data; one server at a time on 127.0.0.1.")

@@ -8,21 +8,37 @@ use boomerang_core::DiskName;
 use boomerang_core::log::Op;
 use boomerang_nbd::{BlockDevice, Extent, FileDevice};
 
+use crate::bitmap::DirtyBitmap;
 use crate::logdir::{LogDir, LogDirError};
 
 /// The largest write record; longer NBD writes are split (segments hold at least 1 MiB).
 pub const RECORD_PIECE: usize = 256 * 1024;
 
-/// A protected disk whose changes go to the write log first.
+/// A protected disk whose changes go to the write log first (or, once the log is capped, to
+/// the disk's dirty-block bitmap).
 pub struct CaptureDevice {
     disk: DiskName,
     inner: FileDevice,
     log: Arc<Mutex<LogDir>>,
+    bitmap: Mutex<DirtyBitmap>,
 }
 
 impl CaptureDevice {
-    pub fn new(disk: DiskName, inner: FileDevice, log: Arc<Mutex<LogDir>>) -> Self {
-        CaptureDevice { disk, inner, log }
+    /// Wraps `inner`; its bitmap lives beside the log (`dirty-<disk>.bitmap`).
+    pub fn new(disk: DiskName, inner: FileDevice, log: Arc<Mutex<LogDir>>) -> io::Result<Self> {
+        let path = {
+            let log = log
+                .lock()
+                .map_err(|_| io::Error::other("the write log lock is poisoned"))?;
+            bitmap_path(log.dir(), &disk)
+        };
+        let bitmap = Mutex::new(DirtyBitmap::open(&path, inner.size())?);
+        Ok(CaptureDevice {
+            disk,
+            inner,
+            log,
+            bitmap,
+        })
     }
 
     fn log(&self) -> io::Result<MutexGuard<'_, LogDir>> {
@@ -30,6 +46,39 @@ impl CaptureDevice {
             .lock()
             .map_err(|_| io::Error::other("the write log lock is poisoned"))
     }
+
+    fn bitmap(&self) -> io::Result<MutexGuard<'_, DirtyBitmap>> {
+        self.bitmap
+            .lock()
+            .map_err(|_| io::Error::other("the bitmap lock is poisoned"))
+    }
+
+    /// Records a change: in the log, or in the bitmap once the log is capped. Called with the
+    /// log lock held, so the order is the disk's.
+    fn record(&self, log: &mut LogDir, op: Op, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        match log.append(op) {
+            Ok(_) => {
+                if fua {
+                    log.sync().map_err(log_error)?;
+                }
+                Ok(())
+            }
+            Err(LogDirError::Capped { .. }) => {
+                let mut bitmap = self.bitmap()?;
+                bitmap.mark(offset, len)?;
+                if fua {
+                    bitmap.sync()?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(log_error(e)),
+        }
+    }
+}
+
+/// Where the dirty-block bitmap of `disk` lives.
+pub fn bitmap_path(log_dir: &std::path::Path, disk: &DiskName) -> std::path::PathBuf {
+    log_dir.join(format!("dirty-{disk}.bitmap"))
 }
 
 fn log_error(e: LogDirError) -> io::Error {
@@ -58,47 +107,48 @@ impl BlockDevice for CaptureDevice {
         let mut log = self.log()?;
         // Large writes become several records; the lock keeps a mark from falling between them.
         for (k, piece) in data.chunks(RECORD_PIECE).enumerate() {
-            log.append(Op::Write {
+            let at = offset + (k * RECORD_PIECE) as u64;
+            let op = Op::Write {
                 disk: self.disk.clone(),
-                offset: offset + (k * RECORD_PIECE) as u64,
+                offset: at,
                 data: piece.to_vec(),
-            })
-            .map_err(log_error)?;
-        }
-        if fua {
-            log.sync().map_err(log_error)?;
+            };
+            self.record(&mut log, op, at, piece.len() as u64, fua)?;
         }
         self.inner.write_at(data, offset, fua)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
         let mut log = self.log()?;
-        log.append(Op::Zero {
+        let op = Op::Zero {
             disk: self.disk.clone(),
             offset,
             len,
-        })
-        .map_err(log_error)?;
-        if fua {
-            log.sync().map_err(log_error)?;
-        }
+        };
+        self.record(&mut log, op, offset, len, fua)?;
         self.inner.write_zeroes(offset, len, may_trim, fua)
     }
 
     /// Trimmed ranges read back as zeros, on the disk and in a replay alike.
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut log = self.log()?;
-        log.append(Op::Trim {
+        let op = Op::Trim {
             disk: self.disk.clone(),
             offset,
             len,
-        })
-        .map_err(log_error)?;
+        };
+        self.record(&mut log, op, offset, len, false)?;
         self.inner.write_zeroes(offset, len, true, false)
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.log()?.sync().map_err(log_error)?;
+        {
+            let mut log = self.log()?;
+            if !log.is_capped() {
+                log.sync().map_err(log_error)?;
+            }
+        }
+        self.bitmap()?.sync()?;
         self.inner.flush()
     }
 

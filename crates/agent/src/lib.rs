@@ -17,6 +17,7 @@
 //! - FUA and FLUSH make the log durable before the disk, and both before the reply.
 //! - The log directory has one writer: `LogDir::open` takes an exclusive lock on it.
 
+pub mod bitmap;
 pub mod capture;
 pub mod control;
 pub mod logdir;

@@ -30,6 +30,10 @@ pub enum LogDirError {
     Locked { dir: PathBuf },
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error(
+        "the write log in {dir} reached its cap of {cap} bytes (--log-max): changes are tracked in dirty-block bitmaps until the disk is resynced"
+    )]
+    Capped { dir: PathBuf, cap: u64 },
     #[error("a segment size of {0} bytes is too small: use at least 1 MiB")]
     SegmentTooSmall(u64),
     #[error(
@@ -45,6 +49,10 @@ pub struct LogDir {
     writer: SegmentWriter,
     next_seq: Seq,
     next_mark: u64,
+    /// Bytes in all segments.
+    total: u64,
+    cap: Option<u64>,
+    capped: bool,
     _lock: Flock<File>,
 }
 
@@ -101,14 +109,54 @@ impl LogDir {
                 (w, next, next_mark)
             }
         };
+        let total = segments(dir)
+            .map_err(io)?
+            .iter()
+            .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+            .sum();
         Ok(LogDir {
             dir: dir.to_path_buf(),
             max_segment,
             writer,
             next_seq,
             next_mark,
+            total,
+            cap: None,
+            capped: false,
             _lock: lock,
         })
+    }
+
+    /// Bounds the log: past `cap` bytes, appends fail with [`LogDirError::Capped`] and the
+    /// caller tracks changes in a bitmap instead.
+    pub fn with_cap(mut self, cap: Option<u64>) -> Self {
+        self.cap = cap;
+        self
+    }
+
+    /// Whether the log stopped taking records (cap reached or volume full).
+    pub fn is_capped(&self) -> bool {
+        self.capped
+    }
+
+    /// Bytes in all segments.
+    pub fn total_bytes(&self) -> u64 {
+        self.total
+    }
+
+    fn cap_now(&mut self) -> LogDirError {
+        if !self.capped {
+            self.capped = true;
+            tracing::warn!(
+                dir = %self.dir.display(),
+                last_seq = self.next_seq.0.saturating_sub(1),
+                "the write log stopped at its cap or a full volume; changed blocks are tracked in dirty-block bitmaps from now on (RPO alert)"
+            );
+        }
+        LogDirError::Capped {
+            dir: self.dir.clone(),
+            cap: self.cap.unwrap_or(self.total),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -122,11 +170,30 @@ impl LogDir {
 
     /// Appends one record (not yet durable; see [`LogDir::sync`]) and returns its sequence.
     pub fn append(&mut self, op: Op) -> Result<Seq, LogDirError> {
+        match self.append_inner(op) {
+            // The volume is full: stop logging rather than refuse the machine's writes.
+            Err(LogDirError::Log(LogError::Io { source, .. }))
+                if source.raw_os_error() == Some(28) =>
+            {
+                Err(self.cap_now())
+            }
+            other => other,
+        }
+    }
+
+    fn append_inner(&mut self, op: Op) -> Result<Seq, LogDirError> {
         let record = Record {
             seq: self.next_seq,
             op,
         };
-        if let AppendOutcome::Full = self.writer.append(&record)? {
+        let need = record.encoded_len() as u64 + 64;
+        if self.capped || self.cap.is_some_and(|c| self.total + need > c) {
+            return Err(self.cap_now());
+        }
+        let before = self.writer.size();
+        let appended = self.writer.append(&record)?;
+        let rolled = matches!(appended, AppendOutcome::Full);
+        if rolled {
             self.writer.sync()?;
             self.writer = SegmentWriter::create(
                 segment_path(&self.dir, record.seq),
@@ -140,6 +207,11 @@ impl LogDir {
                 });
             }
         }
+        self.total += if rolled {
+            self.writer.size()
+        } else {
+            self.writer.size() - before
+        };
         self.next_seq = Seq(record.seq.0 + 1);
         Ok(record.seq)
     }

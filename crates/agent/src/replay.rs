@@ -62,6 +62,15 @@ pub enum ReplayError {
     },
     #[error("mark {0} is not in the log: list the marks with `boomerang agent log inspect`")]
     NoSuchMark(u64),
+    #[error(
+        "the log of disk {disk} is incomplete: {blocks} blocks changed after seq {last} are tracked only in {bitmap} (the log reached its cap); replay to an earlier mark or seq:N, or resync the disk"
+    )]
+    Incomplete {
+        disk: String,
+        blocks: u64,
+        last: u64,
+        bitmap: String,
+    },
 }
 
 /// Copies `base` to `out` and applies the records of `disk` from the log in `log_dir`.
@@ -127,6 +136,21 @@ pub fn replay(
             seq = s.0,
             "the log ends before the requested sequence number; replayed all of it"
         );
+    }
+    if to == ReplayTo::Latest {
+        let bitmap = crate::capture::bitmap_path(log_dir, disk);
+        if let Some((_, blocks)) = crate::bitmap::DirtyBitmap::inspect(&bitmap).map_err(io)?
+            && blocks > 0
+        {
+            drop(file);
+            let _ = std::fs::remove_file(out);
+            return Err(ReplayError::Incomplete {
+                disk: disk.to_string(),
+                blocks,
+                last: report.last_seq.unwrap_or(0),
+                bitmap: bitmap.display().to_string(),
+            });
+        }
     }
     if let (ReplayTo::Mark(m), false) = (to, reached) {
         drop(file);

@@ -38,6 +38,9 @@ struct RunArgs {
     /// Seconds between crash-consistent marks (0: none).
     #[arg(long, default_value_t = 5.0)]
     mark_interval: f64,
+    /// Cap on the write log; past it the agent tracks changed blocks in a bitmap instead.
+    #[arg(long, default_value = "8GiB", value_parser = parse_size)]
+    log_max: u64,
     /// Size limit of one log segment.
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     segment_size: u64,
@@ -157,7 +160,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     let log_dir = args
         .log_dir
         .context("give the agent a write log directory with --log-dir DIR")?;
-    let log = Arc::new(Mutex::new(LogDir::open(&log_dir, args.segment_size)?));
+    let log = Arc::new(Mutex::new(
+        LogDir::open(&log_dir, args.segment_size)?.with_cap(Some(args.log_max)),
+    ));
     let mut exports = Vec::new();
     for (name, path) in &args.disks {
         let dev = FileDevice::open(path, false).with_context(|| {
@@ -169,7 +174,14 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         exports.push(Export {
             name: name.to_string(),
             description: format!("protected disk {name}"),
-            device: Arc::new(CaptureDevice::new(name.clone(), dev, log.clone())),
+            device: Arc::new(
+                CaptureDevice::new(name.clone(), dev, log.clone()).with_context(|| {
+                    format!(
+                        "could not open the dirty-block bitmap of disk {name} in {}",
+                        log_dir.display()
+                    )
+                })?,
+            ),
             read_only: false,
         });
     }
@@ -298,8 +310,27 @@ fn inspect(dir: &std::path::Path, output: Output) -> anyhow::Result<i32> {
         info.end = reader.end().map_or("unknown".into(), |e| format!("{e:?}"));
         segs.push(info);
     }
+    let mut bitmaps = Vec::new();
+    for entry in std::fs::read_dir(dir)
+        .with_context(|| format!("could not read log directory {}", dir.display()))?
+    {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        if let Some(disk) = name
+            .strip_prefix("dirty-")
+            .and_then(|n| n.strip_suffix(".bitmap"))
+            && let Some((size, dirty)) = boomerang_agent::bitmap::DirtyBitmap::inspect(&path)?
+        {
+            bitmaps.push(serde_json::json!({ "disk": disk, "path": path, "disk_size": size, "dirty_blocks": dirty }));
+        }
+    }
+    bitmaps.sort_by(|a, b| a["disk"].as_str().cmp(&b["disk"].as_str()));
     if output == Output::Json {
-        print_json(&serde_json::json!({ "segments": segs, "marks": marks }))?;
+        print_json(&serde_json::json!({ "segments": segs, "marks": marks, "bitmaps": bitmaps }))?;
     } else {
         let mut t = Table::new(&["SEGMENT", "FIRST", "LAST", "RECORDS", "WRITES", "WRITTEN"]);
         for s in &segs {

@@ -564,3 +564,116 @@ fn app_marks_run_the_hooks_and_fall_back_to_crash_marks() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn past_its_cap_the_log_hands_over_to_the_bitmap() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let base = dir.path().join("base.img");
+    std::fs::copy(&disk, &base).unwrap();
+    let log = dir.path().join("log");
+    let agent = Agent::start(
+        &disk,
+        &log,
+        &[
+            "--log-max",
+            "2MiB",
+            "--segment-size",
+            "1MiB",
+            "--mark-interval",
+            "0",
+        ],
+    );
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x11 0 1M", &agent.uri()],
+    );
+    let before_cap = last_seq(&log);
+    let at_cap = dir.path().join("at-cap.img");
+    std::fs::copy(&disk, &at_cap).unwrap();
+    // Past the cap every write still succeeds and reads back.
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x22 1M 6M",
+            "-c",
+            "read -P 0x22 1M 6M",
+            "-c",
+            "flush",
+            &agent.uri(),
+        ],
+    );
+    agent.stop();
+
+    let inspect: Value = serde_json::from_str(&boomerang(&[
+        "agent",
+        "log",
+        "inspect",
+        log.to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let dirty = inspect["bitmaps"][0]["dirty_blocks"].as_u64().unwrap();
+    assert!(dirty > 0, "{inspect}");
+    let logged: u64 = std::fs::read_dir(&log)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        logged <= 2 << 20,
+        "the log grew past its cap: {logged} bytes"
+    );
+
+    // Replay to the end would be wrong, so it is refused; up to the cap it is exact.
+    let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args([
+            "agent",
+            "log",
+            "replay",
+            log.to_str().unwrap(),
+            "--disk",
+            "d0",
+            "--base",
+            base.to_str().unwrap(),
+            "--out",
+            dir.path().join("x.img").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("incomplete"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replayed = dir.path().join("replayed.img");
+    let to = format!("seq:{before_cap}");
+    boomerang(&[
+        "agent",
+        "log",
+        "replay",
+        log.to_str().unwrap(),
+        "--disk",
+        "d0",
+        "--base",
+        base.to_str().unwrap(),
+        "--to",
+        &to,
+        "--out",
+        replayed.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&replayed).unwrap() == std::fs::read(&at_cap).unwrap());
+}

@@ -1,5 +1,7 @@
-//! The transmission phase: a reader parses requests and hands each to its own task (at most
-//! [`IN_FLIGHT`] at once); a writer sends replies as they complete, matched by cookie.
+//! The transmission phase: a reader parses requests and hands each to its own task; a writer
+//! sends replies as they complete, matched by cookie. At most [`IN_FLIGHT`] requests and
+//! [`BYTES_IN_FLIGHT`] bytes of payload are held per connection, so memory stays bounded
+//! whatever the client sends.
 
 use std::io;
 use std::sync::Arc;
@@ -12,6 +14,15 @@ use crate::proto::*;
 
 /// Requests served concurrently per connection.
 pub const IN_FLIGHT: usize = 64;
+/// Payload bytes (write data and read buffers) held at once per connection.
+pub const BYTES_IN_FLIGHT: u32 = 32 * 1024 * 1024;
+/// Accounting unit of the byte budget.
+const UNIT: u32 = 64 * 1024;
+const UNITS: u32 = BYTES_IN_FLIGHT / UNIT;
+/// Permits of the connection's semaphore: one per request slot plus the byte budget's units.
+fn permits(len: u32) -> u32 {
+    1 + len.div_ceil(UNIT).min(UNITS)
+}
 
 /// What a finished request sends back.
 enum Outcome {
@@ -40,10 +51,11 @@ where
         wr.shutdown().await
     });
     let session = Arc::new(session);
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let total = IN_FLIGHT as u32 + UNITS;
+    let slots = Arc::new(Semaphore::new(total as usize));
     let result = read_requests(&mut rd, &session, &slots, &tx).await;
     // Let the requests in flight finish and reply, then close.
-    let _ = slots.acquire_many(IN_FLIGHT as u32).await;
+    let _ = slots.acquire_many(total).await;
     drop(tx);
     let written = writer.await.map_err(io::Error::other)?;
     result.and(written)
@@ -68,6 +80,17 @@ async fn read_requests<R: AsyncRead + Unpin>(
         if req.kind == CMD_DISC {
             return Ok(());
         }
+        // Room for this request, taken before its payload is read or allocated. A READ over the
+        // limit holds no buffer (it is refused), so it needs no budget.
+        let budget = match req.kind {
+            CMD_WRITE | CMD_READ if req.length <= MAX_PAYLOAD => permits(req.length),
+            _ => 1,
+        };
+        let permit = slots
+            .clone()
+            .acquire_many_owned(budget)
+            .await
+            .map_err(io::Error::other)?;
         let mut payload = Vec::new();
         if req.kind == CMD_WRITE {
             if req.length > MAX_PAYLOAD {
@@ -83,11 +106,6 @@ async fn read_requests<R: AsyncRead + Unpin>(
             payload = vec![0u8; req.length as usize];
             rd.read_exact(&mut payload).await?;
         }
-        let permit = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(io::Error::other)?;
         if let Some(err) = check(session, &req, size) {
             let _ = tx.send(reply_bytes(session, &req, Outcome::Err(err))).await;
             continue;

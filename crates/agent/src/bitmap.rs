@@ -1,0 +1,189 @@
+//! The dirty-block bitmap the agent falls back to when its write log reaches its cap (or its
+//! volume fills up): one bit per block of the disk, set before the write is acknowledged, so
+//! the blocks to resend are known exactly even though their data is not in the log.
+//!
+//! File `dirty-<disk>.bitmap` in the log directory, fully allocated when the agent starts (so
+//! it never needs space later):
+//! ```text
+//! 0  8  magic "BMRGDIRT"     8  2  version = 1 (u16 LE)    10  2  reserved, zero
+//! 12 4  block size (u32 LE)  16 8  disk size (u64 LE)      24  8  reserved, zero
+//! 32 .. one bit per block, block i = byte i/8, bit i%8 (least significant first)
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"BMRGDIRT";
+const HEADER_LEN: u64 = 32;
+/// Granularity of the bitmap.
+pub const BLOCK: u64 = 64 * 1024;
+
+pub struct DirtyBitmap {
+    file: File,
+    path: PathBuf,
+    bits: Vec<u8>,
+    block: u64,
+}
+
+impl DirtyBitmap {
+    /// Opens the bitmap at `path`, creating and allocating it for a disk of `size` bytes.
+    pub fn open(path: &Path, size: u64) -> io::Result<Self> {
+        let nbytes = size.div_ceil(BLOCK).div_ceil(8);
+        let bad = |what: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "dirty-block bitmap {} {what}: move it aside and resync the disk",
+                    path.display()
+                ),
+            )
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        let mut bits = vec![0u8; nbytes as usize];
+        if len == 0 {
+            let mut header = [0u8; HEADER_LEN as usize];
+            header[..8].copy_from_slice(MAGIC);
+            header[8..10].copy_from_slice(&1u16.to_le_bytes());
+            header[12..16].copy_from_slice(&(BLOCK as u32).to_le_bytes());
+            header[16..24].copy_from_slice(&size.to_le_bytes());
+            file.write_all_at(&header, 0)?;
+            // Real zeros, not a hole: the space is taken now, while there is some.
+            file.write_all_at(&bits, HEADER_LEN)?;
+            file.sync_all()?;
+        } else {
+            let mut header = [0u8; HEADER_LEN as usize];
+            file.read_exact_at(&mut header, 0)
+                .map_err(|_| bad("is truncated"))?;
+            if &header[..8] != MAGIC || header[8..10] != 1u16.to_le_bytes() {
+                return Err(bad("has no valid header"));
+            }
+            if header[12..16] != (BLOCK as u32).to_le_bytes()
+                || header[16..24] != size.to_le_bytes()
+            {
+                return Err(bad("was made for a disk of another size"));
+            }
+            file.read_exact_at(&mut bits, HEADER_LEN)
+                .map_err(|_| bad("is truncated"))?;
+        }
+        Ok(DirtyBitmap {
+            file,
+            path: path.to_path_buf(),
+            bits,
+            block: BLOCK,
+        })
+    }
+
+    /// Disk size and dirty blocks of the bitmap at `path`, or `None` if there is none.
+    pub fn inspect(path: &Path) -> io::Result<Option<(u64, u64)>> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if bytes.len() < HEADER_LEN as usize || &bytes[..8] != MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a dirty-block bitmap", path.display()),
+            ));
+        }
+        let mut size = [0u8; 8];
+        size.copy_from_slice(&bytes[16..24]);
+        let dirty = bytes[HEADER_LEN as usize..]
+            .iter()
+            .map(|b| u64::from(b.count_ones()))
+            .sum();
+        Ok(Some((u64::from_le_bytes(size), dirty)))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Marks every block that `[offset, offset + len)` touches; writes the changed bytes.
+    pub fn mark(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset / self.block;
+        let last = (offset + len - 1) / self.block;
+        let (mut lo, mut hi) = (usize::MAX, 0usize);
+        for b in first..=last {
+            let (byte, bit) = ((b / 8) as usize, (b % 8) as u8);
+            let Some(slot) = self.bits.get_mut(byte) else {
+                break;
+            };
+            if *slot & (1 << bit) == 0 {
+                *slot |= 1 << bit;
+                lo = lo.min(byte);
+                hi = hi.max(byte);
+            }
+        }
+        if lo <= hi {
+            self.file
+                .write_all_at(&self.bits[lo..=hi], HEADER_LEN + lo as u64)?;
+        }
+        Ok(())
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Dirty blocks.
+    pub fn count(&self) -> u64 {
+        self.bits.iter().map(|b| u64::from(b.count_ones())).sum()
+    }
+
+    /// Byte ranges of dirty blocks, merged, for a resync.
+    pub fn ranges(&self, size: u64) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (i, byte) in self.bits.iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (1 << bit) == 0 {
+                    continue;
+                }
+                let start = (i as u64 * 8 + bit) * self.block;
+                let end = (start + self.block).min(size);
+                match out.last_mut() {
+                    Some((o, l)) if *o + *l == start => *l = end - *o,
+                    _ => out.push((start, end - start)),
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_persist_and_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dirty-d.bitmap");
+        let size = 10 * BLOCK + 100;
+        {
+            let mut b = DirtyBitmap::open(&p, size).unwrap();
+            b.mark(0, 1).unwrap();
+            b.mark(BLOCK + 5, BLOCK).unwrap(); // blocks 1 and 2
+            b.mark(10 * BLOCK, 50).unwrap(); // the short tail block
+            b.sync().unwrap();
+        }
+        let b = DirtyBitmap::open(&p, size).unwrap();
+        assert_eq!(b.count(), 4);
+        assert_eq!(b.ranges(size), vec![(0, 3 * BLOCK), (10 * BLOCK, 100)]);
+        assert!(
+            DirtyBitmap::open(&p, size * 2).is_err(),
+            "a bitmap for another size is refused"
+        );
+    }
+}
