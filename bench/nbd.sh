@@ -39,7 +39,7 @@ start_server() {
   head -c "$((gib << 30))" /dev/urandom >"$image"
   sync
   case $name in
-    agent) "$bin" agent --disk bench="$image" --listen "127.0.0.1:$port" --log-dir "$work/log" --segment-size 256MiB >/dev/null 2>"$work/agent.err" & ;;
+    agent) "$bin" agent --disk bench="$image" --listen "127.0.0.1:$port" --log-dir "$work/log" --segment-size 256MiB --log-max 60GiB >/dev/null 2>"$work/agent.err" & ;;
     nbdkit) nbdkit --foreground --exit-with-parent -i 127.0.0.1 -p "$port" file "$image" & ;;
     qemu-nbd) qemu-nbd -f raw -b 127.0.0.1 -p "$port" -x bench -e 16 --persistent --cache=writeback --aio=threads "$image" & ;;
   esac
@@ -67,6 +67,11 @@ for server in agent nbdkit qemu-nbd; do
       awk '/VmHWM/ {print $2}' "/proc/$server_pid/status" >"$work/agent-$name.rss"
     fi
     stop_server
+    if [ "$server" = agent ]; then
+      # Capture must have logged every write: a bitmap fallback would make the numbers lie.
+      "$bin" agent log inspect "$work/log" --output json | python3 -c 'import json,sys; b=json.load(sys.stdin)["bitmaps"]; sys.exit(1 if any(x["dirty_blocks"] for x in b) else 0)' \
+        || { echo "the agent's log reached its cap during $name: results would not measure capture" >&2; exit 1; }
+    fi
   done
 done
 

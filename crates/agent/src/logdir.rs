@@ -74,6 +74,24 @@ fn segment_path(dir: &Path, first: Seq) -> PathBuf {
     dir.join(format!("seg-{:020}.log", first.0))
 }
 
+/// Creates a segment and reserves its blocks without changing its size: appends then extend
+/// the file without allocating, and a crash shows no zeros (the length is the written length).
+fn create_segment(dir: &Path, first: Seq, max_segment: u64) -> Result<SegmentWriter, LogError> {
+    let path = segment_path(dir, first);
+    let writer = SegmentWriter::create(&path, first, max_segment)?;
+    if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        // Best effort: a filesystem without fallocate just allocates as it goes.
+        let _ = fallocate(
+            &f,
+            FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            0,
+            max_segment as i64,
+        );
+    }
+    Ok(writer)
+}
+
 impl LogDir {
     /// Opens (or creates) the log in `dir` and locks it.
     pub fn open(dir: &Path, max_segment: u64) -> Result<Self, LogDirError> {
@@ -94,7 +112,7 @@ impl LogDir {
         let existing = segments(dir).map_err(io)?;
         let (writer, next_seq, next_mark) = match existing.last() {
             None => {
-                let w = SegmentWriter::create(segment_path(dir, Seq(1)), Seq(1), max_segment)?;
+                let w = create_segment(dir, Seq(1), max_segment)?;
                 (w, Seq(1), 1)
             }
             Some(last) => {
@@ -195,11 +213,7 @@ impl LogDir {
         let rolled = matches!(appended, AppendOutcome::Full);
         if rolled {
             self.writer.sync()?;
-            self.writer = SegmentWriter::create(
-                segment_path(&self.dir, record.seq),
-                record.seq,
-                self.max_segment,
-            )?;
+            self.writer = create_segment(&self.dir, record.seq, self.max_segment)?;
             if let AppendOutcome::Full = self.writer.append(&record)? {
                 return Err(LogDirError::TooLarge {
                     len: record.encoded_len(),

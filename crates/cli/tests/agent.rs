@@ -677,3 +677,169 @@ fn past_its_cap_the_log_hands_over_to_the_bitmap() {
     ]);
     assert!(std::fs::read(&replayed).unwrap() == std::fs::read(&at_cap).unwrap());
 }
+
+/// A small tmpfs mounted for one test, unmounted when dropped.
+struct SmallVolume(std::path::PathBuf);
+
+impl SmallVolume {
+    fn mount(path: &Path, size: &str) -> Option<SmallVolume> {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                path.to_str().unwrap(),
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert!(
+                !ci(),
+                "mounting a small tmpfs failed; CI runs these tests as root"
+            );
+            eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+            return None;
+        }
+        Some(SmallVolume(path.to_path_buf()))
+    }
+}
+
+impl Drop for SmallVolume {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_log_volume_switches_to_the_bitmap_and_loses_nothing() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let log = dir.path().join("log");
+    let Some(volume) = SmallVolume::mount(&log, "3m") else {
+        return;
+    };
+    let agent = Agent::start(
+        &disk,
+        &log,
+        &["--segment-size", "1MiB", "--mark-interval", "0"],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x33 0 8M",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 0x33 0 8M",
+            &agent.uri(),
+        ],
+    );
+    let inspect: Value = serde_json::from_str(&boomerang(&[
+        "agent",
+        "log",
+        "inspect",
+        log.to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert!(
+        inspect["bitmaps"][0]["dirty_blocks"].as_u64().unwrap() > 0,
+        "{inspect}"
+    );
+    agent.stop();
+    let data = std::fs::read(&disk).unwrap();
+    assert!(
+        data[..8 << 20].iter().all(|&b| b == 0x33),
+        "every acknowledged write is on the disk"
+    );
+    drop(volume);
+}
+
+#[test]
+fn real_clients_against_the_agent() {
+    if !have("nbdinfo") || !have("nbdcopy") || !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let base = dir.path().join("base.img");
+    std::fs::copy(&disk, &base).unwrap();
+    let log = dir.path().join("log");
+    let agent = Agent::start(&disk, &log, &["--mark-interval", "0"]);
+
+    let list = run("nbdinfo", &["--list", &format!("nbd://{}", agent.addr)]);
+    assert!(list.contains("d0"), "{list}");
+    let info = run("nbdinfo", &["--size", &agent.uri()]);
+    assert_eq!(info.trim(), (8u64 << 20).to_string());
+
+    // nbdcopy into the agent, then out again; qemu-img reads it too.
+    let src = dir.path().join("src.img");
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i / 4096 % 251) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    run("nbdcopy", &[src.to_str().unwrap(), &agent.uri()]);
+    let back = dir.path().join("back.img");
+    run("nbdcopy", &[&agent.uri(), back.to_str().unwrap()]);
+    assert!(std::fs::read(&back).unwrap() == data);
+    let converted = dir.path().join("converted.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &agent.uri(),
+            converted.to_str().unwrap(),
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            src.to_str().unwrap(),
+            converted.to_str().unwrap(),
+        ],
+    );
+    let map = run("nbdinfo", &["--map", &agent.uri()]);
+    assert!(map.lines().count() >= 1, "{map}");
+    agent.stop();
+
+    // What went through the agent is in its log.
+    let replayed = dir.path().join("replayed.img");
+    boomerang(&[
+        "agent",
+        "log",
+        "replay",
+        log.to_str().unwrap(),
+        "--disk",
+        "d0",
+        "--base",
+        base.to_str().unwrap(),
+        "--out",
+        replayed.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&replayed).unwrap() == data);
+}

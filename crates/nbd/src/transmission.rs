@@ -16,6 +16,8 @@ use crate::proto::*;
 pub const IN_FLIGHT: usize = 64;
 /// Payload bytes (write data and read buffers) held at once per connection.
 pub const BYTES_IN_FLIGHT: u32 = 32 * 1024 * 1024;
+/// Requests up to this length (without FUA) run on the async worker instead of the blocking pool.
+const QUICK_LEN: u32 = 128 * 1024;
 /// Accounting unit of the byte budget.
 const UNIT: u32 = 64 * 1024;
 const UNITS: u32 = BYTES_IN_FLIGHT / UNIT;
@@ -37,7 +39,10 @@ pub async fn transmit<S>(stream: S, session: Session) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (rd, wr) = tokio::io::split(stream);
+    // Buffered both ways: a header is 28 bytes and a reply 16, one syscall each would dominate.
+    let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
+    let mut wr = tokio::io::BufWriter::with_capacity(256 * 1024, wr);
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
     let writer = tokio::spawn(async move {
         while let Some(buf) = rx.recv().await {
@@ -113,10 +118,21 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let session = session.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let s = session.clone();
-            let outcome = tokio::task::spawn_blocking(move || execute(&s, &req, payload))
-                .await
-                .unwrap_or(Outcome::Err(EIO));
+            // Small reads and writes hit the page cache and take microseconds: run them here.
+            // Syncs and large transfers go to the blocking pool so they never hold a worker.
+            let quick = matches!(
+                req.kind,
+                CMD_READ | CMD_WRITE | CMD_BLOCK_STATUS | CMD_CACHE
+            ) && req.flags & CMD_FLAG_FUA == 0
+                && req.length <= QUICK_LEN;
+            let outcome = if quick {
+                execute(&session, &req, payload)
+            } else {
+                let s = session.clone();
+                tokio::task::spawn_blocking(move || execute(&s, &req, payload))
+                    .await
+                    .unwrap_or(Outcome::Err(EIO))
+            };
             let _ = tx.send(reply_bytes(&session, &req, outcome)).await;
             drop(permit);
         });
