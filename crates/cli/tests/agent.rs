@@ -191,7 +191,31 @@ fn writes_through_the_agent_replay_exactly() {
         "crash-consistent marks were inserted"
     );
 
-    // Replay to the end equals the live image.
+    // Replay to the last mark (taken after fio finished) equals the live image, and so does
+    // replay to the end of the log.
+    let last_mark = inspect["marks"].as_array().unwrap().last().unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let at_mark = dir.path().join("at-last-mark.img");
+    let to = format!("mark:{last_mark}");
+    boomerang(&[
+        "agent",
+        "log",
+        "replay",
+        log.to_str().unwrap(),
+        "--disk",
+        "d0",
+        "--base",
+        base.to_str().unwrap(),
+        "--to",
+        &to,
+        "--out",
+        at_mark.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read(&at_mark).unwrap() == std::fs::read(&disk).unwrap(),
+        "replay to the last mark differs from the live image"
+    );
     let replayed = dir.path().join("replayed.img");
     boomerang(&[
         "agent",
@@ -235,7 +259,7 @@ fn writes_through_the_agent_replay_exactly() {
     // fio verifies what it wrote, on the replayed image.
     let mut args: Vec<String> = fio.iter().map(|s| s.to_string()).collect();
     args.push("--ioengine=psync".into());
-    args.push(format!("--filename={}", replayed.display()));
+    args.push(format!("--filename={}", at_mark.display()));
     args.push("--verify_only".into());
     run("fio", &args.iter().map(String::as_str).collect::<Vec<_>>());
 

@@ -5,6 +5,8 @@
 //! message when Azurite is absent; in CI (CI=true) that is a failure.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use boomerang_core::sample::XorShift as Rng;
 use boomerang_core::{DiskName, PointId};
@@ -251,19 +253,26 @@ async fn gc_races_commits(store: Store) {
     rng.fill(&mut data);
     std::fs::write(&image, &data).unwrap();
     commit(&store, &image).await;
-    let store2 = store.clone();
+    // GC runs in a loop for as long as the commits do; between commits the commit loop waits
+    // (at most 2 s) for one GC to complete, so GCs both collide with commits and succeed.
+    let ran = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let (store2, ran2, done2) = (store.clone(), ran.clone(), done.clone());
     let gcs = tokio::spawn(async move {
-        let mut ran = 0;
-        for _ in 0..15 {
+        for _ in 0..5000 {
+            if done2.load(Ordering::SeqCst) {
+                break;
+            }
             let _ = store2.prune(Keep::Last(2)).await;
             match store2.gc(&NoProgress).await {
-                Ok(_) => ran += 1,
+                Ok(_) => {
+                    ran2.fetch_add(1, Ordering::SeqCst);
+                }
                 Err(StoreError::Conflict(_)) => {}
                 Err(e) => panic!("gc failed: {e}"),
             }
-            tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
-        ran
     });
     let mut last = Vec::new();
     for _ in 0..8 {
@@ -274,8 +283,17 @@ async fn gc_races_commits(store: Store) {
         std::fs::write(&image, &data).unwrap();
         commit(&store, &image).await;
         last = data.clone();
+        let before = ran.load(Ordering::SeqCst);
+        for _ in 0..200 {
+            if ran.load(Ordering::SeqCst) > before {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
-    let ran = gcs.await.unwrap();
+    done.store(true, Ordering::SeqCst);
+    gcs.await.unwrap();
+    let ran = ran.load(Ordering::SeqCst);
     assert!(ran > 0, "no gc ran");
     store.gc(&NoProgress).await.unwrap();
     let report = store.verify(&NoProgress).await.unwrap();
