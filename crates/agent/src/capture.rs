@@ -76,6 +76,22 @@ impl CaptureDevice {
     }
 }
 
+impl CaptureDevice {
+    /// A change the log recorded but the disk refused leaves the disk's content there unknown:
+    /// the range goes into the bitmap, so a resync re-reads it from the disk instead of trusting
+    /// the log. The client gets the disk's error either way.
+    fn track_failure(&self, applied: io::Result<()>, offset: u64, len: u64) -> io::Result<()> {
+        if let Err(e) = applied {
+            tracing::error!(disk = %self.disk, offset, len, error = %e, "the disk refused a write; its range is marked for resync");
+            let mut bitmap = self.bitmap()?;
+            bitmap.mark(offset, len)?;
+            bitmap.sync()?;
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
 /// Where the dirty-block bitmap of `disk` lives.
 pub fn bitmap_path(log_dir: &std::path::Path, disk: &DiskName) -> std::path::PathBuf {
     log_dir.join(format!("dirty-{disk}.bitmap"))
@@ -115,7 +131,8 @@ impl BlockDevice for CaptureDevice {
             };
             self.record(&mut log, op, at, piece.len() as u64, fua)?;
         }
-        self.inner.write_at(data, offset, fua)
+        let applied = self.inner.write_at(data, offset, fua);
+        self.track_failure(applied, offset, data.len() as u64)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
@@ -126,7 +143,8 @@ impl BlockDevice for CaptureDevice {
             len,
         };
         self.record(&mut log, op, offset, len, fua)?;
-        self.inner.write_zeroes(offset, len, may_trim, fua)
+        let applied = self.inner.write_zeroes(offset, len, may_trim, fua);
+        self.track_failure(applied, offset, len)
     }
 
     /// Trimmed ranges read back as zeros, on the disk and in a replay alike.
@@ -138,7 +156,8 @@ impl BlockDevice for CaptureDevice {
             len,
         };
         self.record(&mut log, op, offset, len, false)?;
-        self.inner.write_zeroes(offset, len, true, false)
+        let applied = self.inner.write_zeroes(offset, len, true, false);
+        self.track_failure(applied, offset, len)
     }
 
     fn flush(&self) -> io::Result<()> {

@@ -190,6 +190,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         .await
         .with_context(|| format!("could not listen on {:?}: is the port in use?", args.listen))?;
     // The first line of stdout is the address, for scripts and tests.
+    let shutdown = shutdown_signal()?;
     println!("listening on {}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let hooks = Hooks {
@@ -224,7 +225,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("could not create the control socket {}", sock.display()))?;
     background.push(tokio::spawn(control::serve(control, log.clone(), hooks)));
     let serving = tokio::spawn(async move { server.serve(listener, stopped).await });
-    shutdown_signal().await;
+    shutdown.await;
     let _ = stop.send(true);
     let _ = serving.await;
     for task in background {
@@ -239,19 +240,18 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-async fn shutdown_signal() {
+/// Waits for SIGTERM or SIGINT. Install it before announcing the service, so that a signal
+/// sent right after the announcement is handled, not fatal.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut term = signal(SignalKind::terminate()).context("could not handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("could not handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    })
 }
 
 #[derive(Serialize)]

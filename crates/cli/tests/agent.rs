@@ -867,3 +867,51 @@ fn real_clients_against_the_agent() {
     ]);
     assert!(std::fs::read(&replayed).unwrap() == data);
 }
+
+#[test]
+fn a_full_disk_fails_the_write_and_marks_its_range_for_resync() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    let Some(volume) = SmallVolume::mount(&small, "1m") else {
+        return;
+    };
+    // A sparse 8 MiB disk on a 1 MiB volume: writes past the free space fail with ENOSPC.
+    let disk = small.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let log = dir.path().join("log");
+    let agent = Agent::start(&disk, &log, &["--mark-interval", "0"]);
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x44 0 4M", &agent.uri()])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("No space left") || text.contains("failed"),
+        "the client must see the error: {text}"
+    );
+    agent.stop();
+    let inspect: Value = serde_json::from_str(&boomerang(&[
+        "agent",
+        "log",
+        "inspect",
+        log.to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert!(
+        inspect["bitmaps"][0]["dirty_blocks"].as_u64().unwrap() > 0,
+        "the refused range must be marked: {inspect}"
+    );
+    drop(volume);
+}
