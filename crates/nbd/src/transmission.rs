@@ -16,7 +16,7 @@ use crate::proto::*;
 pub const IN_FLIGHT: usize = 64;
 /// Payload bytes (write data and read buffers) held at once per connection.
 pub const BYTES_IN_FLIGHT: u32 = 32 * 1024 * 1024;
-/// Requests up to this length (without FUA) run on the async worker instead of the blocking pool.
+/// Requests up to this length (without FUA) run inline in the connection's reader.
 const QUICK_LEN: u32 = 128 * 1024;
 /// Accounting unit of the byte budget.
 const UNIT: u32 = 64 * 1024;
@@ -115,24 +115,27 @@ async fn read_requests<R: AsyncRead + Unpin>(
             let _ = tx.send(reply_bytes(session, &req, Outcome::Err(err))).await;
             continue;
         }
+        // Small reads and writes hit the page cache and take microseconds: run them right here,
+        // in order, which costs no task switch. Syncs and large transfers go to the blocking
+        // pool so that they never hold up the connection.
+        let quick = matches!(
+            req.kind,
+            CMD_READ | CMD_WRITE | CMD_BLOCK_STATUS | CMD_CACHE
+        ) && req.flags & CMD_FLAG_FUA == 0
+            && req.length <= QUICK_LEN;
+        if quick {
+            let outcome = execute(session, &req, payload);
+            let _ = tx.send(reply_bytes(session, &req, outcome)).await;
+            drop(permit);
+            continue;
+        }
         let session = session.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            // Small reads and writes hit the page cache and take microseconds: run them here.
-            // Syncs and large transfers go to the blocking pool so they never hold a worker.
-            let quick = matches!(
-                req.kind,
-                CMD_READ | CMD_WRITE | CMD_BLOCK_STATUS | CMD_CACHE
-            ) && req.flags & CMD_FLAG_FUA == 0
-                && req.length <= QUICK_LEN;
-            let outcome = if quick {
-                execute(&session, &req, payload)
-            } else {
-                let s = session.clone();
-                tokio::task::spawn_blocking(move || execute(&s, &req, payload))
-                    .await
-                    .unwrap_or(Outcome::Err(EIO))
-            };
+            let s = session.clone();
+            let outcome = tokio::task::spawn_blocking(move || execute(&s, &req, payload))
+                .await
+                .unwrap_or(Outcome::Err(EIO));
             let _ = tx.send(reply_bytes(&session, &req, outcome)).await;
             drop(permit);
         });
