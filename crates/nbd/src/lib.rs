@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! listener (TCP or Unix) ─▶ connection ─▶ handshake.rs (fixed newstyle options)
-//!                                      └▶ transmission.rs: reader ─▶ task per request ─▶ writer
-//!                                                         (≤ 64 in flight; replies by cookie)
+//!                                      └▶ transmission.rs: reader ─┬─ small: run inline ──▶ writer
+//!                                                                  └─ large/sync: blocking pool ─▶
+//!                                                         (≤ 32 MiB in flight; replies by cookie)
 //! ```
 //!
 //! Invariants:
