@@ -6,34 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use boomerang_testkit::{RawNbd, ci, have, run};
 use serde_json::Value;
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-fn have(tool: &str) -> bool {
-    let found = Command::new(tool).arg("--version").output().is_ok();
-    if !found {
-        assert!(
-            !ci(),
-            "{tool} is required in CI: run the tests through ./scripts/test"
-        );
-        eprintln!("SKIPPED: {tool} is not installed; ./scripts/test installs it");
-    }
-    found
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn boomerang(args: &[&str]) -> String {
     run(env!("CARGO_BIN_EXE_boomerang"), args)
@@ -316,44 +290,6 @@ fn one_log_directory_one_agent() {
     first.stop();
 }
 
-/// A bare NBD client: handshake with NBD_OPT_EXPORT_NAME, then simple-reply requests.
-struct RawClient(std::net::TcpStream);
-
-impl RawClient {
-    fn connect(addr: &str, export: &str) -> RawClient {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        let mut greeting = [0u8; 18];
-        s.read_exact(&mut greeting).unwrap();
-        s.write_all(&3u32.to_be_bytes()).unwrap();
-        let mut opt = b"IHAVEOPT".to_vec();
-        opt.extend_from_slice(&1u32.to_be_bytes());
-        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
-        opt.extend_from_slice(export.as_bytes());
-        s.write_all(&opt).unwrap();
-        let mut info = [0u8; 10];
-        s.read_exact(&mut info).unwrap();
-        RawClient(s)
-    }
-
-    /// Writes and waits for the reply; `Err` when the connection is gone.
-    fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) -> std::io::Result<u32> {
-        use std::io::{Read, Write};
-        let mut b = Vec::with_capacity(28 + data.len());
-        b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        b.extend_from_slice(&0u16.to_be_bytes());
-        b.extend_from_slice(&1u16.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        b.extend_from_slice(data);
-        self.0.write_all(&b)?;
-        let mut reply = [0u8; 16];
-        self.0.read_exact(&mut reply)?;
-        Ok(u32::from_be_bytes([reply[4], reply[5], reply[6], reply[7]]))
-    }
-}
-
 #[test]
 fn kill_9_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
@@ -372,7 +308,7 @@ fn kill_9_loses_no_acknowledged_write() {
         &log,
         &["--mark-interval", "0.05", "--segment-size", "1MiB"],
     );
-    let mut client = RawClient::connect(&agent.addr, "d0");
+    let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
     let writer = std::thread::spawn(move || {
         // Block i gets the pattern i, each block written once, one write at a time.
         let mut acked = 0u64;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use boomerang_core::sample::XorShift as Rng;
+use boomerang_testkit::{azurite, have, unique};
 use serde_json::Value;
 
 fn boomerang(args: &[&str]) -> Output {
@@ -36,43 +37,6 @@ fn json(args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.extend(["--output", "json"]);
     serde_json::from_str(&ok(&all)).unwrap()
-}
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// Whether `tool` is installed; in CI a missing tool is a failure, elsewhere a visible skip.
-fn have(tool: &str) -> bool {
-    let found = Command::new(tool).arg("--version").output().is_ok();
-    if !found {
-        assert!(
-            !ci(),
-            "{tool} is required in CI: run the tests through ./scripts/test"
-        );
-        eprintln!("SKIPPED: {tool} is not installed; ./scripts/test installs it");
-    }
-    found
-}
-
-fn azurite() -> bool {
-    if std::env::var_os("BOOMERANG_TEST_AZURITE").is_some() {
-        return true;
-    }
-    assert!(
-        !ci(),
-        "Azurite is required in CI: run the tests through ./scripts/test"
-    );
-    eprintln!("SKIPPED: Azurite is not running; ./scripts/test starts it");
-    false
-}
-
-fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{name}-{}-{}", std::process::id(), nanos % 1_000_000_000)
 }
 
 /// Writes `count` random 4 KiB-ish patches into the image.

@@ -10,25 +10,10 @@ use std::sync::Arc;
 
 use boomerang_nbd::server::{ListenAddr, Listener};
 use boomerang_nbd::{Export, FileDevice, Server};
+use boomerang_testkit::{RawNbd, have, run};
 use tokio::sync::watch;
 
 const MIB: u64 = 1 << 20;
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-fn have(tool: &str) -> bool {
-    let found = Command::new(tool).arg("--version").output().is_ok();
-    if !found {
-        assert!(
-            !ci(),
-            "{tool} is required in CI: run the tests through ./scripts/test"
-        );
-        eprintln!("SKIPPED: {tool} is not installed; ./scripts/test installs it");
-    }
-    found
-}
 
 /// A server on a loopback port (or a Unix socket) serving image files; stops when dropped.
 struct Running {
@@ -74,17 +59,6 @@ impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
     }
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A sparse image of `size` (at least 6 MiB): data at 1 MiB..2 MiB and 5 MiB..5 MiB+64 KiB,
@@ -323,43 +297,9 @@ fn fio_random_writes_verify() {
     assert!(!out.contains("verify: bad"), "{out}");
 }
 
-/// Speaks the handshake by hand and returns a connection in transmission (simple replies).
-fn raw_client(addr: &str, export: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let mut greeting = [0u8; 18];
-    s.read_exact(&mut greeting).unwrap();
-    assert_eq!(&greeting[..8], b"NBDMAGIC");
-    s.write_all(&3u32.to_be_bytes()).unwrap(); // fixed newstyle, no zeroes
-    let mut opt = Vec::new();
-    opt.extend_from_slice(b"IHAVEOPT");
-    opt.extend_from_slice(&1u32.to_be_bytes()); // EXPORT_NAME
-    opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
-    opt.extend_from_slice(export.as_bytes());
-    s.write_all(&opt).unwrap();
-    let mut info = [0u8; 10];
-    s.read_exact(&mut info).unwrap();
-    s
-}
-
-fn request(s: &mut TcpStream, kind: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) -> u32 {
-    let mut b = Vec::new();
-    b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-    b.extend_from_slice(&0u16.to_be_bytes());
-    b.extend_from_slice(&kind.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
-    b.extend_from_slice(data);
-    s.write_all(&b).unwrap();
-    let mut reply = [0u8; 16];
-    s.read_exact(&mut reply).unwrap();
-    assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), cookie);
-    let err = u32::from_be_bytes(reply[4..8].try_into().unwrap());
-    if err == 0 && kind == 0 {
-        let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data).unwrap();
-    }
-    err
+/// The error code of one request.
+fn err(c: &mut RawNbd, kind: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) -> u32 {
+    c.request(kind, cookie, offset, len, data).unwrap().0
 }
 
 #[test]
@@ -368,37 +308,33 @@ fn bad_requests_get_the_errors_the_protocol_names_and_others_keep_working() {
     let img = sample_image(dir.path(), "x.img", 8 * MIB);
     let srv = Running::start(vec![("x", img, false)], "127.0.0.1:0".parse().unwrap());
 
-    let mut c = raw_client(&srv.addr, "x");
-    assert_eq!(request(&mut c, 0, 1, 0, 4096, &[]), 0, "a good read");
+    let mut c = RawNbd::connect(&srv.addr, "x").unwrap();
+    assert_eq!(err(&mut c, 0, 1, 0, 4096, &[]), 0, "a good read");
     assert_eq!(
-        request(&mut c, 0, 2, 8 * MIB - 100, 4096, &[]),
+        err(&mut c, 0, 2, 8 * MIB - 100, 4096, &[]),
         22,
         "read past the end: EINVAL"
     );
     assert_eq!(
-        request(&mut c, 1, 3, 8 * MIB, 4, b"abcd"),
+        err(&mut c, 1, 3, 8 * MIB, 4, b"abcd"),
         28,
         "write past the end: ENOSPC"
     );
+    assert_eq!(err(&mut c, 77, 4, 0, 0, &[]), 22, "unknown command: EINVAL");
     assert_eq!(
-        request(&mut c, 77, 4, 0, 0, &[]),
-        22,
-        "unknown command: EINVAL"
-    );
-    assert_eq!(
-        request(&mut c, 0, 5, u64::MAX - 10, 4096, &[]),
+        err(&mut c, 0, 5, u64::MAX - 10, 4096, &[]),
         22,
         "offset overflow: EINVAL"
     );
     assert_eq!(
-        request(&mut c, 0, 6, 0, 64 << 20, &[]),
+        err(&mut c, 0, 6, 0, 64 << 20, &[]),
         22,
         "oversized read: EINVAL"
     );
-    assert_eq!(request(&mut c, 1, 7, 0, 4, b"wxyz"), 0, "still serving");
+    assert_eq!(err(&mut c, 1, 7, 0, 4, b"wxyz"), 0, "still serving");
 
     // Garbage instead of a request: the server hangs up on that client only.
-    let mut g = raw_client(&srv.addr, "x");
+    let mut g = RawNbd::connect(&srv.addr, "x").unwrap().0;
     g.write_all(&[0xde; 64]).unwrap();
     let mut buf = [0u8; 1];
     assert_eq!(
@@ -419,5 +355,5 @@ fn bad_requests_get_the_errors_the_protocol_names_and_others_keep_working() {
     assert_eq!(h.read(&mut buf).unwrap_or(0), 0);
 
     // The first client was not disturbed.
-    assert_eq!(request(&mut c, 0, 8, 0, 4, &[]), 0);
+    assert_eq!(err(&mut c, 0, 8, 0, 4, &[]), 0);
 }

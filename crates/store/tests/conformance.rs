@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use boomerang_core::sample::XorShift as Rng;
 use boomerang_core::{DiskName, PointId};
 use boomerang_store::{CommitOptions, Keep, NoProgress, Store, StoreError};
+use boomerang_testkit::{azurite, unique};
 use bytes::Bytes;
 use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjPath;
@@ -318,27 +319,6 @@ async fn local_directory() {
 async fn memory() {
     suite(Store::init("memory://", BLOCK).await.unwrap()).await;
     gc_races_commits(Store::init("memory://", BLOCK).await.unwrap()).await;
-}
-
-fn azurite() -> bool {
-    if std::env::var_os("BOOMERANG_TEST_AZURITE").is_some() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("Azurite is required in CI: run the tests through ./scripts/test");
-    }
-    eprintln!(
-        "SKIPPED: Azurite is not running; run ./scripts/test to include the Azure Blob backend"
-    );
-    false
-}
-
-fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{name}-{}-{}", std::process::id(), nanos % 1_000_000_000)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
