@@ -30,7 +30,7 @@ pub struct DirtyBitmap {
 impl DirtyBitmap {
     /// Opens the bitmap at `path`, creating and allocating it for a disk of `size` bytes.
     pub fn open(path: &Path, size: u64) -> io::Result<Self> {
-        let nbytes = size.div_ceil(BLOCK).div_ceil(8);
+        let nbytes = size.div_ceil(BLOCK).div_ceil(8).max(1);
         let bad = |what: &str| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -40,39 +40,42 @@ impl DirtyBitmap {
                 ),
             )
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        let len = file.metadata()?.len();
         let mut bits = vec![0u8; nbytes as usize];
-        if len == 0 {
+        if !path.exists() {
+            // Made under a temporary name and renamed, so a crash never leaves half a bitmap.
             let mut header = [0u8; HEADER_LEN as usize];
             header[..8].copy_from_slice(MAGIC);
             header[8..10].copy_from_slice(&1u16.to_le_bytes());
             header[12..16].copy_from_slice(&(BLOCK as u32).to_le_bytes());
             header[16..24].copy_from_slice(&size.to_le_bytes());
-            file.write_all_at(&header, 0)?;
+            let mut tmp_name = path
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_default();
+            tmp_name.push(".tmp");
+            let tmp = path.with_file_name(tmp_name);
+            let f = File::create(&tmp)?;
+            f.write_all_at(&header, 0)?;
             // Real zeros, not a hole: the space is taken now, while there is some.
-            file.write_all_at(&bits, HEADER_LEN)?;
-            file.sync_all()?;
-        } else {
-            let mut header = [0u8; HEADER_LEN as usize];
-            file.read_exact_at(&mut header, 0)
-                .map_err(|_| bad("is truncated"))?;
-            if &header[..8] != MAGIC || header[8..10] != 1u16.to_le_bytes() {
-                return Err(bad("has no valid header"));
+            f.write_all_at(&bits, HEADER_LEN)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent() {
+                File::open(dir)?.sync_all()?;
             }
-            if header[12..16] != (BLOCK as u32).to_le_bytes()
-                || header[16..24] != size.to_le_bytes()
-            {
-                return Err(bad("was made for a disk of another size"));
-            }
-            file.read_exact_at(&mut bits, HEADER_LEN)
-                .map_err(|_| bad("is truncated"))?;
         }
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let mut header = [0u8; HEADER_LEN as usize];
+        file.read_exact_at(&mut header, 0)
+            .map_err(|_| bad("is truncated"))?;
+        if &header[..8] != MAGIC || header[8..10] != 1u16.to_le_bytes() {
+            return Err(bad("has no valid header"));
+        }
+        if header[12..16] != (BLOCK as u32).to_le_bytes() || header[16..24] != size.to_le_bytes() {
+            return Err(bad("was made for a disk of another size"));
+        }
+        file.read_exact_at(&mut bits, HEADER_LEN)
+            .map_err(|_| bad("is truncated"))?;
         Ok(DirtyBitmap {
             file,
             path: path.to_path_buf(),
@@ -113,22 +116,20 @@ impl DirtyBitmap {
             return Ok(());
         }
         let first = offset / self.block;
-        let last = (offset + len - 1) / self.block;
-        let (mut lo, mut hi) = (usize::MAX, 0usize);
-        for b in first..=last {
-            let (byte, bit) = ((b / 8) as usize, (b % 8) as u8);
-            let Some(slot) = self.bits.get_mut(byte) else {
-                break;
-            };
-            if *slot & (1 << bit) == 0 {
-                *slot |= 1 << bit;
-                lo = lo.min(byte);
-                hi = hi.max(byte);
-            }
+        let last = ((offset + len - 1) / self.block).min((self.bits.len() * 8) as u64 - 1);
+        if first > last {
+            return Ok(());
         }
-        if lo <= hi {
-            self.file
-                .write_all_at(&self.bits[lo..=hi], HEADER_LEN + lo as u64)?;
+        let (lo, hi) = ((first / 8) as usize, (last / 8) as usize);
+        let mut updated = self.bits[lo..=hi].to_vec();
+        for b in first..=last {
+            updated[(b / 8) as usize - lo] |= 1 << (b % 8);
+        }
+        if updated != self.bits[lo..=hi] {
+            // On disk first: a bit is set in memory only once it is written, so a failed write
+            // is retried by the next mark of that block.
+            self.file.write_all_at(&updated, HEADER_LEN + lo as u64)?;
+            self.bits[lo..=hi].copy_from_slice(&updated);
         }
         Ok(())
     }

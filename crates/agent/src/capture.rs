@@ -26,13 +26,19 @@ pub struct CaptureDevice {
 impl CaptureDevice {
     /// Wraps `inner`; its bitmap lives beside the log (`dirty-<disk>.bitmap`).
     pub fn new(disk: DiskName, inner: FileDevice, log: Arc<Mutex<LogDir>>) -> io::Result<Self> {
-        let path = {
+        let (path, crashed) = {
             let log = log
                 .lock()
                 .map_err(|_| io::Error::other("the write log lock is poisoned"))?;
-            bitmap_path(log.dir(), &disk)
+            (bitmap_path(log.dir(), &disk), log.machine_crashed())
         };
-        let bitmap = Mutex::new(DirtyBitmap::open(&path, inner.size())?);
+        let mut bitmap = DirtyBitmap::open(&path, inner.size())?;
+        if crashed {
+            // The log may lack writes the disk kept: the whole disk needs a resync.
+            bitmap.mark(0, inner.size())?;
+            bitmap.sync()?;
+        }
+        let bitmap = Mutex::new(bitmap);
         Ok(CaptureDevice {
             disk,
             inner,
@@ -122,6 +128,8 @@ impl BlockDevice for CaptureDevice {
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         let mut log = self.log()?;
         // Large writes become several records; the lock keeps a mark from falling between them.
+        // One sync after the last piece is enough for FUA.
+        let pieces = data.len().div_ceil(RECORD_PIECE).max(1);
         for (k, piece) in data.chunks(RECORD_PIECE).enumerate() {
             let at = offset + (k * RECORD_PIECE) as u64;
             let op = Op::Write {
@@ -129,7 +137,15 @@ impl BlockDevice for CaptureDevice {
                 offset: at,
                 data: piece.to_vec(),
             };
-            self.record(&mut log, op, at, piece.len() as u64, fua)?;
+            let recorded =
+                self.record(&mut log, op, at, piece.len() as u64, fua && k + 1 == pieces);
+            if k > 0 {
+                // Earlier pieces are logged; the disk is not written: the whole range goes to
+                // the bitmap so that the log is not trusted there.
+                self.track_failure(recorded, offset, data.len() as u64)?;
+            } else {
+                recorded?;
+            }
         }
         let applied = self.inner.write_at(data, offset, fua);
         self.track_failure(applied, offset, data.len() as u64)
@@ -162,6 +178,7 @@ impl BlockDevice for CaptureDevice {
 
     fn flush(&self) -> io::Result<()> {
         {
+            // A capped log took its last sync when it stopped; it takes no more records.
             let mut log = self.log()?;
             if !log.is_capped() {
                 log.sync().map_err(log_error)?;

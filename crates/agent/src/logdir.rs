@@ -53,7 +53,34 @@ pub struct LogDir {
     total: u64,
     cap: Option<u64>,
     capped: bool,
+    /// The machine (not only the agent) went down while the agent ran: unsynced log records
+    /// may be gone while the disk kept the writes, so the disks need a full resync.
+    machine_crashed: bool,
     _lock: Flock<File>,
+}
+
+/// Marks a running agent; holds the boot id, to tell an agent crash from a machine crash.
+const RUNNING: &str = "agent.running";
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Whether any dirty-block bitmap in `dir` has a block set.
+fn any_dirty_bitmap(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.filter_map(|e| e.ok()).any(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        name.starts_with("dirty-")
+            && name.ends_with(".bitmap")
+            && crate::bitmap::DirtyBitmap::inspect(&e.path())
+                .is_ok_and(|b| b.is_some_and(|(_, n)| n > 0))
+    })
 }
 
 /// Segment files of `dir` in log order.
@@ -127,6 +154,20 @@ impl LogDir {
                 (w, next, next_mark)
             }
         };
+        // An agent that ran on an earlier boot and did not stop cleanly: the machine crashed.
+        let running = dir.join(RUNNING);
+        let now = boot_id();
+        let machine_crashed = std::fs::read_to_string(&running).is_ok_and(|b| b.trim() != now);
+        let mut marker = File::create(&running).map_err(io)?;
+        std::io::Write::write_all(&mut marker, now.as_bytes()).map_err(io)?;
+        marker.sync_all().map_err(io)?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        let earlier_cap = any_dirty_bitmap(dir);
+        if machine_crashed {
+            tracing::warn!(dir = %dir.display(), "the machine went down while the agent ran: the log may miss writes the disks kept; every disk is marked for a full resync");
+        } else if earlier_cap {
+            tracing::warn!(dir = %dir.display(), "the log stopped at its cap before: changes go on into the dirty-block bitmaps until the disks are resynced");
+        }
         let total = segments(dir)
             .map_err(io)?
             .iter()
@@ -140,7 +181,8 @@ impl LogDir {
             next_mark,
             total,
             cap: None,
-            capped: false,
+            capped: machine_crashed || earlier_cap,
+            machine_crashed,
             _lock: lock,
         })
     }
@@ -150,6 +192,20 @@ impl LogDir {
     pub fn with_cap(mut self, cap: Option<u64>) -> Self {
         self.cap = cap;
         self
+    }
+
+    /// Whether the machine crashed while the agent ran (see [`LogDir::open`]).
+    pub fn machine_crashed(&self) -> bool {
+        self.machine_crashed
+    }
+
+    /// Syncs the log and records a clean stop, so the next start trusts the log.
+    pub fn close_clean(&mut self) -> Result<(), LogDirError> {
+        self.writer.sync()?;
+        std::fs::remove_file(self.dir.join(RUNNING)).map_err(|source| LogDirError::Io {
+            dir: self.dir.clone(),
+            source,
+        })
     }
 
     /// Whether the log stopped taking records (cap reached or volume full).
@@ -165,6 +221,10 @@ impl LogDir {
     fn cap_now(&mut self) -> LogDirError {
         if !self.capped {
             self.capped = true;
+            // What was appended before the cap must be as durable as the disk will be.
+            if let Err(e) = self.writer.sync() {
+                tracing::error!(error = %e, "could not sync the write log at its cap");
+            }
             tracing::warn!(
                 dir = %self.dir.display(),
                 last_seq = self.next_seq.0.saturating_sub(1),

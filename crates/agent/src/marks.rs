@@ -17,6 +17,9 @@ pub struct Hooks {
     pub freeze: Option<String>,
     pub thaw: Option<String>,
     pub timeout: Duration,
+    /// One mark at a time: a freeze, its mark and its thaw never interleave with another's.
+    /// Shutdown takes it too, so it never stops the agent between a freeze and its thaw.
+    pub busy: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What a mark request produced.
@@ -77,6 +80,7 @@ pub async fn mark(
     kind: MarkKind,
     hooks: &Hooks,
 ) -> std::io::Result<MarkOutcome> {
+    let _one_at_a_time = hooks.busy.lock().await;
     let mut warnings = Vec::new();
     let requested = kind;
     let mut kind = kind;

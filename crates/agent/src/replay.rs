@@ -137,7 +137,9 @@ pub fn replay(
             "the log ends before the requested sequence number; replayed all of it"
         );
     }
-    if to == ReplayTo::Latest {
+    // Past the end of the log, a dirty bitmap means changes the log does not hold.
+    let past_end = to == ReplayTo::Latest || matches!(to, ReplayTo::Seq(_)) && !reached;
+    if past_end {
         let bitmap = crate::capture::bitmap_path(log_dir, disk);
         if let Some((_, blocks)) = crate::bitmap::DirtyBitmap::inspect(&bitmap).map_err(io)?
             && blocks > 0

@@ -157,6 +157,17 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     if args.disks.is_empty() {
         anyhow::bail!("give at least one protected disk with --disk NAME=PATH");
     }
+    for (flag, value) in [
+        ("--mark-interval", args.mark_interval),
+        ("--app-mark-interval", args.app_mark_interval),
+        ("--hook-timeout", args.hook_timeout),
+    ] {
+        if !(0.0..=1e9).contains(&value) {
+            anyhow::bail!(
+                "{flag} {value} is not a number of seconds: use a value such as 5 or 0.5"
+            );
+        }
+    }
     let log_dir = args
         .log_dir
         .context("give the agent a write log directory with --log-dir DIR")?;
@@ -186,19 +197,34 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         });
     }
     let server = Server::new(exports, 64);
+    if let ListenAddr::Unix(path) = &args.listen {
+        // Our own socket from an earlier run: we hold the log directory's lock.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_socket()
+        }) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
     let listener = Listener::bind(&args.listen)
         .await
         .with_context(|| format!("could not listen on {:?}: is the port in use?", args.listen))?;
-    // The first line of stdout is the address, for scripts and tests.
-    let shutdown = shutdown_signal()?;
-    println!("listening on {}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
     let hooks = Hooks {
         freeze: args.freeze_hook.clone(),
         thaw: args.thaw_hook.clone(),
         timeout: Duration::from_secs_f64(args.hook_timeout.max(0.1)),
+        busy: Default::default(),
     };
-    let mut background = Vec::new();
+    // The control socket: we hold the log directory's lock, so an old socket file is stale.
+    let sock = control::socket_path(&log_dir);
+    let _ = std::fs::remove_file(&sock);
+    let control = tokio::net::UnixListener::bind(&sock)
+        .with_context(|| format!("could not create the control socket {}", sock.display()))?;
+    let mut background = vec![tokio::spawn(control::serve(
+        control,
+        log.clone(),
+        hooks.clone(),
+    ))];
     for (every, kind) in [
         (args.mark_interval, MarkKind::Crash),
         (args.app_mark_interval, MarkKind::App),
@@ -209,6 +235,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         let (log, hooks) = (log.clone(), hooks.clone());
         background.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs_f64(every));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick.tick().await;
             loop {
                 tick.tick().await;
@@ -218,24 +245,30 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             }
         }));
     }
-    // The control socket: we hold the log directory's lock, so an old socket file is stale.
-    let sock = control::socket_path(&log_dir);
-    let _ = std::fs::remove_file(&sock);
-    let control = tokio::net::UnixListener::bind(&sock)
-        .with_context(|| format!("could not create the control socket {}", sock.display()))?;
-    background.push(tokio::spawn(control::serve(control, log.clone(), hooks)));
+    // Everything a client or script may use is ready: announce it. The first line of stdout is
+    // the address, for scripts and tests.
+    let shutdown = shutdown_signal()?;
+    println!("listening on {}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let serving = tokio::spawn(async move { server.serve(listener, stopped).await });
     shutdown.await;
     let _ = stop.send(true);
     let _ = serving.await;
-    for task in background {
-        task.abort();
+    {
+        // Never stop between a freeze and its thaw: wait for a mark in progress.
+        let _no_mark_running = hooks.busy.lock().await;
+        for task in background {
+            task.abort();
+        }
     }
     let _ = std::fs::remove_file(&sock);
+    if let ListenAddr::Unix(path) = &args.listen {
+        let _ = std::fs::remove_file(path);
+    }
     let mut log = log
         .lock()
         .map_err(|_| anyhow::anyhow!("log lock poisoned"))?;
-    log.sync()?;
+    log.close_clean()?;
     eprintln!("agent stopped; write log synced in {}", log.dir().display());
     Ok(0)
 }

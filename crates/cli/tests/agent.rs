@@ -851,3 +851,53 @@ fn a_full_disk_fails_the_write_and_marks_its_range_for_resync() {
     );
     drop(volume);
 }
+
+#[test]
+fn after_a_machine_crash_every_disk_is_marked_for_resync() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let log = dir.path().join("log");
+    // A clean run leaves no mark; the bitmap stays empty.
+    Agent::start(&disk, &log, &["--mark-interval", "0"]).stop();
+    assert!(
+        !log.join("agent.running").exists(),
+        "a clean stop removes the running marker"
+    );
+    // An agent that was running on another boot: the machine went down under it.
+    std::fs::write(
+        log.join("agent.running"),
+        "00000000-0000-0000-0000-000000000000",
+    )
+    .unwrap();
+    Agent::start(&disk, &log, &["--mark-interval", "0"]).stop();
+    let inspect: Value = serde_json::from_str(&boomerang(&[
+        "agent",
+        "log",
+        "inspect",
+        log.to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        inspect["bitmaps"][0]["dirty_blocks"].as_u64().unwrap(),
+        64,
+        "all 64 blocks of 64 KiB: {inspect}"
+    );
+    // And that state outlives the next clean restart, until a resync.
+    Agent::start(&disk, &log, &["--mark-interval", "0"]).stop();
+    let inspect: Value = serde_json::from_str(&boomerang(&[
+        "agent",
+        "log",
+        "inspect",
+        log.to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(inspect["bitmaps"][0]["dirty_blocks"].as_u64().unwrap(), 64);
+}

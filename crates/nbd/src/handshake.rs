@@ -23,13 +23,16 @@ pub enum Negotiated {
 }
 
 /// The transmission flags of an export.
-pub fn transmission_flags(export: &Export) -> u16 {
-    let mut f =
-        TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN | TFLAG_SEND_DF;
+pub fn transmission_flags(export: &Export, structured: bool) -> u16 {
+    let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN;
+    if structured {
+        // DF only means something with structured replies; the protocol asks to leave it clear.
+        f |= TFLAG_SEND_DF;
+    }
     if export.read_only {
         f |= TFLAG_READ_ONLY;
     } else {
-        f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+        f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
     }
     f
 }
@@ -99,7 +102,8 @@ where
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
-    let mut base_allocation = false;
+    // `base:allocation`, when selected, and the export it was selected for.
+    let mut meta_export: Option<String> = None;
 
     loop {
         if s.read_u64().await? != IHAVEOPT {
@@ -123,12 +127,13 @@ where
                 };
                 let mut b = Vec::with_capacity(10 + 124);
                 b.extend_from_slice(&export.device.size().to_be_bytes());
-                b.extend_from_slice(&transmission_flags(&export).to_be_bytes());
+                b.extend_from_slice(&transmission_flags(&export, structured).to_be_bytes());
                 if !no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
                 }
                 s.write_all(&b).await?;
                 s.flush().await?;
+                let base_allocation = meta_export.as_deref() == Some(name.as_str());
                 return Ok(Negotiated::Transmit(Session {
                     export,
                     structured,
@@ -203,7 +208,7 @@ where
                 let mut info = Vec::with_capacity(12);
                 info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
                 info.extend_from_slice(&export.device.size().to_be_bytes());
-                info.extend_from_slice(&transmission_flags(&export).to_be_bytes());
+                info.extend_from_slice(&transmission_flags(&export, structured).to_be_bytes());
                 reply(s, option, REP_INFO, &info).await?;
                 if wanted.contains(&INFO_NAME) {
                     let mut d = INFO_NAME.to_be_bytes().to_vec();
@@ -223,6 +228,7 @@ where
                 reply(s, option, REP_ACK, &[]).await?;
                 if option == OPT_GO {
                     s.flush().await?;
+                    let base_allocation = meta_export.as_deref() == Some(name.as_str());
                     return Ok(Negotiated::Transmit(Session {
                         export,
                         structured,
@@ -232,6 +238,10 @@ where
             }
             OPT_SET_META_CONTEXT | OPT_LIST_META_CONTEXT => {
                 let set = option == OPT_SET_META_CONTEXT;
+                if set {
+                    // A SET replaces the selection, also when it fails.
+                    meta_export = None;
+                }
                 if set && !structured {
                     error(
                         s,
@@ -282,12 +292,14 @@ where
                         .any(|q| q == BASE_ALLOCATION || (!set && q == "base:"))
                 };
                 if matches {
-                    let mut d = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                    // LIST replies carry context id 0, as the protocol asks.
+                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                    let mut d = id.to_be_bytes().to_vec();
                     d.extend_from_slice(BASE_ALLOCATION.as_bytes());
                     reply(s, option, REP_META_CONTEXT, &d).await?;
                 }
-                if set {
-                    base_allocation = matches;
+                if set && matches {
+                    meta_export = Some(name);
                 }
                 reply(s, option, REP_ACK, &[]).await?;
             }

@@ -12,6 +12,9 @@ use tokio::sync::{Semaphore, watch};
 use crate::BlockDevice;
 use crate::handshake::{Negotiated, handshake};
 
+/// How long a client may take to finish the handshake.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// One disk served under a name.
 pub struct Export {
     pub name: String,
@@ -141,7 +144,16 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        match handshake(&mut stream, self).await {
+        // A client that does not finish the handshake must not hold a connection slot forever.
+        let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, self))
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the handshake took too long",
+                ))
+            });
+        match negotiated {
             Ok(Negotiated::Transmit(session)) => {
                 if let Err(e) = crate::transmission::transmit(stream, session).await {
                     tracing::debug!(error = %e, "NBD connection ended with an error");

@@ -7,7 +7,7 @@ use std::io;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::handshake::Session;
 use crate::proto::*;
@@ -26,6 +26,9 @@ fn permits(len: u32) -> u32 {
     1 + len.div_ceil(UNIT).min(UNITS)
 }
 
+/// A reply's bytes and the budget its request holds until they are written.
+type Reply = (Vec<u8>, Option<OwnedSemaphorePermit>);
+
 /// What a finished request sends back.
 enum Outcome {
     Ok,
@@ -43,10 +46,13 @@ where
     // Buffered both ways: a header is 28 bytes and a reply 16, one syscall each would dominate.
     let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
     let mut wr = tokio::io::BufWriter::with_capacity(256 * 1024, wr);
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
+    // A reply travels with its request's permit: the budget is given back once the reply is
+    // written, so replies a client does not read cannot pile up.
+    let (tx, mut rx) = mpsc::channel::<Reply>(IN_FLIGHT);
     let writer = tokio::spawn(async move {
-        while let Some(buf) = rx.recv().await {
+        while let Some((buf, permit)) = rx.recv().await {
             wr.write_all(&buf).await?;
+            drop(permit);
             // Send at once unless more replies are already waiting.
             if rx.is_empty() {
                 wr.flush().await?;
@@ -70,7 +76,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
     rd: &mut R,
     session: &Arc<Session>,
     slots: &Arc<Semaphore>,
-    tx: &mpsc::Sender<Vec<u8>>,
+    tx: &mpsc::Sender<Reply>,
 ) -> io::Result<()> {
     let size = session.export.device.size();
     loop {
@@ -101,7 +107,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
             if req.length > MAX_PAYLOAD {
                 // The payload cannot be skipped without reading it all: refuse and hang up.
                 let _ = tx
-                    .send(reply_bytes(session, &req, Outcome::Err(EOVERFLOW)))
+                    .send((reply_bytes(session, &req, Outcome::Err(EINVAL)), None))
                     .await;
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -112,7 +118,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
             rd.read_exact(&mut payload).await?;
         }
         if let Some(err) = check(session, &req, size) {
-            let _ = tx.send(reply_bytes(session, &req, Outcome::Err(err))).await;
+            let _ = tx
+                .send((reply_bytes(session, &req, Outcome::Err(err)), Some(permit)))
+                .await;
             continue;
         }
         // Small reads and writes hit the page cache and take microseconds: run them right here,
@@ -125,8 +133,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
             && req.length <= QUICK_LEN;
         if quick {
             let outcome = execute(session, &req, payload);
-            let _ = tx.send(reply_bytes(session, &req, outcome)).await;
-            drop(permit);
+            let _ = tx
+                .send((reply_bytes(session, &req, outcome), Some(permit)))
+                .await;
             continue;
         }
         let session = session.clone();
@@ -136,8 +145,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
             let outcome = tokio::task::spawn_blocking(move || execute(&s, &req, payload))
                 .await
                 .unwrap_or(Outcome::Err(EIO));
-            let _ = tx.send(reply_bytes(&session, &req, outcome)).await;
-            drop(permit);
+            let _ = tx
+                .send((reply_bytes(&session, &req, outcome), Some(permit)))
+                .await;
         });
     }
 }
@@ -169,13 +179,16 @@ fn check(session: &Session, req: &Request, size: u64) -> Option<u32> {
         return Some(EINVAL);
     }
     if req.kind != CMD_FLUSH && !in_range {
-        return Some(if writes { ENOSPC } else { EINVAL });
+        // The protocol: ENOSPC for writes past the end, EINVAL for reads and trims.
+        return Some(if matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
+            ENOSPC
+        } else {
+            EINVAL
+        });
     }
-    if req.kind == CMD_WRITE_ZEROES
-        && req.flags & CMD_FLAG_FAST_ZERO != 0
-        && req.flags & CMD_FLAG_NO_HOLE != 0
-    {
-        // Writing real zero bytes is not fast; say so, as the protocol asks.
+    if req.kind == CMD_WRITE_ZEROES && req.flags & CMD_FLAG_FAST_ZERO != 0 {
+        // FAST_ZERO is not advertised: devices cannot promise zeroing faster than writing, and
+        // the protocol asks to fail such a request quickly with ENOTSUP.
         return Some(ENOTSUP);
     }
     None
@@ -270,6 +283,10 @@ fn reply_bytes(session: &Session, req: &Request, outcome: Outcome) -> Vec<u8> {
             b
         }
         Outcome::Err(err) => simple_reply(err, req.cookie).to_vec(),
+        Outcome::Read(data) if session.structured && data.is_empty() => {
+            // An OFFSET_DATA chunk must carry at least one byte.
+            structured_reply(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0).to_vec()
+        }
         Outcome::Read(data) if session.structured => {
             let mut b = Vec::with_capacity(28 + data.len());
             b.extend_from_slice(&structured_reply(

@@ -333,6 +333,12 @@ fn bad_requests_get_the_errors_the_protocol_names_and_others_keep_working() {
     );
     assert_eq!(err(&mut c, 1, 7, 0, 4, b"wxyz"), 0, "still serving");
 
+    assert_eq!(
+        err(&mut c, 4, 9, 8 * MIB, 4096, &[]),
+        22,
+        "trim past the end: EINVAL"
+    );
+
     // Garbage instead of a request: the server hangs up on that client only.
     let mut g = RawNbd::connect(&srv.addr, "x").unwrap().0;
     g.write_all(&[0xde; 64]).unwrap();
