@@ -71,8 +71,9 @@ impl Drop for Agent {
     }
 }
 
-fn last_seq(log: &Path) -> u64 {
-    let v: Value = serde_json::from_str(&boomerang(&[
+/// `agent log inspect --output json`.
+fn inspect(log: &Path) -> Value {
+    serde_json::from_str(&boomerang(&[
         "agent",
         "log",
         "inspect",
@@ -80,7 +81,37 @@ fn last_seq(log: &Path) -> u64 {
         "--output",
         "json",
     ]))
-    .unwrap();
+    .unwrap()
+}
+
+/// `agent log replay` of disk d0 onto a copy of `base`.
+fn replay_output(log: &Path, base: &Path, to: &str, out: &Path) -> std::process::Output {
+    let (log, base, out) = (
+        log.to_str().unwrap(),
+        base.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args([
+            "agent", "log", "replay", log, "--disk", "d0", "--base", base,
+        ])
+        .args(["--to", to, "--out", out])
+        .output()
+        .unwrap()
+}
+
+/// Like [`replay_output`], and panics if the replay fails.
+fn replay(log: &Path, base: &Path, to: &str, out: &Path) {
+    let o = replay_output(log, base, to, out);
+    assert!(
+        o.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn last_seq(log: &Path) -> u64 {
+    let v = inspect(log);
     v["segments"]
         .as_array()
         .unwrap()
@@ -147,62 +178,30 @@ fn writes_through_the_agent_replay_exactly() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     agent.stop();
 
-    let inspect: Value = serde_json::from_str(&boomerang(&[
-        "agent",
-        "log",
-        "inspect",
-        log.to_str().unwrap(),
-        "--output",
-        "json",
-    ]))
-    .unwrap();
+    let state = inspect(&log);
     assert!(
-        inspect["segments"].as_array().unwrap().len() > 1,
+        state["segments"].as_array().unwrap().len() > 1,
         "the log rolled over"
     );
     assert!(
-        !inspect["marks"].as_array().unwrap().is_empty(),
+        !state["marks"].as_array().unwrap().is_empty(),
         "crash-consistent marks were inserted"
     );
 
     // Replay to the last mark (taken after fio finished) equals the live image, and so does
     // replay to the end of the log.
-    let last_mark = inspect["marks"].as_array().unwrap().last().unwrap()["id"]
+    let last_mark = state["marks"].as_array().unwrap().last().unwrap()["id"]
         .as_u64()
         .unwrap();
     let at_mark = dir.path().join("at-last-mark.img");
     let to = format!("mark:{last_mark}");
-    boomerang(&[
-        "agent",
-        "log",
-        "replay",
-        log.to_str().unwrap(),
-        "--disk",
-        "d0",
-        "--base",
-        base.to_str().unwrap(),
-        "--to",
-        &to,
-        "--out",
-        at_mark.to_str().unwrap(),
-    ]);
+    replay(&log, &base, &to, &at_mark);
     assert!(
         std::fs::read(&at_mark).unwrap() == std::fs::read(&disk).unwrap(),
         "replay to the last mark differs from the live image"
     );
     let replayed = dir.path().join("replayed.img");
-    boomerang(&[
-        "agent",
-        "log",
-        "replay",
-        log.to_str().unwrap(),
-        "--disk",
-        "d0",
-        "--base",
-        base.to_str().unwrap(),
-        "--out",
-        replayed.to_str().unwrap(),
-    ]);
+    replay(&log, &base, "latest", &replayed);
     assert!(
         std::fs::read(&replayed).unwrap() == std::fs::read(&disk).unwrap(),
         "replay to latest differs from the live image"
@@ -211,20 +210,7 @@ fn writes_through_the_agent_replay_exactly() {
     // Replay to an earlier sequence number equals the image as it was then.
     let early = dir.path().join("early.img");
     let to = format!("seq:{first}");
-    boomerang(&[
-        "agent",
-        "log",
-        "replay",
-        log.to_str().unwrap(),
-        "--disk",
-        "d0",
-        "--base",
-        base.to_str().unwrap(),
-        "--to",
-        &to,
-        "--out",
-        early.to_str().unwrap(),
-    ]);
+    replay(&log, &base, &to, &early);
     assert!(
         std::fs::read(&early).unwrap() == std::fs::read(&at_first).unwrap(),
         "replay to seq {first} differs from the image at that time"
@@ -238,23 +224,7 @@ fn writes_through_the_agent_replay_exactly() {
     run("fio", &args.iter().map(String::as_str).collect::<Vec<_>>());
 
     // A mark that is not in the log is refused.
-    let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
-        .args([
-            "agent",
-            "log",
-            "replay",
-            log.to_str().unwrap(),
-            "--disk",
-            "d0",
-            "--base",
-            base.to_str().unwrap(),
-            "--to",
-            "mark:999999",
-            "--out",
-            dir.path().join("x.img").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let out = replay_output(&log, &base, "mark:999999", &dir.path().join("x.img"));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("mark 999999 is not in the log"));
 }
@@ -334,18 +304,7 @@ fn kill_9_loses_no_acknowledged_write() {
 
     // The log as it is after the crash, replayed onto the starting image.
     let replayed = dir.path().join("replayed.img");
-    boomerang(&[
-        "agent",
-        "log",
-        "replay",
-        log.to_str().unwrap(),
-        "--disk",
-        "d0",
-        "--base",
-        base.to_str().unwrap(),
-        "--out",
-        replayed.to_str().unwrap(),
-    ]);
+    replay(&log, &base, "latest", &replayed);
     let live = std::fs::read(&disk).unwrap();
     let again = std::fs::read(&replayed).unwrap();
     for i in 0..BLOCKS {
@@ -473,23 +432,15 @@ fn app_marks_run_the_hooks_and_fall_back_to_crash_marks() {
     agent.stop();
 
     // The marks are in the log, ids continuing across restarts, and replay finds them.
-    let inspect: Value = serde_json::from_str(&boomerang(&[
-        "agent",
-        "log",
-        "inspect",
-        log.to_str().unwrap(),
-        "--output",
-        "json",
-    ]))
-    .unwrap();
-    let kinds: Vec<&str> = inspect["marks"]
+    let state = inspect(&log);
+    let kinds: Vec<&str> = state["marks"]
         .as_array()
         .unwrap()
         .iter()
         .map(|m| m["kind"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["app", "crash", "crash", "crash"]);
-    let ids: Vec<u64> = inspect["marks"]
+    let ids: Vec<u64> = state["marks"]
         .as_array()
         .unwrap()
         .iter()
@@ -497,20 +448,7 @@ fn app_marks_run_the_hooks_and_fall_back_to_crash_marks() {
         .collect();
     assert_eq!(ids, [1, 2, 3, 4]);
     let out = dir.path().join("at-mark.img");
-    boomerang(&[
-        "agent",
-        "log",
-        "replay",
-        log.to_str().unwrap(),
-        "--disk",
-        "d0",
-        "--base",
-        disk.to_str().unwrap(),
-        "--to",
-        "mark:2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    replay(&log, &disk, "mark:2", &out);
 
     // No agent: a clear error.
     let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
@@ -575,17 +513,9 @@ fn past_its_cap_the_log_hands_over_to_the_bitmap() {
     );
     agent.stop();
 
-    let inspect: Value = serde_json::from_str(&boomerang(&[
-        "agent",
-        "log",
-        "inspect",
-        log.to_str().unwrap(),
-        "--output",
-        "json",
-    ]))
-    .unwrap();
-    let dirty = inspect["bitmaps"][0]["dirty_blocks"].as_u64().unwrap();
-    assert!(dirty > 0, "{inspect}");
+    let state = inspect(&log);
+    let dirty = state["bitmaps"][0]["dirty_blocks"].as_u64().unwrap();
+    assert!(dirty > 0, "{state}");
     let logged: u64 = std::fs::read_dir(&log)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -598,21 +528,7 @@ fn past_its_cap_the_log_hands_over_to_the_bitmap() {
     );
 
     // Replay to the end would be wrong, so it is refused; up to the cap it is exact.
-    let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
-        .args([
-            "agent",
-            "log",
-            "replay",
-            log.to_str().unwrap(),
-            "--disk",
-            "d0",
-            "--base",
-            base.to_str().unwrap(),
-            "--out",
-            dir.path().join("x.img").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let out = replay_output(&log, &base, "latest", &dir.path().join("x.img"));
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("incomplete"),
@@ -621,20 +537,7 @@ fn past_its_cap_the_log_hands_over_to_the_bitmap() {
     );
     let replayed = dir.path().join("replayed.img");
     let to = format!("seq:{before_cap}");
-    boomerang(&[
-        "agent",
-        "log",
-        "replay",
-        log.to_str().unwrap(),
-        "--disk",
-        "d0",
-        "--base",
-        base.to_str().unwrap(),
-        "--to",
-        &to,
-        "--out",
-        replayed.to_str().unwrap(),
-    ]);
+    replay(&log, &base, &to, &replayed);
     assert!(std::fs::read(&replayed).unwrap() == std::fs::read(&at_cap).unwrap());
 }
 
@@ -707,18 +610,10 @@ fn a_full_log_volume_switches_to_the_bitmap_and_loses_nothing() {
             &agent.uri(),
         ],
     );
-    let inspect: Value = serde_json::from_str(&boomerang(&[
-        "agent",
-        "log",
-        "inspect",
-        log.to_str().unwrap(),
-        "--output",
-        "json",
-    ]))
-    .unwrap();
+    let state = inspect(&log);
     assert!(
-        inspect["bitmaps"][0]["dirty_blocks"].as_u64().unwrap() > 0,
-        "{inspect}"
+        state["bitmaps"][0]["dirty_blocks"].as_u64().unwrap() > 0,
+        "{state}"
     );
     agent.stop();
     let data = std::fs::read(&disk).unwrap();
@@ -789,18 +684,7 @@ fn real_clients_against_the_agent() {
 
     // What went through the agent is in its log.
     let replayed = dir.path().join("replayed.img");
-    boomerang(&[
-        "agent",
-        "log",
-        "replay",
-        log.to_str().unwrap(),
-        "--disk",
-        "d0",
-        "--base",
-        base.to_str().unwrap(),
-        "--out",
-        replayed.to_str().unwrap(),
-    ]);
+    replay(&log, &base, "latest", &replayed);
     assert!(std::fs::read(&replayed).unwrap() == data);
 }
 
@@ -836,18 +720,10 @@ fn a_full_disk_fails_the_write_and_marks_its_range_for_resync() {
         "the client must see the error: {text}"
     );
     agent.stop();
-    let inspect: Value = serde_json::from_str(&boomerang(&[
-        "agent",
-        "log",
-        "inspect",
-        log.to_str().unwrap(),
-        "--output",
-        "json",
-    ]))
-    .unwrap();
+    let state = inspect(&log);
     assert!(
-        inspect["bitmaps"][0]["dirty_blocks"].as_u64().unwrap() > 0,
-        "the refused range must be marked: {inspect}"
+        state["bitmaps"][0]["dirty_blocks"].as_u64().unwrap() > 0,
+        "the refused range must be marked: {state}"
     );
     drop(volume);
 }
@@ -874,30 +750,14 @@ fn after_a_machine_crash_every_disk_is_marked_for_resync() {
     )
     .unwrap();
     Agent::start(&disk, &log, &["--mark-interval", "0"]).stop();
-    let inspect: Value = serde_json::from_str(&boomerang(&[
-        "agent",
-        "log",
-        "inspect",
-        log.to_str().unwrap(),
-        "--output",
-        "json",
-    ]))
-    .unwrap();
+    let state = inspect(&log);
     assert_eq!(
-        inspect["bitmaps"][0]["dirty_blocks"].as_u64().unwrap(),
+        state["bitmaps"][0]["dirty_blocks"].as_u64().unwrap(),
         64,
-        "all 64 blocks of 64 KiB: {inspect}"
+        "all 64 blocks of 64 KiB: {state}"
     );
     // And that state outlives the next clean restart, until a resync.
     Agent::start(&disk, &log, &["--mark-interval", "0"]).stop();
-    let inspect: Value = serde_json::from_str(&boomerang(&[
-        "agent",
-        "log",
-        "inspect",
-        log.to_str().unwrap(),
-        "--output",
-        "json",
-    ]))
-    .unwrap();
-    assert_eq!(inspect["bitmaps"][0]["dirty_blocks"].as_u64().unwrap(), 64);
+    let state = inspect(&log);
+    assert_eq!(state["bitmaps"][0]["dirty_blocks"].as_u64().unwrap(), 64);
 }
