@@ -309,16 +309,21 @@ impl LogDir {
 }
 
 /// The id of the last mark in the log, if any.
+/// Marks come every few seconds, so the newest segments hold the last one: segments are read
+/// from the newest back, and the first that has a mark ends the search.
 fn last_mark(segments: &[PathBuf]) -> Result<Option<MarkId>, LogError> {
-    let mut last = None;
-    for path in segments {
+    for path in segments.iter().rev() {
+        let mut last = None;
         for record in SegmentReader::open(path)? {
             if let Op::Mark { id, .. } = record?.op {
                 last = Some(id);
             }
         }
+        if last.is_some() {
+            return Ok(last);
+        }
     }
-    Ok(last)
+    Ok(None)
 }
 
 /// Every record of the log in `dir`, in order.
