@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use boomerang_testkit::{RawNbd, ci, have, run};
+use boomerang_testkit::{RawNbd, ci, have, run, sparse_file};
 use serde_json::Value;
 
 fn boomerang(args: &[&str]) -> String {
@@ -129,10 +129,7 @@ fn writes_through_the_agent_replay_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
     let log = dir.path().join("log");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    sparse_file(&disk, 64 << 20);
     let base = dir.path().join("base.img");
     std::fs::copy(&disk, &base).unwrap();
 
@@ -233,10 +230,7 @@ fn writes_through_the_agent_replay_exactly() {
 fn one_log_directory_one_agent() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    sparse_file(&disk, 1 << 20);
     let log = dir.path().join("log");
     let first = Agent::start(&disk, &log, &[]);
     let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
@@ -266,10 +260,7 @@ fn kill_9_loses_no_acknowledged_write() {
     let disk = dir.path().join("disk.img");
     let log = dir.path().join("log");
     const BLOCKS: u64 = 16384;
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(BLOCKS * 4096)
-        .unwrap();
+    sparse_file(&disk, BLOCKS * 4096);
     let base = dir.path().join("base.img");
     std::fs::copy(&disk, &base).unwrap();
 
@@ -336,10 +327,7 @@ fn kill_9_loses_no_acknowledged_write() {
 fn app_marks_run_the_hooks_and_fall_back_to_crash_marks() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    sparse_file(&disk, 1 << 20);
     let log = dir.path().join("log");
     let journal = dir.path().join("hooks.txt");
     let record = |word: &str| format!("echo {word} >> {}", journal.display());
@@ -470,10 +458,7 @@ fn past_its_cap_the_log_hands_over_to_the_bitmap() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    sparse_file(&disk, 16 << 20);
     let base = dir.path().join("base.img");
     std::fs::copy(&disk, &base).unwrap();
     let log = dir.path().join("log");
@@ -583,10 +568,7 @@ fn a_full_log_volume_switches_to_the_bitmap_and_loses_nothing() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    sparse_file(&disk, 16 << 20);
     let log = dir.path().join("log");
     let Some(volume) = SmallVolume::mount(&log, "3m") else {
         return;
@@ -631,10 +613,7 @@ fn real_clients_against_the_agent() {
     }
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    sparse_file(&disk, 8 << 20);
     let base = dir.path().join("base.img");
     std::fs::copy(&disk, &base).unwrap();
     let log = dir.path().join("log");
@@ -700,10 +679,7 @@ fn a_full_disk_fails_the_write_and_marks_its_range_for_resync() {
     };
     // A sparse 8 MiB disk on a 1 MiB volume: writes past the free space fail with ENOSPC.
     let disk = small.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    sparse_file(&disk, 8 << 20);
     let log = dir.path().join("log");
     let agent = Agent::start(&disk, &log, &["--mark-interval", "0"]);
     let out = Command::new("qemu-io")
@@ -732,10 +708,7 @@ fn a_full_disk_fails_the_write_and_marks_its_range_for_resync() {
 fn after_a_machine_crash_every_disk_is_marked_for_resync() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
+    sparse_file(&disk, 4 << 20);
     let log = dir.path().join("log");
     // A clean run leaves no mark; the bitmap stays empty.
     Agent::start(&disk, &log, &["--mark-interval", "0"]).stop();

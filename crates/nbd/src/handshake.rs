@@ -61,6 +61,30 @@ async fn error<S: AsyncWrite + Unpin>(
     reply(s, option, kind, msg.as_bytes()).await
 }
 
+async fn malformed<S: AsyncWrite + Unpin>(s: &mut S, option: u32) -> io::Result<()> {
+    error(
+        s,
+        option,
+        REP_ERR_INVALID,
+        "the option's payload is malformed",
+    )
+    .await
+}
+
+async fn no_such_export<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+    name: &str,
+) -> io::Result<()> {
+    error(
+        s,
+        option,
+        REP_ERR_UNKNOWN,
+        &format!("there is no export named {name:?}"),
+    )
+    .await
+}
+
 /// A cursor over an option's payload that refuses to read past its end.
 struct Payload<'a>(&'a [u8]);
 impl Payload<'_> {
@@ -186,23 +210,11 @@ where
                     p.0.is_empty().then_some((name, wanted))
                 })();
                 let Some((name, wanted)) = parsed else {
-                    error(
-                        s,
-                        option,
-                        REP_ERR_INVALID,
-                        "the option's payload is malformed",
-                    )
-                    .await?;
+                    malformed(s, option).await?;
                     continue;
                 };
                 let Some(export) = server.export(&name) else {
-                    error(
-                        s,
-                        option,
-                        REP_ERR_UNKNOWN,
-                        &format!("there is no export named {name:?}"),
-                    )
-                    .await?;
+                    no_such_export(s, option, &name).await?;
                     continue;
                 };
                 let mut info = Vec::with_capacity(12);
@@ -265,23 +277,11 @@ where
                     p.0.is_empty().then_some((name, queries))
                 })();
                 let Some((name, queries)) = parsed else {
-                    error(
-                        s,
-                        option,
-                        REP_ERR_INVALID,
-                        "the option's payload is malformed",
-                    )
-                    .await?;
+                    malformed(s, option).await?;
                     continue;
                 };
                 if server.export(&name).is_none() {
-                    error(
-                        s,
-                        option,
-                        REP_ERR_UNKNOWN,
-                        &format!("there is no export named {name:?}"),
-                    )
-                    .await?;
+                    no_such_export(s, option, &name).await?;
                     continue;
                 }
                 let matches = if queries.is_empty() {

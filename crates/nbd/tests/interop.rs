@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use boomerang_nbd::server::{ListenAddr, Listener};
 use boomerang_nbd::{Export, FileDevice, Server};
-use boomerang_testkit::{RawNbd, have, run};
+use boomerang_testkit::{RawNbd, have, run, sparse_file};
 use tokio::sync::watch;
 
 const MIB: u64 = 1 << 20;
@@ -229,20 +229,14 @@ fn nbdcopy_both_ways_over_tcp_and_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let src = sample_image(dir.path(), "src.img", 16 * MIB);
     let target = dir.path().join("target.img");
-    std::fs::File::create(&target)
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
+    sparse_file(&target, 16 * MIB);
     let sock = dir.path().join("nbd.sock");
     for listen in [
         ListenAddr::Tcp("127.0.0.1:0".into()),
         ListenAddr::Unix(sock.clone()),
     ] {
-        std::fs::File::create(&target).unwrap().set_len(0).unwrap();
-        std::fs::File::create(&target)
-            .unwrap()
-            .set_len(16 * MIB)
-            .unwrap();
+        sparse_file(&target, 0);
+        sparse_file(&target, 16 * MIB);
         let srv = Running::start(vec![("t", target.clone(), false)], listen.clone());
         let uri = match &listen {
             ListenAddr::Tcp(_) => srv.uri("t"),
@@ -271,10 +265,7 @@ fn fio_random_writes_verify() {
     }
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("fio.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(64 * MIB)
-        .unwrap();
+    sparse_file(&img, 64 * MIB);
     let srv = Running::start(vec![("fio", img, false)], "127.0.0.1:0".parse().unwrap());
     let uri = srv.uri("fio");
     let common = [

@@ -46,6 +46,13 @@ pub fn unique(name: &str) -> String {
     format!("{name}-{}-{}", std::process::id(), nanos % 1_000_000_000)
 }
 
+/// Creates (or truncates) `path` as a sparse file of `size` bytes: an empty disk image.
+pub fn sparse_file(path: &std::path::Path, size: u64) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(size))
+        .unwrap_or_else(|e| panic!("could not create {}: {e}", path.display()));
+}
+
 /// Runs a command and returns its stdout; panics with its output if it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)
