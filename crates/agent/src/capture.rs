@@ -5,7 +5,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use boomerang_core::DiskName;
-use boomerang_core::log::Op;
+use boomerang_core::log::{Op, SegmentReader};
 use boomerang_nbd::{BlockDevice, Extent, FileDevice};
 
 use crate::bitmap::DirtyBitmap;
@@ -26,17 +26,25 @@ pub struct CaptureDevice {
 impl CaptureDevice {
     /// Wraps `inner`; its bitmap lives beside the log (`dirty-<disk>.bitmap`).
     pub fn new(disk: DiskName, inner: FileDevice, log: Arc<Mutex<LogDir>>) -> io::Result<Self> {
-        let (path, crashed) = {
+        let (path, crashed, unclean, newest) = {
             let log = log
                 .lock()
                 .map_err(|_| io::Error::other("the write log lock is poisoned"))?;
-            (bitmap_path(log.dir(), &disk), log.machine_crashed())
+            (
+                bitmap_path(log.dir(), &disk),
+                log.machine_crashed(),
+                log.unclean_stop(),
+                log.newest_segment().to_path_buf(),
+            )
         };
         let mut bitmap = DirtyBitmap::open(&path, inner.size())?;
         if crashed {
             // The log may lack writes the disk kept: the whole disk needs a resync.
             bitmap.mark(0, inner.size())?;
             bitmap.sync()?;
+        } else if unclean {
+            // The agent died: the disk may lack changes of the newest segment.
+            redo_newest_segment(&disk, &inner, &newest, &mut bitmap)?;
         }
         let bitmap = Mutex::new(bitmap);
         Ok(CaptureDevice {
@@ -61,8 +69,19 @@ impl CaptureDevice {
 
     /// Records a change: in the log, or in the bitmap once the log is capped. Called with the
     /// log lock held, so the order is the disk's.
-    fn record(&self, log: &mut LogDir, op: Op, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        match log.append(op) {
+    fn record(
+        &self,
+        log: &mut LogDir,
+        entry: Change<'_>,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> io::Result<()> {
+        let appended = match entry {
+            Change::Op(op) => log.append(op),
+            Change::Write(data) => log.append_write(&self.disk, offset, data),
+        };
+        match appended {
             Ok(_) => {
                 if fua {
                     log.sync().map_err(log_error)?;
@@ -98,6 +117,64 @@ impl CaptureDevice {
     }
 }
 
+/// After a crash of the agent, makes the disk hold every change of `disk` that the newest
+/// segment logged: a change is logged before it is written to the disk, and a segment rolls over
+/// only once all its changes are on the disk, so only the newest segment's changes may be
+/// missing. Applying them again in log order is harmless for those already there.
+///
+/// A disk whose dirty-block bitmap has blocks set is resynced anyway, and its log stopped
+/// before the bitmap took over: the segment's ranges go into the bitmap instead.
+fn redo_newest_segment(
+    disk: &DiskName,
+    inner: &FileDevice,
+    segment: &std::path::Path,
+    bitmap: &mut DirtyBitmap,
+) -> io::Result<()> {
+    let bad = |e: boomerang_core::log::LogError| {
+        io::Error::other(format!(
+            "could not read {} to bring disk {disk} up to date after the agent's crash: {e}",
+            segment.display()
+        ))
+    };
+    let to_bitmap = bitmap.count() > 0;
+    let mut redone = 0u64;
+    for record in SegmentReader::open(segment).map_err(bad)? {
+        let record = record.map_err(bad)?;
+        if record.op.disk() != Some(disk) {
+            continue;
+        }
+        match &record.op {
+            Op::Write { offset, data, .. } if to_bitmap => {
+                bitmap.mark(*offset, data.len() as u64)?
+            }
+            Op::Zero { offset, len, .. } | Op::Trim { offset, len, .. } if to_bitmap => {
+                bitmap.mark(*offset, *len)?
+            }
+            Op::Write { offset, data, .. } => inner.write_at(data, *offset, false)?,
+            Op::Zero { offset, len, .. } | Op::Trim { offset, len, .. } => {
+                inner.write_zeroes(*offset, *len, true, false)?
+            }
+            Op::Mark { .. } | Op::Resize { .. } => continue,
+        }
+        redone += 1;
+    }
+    if to_bitmap {
+        bitmap.sync()?;
+    } else {
+        inner.flush()?;
+    }
+    if redone > 0 {
+        tracing::info!(%disk, changes = redone, segment = %segment.display(), "the agent had crashed: the changes of the newest log segment are on the disk again");
+    }
+    Ok(())
+}
+
+/// A change to record: an operation, or write data of this disk at the given offset.
+enum Change<'a> {
+    Op(Op),
+    Write(&'a [u8]),
+}
+
 /// Where the dirty-block bitmap of `disk` lives.
 pub fn bitmap_path(log_dir: &std::path::Path, disk: &DiskName) -> std::path::PathBuf {
     log_dir.join(format!("dirty-{disk}.bitmap"))
@@ -126,52 +203,66 @@ impl BlockDevice for CaptureDevice {
     }
 
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        let mut log = self.log()?;
-        // Large writes become several records; the lock keeps a mark from falling between them.
-        // One sync after the last piece is enough for FUA.
-        let pieces = data.len().div_ceil(RECORD_PIECE).max(1);
-        for (k, piece) in data.chunks(RECORD_PIECE).enumerate() {
-            let at = offset + (k * RECORD_PIECE) as u64;
-            let op = Op::Write {
-                disk: self.disk.clone(),
-                offset: at,
-                data: piece.to_vec(),
-            };
-            let recorded =
-                self.record(&mut log, op, at, piece.len() as u64, fua && k + 1 == pieces);
-            if k > 0 {
-                // Earlier pieces are logged; the disk is not written: the whole range goes to
-                // the bitmap so that the log is not trusted there.
-                self.track_failure(recorded, offset, data.len() as u64)?;
-            } else {
-                recorded?;
+        let mut ticket = {
+            let mut log = self.log()?;
+            // Large writes become several records; the lock keeps a mark from falling between
+            // them. One sync after the last piece is enough for FUA.
+            let pieces = data.len().div_ceil(RECORD_PIECE).max(1);
+            for (k, piece) in data.chunks(RECORD_PIECE).enumerate() {
+                let at = offset + (k * RECORD_PIECE) as u64;
+                let last = k + 1 == pieces;
+                let recorded = self.record(
+                    &mut log,
+                    Change::Write(piece),
+                    at,
+                    piece.len() as u64,
+                    fua && last,
+                );
+                if k > 0 {
+                    // Earlier pieces are logged; the disk is not written: the whole range goes
+                    // to the bitmap so that the log is not trusted there.
+                    self.track_failure(recorded, offset, data.len() as u64)?;
+                } else {
+                    recorded?;
+                }
             }
-        }
+            log.ticket()
+        };
+        // The next change may be logged while this one goes to the disk, in its turn.
+        ticket.wait();
         let applied = self.inner.write_at(data, offset, fua);
         self.track_failure(applied, offset, data.len() as u64)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
-        let mut log = self.log()?;
-        let op = Op::Zero {
-            disk: self.disk.clone(),
-            offset,
-            len,
+        let mut ticket = {
+            let mut log = self.log()?;
+            let op = Op::Zero {
+                disk: self.disk.clone(),
+                offset,
+                len,
+            };
+            self.record(&mut log, Change::Op(op), offset, len, fua)?;
+            log.ticket()
         };
-        self.record(&mut log, op, offset, len, fua)?;
+        ticket.wait();
         let applied = self.inner.write_zeroes(offset, len, may_trim, fua);
         self.track_failure(applied, offset, len)
     }
 
     /// Trimmed ranges read back as zeros, on the disk and in a replay alike.
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut log = self.log()?;
-        let op = Op::Trim {
-            disk: self.disk.clone(),
-            offset,
-            len,
+        let mut ticket = {
+            let mut log = self.log()?;
+            let op = Op::Trim {
+                disk: self.disk.clone(),
+                offset,
+                len,
+            };
+            self.record(&mut log, Change::Op(op), offset, len, false)?;
+            log.ticket()
         };
-        self.record(&mut log, op, offset, len, false)?;
+        ticket.wait();
         let applied = self.inner.write_zeroes(offset, len, true, false);
         self.track_failure(applied, offset, len)
     }
@@ -190,5 +281,55 @@ impl BlockDevice for CaptureDevice {
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         self.inner.block_status(offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logdir::MIN_SEGMENT;
+
+    #[test]
+    fn after_an_agent_crash_every_logged_change_is_on_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, log_dir) = (dir.path().join("disk.img"), dir.path().join("log"));
+        std::fs::write(&image, vec![9u8; 1 << 20]).unwrap();
+        let disk = DiskName::new("d0").unwrap();
+        {
+            // Logged, then the agent dies before the disk is written: no clean close.
+            let mut log = LogDir::open(&log_dir, MIN_SEGMENT).unwrap();
+            log.append_write(&disk, 4096, &[7u8; 4096]).unwrap();
+            log.append(Op::Zero {
+                disk: disk.clone(),
+                offset: 0,
+                len: 4096,
+            })
+            .unwrap();
+            log.append(Op::Write {
+                disk: DiskName::new("other").unwrap(),
+                offset: 8192,
+                data: vec![5u8; 4096],
+            })
+            .unwrap();
+            log.sync().unwrap();
+        }
+        let log = Arc::new(Mutex::new(LogDir::open(&log_dir, MIN_SEGMENT).unwrap()));
+        assert!(log.lock().unwrap().unclean_stop());
+        let dev = CaptureDevice::new(disk, FileDevice::open(&image, false).unwrap(), log.clone())
+            .unwrap();
+        let mut got = vec![0u8; 3 * 4096];
+        dev.read_at(&mut got, 0).unwrap();
+        assert!(got[..4096].iter().all(|&b| b == 0), "the zeroing is redone");
+        assert!(
+            got[4096..8192].iter().all(|&b| b == 7),
+            "the write is redone"
+        );
+        assert!(
+            got[8192..].iter().all(|&b| b == 9),
+            "another disk's change is not applied here"
+        );
+        log.lock().unwrap().close_clean().unwrap();
+        drop((dev, log));
+        assert!(!LogDir::open(&log_dir, MIN_SEGMENT).unwrap().unclean_stop());
     }
 }

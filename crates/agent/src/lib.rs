@@ -4,16 +4,20 @@
 //!
 //! ```text
 //! NBD client ─▶ boomerang-nbd ─▶ CaptureDevice::write_at ─┬─▶ LogDir::append (segment files)
-//!                                   (one lock: log order  └─▶ disk image
-//!                                    = disk order)
+//!                               (log lock, then the turn  └─▶ disk image
+//!                                of its ticket: log order
+//!                                = disk order)
 //! timers, `agent mark` (control.rs) ─▶ marks.rs ─▶ LogDir::append(Mark{crash|app})
 //!                                                 (app: between the freeze and thaw hooks)
 //! replay.rs: log + base image ─▶ the disk as it was at a mark
 //! ```
 //!
 //! Invariants:
-//! - The log and the disk see writes in the same order: one lock covers the log append and the
-//!   disk write, so overlapping writes in flight cannot land in different orders.
+//! - The log and the disk see writes in the same order: a change is logged under the log lock
+//!   and takes a ticket there, and reaches the disk in ticket order (order.rs), so overlapping
+//!   writes in flight cannot land in different orders. A change is in the log before it is on
+//!   the disk; after a crash of the agent, the changes of the newest segment are applied to the
+//!   disk again (a segment rolls over only once every change in it is on the disk).
 //! - FUA and FLUSH make the log durable before the disk, and both before the reply.
 //! - The log directory has one writer: `LogDir::open` takes an exclusive lock on it.
 
@@ -22,6 +26,7 @@ pub mod capture;
 pub mod control;
 pub mod logdir;
 pub mod marks;
+pub mod order;
 pub mod replay;
 
 pub use capture::CaptureDevice;

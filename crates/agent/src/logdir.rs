@@ -4,12 +4,16 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use boomerang_core::Seq;
 use boomerang_core::log::{
-    AppendOutcome, LogError, MarkId, MarkKind, Op, Record, SegmentReader, SegmentWriter, UnixNanos,
+    AppendOutcome, FRAME_OVERHEAD, LogError, MarkId, MarkKind, Op, Record, SegmentReader,
+    SegmentWriter, UnixNanos,
 };
+use boomerang_core::{DiskName, Seq};
 use nix::fcntl::{Flock, FlockArg};
+
+use crate::order::{Ticket, Turnstile};
 
 /// Default size limit of one segment.
 pub const DEFAULT_SEGMENT_LEN: u64 = 64 << 20;
@@ -56,7 +60,115 @@ pub struct LogDir {
     /// The machine (not only the agent) went down while the agent ran: unsynced log records
     /// may be gone while the disk kept the writes, so the disks need a full resync.
     machine_crashed: bool,
+    /// The agent stopped without [`LogDir::close_clean`] (crash of the agent or the machine).
+    unclean_stop: bool,
+    behind: WriteBehind,
+    /// Disk order of the changes (see `order.rs`): tickets issued, and the turnstile.
+    issued: u64,
+    turnstile: Arc<Turnstile>,
     _lock: Flock<File>,
+}
+
+/// Write-behind of the newest segment: the log is written once and read back rarely, so its
+/// pages are handed to write-back early and dropped from the page cache once clean. Without
+/// it, each appended byte takes a fresh page-cache page, dirty pages pile up by gigabytes, and
+/// the kernel throttles the machine's writes once they pass its dirty limit; with it the log
+/// keeps a few dozen MiB of cache and its pages are reused at once.
+///
+/// `POSIX_FADV_DONTNEED` starts write-back of dirty pages in its range and drops the clean
+/// ones, so asking again a little later drops the pages written back in between. The advice
+/// takes a millisecond or so and is given by a thread of its own, off the appending path; it is
+/// advice only: durability still comes from [`LogDir::sync`].
+#[derive(Default)]
+struct WriteBehind {
+    /// Segment length at the last advice.
+    advised: u64,
+    /// The advising thread, started at the first advice.
+    advisor: Option<std::sync::mpsc::SyncSender<(File, u64, u64)>>,
+}
+
+impl WriteBehind {
+    /// Advice is given every `STEP` bytes appended.
+    const STEP: u64 = 8 << 20;
+
+    fn appended(&mut self, writer: &SegmentWriter) {
+        let len = writer.size();
+        if len < self.advised + Self::STEP {
+            return;
+        }
+        // The newest STEP stays cached for readers of the tail; the three before it are
+        // handed to write-back, or dropped if already written.
+        let end = len - Self::STEP;
+        self.advise(writer, end.saturating_sub(3 * Self::STEP), end);
+        self.advised = len;
+    }
+
+    /// Called on a segment that is complete and synced: nothing of it needs to stay cached.
+    fn finished(&mut self, writer: &SegmentWriter) {
+        self.advise(writer, 0, writer.size());
+        self.advised = 0;
+    }
+
+    fn advise(&mut self, writer: &SegmentWriter, start: u64, end: u64) {
+        if end <= start {
+            return;
+        }
+        let advisor = self.advisor.get_or_insert_with(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(File, u64, u64)>(4);
+            // If the thread cannot start, advice is dropped: the kernel's own write-back remains.
+            let _ = std::thread::Builder::new()
+                .name("log-writeback".into())
+                .spawn(move || {
+                    for (file, start, end) in rx {
+                        drop_range(&file, start, end);
+                    }
+                });
+            tx
+        });
+        // A busy advisor skips this advice: the next one overlaps it.
+        if let Ok(file) = writer.file().try_clone() {
+            let _ = advisor.try_send((file, start, end));
+        }
+    }
+}
+
+fn drop_range(file: &File, start: u64, end: u64) {
+    use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+    let (Ok(start), Ok(len)) = (i64::try_from(start), i64::try_from(end - start)) else {
+        return;
+    };
+    // Advice: a filesystem that ignores it only keeps more pages cached.
+    let _ = posix_fadvise(file, start, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+}
+
+/// What [`LogDir::append_entry`] appends: a record, or a write whose data is borrowed.
+enum Entry<'a> {
+    Record(&'a Record),
+    Write {
+        disk: &'a DiskName,
+        offset: u64,
+        data: &'a [u8],
+    },
+}
+
+impl Entry<'_> {
+    fn encoded_len(&self) -> usize {
+        match self {
+            Entry::Record(r) => r.encoded_len(),
+            Entry::Write { disk, data, .. } => {
+                FRAME_OVERHEAD + 1 + disk.as_str().len() + 8 + data.len()
+            }
+        }
+    }
+
+    /// Appends under `seq` (a record keeps the sequence number it was made with, which is the
+    /// log's next one).
+    fn append_to(&self, writer: &mut SegmentWriter, seq: Seq) -> Result<AppendOutcome, LogError> {
+        match self {
+            Entry::Record(r) => writer.append(r),
+            Entry::Write { disk, offset, data } => writer.append_write(seq, disk, *offset, data),
+        }
+    }
 }
 
 /// Marks a running agent; holds the boot id, to tell an agent crash from a machine crash.
@@ -157,7 +269,9 @@ impl LogDir {
         // An agent that ran on an earlier boot and did not stop cleanly: the machine crashed.
         let running = dir.join(RUNNING);
         let now = boot_id();
-        let machine_crashed = std::fs::read_to_string(&running).is_ok_and(|b| b.trim() != now);
+        let previous = std::fs::read_to_string(&running).ok();
+        let unclean_stop = previous.is_some();
+        let machine_crashed = previous.is_some_and(|b| b.trim() != now);
         let mut marker = File::create(&running).map_err(io)?;
         std::io::Write::write_all(&mut marker, now.as_bytes()).map_err(io)?;
         marker.sync_all().map_err(io)?;
@@ -183,6 +297,10 @@ impl LogDir {
             cap: None,
             capped: machine_crashed || earlier_cap,
             machine_crashed,
+            unclean_stop,
+            behind: WriteBehind::default(),
+            issued: 0,
+            turnstile: Arc::default(),
             _lock: lock,
         })
     }
@@ -199,8 +317,28 @@ impl LogDir {
         self.machine_crashed
     }
 
+    /// Whether the agent stopped without closing the log cleanly: the disks may lack the last
+    /// changes of the newest segment (see [`LogDir::newest_segment`]).
+    pub fn unclean_stop(&self) -> bool {
+        self.unclean_stop
+    }
+
+    /// The segment being appended to. Every change logged in older segments is on the disks.
+    pub fn newest_segment(&self) -> &Path {
+        self.writer.path()
+    }
+
+    /// The place on the disks of the change just logged: the caller writes it to the disk when
+    /// the ticket's turn comes, and the ticket's drop passes the turn on.
+    pub fn ticket(&mut self) -> Ticket {
+        let ticket = Ticket::new(self.turnstile.clone(), self.issued);
+        self.issued += 1;
+        ticket
+    }
+
     /// Syncs the log and records a clean stop, so the next start trusts the log.
     pub fn close_clean(&mut self) -> Result<(), LogDirError> {
+        self.turnstile.wait_for(self.issued);
         self.writer.sync()?;
         std::fs::remove_file(self.dir.join(RUNNING)).map_err(|source| LogDirError::Io {
             dir: self.dir.clone(),
@@ -248,7 +386,26 @@ impl LogDir {
 
     /// Appends one record (not yet durable; see [`LogDir::sync`]) and returns its sequence.
     pub fn append(&mut self, op: Op) -> Result<Seq, LogDirError> {
-        match self.append_inner(op) {
+        let record = Record {
+            seq: self.next_seq,
+            op,
+        };
+        self.append_entry(Entry::Record(&record))
+    }
+
+    /// Appends a write record of borrowed data, the same as [`LogDir::append`] of an
+    /// [`Op::Write`] without copying the data first.
+    pub fn append_write(
+        &mut self,
+        disk: &DiskName,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Seq, LogDirError> {
+        self.append_entry(Entry::Write { disk, offset, data })
+    }
+
+    fn append_entry(&mut self, entry: Entry<'_>) -> Result<Seq, LogDirError> {
+        match self.append_inner(entry) {
             // The volume is full: stop logging rather than refuse the machine's writes.
             Err(LogDirError::Log(LogError::Io { source, .. }))
                 if source.raw_os_error() == Some(28) =>
@@ -259,24 +416,23 @@ impl LogDir {
         }
     }
 
-    fn append_inner(&mut self, op: Op) -> Result<Seq, LogDirError> {
-        let record = Record {
-            seq: self.next_seq,
-            op,
-        };
-        let need = record.encoded_len() as u64 + 64;
+    fn append_inner(&mut self, entry: Entry<'_>) -> Result<Seq, LogDirError> {
+        let seq = self.next_seq;
+        let need = entry.encoded_len() as u64 + 64;
         if self.capped || self.cap.is_some_and(|c| self.total + need > c) {
             return Err(self.cap_now());
         }
         let before = self.writer.size();
-        let appended = self.writer.append(&record)?;
-        let rolled = matches!(appended, AppendOutcome::Full);
+        let rolled = matches!(entry.append_to(&mut self.writer, seq)?, AppendOutcome::Full);
         if rolled {
+            // Only the newest segment may hold changes not yet on the disks: see `ticket`.
+            self.turnstile.wait_for(self.issued);
             self.writer.sync()?;
-            self.writer = create_segment(&self.dir, record.seq, self.max_segment)?;
-            if let AppendOutcome::Full = self.writer.append(&record)? {
+            self.behind.finished(&self.writer);
+            self.writer = create_segment(&self.dir, seq, self.max_segment)?;
+            if let AppendOutcome::Full = entry.append_to(&mut self.writer, seq)? {
                 return Err(LogDirError::TooLarge {
-                    len: record.encoded_len(),
+                    len: entry.encoded_len(),
                     max: self.max_segment,
                 });
             }
@@ -286,8 +442,9 @@ impl LogDir {
         } else {
             self.writer.size() - before
         };
-        self.next_seq = Seq(record.seq.0 + 1);
-        Ok(record.seq)
+        self.next_seq = Seq(seq.0 + 1);
+        self.behind.appended(&self.writer);
+        Ok(seq)
     }
 
     /// Appends a consistency mark; returns its id and sequence number.
@@ -342,7 +499,6 @@ pub fn read_all(dir: &Path) -> Result<impl Iterator<Item = Result<Record, LogErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use boomerang_core::DiskName;
 
     #[test]
     fn rolls_over_reopens_and_locks() {

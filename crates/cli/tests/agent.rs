@@ -318,9 +318,16 @@ fn kill_9_loses_no_acknowledged_write() {
         }
     }
 
-    // The agent starts again on the same log (cutting a torn tail if there is one).
+    // The agent starts again on the same log, cutting a torn tail if there is one and writing
+    // the newest segment's changes to the disk again (the write in flight at the kill may be
+    // logged but not on the disk). Then the disk is exactly the log replayed.
     let restarted = Agent::start(&disk, &log, &[]);
     restarted.stop();
+    replay(&log, &base, "latest", &replayed);
+    assert!(
+        std::fs::read(&disk).unwrap() == std::fs::read(&replayed).unwrap(),
+        "after the restart the disk equals its log replayed"
+    );
 }
 
 #[test]

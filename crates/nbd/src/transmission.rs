@@ -114,8 +114,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
                     "write payload over the limit",
                 ));
             }
-            payload = vec![0u8; req.length as usize];
-            rd.read_exact(&mut payload).await?;
+            payload = read_payload(rd, req.length as usize).await?;
         }
         if let Some(err) = check(session, &req, size) {
             let _ = tx
@@ -150,6 +149,19 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 .await;
         });
     }
+}
+
+/// Reads a write's payload into a buffer that is not zeroed first: zeroing a fresh megabyte
+/// costs as much as receiving it.
+async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: usize) -> io::Result<Vec<u8>> {
+    let mut payload = Vec::with_capacity(len);
+    while payload.len() < len {
+        let want = (len - payload.len()) as u64;
+        if (&mut *rd).take(want).read_buf(&mut payload).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(payload)
 }
 
 /// The errno for a request that must not run, if any.

@@ -439,6 +439,14 @@ impl Record {
     /// Fails, leaving `out` unchanged, if the record breaks a limit (data over
     /// [`MAX_WRITE_DATA`], a range past 2^64).
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<usize, FrameError> {
+        if let Op::Write { disk, offset, data } = &self.op {
+            let start = out.len();
+            out.reserve(self.encoded_len());
+            let trailer = encode_write_head(self.seq, disk, *offset, data, out)?;
+            out.extend_from_slice(data);
+            out.extend_from_slice(&trailer);
+            return Ok(out.len() - start);
+        }
         self.op.validate()?;
         let body_len = self.op.body_len();
         let body_len_le = u32::try_from(body_len)
@@ -451,11 +459,8 @@ impl Record {
         out.extend_from_slice(&[0; 3]);
         out.extend_from_slice(&self.seq.0.to_le_bytes());
         match &self.op {
-            Op::Write { disk, offset, data } => {
-                put_disk(out, disk);
-                out.extend_from_slice(&offset.to_le_bytes());
-                out.extend_from_slice(data);
-            }
+            // Encoded above.
+            Op::Write { .. } => {}
             Op::Zero { disk, offset, len } | Op::Trim { disk, offset, len } => {
                 put_disk(out, disk);
                 out.extend_from_slice(&offset.to_le_bytes());
@@ -479,6 +484,43 @@ impl Record {
         out.extend_from_slice(&crc.to_le_bytes());
         Ok(out.len() - start)
     }
+}
+
+/// Encodes the frame of a `Write` record around data that stays where it is: appends the
+/// frame's bytes before the data to `head` and returns the trailer that goes after it. The frame
+/// is `head`'s new bytes, then `data`, then the trailer, exactly as [`Record::encode`] writes it.
+///
+/// Fails, leaving `head` unchanged, on the limits [`Record::encode`] checks.
+pub fn encode_write_head(
+    seq: Seq,
+    disk: &DiskName,
+    offset: u64,
+    data: &[u8],
+    head: &mut Vec<u8>,
+) -> Result<[u8; FRAME_TRAILER_LEN], FrameError> {
+    if disk.as_str().len() > MAX_DISK_NAME_LEN {
+        return Err(FrameError::BadDiskName {
+            name: disk.to_string(),
+        });
+    }
+    if data.len() > MAX_WRITE_DATA {
+        return Err(FrameError::DataTooLong { len: data.len() });
+    }
+    check_range(offset, data.len() as u64)?;
+    let body_len = 1 + disk.as_str().len() + 8 + data.len();
+    // Under MAX_BODY_LEN, checked above.
+    let body_len_le = (body_len as u32).to_le_bytes();
+    let start = head.len();
+    head.extend_from_slice(&body_len_le);
+    head.push(KIND_WRITE);
+    head.extend_from_slice(&[0; 3]);
+    head.extend_from_slice(&seq.0.to_le_bytes());
+    put_disk(head, disk);
+    head.extend_from_slice(&offset.to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head[start..]);
+    crc.update(data);
+    Ok(crc.finalize().to_le_bytes())
 }
 
 fn put_disk(out: &mut Vec<u8>, disk: &DiskName) {
