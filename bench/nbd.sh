@@ -3,7 +3,7 @@
 # qemu-nbd serving the same image file, in one run, with the same fio jobs (nbd engine):
 #   4 KiB random write at queue depth 16, 1 MiB sequential write, 4 KiB random read.
 # Also the agent's peak RSS. Usage: bench/nbd.sh [SECONDS_PER_JOB] [IMAGE_GIB]
-# Needs: fio (with its nbd engine), nbdkit, qemu-nbd (qemu-utils), python3.
+# Needs: fio (with its nbd and libaio engines), nbdkit, qemu-nbd (qemu-utils), python3.
 # With WRITE_DOCS=1 the table goes into docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +75,13 @@ for server in agent nbdkit qemu-nbd; do
   done
 done
 
+# The ceiling for any capture that keeps every byte: the log volume's own sequential write
+# bandwidth (O_DIRECT, so the page cache does not flatter it), measured where the log lives.
+log "device: sequential write, O_DIRECT"
+fio --name=device --filename="$work/device.bin" --rw=write --bs=1M --iodepth=4 --ioengine=libaio \
+  --direct=1 --size=4G --time_based --runtime="$secs" --output-format=json >"$work/device.json"
+rm -f "$work/device.bin"
+
 python3 - "$work" "$secs" "$gib" <<'PY' | tee "$work/report.md"
 import json, sys
 work, secs, gib = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -98,6 +105,12 @@ for job in jobs:
     rss = max(rss, int(open(f"{work}/agent-{job}.rss").read().strip() or 0))
 print()
 print(f"Agent peak RSS over the jobs: {rss/1024:.0f} MiB (target < 64 MiB).")
+text = open(f"{work}/device.json").read()
+device = json.loads(text[text.index("{"):])["jobs"][0]["write"]["bw"] / 1024
+peer = max(result(s, "seqwrite-1m")[1] for s in ("nbdkit", "qemu-nbd"))
+print()
+print(f"Log volume, sequential O_DIRECT write: {device:,.0f} MiB/s, {device/peer:.2f}x the faster peer's "
+      "sequential write: the most a capture that logs every byte can sustain on this machine.")
 PY
 if [ "${WRITE_DOCS:-0}" = 1 ]; then
   python3 - "$work/report.md" <<'PY'
@@ -107,7 +120,7 @@ path = "docs/benchmarks.md"
 doc = open(path).read()
 section = f"## NBD with write capture (`bench/nbd.sh`)\n\nRun on {datetime.date.today()} ({os.cpu_count()} cores).\n\n{report}\n"
 if "## NBD with write capture" in doc:
-    doc = re.sub(r"## NBD with write capture \(`bench/nbd.sh`\).*?(?=\n## |\Z)", lambda m: section.rstrip("\n"), doc, flags=re.S)
+    doc = re.sub(r"## NBD with write capture \(`bench/nbd.sh`\).*?(?=\n## |\Z)", lambda m: section.rstrip("\n") + "\n", doc, flags=re.S)
 else:
     doc = doc.rstrip("\n") + "\n\n" + section
 open(path, "w").write(doc.rstrip("\n") + "\n")
