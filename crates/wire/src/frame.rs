@@ -1,0 +1,620 @@
+//! Frames: the unit of the replication protocol. Byte layout: `docs/protocol.md`.
+//!
+//! Sans-IO: [`Frame::encode`] appends bytes to a buffer and [`decode`] reads them back; both are
+//! safe on untrusted input (no panic, nothing allocated beyond the announced payload, which is
+//! capped before it is read).
+
+use bytes::Bytes;
+
+use boomerang_core::log::{FrameError as RecordError, decode_frame};
+use boomerang_core::{DiskName, Seq};
+
+/// The first bytes a client sends, before its first frame.
+pub const MAGIC: [u8; 8] = *b"BMRGWIRE";
+/// Bytes before a frame's payload: payload length (4), type (1), flags (1), reserved (2).
+pub const HEADER_LEN: usize = 8;
+/// The largest payload of any frame: one record of the largest size fits in a `Records` frame.
+pub const MAX_PAYLOAD: usize = boomerang_core::log::MAX_FRAME_LEN + 4096;
+/// The protocol versions this build speaks.
+pub const MIN_VERSION: u16 = 1;
+pub const MAX_VERSION: u16 = 1;
+/// The most disks one stream may carry (the master target's hard limit, DESIGN 2).
+pub const MAX_DISKS: usize = 60;
+/// The longest peer or stream name, in bytes.
+pub const MAX_NAME_LEN: usize = 255;
+/// The longest error message, in bytes.
+pub const MAX_MESSAGE_LEN: usize = 4096;
+
+const T_HELLO: u8 = 1;
+const T_WELCOME: u8 = 2;
+const T_OPEN: u8 = 3;
+const T_RESUME: u8 = 4;
+const T_RECORDS: u8 = 5;
+const T_ACK: u8 = 6;
+const T_PING: u8 = 7;
+const T_PONG: u8 = 8;
+const T_ERROR: u8 = 9;
+const T_BYE: u8 = 10;
+
+/// What a peer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Agent,
+    ProcessServer,
+    MasterTarget,
+}
+
+impl Role {
+    fn code(self) -> u8 {
+        match self {
+            Role::Agent => 1,
+            Role::ProcessServer => 2,
+            Role::MasterTarget => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Role::Agent),
+            2 => Some(Role::ProcessServer),
+            3 => Some(Role::MasterTarget),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Agent => "agent",
+            Role::ProcessServer => "process server",
+            Role::MasterTarget => "master target",
+        })
+    }
+}
+
+/// Why a peer ends a connection: sent in an [`Frame::Error`], stable across versions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// A frame broke the protocol (layout, limits, type, state).
+    BadFrame,
+    /// No protocol version both peers speak.
+    Version,
+    /// The peer's role may not connect here (an agent to a master target, say).
+    Role,
+    /// Records out of sequence order, or not starting where `Resume` asked.
+    OutOfOrder,
+    /// A record names a disk the stream did not open.
+    UnknownDisk,
+    /// The stream has more disks than the receiver may attach.
+    TooManyDisks,
+    /// More record bytes than the receiver granted.
+    Credit,
+    /// Another connection holds the stream.
+    StreamBusy,
+    /// The receiver could not persist or forward: try again later.
+    Unavailable,
+    /// A code this build does not know (kept as sent).
+    Other(u16),
+}
+
+impl ErrorCode {
+    pub fn code(self) -> u16 {
+        match self {
+            ErrorCode::BadFrame => 1,
+            ErrorCode::Version => 2,
+            ErrorCode::Role => 3,
+            ErrorCode::OutOfOrder => 4,
+            ErrorCode::UnknownDisk => 5,
+            ErrorCode::TooManyDisks => 6,
+            ErrorCode::Credit => 7,
+            ErrorCode::StreamBusy => 8,
+            ErrorCode::Unavailable => 9,
+            ErrorCode::Other(c) => c,
+        }
+    }
+
+    pub fn from_code(code: u16) -> Self {
+        match code {
+            1 => ErrorCode::BadFrame,
+            2 => ErrorCode::Version,
+            3 => ErrorCode::Role,
+            4 => ErrorCode::OutOfOrder,
+            5 => ErrorCode::UnknownDisk,
+            6 => ErrorCode::TooManyDisks,
+            7 => ErrorCode::Credit,
+            8 => ErrorCode::StreamBusy,
+            9 => ErrorCode::Unavailable,
+            c => ErrorCode::Other(c),
+        }
+    }
+}
+
+/// Write-log records in transit: complete record frames, exactly as in segment files, in
+/// increasing sequence order. Checked when decoded (every record's CRC and layout), and kept as
+/// the bytes that arrived, so a hop forwards or persists them without re-encoding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Records {
+    bytes: Bytes,
+    first: Seq,
+    last: Seq,
+    count: usize,
+}
+
+impl Records {
+    /// Checks `bytes` as a run of record frames in increasing sequence order.
+    pub fn new(bytes: Bytes) -> Result<Self, DecodeError> {
+        let mut at = 0;
+        let mut first = None;
+        let mut last: Option<Seq> = None;
+        let mut count = 0;
+        while at < bytes.len() {
+            let (record, len) =
+                decode_frame(&bytes[at..]).map_err(|source| DecodeError::Record { at, source })?;
+            if let Some(prev) = last
+                && record.seq <= prev
+            {
+                return Err(DecodeError::RecordOrder {
+                    seq: record.seq,
+                    prev,
+                });
+            }
+            first.get_or_insert(record.seq);
+            last = Some(record.seq);
+            count += 1;
+            at += len;
+        }
+        match (first, last) {
+            (Some(first), Some(last)) => Ok(Records {
+                bytes,
+                first,
+                last,
+                count,
+            }),
+            _ => Err(DecodeError::NoRecords),
+        }
+    }
+
+    /// The record frames, as sent.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    pub fn first_seq(&self) -> Seq {
+        self.first
+    }
+
+    pub fn last_seq(&self) -> Seq {
+        self.last
+    }
+
+    /// How many records.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Never true: a `Records` holds at least one record.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The records, decoded (each decoding copies the record's data).
+    pub fn iter(&self) -> impl Iterator<Item = boomerang_core::log::Record> + '_ {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            // Checked in `new`: every frame decodes.
+            let (record, len) = decode_frame(self.bytes.get(at..)?).ok()?;
+            at += len;
+            Some(record)
+        })
+    }
+}
+
+/// One frame of the protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// Client → server, first: who the client is and which versions it speaks.
+    Hello {
+        min_version: u16,
+        max_version: u16,
+        role: Role,
+        name: String,
+    },
+    /// Server → client: the version chosen, and who the server is.
+    Welcome {
+        version: u16,
+        role: Role,
+        name: String,
+    },
+    /// Client → server: the write-log stream this connection carries, and its disks.
+    Open {
+        stream: String,
+        disks: Vec<DiskName>,
+    },
+    /// Server → client: send records from `next_seq` on (everything before it is durable
+    /// here); `credit` bytes of record frames may be sent before the next grant.
+    Resume {
+        next_seq: Seq,
+        credit: u64,
+    },
+    /// Client → server: records; their bytes count against the credit.
+    Records(Records),
+    /// Server → client: every record up to `durable` is durable here (0: none yet); `credit`
+    /// more bytes may be sent.
+    Ack {
+        durable: Seq,
+        credit: u64,
+    },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    /// Either way: the sender ends the connection for this reason.
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    /// Either way: the sender ends the connection cleanly.
+    Bye,
+}
+
+/// Why bytes are not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error(
+        "the peer did not start with the Boomerang replication magic \"BMRGWIRE\": it is not a Boomerang component, or not speaking the replication protocol on this port"
+    )]
+    BadMagic,
+    #[error("a frame announces {len} bytes of payload, over the limit of {MAX_PAYLOAD}")]
+    TooLong { len: u64 },
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("reserved header bytes are not zero")]
+    Reserved,
+    #[error("a {kind} frame's payload is malformed: {why}")]
+    Payload {
+        kind: &'static str,
+        why: &'static str,
+    },
+    #[error("a records frame carries no record")]
+    NoRecords,
+    #[error("the record at byte {at} of a records frame is invalid: {source}")]
+    Record {
+        at: usize,
+        #[source]
+        source: RecordError,
+    },
+    #[error(
+        "record {seq} follows record {prev} in a records frame: sequence numbers must increase"
+    )]
+    RecordOrder { seq: Seq, prev: Seq },
+}
+
+/// The result of reading bytes that may hold a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// At least `needed` more bytes are needed.
+    Incomplete { needed: usize },
+    /// A frame, and how many bytes it took.
+    Frame(Frame, usize),
+}
+
+/// The payload length and type a frame header announces, once the limit is checked: a reader
+/// may allocate `len` bytes after this returns.
+pub fn parse_header(header: &[u8; HEADER_LEN]) -> Result<(usize, u8), DecodeError> {
+    let [a, b, c, d, kind, flags, r0, r1] = *header;
+    let len = u32::from_le_bytes([a, b, c, d]);
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&l| l <= MAX_PAYLOAD)
+        .ok_or(DecodeError::TooLong {
+            len: u64::from(len),
+        })?;
+    if !(T_HELLO..=T_BYE).contains(&kind) {
+        return Err(DecodeError::UnknownType(kind));
+    }
+    if flags != 0 || r0 != 0 || r1 != 0 {
+        return Err(DecodeError::Reserved);
+    }
+    Ok((len, kind))
+}
+
+/// Decodes the frame at the start of `buf`.
+pub fn decode(buf: &[u8]) -> Result<Decoded, DecodeError> {
+    let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
+        return Ok(Decoded::Incomplete {
+            needed: HEADER_LEN - buf.len(),
+        });
+    };
+    let (len, kind) = parse_header(header)?;
+    let Some(payload) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
+        return Ok(Decoded::Incomplete {
+            needed: HEADER_LEN + len - buf.len(),
+        });
+    };
+    let frame = decode_payload(kind, Bytes::copy_from_slice(payload))?;
+    Ok(Decoded::Frame(frame, HEADER_LEN + len))
+}
+
+/// Decodes a payload of the type `kind` (as [`parse_header`] returned it).
+pub fn decode_payload(kind: u8, payload: Bytes) -> Result<Frame, DecodeError> {
+    if kind == T_RECORDS {
+        return Ok(Frame::Records(Records::new(payload)?));
+    }
+    let name = kind_name(kind);
+    let mut p = Reader {
+        buf: &payload,
+        kind: name,
+    };
+    let frame = match kind {
+        T_HELLO => Frame::Hello {
+            min_version: p.u16()?,
+            max_version: p.u16()?,
+            role: p.role()?,
+            name: p.str8()?,
+        },
+        T_WELCOME => Frame::Welcome {
+            version: p.u16()?,
+            role: p.role()?,
+            name: p.str8()?,
+        },
+        T_OPEN => {
+            let stream = p.str8()?;
+            let n = usize::from(p.u16()?);
+            if n > MAX_DISKS {
+                return Err(p.bad("more disks than a stream may carry"));
+            }
+            let mut disks = Vec::with_capacity(n);
+            for _ in 0..n {
+                let disk = DiskName::new(p.str8()?).map_err(|_| p.bad("invalid disk name"))?;
+                if disks.contains(&disk) {
+                    return Err(p.bad("a disk is named twice"));
+                }
+                disks.push(disk);
+            }
+            Frame::Open { stream, disks }
+        }
+        T_RESUME => Frame::Resume {
+            next_seq: Seq(p.u64()?),
+            credit: p.u64()?,
+        },
+        T_ACK => Frame::Ack {
+            durable: Seq(p.u64()?),
+            credit: p.u64()?,
+        },
+        T_PING => Frame::Ping { nonce: p.u64()? },
+        T_PONG => Frame::Pong { nonce: p.u64()? },
+        T_ERROR => {
+            let code = ErrorCode::from_code(p.u16()?);
+            let len = usize::from(p.u16()?);
+            if len > MAX_MESSAGE_LEN {
+                return Err(p.bad("message too long"));
+            }
+            Frame::Error {
+                code,
+                message: p.utf8(len)?,
+            }
+        }
+        T_BYE => Frame::Bye,
+        other => return Err(DecodeError::UnknownType(other)),
+    };
+    if !p.buf.is_empty() {
+        return Err(p.bad("bytes after the last field"));
+    }
+    Ok(frame)
+}
+
+fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        T_HELLO => "hello",
+        T_WELCOME => "welcome",
+        T_OPEN => "open",
+        T_RESUME => "resume",
+        T_RECORDS => "records",
+        T_ACK => "ack",
+        T_PING => "ping",
+        T_PONG => "pong",
+        T_ERROR => "error",
+        T_BYE => "bye",
+        _ => "unknown",
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    kind: &'static str,
+}
+
+impl Reader<'_> {
+    fn bad(&self, why: &'static str) -> DecodeError {
+        DecodeError::Payload {
+            kind: self.kind,
+            why,
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+        if self.buf.len() < n {
+            return Err(self.bad("it ends early"));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let mut le = [0u8; 8];
+        le.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(le))
+    }
+
+    fn role(&mut self) -> Result<Role, DecodeError> {
+        let code = self.u8()?;
+        Role::from_code(code).ok_or_else(|| self.bad("unknown role"))
+    }
+
+    fn utf8(&mut self, len: usize) -> Result<String, DecodeError> {
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| self.bad("text is not UTF-8"))
+    }
+
+    fn str8(&mut self) -> Result<String, DecodeError> {
+        let len = usize::from(self.u8()?);
+        self.utf8(len)
+    }
+}
+
+/// Why a frame cannot be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("name {0:?} is longer than {MAX_NAME_LEN} bytes")]
+    NameTooLong(String),
+    #[error("{0} disks are more than the {MAX_DISKS} one stream may carry")]
+    TooManyDisks(usize),
+    #[error(
+        "records of {0} bytes are more than one frame may carry ({MAX_PAYLOAD}): send fewer at once"
+    )]
+    TooLong(usize),
+}
+
+impl Frame {
+    /// Appends the frame's header and payload to `out`. For [`Frame::Records`] prefer
+    /// [`Frame::header`] and the records' bytes, which are not copied.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        let start = out.len();
+        out.extend_from_slice(&[0; HEADER_LEN]);
+        let encoded = self.encode_payload(out).and_then(|kind| {
+            let len = out.len() - start - HEADER_LEN;
+            if len > MAX_PAYLOAD {
+                return Err(EncodeError::TooLong(len));
+            }
+            out[start..start + HEADER_LEN].copy_from_slice(&header(len, kind));
+            Ok(())
+        });
+        if encoded.is_err() {
+            out.truncate(start);
+        }
+        encoded
+    }
+
+    /// Appends the payload; returns the frame type.
+    fn encode_payload(&self, out: &mut Vec<u8>) -> Result<u8, EncodeError> {
+        Ok(match self {
+            Frame::Hello {
+                min_version,
+                max_version,
+                role,
+                name,
+            } => {
+                out.extend_from_slice(&min_version.to_le_bytes());
+                out.extend_from_slice(&max_version.to_le_bytes());
+                out.push(role.code());
+                put_str8(out, name)?;
+                T_HELLO
+            }
+            Frame::Welcome {
+                version,
+                role,
+                name,
+            } => {
+                out.extend_from_slice(&version.to_le_bytes());
+                out.push(role.code());
+                put_str8(out, name)?;
+                T_WELCOME
+            }
+            Frame::Open { stream, disks } => {
+                put_str8(out, stream)?;
+                if disks.len() > MAX_DISKS {
+                    return Err(EncodeError::TooManyDisks(disks.len()));
+                }
+                out.extend_from_slice(&(disks.len() as u16).to_le_bytes());
+                for disk in disks {
+                    // A DiskName is at most 64 bytes.
+                    put_str8(out, disk.as_str())?;
+                }
+                T_OPEN
+            }
+            Frame::Resume { next_seq, credit } => {
+                out.extend_from_slice(&next_seq.0.to_le_bytes());
+                out.extend_from_slice(&credit.to_le_bytes());
+                T_RESUME
+            }
+            Frame::Records(records) => {
+                out.extend_from_slice(records.bytes());
+                T_RECORDS
+            }
+            Frame::Ack { durable, credit } => {
+                out.extend_from_slice(&durable.0.to_le_bytes());
+                out.extend_from_slice(&credit.to_le_bytes());
+                T_ACK
+            }
+            Frame::Ping { nonce } => {
+                out.extend_from_slice(&nonce.to_le_bytes());
+                T_PING
+            }
+            Frame::Pong { nonce } => {
+                out.extend_from_slice(&nonce.to_le_bytes());
+                T_PONG
+            }
+            Frame::Error { code, message } => {
+                // Cut a long message at a character boundary rather than fail to report.
+                let mut end = message.len().min(MAX_MESSAGE_LEN);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                out.extend_from_slice(&code.code().to_le_bytes());
+                out.extend_from_slice(&(end as u16).to_le_bytes());
+                out.extend_from_slice(&message.as_bytes()[..end]);
+                T_ERROR
+            }
+            Frame::Bye => T_BYE,
+        })
+    }
+
+    /// The header of a records frame carrying `records`.
+    pub fn records_header(records: &Records) -> Result<[u8; HEADER_LEN], EncodeError> {
+        let len = records.bytes().len();
+        if len > MAX_PAYLOAD {
+            return Err(EncodeError::TooLong(len));
+        }
+        Ok(header(len, T_RECORDS))
+    }
+}
+
+fn header(len: usize, kind: u8) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    // Checked against MAX_PAYLOAD by the callers.
+    h[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    h[4] = kind;
+    h
+}
+
+fn put_str8(out: &mut Vec<u8>, s: &str) -> Result<(), EncodeError> {
+    let len = u8::try_from(s.len()).map_err(|_| EncodeError::NameTooLong(s.to_string()))?;
+    out.push(len);
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_payload_limit_is_the_documented_one() {
+        // docs/protocol.md: 16 MiB + 4,189 bytes, one largest record (16 MiB + 93) plus 4 KiB.
+        assert_eq!(boomerang_core::log::MAX_FRAME_LEN, (16 << 20) + 93);
+        assert_eq!(MAX_PAYLOAD, (16 << 20) + 4189);
+    }
+}
