@@ -3,6 +3,7 @@
 
 mod agent;
 mod output;
+mod pki;
 mod quickstart;
 mod store;
 
@@ -30,6 +31,9 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Run the sample lifecycle on local directories and verify the data.
     Quickstart(quickstart::QuickstartArgs),
+    /// The site's certificate authority: every component talks mutual TLS with its certificates.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
 }
 
 fn main() {
@@ -56,6 +60,7 @@ fn main() {
             Command::Store(cmd) => store::run(cmd, cli.output).await,
             Command::Quickstart(args) => quickstart::run(args, cli.output).await,
             Command::Agent(args) => agent::run(args, cli.output).await,
+            Command::Pki(cmd) => pki::run(cmd, cli.output),
         }
     });
     match result {

@@ -350,3 +350,54 @@ fn quickstart_verifies_an_older_point() {
     assert_eq!(v["verified_point"], 2);
     assert!(v["bytes_stored"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn pki_creates_a_ca_once_and_issues_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca_str = ca.to_str().unwrap();
+    let init = json(&["pki", "init", ca_str]);
+    assert_eq!(init["ca_cert"], ca.join("ca.crt").to_str().unwrap());
+    let again = boomerang(&["pki", "init", ca_str]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a CA"));
+
+    let issued = json(&[
+        "pki",
+        "issue",
+        ca_str,
+        "--name",
+        "ps1",
+        "--role",
+        "process-server",
+        "--host",
+        "127.0.0.1",
+    ]);
+    assert_eq!(issued["identity"], "ps1.process-server.boomerang.internal");
+    assert!(ca.join("issued/ps1/cert.pem").is_file());
+    for (args, says) in [
+        (
+            vec!["--name", "Bad_Name", "--role", "agent"],
+            "not a valid component name",
+        ),
+        (vec!["--name", "web01", "--role", "robot"], "not a role"),
+    ] {
+        let mut all = vec!["pki", "issue", ca_str];
+        all.extend(args);
+        let out = boomerang(&all);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+    }
+    let nowhere = dir.path().join("none");
+    let out = boomerang(&[
+        "pki",
+        "issue",
+        nowhere.to_str().unwrap(),
+        "--name",
+        "web01",
+        "--role",
+        "agent",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("boomerang pki init"));
+}

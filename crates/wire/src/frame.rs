@@ -63,6 +63,17 @@ impl Role {
     }
 }
 
+impl Role {
+    /// "an agent", "a process server", "a master target": for messages.
+    pub fn with_article(self) -> &'static str {
+        match self {
+            Role::Agent => "an agent",
+            Role::ProcessServer => "a process server",
+            Role::MasterTarget => "a master target",
+        }
+    }
+}
+
 impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

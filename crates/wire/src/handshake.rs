@@ -21,12 +21,20 @@ pub fn choose_version(min: u16, max: u16) -> Option<u16> {
     (v >= min && v >= MIN_VERSION).then_some(v)
 }
 
-/// The client's side: introduces itself as `role` named `name` and waits for the server.
+/// Whether a peer's credentials (its TLS certificate) back the role and name it claims; `Err`
+/// says why not. [`crate::tls::vouch`] is the check for TLS connections.
+pub trait Vouch: FnOnce(Role, &str) -> Result<(), String> {}
+impl<F: FnOnce(Role, &str) -> Result<(), String>> Vouch for F {}
+
+/// The client's side: introduces itself as `role` named `name`, and accepts a server that is
+/// an `expect` and whose credentials `vouch` backs.
 pub async fn connect<R, W>(
     rd: &mut FrameReader<R>,
     wr: &mut FrameWriter<W>,
     role: Role,
     name: &str,
+    expect: Role,
+    vouch: impl Vouch,
 ) -> Result<Peer, WireError>
 where
     R: AsyncRead + Unpin,
@@ -45,11 +53,23 @@ where
             version,
             role,
             name,
-        } if (MIN_VERSION..=MAX_VERSION).contains(&version) => Ok(Peer {
-            version,
-            role,
-            name,
-        }),
+        } if (MIN_VERSION..=MAX_VERSION).contains(&version) => {
+            if role != expect {
+                return Err(WireError::Protocol(format!(
+                    "{name} is {}, where {} was expected: check the address",
+                    role.with_article(),
+                    expect.with_article()
+                )));
+            }
+            vouch(role, &name).map_err(|why| {
+                WireError::Protocol(format!("the server says it is {role} {name}, but {why}"))
+            })?;
+            Ok(Peer {
+                version,
+                role,
+                name,
+            })
+        }
         Frame::Welcome { version, .. } => Err(WireError::Protocol(format!(
             "the server chose protocol version {version}, which this build (versions {MIN_VERSION} to {MAX_VERSION}) did not offer"
         ))),
@@ -61,13 +81,15 @@ where
 }
 
 /// The server's side: reads the client's introduction, refuses a client whose role is not in
-/// `accepted` or whose versions do not overlap ours (telling it why), and welcomes the rest.
+/// `accepted`, whose versions do not overlap ours, or whose credentials `vouch` does not back
+/// (telling it why), and welcomes the rest.
 pub async fn accept<R, W>(
     rd: &mut FrameReader<R>,
     wr: &mut FrameWriter<W>,
     role: Role,
     name: &str,
     accepted: &[Role],
+    vouch: impl Vouch,
 ) -> Result<Peer, WireError>
 where
     R: AsyncRead + Unpin,
@@ -97,8 +119,17 @@ where
     if !accepted.contains(&peer_role) {
         let expected: Vec<String> = accepted.iter().map(Role::to_string).collect();
         let why = format!(
-            "{peer_name} is a {peer_role}, and this {role} ({name}) takes connections from {} only: point it at the right component",
+            "{peer_name} is {}, and this {role} ({name}) takes connections from {} only: point it at the right component",
+            peer_role.with_article(),
             expected.join(" or ")
+        );
+        wr.refuse(ErrorCode::Role, &why).await;
+        return Err(WireError::Protocol(why));
+    }
+    if let Err(why) = vouch(peer_role, &peer_name) {
+        let why = format!(
+            "{peer_name} says it is {}, but {why}",
+            peer_role.with_article()
         );
         wr.refuse(ErrorCode::Role, &why).await;
         return Err(WireError::Protocol(why));

@@ -16,17 +16,20 @@
 //!
 //! Layers: [`frame`] encodes and decodes (sans-IO, fuzzed), [`io`] moves frames over any
 //! async byte stream, [`handshake`] opens a connection, [`stream`] holds the rules of a
-//! record stream for each end.
+//! record stream for each end. [`pki`] is the site's certificate authority and [`tls`] the
+//! mutual TLS every connection runs in.
 
 pub mod frame;
 pub mod handshake;
 pub mod io;
+pub mod pki;
 pub mod stream;
+pub mod tls;
 
 pub use frame::{
     DecodeError, Decoded, EncodeError, ErrorCode, Frame, MAX_DISKS, MAX_PAYLOAD, Records, Role,
     decode,
 };
-pub use handshake::{Peer, accept, connect};
+pub use handshake::{Peer, Vouch, accept, connect};
 pub use io::{FrameReader, FrameWriter, WireError};
 pub use stream::{Inbound, Outbound, Violation};

@@ -42,6 +42,11 @@ fn records(list: &[Record]) -> Records {
     Records::new(Bytes::from(bytes)).unwrap()
 }
 
+/// Plain in-memory and TCP connections carry no credentials: these tests trust the claims.
+fn trust(_: Role, _: &str) -> Result<(), String> {
+    Ok(())
+}
+
 fn encoded(frame: &Frame) -> Vec<u8> {
     let mut out = Vec::new();
     frame.encode(&mut out).unwrap();
@@ -230,12 +235,20 @@ async fn handshake_agrees_on_a_version_and_refuses_with_reasons() {
             Role::ProcessServer,
             "ps1",
             &[Role::Agent],
+            trust,
         )
         .await
     });
-    let peer = connect(&mut crd, &mut cwr, Role::Agent, "web01")
-        .await
-        .unwrap();
+    let peer = connect(
+        &mut crd,
+        &mut cwr,
+        Role::Agent,
+        "web01",
+        Role::ProcessServer,
+        trust,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         peer,
         Peer {
@@ -256,10 +269,19 @@ async fn handshake_agrees_on_a_version_and_refuses_with_reasons() {
             Role::ProcessServer,
             "ps1",
             &[Role::Agent],
+            trust,
         )
         .await
     });
-    let refused = connect(&mut crd, &mut cwr, Role::MasterTarget, "mt1").await;
+    let refused = connect(
+        &mut crd,
+        &mut cwr,
+        Role::MasterTarget,
+        "mt1",
+        Role::ProcessServer,
+        trust,
+    )
+    .await;
     assert!(
         matches!(&refused, Err(WireError::Refused { code: ErrorCode::Role, message }) if message.contains("mt1 is a master target")),
         "{refused:?}"
@@ -275,6 +297,7 @@ async fn handshake_agrees_on_a_version_and_refuses_with_reasons() {
             Role::MasterTarget,
             "mt1",
             &[Role::ProcessServer],
+            trust,
         )
         .await
     });
@@ -303,6 +326,7 @@ async fn handshake_agrees_on_a_version_and_refuses_with_reasons() {
             Role::MasterTarget,
             "mt1",
             &[Role::ProcessServer],
+            trust,
         )
         .await
     });
@@ -386,9 +410,16 @@ async fn serve_stream(
         let (sock, _) = listener.accept().await.unwrap();
         let (r, w) = sock.into_split();
         let (mut rd, mut wr) = (FrameReader::new(r), FrameWriter::new(w));
-        accept(&mut rd, &mut wr, Role::ProcessServer, "ps", &[Role::Agent])
-            .await
-            .unwrap();
+        accept(
+            &mut rd,
+            &mut wr,
+            Role::ProcessServer,
+            "ps",
+            &[Role::Agent],
+            trust,
+        )
+        .await
+        .unwrap();
         let Frame::Open { disks, .. } = rd.read().await.unwrap() else {
             panic!("open first")
         };
@@ -430,9 +461,16 @@ async fn send_stream(addr: std::net::SocketAddr, log: &[Record], budget: usize) 
     let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (r, w) = sock.into_split();
     let (mut rd, mut wr) = (FrameReader::new(r), FrameWriter::new(w));
-    connect(&mut rd, &mut wr, Role::Agent, "web01")
-        .await
-        .unwrap();
+    connect(
+        &mut rd,
+        &mut wr,
+        Role::Agent,
+        "web01",
+        Role::ProcessServer,
+        trust,
+    )
+    .await
+    .unwrap();
     wr.send(&Frame::Open {
         stream: "web01".into(),
         disks: vec![disk("sda")],

@@ -1,0 +1,208 @@
+//! Mutual TLS for the replication protocol: both ends present a certificate from the site's CA
+//! ([`crate::pki`]), TLS 1.3 only, and each checks that the other's certificate names the role
+//! and name its handshake frame claims. A plain TCP client, or one whose certificate another CA
+//! issued, is refused with a reason that names the fix.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::net::TcpStream;
+
+use crate::pki::{CertRole, identity};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(
+        "could not read {}: {why}; issue the component's certificate with `boomerang pki issue CA_DIR --name NAME --role ROLE` and pass its directory",
+        path.display()
+    )]
+    Files { path: PathBuf, why: String },
+    #[error("the TLS settings are unusable: {0}")]
+    Config(String),
+    #[error(
+        "{peer} did not start a TLS handshake: every Boomerang component talks mutual TLS only; start it with its certificate directory"
+    )]
+    NotTls { peer: String },
+    #[error(
+        "{peer} presented a certificate that this site's CA did not issue ({why}): issue it from the same CA with `boomerang pki issue`"
+    )]
+    ForeignCertificate { peer: String, why: String },
+    #[error(
+        "{peer} presented no certificate: components must use a certificate from `boomerang pki issue`"
+    )]
+    NoCertificate { peer: String },
+    #[error("the TLS handshake with {peer} failed: {why}")]
+    Handshake { peer: String, why: String },
+}
+
+/// A component's certificate, key and CA, from a directory written by `pki issue`.
+pub struct TlsIdentity {
+    pub dir: PathBuf,
+    ca: CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for TlsIdentity {
+    fn clone(&self) -> Self {
+        TlsIdentity {
+            dir: self.dir.clone(),
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl TlsIdentity {
+    /// Reads `ca.crt`, `cert.pem` and `key.pem` from `dir`.
+    pub fn load(dir: &Path) -> Result<Self, TlsError> {
+        let files = |name: &str, why: String| TlsError::Files {
+            path: dir.join(name),
+            why,
+        };
+        let ca = CertificateDer::from_pem_file(dir.join("ca.crt"))
+            .map_err(|e| files("ca.crt", e.to_string()))?;
+        let chain = CertificateDer::pem_file_iter(dir.join("cert.pem"))
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| files("cert.pem", e.to_string()))?;
+        if chain.is_empty() {
+            return Err(files("cert.pem", "it holds no certificate".into()));
+        }
+        let key = PrivateKeyDer::from_pem_file(dir.join("key.pem"))
+            .map_err(|e| files("key.pem", e.to_string()))?;
+        Ok(TlsIdentity {
+            dir: dir.to_path_buf(),
+            ca,
+            chain,
+            key,
+        })
+    }
+
+    fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(self.ca.clone())
+            .map_err(|e| TlsError::Config(format!("ca.crt in {}: {e}", self.dir.display())))?;
+        Ok(Arc::new(roots))
+    }
+
+    /// The settings of a server that takes only clients with a certificate from this CA.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let cfg = |e: rustls::Error| TlsError::Config(e.to_string());
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(cfg)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(cfg)?;
+        Ok(Arc::new(config))
+    }
+
+    /// The settings of a client that trusts only servers with a certificate from this CA.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        let cfg = |e: rustls::Error| TlsError::Config(e.to_string());
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(cfg)?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(cfg)?;
+        Ok(Arc::new(config))
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Why a handshake failed, in the words of [`TlsError`].
+fn explain(peer: String, e: std::io::Error) -> TlsError {
+    use rustls::{CertificateError, Error};
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
+        Some(Error::InvalidMessage(_)) | Some(Error::InappropriateMessage { .. }) => {
+            TlsError::NotTls { peer }
+        }
+        Some(Error::NoCertificatesPresented) => TlsError::NoCertificate { peer },
+        Some(Error::InvalidCertificate(
+            why @ (CertificateError::UnknownIssuer
+            | CertificateError::BadSignature
+            | CertificateError::BadEncoding),
+        )) => TlsError::ForeignCertificate {
+            peer,
+            why: format!("{why:?}"),
+        },
+        Some(other) => TlsError::Handshake {
+            peer,
+            why: other.to_string(),
+        },
+        None => TlsError::Handshake {
+            peer,
+            why: e.to_string(),
+        },
+    }
+}
+
+/// A server's side of the TLS handshake on an accepted connection.
+pub async fn accept(
+    config: Arc<ServerConfig>,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, TlsError> {
+    let peer = peer_of(&tcp);
+    tokio_rustls::TlsAcceptor::from(config)
+        .accept(tcp)
+        .await
+        .map_err(|e| explain(peer, e))
+}
+
+/// A client's side: connects to `host` (the name or address in the server's certificate).
+pub async fn connect(
+    config: Arc<ClientConfig>,
+    host: &str,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TlsError> {
+    let peer = peer_of(&tcp);
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|_| TlsError::Config(format!("{host:?} is not a host name or IP address")))?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| explain(peer, e))
+}
+
+fn peer_of(tcp: &TcpStream) -> String {
+    tcp.peer_addr()
+        .map_or_else(|_| "the peer".to_string(), |a: SocketAddr| a.to_string())
+}
+
+/// Checks that `certs` (the peer's chain, already verified against the CA) belong to `name` in
+/// `role`: the check a server runs on a client's `Hello`, and a client on a server's `Welcome`.
+pub fn vouch(
+    certs: Option<&[CertificateDer<'_>]>,
+    role: CertRole,
+    name: &str,
+) -> Result<(), String> {
+    let cert = certs
+        .and_then(|c| c.first())
+        .ok_or("the peer presented no certificate")?;
+    let end = webpki::EndEntityCert::try_from(cert)
+        .map_err(|e| format!("its certificate is unreadable: {e}"))?;
+    let id = identity(role, name);
+    let subject = ServerName::try_from(id.as_str())
+        .map_err(|_| format!("{name:?} is not a valid component name"))?;
+    end.verify_is_valid_for_subject_name(&subject).map_err(|_| {
+        format!(
+            "its certificate is not issued to {} {name} ({id}): issue one for that name and role, or correct the name it is started with",
+            role.label()
+        )
+    })
+}
