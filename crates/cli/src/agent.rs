@@ -275,7 +275,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
 
 /// Waits for SIGTERM or SIGINT. Install it before announcing the service, so that a signal
 /// sent right after the announcement is handled, not fatal.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+pub(crate) fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("could not handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("could not handle SIGINT")?;

@@ -4,6 +4,7 @@
 mod agent;
 mod output;
 mod pki;
+mod process_server;
 mod quickstart;
 mod store;
 
@@ -31,6 +32,8 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Run the sample lifecycle on local directories and verify the data.
     Quickstart(quickstart::QuickstartArgs),
+    /// Process server: receive agents' write logs over mutual TLS into a cache volume.
+    ProcessServer(process_server::ProcessServerArgs),
     /// The site's certificate authority: every component talks mutual TLS with its certificates.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
@@ -61,6 +64,7 @@ fn main() {
             Command::Quickstart(args) => quickstart::run(args, cli.output).await,
             Command::Agent(args) => agent::run(args, cli.output).await,
             Command::Pki(cmd) => pki::run(cmd, cli.output),
+            Command::ProcessServer(args) => process_server::run(args).await,
         }
     });
     match result {

@@ -209,6 +209,24 @@ impl Records {
         self.count == 0
     }
 
+    /// Each record's sequence number and frame bytes, without decoding.
+    pub fn frames(&self) -> impl Iterator<Item = (Seq, &[u8])> + '_ {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let rest = self.bytes.get(at..)?;
+            // Checked in `new`: the bytes are whole frames; a frame header holds the sequence
+            // number at bytes 8..16.
+            let len = match boomerang_core::log::check_frame(rest).ok()? {
+                boomerang_core::log::FrameCheck::Complete { len } => len,
+                boomerang_core::log::FrameCheck::Incomplete { .. } => return None,
+            };
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(rest.get(8..16)?);
+            at += len;
+            Some((Seq(u64::from_le_bytes(seq)), &rest[..len]))
+        })
+    }
+
     /// The records, decoded (each decoding copies the record's data).
     pub fn iter(&self) -> impl Iterator<Item = boomerang_core::log::Record> + '_ {
         let mut at = 0;

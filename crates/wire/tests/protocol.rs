@@ -171,6 +171,16 @@ fn malformed_frames_are_named() {
     ));
     assert_eq!(Records::new(Bytes::new()), Err(DecodeError::NoRecords));
 
+    // The frames of a records payload, as sent, without decoding.
+    let batch = records(&[write(5, "sda", 100), mark(6), write(7, "sdb", 3)]);
+    let frames: Vec<(Seq, &[u8])> = batch.frames().collect();
+    assert_eq!(
+        frames.iter().map(|(s, _)| s.0).collect::<Vec<_>>(),
+        [5, 6, 7]
+    );
+    let joined: Vec<u8> = frames.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+    assert_eq!(joined, batch.bytes()[..]);
+
     // Open: too many disks, a disk named twice, an invalid disk name.
     let many: Vec<DiskName> = (0..61).map(|i| disk(&format!("d{i}"))).collect();
     assert_eq!(

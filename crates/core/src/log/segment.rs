@@ -549,6 +549,17 @@ impl SegmentWriter {
         outcome
     }
 
+    /// Appends a record frame exactly as given (one received from another hop, say): `frame`
+    /// must be one whole, valid frame whose sequence number is `seq` (see
+    /// [`crate::log::decode_frame`]); only its order and size are checked here.
+    pub fn append_frame(&mut self, seq: Seq, frame: &[u8]) -> Result<AppendOutcome, LogError> {
+        self.check_append(seq, frame.len())?;
+        if self.len.saturating_add(frame.len() as u64) > self.header.max_len {
+            return Ok(AppendOutcome::Full);
+        }
+        self.write_frame(seq, &[frame])
+    }
+
     /// Refuses an append that is out of order, too large for any segment, or after a failure
     /// that could not be undone.
     fn check_append(&self, seq: Seq, frame_len: usize) -> Result<(), LogError> {

@@ -1,0 +1,119 @@
+//! The process server's cache: per stream, a directory of segment files in the write-log
+//! format, holding the records exactly as the agent sent them. A record is acknowledged only
+//! once it is durable here.
+
+use std::path::{Path, PathBuf};
+
+use boomerang_core::Seq;
+use boomerang_core::log::{AppendOutcome, LogError, SegmentWriter};
+use boomerang_wire::Records;
+
+/// Size limit of one cache segment.
+pub const SEGMENT_LEN: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("could not use cache directory {}: {source}; check that the cache volume is mounted and writable", dir.display())]
+    Io {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// One stream's cached records.
+pub struct StreamCache {
+    dir: PathBuf,
+    writer: Option<SegmentWriter>,
+    last: Option<Seq>,
+}
+
+fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("seg-") && n.ends_with(".log"))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+impl StreamCache {
+    /// Opens (or creates) the cache of `stream` under `root`, cutting a torn tail left by a
+    /// crash: what survives is exactly what was durable, and was acknowledged at most.
+    pub fn open(root: &Path, stream: &str) -> Result<Self, CacheError> {
+        let dir = root.join(stream);
+        let io = |source| CacheError::Io {
+            dir: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let existing = segments(&dir).map_err(io)?;
+        let (writer, last) = match existing.last() {
+            None => (None, None),
+            Some(path) => {
+                let (writer, recovered) = SegmentWriter::open_append(path)?;
+                if recovered.cut > 0 {
+                    tracing::warn!(segment = %path.display(), bytes = recovered.cut, "cut a torn tail left by a crash");
+                }
+                let last = recovered
+                    .last_seq
+                    .or_else(|| writer.header().first_seq.0.checked_sub(1).map(Seq));
+                (Some(writer), last.filter(|s| s.0 > 0))
+            }
+        };
+        Ok(StreamCache { dir, writer, last })
+    }
+
+    /// The sequence number the next record must have: one past the last durable record.
+    pub fn next_seq(&self) -> Seq {
+        Seq(self.last.map_or(1, |s| s.0 + 1))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends `records` (not yet durable: see [`StreamCache::sync`]).
+    pub fn append(&mut self, records: &Records) -> Result<(), CacheError> {
+        for (seq, frame) in records.frames() {
+            let writer = match &mut self.writer {
+                Some(w) => w,
+                None => self.writer.insert(self.new_segment(seq)?),
+            };
+            if let AppendOutcome::Full = writer.append_frame(seq, frame)? {
+                writer.sync()?;
+                let writer = self.writer.insert(self.new_segment(seq)?);
+                if let AppendOutcome::Full = writer.append_frame(seq, frame)? {
+                    // A frame of the largest size (16 MiB) fits in an empty segment.
+                    return Err(CacheError::Io {
+                        dir: self.dir.clone(),
+                        source: std::io::Error::other(format!(
+                            "record {seq} does not fit in an empty cache segment"
+                        )),
+                    });
+                }
+            }
+            self.last = Some(seq);
+        }
+        Ok(())
+    }
+
+    fn new_segment(&self, first: Seq) -> Result<SegmentWriter, CacheError> {
+        let path = self.dir.join(format!("seg-{:020}.log", first.0));
+        Ok(SegmentWriter::create(&path, first, SEGMENT_LEN)?)
+    }
+
+    /// Makes every appended record durable.
+    pub fn sync(&mut self) -> Result<(), CacheError> {
+        if let Some(w) = &mut self.writer {
+            w.sync()?;
+        }
+        Ok(())
+    }
+}

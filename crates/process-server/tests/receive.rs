@@ -1,0 +1,223 @@
+//! The process server receiving agents' streams over mutual TLS on loopback: records are in the
+//! cache, durable, before they are acknowledged; a stream resumes where the cache ends, across
+//! reconnects and restarts; the stream rules are enforced with the protocol's error codes.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use boomerang_core::log::{MarkId, MarkKind, Op, Record, SegmentReader, UnixNanos};
+use boomerang_core::{DiskName, Seq};
+use boomerang_process_server::{Config, ProcessServer};
+use boomerang_wire::pki::{self, CertRole};
+use boomerang_wire::tls::{self, TlsIdentity};
+use boomerang_wire::{
+    ErrorCode, Frame, FrameReader, FrameWriter, Records, Role, WireError, connect,
+};
+use bytes::Bytes;
+use rustls::pki_types::CertificateDer;
+
+fn record(seq: u64) -> Record {
+    let op = if seq % 7 == 0 {
+        Op::Mark {
+            kind: MarkKind::Crash,
+            id: MarkId(seq),
+            time: UnixNanos(seq),
+        }
+    } else {
+        Op::Write {
+            disk: DiskName::new("sda").unwrap(),
+            offset: seq * 4096,
+            data: vec![seq as u8; 3000],
+        }
+    };
+    Record { seq: Seq(seq), op }
+}
+
+fn batch(seqs: impl IntoIterator<Item = u64>) -> Records {
+    let mut bytes = Vec::new();
+    for s in seqs {
+        record(s).encode(&mut bytes).unwrap();
+    }
+    Records::new(Bytes::from(bytes)).unwrap()
+}
+
+type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+struct Client {
+    rd: FrameReader<tokio::io::ReadHalf<TlsStream>>,
+    wr: FrameWriter<tokio::io::WriteHalf<TlsStream>>,
+}
+
+/// Connects as agent `cert` (a directory under the CA) and opens `stream`; returns the
+/// client and the server's Resume.
+async fn open(addr: &str, ca: &Path, cert: &str, stream: &str) -> Result<(Client, Seq), WireError> {
+    let id = TlsIdentity::load(&ca.join("issued").join(cert)).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tls::connect(id.client_config().unwrap(), "127.0.0.1", tcp)
+        .await
+        .unwrap();
+    let certs: Vec<CertificateDer<'static>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .unwrap_or_default()
+        .to_vec();
+    let (r, w) = tokio::io::split(tls);
+    let (mut rd, mut wr) = (FrameReader::new(r), FrameWriter::new(w));
+    connect(
+        &mut rd,
+        &mut wr,
+        Role::Agent,
+        cert,
+        Role::ProcessServer,
+        |role, name| tls::vouch(Some(&certs), CertRole::Wire(role), name),
+    )
+    .await?;
+    wr.send(&Frame::Open {
+        stream: stream.into(),
+        disks: vec![DiskName::new("sda").unwrap()],
+    })
+    .await?;
+    match rd.read().await? {
+        Frame::Resume { next_seq, .. } => Ok((Client { rd, wr }, next_seq)),
+        Frame::Error { code, message } => Err(WireError::Refused { code, message }),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+impl Client {
+    /// Sends records `from..=to`, three per frame, and waits for the ack of the last.
+    async fn send(&mut self, from: u64, to: u64) -> Result<(), WireError> {
+        let mut at = from;
+        while at <= to {
+            let end = (at + 2).min(to);
+            self.wr.send(&Frame::Records(batch(at..=end))).await?;
+            at = end + 1;
+        }
+        loop {
+            match self.rd.read().await? {
+                Frame::Ack { durable, .. } if durable == Seq(to) => return Ok(()),
+                Frame::Ack { .. } => {}
+                Frame::Error { code, message } => return Err(WireError::Refused { code, message }),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+}
+
+fn cached(cache: &Path, stream: &str) -> Vec<Record> {
+    let mut paths: Vec<_> = std::fs::read_dir(cache.join(stream))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    paths
+        .iter()
+        .flat_map(|p| SegmentReader::open(p).unwrap().map(|r| r.unwrap()))
+        .collect()
+}
+
+async fn start(ca: &Path, cache: &Path) -> (String, tokio::sync::watch::Sender<bool>) {
+    let server = ProcessServer::new(Config {
+        name: "ps1".into(),
+        tls: TlsIdentity::load(&ca.join("issued/ps1")).unwrap(),
+        cache: cache.to_path_buf(),
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(Arc::clone(&server).serve(listener, stopped));
+    (addr, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_cached_before_the_ack_and_streams_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    pki::init_ca(&ca).unwrap();
+    pki::issue(
+        &ca,
+        "ps1",
+        CertRole::Wire(Role::ProcessServer),
+        &["127.0.0.1".into()],
+        30,
+    )
+    .unwrap();
+    for agent in ["web01", "web02"] {
+        pki::issue(&ca, agent, CertRole::Wire(Role::Agent), &[], 30).unwrap();
+    }
+    let cache = dir.path().join("cache");
+    let (addr, stop) = start(&ca, &cache).await;
+
+    let (mut client, next) = open(&addr, &ca, "web01", "web01").await.unwrap();
+    assert_eq!(next, Seq(1));
+    client.send(1, 20).await.unwrap();
+    // Acknowledged means in the cache.
+    assert_eq!(
+        cached(&cache, "web01"),
+        (1..=20).map(record).collect::<Vec<_>>()
+    );
+
+    // One connection per stream.
+    let busy = open(&addr, &ca, "web01", "web01").await.err().unwrap();
+    assert!(
+        matches!(
+            &busy,
+            WireError::Refused {
+                code: ErrorCode::StreamBusy,
+                ..
+            }
+        ),
+        "{busy}"
+    );
+    drop(client);
+
+    // An agent streams only its own log.
+    let other = open(&addr, &ca, "web01", "web02").await.err().unwrap();
+    assert!(
+        other.to_string().contains("only its own write log"),
+        "{other}"
+    );
+
+    // Reconnect: resume after the cached records; a gap is refused.
+    let (mut client, next) = open_retrying(&addr, &ca).await;
+    assert_eq!(next, Seq(21));
+    let gap = client.send(23, 25).await.unwrap_err();
+    assert!(
+        matches!(
+            &gap,
+            WireError::Refused {
+                code: ErrorCode::OutOfOrder,
+                ..
+            }
+        ),
+        "{gap}"
+    );
+
+    // A restart of the process server on the same cache.
+    stop.send(true).unwrap();
+    let (addr, _stop) = start(&ca, &cache).await;
+    let (mut client, next) = open_retrying(&addr, &ca).await;
+    assert_eq!(next, Seq(21));
+    client.send(21, 40).await.unwrap();
+    assert_eq!(
+        cached(&cache, "web01"),
+        (1..=40).map(record).collect::<Vec<_>>()
+    );
+}
+
+/// Opens web01's stream, waiting out the end of its previous connection on the server.
+async fn open_retrying(addr: &str, ca: &Path) -> (Client, Seq) {
+    for _ in 0..100 {
+        match open(addr, ca, "web01", "web01").await {
+            Ok(c) => return c,
+            Err(WireError::Refused {
+                code: ErrorCode::StreamBusy,
+                ..
+            }) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("the stream stayed busy")
+}
