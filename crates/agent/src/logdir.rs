@@ -209,6 +209,16 @@ pub fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// The first sequence number of a segment, from its name `seg-<first seq>.log`.
+pub fn first_seq_of(path: &Path) -> Option<Seq> {
+    let name = path.file_name()?.to_str()?;
+    name.strip_prefix("seg-")?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
+        .map(Seq)
+}
+
 fn segment_path(dir: &Path, first: Seq) -> PathBuf {
     dir.join(format!("seg-{:020}.log", first.0))
 }
@@ -447,6 +457,40 @@ impl LogDir {
         Ok(seq)
     }
 
+    /// Deletes the segments whose every record is at or below `durable` (acknowledged as
+    /// durable downstream), except the one being appended to; returns the bytes freed. A
+    /// segment's records end where the next segment's begin, so only whole segments go.
+    pub fn release_through(&mut self, durable: Seq) -> Result<u64, LogDirError> {
+        let io = |source| LogDirError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        let all = segments(&self.dir).map_err(io)?;
+        let mut freed = 0;
+        for pair in all.windows(2) {
+            let [old, next] = pair else { continue };
+            if old == self.writer.path() {
+                break;
+            }
+            let Some(next_first) = first_seq_of(next) else {
+                break;
+            };
+            if next_first.0.saturating_sub(1) > durable.0 {
+                break;
+            }
+            let len = std::fs::metadata(old).map_err(io)?.len();
+            std::fs::remove_file(old).map_err(io)?;
+            self.total = self.total.saturating_sub(len);
+            freed += len;
+        }
+        if freed > 0 {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        Ok(freed)
+    }
+
     /// Appends a consistency mark; returns its id and sequence number.
     pub fn mark(&mut self, kind: MarkKind) -> Result<(MarkId, Seq), LogDirError> {
         let id = MarkId(self.next_mark);
@@ -539,5 +583,21 @@ mod tests {
             .map(|r| r.unwrap().seq.0)
             .collect();
         assert_eq!(seqs, (1..=22).collect::<Vec<_>>());
+
+        // Acknowledged segments go, whole, and never the one being appended to.
+        let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+        let before = segments(dir.path()).unwrap();
+        let second_first = first_seq_of(&before[1]).unwrap();
+        assert_eq!(log.release_through(Seq(second_first.0 - 2)).unwrap(), 0);
+        let total = log.total_bytes();
+        let freed = log.release_through(Seq(second_first.0 - 1)).unwrap();
+        assert!(freed > 0 && log.total_bytes() == total - freed);
+        assert_eq!(segments(dir.path()).unwrap(), before[1..]);
+        log.release_through(Seq(u64::MAX)).unwrap();
+        assert_eq!(
+            segments(dir.path()).unwrap().last(),
+            before.last(),
+            "the newest segment stays"
+        );
     }
 }

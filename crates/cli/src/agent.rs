@@ -5,11 +5,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use boomerang_agent::ship::{self, ShipConfig};
 use boomerang_agent::{CaptureDevice, Hooks, LogDir, ReplayTo, control, logdir, marks};
 use boomerang_core::DiskName;
 use boomerang_core::log::{MarkKind, Op, SegmentReader};
 use boomerang_nbd::server::{ListenAddr, Listener};
 use boomerang_nbd::{Export, FileDevice, Server};
+use boomerang_wire::tls::TlsIdentity;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
@@ -56,6 +58,15 @@ struct RunArgs {
     /// Seconds a hook may run before it is stopped and the mark falls back to crash-consistent.
     #[arg(long, default_value_t = 30.0)]
     hook_timeout: f64,
+    /// Ship the write log to this process server (HOST:PORT), over mutual TLS.
+    #[arg(long, requires = "tls")]
+    process_server: Option<String>,
+    /// The agent's certificate directory (`boomerang pki issue ... --role agent`).
+    #[arg(long)]
+    tls: Option<PathBuf>,
+    /// The protected machine's name (default: the certificate directory's name).
+    #[arg(long)]
+    name: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -225,6 +236,32 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         log.clone(),
         hooks.clone(),
     ))];
+    let (stop_shipping, shipping_stopped) = tokio::sync::watch::channel(false);
+    let shipping = match (&args.process_server, &args.tls) {
+        (Some(addr), Some(tls_dir)) => {
+            let tls = TlsIdentity::load(tls_dir)?;
+            let name = match &args.name {
+                Some(n) => n.clone(),
+                None => tls_dir
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(str::to_string)
+                    .context("give the protected machine's name with --name")?,
+            };
+            let config = ShipConfig {
+                addr: addr.clone(),
+                tls,
+                name,
+                disks: args.disks.iter().map(|(d, _)| d.clone()).collect(),
+            };
+            Some(tokio::spawn(ship::ship(
+                log.clone(),
+                config,
+                shipping_stopped,
+            )))
+        }
+        _ => None,
+    };
     for (every, kind) in [
         (args.mark_interval, MarkKind::Crash),
         (args.app_mark_interval, MarkKind::App),
@@ -254,6 +291,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     shutdown.await;
     let _ = stop.send(true);
     let _ = serving.await;
+    let _ = stop_shipping.send(true);
+    if let Some(task) = shipping {
+        let _ = task.await;
+    }
     {
         // Never stop between a freeze and its thaw: wait for a mark in progress.
         let _no_mark_running = hooks.busy.lock().await;

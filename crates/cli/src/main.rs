@@ -29,7 +29,7 @@ enum Command {
     #[command(subcommand)]
     Store(store::StoreCommand),
     /// Mobility agent: serve protected disks over NBD, capturing every write.
-    Agent(agent::AgentArgs),
+    Agent(Box<agent::AgentArgs>),
     /// Run the sample lifecycle on local directories and verify the data.
     Quickstart(quickstart::QuickstartArgs),
     /// Process server: receive agents' write logs over mutual TLS into a cache volume.
@@ -62,7 +62,7 @@ fn main() {
         match cli.command {
             Command::Store(cmd) => store::run(cmd, cli.output).await,
             Command::Quickstart(args) => quickstart::run(args, cli.output).await,
-            Command::Agent(args) => agent::run(args, cli.output).await,
+            Command::Agent(args) => agent::run(*args, cli.output).await,
             Command::Pki(cmd) => pki::run(cmd, cli.output),
             Command::ProcessServer(args) => process_server::run(args).await,
         }

@@ -1,0 +1,184 @@
+//! Replication from the agent to the process server, as separate processes on loopback over
+//! mutual TLS: every write reaches the process server's cache, in order, through a `kill -9`
+//! and restart of the process server; the agent drops the log segments it no longer needs.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use boomerang_testkit::{RawNbd, run, sparse_file};
+
+fn boomerang(args: &[&str]) -> String {
+    run(env!("CARGO_BIN_EXE_boomerang"), args)
+}
+
+/// A `boomerang` process that announces `listening on ADDR` first; killed when dropped.
+struct Daemon {
+    child: Child,
+    addr: String,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Daemon { child, addr }
+    }
+
+    fn signal(&mut self, sig: &str) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args([sig, &pid]).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn process_server(ca: &Path, cache: &Path, listen: &str) -> Daemon {
+    Daemon::start(&[
+        "process-server",
+        "--listen",
+        listen,
+        "--tls",
+        ca.join("issued/ps1").to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+    ])
+}
+
+fn block(i: u64, round: u64) -> Vec<u8> {
+    (0..512)
+        .flat_map(|_| (i * 1000 + round).to_le_bytes())
+        .collect()
+}
+
+#[test]
+fn the_agent_streams_every_write_to_the_process_server_through_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca_str = ca.to_str().unwrap();
+    boomerang(&["pki", "init", ca_str]);
+    boomerang(&[
+        "pki",
+        "issue",
+        ca_str,
+        "--name",
+        "ps1",
+        "--role",
+        "process-server",
+        "--host",
+        "127.0.0.1",
+    ]);
+    boomerang(&["pki", "issue", ca_str, "--name", "web01", "--role", "agent"]);
+
+    const BLOCKS: u64 = 1024;
+    let disk = dir.path().join("disk.img");
+    sparse_file(&disk, BLOCKS * 4096);
+    let base = dir.path().join("base.img");
+    std::fs::copy(&disk, &base).unwrap();
+    let cache = dir.path().join("cache");
+    let log = dir.path().join("log");
+
+    let mut ps = process_server(&ca, &cache, "127.0.0.1:0");
+    let ps_addr = ps.addr.clone();
+    let agent = Daemon::start(&[
+        "agent",
+        "--disk",
+        &format!("d0={}", disk.display()),
+        "--listen",
+        "127.0.0.1:0",
+        "--log-dir",
+        log.to_str().unwrap(),
+        "--segment-size",
+        "1MiB",
+        "--mark-interval",
+        "0.2",
+        "--process-server",
+        &ps_addr,
+        "--tls",
+        ca.join("issued/web01").to_str().unwrap(),
+    ]);
+    let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
+    let mut cookie = 0;
+    let mut write_round = |client: &mut RawNbd, round: u64, step: u64| {
+        for i in (round % step..BLOCKS).step_by(step as usize) {
+            cookie += 1;
+            assert_eq!(client.write(cookie, i * 4096, &block(i, round)).unwrap(), 0);
+        }
+    };
+    write_round(&mut client, 0, 1);
+    write_round(&mut client, 1, 3);
+
+    // The process server dies without warning; writes go on into the agent's log meanwhile.
+    ps.signal("-KILL");
+    write_round(&mut client, 2, 2);
+    let mut ps = process_server(&ca, &cache, &ps_addr);
+    write_round(&mut client, 3, 5);
+
+    // Everything the agent logged arrives: the cache replayed onto the starting image is the
+    // live disk.
+    let live = std::fs::read(&disk).unwrap();
+    let replayed = dir.path().join("replayed.img");
+    let cached = cache.join("web01");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args([
+                "agent",
+                "log",
+                "replay",
+                cached.to_str().unwrap(),
+                "--disk",
+                "d0",
+            ])
+            .args([
+                "--base",
+                base.to_str().unwrap(),
+                "--out",
+                replayed.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() && std::fs::read(&replayed).unwrap() == live {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the process server's cache did not catch up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Acknowledged segments left the agent's log: about 4.5 MiB were logged in 1 MiB segments.
+    let segments = std::fs::read_dir(&log)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with("seg-")
+        })
+        .count();
+    assert!(segments <= 2, "{segments} segments left in the agent's log");
+    drop(agent);
+    ps.signal("-TERM");
+}
