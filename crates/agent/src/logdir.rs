@@ -171,6 +171,9 @@ impl Entry<'_> {
     }
 }
 
+/// The next mark id, kept when segments are released (`release_through`).
+const NEXT_MARK: &str = "marks.next";
+
 /// Marks a running agent; holds the boot id, to tell an agent crash from a machine crash.
 const RUNNING: &str = "agent.running";
 
@@ -272,7 +275,12 @@ impl LogDir {
                 let next = recovered
                     .last_seq
                     .map_or(w.header().first_seq, |s| Seq(s.0 + 1));
-                let next_mark = last_mark(&existing)?.map_or(1, |m| m.0 + 1);
+                // Segments may have been released after shipping: the file keeps the floor.
+                let kept = std::fs::read_to_string(dir.join(NEXT_MARK))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .unwrap_or(1);
+                let next_mark = last_mark(&existing)?.map_or(1, |m| m.0 + 1).max(kept);
                 (w, next, next_mark)
             }
         };
@@ -466,6 +474,9 @@ impl LogDir {
             source,
         };
         let all = segments(&self.dir).map_err(io)?;
+        // Marks in the segments about to go would no longer tell the next start which mark
+        // ids are taken: keep the next id in a file first.
+        self.persist_next_mark().map_err(io)?;
         let mut freed = 0;
         for pair in all.windows(2) {
             let [old, next] = pair else { continue };
@@ -489,6 +500,15 @@ impl LogDir {
                 .map_err(io)?;
         }
         Ok(freed)
+    }
+
+    fn persist_next_mark(&self) -> std::io::Result<()> {
+        let path = self.dir.join(NEXT_MARK);
+        let tmp = self.dir.join(format!(".{NEXT_MARK}.tmp"));
+        let mut f = File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, self.next_mark.to_string().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
     }
 
     /// Appends a consistency mark; returns its id and sequence number.
@@ -586,6 +606,10 @@ mod tests {
 
         // Acknowledged segments go, whole, and never the one being appended to.
         let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+        // Writes after the last mark, enough to start a segment without marks.
+        for i in 0..6u64 {
+            log.append_write(&disk, i * 1000, &[7u8; 300_000]).unwrap();
+        }
         let before = segments(dir.path()).unwrap();
         let second_first = first_seq_of(&before[1]).unwrap();
         assert_eq!(log.release_through(Seq(second_first.0 - 2)).unwrap(), 0);
@@ -599,5 +623,9 @@ mod tests {
             before.last(),
             "the newest segment stays"
         );
+        // The marks went with their segments; their ids are not given again.
+        drop(log);
+        let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+        assert_eq!(log.mark(MarkKind::Crash).unwrap().0, MarkId(3));
     }
 }
