@@ -250,16 +250,33 @@ impl Store {
 
         // Objects first, manifest last.
         self.backend().flush().await?;
-        let id = PointId(prev.as_ref().map_or(1, |p| p.id.0 + 1));
+        let id = self
+            .write_manifest(disk, prev.as_ref(), shape, root, stats, options)
+            .await?;
+        Ok((id, prev.map(|p| p.id), stats))
+    }
+
+    /// Writes the manifest of the next point of `disk` after `prev`: with a create-only put,
+    /// so two commits racing for the same id cannot both win.
+    pub(crate) async fn write_manifest(
+        &self,
+        disk: &DiskName,
+        prev: Option<&PointManifest>,
+        shape: Shape,
+        root: ChunkHash,
+        stats: CommitStats,
+        options: CommitOptions,
+    ) -> Result<PointId> {
+        let id = PointId(prev.map_or(1, |p| p.id.0 + 1));
         let manifest = PointManifest {
             disk: disk.clone(),
             id,
-            parent: prev.as_ref().map(|p| p.id),
+            parent: prev.map(|p| p.id),
             created_unix_ms: now_ms(),
             mark: options.mark,
             seq: options.seq,
-            size,
-            block_size,
+            size: shape.size,
+            block_size: shape.block_size,
             depth: shape.depth,
             root,
             stats,
@@ -275,7 +292,7 @@ impl Store {
             )
             .await
         {
-            Ok(_) => Ok((id, manifest.parent, stats)),
+            Ok(_) => Ok(id),
             Err(object_store::Error::AlreadyExists { .. }) => Err(StoreError::Conflict(format!(
                 "another commit to disk {disk} created point {id} meanwhile: run the commit again"
             ))),
@@ -309,7 +326,7 @@ impl Store {
     }
 }
 
-async fn wait_for_room(puts: &mut JoinSet<Result<u64>>, stored: &mut u64) -> Result<()> {
+pub(crate) async fn wait_for_room(puts: &mut JoinSet<Result<u64>>, stored: &mut u64) -> Result<()> {
     while puts.len() >= PUTS_IN_FLIGHT {
         if let Some(done) = puts.join_next().await {
             *stored += join_result(done)?;
@@ -318,7 +335,9 @@ async fn wait_for_room(puts: &mut JoinSet<Result<u64>>, stored: &mut u64) -> Res
     Ok(())
 }
 
-fn join_result(r: std::result::Result<Result<u64>, tokio::task::JoinError>) -> Result<u64> {
+pub(crate) fn join_result(
+    r: std::result::Result<Result<u64>, tokio::task::JoinError>,
+) -> Result<u64> {
     r.map_err(|e| StoreError::io("a store write task failed", std::io::Error::other(e)))?
 }
 

@@ -31,6 +31,7 @@ pub mod point;
 mod read;
 mod retention;
 pub mod tree;
+mod update;
 mod verify;
 
 use std::sync::Arc;

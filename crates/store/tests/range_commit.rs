@@ -1,0 +1,105 @@
+//! Range commit: a point made from the previous one and the list of changed blocks is the same
+//! tree, byte for byte, as a full scan of the same image would make, and exports the image.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use boomerang_core::DiskName;
+use boomerang_core::sample::XorShift as Rng;
+use boomerang_store::{CommitOptions, NoProgress, Store};
+
+const BLOCK: u64 = 4096;
+
+fn disk() -> DiskName {
+    DiskName::new("db").unwrap()
+}
+
+fn random_block(rng: &mut Rng) -> Vec<u8> {
+    let mut block = vec![0u8; BLOCK as usize];
+    rng.fill(&mut block);
+    block
+}
+
+async fn store(dir: &Path, name: &str) -> Store {
+    Store::init(dir.join(name).to_str().unwrap(), BLOCK)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_range_commit_builds_the_tree_a_full_scan_builds() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    // 1,000 blocks and a short tail block: a tree of depth 2 with four level-1 nodes.
+    let size = 1000 * BLOCK + 1536;
+    let file = std::fs::File::create(&image).unwrap();
+    file.set_len(size).unwrap();
+    let mut rng = Rng::new(7);
+    for i in (0..1000).step_by(3) {
+        file.write_all_at(&random_block(&mut rng), i * BLOCK)
+            .unwrap();
+    }
+    let ranged = store(dir.path(), "ranged").await;
+    ranged
+        .commit_image(&disk(), &image, CommitOptions::default(), &NoProgress)
+        .await
+        .unwrap();
+
+    for round in 0..4u64 {
+        // Rewrite some blocks, zero others (a whole level-1 node in round 2), leave some the
+        // same, and list a few that did not change at all.
+        let mut changed = Vec::new();
+        for _ in 0..40 {
+            let i = rng.next_u64() % 1000;
+            file.write_all_at(&random_block(&mut rng), i * BLOCK)
+                .unwrap();
+            changed.push(i);
+        }
+        if round == 2 {
+            for i in 256..512 {
+                file.write_all_at(&[0u8; BLOCK as usize], i * BLOCK)
+                    .unwrap();
+                changed.push(i);
+            }
+        }
+        file.write_all_at(&[0xEE; 1536], 1000 * BLOCK).unwrap();
+        changed.extend([1000, 999, 5, 5]);
+        let report = ranged
+            .commit_blocks(
+                &disk(),
+                &image,
+                changed.iter().rev().copied(),
+                CommitOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert!(report.stats.bytes_read <= (changed.len() as u64) * BLOCK);
+
+        // The same image, scanned whole into a store of its own.
+        let full = store(dir.path(), &format!("full{round}")).await;
+        let scanned = full
+            .commit_image(&disk(), &image, CommitOptions::default(), &NoProgress)
+            .await
+            .unwrap();
+        let a = ranged.point(&disk(), Some(report.point)).await.unwrap();
+        let b = full.point(&disk(), Some(scanned.point)).await.unwrap();
+        assert_eq!(a.root, b.root, "round {round}: the same tree");
+
+        let out = dir.path().join(format!("export{round}.img"));
+        ranged.export_raw(&a, &out, &NoProgress).await.unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(&image).unwrap(),
+            "round {round}: the point exports the image"
+        );
+    }
+    let report = ranged.verify(&NoProgress).await.unwrap();
+    assert!(report.bad.is_empty(), "{report:?}");
+
+    // A new size: a full scan, not a range commit.
+    file.set_len(size + 64 * BLOCK).unwrap();
+    let grown = ranged
+        .commit_blocks(&disk(), &image, [0], CommitOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(grown.stats.bytes_read, size + 64 * BLOCK);
+}
