@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use boomerang_core::log::{
     AppendOutcome, FRAME_OVERHEAD, LogError, MarkId, MarkKind, Op, Record, SegmentReader,
-    SegmentWriter, UnixNanos,
+    SegmentWriter, UnixNanos, first_seq_of, segment_files, segment_name,
 };
 use boomerang_core::{DiskName, Seq};
 use nix::fcntl::{Flock, FlockArg};
@@ -200,30 +200,11 @@ fn any_dirty_bitmap(dir: &Path) -> bool {
 
 /// Segment files of `dir` in log order.
 pub fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("seg-") && n.ends_with(".log"))
-        })
-        .collect();
-    out.sort();
-    Ok(out)
-}
-
-/// The first sequence number of a segment, from its name `seg-<first seq>.log`.
-pub fn first_seq_of(path: &Path) -> Option<Seq> {
-    let name = path.file_name()?.to_str()?;
-    name.strip_prefix("seg-")?
-        .strip_suffix(".log")?
-        .parse()
-        .ok()
-        .map(Seq)
+    segment_files(dir)
 }
 
 fn segment_path(dir: &Path, first: Seq) -> PathBuf {
-    dir.join(format!("seg-{:020}.log", first.0))
+    dir.join(segment_name(first))
 }
 
 /// Creates a segment and reserves its blocks without changing its size: appends then extend

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use boomerang_core::Seq;
-use boomerang_core::log::{AppendOutcome, LogError, SegmentWriter};
+use boomerang_core::log::{AppendOutcome, LogError, SegmentWriter, segment_files, segment_name};
 use boomerang_wire::Records;
 
 /// Size limit of one cache segment.
@@ -30,19 +30,6 @@ pub struct StreamCache {
     last: Option<Seq>,
 }
 
-fn segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("seg-") && n.ends_with(".log"))
-        })
-        .collect();
-    out.sort();
-    Ok(out)
-}
-
 impl StreamCache {
     /// Opens (or creates) the cache of `stream` under `root`, cutting a torn tail left by a
     /// crash: what survives is exactly what was durable, and was acknowledged at most.
@@ -53,7 +40,7 @@ impl StreamCache {
             source,
         };
         std::fs::create_dir_all(&dir).map_err(io)?;
-        let existing = segments(&dir).map_err(io)?;
+        let existing = segment_files(&dir).map_err(io)?;
         let (writer, last) = match existing.last() {
             None => (None, None),
             Some(path) => {
@@ -105,7 +92,7 @@ impl StreamCache {
     }
 
     fn new_segment(&self, first: Seq) -> Result<SegmentWriter, CacheError> {
-        let path = self.dir.join(format!("seg-{:020}.log", first.0));
+        let path = self.dir.join(segment_name(first));
         Ok(SegmentWriter::create(&path, first, SEGMENT_LEN)?)
     }
 

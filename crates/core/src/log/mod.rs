@@ -44,11 +44,13 @@
 //! [`decode_frame`] (parse) for a stream, [`decode_segment`] for a whole segment in memory. They
 //! never panic; `fuzz/fuzz_targets/segment_decode.rs` exercises them.
 
+mod dir;
 mod error;
 mod record;
 mod scan;
 mod segment;
 
+pub use dir::{Batch, LogTail, TailError, first_seq_of, segment_files, segment_name};
 pub use error::LogError;
 pub use record::{
     FRAME_HEADER_LEN, FRAME_OVERHEAD, FRAME_TRAILER_LEN, FrameCheck, FrameError, MAX_BODY_LEN,
