@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use boomerang_process_server::{Config, ProcessServer};
+use boomerang_process_server::{Config, receiver};
 use boomerang_wire::tls::TlsIdentity;
 use clap::Args;
 
@@ -40,7 +40,7 @@ pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
             args.cache.display()
         )
     })?;
-    let server = ProcessServer::new(Config {
+    let server = receiver(Config {
         name,
         tls,
         cache: args.cache.clone(),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use boomerang_core::log::{MarkId, MarkKind, Op, Record, SegmentReader, UnixNanos};
 use boomerang_core::{DiskName, Seq};
-use boomerang_process_server::{Config, ProcessServer};
+use boomerang_process_server::{Config, receiver};
 use boomerang_wire::pki::{self, CertRole};
 use boomerang_wire::tls::{self, TlsIdentity};
 use boomerang_wire::{
@@ -118,7 +118,7 @@ fn cached(cache: &Path, stream: &str) -> Vec<Record> {
 }
 
 async fn start(ca: &Path, cache: &Path) -> (String, tokio::sync::watch::Sender<bool>) {
-    let server = ProcessServer::new(Config {
+    let server = receiver(Config {
         name: "ps1".into(),
         tls: TlsIdentity::load(&ca.join("issued/ps1")).unwrap(),
         cache: cache.to_path_buf(),

@@ -19,10 +19,12 @@
 //! record stream for each end. [`pki`] is the site's certificate authority and [`tls`] the
 //! mutual TLS every connection runs in.
 
+pub mod cache;
 pub mod frame;
 pub mod handshake;
 pub mod io;
 pub mod pki;
+pub mod receive;
 pub mod stream;
 pub mod tls;
 

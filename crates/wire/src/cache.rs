@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::Records;
 use boomerang_core::Seq;
 use boomerang_core::log::{AppendOutcome, LogError, SegmentWriter, segment_files, segment_name};
-use boomerang_wire::Records;
 
 /// Size limit of one cache segment.
 pub const SEGMENT_LEN: u64 = 64 << 20;

@@ -1,0 +1,293 @@
+//! The receiving end of record streams, shared by the process server (from agents) and the
+//! master target (from process servers): each record is persisted in a cache directory per
+//! stream (the write-log segment format, bytes as received) before it is acknowledged.
+//!
+//! ```text
+//! client ──TLS──▶ accept: TLS, Hello (the certificate must back it), Open{stream, disks}
+//!                ◀── Resume{next = cache's last durable + 1, credit}
+//! Records ──▶ checked (stream rules) ─▶ cache append ─▶ fdatasync ─▶ Ack{durable, credit}
+//!                                                                  └▶ on_durable(stream, seq)
+//! ```
+//!
+//! Invariants: an acknowledged record is durable in the cache; a stream has at most one
+//! connection at a time; an agent writes only its own machine's stream; the disks of all
+//! streams stay within the receiver's limit.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use boomerang_core::{DiskName, Seq};
+
+use crate::pki::{self, CertRole};
+use crate::tls::{self, TlsIdentity};
+use crate::{ErrorCode, Frame, FrameReader, FrameWriter, Inbound, Role, WireError, accept};
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::cache::{CacheError, StreamCache};
+
+/// Bytes of records an agent may have in flight, unacknowledged.
+pub const CREDIT: u64 = 32 << 20;
+
+/// Called once records up to the sequence number are durable in the stream's cache.
+pub type OnDurable = Arc<dyn Fn(&str, Seq) + Send + Sync>;
+
+/// A receiver's settings.
+pub struct Config {
+    /// This component's name and role.
+    pub name: String,
+    pub role: Role,
+    /// The roles that may connect.
+    pub accepted: Vec<Role>,
+    /// Whether a client may stream only the log named after it (an agent sends its own).
+    pub own_stream_only: bool,
+    /// The most disks all streams together may have.
+    pub max_disks: usize,
+    pub tls: TlsIdentity,
+    /// One directory per stream.
+    pub cache: PathBuf,
+    pub on_durable: Option<OnDurable>,
+}
+
+/// A running receiver's shared state.
+pub struct Receiver {
+    config: Config,
+    tls: Arc<rustls::ServerConfig>,
+    /// Streams with a connection now.
+    busy: Mutex<HashSet<String>>,
+    /// The disks of every stream seen, for the disk limit.
+    disks: Mutex<HashMap<String, Vec<DiskName>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+impl Receiver {
+    pub fn new(config: Config) -> Result<Arc<Self>, ServeError> {
+        let tls = config.tls.server_config()?;
+        Ok(Arc::new(Receiver {
+            config,
+            tls,
+            busy: Mutex::default(),
+            disks: Mutex::default(),
+        }))
+    }
+
+    /// Records the disks of `stream`; refuses them if all streams' disks would pass the limit.
+    fn attach(&self, stream: &str, disks: &[DiskName]) -> Result<(), String> {
+        let mut all = self.disks.lock().unwrap_or_else(|e| e.into_inner());
+        let others: usize = all
+            .iter()
+            .filter(|(s, _)| s.as_str() != stream)
+            .map(|(_, d)| d.len())
+            .sum();
+        if others + disks.len() > self.config.max_disks {
+            return Err(format!(
+                "{} {} has {others} disks attached and takes at most {}; the {} disks of {stream} would pass that: protect {stream} with a separate {}",
+                self.config.role,
+                self.config.name,
+                self.config.max_disks,
+                disks.len(),
+                self.config.role
+            ));
+        }
+        all.insert(stream.to_string(), disks.to_vec());
+        Ok(())
+    }
+
+    /// Serves connections from `listener` until `shutdown` turns true.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, addr)) => {
+                        let me = self.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = me.connection(tcp).await {
+                                tracing::warn!(peer = %addr, error = %e, "replication connection ended");
+                            }
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not accept a connection"),
+                },
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream) -> Result<(), ServeError> {
+        let stream = tls::accept(self.tls.clone(), tcp).await?;
+        let certs: Vec<CertificateDer<'static>> = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .unwrap_or_default()
+            .to_vec();
+        let (r, w) = tokio::io::split(stream);
+        let (mut rd, mut wr) = (FrameReader::new(r), FrameWriter::new(w));
+        let peer = accept(
+            &mut rd,
+            &mut wr,
+            self.config.role,
+            &self.config.name,
+            &self.config.accepted,
+            |role, name| tls::vouch(Some(&certs), CertRole::Wire(role), name),
+        )
+        .await?;
+        self.stream(&mut rd, &mut wr, &peer.name).await
+    }
+
+    /// Runs one stream on an opened connection from `client`.
+    async fn stream<R, W>(
+        &self,
+        rd: &mut FrameReader<R>,
+        wr: &mut FrameWriter<W>,
+        client: &str,
+    ) -> Result<(), ServeError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let (stream, disks) = match rd.read().await? {
+            Frame::Open { stream, disks } => (stream, disks),
+            other => {
+                let why = format!("{client} sent {other:?} where an open was expected");
+                wr.refuse(ErrorCode::BadFrame, &why).await;
+                return Err(WireError::Protocol(why).into());
+            }
+        };
+        if !pki::valid_name(&stream) {
+            let why = format!("{stream:?} is not a valid stream name (a machine's name)");
+            wr.refuse(ErrorCode::BadFrame, &why).await;
+            return Err(WireError::Protocol(why).into());
+        }
+        if self.config.own_stream_only && stream != client {
+            let why = format!(
+                "{client} may stream only its own write log (stream {client:?}), not {stream:?}"
+            );
+            wr.refuse(ErrorCode::BadFrame, &why).await;
+            return Err(WireError::Protocol(why).into());
+        }
+        let Some(_busy) = BusyGuard::take(&self.busy, &stream) else {
+            let why = format!(
+                "stream {stream} already has a connection to this process server; the agent retries once it ends"
+            );
+            wr.refuse(ErrorCode::StreamBusy, &why).await;
+            return Err(WireError::Protocol(why).into());
+        };
+        if let Err(why) = self.attach(&stream, &disks) {
+            wr.refuse(ErrorCode::TooManyDisks, &why).await;
+            return Err(WireError::Protocol(why).into());
+        }
+        let root = self.config.cache.clone();
+        let name = stream.clone();
+        let cache = tokio::task::spawn_blocking(move || StreamCache::open(&root, &name))
+            .await
+            .map_err(|e| WireError::Protocol(e.to_string()))?;
+        let mut cache = match cache {
+            Ok(c) => c,
+            Err(e) => {
+                wr.refuse(ErrorCode::Unavailable, &e.to_string()).await;
+                return Err(e.into());
+            }
+        };
+        let mut inbound = Inbound::new(disks, cache.next_seq(), CREDIT);
+        wr.send(&Frame::Resume {
+            next_seq: inbound.next_seq(),
+            credit: inbound.credit(),
+        })
+        .await?;
+        tracing::info!(%stream, next_seq = %inbound.next_seq(), "stream resumed");
+        loop {
+            let records = match rd.read().await {
+                Ok(Frame::Records(r)) => r,
+                Ok(Frame::Ping { nonce }) => {
+                    wr.send(&Frame::Pong { nonce }).await?;
+                    continue;
+                }
+                Ok(Frame::Bye) | Err(WireError::Closed) => return Ok(()),
+                Ok(Frame::Error { code, message }) => {
+                    return Err(WireError::Refused { code, message }.into());
+                }
+                Ok(other) => {
+                    let why = format!("{other:?} has no place in a record stream");
+                    wr.refuse(ErrorCode::BadFrame, &why).await;
+                    return Err(WireError::Protocol(why).into());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Err(v) = inbound.accept(&records) {
+                wr.refuse(v.code, &v.message).await;
+                return Err(WireError::Protocol(v.message).into());
+            }
+            // Durable before acknowledged.
+            let batch = records.clone();
+            let (back, persisted) = tokio::task::spawn_blocking(move || {
+                let done = cache.append(&batch).and_then(|()| cache.sync());
+                (cache, done)
+            })
+            .await
+            .map_err(|e| WireError::Protocol(e.to_string()))?;
+            cache = back;
+            if let Err(e) = persisted {
+                tracing::error!(%stream, error = %e, "could not persist records in the cache");
+                wr.refuse(
+                    ErrorCode::Unavailable,
+                    &format!("the process server's cache failed: {e}"),
+                )
+                .await;
+                return Err(e.into());
+            }
+            if let Some(notify) = &self.config.on_durable {
+                notify(&stream, records.last_seq());
+            }
+            let grant = records.bytes().len() as u64;
+            inbound.grant(grant);
+            wr.send(&Frame::Ack {
+                durable: records.last_seq(),
+                credit: grant,
+            })
+            .await?;
+        }
+    }
+}
+
+/// Marks a stream as connected; the mark goes when the guard drops.
+struct BusyGuard<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    stream: String,
+}
+
+impl<'a> BusyGuard<'a> {
+    fn take(set: &'a Mutex<HashSet<String>>, stream: &str) -> Option<Self> {
+        let mut busy = set.lock().unwrap_or_else(|e| e.into_inner());
+        busy.insert(stream.to_string()).then(|| BusyGuard {
+            set,
+            stream: stream.to_string(),
+        })
+    }
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        busy.remove(&self.stream);
+    }
+}
