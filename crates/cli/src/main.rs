@@ -2,6 +2,7 @@
 //! lives there.
 
 mod agent;
+mod master_target;
 mod output;
 mod pki;
 mod process_server;
@@ -32,6 +33,8 @@ enum Command {
     Agent(Box<agent::AgentArgs>),
     /// Run the sample lifecycle on local directories and verify the data.
     Quickstart(quickstart::QuickstartArgs),
+    /// Master target: apply write logs from process servers into replica stores as recovery points.
+    MasterTarget(master_target::MasterTargetArgs),
     /// Process server: receive agents' write logs over mutual TLS into a cache volume.
     ProcessServer(process_server::ProcessServerArgs),
     /// The site's certificate authority: every component talks mutual TLS with its certificates.
@@ -65,6 +68,7 @@ fn main() {
             Command::Agent(args) => agent::run(*args, cli.output).await,
             Command::Pki(cmd) => pki::run(cmd, cli.output),
             Command::ProcessServer(args) => process_server::run(args).await,
+            Command::MasterTarget(args) => master_target::run(args).await,
         }
     });
     match result {

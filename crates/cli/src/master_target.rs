@@ -1,0 +1,73 @@
+//! `boomerang master-target`: receives write logs from process servers and keeps recovery
+//! points of every protected disk in replica stores on its retention volume.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use boomerang_master_target::{Config, receiver};
+use boomerang_wire::MAX_DISKS;
+use boomerang_wire::tls::TlsIdentity;
+use clap::Args;
+
+use crate::output::parse_size;
+
+#[derive(Args, Debug)]
+pub struct MasterTargetArgs {
+    /// Address for replication connections from process servers.
+    #[arg(long, default_value = "0.0.0.0:9443")]
+    listen: String,
+    /// The master target's certificate directory (`boomerang pki issue ... --role master-target`).
+    #[arg(long)]
+    tls: PathBuf,
+    /// The retention volume: incoming logs, replica images and replica stores
+    /// (RETENTION/replicas/<machine>/store).
+    #[arg(long)]
+    retention: PathBuf,
+    /// The most disks to attach (at most 60).
+    #[arg(long, default_value_t = MAX_DISKS)]
+    max_disks: usize,
+    /// Block size of new replica stores.
+    #[arg(long, default_value = "64KiB", value_parser = parse_size)]
+    block_size: u64,
+    /// The master target's name (default: the certificate directory's name).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+pub async fn run(args: MasterTargetArgs) -> anyhow::Result<i32> {
+    let tls = TlsIdentity::load(&args.tls)?;
+    let name = match args.name {
+        Some(n) => n,
+        None => args
+            .tls
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+            .context("give the master target's name with --name")?,
+    };
+    std::fs::create_dir_all(&args.retention).with_context(|| {
+        format!(
+            "could not create the retention directory {}: check the path and permissions",
+            args.retention.display()
+        )
+    })?;
+    let server = receiver(Config {
+        name,
+        tls,
+        retention: args.retention.clone(),
+        max_disks: args.max_disks,
+        block_size: args.block_size,
+    })?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("could not listen on {}: is the port in use?", args.listen))?;
+    let shutdown = crate::agent::shutdown_signal()?;
+    println!("listening on {}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let serving = tokio::spawn(server.serve(listener, stopped));
+    shutdown.await;
+    let _ = stop.send(true);
+    let _ = serving.await;
+    eprintln!("master target stopped");
+    Ok(0)
+}

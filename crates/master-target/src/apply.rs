@@ -1,0 +1,282 @@
+//! Applying one stream's incoming log to replica images, and committing recovery points at
+//! its marks.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use boomerang_core::log::{LogTail, MarkKind as LogMark, Op, Record, decode_frame};
+use boomerang_core::{DiskName, Seq};
+use boomerang_store::{CommitOptions, MarkKind, Store, StoreError};
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("could not {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tail(#[from] boomerang_core::log::TailError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the incoming log of {stream} holds a damaged record: {why}")]
+    Record { stream: String, why: String },
+}
+
+/// Where the replica store of `stream` lives on the retention volume.
+pub fn replica_store(retention: &Path, stream: &str) -> PathBuf {
+    retention.join("replicas").join(stream).join("store")
+}
+
+/// Starts the applier of `stream` on a thread of its own.
+pub(crate) fn spawn(
+    retention: PathBuf,
+    stream: String,
+    block_size: u64,
+    durable: watch::Receiver<Seq>,
+) {
+    let name = format!("apply-{stream}");
+    let started = std::thread::Builder::new().name(name).spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(%stream, error = %e, "could not start the applier");
+                return;
+            }
+        };
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let mut applier = Applier {
+                retention: retention.clone(),
+                stream: stream.clone(),
+                block_size,
+                disks: HashMap::new(),
+            };
+            match runtime.block_on(applier.run(durable.clone())) {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(%stream, error = %e, retry_in = ?backoff, "applying the incoming log stopped; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    });
+    if let Err(e) = started {
+        tracing::error!(error = %e, "could not start an applier thread");
+    }
+}
+
+/// A replica image and the blocks changed since the last point.
+struct Replica {
+    path: PathBuf,
+    file: File,
+    changed: BTreeSet<u64>,
+}
+
+struct Applier {
+    retention: PathBuf,
+    stream: String,
+    block_size: u64,
+    disks: HashMap<DiskName, Replica>,
+}
+
+impl Applier {
+    fn dir(&self) -> PathBuf {
+        self.retention.join("replicas").join(&self.stream)
+    }
+
+    fn io<'a>(
+        action: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(std::io::Error) -> ApplyError + 'a {
+        move |source| ApplyError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Applies records as they become durable, until the sender side of `durable` is gone.
+    async fn run(&mut self, mut durable: watch::Receiver<Seq>) -> Result<(), ApplyError> {
+        let dir = self.dir();
+        std::fs::create_dir_all(&dir).map_err(Self::io("create", &dir))?;
+        let store = open_store(
+            &replica_store(&self.retention, &self.stream),
+            self.block_size,
+        )
+        .await?;
+        let applied = read_applied(&dir.join("applied"));
+        let incoming = self.retention.join("incoming").join(&self.stream);
+        let mut tail = LogTail::open(&incoming, Seq(applied.0 + 1))?;
+        loop {
+            let Some(batch) = tail.next_batch(4 << 20)? else {
+                // Wait for more durable records, or look again in a while.
+                let changed = tokio::time::timeout(Duration::from_secs(1), durable.changed()).await;
+                if let Ok(Err(_)) = changed {
+                    return Ok(());
+                }
+                continue;
+            };
+            let mut at = 0;
+            while at < batch.bytes.len() {
+                let (record, len) =
+                    decode_frame(&batch.bytes[at..]).map_err(|e| ApplyError::Record {
+                        stream: self.stream.clone(),
+                        why: e.to_string(),
+                    })?;
+                at += len;
+                self.apply(&store, record).await?;
+            }
+        }
+    }
+
+    fn replica(&mut self, disk: &DiskName) -> Result<&mut Replica, ApplyError> {
+        let dir = self.dir();
+        match self.disks.entry(disk.clone()) {
+            Entry::Occupied(o) => Ok(o.into_mut()),
+            Entry::Vacant(v) => {
+                let path = dir.join(format!("{disk}.img"));
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(Self::io("open", &path))?;
+                Ok(v.insert(Replica {
+                    path,
+                    file,
+                    changed: BTreeSet::new(),
+                }))
+            }
+        }
+    }
+
+    async fn apply(&mut self, store: &Store, record: Record) -> Result<(), ApplyError> {
+        let block = self.block_size;
+        match record.op {
+            Op::Resize { disk, size } => {
+                let r = self.replica(&disk)?;
+                r.file.set_len(size).map_err(Self::io("resize", &r.path))?;
+            }
+            Op::Write { disk, offset, data } => {
+                let r = self.replica(&disk)?;
+                let end = offset + data.len() as u64;
+                grow(r, end)?;
+                r.file
+                    .write_all_at(&data, offset)
+                    .map_err(Self::io("write", &r.path))?;
+                mark(r, offset, end, block);
+            }
+            Op::Zero { disk, offset, len } | Op::Trim { disk, offset, len } => {
+                let r = self.replica(&disk)?;
+                let end = offset + len;
+                grow(r, end)?;
+                let zeros = vec![0u8; len.min(1 << 20) as usize];
+                let mut at = offset;
+                while at < end {
+                    let n = (end - at).min(zeros.len() as u64) as usize;
+                    r.file
+                        .write_all_at(&zeros[..n], at)
+                        .map_err(Self::io("write", &r.path))?;
+                    at += n as u64;
+                }
+                mark(r, offset, end, block);
+            }
+            Op::Mark { kind, .. } => self.checkpoint(store, kind, record.seq).await?,
+        }
+        Ok(())
+    }
+
+    /// Commits every disk as a point at `seq` (a disk that did not change costs a manifest:
+    /// every mark is a point an operator can choose), then records `seq` as applied.
+    async fn checkpoint(
+        &mut self,
+        store: &Store,
+        kind: LogMark,
+        seq: Seq,
+    ) -> Result<(), ApplyError> {
+        let mark = match kind {
+            LogMark::Crash => MarkKind::Crash,
+            LogMark::App => MarkKind::App,
+            LogMark::Group => MarkKind::Group,
+        };
+        let options = CommitOptions {
+            mark,
+            seq: Some(seq),
+        };
+        for (disk, r) in &mut self.disks {
+            let latest = store.latest(disk).await?;
+            if latest.as_ref().is_some_and(|p| p.seq == Some(seq)) {
+                // Committed before a crash that came before `applied` was written.
+                r.changed.clear();
+                continue;
+            }
+            r.file.sync_data().map_err(Self::io("sync", &r.path))?;
+            let changed = std::mem::take(&mut r.changed);
+            let report = store.commit_blocks(disk, &r.path, changed, options).await?;
+            tracing::info!(stream = %self.stream, %disk, point = %report.point, seq = %seq, "recovery point");
+        }
+        let path = self.dir().join("applied");
+        write_applied(&path, seq).map_err(Self::io("record the applied mark in", &path))
+    }
+}
+
+fn grow(r: &mut Replica, end: u64) -> Result<(), ApplyError> {
+    let len = r
+        .file
+        .metadata()
+        .map_err(Applier::io("inspect", &r.path))?
+        .len();
+    if end > len {
+        // A disk whose size was not announced grows to what is written.
+        r.file
+            .set_len(end)
+            .map_err(Applier::io("resize", &r.path))?;
+    }
+    Ok(())
+}
+
+fn mark(r: &mut Replica, offset: u64, end: u64, block: u64) {
+    if end > offset {
+        r.changed.extend(offset / block..end.div_ceil(block));
+    }
+}
+
+async fn open_store(path: &Path, block_size: u64) -> Result<Store, ApplyError> {
+    let location = path.to_string_lossy().to_string();
+    std::fs::create_dir_all(path).map_err(Applier::io("create", path))?;
+    match Store::open(&location).await {
+        Ok(s) => Ok(s),
+        Err(StoreError::Missing { .. }) => Ok(Store::init(&location, block_size).await?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn read_applied(path: &Path) -> Seq {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .map_or(Seq(0), Seq)
+}
+
+fn write_applied(path: &Path, seq: Seq) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(seq.0.to_string().as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! The master target over mutual TLS on loopback: a stream from a process server becomes
+//! recovery points, one per mark, each exactly the disk as it was at that mark; across a
+//! restart; and the disk limit is enforced.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boomerang_core::log::{MarkId, MarkKind, Op, Record, UnixNanos};
+use boomerang_core::{DiskName, Seq};
+use boomerang_master_target::{Config, receiver, replica_store};
+use boomerang_store::{NoProgress, Store};
+use boomerang_wire::pki::{self, CertRole};
+use boomerang_wire::tls::{self, TlsIdentity};
+use boomerang_wire::{
+    ErrorCode, Frame, FrameReader, FrameWriter, Records, Role, WireError, connect,
+};
+use bytes::Bytes;
+use rustls::pki_types::CertificateDer;
+
+const SIZE: u64 = 1 << 20;
+
+fn sda() -> DiskName {
+    DiskName::new("sda").unwrap()
+}
+
+type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+struct Client {
+    rd: FrameReader<tokio::io::ReadHalf<TlsStream>>,
+    wr: FrameWriter<tokio::io::WriteHalf<TlsStream>>,
+}
+
+async fn open(addr: &str, ca: &Path, disks: Vec<DiskName>) -> Result<(Client, Seq), WireError> {
+    let id = TlsIdentity::load(&ca.join("issued/ps1")).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tls::connect(id.client_config().unwrap(), "127.0.0.1", tcp)
+        .await
+        .unwrap();
+    let certs: Vec<CertificateDer<'static>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .unwrap_or_default()
+        .to_vec();
+    let (r, w) = tokio::io::split(tls);
+    let (mut rd, mut wr) = (FrameReader::new(r), FrameWriter::new(w));
+    connect(
+        &mut rd,
+        &mut wr,
+        Role::ProcessServer,
+        "ps1",
+        Role::MasterTarget,
+        |role, name| tls::vouch(Some(&certs), CertRole::Wire(role), name),
+    )
+    .await?;
+    wr.send(&Frame::Open {
+        stream: "web01".into(),
+        disks,
+    })
+    .await?;
+    match rd.read().await? {
+        Frame::Resume { next_seq, .. } => Ok((Client { rd, wr }, next_seq)),
+        Frame::Error { code, message } => Err(WireError::Refused { code, message }),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+impl Client {
+    async fn send(&mut self, records: &[Record]) {
+        let mut bytes = Vec::new();
+        for r in records {
+            r.encode(&mut bytes).unwrap();
+        }
+        let batch = Records::new(Bytes::from(bytes)).unwrap();
+        let last = batch.last_seq();
+        self.wr.send(&Frame::Records(batch)).await.unwrap();
+        loop {
+            match self.rd.read().await.unwrap() {
+                Frame::Ack { durable, .. } if durable == last => return,
+                Frame::Ack { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+}
+
+/// A workload: writes, zeroes and marks, with the disk as it should be at each mark.
+struct Workload {
+    seq: u64,
+    disk: Vec<u8>,
+    at_marks: Vec<(Seq, Vec<u8>)>,
+    rng: boomerang_core::sample::XorShift,
+}
+
+impl Workload {
+    fn next(&mut self) -> Record {
+        self.seq += 1;
+        let seq = Seq(self.seq);
+        let r = self.rng.next_u64();
+        let op = if self.seq == 1 {
+            Op::Resize {
+                disk: sda(),
+                size: SIZE,
+            }
+        } else if r % 10 == 0 {
+            self.at_marks.push((seq, self.disk.clone()));
+            Op::Mark {
+                kind: MarkKind::Crash,
+                id: MarkId(self.seq),
+                time: UnixNanos(self.seq),
+            }
+        } else if r % 10 == 1 {
+            let offset = ((r >> 8) % SIZE) & !511;
+            let len = ((r >> 40) % 200_000).min(SIZE - offset);
+            self.disk[offset as usize..(offset + len) as usize].fill(0);
+            Op::Zero {
+                disk: sda(),
+                offset,
+                len,
+            }
+        } else {
+            let offset = (r >> 8) % (SIZE - 70_000);
+            let len = 1 + (r >> 40) % 70_000;
+            let mut data = vec![0u8; len as usize];
+            self.rng.fill(&mut data);
+            self.disk[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+            Op::Write {
+                disk: sda(),
+                offset,
+                data,
+            }
+        };
+        Record { seq, op }
+    }
+}
+
+async fn start(
+    ca: &Path,
+    retention: &Path,
+    max_disks: usize,
+) -> (String, tokio::sync::watch::Sender<bool>) {
+    let server = receiver(Config {
+        name: "mt1".into(),
+        tls: TlsIdentity::load(&ca.join("issued/mt1")).unwrap(),
+        retention: retention.to_path_buf(),
+        max_disks,
+        block_size: 4096,
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(Arc::clone(&server).serve(listener, stopped));
+    (addr, stop)
+}
+
+/// Waits until the replica store has a point at each expected mark, and checks each.
+async fn check_points(retention: &Path, marks: &[(Seq, Vec<u8>)], scratch: &Path) {
+    let location = replica_store(retention, "web01");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let points = loop {
+        if let Ok(store) = Store::open(location.to_str().unwrap()).await {
+            let points = store.points(Some(&sda())).await.unwrap();
+            if points.len() >= marks.len() {
+                break (store, points);
+            }
+        }
+        assert!(Instant::now() < deadline, "the points did not come");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (store, points) = points;
+    assert_eq!(points.len(), marks.len(), "one point per mark");
+    for (point, (seq, want)) in points.iter().zip(marks) {
+        assert_eq!(point.seq, Some(*seq));
+        let out = scratch.join(format!("point-{}.img", point.id));
+        store.export_raw(point, &out, &NoProgress).await.unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == *want,
+            "point {} equals the disk at mark seq {seq}",
+            point.id
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mark_becomes_a_point_equal_to_the_disk_at_that_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    pki::init_ca(&ca).unwrap();
+    pki::issue(
+        &ca,
+        "mt1",
+        CertRole::Wire(Role::MasterTarget),
+        &["127.0.0.1".into()],
+        30,
+    )
+    .unwrap();
+    pki::issue(&ca, "ps1", CertRole::Wire(Role::ProcessServer), &[], 30).unwrap();
+    let retention = dir.path().join("retention");
+
+    // The disk limit: two disks at most on this master target.
+    let (addr, stop) = start(&ca, &retention, 2).await;
+    let three = vec![
+        sda(),
+        DiskName::new("sdb").unwrap(),
+        DiskName::new("sdc").unwrap(),
+    ];
+    let refused = open(&addr, &ca, three).await.err().unwrap();
+    assert!(
+        matches!(&refused, WireError::Refused { code: ErrorCode::TooManyDisks, message } if message.contains("separate master target")),
+        "{refused}"
+    );
+
+    let mut work = Workload {
+        seq: 0,
+        disk: vec![0u8; SIZE as usize],
+        at_marks: Vec::new(),
+        rng: boomerang_core::sample::XorShift::new(11),
+    };
+    let (mut client, next) = open(&addr, &ca, vec![sda()]).await.unwrap();
+    assert_eq!(next, Seq(1));
+    for _ in 0..20 {
+        let batch: Vec<Record> = (0..10).map(|_| work.next()).collect();
+        client.send(&batch).await;
+    }
+    check_points(&retention, &work.at_marks, dir.path()).await;
+
+    // A restart of the master target: the stream resumes, and points go on from there.
+    drop(client);
+    stop.send(true).unwrap();
+    let (addr, _stop) = start(&ca, &retention, 2).await;
+    let (mut client, next) = loop {
+        match open(&addr, &ca, vec![sda()]).await {
+            Ok(c) => break c,
+            Err(WireError::Refused {
+                code: ErrorCode::StreamBusy,
+                ..
+            }) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(next, Seq(work.seq + 1));
+    for _ in 0..10 {
+        let batch: Vec<Record> = (0..10).map(|_| work.next()).collect();
+        client.send(&batch).await;
+    }
+    check_points(&retention, &work.at_marks, dir.path()).await;
+}
