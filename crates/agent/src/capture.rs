@@ -5,7 +5,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use boomerang_core::DiskName;
-use boomerang_core::log::{Op, SegmentReader};
+use boomerang_core::log::{FRAME_OVERHEAD, Op, SegmentReader};
 use boomerang_nbd::{BlockDevice, Extent, FileDevice};
 
 use crate::bitmap::DirtyBitmap;
@@ -208,6 +208,17 @@ impl BlockDevice for CaptureDevice {
             // Large writes become several records; the lock keeps a mark from falling between
             // them. One sync after the last piece is enough for FUA.
             let pieces = data.len().div_ceil(RECORD_PIECE).max(1);
+            // The pieces share one segment, so that a crash redo has them all. A write too
+            // large for any segment could be split by a roll-over: its range is resynced.
+            let frames = pieces * (FRAME_OVERHEAD + 1 + self.disk.as_str().len() + 8);
+            if !log
+                .reserve((frames + data.len()) as u64)
+                .map_err(log_error)?
+            {
+                tracing::warn!(disk = %self.disk, offset, len = data.len(), "a write larger than a log segment: its range is marked for resync; raise --segment-size");
+                let mut bitmap = self.bitmap()?;
+                bitmap.mark(offset, data.len() as u64)?;
+            }
             for (k, piece) in data.chunks(RECORD_PIECE).enumerate() {
                 let at = offset + (k * RECORD_PIECE) as u64;
                 let last = k + 1 == pieces;
@@ -288,6 +299,34 @@ impl BlockDevice for CaptureDevice {
 mod tests {
     use super::*;
     use crate::logdir::MIN_SEGMENT;
+
+    #[test]
+    fn the_pieces_of_one_write_share_a_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, log_dir) = (dir.path().join("disk.img"), dir.path().join("log"));
+        std::fs::write(&image, vec![0u8; 4 << 20]).unwrap();
+        let log = Arc::new(Mutex::new(LogDir::open(&log_dir, MIN_SEGMENT).unwrap()));
+        let disk = DiskName::new("d0").unwrap();
+        let dev = CaptureDevice::new(disk, FileDevice::open(&image, false).unwrap(), log.clone())
+            .unwrap();
+        // Three pieces each; the second write does not fit in what the first left of 1 MiB.
+        dev.write_at(&[1u8; 700_000], 0, false).unwrap();
+        dev.write_at(&[2u8; 700_000], 2 << 20, false).unwrap();
+        let segments = crate::logdir::segments(&log_dir).unwrap();
+        assert_eq!(segments.len(), 2);
+        for (path, want) in segments.iter().zip([0u64, 2 << 20]) {
+            for record in SegmentReader::open(path).unwrap() {
+                let Op::Write { offset, .. } = record.unwrap().op else {
+                    continue;
+                };
+                assert!(
+                    (want..want + 700_000).contains(&offset),
+                    "{} holds a piece at {offset}",
+                    path.display()
+                );
+            }
+        }
+    }
 
     #[test]
     fn after_an_agent_crash_every_logged_change_is_on_the_disk() {

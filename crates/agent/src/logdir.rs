@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use boomerang_core::log::{
-    AppendOutcome, FRAME_OVERHEAD, LogError, MarkId, MarkKind, Op, Record, SegmentReader,
-    SegmentWriter, UnixNanos, first_seq_of, segment_files, segment_name,
+    AppendOutcome, FRAME_OVERHEAD, LogError, MarkId, MarkKind, Op, Record, SEGMENT_HEADER_LEN,
+    SegmentReader, SegmentWriter, UnixNanos, first_seq_of, segment_files, segment_name,
 };
 use boomerang_core::{DiskName, Seq};
 use nix::fcntl::{Flock, FlockArg};
@@ -381,6 +381,25 @@ impl LogDir {
     /// The sequence number the next record gets.
     pub fn next_seq(&self) -> Seq {
         self.next_seq
+    }
+
+    /// Makes room for `len` bytes of records in the newest segment, rolling over now if they
+    /// would not fit there, so that the records of one change share a segment (see
+    /// [`LogDir::ticket`]). Returns `false` when they fit in no segment at all.
+    pub fn reserve(&mut self, len: u64) -> Result<bool, LogDirError> {
+        if self.capped || self.writer.size() + len <= self.max_segment {
+            return Ok(true);
+        }
+        if SEGMENT_HEADER_LEN as u64 + len > self.max_segment {
+            return Ok(false);
+        }
+        // Only the newest segment may hold changes not yet on the disks.
+        self.turnstile.wait_for(self.issued);
+        self.writer.sync()?;
+        self.behind.finished(&self.writer);
+        self.writer = create_segment(&self.dir, self.next_seq, self.max_segment)?;
+        self.total += self.writer.size();
+        Ok(true)
     }
 
     /// Appends one record (not yet durable; see [`LogDir::sync`]) and returns its sequence.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use boomerang_core::DiskName;
-use boomerang_core::log::{LogTail, TailError};
+use boomerang_core::log::{LogTail, MAX_FRAME_LEN, TailError};
 use boomerang_wire::pki::CertRole;
 use boomerang_wire::tls::{self, TlsIdentity};
 use boomerang_wire::{Frame, FrameReader, FrameWriter, Outbound, Records, Role, WireError};
@@ -148,9 +148,10 @@ async fn session(
     loop {
         // Send what the credit allows.
         while out.credit() > 0 {
+            // Within the credit, and large enough for any record once the credit allows.
             let budget = usize::try_from(out.credit())
                 .unwrap_or(usize::MAX)
-                .min(BATCH);
+                .min(BATCH.max(MAX_FRAME_LEN));
             let Some(batch) = tail.next_batch(budget)? else {
                 break;
             };
@@ -158,9 +159,9 @@ async fn session(
                 dir: dir.clone(),
                 why: format!("records {} to {}: {e}", batch.first, batch.last),
             })?;
-            wr.send(&Frame::Records(records.clone())).await?;
             out.sent(&records)
                 .map_err(|v| WireError::Protocol(v.message))?;
+            wr.send(&Frame::Records(records)).await?;
         }
         tokio::select! {
             frame = acks.recv() => match frame {

@@ -138,7 +138,7 @@ impl LogTail {
     /// Advances past the records below `next`.
     fn skip_to(&mut self, next: Seq) -> Result<(), TailError> {
         loop {
-            let (frames, _) = self.read_frames(4 << 20)?;
+            let (frames, _) = self.read_frames(usize::MAX)?;
             let below: Vec<_> = frames.iter().take_while(|(seq, _)| *seq < next).collect();
             if below.is_empty() {
                 return Ok(());
@@ -154,7 +154,8 @@ impl LogTail {
     fn read_frames(&self, budget: usize) -> Result<Frames, TailError> {
         let size = self.file.metadata().map_err(|e| self.io(e))?.len();
         let avail = usize::try_from(size.saturating_sub(self.offset)).unwrap_or(usize::MAX);
-        let mut want = avail.min(budget.max(1 << 20));
+        // Reads are bounded whatever the budget; a longer first record is read whole below.
+        let mut want = avail.min(budget.clamp(1 << 20, 8 << 20));
         let mut buf = Vec::new();
         for _ in 0..2 {
             buf = vec![0u8; want];
@@ -185,7 +186,7 @@ impl LogTail {
                     });
                 }
             };
-            if at > 0 && at + len > budget {
+            if at + len > budget {
                 break;
             }
             let mut seq = [0u8; 8];
@@ -197,8 +198,8 @@ impl LogTail {
         Ok((frames, buf))
     }
 
-    /// The next records, at most `budget` bytes (or one record larger than that), or `None`
-    /// when no whole record is written yet.
+    /// The next records, at most `budget` bytes, or `None` when no whole record is written yet
+    /// or the next one is larger than `budget` (a larger budget reads it).
     pub fn next_batch(&mut self, budget: usize) -> Result<Option<Batch>, TailError> {
         loop {
             let (frames, bytes) = self.read_frames(budget)?;
@@ -214,13 +215,17 @@ impl LogTail {
                 self.next = Seq(last.0 + 1);
                 return Ok(Some(Batch { bytes, first, last }));
             }
+            if self.whole_frame_waiting()? {
+                // The next record is larger than the budget: wait for a larger one.
+                return Ok(None);
+            }
             // Nothing more here: move on if a newer segment exists, else wait for appends.
             let all = segment_files(&self.dir).map_err(|e| self.io(e))?;
             let Some(newer) = all.iter().find(|p| **p > self.path) else {
                 return Ok(None);
             };
             // Read this segment's end again: it may have grown before the newer one appeared.
-            let (again, _) = self.read_frames(budget)?;
+            let (again, _) = self.read_frames(usize::MAX)?;
             if !again.is_empty() {
                 continue;
             }
@@ -228,6 +233,13 @@ impl LogTail {
             self.path = newer.clone();
             self.offset = SEGMENT_HEADER_LEN as u64;
         }
+    }
+}
+
+impl LogTail {
+    /// Whether a whole record is waiting at the current offset (one the budget left out).
+    fn whole_frame_waiting(&self) -> Result<bool, TailError> {
+        Ok(!self.read_frames(usize::MAX)?.0.is_empty())
     }
 }
 
@@ -311,6 +323,10 @@ mod tests {
         for s in 7..=9 {
             let _ = second.append(&write(s)).expect("append");
         }
+        assert!(
+            tail.next_batch(500).expect("read").is_none(),
+            "a record over the budget waits for a larger one"
+        );
         let batch = tail.next_batch(2500).expect("read").expect("records");
         assert_eq!(seqs(&batch), [7, 8], "the budget cuts the batch");
         let batch = tail.next_batch(2500).expect("read").expect("records");
