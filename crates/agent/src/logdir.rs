@@ -63,6 +63,8 @@ pub struct LogDir {
     /// The agent stopped without [`LogDir::close_clean`] (crash of the agent or the machine).
     unclean_stop: bool,
     behind: WriteBehind,
+    /// `release_through` has nothing to delete below this acknowledged sequence number.
+    release_floor: Seq,
     /// Disk order of the changes (see `order.rs`): tickets issued, and the turnstile.
     issued: u64,
     turnstile: Arc<Turnstile>,
@@ -270,7 +272,8 @@ impl LogDir {
         let now = boot_id();
         let previous = std::fs::read_to_string(&running).ok();
         let unclean_stop = previous.is_some();
-        let machine_crashed = previous.is_some_and(|b| b.trim() != now);
+        // Without a boot id the two cases cannot be told apart: assume the worse.
+        let machine_crashed = previous.is_some_and(|b| b.trim() != now || now.is_empty());
         let mut marker = File::create(&running).map_err(io)?;
         std::io::Write::write_all(&mut marker, now.as_bytes()).map_err(io)?;
         marker.sync_all().map_err(io)?;
@@ -298,6 +301,7 @@ impl LogDir {
             machine_crashed,
             unclean_stop,
             behind: WriteBehind::default(),
+            release_floor: Seq(0),
             issued: 0,
             turnstile: Arc::default(),
             _lock: lock,
@@ -399,6 +403,9 @@ impl LogDir {
         self.behind.finished(&self.writer);
         self.writer = create_segment(&self.dir, self.next_seq, self.max_segment)?;
         self.total += self.writer.size();
+        self.release_floor = self
+            .release_floor
+            .min(Seq(self.next_seq.0.saturating_sub(1)));
         Ok(true)
     }
 
@@ -448,6 +455,7 @@ impl LogDir {
             self.writer.sync()?;
             self.behind.finished(&self.writer);
             self.writer = create_segment(&self.dir, seq, self.max_segment)?;
+            self.release_floor = self.release_floor.min(Seq(seq.0.saturating_sub(1)));
             if let AppendOutcome::Full = entry.append_to(&mut self.writer, seq)? {
                 return Err(LogDirError::TooLarge {
                     len: entry.encoded_len(),
@@ -473,11 +481,13 @@ impl LogDir {
             dir: self.dir.clone(),
             source,
         };
+        // Called on every ack: nothing to do until the oldest segment is wholly acknowledged.
+        if durable < self.release_floor {
+            return Ok(0);
+        }
         let all = segments(&self.dir).map_err(io)?;
-        // Marks in the segments about to go would no longer tell the next start which mark
-        // ids are taken: keep the next id in a file first.
-        self.persist_next_mark().map_err(io)?;
         let mut freed = 0;
+        self.release_floor = Seq(u64::MAX);
         for pair in all.windows(2) {
             let [old, next] = pair else { continue };
             if old == self.writer.path() {
@@ -487,7 +497,13 @@ impl LogDir {
                 break;
             };
             if next_first.0.saturating_sub(1) > durable.0 {
+                self.release_floor = Seq(next_first.0.saturating_sub(1));
                 break;
+            }
+            if freed == 0 {
+                // Marks in the segments about to go would no longer tell the next start which
+                // mark ids are taken: keep the next id in a file first.
+                self.persist_next_mark().map_err(io)?;
             }
             let len = std::fs::metadata(old).map_err(io)?.len();
             std::fs::remove_file(old).map_err(io)?;

@@ -5,10 +5,10 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use boomerang_core::DiskName;
 use boomerang_core::log::{LogTail, MAX_FRAME_LEN, TailError};
+use boomerang_core::{DiskName, Seq};
 use boomerang_wire::pki::CertRole;
 use boomerang_wire::tls::{self, TlsIdentity};
 use boomerang_wire::{Frame, FrameReader, FrameWriter, Outbound, Records, Role, WireError};
@@ -33,6 +33,12 @@ pub struct ShipConfig {
 const BATCH: usize = 4 << 20;
 /// How often the tail of the log is polled for new records.
 const POLL: Duration = Duration::from_millis(10);
+/// The most a connection, its handshakes and the opening of the stream may take.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// A ping goes out when nothing was sent for this long.
+const PING_EVERY: Duration = Duration::from_secs(10);
+/// The session ends when the process server says nothing for this long.
+const SILENCE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShipError {
@@ -48,6 +54,8 @@ pub enum ShipError {
     },
     #[error("could not read the write log in {}: {why}", dir.display())]
     Log { dir: PathBuf, why: String },
+    #[error("the process server said nothing for {0:?}: its host may be down or the link cut")]
+    Stalled(Duration),
     #[error("reading the write log for the process server: {0}")]
     Tail(#[from] TailError),
 }
@@ -56,11 +64,16 @@ pub enum ShipError {
 pub async fn ship(log: Arc<Mutex<LogDir>>, config: ShipConfig, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let session = session(&log, &config, stop.clone());
+        let mut resumed = false;
+        let session = session(&log, &config, stop.clone(), &mut resumed);
         let ended = tokio::select! {
             r = session => r,
             _ = stop.changed() => return,
         };
+        if resumed {
+            // A session that got going: the next failure starts the backoff afresh.
+            backoff = Duration::from_millis(100);
+        }
         match ended {
             Ok(()) => return,
             Err(e) => {
@@ -75,17 +88,33 @@ pub async fn ship(log: Arc<Mutex<LogDir>>, config: ShipConfig, mut stop: watch::
     }
 }
 
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+type Reader = FrameReader<tokio::io::ReadHalf<Tls>>;
+type Writer = FrameWriter<tokio::io::WriteHalf<Tls>>;
+
 async fn session(
     log: &Arc<Mutex<LogDir>>,
     config: &ShipConfig,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+    resumed: &mut bool,
 ) -> Result<(), ShipError> {
+    let (rd, wr, next, credit) = tokio::time::timeout(SETUP_TIMEOUT, open(config))
+        .await
+        .unwrap_or(Err(ShipError::Stalled(SETUP_TIMEOUT)))?;
+    *resumed = true;
+    stream(log, config, stop, rd, wr, next, credit).await
+}
+
+/// Connects, runs both handshakes and opens the stream: the sequence number and credit the
+/// process server resumes with.
+async fn open(config: &ShipConfig) -> Result<(Reader, Writer, Seq, u64), ShipError> {
     let tcp = tokio::net::TcpStream::connect(&config.addr)
         .await
         .map_err(|source| ShipError::Connect {
             addr: config.addr.clone(),
             source,
         })?;
+    let _ = tcp.set_nodelay(true);
     let host = config
         .addr
         .rsplit_once(':')
@@ -115,36 +144,42 @@ async fn session(
         disks: config.disks.clone(),
     })
     .await?;
-    let (next, credit) = match rd.read().await? {
-        Frame::Resume { next_seq, credit } => (next_seq, credit),
-        Frame::Error { code, message } => return Err(WireError::Refused { code, message }.into()),
-        other => {
-            return Err(WireError::Protocol(format!("expected resume, got {other:?}")).into());
-        }
-    };
-    let dir = log
-        .lock()
-        .map_err(|_| ShipError::Log {
-            dir: PathBuf::new(),
-            why: "the log lock is poisoned".into(),
-        })?
-        .dir()
-        .to_path_buf();
+    match rd.read().await? {
+        Frame::Resume { next_seq, credit } => Ok((rd, wr, next_seq, credit)),
+        Frame::Error { code, message } => Err(WireError::Refused { code, message }.into()),
+        other => Err(WireError::Protocol(format!("expected resume, got {other:?}")).into()),
+    }
+}
+
+/// Streams records from `next` on until the connection fails or `stop` turns true.
+async fn stream(
+    log: &Arc<Mutex<LogDir>>,
+    config: &ShipConfig,
+    mut stop: watch::Receiver<bool>,
+    mut rd: Reader,
+    mut wr: Writer,
+    next: Seq,
+    credit: u64,
+) -> Result<(), ShipError> {
+    let dir = log.lock().map_err(|_| poisoned())?.dir().to_path_buf();
     tracing::info!(process_server = %config.addr, next_seq = %next, "shipping the write log");
     let mut tail = LogTail::open(&dir, next)?;
     let mut out = Outbound::resume(next, credit);
     // Frames are read by a task of their own: a read cut short by `select!` would lose bytes.
-    let (acks_tx, mut acks) = mpsc::channel(64);
+    let (frames_tx, mut frames) = mpsc::channel(64);
     let reader = tokio::spawn(async move {
         loop {
             let frame = rd.read().await;
             let end = frame.is_err();
-            if acks_tx.send(frame).await.is_err() || end {
+            if frames_tx.send(frame).await.is_err() || end {
                 return;
             }
         }
     });
     let _reader = AbortOnDrop(reader);
+    let mut heard = Instant::now();
+    let mut said = Instant::now();
+    let mut nonce = 0u64;
     loop {
         // Send what the credit allows.
         while out.credit() > 0 {
@@ -162,36 +197,61 @@ async fn session(
             out.sent(&records)
                 .map_err(|v| WireError::Protocol(v.message))?;
             wr.send(&Frame::Records(records)).await?;
+            said = Instant::now();
         }
-        tokio::select! {
-            frame = acks.recv() => match frame {
-                Some(Ok(Frame::Ack { durable, credit })) => {
-                    out.acked(durable, credit).map_err(|v| WireError::Protocol(v.message))?;
-                    let mut log = log.lock().map_err(|_| ShipError::Log {
-                        dir: dir.clone(),
-                        why: "the log lock is poisoned".into(),
-                    })?;
-                    log.release_through(durable).map_err(|e| ShipError::Log {
-                        dir: dir.clone(),
-                        why: e.to_string(),
-                    })?;
-                }
-                Some(Ok(Frame::Ping { nonce })) => wr.send(&Frame::Pong { nonce }).await?,
-                Some(Ok(Frame::Error { code, message })) => {
-                    return Err(WireError::Refused { code, message }.into());
-                }
-                Some(Ok(other)) => {
-                    return Err(WireError::Protocol(format!("unexpected {other:?}")).into());
-                }
-                Some(Err(e)) => return Err(e.into()),
-                None => return Err(WireError::Closed.into()),
-            },
-            _ = tokio::time::sleep(POLL) => {}
+        // A quiet link is checked: a ping when nothing was sent for a while, and the session
+        // ends when the process server says nothing for too long (its host may be gone).
+        if said.elapsed() >= PING_EVERY {
+            nonce += 1;
+            wr.send(&Frame::Ping { nonce }).await?;
+            said = Instant::now();
+        }
+        if heard.elapsed() >= SILENCE {
+            return Err(ShipError::Stalled(SILENCE));
+        }
+        let first = tokio::select! {
+            frame = frames.recv() => frame,
+            _ = tokio::time::sleep(POLL) => continue,
             _ = stop.changed() => {
                 let _ = wr.send(&Frame::Bye).await;
                 return Ok(());
             }
+        };
+        // Acks are cumulative: take every frame that is already waiting.
+        let mut next_frame = first;
+        while let Some(frame) = next_frame {
+            heard = Instant::now();
+            match frame {
+                Ok(Frame::Ack { durable, credit }) => {
+                    out.acked(durable, credit)
+                        .map_err(|v| WireError::Protocol(v.message))?;
+                    log.lock()
+                        .map_err(|_| poisoned())?
+                        .release_through(durable)
+                        .map_err(|e| ShipError::Log {
+                            dir: dir.clone(),
+                            why: e.to_string(),
+                        })?;
+                }
+                Ok(Frame::Ping { nonce }) => wr.send(&Frame::Pong { nonce }).await?,
+                Ok(Frame::Pong { .. }) => {}
+                Ok(Frame::Error { code, message }) => {
+                    return Err(WireError::Refused { code, message }.into());
+                }
+                Ok(other) => {
+                    return Err(WireError::Protocol(format!("unexpected {other:?}")).into());
+                }
+                Err(e) => return Err(e.into()),
+            }
+            next_frame = frames.try_recv().ok();
         }
+    }
+}
+
+fn poisoned() -> ShipError {
+    ShipError::Log {
+        dir: PathBuf::new(),
+        why: "the log lock is poisoned".into(),
     }
 }
 

@@ -15,6 +15,8 @@ pub const MAGIC: [u8; 8] = *b"BMRGWIRE";
 pub const HEADER_LEN: usize = 8;
 /// The largest payload of any frame: one record of the largest size fits in a `Records` frame.
 pub const MAX_PAYLOAD: usize = boomerang_core::log::MAX_FRAME_LEN + 4096;
+/// The largest payload of any frame but records.
+pub const MAX_CONTROL_PAYLOAD: usize = 64 * 1024;
 /// The protocol versions this build speaks.
 pub const MIN_VERSION: u16 = 1;
 pub const MAX_VERSION: u16 = 1;
@@ -296,8 +298,8 @@ pub enum DecodeError {
         "the peer did not start with the Boomerang replication magic \"BMRGWIRE\": it is not a Boomerang component, or not speaking the replication protocol on this port"
     )]
     BadMagic,
-    #[error("a frame announces {len} bytes of payload, over the limit of {MAX_PAYLOAD}")]
-    TooLong { len: u64 },
+    #[error("a frame announces {len} bytes of payload, over the limit of {max} for its type")]
+    TooLong { len: u64, max: usize },
     #[error("unknown frame type {0}")]
     UnknownType(u8),
     #[error("reserved header bytes are not zero")]
@@ -335,15 +337,22 @@ pub enum Decoded {
 pub fn parse_header(header: &[u8; HEADER_LEN]) -> Result<(usize, u8), DecodeError> {
     let [a, b, c, d, kind, flags, r0, r1] = *header;
     let len = u32::from_le_bytes([a, b, c, d]);
-    let len = usize::try_from(len)
-        .ok()
-        .filter(|&l| l <= MAX_PAYLOAD)
-        .ok_or(DecodeError::TooLong {
-            len: u64::from(len),
-        })?;
     if !(T_HELLO..=T_BYE).contains(&kind) {
         return Err(DecodeError::UnknownType(kind));
     }
+    // Only records are large: any other frame fits in a few KiB.
+    let max = if kind == T_RECORDS {
+        MAX_PAYLOAD
+    } else {
+        MAX_CONTROL_PAYLOAD
+    };
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&l| l <= max)
+        .ok_or(DecodeError::TooLong {
+            len: u64::from(len),
+            max,
+        })?;
     if flags != 0 || r0 != 0 || r1 != 0 {
         return Err(DecodeError::Reserved);
     }

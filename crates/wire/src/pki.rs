@@ -102,7 +102,9 @@ pub enum PkiError {
         "{0:?} is not a valid component name: use 1 to 63 characters from a-z, 0-9 and '-', not starting or ending with '-'"
     )]
     BadName(String),
-    #[error("{0:?} is not a host name or IP address")]
+    #[error(
+        "{0:?} cannot be a --host: give a host name or IP address the component is reached at (no wildcards, nothing under .boomerang.internal)"
+    )]
     BadHost(String),
     #[error("could not make a certificate: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -229,6 +231,10 @@ pub fn issue(
             .map_err(|_| PkiError::BadName(name.to_string()))?,
     )];
     for host in hosts {
+        // A host may not pose as another component's identity, nor cover many names.
+        if host.contains('*') || host.trim_end_matches('.').ends_with(IDENTITY_DOMAIN) {
+            return Err(PkiError::BadHost(host.clone()));
+        }
         sans.push(match host.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
             Err(_) => SanType::DnsName(

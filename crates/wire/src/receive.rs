@@ -28,6 +28,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::cache::{CacheError, StreamCache};
 
+/// The most a TLS handshake, a hello or an open may take.
+pub const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A stream whose sender says nothing for this long is closed (senders ping every 10 s).
+pub const SILENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Bytes of records an agent may have in flight, unacknowledged.
 pub const CREDIT: u64 = 32 << 20;
 
@@ -133,7 +138,12 @@ impl Receiver {
     }
 
     async fn connection(self: Arc<Self>, tcp: TcpStream) -> Result<(), ServeError> {
-        let stream = tls::accept(self.tls.clone(), tcp).await?;
+        // A client that connects and says nothing must not hold a task and a socket forever.
+        let stream = tokio::time::timeout(SETUP_TIMEOUT, tls::accept(self.tls.clone(), tcp))
+            .await
+            .map_err(|_| {
+                WireError::Protocol(format!("no TLS handshake within {SETUP_TIMEOUT:?}"))
+            })??;
         let certs: Vec<CertificateDer<'static>> = stream
             .get_ref()
             .1
@@ -142,15 +152,19 @@ impl Receiver {
             .to_vec();
         let (r, w) = tokio::io::split(stream);
         let (mut rd, mut wr) = (FrameReader::new(r), FrameWriter::new(w));
-        let peer = accept(
-            &mut rd,
-            &mut wr,
-            self.config.role,
-            &self.config.name,
-            &self.config.accepted,
-            |role, name| tls::vouch(Some(&certs), CertRole::Wire(role), name),
+        let peer = tokio::time::timeout(
+            SETUP_TIMEOUT,
+            accept(
+                &mut rd,
+                &mut wr,
+                self.config.role,
+                &self.config.name,
+                &self.config.accepted,
+                |role, name| tls::vouch(Some(&certs), CertRole::Wire(role), name),
+            ),
         )
-        .await?;
+        .await
+        .map_err(|_| WireError::Protocol(format!("no hello within {SETUP_TIMEOUT:?}")))??;
         self.stream(&mut rd, &mut wr, &peer.name).await
     }
 
@@ -165,7 +179,14 @@ impl Receiver {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let (stream, disks) = match rd.read().await? {
+        let opened = tokio::time::timeout(SETUP_TIMEOUT, rd.read())
+            .await
+            .map_err(|_| {
+                WireError::Protocol(format!(
+                    "{client} opened no stream within {SETUP_TIMEOUT:?}"
+                ))
+            })??;
+        let (stream, disks) = match opened {
             Frame::Open { stream, disks } => (stream, disks),
             other => {
                 let why = format!("{client} sent {other:?} where an open was expected");
@@ -216,7 +237,15 @@ impl Receiver {
         .await?;
         tracing::info!(%stream, next_seq = %inbound.next_seq(), "stream resumed");
         loop {
-            let records = match rd.read().await {
+            // A sender pings when it has nothing to send: silence this long means it is gone
+            // (its host rebooted, or the link is cut), and the stream is freed for its return.
+            let Ok(frame) = tokio::time::timeout(SILENCE, rd.read()).await else {
+                return Err(WireError::Protocol(format!(
+                    "{client} sent nothing on stream {stream} for {SILENCE:?}; closing"
+                ))
+                .into());
+            };
+            let records = match frame {
                 Ok(Frame::Records(r)) => r,
                 Ok(Frame::Ping { nonce }) => {
                     wr.send(&Frame::Pong { nonce }).await?;

@@ -135,8 +135,15 @@ proptest! {
 fn malformed_frames_are_named() {
     // A length over the limit is refused from the header alone.
     let mut huge = (MAX_PAYLOAD as u32 + 1).to_le_bytes().to_vec();
-    huge.extend_from_slice(&[7, 0, 0, 0]);
+    huge.extend_from_slice(&[5, 0, 0, 0]);
     assert!(matches!(decode(&huge), Err(DecodeError::TooLong { .. })));
+    // Any other frame is small: a hello announcing a megabyte is refused from its header.
+    let mut big_hello = (1u32 << 20).to_le_bytes().to_vec();
+    big_hello.extend_from_slice(&[1, 0, 0, 0]);
+    assert!(matches!(
+        decode(&big_hello),
+        Err(DecodeError::TooLong { max: 65536, .. })
+    ));
 
     let mut ping = encoded(&Frame::Ping { nonce: 1 });
     ping[4] = 99;

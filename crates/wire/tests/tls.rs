@@ -107,6 +107,15 @@ fn the_ca_is_created_once_and_issues_named_certificates() {
             "{bad:?}"
         );
     }
+    for host in ["ps1.process-server.boomerang.internal", "*.example"] {
+        assert!(
+            matches!(
+                pki::issue(&ca, "web01", agent(), &[host.into()], 30),
+                Err(PkiError::BadHost(_))
+            ),
+            "{host}"
+        );
+    }
     let issued = pki::issue(&ca, "web01", agent(), &["db.example".into()], 30).unwrap();
     assert_eq!(issued.identity, "web01.agent.boomerang.internal");
     for file in ["cert.pem", "key.pem", "ca.crt"] {
