@@ -208,17 +208,10 @@ impl BlockDevice for CaptureDevice {
             // Large writes become several records; the lock keeps a mark from falling between
             // them. One sync after the last piece is enough for FUA.
             let pieces = data.len().div_ceil(RECORD_PIECE).max(1);
-            // The pieces share one segment, so that a crash redo has them all. A write too
-            // large for any segment could be split by a roll-over: its range is resynced.
+            // The pieces share one segment, so that a crash redo has them all.
             let frames = pieces * (FRAME_OVERHEAD + 1 + self.disk.as_str().len() + 8);
-            if !log
-                .reserve((frames + data.len()) as u64)
-                .map_err(log_error)?
-            {
-                tracing::warn!(disk = %self.disk, offset, len = data.len(), "a write larger than a log segment: its range is marked for resync; raise --segment-size");
-                let mut bitmap = self.bitmap()?;
-                bitmap.mark(offset, data.len() as u64)?;
-            }
+            log.reserve((frames + data.len()) as u64)
+                .map_err(log_error)?;
             for (k, piece) in data.chunks(RECORD_PIECE).enumerate() {
                 let at = offset + (k * RECORD_PIECE) as u64;
                 let last = k + 1 == pieces;
@@ -310,17 +303,20 @@ mod tests {
         let dev = CaptureDevice::new(disk, FileDevice::open(&image, false).unwrap(), log.clone())
             .unwrap();
         // Three pieces each; the second write does not fit in what the first left of 1 MiB.
+        // The third, larger than a segment, gets a segment of its own size.
         dev.write_at(&[1u8; 700_000], 0, false).unwrap();
         dev.write_at(&[2u8; 700_000], 2 << 20, false).unwrap();
+        dev.write_at(&[3u8; 1_500_000], 1 << 20, false).unwrap();
         let segments = crate::logdir::segments(&log_dir).unwrap();
-        assert_eq!(segments.len(), 2);
-        for (path, want) in segments.iter().zip([0u64, 2 << 20]) {
+        assert_eq!(segments.len(), 3);
+        let spans = [(0u64, 700_000u64), (2 << 20, 700_000), (1 << 20, 1_500_000)];
+        for (path, (want, len)) in segments.iter().zip(spans) {
             for record in SegmentReader::open(path).unwrap() {
                 let Op::Write { offset, .. } = record.unwrap().op else {
                     continue;
                 };
                 assert!(
-                    (want..want + 700_000).contains(&offset),
+                    (want..want + len).contains(&offset),
                     "{} holds a piece at {offset}",
                     path.display()
                 );

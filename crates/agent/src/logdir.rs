@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use boomerang_core::log::{
-    AppendOutcome, FRAME_OVERHEAD, LogError, MarkId, MarkKind, Op, Record, SEGMENT_HEADER_LEN,
-    SegmentReader, SegmentWriter, UnixNanos, first_seq_of, segment_files, segment_name,
+    AppendOutcome, FRAME_OVERHEAD, LogError, MarkId, MarkKind, Op, Record, Repair,
+    SEGMENT_HEADER_LEN, SegmentReader, SegmentWriter, UnixNanos, first_seq_of, segment_files,
+    segment_name,
 };
 use boomerang_core::{DiskName, Seq};
 use nix::fcntl::{Flock, FlockArg};
@@ -38,6 +39,8 @@ pub enum LogDirError {
         "the write log in {dir} reached its cap of {cap} bytes (--log-max): changes are tracked in dirty-block bitmaps until the disk is resynced"
     )]
     Capped { dir: PathBuf, cap: u64 },
+    #[error("the write log in {} is closed: the agent is stopping", dir.display())]
+    Closed { dir: PathBuf },
     #[error("a segment size of {0} bytes is too small: use at least 1 MiB")]
     SegmentTooSmall(u64),
     #[error(
@@ -63,6 +66,8 @@ pub struct LogDir {
     /// The agent stopped without [`LogDir::close_clean`] (crash of the agent or the machine).
     unclean_stop: bool,
     behind: WriteBehind,
+    /// Closed cleanly: no more appends.
+    closed: bool,
     /// `release_through` has nothing to delete below this acknowledged sequence number.
     release_floor: Seq,
     /// Disk order of the changes (see `order.rs`): tickets issued, and the turnstile.
@@ -244,6 +249,13 @@ impl LogDir {
                 dir: dir.to_path_buf(),
             }
         })?;
+        // An agent that ran on an earlier boot and did not stop cleanly: the machine crashed.
+        let running = dir.join(RUNNING);
+        let now = boot_id();
+        let previous = std::fs::read_to_string(&running).ok();
+        let unclean_stop = previous.is_some();
+        // Without a boot id the two cases cannot be told apart: assume the worse.
+        let machine_crashed = previous.is_some_and(|b| b.trim() != now || now.is_empty());
         let existing = segments(dir).map_err(io)?;
         let (writer, next_seq, next_mark) = match existing.last() {
             None => {
@@ -251,7 +263,14 @@ impl LogDir {
                 (w, Seq(1), 1)
             }
             Some(last) => {
-                let (w, recovered) = SegmentWriter::open_append(last)?;
+                // After a machine crash every disk is resynced anyway, so damage in the
+                // unsynced end of the log is cut rather than keeping the agent from starting.
+                let repair = if machine_crashed {
+                    Repair::DiscardFromDamage
+                } else {
+                    Repair::TornTailOnly
+                };
+                let (w, recovered) = SegmentWriter::open_append_with(last, repair)?;
                 if recovered.cut > 0 {
                     tracing::warn!(segment = %last.display(), bytes = recovered.cut, "cut a torn tail left by a crash");
                 }
@@ -267,13 +286,6 @@ impl LogDir {
                 (w, next, next_mark)
             }
         };
-        // An agent that ran on an earlier boot and did not stop cleanly: the machine crashed.
-        let running = dir.join(RUNNING);
-        let now = boot_id();
-        let previous = std::fs::read_to_string(&running).ok();
-        let unclean_stop = previous.is_some();
-        // Without a boot id the two cases cannot be told apart: assume the worse.
-        let machine_crashed = previous.is_some_and(|b| b.trim() != now || now.is_empty());
         let mut marker = File::create(&running).map_err(io)?;
         std::io::Write::write_all(&mut marker, now.as_bytes()).map_err(io)?;
         marker.sync_all().map_err(io)?;
@@ -301,6 +313,7 @@ impl LogDir {
             machine_crashed,
             unclean_stop,
             behind: WriteBehind::default(),
+            closed: false,
             release_floor: Seq(0),
             issued: 0,
             turnstile: Arc::default(),
@@ -342,6 +355,8 @@ impl LogDir {
     /// Syncs the log and records a clean stop, so the next start trusts the log.
     pub fn close_clean(&mut self) -> Result<(), LogDirError> {
         self.turnstile.wait_for(self.issued);
+        // A write still in flight after this is refused: the log says it stopped cleanly.
+        self.closed = true;
         self.writer.sync()?;
         std::fs::remove_file(self.dir.join(RUNNING)).map_err(|source| LogDirError::Io {
             dir: self.dir.clone(),
@@ -389,24 +404,34 @@ impl LogDir {
 
     /// Makes room for `len` bytes of records in the newest segment, rolling over now if they
     /// would not fit there, so that the records of one change share a segment (see
-    /// [`LogDir::ticket`]). Returns `false` when they fit in no segment at all.
-    pub fn reserve(&mut self, len: u64) -> Result<bool, LogDirError> {
-        if self.capped || self.writer.size() + len <= self.max_segment {
-            return Ok(true);
+    /// [`LogDir::ticket`]). A change larger than `--segment-size` gets a segment of its own
+    /// size.
+    pub fn reserve(&mut self, len: u64) -> Result<(), LogDirError> {
+        if self.capped || self.closed || self.writer.size() + len <= self.writer.header().max_len {
+            return Ok(());
         }
-        if SEGMENT_HEADER_LEN as u64 + len > self.max_segment {
-            return Ok(false);
-        }
+        let header = SEGMENT_HEADER_LEN as u64;
+        let max_len = self.max_segment.max(header + len);
         // Only the newest segment may hold changes not yet on the disks.
         self.turnstile.wait_for(self.issued);
-        self.writer.sync()?;
-        self.behind.finished(&self.writer);
-        self.writer = create_segment(&self.dir, self.next_seq, self.max_segment)?;
+        if self.writer.size() == header {
+            // Empty: replaced by a larger one under the same name.
+            let path = self.writer.path().to_path_buf();
+            std::fs::remove_file(&path).map_err(|source| LogDirError::Io {
+                dir: self.dir.clone(),
+                source,
+            })?;
+            self.total = self.total.saturating_sub(header);
+        } else {
+            self.writer.sync()?;
+            self.behind.finished(&self.writer);
+        }
+        self.writer = create_segment(&self.dir, self.next_seq, max_len)?;
         self.total += self.writer.size();
         self.release_floor = self
             .release_floor
             .min(Seq(self.next_seq.0.saturating_sub(1)));
-        Ok(true)
+        Ok(())
     }
 
     /// Appends one record (not yet durable; see [`LogDir::sync`]) and returns its sequence.
@@ -442,6 +467,11 @@ impl LogDir {
     }
 
     fn append_inner(&mut self, entry: Entry<'_>) -> Result<Seq, LogDirError> {
+        if self.closed {
+            return Err(LogDirError::Closed {
+                dir: self.dir.clone(),
+            });
+        }
         let seq = self.next_seq;
         let need = entry.encoded_len() as u64 + 64;
         if self.capped || self.cap.is_some_and(|c| self.total + need > c) {

@@ -56,6 +56,10 @@ pub enum ShipError {
     Log { dir: PathBuf, why: String },
     #[error("the process server said nothing for {0:?}: its host may be down or the link cut")]
     Stalled(Duration),
+    #[error(
+        "the process server holds records up to {downstream} but this log ends at {here}: they diverged (a machine crash lost unsynced records here); the disks need a resync"
+    )]
+    Diverged { downstream: Seq, here: Seq },
     #[error("reading the write log for the process server: {0}")]
     Tail(#[from] TailError),
 }
@@ -161,7 +165,18 @@ async fn stream(
     next: Seq,
     credit: u64,
 ) -> Result<(), ShipError> {
-    let dir = log.lock().map_err(|_| poisoned())?.dir().to_path_buf();
+    let (dir, log_next) = {
+        let log = log.lock().map_err(|_| poisoned())?;
+        (log.dir().to_path_buf(), log.next_seq())
+    };
+    if next > log_next {
+        // The process server holds records this log no longer has (the machine crashed
+        // before they were synced here): the two have diverged.
+        return Err(ShipError::Diverged {
+            downstream: Seq(next.0 - 1),
+            here: Seq(log_next.0.saturating_sub(1)),
+        });
+    }
     tracing::info!(process_server = %config.addr, next_seq = %next, "shipping the write log");
     let mut tail = LogTail::open(&dir, next)?;
     let mut out = Outbound::resume(next, credit);

@@ -40,11 +40,18 @@ impl StreamCache {
             source,
         };
         std::fs::create_dir_all(&dir).map_err(io)?;
+        // The stream's directory entry is durable before anything in it is acknowledged.
+        std::fs::File::open(root)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
         let existing = segment_files(&dir).map_err(io)?;
         let (writer, last) = match existing.last() {
             None => (None, None),
             Some(path) => {
-                let (writer, recovered) = SegmentWriter::open_append(path)?;
+                let (mut writer, recovered) = SegmentWriter::open_append(path)?;
+                // What is reported as durable must be: after a failed sync the page cache may
+                // hold records the disk never got, so they are synced (or refused) first.
+                writer.sync()?;
                 if recovered.cut > 0 {
                     tracing::warn!(segment = %path.display(), bytes = recovered.cut, "cut a torn tail left by a crash");
                 }

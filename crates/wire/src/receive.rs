@@ -260,6 +260,10 @@ impl Receiver {
                     wr.refuse(ErrorCode::BadFrame, &why).await;
                     return Err(WireError::Protocol(why).into());
                 }
+                Err(WireError::Decode(e)) => {
+                    wr.refuse(ErrorCode::BadFrame, &e.to_string()).await;
+                    return Err(WireError::Decode(e).into());
+                }
                 Err(e) => return Err(e.into()),
             };
             if let Err(v) = inbound.accept(&records) {
