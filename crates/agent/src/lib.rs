@@ -28,7 +28,6 @@ pub mod logdir;
 pub mod marks;
 pub mod order;
 pub mod replay;
-pub mod ship;
 
 pub use capture::CaptureDevice;
 pub use logdir::{LogDir, LogDirError};

@@ -606,6 +606,36 @@ pub fn read_all(dir: &Path) -> Result<impl Iterator<Item = Result<Record, LogErr
     Ok(readers.into_iter().flatten())
 }
 
+/// The agent's log, as the sender to the process server reads it.
+pub struct Shipped(pub std::sync::Arc<std::sync::Mutex<LogDir>>);
+
+impl Shipped {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, LogDir>, String> {
+        self.0
+            .lock()
+            .map_err(|_| "the write log lock is poisoned".to_string())
+    }
+}
+
+impl boomerang_wire::send::Source for Shipped {
+    fn dir(&self) -> PathBuf {
+        self.lock()
+            .map(|l| l.dir().to_path_buf())
+            .unwrap_or_default()
+    }
+
+    fn next_seq(&self) -> Result<Seq, String> {
+        Ok(self.lock()?.next_seq())
+    }
+
+    fn release_through(&self, durable: Seq) -> Result<(), String> {
+        self.lock()?
+            .release_through(durable)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

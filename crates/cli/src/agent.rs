@@ -5,12 +5,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use boomerang_agent::ship::{self, ShipConfig};
 use boomerang_agent::{CaptureDevice, Hooks, LogDir, ReplayTo, control, logdir, marks};
 use boomerang_core::DiskName;
 use boomerang_core::log::{MarkKind, Op, SegmentReader};
 use boomerang_nbd::server::{ListenAddr, Listener};
 use boomerang_nbd::{Export, FileDevice, Server};
+use boomerang_wire::Role;
+use boomerang_wire::send::{self, ShipConfig};
 use boomerang_wire::tls::TlsIdentity;
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -251,14 +252,14 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             let config = ShipConfig {
                 addr: addr.clone(),
                 tls,
+                stream: name.clone(),
                 name,
+                role: Role::Agent,
+                to: Role::ProcessServer,
                 disks: args.disks.iter().map(|(d, _)| d.clone()).collect(),
             };
-            Some(tokio::spawn(ship::ship(
-                log.clone(),
-                config,
-                shipping_stopped,
-            )))
+            let source = Arc::new(logdir::Shipped(log.clone()));
+            Some(tokio::spawn(send::ship(source, config, shipping_stopped)))
         }
         _ => None,
     };

@@ -18,6 +18,9 @@ pub struct ProcessServerArgs {
     /// The cache volume: one directory of log segments per protected machine.
     #[arg(long)]
     cache: PathBuf,
+    /// The master target to forward every machine's log to (HOST:PORT).
+    #[arg(long)]
+    master_target: Option<String>,
     /// The process server's name (default: the certificate directory's name).
     #[arg(long)]
     name: Option<String>,
@@ -44,6 +47,7 @@ pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
         name,
         tls,
         cache: args.cache.clone(),
+        master_target: args.master_target.clone(),
     })?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -182,3 +182,108 @@ fn the_agent_streams_every_write_to_the_process_server_through_a_crash() {
     drop(agent);
     ps.signal("-TERM");
 }
+
+#[test]
+fn agent_process_server_and_master_target_make_points_equal_to_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca_str = ca.to_str().unwrap();
+    boomerang(&["pki", "init", ca_str]);
+    for (name, role) in [("ps1", "process-server"), ("mt1", "master-target")] {
+        boomerang(&[
+            "pki",
+            "issue",
+            ca_str,
+            "--name",
+            name,
+            "--role",
+            role,
+            "--host",
+            "127.0.0.1",
+        ]);
+    }
+    boomerang(&["pki", "issue", ca_str, "--name", "web01", "--role", "agent"]);
+
+    const BLOCKS: u64 = 1024;
+    let disk = dir.path().join("disk.img");
+    sparse_file(&disk, BLOCKS * 4096);
+    let retention = dir.path().join("retention");
+    let master_target = |listen: &str| {
+        Daemon::start(&[
+            "master-target",
+            "--listen",
+            listen,
+            "--tls",
+            ca.join("issued/mt1").to_str().unwrap(),
+            "--retention",
+            retention.to_str().unwrap(),
+            "--block-size",
+            "4KiB",
+        ])
+    };
+    let mut mt = master_target("127.0.0.1:0");
+    let mt_addr = mt.addr.clone();
+    let ps = Daemon::start(&[
+        "process-server",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        ca.join("issued/ps1").to_str().unwrap(),
+        "--cache",
+        dir.path().join("cache").to_str().unwrap(),
+        "--master-target",
+        &mt_addr,
+    ]);
+    let agent = Daemon::start(&[
+        "agent",
+        "--disk",
+        &format!("d0={}", disk.display()),
+        "--listen",
+        "127.0.0.1:0",
+        "--log-dir",
+        dir.path().join("log").to_str().unwrap(),
+        "--mark-interval",
+        "0.2",
+        "--process-server",
+        &ps.addr,
+        "--tls",
+        ca.join("issued/web01").to_str().unwrap(),
+    ]);
+    let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
+    let mut cookie = 0;
+    let mut write_round = |client: &mut RawNbd, round: u64, step: u64| {
+        for i in (round % step..BLOCKS).step_by(step as usize) {
+            cookie += 1;
+            assert_eq!(client.write(cookie, i * 4096, &block(i, round)).unwrap(), 0);
+        }
+    };
+    write_round(&mut client, 0, 1);
+    // The master target dies without warning and comes back on the same address.
+    mt.signal("-KILL");
+    write_round(&mut client, 1, 3);
+    let _mt = master_target(&mt_addr);
+    write_round(&mut client, 2, 2);
+
+    // The source stays still; marks go on. A point of the master target soon equals it.
+    let live = std::fs::read(&disk).unwrap();
+    let store = retention.join("replicas/web01/store");
+    let exported = dir.path().join("point.img");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(["store", "export", store.to_str().unwrap(), "--disk", "d0"])
+            .args(["--out", exported.to_str().unwrap()])
+            .output()
+            .unwrap();
+        if out.status.success() && std::fs::read(&exported).unwrap() == live {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no point of the master target equals the source: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    boomerang(&["store", "verify", store.to_str().unwrap()]);
+}

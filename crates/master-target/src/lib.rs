@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use boomerang_core::Seq;
+use boomerang_core::{DiskName, Seq};
 use boomerang_wire::receive::{Config as ReceiverConfig, Receiver, ServeError};
 use boomerang_wire::tls::TlsIdentity;
 use boomerang_wire::{MAX_DISKS, Role};
@@ -60,7 +60,7 @@ pub fn receiver(config: Config) -> Result<Arc<Receiver>, StartError> {
     let appliers: Arc<Mutex<HashMap<String, watch::Sender<Seq>>>> = Arc::default();
     let retention = config.retention.clone();
     let block_size = config.block_size;
-    let on_durable = Arc::new(move |stream: &str, seq: Seq| {
+    let on_durable = Arc::new(move |stream: &str, _disks: &[DiskName], seq: Seq| {
         let mut all = appliers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = all.get(stream) {
             let _ = tx.send(seq);

@@ -1,13 +1,22 @@
 //! The process server: takes agents' write-log streams over mutual TLS and persists each record
 //! in its cache (the write-log segment format, bytes as received) before acknowledging it
-//! (`boomerang_wire::receive`). Forwarding to a master target, compression, rate limits and
-//! metrics build on this.
+//! (`boomerang_wire::receive`), and forwards each stream to its master target
+//! (`boomerang_wire::send`), dropping cache segments once the master target holds them.
+//!
+//! ```text
+//! agent ──▶ receiver ─▶ CACHE/<machine>/seg-*.log ─▶ Ack
+//!                    └─ on durable ─▶ sender per machine ──▶ master target
+//!                                     (drops cache segments the master target acknowledged)
+//! ```
 
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use boomerang_core::{DiskName, Seq};
 use boomerang_wire::Role;
 use boomerang_wire::receive::{Config as ReceiverConfig, Receiver, ServeError};
+use boomerang_wire::send::{self, ShipConfig, Source};
 use boomerang_wire::tls::TlsIdentity;
 
 pub use boomerang_wire::receive::CREDIT;
@@ -17,10 +26,44 @@ pub struct Config {
     pub name: String,
     pub tls: TlsIdentity,
     pub cache: PathBuf,
+    /// The master target to forward every stream to (`host:port`); none keeps the cache only.
+    pub master_target: Option<String>,
 }
 
-/// A process server: a receiver that takes agents, each streaming its own machine's log.
+/// A process server: a receiver that takes agents, each streaming its own machine's log, and
+/// forwards what it holds.
 pub fn receiver(config: Config) -> Result<Arc<Receiver>, ServeError> {
+    let on_durable = config.master_target.clone().map(|addr| {
+        let started: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let (tls, name, cache) = (
+            config.tls.clone(),
+            config.name.clone(),
+            config.cache.clone(),
+        );
+        // Senders run as long as the process server does.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stop = Arc::new(stop);
+        Arc::new(move |stream: &str, disks: &[DiskName], _seq: Seq| {
+            let _keep = &stop;
+            let mut all = started.lock().unwrap_or_else(|e| e.into_inner());
+            if !all.insert(stream.to_string()) {
+                return;
+            }
+            let source = Arc::new(Cached {
+                dir: cache.join(stream),
+            });
+            let config = ShipConfig {
+                addr: addr.clone(),
+                tls: tls.clone(),
+                name: name.clone(),
+                role: Role::ProcessServer,
+                to: Role::MasterTarget,
+                stream: stream.to_string(),
+                disks: disks.to_vec(),
+            };
+            tokio::spawn(send::ship(source, config, stopped.clone()));
+        }) as boomerang_wire::receive::OnDurable
+    });
     Receiver::new(ReceiverConfig {
         name: config.name,
         role: Role::ProcessServer,
@@ -30,6 +73,34 @@ pub fn receiver(config: Config) -> Result<Arc<Receiver>, ServeError> {
         max_disks: usize::MAX,
         tls: config.tls,
         cache: config.cache,
-        on_durable: None,
+        on_durable,
     })
+}
+
+/// One stream's cache, as the sender to the master target reads it.
+struct Cached {
+    dir: PathBuf,
+}
+
+impl Source for Cached {
+    fn dir(&self) -> PathBuf {
+        self.dir.clone()
+    }
+
+    /// Records are synced here before they are acknowledged, so the master target can never
+    /// hold more than the cache did: no divergence to detect.
+    fn next_seq(&self) -> Result<Seq, String> {
+        Ok(Seq(u64::MAX))
+    }
+
+    fn release_through(&self, durable: Seq) -> Result<(), String> {
+        boomerang_wire::cache::release_through(&self.dir, durable)
+            .map(|_| ())
+            .map_err(|e| {
+                format!(
+                    "could not drop forwarded segments in {}: {e}",
+                    self.dir.display()
+                )
+            })
+    }
 }

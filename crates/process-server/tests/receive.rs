@@ -122,6 +122,7 @@ async fn start(ca: &Path, cache: &Path) -> (String, tokio::sync::watch::Sender<b
         name: "ps1".into(),
         tls: TlsIdentity::load(&ca.join("issued/ps1")).unwrap(),
         cache: cache.to_path_buf(),
+        master_target: None,
     })
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -111,3 +111,25 @@ impl StreamCache {
         Ok(())
     }
 }
+
+/// Deletes the segments of the cache directory `dir` whose every record is at or below
+/// `durable` (held durable downstream), never the newest; returns the bytes freed.
+pub fn release_through(dir: &Path, durable: Seq) -> std::io::Result<u64> {
+    let all = segment_files(dir)?;
+    let mut freed = 0;
+    for pair in all.windows(2) {
+        let [old, next] = pair else { continue };
+        let Some(next_first) = boomerang_core::log::first_seq_of(next) else {
+            break;
+        };
+        if next_first.0.saturating_sub(1) > durable.0 {
+            break;
+        }
+        freed += std::fs::metadata(old)?.len();
+        std::fs::remove_file(old)?;
+    }
+    if freed > 0 {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(freed)
+}

@@ -25,6 +25,7 @@ pub mod handshake;
 pub mod io;
 pub mod pki;
 pub mod receive;
+pub mod send;
 pub mod stream;
 pub mod tls;
 

@@ -36,8 +36,9 @@ pub const SILENCE: std::time::Duration = std::time::Duration::from_secs(60);
 /// Bytes of records an agent may have in flight, unacknowledged.
 pub const CREDIT: u64 = 32 << 20;
 
-/// Called once records up to the sequence number are durable in the stream's cache.
-pub type OnDurable = Arc<dyn Fn(&str, Seq) + Send + Sync>;
+/// Called once records up to the sequence number are durable in the stream's cache, with the
+/// stream's name and disks.
+pub type OnDurable = Arc<dyn Fn(&str, &[DiskName], Seq) + Send + Sync>;
 
 /// A receiver's settings.
 pub struct Config {
@@ -289,7 +290,7 @@ impl Receiver {
                 return Err(e.into());
             }
             if let Some(notify) = &self.config.on_durable {
-                notify(&stream, records.last_seq());
+                notify(&stream, inbound.disks(), records.last_seq());
             }
             let grant = records.bytes().len() as u64;
             inbound.grant(grant);

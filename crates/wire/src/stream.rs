@@ -45,6 +45,11 @@ impl Inbound {
         self.next
     }
 
+    /// The stream's disks.
+    pub fn disks(&self) -> &[DiskName] {
+        &self.disks
+    }
+
     /// Bytes the sender may still send.
     pub fn credit(&self) -> u64 {
         self.credit

@@ -1,31 +1,46 @@
-//! Shipping: the agent streams its write log to a process server over mutual TLS, from where
-//! the process server's cache ends, and drops the segments the process server acknowledged as
-//! durable. Any failure (a cut link, a restarted process server) ends the session; the next one
+//! The sending end of a record stream: the agent ships its write log to a process server, and
+//! the process server forwards its cache to a master target, both over mutual TLS. A sender
+//! streams from where the receiver's durable records end, and drops what the receiver
+//! acknowledged. Any failure (a cut link, a restarted receiver) ends the session; the next one
 //! resumes from the last acknowledged record, with backoff between attempts.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boomerang_core::log::{LogTail, MAX_FRAME_LEN, TailError};
 use boomerang_core::{DiskName, Seq};
-use boomerang_wire::pki::CertRole;
-use boomerang_wire::tls::{self, TlsIdentity};
-use boomerang_wire::{Frame, FrameReader, FrameWriter, Outbound, Records, Role, WireError};
 use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
 
-use crate::logdir::LogDir;
+use crate::pki::CertRole;
+use crate::tls::{self, TlsIdentity};
+use crate::{Frame, FrameReader, FrameWriter, Outbound, Records, Role, WireError};
 
-/// Where and as whom to ship.
+/// The log a sender streams from.
+pub trait Source: Send + Sync + 'static {
+    /// The directory of segment files.
+    fn dir(&self) -> PathBuf;
+    /// The sequence number the next record written here will have.
+    fn next_seq(&self) -> Result<Seq, String>;
+    /// Drops what the receiver holds durable, up to `durable` (whole segments only).
+    fn release_through(&self, durable: Seq) -> Result<(), String>;
+}
+
+/// Where and as whom to send.
 #[derive(Clone)]
 pub struct ShipConfig {
-    /// The process server's `host:port`.
+    /// The receiver's `host:port`.
     pub addr: String,
     pub tls: TlsIdentity,
-    /// The protected machine's name: the stream's name and the certificate's.
+    /// This component's name and role, as its certificate says.
     pub name: String,
+    pub role: Role,
+    /// The receiver's role.
+    pub to: Role,
+    /// The stream: the protected machine's name.
+    pub stream: String,
     pub disks: Vec<DiskName>,
 }
 
@@ -46,7 +61,7 @@ pub enum ShipError {
     Wire(#[from] WireError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error("could not reach the process server at {addr}: {source}")]
+    #[error("could not reach {addr}: {source}")]
     Connect {
         addr: String,
         #[source]
@@ -54,18 +69,18 @@ pub enum ShipError {
     },
     #[error("could not read the write log in {}: {why}", dir.display())]
     Log { dir: PathBuf, why: String },
-    #[error("the process server said nothing for {0:?}: its host may be down or the link cut")]
+    #[error("the receiver said nothing for {0:?}: its host may be down or the link cut")]
     Stalled(Duration),
     #[error(
-        "the process server holds records up to {downstream} but this log ends at {here}: they diverged (a machine crash lost unsynced records here); the disks need a resync"
+        "the receiver holds records up to {downstream} but this log ends at {here}: they diverged (a machine crash lost unsynced records here); the disks need a resync"
     )]
     Diverged { downstream: Seq, here: Seq },
-    #[error("reading the write log for the process server: {0}")]
+    #[error("reading the log to send: {0}")]
     Tail(#[from] TailError),
 }
 
 /// Ships until `stop` turns true, reconnecting after failures.
-pub async fn ship(log: Arc<Mutex<LogDir>>, config: ShipConfig, mut stop: watch::Receiver<bool>) {
+pub async fn ship<S: Source>(log: Arc<S>, config: ShipConfig, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut resumed = false;
@@ -81,7 +96,7 @@ pub async fn ship(log: Arc<Mutex<LogDir>>, config: ShipConfig, mut stop: watch::
         match ended {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(process_server = %config.addr, error = %e, retry_in = ?backoff, "log shipping stopped; retrying");
+                tracing::warn!(to = %config.addr, stream = %config.stream, error = %e, retry_in = ?backoff, "log sending stopped; retrying");
             }
         }
         tokio::select! {
@@ -96,8 +111,8 @@ type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 type Reader = FrameReader<tokio::io::ReadHalf<Tls>>;
 type Writer = FrameWriter<tokio::io::WriteHalf<Tls>>;
 
-async fn session(
-    log: &Arc<Mutex<LogDir>>,
+async fn session<S: Source>(
+    log: &Arc<S>,
     config: &ShipConfig,
     stop: watch::Receiver<bool>,
     resumed: &mut bool,
@@ -134,17 +149,17 @@ async fn open(config: &ShipConfig) -> Result<(Reader, Writer, Seq, u64), ShipErr
         .to_vec();
     let (r, w) = tokio::io::split(stream);
     let (mut rd, mut wr) = (FrameReader::new(r), FrameWriter::new(w));
-    boomerang_wire::connect(
+    crate::connect(
         &mut rd,
         &mut wr,
-        Role::Agent,
+        config.role,
         &config.name,
-        Role::ProcessServer,
+        config.to,
         |role, name| tls::vouch(Some(&certs), CertRole::Wire(role), name),
     )
     .await?;
     wr.send(&Frame::Open {
-        stream: config.name.clone(),
+        stream: config.stream.clone(),
         disks: config.disks.clone(),
     })
     .await?;
@@ -156,8 +171,8 @@ async fn open(config: &ShipConfig) -> Result<(Reader, Writer, Seq, u64), ShipErr
 }
 
 /// Streams records from `next` on until the connection fails or `stop` turns true.
-async fn stream(
-    log: &Arc<Mutex<LogDir>>,
+async fn stream<S: Source>(
+    log: &Arc<S>,
     config: &ShipConfig,
     mut stop: watch::Receiver<bool>,
     mut rd: Reader,
@@ -165,10 +180,11 @@ async fn stream(
     next: Seq,
     credit: u64,
 ) -> Result<(), ShipError> {
-    let (dir, log_next) = {
-        let log = log.lock().map_err(|_| poisoned())?;
-        (log.dir().to_path_buf(), log.next_seq())
-    };
+    let dir = log.dir();
+    let log_next = log.next_seq().map_err(|why| ShipError::Log {
+        dir: dir.clone(),
+        why,
+    })?;
     if next > log_next {
         // The process server holds records this log no longer has (the machine crashed
         // before they were synced here): the two have diverged.
@@ -177,7 +193,7 @@ async fn stream(
             here: Seq(log_next.0.saturating_sub(1)),
         });
     }
-    tracing::info!(process_server = %config.addr, next_seq = %next, "shipping the write log");
+    tracing::info!(to = %config.addr, stream = %config.stream, next_seq = %next, "sending the log");
     let mut tail = LogTail::open(&dir, next)?;
     let mut out = Outbound::resume(next, credit);
     // Frames are read by a task of their own: a read cut short by `select!` would lose bytes.
@@ -240,13 +256,10 @@ async fn stream(
                 Ok(Frame::Ack { durable, credit }) => {
                     out.acked(durable, credit)
                         .map_err(|v| WireError::Protocol(v.message))?;
-                    log.lock()
-                        .map_err(|_| poisoned())?
-                        .release_through(durable)
-                        .map_err(|e| ShipError::Log {
-                            dir: dir.clone(),
-                            why: e.to_string(),
-                        })?;
+                    log.release_through(durable).map_err(|why| ShipError::Log {
+                        dir: dir.clone(),
+                        why,
+                    })?;
                 }
                 Ok(Frame::Ping { nonce }) => wr.send(&Frame::Pong { nonce }).await?,
                 Ok(Frame::Pong { .. }) => {}
@@ -260,13 +273,6 @@ async fn stream(
             }
             next_frame = frames.try_recv().ok();
         }
-    }
-}
-
-fn poisoned() -> ShipError {
-    ShipError::Log {
-        dir: PathBuf::new(),
-        why: "the log lock is poisoned".into(),
     }
 }
 
