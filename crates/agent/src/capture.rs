@@ -13,6 +13,8 @@ use crate::logdir::{LogDir, LogDirError};
 
 /// The largest write record; longer NBD writes are split (segments hold at least 1 MiB).
 pub const RECORD_PIECE: usize = 256 * 1024;
+/// The granularity of the initial copy: blocks of all zeros are not sent.
+pub const COPY_BLOCK: usize = 64 * 1024;
 
 /// A protected disk whose changes go to the write log first (or, once the log is capped, to
 /// the disk's dirty-block bitmap).
@@ -102,6 +104,48 @@ impl CaptureDevice {
 }
 
 impl CaptureDevice {
+    /// Logs the disk's size, so that a replica downstream has it before any write.
+    pub fn announce_size(&self) -> io::Result<()> {
+        let mut log = self.log()?;
+        let op = Op::Resize {
+            disk: self.disk.clone(),
+            size: self.inner.size(),
+        };
+        log.append(op).map(|_| ()).map_err(log_error)
+    }
+
+    /// Copies `len` bytes of the disk from `offset` into the log, as writes of the blocks that
+    /// are not all zeros (a replica starts as zeros): the initial copy, a chunk at a time.
+    ///
+    /// The chunk is read under the log lock, after every change logged before it reached the
+    /// disk, so it lands in the log exactly where it was read: a change logged before it is
+    /// already in it, one logged after it is applied after it downstream.
+    pub fn copy_chunk(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut log = self.log()?;
+        if log.is_capped() {
+            return Err(io::Error::other(
+                "the write log is capped: the initial copy waits for a resync",
+            ));
+        }
+        log.wait_applied();
+        let len = len.min(self.inner.size().saturating_sub(offset));
+        let mut buf = vec![0u8; len as usize];
+        self.inner.read_at(&mut buf, offset)?;
+        for (k, piece) in buf.chunks(COPY_BLOCK).enumerate() {
+            if piece.iter().all(|&b| b == 0) {
+                continue;
+            }
+            let at = offset + (k * COPY_BLOCK) as u64;
+            log.append_write(&self.disk, at, piece).map_err(log_error)?;
+        }
+        Ok(())
+    }
+
+    /// The disk's name.
+    pub fn disk(&self) -> &DiskName {
+        &self.disk
+    }
+
     /// A change the log recorded but the disk refused leaves the disk's content there unknown:
     /// the range goes into the bitmap, so a resync re-reads it from the disk instead of trusting
     /// the log. The client gets the disk's error either way.

@@ -28,6 +28,7 @@ pub mod logdir;
 pub mod marks;
 pub mod order;
 pub mod replay;
+pub mod sync;
 
 pub use capture::CaptureDevice;
 pub use logdir::{LogDir, LogDirError};

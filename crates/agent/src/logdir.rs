@@ -39,6 +39,8 @@ pub enum LogDirError {
         "the write log in {dir} reached its cap of {cap} bytes (--log-max): changes are tracked in dirty-block bitmaps until the disk is resynced"
     )]
     Capped { dir: PathBuf, cap: u64 },
+    #[error("the initial copy of a disk is still running: no consistency mark until it ends")]
+    Syncing,
     #[error("the write log in {} is closed: the agent is stopping", dir.display())]
     Closed { dir: PathBuf },
     #[error("a segment size of {0} bytes is too small: use at least 1 MiB")]
@@ -68,6 +70,8 @@ pub struct LogDir {
     behind: WriteBehind,
     /// Closed cleanly: no more appends.
     closed: bool,
+    /// A disk's initial copy is running: no marks.
+    syncing: bool,
     /// `release_through` has nothing to delete below this acknowledged sequence number.
     release_floor: Seq,
     /// Disk order of the changes (see `order.rs`): tickets issued, and the turnstile.
@@ -314,6 +318,7 @@ impl LogDir {
             unclean_stop,
             behind: WriteBehind::default(),
             closed: false,
+            syncing: false,
             release_floor: Seq(0),
             issued: 0,
             turnstile: Arc::default(),
@@ -559,6 +564,10 @@ impl LogDir {
 
     /// Appends a consistency mark; returns its id and sequence number.
     pub fn mark(&mut self, kind: MarkKind) -> Result<(MarkId, Seq), LogDirError> {
+        if self.syncing {
+            // A point at this mark would hold a half-copied disk.
+            return Err(LogDirError::Syncing);
+        }
         let id = MarkId(self.next_mark);
         let seq = self.append(Op::Mark {
             kind,
@@ -567,6 +576,23 @@ impl LogDir {
         })?;
         self.next_mark += 1;
         Ok((id, seq))
+    }
+
+    /// While a disk's initial copy runs, marks are refused: no recovery point may show a disk
+    /// only partly copied.
+    pub fn set_syncing(&mut self, syncing: bool) {
+        self.syncing = syncing;
+    }
+
+    /// Whether a disk's initial copy is running.
+    pub fn is_syncing(&self) -> bool {
+        self.syncing
+    }
+
+    /// Waits until every change logged so far is on the disks (call with the log locked, so
+    /// that no new change comes in meanwhile).
+    pub fn wait_applied(&self) {
+        self.turnstile.wait_for(self.issued);
     }
 
     /// Makes every appended record durable.

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use boomerang_agent::{CaptureDevice, Hooks, LogDir, ReplayTo, control, logdir, marks};
+use boomerang_agent::{CaptureDevice, Hooks, LogDir, ReplayTo, control, logdir, marks, sync};
 use boomerang_core::DiskName;
 use boomerang_core::log::{MarkKind, Op, SegmentReader};
 use boomerang_nbd::server::{ListenAddr, Listener};
@@ -187,6 +187,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         LogDir::open(&log_dir, args.segment_size)?.with_cap(Some(args.log_max)),
     ));
     let mut exports = Vec::new();
+    let mut devices = Vec::new();
     for (name, path) in &args.disks {
         let dev = FileDevice::open(path, false).with_context(|| {
             format!(
@@ -197,14 +198,18 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         exports.push(Export {
             name: name.to_string(),
             description: format!("protected disk {name}"),
-            device: Arc::new(
-                CaptureDevice::new(name.clone(), dev, log.clone()).with_context(|| {
-                    format!(
-                        "could not open the dirty-block bitmap of disk {name} in {}",
-                        log_dir.display()
-                    )
-                })?,
-            ),
+            device: {
+                let device = Arc::new(
+                    CaptureDevice::new(name.clone(), dev, log.clone()).with_context(|| {
+                        format!(
+                            "could not open the dirty-block bitmap of disk {name} in {}",
+                            log_dir.display()
+                        )
+                    })?,
+                );
+                devices.push(device.clone());
+                device
+            },
             read_only: false,
         });
     }
@@ -259,6 +264,12 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                 disks: args.disks.iter().map(|(d, _)| d.clone()).collect(),
             };
             let source = Arc::new(logdir::Shipped(log.clone()));
+            // Disks not copied downstream yet are copied first; marks wait for it.
+            background.push(tokio::spawn(sync::initial_copy(
+                log.clone(),
+                devices.clone(),
+                args.log_max,
+            )));
             Some(tokio::spawn(send::ship(source, config, shipping_stopped)))
         }
         _ => None,
@@ -277,6 +288,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             tick.tick().await;
             loop {
                 tick.tick().await;
+                if log.lock().is_ok_and(|l| l.is_syncing()) {
+                    continue;
+                }
                 if let Err(e) = marks::mark(&log, kind, &hooks).await {
                     tracing::warn!(error = %e, "could not insert a {kind:?} mark");
                 }

@@ -287,3 +287,91 @@ fn agent_process_server_and_master_target_make_points_equal_to_the_source() {
     }
     boomerang(&["store", "verify", store.to_str().unwrap()]);
 }
+
+#[test]
+fn a_disk_with_content_is_copied_before_its_first_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca_str = ca.to_str().unwrap();
+    boomerang(&["pki", "init", ca_str]);
+    for (name, role) in [("ps1", "process-server"), ("mt1", "master-target")] {
+        boomerang(&[
+            "pki", "issue", ca_str, "--name", name, "--role", role, "--host", "127.0.0.1",
+        ]);
+    }
+    boomerang(&["pki", "issue", ca_str, "--name", "web01", "--role", "agent"]);
+
+    // 8 MiB of data with holes, written before the agent ever saw the disk.
+    let disk = dir.path().join("disk.img");
+    sparse_file(&disk, 8 << 20);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        for i in (0..2048u64).filter(|i| i % 5 != 0) {
+            f.write_all_at(&block(i, 7), i * 4096).unwrap();
+        }
+    }
+    let retention = dir.path().join("retention");
+    let mt = Daemon::start(&[
+        "master-target",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        ca.join("issued/mt1").to_str().unwrap(),
+        "--retention",
+        retention.to_str().unwrap(),
+    ]);
+    let ps = Daemon::start(&[
+        "process-server",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        ca.join("issued/ps1").to_str().unwrap(),
+        "--cache",
+        dir.path().join("cache").to_str().unwrap(),
+        "--master-target",
+        &mt.addr,
+    ]);
+    let log = dir.path().join("log");
+    let _agent = Daemon::start(&[
+        "agent",
+        "--disk",
+        &format!("d0={}", disk.display()),
+        "--listen",
+        "127.0.0.1:0",
+        "--log-dir",
+        log.to_str().unwrap(),
+        "--mark-interval",
+        "0.1",
+        "--process-server",
+        &ps.addr,
+        "--tls",
+        ca.join("issued/web01").to_str().unwrap(),
+    ]);
+
+    // The very first point is already the whole disk: marks waited for the copy.
+    let store = retention.join("replicas/web01/store");
+    let exported = dir.path().join("point.img");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(["store", "export", store.to_str().unwrap(), "--disk", "d0"])
+            .args(["--point", "1", "--out", exported.to_str().unwrap()])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no first point: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        std::fs::read(&exported).unwrap() == std::fs::read(&disk).unwrap(),
+        "the first point is the disk as it was when the agent started"
+    );
+    assert!(log.join("copied-d0").exists());
+}
