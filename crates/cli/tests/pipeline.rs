@@ -296,7 +296,15 @@ fn a_disk_with_content_is_copied_before_its_first_point() {
     boomerang(&["pki", "init", ca_str]);
     for (name, role) in [("ps1", "process-server"), ("mt1", "master-target")] {
         boomerang(&[
-            "pki", "issue", ca_str, "--name", name, "--role", role, "--host", "127.0.0.1",
+            "pki",
+            "issue",
+            ca_str,
+            "--name",
+            name,
+            "--role",
+            role,
+            "--host",
+            "127.0.0.1",
         ]);
     }
     boomerang(&["pki", "issue", ca_str, "--name", "web01", "--role", "agent"]);
@@ -374,4 +382,189 @@ fn a_disk_with_content_is_copied_before_its_first_point() {
         "the first point is the disk as it was when the agent started"
     );
     assert!(log.join("copied-d0").exists());
+}
+
+#[test]
+fn replication_survives_cuts_delays_and_kill_9_of_each_hop() {
+    use boomerang_testkit::FaultProxy;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca_str = ca.to_str().unwrap();
+    boomerang(&["pki", "init", ca_str]);
+    for (name, role) in [("ps1", "process-server"), ("mt1", "master-target")] {
+        boomerang(&[
+            "pki",
+            "issue",
+            ca_str,
+            "--name",
+            name,
+            "--role",
+            role,
+            "--host",
+            "127.0.0.1",
+        ]);
+    }
+    boomerang(&["pki", "issue", ca_str, "--name", "web01", "--role", "agent"]);
+    const BLOCKS: u64 = 1024;
+    let disk = dir.path().join("disk.img");
+    sparse_file(&disk, BLOCKS * 4096);
+    let base = dir.path().join("base.img");
+    sparse_file(&base, BLOCKS * 4096);
+    let retention = dir.path().join("retention");
+    let cache = dir.path().join("cache");
+
+    let master_target = |listen: &str| {
+        Daemon::start(&[
+            "master-target",
+            "--listen",
+            listen,
+            "--tls",
+            ca.join("issued/mt1").to_str().unwrap(),
+            "--retention",
+            retention.to_str().unwrap(),
+            "--block-size",
+            "4KiB",
+        ])
+    };
+    let mut mt = master_target("127.0.0.1:0");
+    let mt_addr = mt.addr.clone();
+    let to_mt = FaultProxy::start(&mt_addr);
+    let process_server = |listen: &str| {
+        Daemon::start(&[
+            "process-server",
+            "--listen",
+            listen,
+            "--tls",
+            ca.join("issued/ps1").to_str().unwrap(),
+            "--cache",
+            cache.to_str().unwrap(),
+            "--master-target",
+            to_mt.addr(),
+        ])
+    };
+    let mut ps = process_server("127.0.0.1:0");
+    let ps_addr = ps.addr.clone();
+    let to_ps = FaultProxy::start(&ps_addr);
+    let agent = Daemon::start(&[
+        "agent",
+        "--disk",
+        &format!("d0={}", disk.display()),
+        "--listen",
+        "127.0.0.1:0",
+        "--log-dir",
+        dir.path().join("log").to_str().unwrap(),
+        "--segment-size",
+        "1MiB",
+        "--mark-interval",
+        "0.1",
+        "--process-server",
+        to_ps.addr(),
+        "--tls",
+        ca.join("issued/web01").to_str().unwrap(),
+    ]);
+    let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
+    let mut rng = boomerang_core::sample::XorShift::new(5);
+    let mut cookie = 0;
+    // Bounded: 12 rounds of writes, each followed by one fault on one hop.
+    for round in 0..12u64 {
+        let step = 1 + rng.next_u64() % 4;
+        for i in (rng.next_u64() % step..BLOCKS).step_by(step as usize) {
+            cookie += 1;
+            assert_eq!(
+                client
+                    .write(cookie, i * 4096, &block(i, round + 1))
+                    .unwrap(),
+                0
+            );
+        }
+        match round % 6 {
+            0 => to_ps.cut(),
+            1 => to_mt.cut(),
+            2 => {
+                ps.signal("-KILL");
+                ps = process_server(&ps_addr);
+            }
+            3 => {
+                mt.signal("-KILL");
+                mt = master_target(&mt_addr);
+            }
+            4 => to_ps.set_delay(Duration::from_millis(20)),
+            _ => to_mt.set_rate(Some(2 << 20)),
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        to_ps.set_delay(Duration::ZERO);
+        to_mt.set_rate(None);
+    }
+
+    // Once the faults stop, the latest point catches up with the source.
+    let live = std::fs::read(&disk).unwrap();
+    let store = retention.join("replicas/web01/store");
+    let store_str = store.to_str().unwrap();
+    let exported = dir.path().join("point.img");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(["store", "export", store_str, "--disk", "d0"])
+            .args(["--out", exported.to_str().unwrap()])
+            .output()
+            .unwrap();
+        if out.status.success() && std::fs::read(&exported).unwrap() == live {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the master target did not catch up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Every point the master target lists is the source at its mark: the stream replayed to
+    // the mark's sequence number.
+    let points: serde_json::Value = serde_json::from_str(&boomerang(&[
+        "store", "points", store_str, "--disk", "d0", "--output", "json",
+    ]))
+    .unwrap();
+    let points = points.as_array().unwrap();
+    assert!(points.len() > 5, "{} points", points.len());
+    let incoming = retention.join("incoming/web01");
+    let replayed = dir.path().join("replayed.img");
+    for point in points {
+        let (id, seq) = (
+            point["id"].as_u64().unwrap(),
+            point["seq"].as_u64().unwrap(),
+        );
+        boomerang(&[
+            "store",
+            "export",
+            store_str,
+            "--disk",
+            "d0",
+            "--point",
+            &id.to_string(),
+            "--out",
+            exported.to_str().unwrap(),
+        ]);
+        boomerang(&[
+            "agent",
+            "log",
+            "replay",
+            incoming.to_str().unwrap(),
+            "--disk",
+            "d0",
+            "--base",
+            base.to_str().unwrap(),
+            "--to",
+            &format!("seq:{seq}"),
+            "--out",
+            replayed.to_str().unwrap(),
+        ]);
+        assert!(
+            std::fs::read(&exported).unwrap() == std::fs::read(&replayed).unwrap(),
+            "point {id} is the stream at its mark (seq {seq})"
+        );
+    }
+    boomerang(&["store", "verify", store_str]);
+    drop(agent);
 }

@@ -129,3 +129,111 @@ impl RawNbd {
             .map(|r| r.0)
     }
 }
+
+/// A TCP proxy on 127.0.0.1 in front of `target`, for fault injection between two
+/// components: cut every connection, delay each chunk, or slow the link. Its threads stop when
+/// it is dropped.
+pub struct FaultProxy {
+    addr: String,
+    faults: std::sync::Arc<std::sync::Mutex<Faults>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Default)]
+struct Faults {
+    delay: std::time::Duration,
+    /// Bytes per second, if throttled.
+    rate: Option<u64>,
+    conns: Vec<TcpStream>,
+}
+
+impl FaultProxy {
+    pub fn start(target: &str) -> FaultProxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("address").to_string();
+        let faults = std::sync::Arc::new(std::sync::Mutex::new(Faults::default()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (f, s, target) = (faults.clone(), stop.clone(), target.to_string());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue; // the target is down: the client sees a closed connection
+                };
+                {
+                    let mut faults = f.lock().unwrap_or_else(|e| e.into_inner());
+                    for s in [&client, &server] {
+                        if let Ok(c) = s.try_clone() {
+                            faults.conns.push(c);
+                        }
+                    }
+                }
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+                        continue;
+                    };
+                    let f = f.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let (delay, rate) = {
+                                let f = f.lock().unwrap_or_else(|e| e.into_inner());
+                                (f.delay, f.rate)
+                            };
+                            let mut pause = delay;
+                            if let Some(rate) = rate {
+                                pause += std::time::Duration::from_secs_f64(n as f64 / rate as f64);
+                            }
+                            std::thread::sleep(pause);
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        FaultProxy { addr, faults, stop }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Cuts every connection open now (new ones go through).
+    pub fn cut(&self) {
+        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        for c in faults.conns.drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Delays every chunk forwarded by `delay`.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner()).delay = delay;
+    }
+
+    /// Limits each direction of each connection to about `rate` bytes per second.
+    pub fn set_rate(&self, rate: Option<u64>) {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner()).rate = rate;
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cut();
+    }
+}
