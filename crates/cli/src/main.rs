@@ -2,6 +2,7 @@
 //! lives there.
 
 mod agent;
+mod daemon;
 mod master_target;
 mod output;
 mod pki;

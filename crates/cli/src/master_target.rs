@@ -36,15 +36,7 @@ pub struct MasterTargetArgs {
 
 pub async fn run(args: MasterTargetArgs) -> anyhow::Result<i32> {
     let tls = TlsIdentity::load(&args.tls)?;
-    let name = match args.name {
-        Some(n) => n,
-        None => args
-            .tls
-            .file_name()
-            .and_then(|n| n.to_str())
-            .map(str::to_string)
-            .context("give the master target's name with --name")?,
-    };
+    let name = crate::daemon::name_or_dir(args.name, &args.tls, "master target")?;
     std::fs::create_dir_all(&args.retention).with_context(|| {
         format!(
             "could not create the retention directory {}: check the path and permissions",
@@ -58,16 +50,5 @@ pub async fn run(args: MasterTargetArgs) -> anyhow::Result<i32> {
         max_disks: args.max_disks,
         block_size: args.block_size,
     })?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("could not listen on {}: is the port in use?", args.listen))?;
-    let shutdown = crate::agent::shutdown_signal()?;
-    println!("listening on {}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let serving = tokio::spawn(server.serve(listener, stopped));
-    shutdown.await;
-    let _ = stop.send(true);
-    let _ = serving.await;
-    eprintln!("master target stopped");
-    Ok(0)
+    crate::daemon::serve(server, &args.listen, "master target").await
 }

@@ -28,15 +28,7 @@ pub struct ProcessServerArgs {
 
 pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
     let tls = TlsIdentity::load(&args.tls)?;
-    let name = match args.name {
-        Some(n) => n,
-        None => args
-            .tls
-            .file_name()
-            .and_then(|n| n.to_str())
-            .map(str::to_string)
-            .context("give the process server's name with --name")?,
-    };
+    let name = crate::daemon::name_or_dir(args.name, &args.tls, "process server")?;
     std::fs::create_dir_all(&args.cache).with_context(|| {
         format!(
             "could not create the cache directory {}: check the path and permissions",
@@ -49,17 +41,5 @@ pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
         cache: args.cache.clone(),
         master_target: args.master_target.clone(),
     })?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("could not listen on {}: is the port in use?", args.listen))?;
-    let shutdown = crate::agent::shutdown_signal()?;
-    // The first line of stdout is the address, for scripts and tests.
-    println!("listening on {}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let serving = tokio::spawn(server.serve(listener, stopped));
-    shutdown.await;
-    let _ = stop.send(true);
-    let _ = serving.await;
-    eprintln!("process server stopped");
-    Ok(0)
+    crate::daemon::serve(server, &args.listen, "process server").await
 }

@@ -1,9 +1,10 @@
-//! Replication from the agent to the process server, as separate processes on loopback over
-//! mutual TLS: every write reaches the process server's cache, in order, through a `kill -9`
-//! and restart of the process server; the agent drops the log segments it no longer needs.
+//! Replication from the agent through the process server to the master target, as separate
+//! processes on loopback over mutual TLS: every write reaches the next hop in order through
+//! `kill -9` of any hop, cut links, delays and throttling; recovery points are the source at
+//! their marks; a disk's existing content is copied before its first point.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -54,16 +55,103 @@ impl Drop for Daemon {
     }
 }
 
-fn process_server(ca: &Path, cache: &Path, listen: &str) -> Daemon {
+/// A site: its CA, with certificates for the process server ps1 and the master target mt1
+/// (reached at 127.0.0.1) and for the agent of machine web01.
+fn site(dir: &Path) -> PathBuf {
+    let ca = dir.join("ca");
+    let ca_str = ca.to_str().unwrap();
+    boomerang(&["pki", "init", ca_str]);
+    for (name, role) in [("ps1", "process-server"), ("mt1", "master-target")] {
+        boomerang(&[
+            "pki",
+            "issue",
+            ca_str,
+            "--name",
+            name,
+            "--role",
+            role,
+            "--host",
+            "127.0.0.1",
+        ]);
+    }
+    boomerang(&["pki", "issue", ca_str, "--name", "web01", "--role", "agent"]);
+    ca
+}
+
+fn master_target(ca: &Path, retention: &Path, listen: &str) -> Daemon {
     Daemon::start(&[
-        "process-server",
+        "master-target",
         "--listen",
         listen,
         "--tls",
-        ca.join("issued/ps1").to_str().unwrap(),
-        "--cache",
-        cache.to_str().unwrap(),
+        ca.join("issued/mt1").to_str().unwrap(),
+        "--retention",
+        retention.to_str().unwrap(),
+        "--block-size",
+        "4KiB",
     ])
+}
+
+/// A process server; it forwards to `master_target` when given.
+fn process_server(ca: &Path, cache: &Path, listen: &str, master_target: Option<&str>) -> Daemon {
+    let mut args = vec![
+        "process-server".to_string(),
+        "--listen".into(),
+        listen.into(),
+        "--tls".into(),
+        ca.join("issued/ps1").display().to_string(),
+        "--cache".into(),
+        cache.display().to_string(),
+    ];
+    if let Some(mt) = master_target {
+        args.extend(["--master-target".into(), mt.into()]);
+    }
+    Daemon::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// The agent of web01 serving `disk` as d0 and shipping to `process_server`.
+fn agent(ca: &Path, disk: &Path, log: &Path, process_server: &str, extra: &[&str]) -> Daemon {
+    let mut args = vec![
+        "agent".to_string(),
+        "--disk".into(),
+        format!("d0={}", disk.display()),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--log-dir".into(),
+        log.display().to_string(),
+        "--process-server".into(),
+        process_server.into(),
+        "--tls".into(),
+        ca.join("issued/web01").display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Daemon::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Waits until `point` of d0 in the replica store exports `want` (or, without one, until it
+/// exports at all); returns its bytes.
+fn wait_for_point(store: &Path, point: &str, out: &Path, want: Option<&[u8]>) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let result = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(["store", "export", store.to_str().unwrap(), "--disk", "d0"])
+            .args(["--point", point, "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        if result.status.success() {
+            let got = std::fs::read(out).unwrap();
+            if want.is_none_or(|w| got == w) {
+                return got;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "point {point} of {} did not come: {}",
+            store.display(),
+            String::from_utf8_lossy(&result.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn block(i: u64, round: u64) -> Vec<u8> {
@@ -72,26 +160,23 @@ fn block(i: u64, round: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Writes `round`'s pattern into every `step`-th block of d0, from block `round % step`.
+fn write_round(client: &mut RawNbd, cookie: &mut u64, round: u64, step: u64, blocks: u64) {
+    for i in (round % step..blocks).step_by(step as usize) {
+        *cookie += 1;
+        assert_eq!(
+            client.write(*cookie, i * 4096, &block(i, round)).unwrap(),
+            0
+        );
+    }
+}
+
+const BLOCKS: u64 = 1024;
+
 #[test]
 fn the_agent_streams_every_write_to_the_process_server_through_a_crash() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    let ca_str = ca.to_str().unwrap();
-    boomerang(&["pki", "init", ca_str]);
-    boomerang(&[
-        "pki",
-        "issue",
-        ca_str,
-        "--name",
-        "ps1",
-        "--role",
-        "process-server",
-        "--host",
-        "127.0.0.1",
-    ]);
-    boomerang(&["pki", "issue", ca_str, "--name", "web01", "--role", "agent"]);
-
-    const BLOCKS: u64 = 1024;
+    let ca = site(dir.path());
     let disk = dir.path().join("disk.img");
     sparse_file(&disk, BLOCKS * 4096);
     let base = dir.path().join("base.img");
@@ -99,41 +184,25 @@ fn the_agent_streams_every_write_to_the_process_server_through_a_crash() {
     let cache = dir.path().join("cache");
     let log = dir.path().join("log");
 
-    let mut ps = process_server(&ca, &cache, "127.0.0.1:0");
+    let mut ps = process_server(&ca, &cache, "127.0.0.1:0", None);
     let ps_addr = ps.addr.clone();
-    let agent = Daemon::start(&[
-        "agent",
-        "--disk",
-        &format!("d0={}", disk.display()),
-        "--listen",
-        "127.0.0.1:0",
-        "--log-dir",
-        log.to_str().unwrap(),
-        "--segment-size",
-        "1MiB",
-        "--mark-interval",
-        "0.2",
-        "--process-server",
+    let agent = agent(
+        &ca,
+        &disk,
+        &log,
         &ps_addr,
-        "--tls",
-        ca.join("issued/web01").to_str().unwrap(),
-    ]);
+        &["--segment-size", "1MiB", "--mark-interval", "0.2"],
+    );
     let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
     let mut cookie = 0;
-    let mut write_round = |client: &mut RawNbd, round: u64, step: u64| {
-        for i in (round % step..BLOCKS).step_by(step as usize) {
-            cookie += 1;
-            assert_eq!(client.write(cookie, i * 4096, &block(i, round)).unwrap(), 0);
-        }
-    };
-    write_round(&mut client, 0, 1);
-    write_round(&mut client, 1, 3);
+    write_round(&mut client, &mut cookie, 0, 1, BLOCKS);
+    write_round(&mut client, &mut cookie, 1, 3, BLOCKS);
 
     // The process server dies without warning; writes go on into the agent's log meanwhile.
     ps.signal("-KILL");
-    write_round(&mut client, 2, 2);
-    let mut ps = process_server(&ca, &cache, &ps_addr);
-    write_round(&mut client, 3, 5);
+    write_round(&mut client, &mut cookie, 2, 2, BLOCKS);
+    let mut ps = process_server(&ca, &cache, &ps_addr, None);
+    write_round(&mut client, &mut cookie, 3, 5, BLOCKS);
 
     // Everything the agent logged arrives: the cache replayed onto the starting image is the
     // live disk.
@@ -186,129 +255,40 @@ fn the_agent_streams_every_write_to_the_process_server_through_a_crash() {
 #[test]
 fn agent_process_server_and_master_target_make_points_equal_to_the_source() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    let ca_str = ca.to_str().unwrap();
-    boomerang(&["pki", "init", ca_str]);
-    for (name, role) in [("ps1", "process-server"), ("mt1", "master-target")] {
-        boomerang(&[
-            "pki",
-            "issue",
-            ca_str,
-            "--name",
-            name,
-            "--role",
-            role,
-            "--host",
-            "127.0.0.1",
-        ]);
-    }
-    boomerang(&["pki", "issue", ca_str, "--name", "web01", "--role", "agent"]);
-
-    const BLOCKS: u64 = 1024;
+    let ca = site(dir.path());
     let disk = dir.path().join("disk.img");
     sparse_file(&disk, BLOCKS * 4096);
     let retention = dir.path().join("retention");
-    let master_target = |listen: &str| {
-        Daemon::start(&[
-            "master-target",
-            "--listen",
-            listen,
-            "--tls",
-            ca.join("issued/mt1").to_str().unwrap(),
-            "--retention",
-            retention.to_str().unwrap(),
-            "--block-size",
-            "4KiB",
-        ])
-    };
-    let mut mt = master_target("127.0.0.1:0");
+    let mut mt = master_target(&ca, &retention, "127.0.0.1:0");
     let mt_addr = mt.addr.clone();
-    let ps = Daemon::start(&[
-        "process-server",
-        "--listen",
+    let ps = process_server(
+        &ca,
+        &dir.path().join("cache"),
         "127.0.0.1:0",
-        "--tls",
-        ca.join("issued/ps1").to_str().unwrap(),
-        "--cache",
-        dir.path().join("cache").to_str().unwrap(),
-        "--master-target",
-        &mt_addr,
-    ]);
-    let agent = Daemon::start(&[
-        "agent",
-        "--disk",
-        &format!("d0={}", disk.display()),
-        "--listen",
-        "127.0.0.1:0",
-        "--log-dir",
-        dir.path().join("log").to_str().unwrap(),
-        "--mark-interval",
-        "0.2",
-        "--process-server",
-        &ps.addr,
-        "--tls",
-        ca.join("issued/web01").to_str().unwrap(),
-    ]);
+        Some(&mt_addr),
+    );
+    let log = dir.path().join("log");
+    let agent = agent(&ca, &disk, &log, &ps.addr, &["--mark-interval", "0.2"]);
     let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
     let mut cookie = 0;
-    let mut write_round = |client: &mut RawNbd, round: u64, step: u64| {
-        for i in (round % step..BLOCKS).step_by(step as usize) {
-            cookie += 1;
-            assert_eq!(client.write(cookie, i * 4096, &block(i, round)).unwrap(), 0);
-        }
-    };
-    write_round(&mut client, 0, 1);
+    write_round(&mut client, &mut cookie, 0, 1, BLOCKS);
     // The master target dies without warning and comes back on the same address.
     mt.signal("-KILL");
-    write_round(&mut client, 1, 3);
-    let _mt = master_target(&mt_addr);
-    write_round(&mut client, 2, 2);
+    write_round(&mut client, &mut cookie, 1, 3, BLOCKS);
+    let _mt = master_target(&ca, &retention, &mt_addr);
+    write_round(&mut client, &mut cookie, 2, 2, BLOCKS);
 
     // The source stays still; marks go on. A point of the master target soon equals it.
     let live = std::fs::read(&disk).unwrap();
     let store = retention.join("replicas/web01/store");
-    let exported = dir.path().join("point.img");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
-            .args(["store", "export", store.to_str().unwrap(), "--disk", "d0"])
-            .args(["--out", exported.to_str().unwrap()])
-            .output()
-            .unwrap();
-        if out.status.success() && std::fs::read(&exported).unwrap() == live {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no point of the master target equals the source: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_point(&store, "latest", &dir.path().join("point.img"), Some(&live));
     boomerang(&["store", "verify", store.to_str().unwrap()]);
 }
 
 #[test]
 fn a_disk_with_content_is_copied_before_its_first_point() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    let ca_str = ca.to_str().unwrap();
-    boomerang(&["pki", "init", ca_str]);
-    for (name, role) in [("ps1", "process-server"), ("mt1", "master-target")] {
-        boomerang(&[
-            "pki",
-            "issue",
-            ca_str,
-            "--name",
-            name,
-            "--role",
-            role,
-            "--host",
-            "127.0.0.1",
-        ]);
-    }
-    boomerang(&["pki", "issue", ca_str, "--name", "web01", "--role", "agent"]);
-
+    let ca = site(dir.path());
     // 8 MiB of data with holes, written before the agent ever saw the disk.
     let disk = dir.path().join("disk.img");
     sparse_file(&disk, 8 << 20);
@@ -320,65 +300,21 @@ fn a_disk_with_content_is_copied_before_its_first_point() {
         }
     }
     let retention = dir.path().join("retention");
-    let mt = Daemon::start(&[
-        "master-target",
-        "--listen",
+    let mt = master_target(&ca, &retention, "127.0.0.1:0");
+    let ps = process_server(
+        &ca,
+        &dir.path().join("cache"),
         "127.0.0.1:0",
-        "--tls",
-        ca.join("issued/mt1").to_str().unwrap(),
-        "--retention",
-        retention.to_str().unwrap(),
-    ]);
-    let ps = Daemon::start(&[
-        "process-server",
-        "--listen",
-        "127.0.0.1:0",
-        "--tls",
-        ca.join("issued/ps1").to_str().unwrap(),
-        "--cache",
-        dir.path().join("cache").to_str().unwrap(),
-        "--master-target",
-        &mt.addr,
-    ]);
+        Some(&mt.addr),
+    );
     let log = dir.path().join("log");
-    let _agent = Daemon::start(&[
-        "agent",
-        "--disk",
-        &format!("d0={}", disk.display()),
-        "--listen",
-        "127.0.0.1:0",
-        "--log-dir",
-        log.to_str().unwrap(),
-        "--mark-interval",
-        "0.1",
-        "--process-server",
-        &ps.addr,
-        "--tls",
-        ca.join("issued/web01").to_str().unwrap(),
-    ]);
+    let _agent = agent(&ca, &disk, &log, &ps.addr, &["--mark-interval", "0.1"]);
 
     // The very first point is already the whole disk: marks waited for the copy.
     let store = retention.join("replicas/web01/store");
-    let exported = dir.path().join("point.img");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
-            .args(["store", "export", store.to_str().unwrap(), "--disk", "d0"])
-            .args(["--point", "1", "--out", exported.to_str().unwrap()])
-            .output()
-            .unwrap();
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no first point: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let first = wait_for_point(&store, "1", &dir.path().join("point.img"), None);
     assert!(
-        std::fs::read(&exported).unwrap() == std::fs::read(&disk).unwrap(),
+        first == std::fs::read(&disk).unwrap(),
         "the first point is the disk as it was when the agent started"
     );
     assert!(log.join("copied-d0").exists());
@@ -389,24 +325,7 @@ fn replication_survives_cuts_delays_and_kill_9_of_each_hop() {
     use boomerang_testkit::FaultProxy;
 
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    let ca_str = ca.to_str().unwrap();
-    boomerang(&["pki", "init", ca_str]);
-    for (name, role) in [("ps1", "process-server"), ("mt1", "master-target")] {
-        boomerang(&[
-            "pki",
-            "issue",
-            ca_str,
-            "--name",
-            name,
-            "--role",
-            role,
-            "--host",
-            "127.0.0.1",
-        ]);
-    }
-    boomerang(&["pki", "issue", ca_str, "--name", "web01", "--role", "agent"]);
-    const BLOCKS: u64 = 1024;
+    let ca = site(dir.path());
     let disk = dir.path().join("disk.img");
     sparse_file(&disk, BLOCKS * 4096);
     let base = dir.path().join("base.img");
@@ -414,80 +333,36 @@ fn replication_survives_cuts_delays_and_kill_9_of_each_hop() {
     let retention = dir.path().join("retention");
     let cache = dir.path().join("cache");
 
-    let master_target = |listen: &str| {
-        Daemon::start(&[
-            "master-target",
-            "--listen",
-            listen,
-            "--tls",
-            ca.join("issued/mt1").to_str().unwrap(),
-            "--retention",
-            retention.to_str().unwrap(),
-            "--block-size",
-            "4KiB",
-        ])
-    };
-    let mut mt = master_target("127.0.0.1:0");
+    let mut mt = master_target(&ca, &retention, "127.0.0.1:0");
     let mt_addr = mt.addr.clone();
     let to_mt = FaultProxy::start(&mt_addr);
-    let process_server = |listen: &str| {
-        Daemon::start(&[
-            "process-server",
-            "--listen",
-            listen,
-            "--tls",
-            ca.join("issued/ps1").to_str().unwrap(),
-            "--cache",
-            cache.to_str().unwrap(),
-            "--master-target",
-            to_mt.addr(),
-        ])
-    };
-    let mut ps = process_server("127.0.0.1:0");
+    let mut ps = process_server(&ca, &cache, "127.0.0.1:0", Some(to_mt.addr()));
     let ps_addr = ps.addr.clone();
     let to_ps = FaultProxy::start(&ps_addr);
-    let agent = Daemon::start(&[
-        "agent",
-        "--disk",
-        &format!("d0={}", disk.display()),
-        "--listen",
-        "127.0.0.1:0",
-        "--log-dir",
-        dir.path().join("log").to_str().unwrap(),
-        "--segment-size",
-        "1MiB",
-        "--mark-interval",
-        "0.1",
-        "--process-server",
+    let agent = agent(
+        &ca,
+        &disk,
+        &dir.path().join("log"),
         to_ps.addr(),
-        "--tls",
-        ca.join("issued/web01").to_str().unwrap(),
-    ]);
+        &["--segment-size", "1MiB", "--mark-interval", "0.1"],
+    );
     let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
     let mut rng = boomerang_core::sample::XorShift::new(5);
     let mut cookie = 0;
     // Bounded: 12 rounds of writes, each followed by one fault on one hop.
     for round in 0..12u64 {
         let step = 1 + rng.next_u64() % 4;
-        for i in (rng.next_u64() % step..BLOCKS).step_by(step as usize) {
-            cookie += 1;
-            assert_eq!(
-                client
-                    .write(cookie, i * 4096, &block(i, round + 1))
-                    .unwrap(),
-                0
-            );
-        }
+        write_round(&mut client, &mut cookie, round + 1, step, BLOCKS);
         match round % 6 {
             0 => to_ps.cut(),
             1 => to_mt.cut(),
             2 => {
                 ps.signal("-KILL");
-                ps = process_server(&ps_addr);
+                ps = process_server(&ca, &cache, &ps_addr, Some(to_mt.addr()));
             }
             3 => {
                 mt.signal("-KILL");
-                mt = master_target(&mt_addr);
+                mt = master_target(&ca, &retention, &mt_addr);
             }
             4 => to_ps.set_delay(Duration::from_millis(20)),
             _ => to_mt.set_rate(Some(2 << 20)),
@@ -502,23 +377,7 @@ fn replication_survives_cuts_delays_and_kill_9_of_each_hop() {
     let store = retention.join("replicas/web01/store");
     let store_str = store.to_str().unwrap();
     let exported = dir.path().join("point.img");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
-            .args(["store", "export", store_str, "--disk", "d0"])
-            .args(["--out", exported.to_str().unwrap()])
-            .output()
-            .unwrap();
-        if out.status.success() && std::fs::read(&exported).unwrap() == live {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the master target did not catch up: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_point(&store, "latest", &exported, Some(&live));
 
     // Every point the master target lists is the source at its mark: the stream replayed to
     // the mark's sequence number.

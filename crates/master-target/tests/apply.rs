@@ -12,11 +12,8 @@ use boomerang_master_target::{Config, receiver, replica_store};
 use boomerang_store::{NoProgress, Store};
 use boomerang_wire::pki::{self, CertRole};
 use boomerang_wire::tls::{self, TlsIdentity};
-use boomerang_wire::{
-    ErrorCode, Frame, FrameReader, FrameWriter, Records, Role, WireError, connect,
-};
+use boomerang_wire::{ErrorCode, Frame, Records, Role, WireError};
 use bytes::Bytes;
-use rustls::pki_types::CertificateDer;
 
 const SIZE: u64 = 1 << 20;
 
@@ -24,36 +21,20 @@ fn sda() -> DiskName {
     DiskName::new("sda").unwrap()
 }
 
-type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
-
 struct Client {
-    rd: FrameReader<tokio::io::ReadHalf<TlsStream>>,
-    wr: FrameWriter<tokio::io::WriteHalf<TlsStream>>,
+    rd: tls::ClientReader,
+    wr: tls::ClientWriter,
 }
 
 async fn open(addr: &str, ca: &Path, disks: Vec<DiskName>) -> Result<(Client, Seq), WireError> {
     let id = TlsIdentity::load(&ca.join("issued/ps1")).unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tls::connect(id.client_config().unwrap(), "127.0.0.1", tcp)
+    let (rd, mut wr, _) = tls::dial(&id, addr, Role::ProcessServer, "ps1", Role::MasterTarget)
         .await
-        .unwrap();
-    let certs: Vec<CertificateDer<'static>> = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .unwrap_or_default()
-        .to_vec();
-    let (r, w) = tokio::io::split(tls);
-    let (mut rd, mut wr) = (FrameReader::new(r), FrameWriter::new(w));
-    connect(
-        &mut rd,
-        &mut wr,
-        Role::ProcessServer,
-        "ps1",
-        Role::MasterTarget,
-        |role, name| tls::vouch(Some(&certs), CertRole::Wire(role), name),
-    )
-    .await?;
+        .map_err(|e| match e {
+            tls::DialError::Wire(w) => w,
+            other => panic!("{other}"),
+        })?;
+    let mut rd = rd;
     wr.send(&Frame::Open {
         stream: "web01".into(),
         disks,

@@ -10,11 +10,8 @@ use boomerang_core::{DiskName, Seq};
 use boomerang_process_server::{Config, receiver};
 use boomerang_wire::pki::{self, CertRole};
 use boomerang_wire::tls::{self, TlsIdentity};
-use boomerang_wire::{
-    ErrorCode, Frame, FrameReader, FrameWriter, Records, Role, WireError, connect,
-};
+use boomerang_wire::{ErrorCode, Frame, Records, Role, WireError};
 use bytes::Bytes;
-use rustls::pki_types::CertificateDer;
 
 fn record(seq: u64) -> Record {
     let op = if seq % 7 == 0 {
@@ -41,38 +38,22 @@ fn batch(seqs: impl IntoIterator<Item = u64>) -> Records {
     Records::new(Bytes::from(bytes)).unwrap()
 }
 
-type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
-
 struct Client {
-    rd: FrameReader<tokio::io::ReadHalf<TlsStream>>,
-    wr: FrameWriter<tokio::io::WriteHalf<TlsStream>>,
+    rd: tls::ClientReader,
+    wr: tls::ClientWriter,
 }
 
 /// Connects as agent `cert` (a directory under the CA) and opens `stream`; returns the
 /// client and the server's Resume.
 async fn open(addr: &str, ca: &Path, cert: &str, stream: &str) -> Result<(Client, Seq), WireError> {
     let id = TlsIdentity::load(&ca.join("issued").join(cert)).unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tls::connect(id.client_config().unwrap(), "127.0.0.1", tcp)
+    let (rd, mut wr, _) = tls::dial(&id, addr, Role::Agent, cert, Role::ProcessServer)
         .await
-        .unwrap();
-    let certs: Vec<CertificateDer<'static>> = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .unwrap_or_default()
-        .to_vec();
-    let (r, w) = tokio::io::split(tls);
-    let (mut rd, mut wr) = (FrameReader::new(r), FrameWriter::new(w));
-    connect(
-        &mut rd,
-        &mut wr,
-        Role::Agent,
-        cert,
-        Role::ProcessServer,
-        |role, name| tls::vouch(Some(&certs), CertRole::Wire(role), name),
-    )
-    .await?;
+        .map_err(|e| match e {
+            tls::DialError::Wire(w) => w,
+            other => panic!("{other}"),
+        })?;
+    let mut rd = rd;
     wr.send(&Frame::Open {
         stream: stream.into(),
         disks: vec![DiskName::new("sda").unwrap()],

@@ -22,7 +22,6 @@ use boomerang_core::{DiskName, Seq};
 use crate::pki::{self, CertRole};
 use crate::tls::{self, TlsIdentity};
 use crate::{ErrorCode, Frame, FrameReader, FrameWriter, Inbound, Role, WireError, accept};
-use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -145,12 +144,7 @@ impl Receiver {
             .map_err(|_| {
                 WireError::Protocol(format!("no TLS handshake within {SETUP_TIMEOUT:?}"))
             })??;
-        let certs: Vec<CertificateDer<'static>> = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .unwrap_or_default()
-            .to_vec();
+        let certs = tls::peer_certs(stream.get_ref().1);
         let (r, w) = tokio::io::split(stream);
         let (mut rd, mut wr) = (FrameReader::new(r), FrameWriter::new(w));
         let peer = tokio::time::timeout(

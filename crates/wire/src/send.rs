@@ -11,12 +11,10 @@ use std::time::{Duration, Instant};
 use boomerang_core::log::{LogTail, MAX_FRAME_LEN, TailError};
 use boomerang_core::{DiskName, Seq};
 use bytes::Bytes;
-use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
 
-use crate::pki::CertRole;
 use crate::tls::{self, TlsIdentity};
-use crate::{Frame, FrameReader, FrameWriter, Outbound, Records, Role, WireError};
+use crate::{Frame, Outbound, Records, Role, WireError};
 
 /// The log a sender streams from.
 pub trait Source: Send + Sync + 'static {
@@ -61,12 +59,8 @@ pub enum ShipError {
     Wire(#[from] WireError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error("could not reach {addr}: {source}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Dial(#[from] tls::DialError),
     #[error("could not read the write log in {}: {why}", dir.display())]
     Log { dir: PathBuf, why: String },
     #[error("the receiver said nothing for {0:?}: its host may be down or the link cut")]
@@ -107,9 +101,8 @@ pub async fn ship<S: Source>(log: Arc<S>, config: ShipConfig, mut stop: watch::R
     }
 }
 
-type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
-type Reader = FrameReader<tokio::io::ReadHalf<Tls>>;
-type Writer = FrameWriter<tokio::io::WriteHalf<Tls>>;
+type Reader = tls::ClientReader;
+type Writer = tls::ClientWriter;
 
 async fn session<S: Source>(
     log: &Arc<S>,
@@ -127,35 +120,12 @@ async fn session<S: Source>(
 /// Connects, runs both handshakes and opens the stream: the sequence number and credit the
 /// process server resumes with.
 async fn open(config: &ShipConfig) -> Result<(Reader, Writer, Seq, u64), ShipError> {
-    let tcp = tokio::net::TcpStream::connect(&config.addr)
-        .await
-        .map_err(|source| ShipError::Connect {
-            addr: config.addr.clone(),
-            source,
-        })?;
-    let _ = tcp.set_nodelay(true);
-    let host = config
-        .addr
-        .rsplit_once(':')
-        .map_or(config.addr.as_str(), |(h, _)| h)
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let stream = tls::connect(config.tls.client_config()?, host, tcp).await?;
-    let certs: Vec<CertificateDer<'static>> = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .unwrap_or_default()
-        .to_vec();
-    let (r, w) = tokio::io::split(stream);
-    let (mut rd, mut wr) = (FrameReader::new(r), FrameWriter::new(w));
-    crate::connect(
-        &mut rd,
-        &mut wr,
+    let (mut rd, mut wr, _) = tls::dial(
+        &config.tls,
+        &config.addr,
         config.role,
         &config.name,
         config.to,
-        |role, name| tls::vouch(Some(&certs), CertRole::Wire(role), name),
     )
     .await?;
     wr.send(&Frame::Open {

@@ -206,3 +206,62 @@ pub fn vouch(
         )
     })
 }
+
+/// The certificate chain a peer presented on `conn` (empty if none).
+pub fn peer_certs(conn: &rustls::CommonState) -> Vec<CertificateDer<'static>> {
+    conn.peer_certificates().unwrap_or_default().to_vec()
+}
+
+/// The reading half of a client connection.
+pub type ClientReader =
+    crate::FrameReader<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>>;
+/// The writing half of a client connection.
+pub type ClientWriter =
+    crate::FrameWriter<tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>>;
+
+/// Why a client could not open a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("could not reach {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Wire(#[from] crate::WireError),
+}
+
+/// Connects to `addr` (`host:port`) as `name` in `role`, runs the TLS and protocol handshakes,
+/// and checks that the server is an `expect` whose certificate backs what it says.
+pub async fn dial(
+    identity: &TlsIdentity,
+    addr: &str,
+    role: crate::Role,
+    name: &str,
+    expect: crate::Role,
+) -> Result<(ClientReader, ClientWriter, crate::Peer), DialError> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|source| DialError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let stream = connect(identity.client_config()?, host, tcp).await?;
+    let certs = peer_certs(stream.get_ref().1);
+    let (r, w) = tokio::io::split(stream);
+    let (mut rd, mut wr) = (crate::FrameReader::new(r), crate::FrameWriter::new(w));
+    let peer = crate::connect(&mut rd, &mut wr, role, name, expect, |role, name| {
+        vouch(Some(&certs), CertRole::Wire(role), name)
+    })
+    .await?;
+    Ok((rd, wr, peer))
+}

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use boomerang_wire::pki::{self, CertRole, PkiError};
 use boomerang_wire::tls::{self, TlsError, TlsIdentity};
-use boomerang_wire::{ErrorCode, FrameReader, FrameWriter, Peer, Role, WireError, accept, connect};
+use boomerang_wire::{ErrorCode, FrameReader, FrameWriter, Peer, Role, WireError, accept};
 use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -24,12 +24,7 @@ async fn serve_once(ca: &Path) -> (String, tokio::task::JoinHandle<Result<Peer, 
     let task = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let tls = tls::accept(config, tcp).await.map_err(|e| e.to_string())?;
-        let certs: Vec<CertificateDer<'static>> = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .unwrap_or_default()
-            .to_vec();
+        let certs = tls::peer_certs(tls.get_ref().1);
         let (r, w) = tokio::io::split(tls);
         let (mut rd, mut wr) = (FrameReader::new(r), FrameWriter::new(w));
         accept(
@@ -49,31 +44,13 @@ async fn serve_once(ca: &Path) -> (String, tokio::task::JoinHandle<Result<Peer, 
 /// An agent that dials `addr` with the certificate in `dir` and claims to be `name`.
 async fn dial(addr: &str, dir: &Path, name: &str) -> Result<Peer, String> {
     let id = TlsIdentity::load(dir).map_err(|e| e.to_string())?;
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let tls = tls::connect(id.client_config().unwrap(), "127.0.0.1", tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    let certs: Vec<CertificateDer<'static>> = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .unwrap_or_default()
-        .to_vec();
-    let (r, w) = tokio::io::split(tls);
-    let (mut rd, mut wr) = (FrameReader::new(r), FrameWriter::new(w));
-    connect(
-        &mut rd,
-        &mut wr,
-        Role::Agent,
-        name,
-        Role::ProcessServer,
-        |role, name| tls::vouch(Some(&certs), CertRole::Wire(role), name),
-    )
-    .await
-    .map_err(|e| match e {
-        WireError::Refused { code, message } => format!("refused ({}): {message}", code.code()),
-        other => other.to_string(),
-    })
+    match tls::dial(&id, addr, Role::Agent, name, Role::ProcessServer).await {
+        Ok((_, _, peer)) => Ok(peer),
+        Err(tls::DialError::Wire(WireError::Refused { code, message })) => {
+            Err(format!("refused ({}): {message}", code.code()))
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn site(dir: &Path) {
