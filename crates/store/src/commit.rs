@@ -187,19 +187,8 @@ impl Store {
                     stats.bytes_changed += len as u64;
                     if !hash.is_zero() {
                         let data = Bytes::copy_from_slice(&batch.data[offset..offset + len]);
-                        let store = self.clone();
-                        let path = Store::chunk_path(hash);
                         wait_for_room(&mut puts, &mut stats.bytes_stored).await?;
-                        puts.spawn(async move {
-                            let object = tokio::task::spawn_blocking(move || chunk::encode(&data))
-                                .await
-                                .map_err(|e| {
-                                    StoreError::io("chunk encoder failed", std::io::Error::other(e))
-                                })?;
-                            let n = object.len() as u64;
-                            store.put_object(path, Bytes::from(object)).await?;
-                            Ok(n)
-                        });
+                        self.spawn_chunk_put(&mut puts, hash, data);
                     }
                 }
                 offset += len;
@@ -301,6 +290,26 @@ impl Store {
                 e,
             )),
         }
+    }
+
+    /// Compresses and stores one block's chunk in the background; the task yields the bytes
+    /// stored.
+    pub(crate) fn spawn_chunk_put(
+        &self,
+        puts: &mut JoinSet<Result<u64>>,
+        hash: &ChunkHash,
+        data: Bytes,
+    ) {
+        let store = self.clone();
+        let path = Store::chunk_path(hash);
+        puts.spawn(async move {
+            let object = tokio::task::spawn_blocking(move || chunk::encode(&data))
+                .await
+                .map_err(|e| StoreError::io("chunk encoder failed", std::io::Error::other(e)))?;
+            let n = object.len() as u64;
+            store.put_object(path, Bytes::from(object)).await?;
+            Ok(n)
+        });
     }
 
     /// Stores a new tree node unless it is all zeros or the previous tree has it at the same place.

@@ -86,20 +86,8 @@ impl Store {
                 stats.blocks_changed += 1;
                 stats.bytes_changed += len as u64;
                 if !hash.is_zero() {
-                    let block = Bytes::copy_from_slice(&data);
                     wait_for_room(&mut puts, &mut stored).await?;
-                    let store = self.clone();
-                    let path = Store::chunk_path(&hash);
-                    puts.spawn(async move {
-                        let object = tokio::task::spawn_blocking(move || chunk::encode(&block))
-                            .await
-                            .map_err(|e| {
-                                StoreError::io("chunk encoder failed", std::io::Error::other(e))
-                            })?;
-                        let n = object.len() as u64;
-                        store.put_object(path, Bytes::from(object)).await?;
-                        Ok(n)
-                    });
+                    self.spawn_chunk_put(&mut puts, &hash, Bytes::copy_from_slice(&data));
                 }
                 updates.push((i, hash));
             }
