@@ -134,6 +134,29 @@ impl DirtyBitmap {
         Ok(())
     }
 
+    /// Clears the blocks that `[offset, offset + len)` touches, once their content is on its
+    /// way again (a resync); writes the changed bytes.
+    pub fn clear(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = offset / self.block;
+        let last = ((offset + len - 1) / self.block).min((self.bits.len() * 8) as u64 - 1);
+        if first > last {
+            return Ok(());
+        }
+        let (lo, hi) = ((first / 8) as usize, (last / 8) as usize);
+        let mut updated = self.bits[lo..=hi].to_vec();
+        for b in first..=last {
+            updated[(b / 8) as usize - lo] &= !(1 << (b % 8));
+        }
+        if updated != self.bits[lo..=hi] {
+            self.file.write_all_at(&updated, HEADER_LEN + lo as u64)?;
+            self.bits[lo..=hi].copy_from_slice(&updated);
+        }
+        Ok(())
+    }
+
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
@@ -186,5 +209,10 @@ mod tests {
             DirtyBitmap::open(&p, size * 2).is_err(),
             "a bitmap for another size is refused"
         );
+        let mut b = b;
+        b.clear(BLOCK, 2 * BLOCK).unwrap();
+        b.sync().unwrap();
+        let b = DirtyBitmap::open(&p, size).unwrap();
+        assert_eq!(b.ranges(size), vec![(0, BLOCK), (10 * BLOCK, 100)]);
     }
 }

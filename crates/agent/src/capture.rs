@@ -141,6 +141,45 @@ impl CaptureDevice {
         Ok(())
     }
 
+    /// The byte ranges whose changes the log does not hold (the dirty-block bitmap).
+    pub fn dirty_ranges(&self) -> io::Result<Vec<(u64, u64)>> {
+        Ok(self.bitmap()?.ranges(self.inner.size()))
+    }
+
+    /// Sends a dirty range again through the log (as [`CaptureDevice::copy_chunk`], zero
+    /// blocks included, since the replica holds older data there) and clears it from the
+    /// bitmap. A change to the range meanwhile is logged: the log is no longer capped.
+    pub fn resend(&self, offset: u64, len: u64) -> io::Result<()> {
+        {
+            let mut log = self.log()?;
+            if log.is_capped() {
+                return Err(io::Error::other(
+                    "the write log is capped again: the resync waits for it to drain",
+                ));
+            }
+            log.wait_applied();
+            let len = len.min(self.inner.size().saturating_sub(offset));
+            let mut buf = vec![0u8; len as usize];
+            self.inner.read_at(&mut buf, offset)?;
+            for (k, piece) in buf.chunks(COPY_BLOCK).enumerate() {
+                let at = offset + (k * COPY_BLOCK) as u64;
+                if piece.iter().all(|&b| b == 0) {
+                    let op = Op::Zero {
+                        disk: self.disk.clone(),
+                        offset: at,
+                        len: piece.len() as u64,
+                    };
+                    log.append(op).map_err(log_error)?;
+                } else {
+                    log.append_write(&self.disk, at, piece).map_err(log_error)?;
+                }
+            }
+        }
+        let mut bitmap = self.bitmap()?;
+        bitmap.clear(offset, len)?;
+        bitmap.sync()
+    }
+
     /// The disk's name.
     pub fn disk(&self) -> &DiskName {
         &self.disk

@@ -584,6 +584,14 @@ impl LogDir {
         self.syncing = syncing;
     }
 
+    /// Takes records again after a cap: the caller resends what the bitmaps hold.
+    pub fn uncap(&mut self) {
+        if self.capped {
+            tracing::warn!(dir = %self.dir.display(), "the write log takes records again; the blocks changed meanwhile are being resent");
+        }
+        self.capped = false;
+    }
+
     /// Whether a disk's initial copy is running.
     pub fn is_syncing(&self) -> bool {
         self.syncing

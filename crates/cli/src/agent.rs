@@ -265,7 +265,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             };
             let source = Arc::new(logdir::Shipped(log.clone()));
             // Disks not copied downstream yet are copied first; marks wait for it.
-            background.push(tokio::spawn(sync::initial_copy(
+            sync::hold_marks(&log, &devices);
+            background.push(tokio::spawn(sync::keep_in_sync(
                 log.clone(),
                 devices.clone(),
                 args.log_max,

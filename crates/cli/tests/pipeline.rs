@@ -427,3 +427,67 @@ fn replication_survives_cuts_delays_and_kill_9_of_each_hop() {
     boomerang(&["store", "verify", store_str]);
     drop(agent);
 }
+
+#[test]
+fn a_long_outage_falls_back_to_the_bitmap_and_resends_only_those_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = site(dir.path());
+    const DISK_BLOCKS: u64 = 2048;
+    let disk = dir.path().join("disk.img");
+    sparse_file(&disk, DISK_BLOCKS * 4096);
+    let retention = dir.path().join("retention");
+    let cache = dir.path().join("cache");
+    let mt = master_target(&ca, &retention, "127.0.0.1:0");
+    // The process server is down while the machine writes: its address is known, nobody
+    // listens there.
+    let mut ps = process_server(&ca, &cache, "127.0.0.1:0", Some(&mt.addr));
+    let ps_addr = ps.addr.clone();
+    ps.signal("-TERM");
+    let log = dir.path().join("log");
+    let agent = agent(
+        &ca,
+        &disk,
+        &log,
+        &ps_addr,
+        &[
+            "--log-max",
+            "3MiB",
+            "--segment-size",
+            "1MiB",
+            "--mark-interval",
+            "0.1",
+        ],
+    );
+    let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
+    let mut cookie = 0;
+    // About 6 MiB of writes: the log stops at its cap, the rest goes to the bitmap.
+    write_round(&mut client, &mut cookie, 1, 1, 1536);
+    let state: serde_json::Value = serde_json::from_str(&boomerang(&[
+        "agent",
+        "log",
+        "inspect",
+        log.to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let dirty = state["bitmaps"][0]["dirty_blocks"].as_u64().unwrap();
+    assert!(dirty > 0, "the log reached its cap: {state}");
+
+    // The process server comes back: the log drains, then the dirty blocks are resent.
+    let _ps = process_server(&ca, &cache, &ps_addr, Some(&mt.addr));
+    write_round(&mut client, &mut cookie, 2, 7, DISK_BLOCKS);
+    let live = std::fs::read(&disk).unwrap();
+    let store = retention.join("replicas/web01/store");
+    wait_for_point(&store, "latest", &dir.path().join("point.img"), Some(&live));
+    let state: serde_json::Value = serde_json::from_str(&boomerang(&[
+        "agent",
+        "log",
+        "inspect",
+        log.to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(state["bitmaps"][0]["dirty_blocks"], 0, "{state}");
+}
