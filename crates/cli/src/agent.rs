@@ -259,6 +259,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                 tls,
                 stream: name.clone(),
                 name,
+                // To the process server, on the same site: as they are.
+                compress: false,
                 role: Role::Agent,
                 to: Role::ProcessServer,
                 disks: args.disks.iter().map(|(d, _)| d.clone()).collect(),

@@ -59,6 +59,8 @@ pub fn receiver(config: Config) -> Result<Arc<Receiver>, ServeError> {
                 role: Role::ProcessServer,
                 to: Role::MasterTarget,
                 stream: stream.to_string(),
+                // On the way out to the other site: compressed.
+                compress: true,
                 disks: disks.to_vec(),
             };
             tokio::spawn(send::ship(source, config, stopped.clone()));

@@ -37,6 +37,7 @@ const T_PING: u8 = 7;
 const T_PONG: u8 = 8;
 const T_ERROR: u8 = 9;
 const T_BYE: u8 = 10;
+const T_RECORDS_ZSTD: u8 = 11;
 
 /// What a peer is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -289,6 +290,9 @@ pub enum Frame {
     },
     /// Either way: the sender ends the connection cleanly.
     Bye,
+    /// Client → server: records, compressed with zstd on the wire (or plain, when that is not
+    /// smaller); they count against the credit by their uncompressed bytes.
+    RecordsZstd(Records),
 }
 
 /// Why bytes are not a valid frame.
@@ -337,11 +341,11 @@ pub enum Decoded {
 pub fn parse_header(header: &[u8; HEADER_LEN]) -> Result<(usize, u8), DecodeError> {
     let [a, b, c, d, kind, flags, r0, r1] = *header;
     let len = u32::from_le_bytes([a, b, c, d]);
-    if !(T_HELLO..=T_BYE).contains(&kind) {
+    if !(T_HELLO..=T_RECORDS_ZSTD).contains(&kind) {
         return Err(DecodeError::UnknownType(kind));
     }
     // Only records are large: any other frame fits in a few KiB.
-    let max = if kind == T_RECORDS {
+    let max = if kind == T_RECORDS || kind == T_RECORDS_ZSTD {
         MAX_PAYLOAD
     } else {
         MAX_CONTROL_PAYLOAD
@@ -380,6 +384,9 @@ pub fn decode(buf: &[u8]) -> Result<Decoded, DecodeError> {
 pub fn decode_payload(kind: u8, payload: Bytes) -> Result<Frame, DecodeError> {
     if kind == T_RECORDS {
         return Ok(Frame::Records(Records::new(payload)?));
+    }
+    if kind == T_RECORDS_ZSTD {
+        return decode_zstd(&payload).map(Frame::RecordsZstd);
     }
     let name = kind_name(kind);
     let mut p = Reader {
@@ -456,6 +463,7 @@ fn kind_name(kind: u8) -> &'static str {
         T_PONG => "pong",
         T_ERROR => "error",
         T_BYE => "bye",
+        T_RECORDS_ZSTD => "compressed records",
         _ => "unknown",
     }
 }
@@ -524,6 +532,8 @@ pub enum EncodeError {
         "records of {0} bytes are more than one frame may carry ({MAX_PAYLOAD}): send fewer at once"
     )]
     TooLong(usize),
+    #[error("could not compress records: {0}")]
+    Compress(String),
 }
 
 impl Frame {
@@ -617,6 +627,19 @@ impl Frame {
                 T_ERROR
             }
             Frame::Bye => T_BYE,
+            Frame::RecordsZstd(records) => {
+                let packed = zstd::bulk::compress(records.bytes(), ZSTD_LEVEL)
+                    .map_err(|e| EncodeError::Compress(e.to_string()))?;
+                if packed.len() + 4 < records.bytes().len() {
+                    out.extend_from_slice(&(records.bytes().len() as u32).to_le_bytes());
+                    out.extend_from_slice(&packed);
+                    T_RECORDS_ZSTD
+                } else {
+                    // Incompressible: sent as they are, which the receiver takes alike.
+                    out.extend_from_slice(records.bytes());
+                    T_RECORDS
+                }
+            }
         })
     }
 
@@ -628,6 +651,30 @@ impl Frame {
         }
         Ok(header(len, T_RECORDS))
     }
+}
+
+/// zstd's level for records on the wire: fast, and most of the gain.
+const ZSTD_LEVEL: i32 = 3;
+
+/// A compressed records payload: the uncompressed length (`u32`), then one zstd frame.
+fn decode_zstd(payload: &[u8]) -> Result<Records, DecodeError> {
+    let bad = |why| DecodeError::Payload {
+        kind: "compressed records",
+        why,
+    };
+    let Some((len, packed)) = payload.split_first_chunk::<4>() else {
+        return Err(bad("it ends early"));
+    };
+    let len = u32::from_le_bytes(*len) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(bad("its uncompressed length is over the limit"));
+    }
+    // Decompression stops at `len` bytes: a bomb cannot make it allocate more.
+    let bytes = zstd::bulk::decompress(packed, len).map_err(|_| bad("its zstd data is damaged"))?;
+    if bytes.len() != len {
+        return Err(bad("it decompresses to another length than it says"));
+    }
+    Records::new(Bytes::from(bytes))
 }
 
 fn header(len: usize, kind: u8) -> [u8; HEADER_LEN] {

@@ -241,7 +241,7 @@ impl Receiver {
                 .into());
             };
             let records = match frame {
-                Ok(Frame::Records(r)) => r,
+                Ok(Frame::Records(r) | Frame::RecordsZstd(r)) => r,
                 Ok(Frame::Ping { nonce }) => {
                     wr.send(&Frame::Pong { nonce }).await?;
                     continue;

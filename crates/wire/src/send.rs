@@ -39,6 +39,8 @@ pub struct ShipConfig {
     pub to: Role,
     /// The stream: the protected machine's name.
     pub stream: String,
+    /// Compress records with zstd on the wire (worth it across a slow link).
+    pub compress: bool,
     pub disks: Vec<DiskName>,
 }
 
@@ -197,7 +199,12 @@ async fn stream<S: Source>(
             })?;
             out.sent(&records)
                 .map_err(|v| WireError::Protocol(v.message))?;
-            wr.send(&Frame::Records(records)).await?;
+            wr.send(&if config.compress {
+                Frame::RecordsZstd(records)
+            } else {
+                Frame::Records(records)
+            })
+            .await?;
             said = Instant::now();
         }
         // A quiet link is checked: a ping when nothing was sent for a while, and the session

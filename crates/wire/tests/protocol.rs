@@ -559,3 +559,61 @@ async fn a_stream_resumes_after_disconnects_without_gaps_or_duplicates() {
     );
     assert!(*stored == log, "and each as it was sent");
 }
+
+#[test]
+fn compressed_records_arrive_as_sent_and_bad_ones_are_named() {
+    // Compressible records go as type 11, and decode to the same records.
+    let compressible = records(&[write(1, "sda", 60_000), mark(2), write(3, "sda", 9_000)]);
+    let bytes = encoded(&Frame::RecordsZstd(compressible.clone()));
+    assert_eq!(bytes[4], 11);
+    assert!(bytes.len() < compressible.bytes().len() / 10);
+    assert_eq!(
+        decode(&bytes).unwrap(),
+        Decoded::Frame(Frame::RecordsZstd(compressible.clone()), bytes.len())
+    );
+
+    // Incompressible ones go as plain records (type 5): not worth the receiver's time.
+    let mut noise = vec![0u8; 20_000];
+    boomerang_core::sample::XorShift::new(3).fill(&mut noise);
+    let mut frame = Vec::new();
+    Record {
+        seq: Seq(4),
+        op: Op::Write {
+            disk: disk("sda"),
+            offset: 0,
+            data: noise,
+        },
+    }
+    .encode(&mut frame)
+    .unwrap();
+    let incompressible = Records::new(Bytes::from(frame)).unwrap();
+    let bytes = encoded(&Frame::RecordsZstd(incompressible.clone()));
+    assert_eq!(bytes[4], 5);
+    assert_eq!(
+        decode(&bytes).unwrap(),
+        Decoded::Frame(Frame::Records(incompressible), bytes.len())
+    );
+
+    // Damage, a length that lies, and a length over the limit are refused by name.
+    let good = encoded(&Frame::RecordsZstd(compressible));
+    let mut damaged = good.clone();
+    let last = damaged.len() - 3;
+    damaged[last] ^= 0xFF;
+    let mut lying = good.clone();
+    lying[HEADER_LEN] = lying[HEADER_LEN].wrapping_sub(1);
+    let mut huge = good.clone();
+    huge[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    for bad in [damaged, lying, huge] {
+        assert!(
+            matches!(
+                decode(&bad),
+                Err(DecodeError::Payload {
+                    kind: "compressed records",
+                    ..
+                }) | Err(DecodeError::Record { .. })
+            ),
+            "{:?}",
+            decode(&bad)
+        );
+    }
+}
