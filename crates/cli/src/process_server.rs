@@ -21,6 +21,9 @@ pub struct ProcessServerArgs {
     /// The master target to forward every machine's log to (HOST:PORT).
     #[arg(long)]
     master_target: Option<String>,
+    /// Serve /metrics (Prometheus) and /healthz over HTTP on this address (say 127.0.0.1:9090).
+    #[arg(long)]
+    metrics: Option<String>,
     /// The process server's name (default: the certificate directory's name).
     #[arg(long)]
     name: Option<String>,
@@ -35,11 +38,18 @@ pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
             args.cache.display()
         )
     })?;
-    let server = receiver(Config {
+    let (server, metrics) = receiver(Config {
         name,
         tls,
         cache: args.cache.clone(),
         master_target: args.master_target.clone(),
     })?;
+    if let Some(addr) = &args.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("could not serve metrics on {addr}: is the port in use?"))?;
+        eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
+        tokio::spawn(boomerang_process_server::metrics::serve(listener, metrics));
+    }
     crate::daemon::serve(server, &args.listen, "process server").await
 }

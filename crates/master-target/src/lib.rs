@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use boomerang_core::{DiskName, Seq};
 use boomerang_wire::receive::{Config as ReceiverConfig, Receiver, ServeError};
 use boomerang_wire::tls::TlsIdentity;
-use boomerang_wire::{MAX_DISKS, Role};
+use boomerang_wire::{MAX_DISKS, Records, Role};
 use tokio::sync::watch;
 
 pub use apply::{ApplyError, replica_store};
@@ -60,16 +60,19 @@ pub fn receiver(config: Config) -> Result<Arc<Receiver>, StartError> {
     let appliers: Arc<Mutex<HashMap<String, watch::Sender<Seq>>>> = Arc::default();
     let retention = config.retention.clone();
     let block_size = config.block_size;
-    let on_durable = Arc::new(move |stream: &str, _disks: &[DiskName], seq: Seq| {
-        let mut all = appliers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = all.get(stream) {
-            let _ = tx.send(seq);
-            return;
-        }
-        let (tx, rx) = watch::channel(seq);
-        apply::spawn(retention.clone(), stream.to_string(), block_size, rx);
-        all.insert(stream.to_string(), tx);
-    });
+    let on_durable = Arc::new(
+        move |stream: &str, _disks: &[DiskName], records: &Records| {
+            let seq = records.last_seq();
+            let mut all = appliers.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(tx) = all.get(stream) {
+                let _ = tx.send(seq);
+                return;
+            }
+            let (tx, rx) = watch::channel(seq);
+            apply::spawn(retention.clone(), stream.to_string(), block_size, rx);
+            all.insert(stream.to_string(), tx);
+        },
+    );
     Ok(Receiver::new(ReceiverConfig {
         name: config.name,
         role: Role::MasterTarget,

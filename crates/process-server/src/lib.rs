@@ -5,16 +5,20 @@
 //!
 //! ```text
 //! agent ──▶ receiver ─▶ CACHE/<machine>/seg-*.log ─▶ Ack
-//!                    └─ on durable ─▶ sender per machine ──▶ master target
+//!                    └─ on durable ─▶ metrics; sender per machine ──▶ master target
 //!                                     (drops cache segments the master target acknowledged)
 //! ```
+
+pub mod metrics;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use boomerang_core::{DiskName, Seq};
-use boomerang_wire::Role;
+use boomerang_wire::{Records, Role};
+
+use crate::metrics::Metrics;
 use boomerang_wire::receive::{Config as ReceiverConfig, Receiver, ServeError};
 use boomerang_wire::send::{self, ShipConfig, Source};
 use boomerang_wire::tls::TlsIdentity;
@@ -31,42 +35,49 @@ pub struct Config {
 }
 
 /// A process server: a receiver that takes agents, each streaming its own machine's log, and
-/// forwards what it holds.
-pub fn receiver(config: Config) -> Result<Arc<Receiver>, ServeError> {
-    let on_durable = config.master_target.clone().map(|addr| {
-        let started: Arc<Mutex<HashSet<String>>> = Arc::default();
-        let (tls, name, cache) = (
-            config.tls.clone(),
-            config.name.clone(),
-            config.cache.clone(),
-        );
-        // Senders run as long as the process server does.
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let stop = Arc::new(stop);
-        Arc::new(move |stream: &str, disks: &[DiskName], _seq: Seq| {
-            let _keep = &stop;
-            let mut all = started.lock().unwrap_or_else(|e| e.into_inner());
-            if !all.insert(stream.to_string()) {
-                return;
-            }
-            let source = Arc::new(Cached {
-                dir: cache.join(stream),
-            });
-            let config = ShipConfig {
-                addr: addr.clone(),
-                tls: tls.clone(),
-                name: name.clone(),
-                role: Role::ProcessServer,
-                to: Role::MasterTarget,
-                stream: stream.to_string(),
-                // On the way out to the other site: compressed.
-                compress: true,
-                disks: disks.to_vec(),
-            };
-            tokio::spawn(send::ship(source, config, stopped.clone()));
-        }) as boomerang_wire::receive::OnDurable
-    });
-    Receiver::new(ReceiverConfig {
+/// forwards what it holds; and the metrics it keeps.
+pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), ServeError> {
+    let metrics = Arc::new(Metrics::default());
+    let started: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let (tls, name, cache) = (
+        config.tls.clone(),
+        config.name.clone(),
+        config.cache.clone(),
+    );
+    let master_target = config.master_target.clone();
+    // Senders run as long as the process server does.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = Arc::new(stop);
+    let seen = metrics.clone();
+    let on_durable = Arc::new(move |stream: &str, disks: &[DiskName], records: &Records| {
+        let _keep = &stop;
+        seen.received(stream, records.last_seq(), records.bytes().len() as u64);
+        let Some(addr) = &master_target else {
+            return;
+        };
+        let mut all = started.lock().unwrap_or_else(|e| e.into_inner());
+        if !all.insert(stream.to_string()) {
+            return;
+        }
+        let source = Arc::new(Cached {
+            dir: cache.join(stream),
+            stream: stream.to_string(),
+            metrics: seen.clone(),
+        });
+        let config = ShipConfig {
+            addr: addr.clone(),
+            tls: tls.clone(),
+            name: name.clone(),
+            role: Role::ProcessServer,
+            to: Role::MasterTarget,
+            stream: stream.to_string(),
+            // On the way out to the other site: compressed.
+            compress: true,
+            disks: disks.to_vec(),
+        };
+        tokio::spawn(send::ship(source, config, stopped.clone()));
+    }) as boomerang_wire::receive::OnDurable;
+    let receiver = Receiver::new(ReceiverConfig {
         name: config.name,
         role: Role::ProcessServer,
         accepted: vec![Role::Agent],
@@ -75,13 +86,16 @@ pub fn receiver(config: Config) -> Result<Arc<Receiver>, ServeError> {
         max_disks: usize::MAX,
         tls: config.tls,
         cache: config.cache,
-        on_durable,
-    })
+        on_durable: Some(on_durable),
+    })?;
+    Ok((receiver, metrics))
 }
 
 /// One stream's cache, as the sender to the master target reads it.
 struct Cached {
     dir: PathBuf,
+    stream: String,
+    metrics: Arc<Metrics>,
 }
 
 impl Source for Cached {
@@ -96,6 +110,7 @@ impl Source for Cached {
     }
 
     fn release_through(&self, durable: Seq) -> Result<(), String> {
+        self.metrics.forwarded(&self.stream, durable);
         boomerang_wire::cache::release_through(&self.dir, durable)
             .map(|_| ())
             .map_err(|e| {

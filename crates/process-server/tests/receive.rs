@@ -98,8 +98,28 @@ fn cached(cache: &Path, stream: &str) -> Vec<Record> {
         .collect()
 }
 
+/// One HTTP GET on the metrics endpoint: the status line and the body.
+async fn get(addr: &str, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
 async fn start(ca: &Path, cache: &Path) -> (String, tokio::sync::watch::Sender<bool>) {
-    let server = receiver(Config {
+    start_with_metrics(ca, cache).await.0
+}
+
+async fn start_with_metrics(
+    ca: &Path,
+    cache: &Path,
+) -> ((String, tokio::sync::watch::Sender<bool>), String) {
+    let (server, metrics) = receiver(Config {
         name: "ps1".into(),
         tls: TlsIdentity::load(&ca.join("issued/ps1")).unwrap(),
         cache: cache.to_path_buf(),
@@ -110,7 +130,10 @@ async fn start(ca: &Path, cache: &Path) -> (String, tokio::sync::watch::Sender<b
     let addr = listener.local_addr().unwrap().to_string();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(Arc::clone(&server).serve(listener, stopped));
-    (addr, stop)
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = http.local_addr().unwrap().to_string();
+    tokio::spawn(boomerang_process_server::metrics::serve(http, metrics));
+    ((addr, stop), metrics_addr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,11 +153,28 @@ async fn records_are_cached_before_the_ack_and_streams_resume() {
         pki::issue(&ca, agent, CertRole::Wire(Role::Agent), &[], 30).unwrap();
     }
     let cache = dir.path().join("cache");
-    let (addr, stop) = start(&ca, &cache).await;
+    let ((addr, stop), metrics) = start_with_metrics(&ca, &cache).await;
 
     let (mut client, next) = open(&addr, &ca, "web01", "web01").await.unwrap();
     assert_eq!(next, Seq(1));
     client.send(1, 20).await.unwrap();
+
+    // The metrics say so; with no master target, everything is backlog.
+    assert_eq!(
+        get(&metrics, "/healthz").await,
+        ("HTTP/1.1 200 OK".into(), "ok\n".into())
+    );
+    let (status, body) = get(&metrics, "/metrics").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    for line in [
+        "boomerang_received_seq{stream=\"web01\"} 20",
+        "boomerang_forwarded_seq{stream=\"web01\"} 0",
+        "boomerang_backlog_records{stream=\"web01\"} 20",
+        "# TYPE boomerang_received_bytes_total counter",
+    ] {
+        assert!(body.lines().any(|l| l == line), "{line} in\n{body}");
+    }
+    assert!(get(&metrics, "/nope").await.0.contains("404"));
     // Acknowledged means in the cache.
     assert_eq!(
         cached(&cache, "web01"),

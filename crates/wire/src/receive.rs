@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use boomerang_core::{DiskName, Seq};
+use boomerang_core::DiskName;
 
 use crate::pki::{self, CertRole};
 use crate::tls::{self, TlsIdentity};
@@ -35,9 +35,8 @@ pub const SILENCE: std::time::Duration = std::time::Duration::from_secs(60);
 /// Bytes of records an agent may have in flight, unacknowledged.
 pub const CREDIT: u64 = 32 << 20;
 
-/// Called once records up to the sequence number are durable in the stream's cache, with the
-/// stream's name and disks.
-pub type OnDurable = Arc<dyn Fn(&str, &[DiskName], Seq) + Send + Sync>;
+/// Called once records are durable in the stream's cache, with the stream's name and disks.
+pub type OnDurable = Arc<dyn Fn(&str, &[DiskName], &crate::Records) + Send + Sync>;
 
 /// A receiver's settings.
 pub struct Config {
@@ -284,7 +283,7 @@ impl Receiver {
                 return Err(e.into());
             }
             if let Some(notify) = &self.config.on_durable {
-                notify(&stream, inbound.disks(), records.last_seq());
+                notify(&stream, inbound.disks(), &records);
             }
             let grant = records.bytes().len() as u64;
             inbound.grant(grant);

@@ -1,0 +1,161 @@
+//! What the process server measures, per stream, and serves on `/metrics` (Prometheus text
+//! format) next to `/healthz`:
+//!
+//! - `boomerang_received_seq`: the last record durable in the cache;
+//! - `boomerang_forwarded_seq`: the last record the master target holds durable;
+//! - `boomerang_received_bytes_total`: record bytes received (throughput is its rate);
+//! - `boomerang_backlog_records`: records received but not yet at the master target;
+//! - `boomerang_lag_seconds`: how long the oldest of those has waited (0 when none): the
+//!   replication lag this hop adds.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use boomerang_core::Seq;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[derive(Default)]
+struct Stream {
+    received: u64,
+    forwarded: u64,
+    bytes: u64,
+    /// When each batch arrived: its last sequence number and the instant.
+    waiting: VecDeque<(u64, Instant)>,
+}
+
+/// A metric family: name, type, help and how to read it from a stream.
+type Family = (&'static str, &'static str, &'static str, fn(&Stream) -> f64);
+
+/// Per-stream counters, shared by the receiver, the senders and the HTTP endpoint.
+#[derive(Default)]
+pub struct Metrics {
+    streams: Mutex<BTreeMap<String, Stream>>,
+}
+
+impl Metrics {
+    fn with<R>(&self, stream: &str, f: impl FnOnce(&mut Stream) -> R) -> R {
+        let mut all = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        f(all.entry(stream.to_string()).or_default())
+    }
+
+    /// Records up to `last`, of `bytes` bytes, are durable in the cache.
+    pub fn received(&self, stream: &str, last: Seq, bytes: u64) {
+        self.with(stream, |s| {
+            s.received = s.received.max(last.0);
+            s.bytes += bytes;
+            s.waiting.push_back((last.0, Instant::now()));
+        });
+    }
+
+    /// The master target holds records up to `durable`.
+    pub fn forwarded(&self, stream: &str, durable: Seq) {
+        self.with(stream, |s| {
+            s.forwarded = s.forwarded.max(durable.0);
+            while s
+                .waiting
+                .front()
+                .is_some_and(|(seq, _)| *seq <= s.forwarded)
+            {
+                s.waiting.pop_front();
+            }
+        });
+    }
+
+    /// The Prometheus text exposition of every stream.
+    pub fn render(&self) -> String {
+        let all = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = String::new();
+        let families: [Family; 5] = [
+            (
+                "boomerang_received_seq",
+                "gauge",
+                "Last record durable in the process server's cache.",
+                |s| s.received as f64,
+            ),
+            (
+                "boomerang_forwarded_seq",
+                "gauge",
+                "Last record the master target holds durable.",
+                |s| s.forwarded as f64,
+            ),
+            (
+                "boomerang_received_bytes_total",
+                "counter",
+                "Record bytes received from the agent.",
+                |s| s.bytes as f64,
+            ),
+            (
+                "boomerang_backlog_records",
+                "gauge",
+                "Records received and not yet at the master target.",
+                |s| s.received.saturating_sub(s.forwarded) as f64,
+            ),
+            (
+                "boomerang_lag_seconds",
+                "gauge",
+                "How long the oldest record not yet at the master target has waited here.",
+                |s| {
+                    s.waiting
+                        .front()
+                        .map_or(0.0, |(_, at)| at.elapsed().as_secs_f64())
+                },
+            ),
+        ];
+        for (name, kind, help, value) in families {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (stream, s) in all.iter() {
+                let _ = writeln!(out, "{name}{{stream=\"{stream}\"}} {}", value(s));
+            }
+        }
+        out
+    }
+}
+
+/// Serves `/healthz` and `/metrics` over plain HTTP/1.1 on `listener` (bind it to a loopback
+/// or management address): one request per connection, read with a bound and a timeout.
+pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut request = Vec::with_capacity(1024);
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                return;
+            }
+            let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
+            let line = String::from_utf8_lossy(line);
+            let mut parts = line.split(' ');
+            let (status, body) = match (parts.next(), parts.next()) {
+                (Some("GET"), Some("/healthz")) => ("200 OK", "ok\n".to_string()),
+                (Some("GET"), Some("/metrics")) => ("200 OK", metrics.render()),
+                (Some("GET"), _) => (
+                    "404 Not Found",
+                    "not found: try /metrics or /healthz\n".into(),
+                ),
+                _ => ("405 Method Not Allowed", "only GET\n".into()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(response.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
