@@ -4,12 +4,13 @@
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use boomerang_core::DiskName;
 use boomerang_core::log::{FRAME_OVERHEAD, Op, SegmentReader};
+use boomerang_core::{DiskName, Seq};
 use boomerang_nbd::{BlockDevice, Extent, FileDevice};
 
 use crate::bitmap::DirtyBitmap;
 use crate::logdir::{LogDir, LogDirError};
+use crate::replica::SyncLink;
 
 /// The largest write record; longer NBD writes are split (segments hold at least 1 MiB).
 pub const RECORD_PIECE: usize = 256 * 1024;
@@ -23,6 +24,8 @@ pub struct CaptureDevice {
     inner: FileDevice,
     log: Arc<Mutex<LogDir>>,
     bitmap: Mutex<DirtyBitmap>,
+    /// Synchronous replication: writes wait for the process server.
+    sync: Option<Arc<SyncLink>>,
 }
 
 impl CaptureDevice {
@@ -54,6 +57,7 @@ impl CaptureDevice {
             inner,
             log,
             bitmap,
+            sync: None,
         })
     }
 
@@ -78,17 +82,17 @@ impl CaptureDevice {
         offset: u64,
         len: u64,
         fua: bool,
-    ) -> io::Result<()> {
+    ) -> io::Result<Option<Seq>> {
         let appended = match entry {
             Change::Op(op) => log.append(op),
             Change::Write(data) => log.append_write(&self.disk, offset, data),
         };
         match appended {
-            Ok(_) => {
+            Ok(seq) => {
                 if fua {
                     log.sync().map_err(log_error)?;
                 }
-                Ok(())
+                Ok(Some(seq))
             }
             Err(LogDirError::Capped { .. }) => {
                 let mut bitmap = self.bitmap()?;
@@ -96,14 +100,30 @@ impl CaptureDevice {
                 if fua {
                     bitmap.sync()?;
                 }
-                Ok(())
+                Ok(None)
             }
             Err(e) => Err(log_error(e)),
+        }
+    }
+
+    /// With synchronous replication, waits until the process server holds `seq` (a change
+    /// not in the log, while it is capped, cannot be confirmed: the fallback decides).
+    fn confirm(&self, seq: Option<Seq>) -> io::Result<()> {
+        match (&self.sync, seq) {
+            (None, _) => Ok(()),
+            (Some(link), Some(seq)) => link.wait(seq),
+            (Some(link), None) => link.wait(Seq(u64::MAX)),
         }
     }
 }
 
 impl CaptureDevice {
+    /// Makes writes wait for the process server (synchronous replication).
+    pub fn with_sync(mut self, link: Arc<SyncLink>) -> Self {
+        self.sync = Some(link);
+        self
+    }
+
     /// Logs the disk's size, so that a replica downstream has it before any write.
     pub fn announce_size(&self) -> io::Result<()> {
         let mut log = self.log()?;
@@ -295,6 +315,7 @@ impl BlockDevice for CaptureDevice {
             let frames = pieces * (FRAME_OVERHEAD + 1 + self.disk.as_str().len() + 8);
             log.reserve((frames + data.len()) as u64)
                 .map_err(log_error)?;
+            let mut seq = None;
             for (k, piece) in data.chunks(RECORD_PIECE).enumerate() {
                 let at = offset + (k * RECORD_PIECE) as u64;
                 let last = k + 1 == pieces;
@@ -305,20 +326,24 @@ impl BlockDevice for CaptureDevice {
                     piece.len() as u64,
                     fua && last,
                 );
-                if k > 0 {
+                seq = match recorded {
+                    Ok(s) => s,
                     // Earlier pieces are logged; the disk is not written: the whole range goes
                     // to the bitmap so that the log is not trusted there.
-                    self.track_failure(recorded, offset, data.len() as u64)?;
-                } else {
-                    recorded?;
-                }
+                    Err(e) if k > 0 => {
+                        return self.track_failure(Err(e), offset, data.len() as u64);
+                    }
+                    Err(e) => return Err(e),
+                };
             }
-            log.ticket()
+            (log.ticket(), seq)
         };
         // The next change may be logged while this one goes to the disk, in its turn.
-        ticket.wait();
+        ticket.0.wait();
         let applied = self.inner.write_at(data, offset, fua);
-        self.track_failure(applied, offset, data.len() as u64)
+        self.track_failure(applied, offset, data.len() as u64)?;
+        drop(ticket.0);
+        self.confirm(ticket.1)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
@@ -329,12 +354,14 @@ impl BlockDevice for CaptureDevice {
                 offset,
                 len,
             };
-            self.record(&mut log, Change::Op(op), offset, len, fua)?;
-            log.ticket()
+            let seq = self.record(&mut log, Change::Op(op), offset, len, fua)?;
+            (log.ticket(), seq)
         };
-        ticket.wait();
+        ticket.0.wait();
         let applied = self.inner.write_zeroes(offset, len, may_trim, fua);
-        self.track_failure(applied, offset, len)
+        self.track_failure(applied, offset, len)?;
+        drop(ticket.0);
+        self.confirm(ticket.1)
     }
 
     /// Trimmed ranges read back as zeros, on the disk and in a replay alike.
@@ -346,12 +373,14 @@ impl BlockDevice for CaptureDevice {
                 offset,
                 len,
             };
-            self.record(&mut log, Change::Op(op), offset, len, false)?;
-            log.ticket()
+            let seq = self.record(&mut log, Change::Op(op), offset, len, false)?;
+            (log.ticket(), seq)
         };
-        ticket.wait();
+        ticket.0.wait();
         let applied = self.inner.write_zeroes(offset, len, true, false);
-        self.track_failure(applied, offset, len)
+        self.track_failure(applied, offset, len)?;
+        drop(ticket.0);
+        self.confirm(ticket.1)
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -368,6 +397,10 @@ impl BlockDevice for CaptureDevice {
 
     fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         self.inner.block_status(offset, len)
+    }
+
+    fn writes_may_wait(&self) -> bool {
+        self.sync.is_some()
     }
 }
 

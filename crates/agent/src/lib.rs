@@ -28,6 +28,7 @@ pub mod logdir;
 pub mod marks;
 pub mod order;
 pub mod replay;
+pub mod replica;
 pub mod sync;
 
 pub use capture::CaptureDevice;

@@ -640,12 +640,16 @@ pub fn read_all(dir: &Path) -> Result<impl Iterator<Item = Result<Record, LogErr
     Ok(readers.into_iter().flatten())
 }
 
-/// The agent's log, as the sender to the process server reads it.
-pub struct Shipped(pub std::sync::Arc<std::sync::Mutex<LogDir>>);
+/// The agent's log, as the sender to the process server reads it; with synchronous
+/// replication, the link its writers wait on.
+pub struct Shipped {
+    pub log: std::sync::Arc<std::sync::Mutex<LogDir>>,
+    pub link: Option<std::sync::Arc<crate::replica::SyncLink>>,
+}
 
 impl Shipped {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, LogDir>, String> {
-        self.0
+        self.log
             .lock()
             .map_err(|_| "the write log lock is poisoned".to_string())
     }
@@ -663,10 +667,17 @@ impl boomerang_wire::send::Source for Shipped {
     }
 
     fn release_through(&self, durable: Seq) -> Result<(), String> {
+        if let Some(link) = &self.link {
+            link.acked(durable);
+        }
         self.lock()?
             .release_through(durable)
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    fn wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        self.link.as_ref().map(|l| l.wake.clone())
     }
 }
 

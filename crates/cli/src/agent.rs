@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use boomerang_agent::replica::{Fallback, SyncLink};
 use boomerang_agent::{CaptureDevice, Hooks, LogDir, ReplayTo, control, logdir, marks, sync};
 use boomerang_core::DiskName;
 use boomerang_core::log::{MarkKind, Op, SegmentReader};
@@ -68,6 +69,16 @@ struct RunArgs {
     /// The protected machine's name (default: the certificate directory's name).
     #[arg(long)]
     name: Option<String>,
+    /// Synchronous replication: acknowledge a write only once the process server holds it.
+    #[arg(long, requires = "process_server")]
+    sync: bool,
+    /// Seconds a synchronous write waits for the process server.
+    #[arg(long, default_value_t = 5.0)]
+    sync_timeout: f64,
+    /// When the process server does not confirm in time: fail the write, or go on
+    /// asynchronously with an alert until it catches up.
+    #[arg(long, default_value = "async")]
+    sync_fallback: Fallback,
 }
 
 #[derive(Subcommand, Debug)]
@@ -173,6 +184,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         ("--mark-interval", args.mark_interval),
         ("--app-mark-interval", args.app_mark_interval),
         ("--hook-timeout", args.hook_timeout),
+        ("--sync-timeout", args.sync_timeout),
     ] {
         if !(0.0..=1e9).contains(&value) {
             anyhow::bail!(
@@ -186,6 +198,12 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     let log = Arc::new(Mutex::new(
         LogDir::open(&log_dir, args.segment_size)?.with_cap(Some(args.log_max)),
     ));
+    let sync_link = args.sync.then(|| {
+        Arc::new(SyncLink::new(
+            Duration::from_secs_f64(args.sync_timeout.max(0.01)),
+            args.sync_fallback,
+        ))
+    });
     let mut exports = Vec::new();
     let mut devices = Vec::new();
     for (name, path) in &args.disks {
@@ -199,14 +217,17 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             name: name.to_string(),
             description: format!("protected disk {name}"),
             device: {
-                let device = Arc::new(
+                let mut device =
                     CaptureDevice::new(name.clone(), dev, log.clone()).with_context(|| {
                         format!(
                             "could not open the dirty-block bitmap of disk {name} in {}",
                             log_dir.display()
                         )
-                    })?,
-                );
+                    })?;
+                if let Some(link) = &sync_link {
+                    device = device.with_sync(link.clone());
+                }
+                let device = Arc::new(device);
                 devices.push(device.clone());
                 device
             },
@@ -265,7 +286,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                 to: Role::ProcessServer,
                 disks: args.disks.iter().map(|(d, _)| d.clone()).collect(),
             };
-            let source = Arc::new(logdir::Shipped(log.clone()));
+            let source = Arc::new(logdir::Shipped {
+                log: log.clone(),
+                link: sync_link.clone(),
+            });
             // Disks not copied downstream yet are copied first; marks wait for it.
             sync::hold_marks(&log, &devices);
             background.push(tokio::spawn(sync::keep_in_sync(

@@ -491,3 +491,49 @@ fn a_long_outage_falls_back_to_the_bitmap_and_resends_only_those_blocks() {
     .unwrap();
     assert_eq!(state["bitmaps"][0]["dirty_blocks"], 0, "{state}");
 }
+
+#[test]
+fn in_sync_mode_an_acknowledged_write_is_already_at_the_process_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = site(dir.path());
+    let disk = dir.path().join("disk.img");
+    sparse_file(&disk, BLOCKS * 4096);
+    let base = dir.path().join("base.img");
+    sparse_file(&base, BLOCKS * 4096);
+    let cache = dir.path().join("cache");
+    let mut ps = process_server(&ca, &cache, "127.0.0.1:0", None);
+    let agent = agent(
+        &ca,
+        &disk,
+        &dir.path().join("log"),
+        &ps.addr,
+        &["--sync", "--sync-timeout", "1", "--sync-fallback", "fail"],
+    );
+    let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
+    let mut cookie = 0;
+    write_round(&mut client, &mut cookie, 1, 4, BLOCKS);
+    // Killed right after the last acknowledgement: every acknowledged write is in its cache.
+    ps.signal("-KILL");
+    let replayed = dir.path().join("replayed.img");
+    boomerang(&[
+        "agent",
+        "log",
+        "replay",
+        cache.join("web01").to_str().unwrap(),
+        "--disk",
+        "d0",
+        "--base",
+        base.to_str().unwrap(),
+        "--out",
+        replayed.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read(&replayed).unwrap() == std::fs::read(&disk).unwrap(),
+        "the process server held every acknowledged write"
+    );
+    // With the process server gone and `--sync-fallback fail`, a write fails (EIO) in about
+    // the timeout instead of being acknowledged.
+    let started = Instant::now();
+    assert_eq!(client.write(99_999, 0, &block(0, 9)).unwrap(), 5);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}

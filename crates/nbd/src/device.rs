@@ -40,6 +40,11 @@ pub trait BlockDevice: Send + Sync + 'static {
             zero: false,
         }])
     }
+    /// Whether a write may wait on something other than the local disk (a synchronous
+    /// replica): such writes never run inline on the server's async workers.
+    fn writes_may_wait(&self) -> bool {
+        false
+    }
 }
 
 /// A raw image file or a block device.

@@ -132,7 +132,8 @@ async fn read_requests<R: AsyncRead + Unpin>(
             req.kind,
             CMD_READ | CMD_WRITE | CMD_BLOCK_STATUS | CMD_CACHE
         ) && req.flags & CMD_FLAG_FUA == 0
-            && req.length <= QUICK_LEN;
+            && req.length <= QUICK_LEN
+            && !(req.kind == CMD_WRITE && session.export.device.writes_may_wait());
         if quick {
             let outcome = execute(session, &req, payload);
             let _ = tx

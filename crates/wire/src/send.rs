@@ -24,6 +24,11 @@ pub trait Source: Send + Sync + 'static {
     fn next_seq(&self) -> Result<Seq, String>;
     /// Drops what the receiver holds durable, up to `durable` (whole segments only).
     fn release_through(&self, durable: Seq) -> Result<(), String>;
+    /// Notified when records were appended, to send them at once rather than at the next
+    /// poll (synchronous replication).
+    fn wake(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
 }
 
 /// Where and as whom to send.
@@ -167,6 +172,7 @@ async fn stream<S: Source>(
     }
     tracing::info!(to = %config.addr, stream = %config.stream, next_seq = %next, "sending the log");
     let mut tail = LogTail::open(&dir, next)?;
+    let wake = log.wake();
     let mut out = Outbound::resume(next, credit);
     // Frames are read by a task of their own: a read cut short by `select!` would lose bytes.
     let (frames_tx, mut frames) = mpsc::channel(64);
@@ -220,6 +226,12 @@ async fn stream<S: Source>(
         let first = tokio::select! {
             frame = frames.recv() => frame,
             _ = tokio::time::sleep(POLL) => continue,
+            _ = async {
+                match &wake {
+                    Some(w) => w.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => continue,
             _ = stop.changed() => {
                 let _ = wr.send(&Frame::Bye).await;
                 return Ok(());
