@@ -280,8 +280,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                 tls,
                 stream: name.clone(),
                 name,
-                // To the process server, on the same site: as they are.
+                // To the process server, on the same site: as they are, at full speed.
                 compress: false,
+                max_rate: None,
                 role: Role::Agent,
                 to: Role::ProcessServer,
                 disks: args.disks.iter().map(|(d, _)| d.clone()).collect(),

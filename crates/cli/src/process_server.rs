@@ -21,6 +21,10 @@ pub struct ProcessServerArgs {
     /// The master target to forward every machine's log to (HOST:PORT).
     #[arg(long)]
     master_target: Option<String>,
+    /// At most this many bytes of records per second toward the master target, per machine
+    /// (say 20MiB).
+    #[arg(long, value_parser = crate::output::parse_size)]
+    max_rate: Option<u64>,
     /// Serve /metrics (Prometheus) and /healthz over HTTP on this address (say 127.0.0.1:9090).
     #[arg(long)]
     metrics: Option<String>,
@@ -43,6 +47,7 @@ pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
         tls,
         cache: args.cache.clone(),
         master_target: args.master_target.clone(),
+        max_rate: args.max_rate,
     })?;
     if let Some(addr) = &args.metrics {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -537,3 +537,51 @@ fn in_sync_mode_an_acknowledged_write_is_already_at_the_process_server() {
     assert_eq!(client.write(99_999, 0, &block(0, 9)).unwrap(), 5);
     assert!(started.elapsed() >= Duration::from_millis(900));
 }
+
+#[test]
+fn the_process_server_holds_its_forwarding_to_max_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = site(dir.path());
+    let disk = dir.path().join("disk.img");
+    sparse_file(&disk, BLOCKS * 4096);
+    let retention = dir.path().join("retention");
+    let mt = master_target(&ca, &retention, "127.0.0.1:0");
+    let ps = Daemon::start(&[
+        "process-server",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        ca.join("issued/ps1").to_str().unwrap(),
+        "--cache",
+        dir.path().join("cache").to_str().unwrap(),
+        "--master-target",
+        &mt.addr,
+        "--max-rate",
+        "1MiB",
+    ]);
+    let agent = agent(
+        &ca,
+        &disk,
+        &dir.path().join("log"),
+        &ps.addr,
+        &["--mark-interval", "0.2"],
+    );
+    let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
+    let mut cookie = 0;
+    // 3 MiB of incompressible writes (compression would defeat the measure).
+    let started = Instant::now();
+    for i in 0..768u64 {
+        cookie += 1;
+        let mut data = vec![0u8; 4096];
+        boomerang_core::sample::XorShift::new(i + 1).fill(&mut data);
+        assert_eq!(client.write(cookie, i * 4096, &data).unwrap(), 0);
+    }
+    let live = std::fs::read(&disk).unwrap();
+    let store = retention.join("replicas/web01/store");
+    wait_for_point(&store, "latest", &dir.path().join("point.img"), Some(&live));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "3 MiB at 1 MiB/s took only {took:?}"
+    );
+}

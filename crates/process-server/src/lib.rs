@@ -32,6 +32,8 @@ pub struct Config {
     pub cache: PathBuf,
     /// The master target to forward every stream to (`host:port`); none keeps the cache only.
     pub master_target: Option<String>,
+    /// At most this many bytes per second toward the master target, per machine.
+    pub max_rate: Option<u64>,
 }
 
 /// A process server: a receiver that takes agents, each streaming its own machine's log, and
@@ -45,6 +47,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), ServeEr
         config.cache.clone(),
     );
     let master_target = config.master_target.clone();
+    let max_rate = config.max_rate;
     // Senders run as long as the process server does.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let stop = Arc::new(stop);
@@ -73,6 +76,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), ServeEr
             stream: stream.to_string(),
             // On the way out to the other site: compressed.
             compress: true,
+            max_rate,
             disks: disks.to_vec(),
         };
         tokio::spawn(send::ship(source, config, stopped.clone()));

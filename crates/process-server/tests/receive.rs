@@ -124,6 +124,7 @@ async fn start_with_metrics(
         tls: TlsIdentity::load(&ca.join("issued/ps1")).unwrap(),
         cache: cache.to_path_buf(),
         master_target: None,
+        max_rate: None,
     })
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

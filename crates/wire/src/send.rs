@@ -46,6 +46,8 @@ pub struct ShipConfig {
     pub stream: String,
     /// Compress records with zstd on the wire (worth it across a slow link).
     pub compress: bool,
+    /// At most this many bytes of records per second (before compression), if set.
+    pub max_rate: Option<u64>,
     pub disks: Vec<DiskName>,
 }
 
@@ -186,6 +188,7 @@ async fn stream<S: Source>(
         }
     });
     let _reader = AbortOnDrop(reader);
+    let mut pace = Pace::default();
     let mut heard = Instant::now();
     let mut said = Instant::now();
     let mut nonce = 0u64;
@@ -205,6 +208,9 @@ async fn stream<S: Source>(
             })?;
             out.sent(&records)
                 .map_err(|v| WireError::Protocol(v.message))?;
+            if let Some(rate) = config.max_rate {
+                tokio::time::sleep(pace.delay(records.bytes().len() as u64, rate)).await;
+            }
             wr.send(&if config.compress {
                 Frame::RecordsZstd(records)
             } else {
@@ -265,10 +271,56 @@ async fn stream<S: Source>(
     }
 }
 
+/// Paces sending to a rate: each batch waits until the bytes sent so far fit the rate since
+/// the pace started. An idle period earns no burst beyond one second's worth.
+#[derive(Default)]
+struct Pace {
+    since: Option<Instant>,
+    sent: u64,
+}
+
+impl Pace {
+    /// How long to wait before sending `bytes` more at `rate` bytes per second.
+    fn delay(&mut self, bytes: u64, rate: u64) -> Duration {
+        let rate = rate.max(1);
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        // Forget what lies more than a second behind: no burst after idling.
+        let allowed_start = now.checked_sub(Duration::from_secs(1)).unwrap_or(since);
+        if since < allowed_start {
+            let behind = (allowed_start - since).as_secs_f64();
+            let credit = (behind * rate as f64) as u64;
+            self.sent = self.sent.saturating_sub(credit);
+            self.since = Some(allowed_start);
+        }
+        self.sent += bytes;
+        let due = Duration::from_secs_f64(self.sent as f64 / rate as f64);
+        let elapsed = now - self.since.unwrap_or(now);
+        due.saturating_sub(elapsed)
+    }
+}
+
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacing_holds_the_rate() {
+        let mut pace = Pace::default();
+        // 1 MB/s: the first 100 KB go at once-ish, the next ten wait their share.
+        let mut waited = Duration::ZERO;
+        for _ in 0..10 {
+            waited += pace.delay(100_000, 1_000_000);
+        }
+        assert!(waited >= Duration::from_millis(4_000), "{waited:?}");
+        assert!(pace.delay(0, 1_000_000) <= Duration::from_secs(1));
     }
 }
