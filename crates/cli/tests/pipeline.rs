@@ -321,7 +321,7 @@ fn a_disk_with_content_is_copied_before_its_first_point() {
 }
 
 #[test]
-fn replication_survives_cuts_delays_and_kill_9_of_each_hop() {
+fn replication_survives_cuts_delays_and_kill_9_of_every_process() {
     use boomerang_testkit::FaultProxy;
 
     let dir = tempfile::tempdir().unwrap();
@@ -339,21 +339,31 @@ fn replication_survives_cuts_delays_and_kill_9_of_each_hop() {
     let mut ps = process_server(&ca, &cache, "127.0.0.1:0", Some(to_mt.addr()));
     let ps_addr = ps.addr.clone();
     let to_ps = FaultProxy::start(&ps_addr);
-    let agent = agent(
-        &ca,
-        &disk,
-        &dir.path().join("log"),
-        to_ps.addr(),
-        &["--segment-size", "1MiB", "--mark-interval", "0.1"],
-    );
+    let log = dir.path().join("log");
+    let start_agent = || {
+        agent(
+            &ca,
+            &disk,
+            &log,
+            to_ps.addr(),
+            &["--segment-size", "1MiB", "--mark-interval", "0.1"],
+        )
+    };
+    let mut agent = start_agent();
     let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
     let mut rng = boomerang_core::sample::XorShift::new(5);
     let mut cookie = 0;
-    // Bounded: 12 rounds of writes, each followed by one fault on one hop.
-    for round in 0..12u64 {
+    // Bounded: 14 rounds of writes, each followed by one fault on one hop or one process.
+    for round in 0..14u64 {
         let step = 1 + rng.next_u64() % 4;
         write_round(&mut client, &mut cookie, round + 1, step, BLOCKS);
-        match round % 6 {
+        match round % 7 {
+            6 => {
+                // The agent itself, between two writes: it starts again on its log.
+                agent.signal("-KILL");
+                agent = start_agent();
+                client = RawNbd::connect(&agent.addr, "d0").unwrap();
+            }
             0 => to_ps.cut(),
             1 => to_mt.cut(),
             2 => {
@@ -365,7 +375,8 @@ fn replication_survives_cuts_delays_and_kill_9_of_each_hop() {
                 mt = master_target(&ca, &retention, &mt_addr);
             }
             4 => to_ps.set_delay(Duration::from_millis(20)),
-            _ => to_mt.set_rate(Some(2 << 20)),
+            5 => to_mt.set_rate(Some(2 << 20)),
+            _ => unreachable!(),
         }
         std::thread::sleep(Duration::from_millis(150));
         to_ps.set_delay(Duration::ZERO);
