@@ -29,6 +29,9 @@ pub struct MasterTargetArgs {
     /// Block size of new replica stores.
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     block_size: u64,
+    /// Serve /metrics (Prometheus: RPO per machine) and /healthz over HTTP on this address.
+    #[arg(long)]
+    metrics: Option<String>,
     /// The master target's name (default: the certificate directory's name).
     #[arg(long)]
     name: Option<String>,
@@ -43,12 +46,22 @@ pub async fn run(args: MasterTargetArgs) -> anyhow::Result<i32> {
             args.retention.display()
         )
     })?;
-    let server = receiver(Config {
+    let (server, metrics) = receiver(Config {
         name,
         tls,
         retention: args.retention.clone(),
         max_disks: args.max_disks,
         block_size: args.block_size,
     })?;
+    if let Some(addr) = &args.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("could not serve metrics on {addr}: is the port in use?"))?;
+        eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
+        tokio::spawn(boomerang_wire::http::serve_metrics(
+            listener,
+            std::sync::Arc::new(move || metrics.render()),
+        ));
+    }
     crate::daemon::serve(server, &args.listen, "master target").await
 }

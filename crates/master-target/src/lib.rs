@@ -18,10 +18,11 @@
 
 mod apply;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use boomerang_core::log::{UnixNanos, mark_of};
 use boomerang_core::{DiskName, Seq};
 use boomerang_wire::receive::{Config as ReceiverConfig, Receiver, ServeError};
 use boomerang_wire::tls::TlsIdentity;
@@ -52,16 +53,87 @@ pub enum StartError {
     Serve(#[from] ServeError),
 }
 
-/// Builds the master target's receiver; its appliers start as streams arrive.
-pub fn receiver(config: Config) -> Result<Arc<Receiver>, StartError> {
+/// What the master target measures, per machine, for `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    streams: Mutex<BTreeMap<String, Rpo>>,
+}
+
+/// A metric family: name, help and how to read it.
+type RpoFamily = (&'static str, &'static str, fn(&Rpo) -> f64);
+
+#[derive(Default, Clone, Copy)]
+struct Rpo {
+    /// The last mark durable here, and the seconds from its creation at the agent to then.
+    last_mark: u64,
+    seconds: f64,
+    worst: f64,
+}
+
+impl Metrics {
+    /// Takes the marks in `records`, durable here now: the RPO is the time from a mark's
+    /// creation at the agent (its writes were acknowledged by then) to its durability here.
+    fn durable(&self, stream: &str, records: &Records) {
+        let now = UnixNanos::now().0;
+        let mut all = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = all.entry(stream.to_string()).or_default();
+        for (_, frame) in records.frames() {
+            if let Some((seq, _, _, time)) = mark_of(frame) {
+                let seconds = now.saturating_sub(time.0) as f64 / 1e9;
+                entry.last_mark = seq.0;
+                entry.seconds = seconds;
+                entry.worst = entry.worst.max(seconds);
+            }
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let all = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = String::new();
+        let families: [RpoFamily; 3] = [
+            (
+                "boomerang_rpo_seconds",
+                "Seconds from the last mark's creation at the agent to its durability here.",
+                |r| r.seconds,
+            ),
+            (
+                "boomerang_rpo_worst_seconds",
+                "The largest such delay since the master target started.",
+                |r| r.worst,
+            ),
+            (
+                "boomerang_last_mark_seq",
+                "Sequence number of the last mark durable here.",
+                |r| r.last_mark as f64,
+            ),
+        ];
+        for (name, help, value) in families {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            for (stream, r) in all.iter() {
+                let _ = writeln!(out, "{name}{{stream=\"{stream}\"}} {}", value(r));
+            }
+        }
+        out
+    }
+}
+
+/// Builds the master target's receiver, and the metrics it keeps; appliers start as streams
+/// arrive.
+pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartError> {
     if config.max_disks > MAX_DISKS {
         return Err(StartError::TooManyDisks(config.max_disks));
     }
     let appliers: Arc<Mutex<HashMap<String, watch::Sender<Seq>>>> = Arc::default();
     let retention = config.retention.clone();
     let block_size = config.block_size;
+    let metrics = Arc::new(Metrics::default());
+    let seen = metrics.clone();
     let on_durable = Arc::new(
         move |stream: &str, _disks: &[DiskName], records: &Records| {
+            seen.durable(stream, records);
             let seq = records.last_seq();
             let mut all = appliers.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(tx) = all.get(stream) {
@@ -73,7 +145,7 @@ pub fn receiver(config: Config) -> Result<Arc<Receiver>, StartError> {
             all.insert(stream.to_string(), tx);
         },
     );
-    Ok(Receiver::new(ReceiverConfig {
+    let receiver = Receiver::new(ReceiverConfig {
         name: config.name,
         role: Role::MasterTarget,
         accepted: vec![Role::ProcessServer],
@@ -82,5 +154,6 @@ pub fn receiver(config: Config) -> Result<Arc<Receiver>, StartError> {
         tls: config.tls,
         cache: config.retention.join("incoming"),
         on_durable: Some(on_durable),
-    })?)
+    })?;
+    Ok((receiver, metrics))
 }

@@ -120,8 +120,12 @@ async fn start(
     ca: &Path,
     retention: &Path,
     max_disks: usize,
-) -> (String, tokio::sync::watch::Sender<bool>) {
-    let server = receiver(Config {
+) -> (
+    String,
+    tokio::sync::watch::Sender<bool>,
+    Arc<boomerang_master_target::Metrics>,
+) {
+    let (server, metrics) = receiver(Config {
         name: "mt1".into(),
         tls: TlsIdentity::load(&ca.join("issued/mt1")).unwrap(),
         retention: retention.to_path_buf(),
@@ -133,7 +137,7 @@ async fn start(
     let addr = listener.local_addr().unwrap().to_string();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(Arc::clone(&server).serve(listener, stopped));
-    (addr, stop)
+    (addr, stop, metrics)
 }
 
 /// Waits until the replica store has a point at each expected mark, and checks each.
@@ -181,7 +185,7 @@ async fn every_mark_becomes_a_point_equal_to_the_disk_at_that_mark() {
     let retention = dir.path().join("retention");
 
     // The disk limit: two disks at most on this master target.
-    let (addr, stop) = start(&ca, &retention, 2).await;
+    let (addr, stop, metrics) = start(&ca, &retention, 2).await;
     let three = vec![
         sda(),
         DiskName::new("sdb").unwrap(),
@@ -206,11 +210,21 @@ async fn every_mark_becomes_a_point_equal_to_the_disk_at_that_mark() {
         client.send(&batch).await;
     }
     check_points(&retention, &work.at_marks, dir.path()).await;
+    // The RPO metrics follow the marks (their times here are made up, so only the last
+    // mark's sequence number is checked).
+    let last_mark = work.at_marks.last().unwrap().0;
+    let text = metrics.render();
+    assert!(
+        text.lines()
+            .any(|l| l == format!("boomerang_last_mark_seq{{stream=\"web01\"}} {last_mark}")),
+        "{text}"
+    );
+    assert!(text.contains("boomerang_rpo_seconds{stream=\"web01\"}"));
 
     // A restart of the master target: the stream resumes, and points go on from there.
     drop(client);
     stop.send(true).unwrap();
-    let (addr, _stop) = start(&ca, &retention, 2).await;
+    let (addr, _stop, _metrics) = start(&ca, &retention, 2).await;
     let (mut client, next) = loop {
         match open(&addr, &ca, vec![sda()]).await {
             Ok(c) => break c,

@@ -22,6 +22,7 @@
 pub mod cache;
 pub mod frame;
 pub mod handshake;
+pub mod http;
 pub mod io;
 pub mod pki;
 pub mod receive;

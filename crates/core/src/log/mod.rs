@@ -55,7 +55,7 @@ pub use error::LogError;
 pub use record::{
     FRAME_HEADER_LEN, FRAME_OVERHEAD, FRAME_TRAILER_LEN, FrameCheck, FrameError, MAX_BODY_LEN,
     MAX_FRAME_LEN, MAX_WRITE_DATA, MarkId, MarkKind, Op, Record, UnixNanos, check_frame,
-    decode_frame, encode_write_head,
+    decode_frame, encode_write_head, mark_of,
 };
 pub use segment::{
     AppendOutcome, DecodedSegment, Evidence, HeaderError, MIN_SEGMENT_LEN, Recovered, Repair,

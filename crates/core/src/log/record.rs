@@ -226,6 +226,21 @@ pub(crate) fn next_min_seq(first: Seq, prev: Option<Seq>) -> Option<Seq> {
     }
 }
 
+/// The mark in the frame at the start of `buf`, if it is a valid mark record: a cheap look at
+/// a stream for its marks, without decoding (copying) the writes around them.
+pub fn mark_of(buf: &[u8]) -> Option<(Seq, MarkKind, MarkId, UnixNanos)> {
+    if buf.get(4) != Some(&KIND_MARK) {
+        return None;
+    }
+    match decode_frame(buf).ok()?.0 {
+        Record {
+            seq,
+            op: Op::Mark { kind, id, time },
+        } => Some((seq, kind, id, time)),
+        _ => None,
+    }
+}
+
 /// Decodes the frame at the start of `buf` (bytes after it are ignored) and returns the record
 /// and the frame's length.
 ///
