@@ -29,6 +29,10 @@ pub struct MasterTargetArgs {
     /// Block size of new replica stores.
     #[arg(long, default_value = "64KiB", value_parser = parse_size)]
     block_size: u64,
+    /// Seconds between points made at crash-consistent marks (closer marks are thinned; every
+    /// app-consistent mark makes a point). 0: a point at every mark.
+    #[arg(long, default_value_t = 10.0)]
+    point_every: f64,
     /// Serve /metrics (Prometheus: RPO per machine) and /healthz over HTTP on this address.
     #[arg(long)]
     metrics: Option<String>,
@@ -38,6 +42,12 @@ pub struct MasterTargetArgs {
 }
 
 pub async fn run(args: MasterTargetArgs) -> anyhow::Result<i32> {
+    if !(0.0..=1e7).contains(&args.point_every) {
+        anyhow::bail!(
+            "--point-every {} is not a number of seconds: use a value such as 10, or 0 for a point at every mark",
+            args.point_every
+        );
+    }
     let tls = TlsIdentity::load(&args.tls)?;
     let name = crate::daemon::name_or_dir(args.name, &args.tls, "master target")?;
     std::fs::create_dir_all(&args.retention).with_context(|| {
@@ -52,6 +62,7 @@ pub async fn run(args: MasterTargetArgs) -> anyhow::Result<i32> {
         retention: args.retention.clone(),
         max_disks: args.max_disks,
         block_size: args.block_size,
+        point_every: std::time::Duration::from_secs_f64(args.point_every),
     })?;
     if let Some(addr) = &args.metrics {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -89,6 +89,8 @@ fn master_target(ca: &Path, retention: &Path, listen: &str) -> Daemon {
         retention.to_str().unwrap(),
         "--block-size",
         "4KiB",
+        "--point-every",
+        "0",
     ])
 }
 

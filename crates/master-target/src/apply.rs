@@ -41,6 +41,7 @@ pub(crate) fn spawn(
     retention: PathBuf,
     stream: String,
     block_size: u64,
+    every: Duration,
     durable: watch::Receiver<Seq>,
 ) {
     let name = format!("apply-{stream}");
@@ -59,6 +60,8 @@ pub(crate) fn spawn(
                 stream: stream.clone(),
                 block_size,
                 disks: HashMap::new(),
+                every,
+                last_point: None,
             };
             match runtime.block_on(applier.run(durable.clone())) {
                 Ok(()) => return,
@@ -87,6 +90,9 @@ struct Applier {
     stream: String,
     block_size: u64,
     disks: HashMap<DiskName, Replica>,
+    /// Marks closer than this to the last point make no point of their own.
+    every: Duration,
+    last_point: Option<std::time::Instant>,
 }
 
 impl Applier {
@@ -192,7 +198,15 @@ impl Applier {
                 }
                 mark(r, offset, end, block);
             }
-            Op::Mark { kind, .. } => self.checkpoint(store, kind, record.seq).await?,
+            Op::Mark { kind, .. } => {
+                // Crash marks come every few seconds; a point costs the blocks changed since
+                // the last one, so close ones are thinned (app and group marks always count).
+                let due = self.last_point.is_none_or(|at| at.elapsed() >= self.every);
+                if due || kind != LogMark::Crash {
+                    self.checkpoint(store, kind, record.seq).await?;
+                    self.last_point = Some(std::time::Instant::now());
+                }
+            }
         }
         Ok(())
     }

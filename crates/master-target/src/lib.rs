@@ -41,6 +41,9 @@ pub struct Config {
     pub max_disks: usize,
     /// Block size of new replica stores.
     pub block_size: u64,
+    /// The least time between two points made at crash-consistent marks; closer marks make
+    /// no point of their own (app-consistent marks always do).
+    pub point_every: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +132,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartEr
     let appliers: Arc<Mutex<HashMap<String, watch::Sender<Seq>>>> = Arc::default();
     let retention = config.retention.clone();
     let block_size = config.block_size;
+    let every = config.point_every;
     let metrics = Arc::new(Metrics::default());
     let seen = metrics.clone();
     let on_durable = Arc::new(
@@ -141,7 +145,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartEr
                 return;
             }
             let (tx, rx) = watch::channel(seq);
-            apply::spawn(retention.clone(), stream.to_string(), block_size, rx);
+            apply::spawn(retention.clone(), stream.to_string(), block_size, every, rx);
             all.insert(stream.to_string(), tx);
         },
     );

@@ -131,6 +131,7 @@ async fn start(
         retention: retention.to_path_buf(),
         max_disks,
         block_size: 4096,
+        point_every: Duration::ZERO,
     })
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
