@@ -33,6 +33,9 @@ pub struct MasterTargetArgs {
     /// app-consistent mark makes a point). 0: a point at every mark.
     #[arg(long, default_value_t = 10.0)]
     point_every: f64,
+    /// Hours the incoming log is kept once applied, then dropped.
+    #[arg(long, default_value_t = 24.0)]
+    log_window_hours: f64,
     /// Serve /metrics (Prometheus: RPO per machine) and /healthz over HTTP on this address.
     #[arg(long)]
     metrics: Option<String>,
@@ -42,6 +45,12 @@ pub struct MasterTargetArgs {
 }
 
 pub async fn run(args: MasterTargetArgs) -> anyhow::Result<i32> {
+    if !(0.0..=1e5).contains(&args.log_window_hours) {
+        anyhow::bail!(
+            "--log-window-hours {} is not a number of hours: use a value such as 24",
+            args.log_window_hours
+        );
+    }
     if !(0.0..=1e7).contains(&args.point_every) {
         anyhow::bail!(
             "--point-every {} is not a number of seconds: use a value such as 10, or 0 for a point at every mark",
@@ -63,6 +72,7 @@ pub async fn run(args: MasterTargetArgs) -> anyhow::Result<i32> {
         max_disks: args.max_disks,
         block_size: args.block_size,
         point_every: std::time::Duration::from_secs_f64(args.point_every),
+        log_window: std::time::Duration::from_secs_f64(args.log_window_hours * 3600.0),
     })?;
     if let Some(addr) = &args.metrics {
         let listener = tokio::net::TcpListener::bind(addr)

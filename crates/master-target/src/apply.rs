@@ -42,6 +42,7 @@ pub(crate) fn spawn(
     stream: String,
     block_size: u64,
     every: Duration,
+    log_window: Duration,
     durable: watch::Receiver<Seq>,
 ) {
     let name = format!("apply-{stream}");
@@ -61,6 +62,7 @@ pub(crate) fn spawn(
                 block_size,
                 disks: HashMap::new(),
                 every,
+                log_window,
                 last_point: None,
             };
             match runtime.block_on(applier.run(durable.clone())) {
@@ -92,6 +94,8 @@ struct Applier {
     disks: HashMap<DiskName, Replica>,
     /// Marks closer than this to the last point make no point of their own.
     every: Duration,
+    /// How long applied incoming segments are kept.
+    log_window: Duration,
     last_point: Option<std::time::Instant>,
 }
 
@@ -241,7 +245,13 @@ impl Applier {
             tracing::info!(stream = %self.stream, %disk, point = %report.point, seq = %seq, "recovery point");
         }
         let path = self.dir().join("applied");
-        write_applied(&path, seq).map_err(Self::io("record the applied mark in", &path))
+        write_applied(&path, seq).map_err(Self::io("record the applied mark in", &path))?;
+        // Applied and committed: the incoming log is kept for its window, then dropped.
+        let incoming = self.retention.join("incoming").join(&self.stream);
+        if let Err(e) = boomerang_wire::cache::release_older(&incoming, seq, self.log_window) {
+            tracing::warn!(stream = %self.stream, error = %e, "could not drop applied incoming segments");
+        }
+        Ok(())
     }
 }
 

@@ -44,6 +44,9 @@ pub struct Config {
     /// The least time between two points made at crash-consistent marks; closer marks make
     /// no point of their own (app-consistent marks always do).
     pub point_every: std::time::Duration,
+    /// How long the incoming log is kept once applied (DESIGN 3.3's fine-grained window);
+    /// then its segments are dropped.
+    pub log_window: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +136,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartEr
     let retention = config.retention.clone();
     let block_size = config.block_size;
     let every = config.point_every;
+    let window = config.log_window;
     let metrics = Arc::new(Metrics::default());
     let seen = metrics.clone();
     let on_durable = Arc::new(
@@ -145,7 +149,14 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartEr
                 return;
             }
             let (tx, rx) = watch::channel(seq);
-            apply::spawn(retention.clone(), stream.to_string(), block_size, every, rx);
+            apply::spawn(
+                retention.clone(),
+                stream.to_string(),
+                block_size,
+                every,
+                window,
+                rx,
+            );
             all.insert(stream.to_string(), tx);
         },
     );

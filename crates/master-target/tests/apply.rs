@@ -132,6 +132,7 @@ async fn start(
         max_disks,
         block_size: 4096,
         point_every: Duration::ZERO,
+        log_window: Duration::from_secs(3600),
     })
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

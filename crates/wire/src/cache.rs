@@ -115,6 +115,12 @@ impl StreamCache {
 /// Deletes the segments of the cache directory `dir` whose every record is at or below
 /// `durable` (held durable downstream), never the newest; returns the bytes freed.
 pub fn release_through(dir: &Path, durable: Seq) -> std::io::Result<u64> {
+    release_older(dir, durable, std::time::Duration::ZERO)
+}
+
+/// Like [`release_through`], for segments also last written more than `age` ago (a log kept
+/// for a window of time after it is applied).
+pub fn release_older(dir: &Path, durable: Seq, age: std::time::Duration) -> std::io::Result<u64> {
     let all = segment_files(dir)?;
     let mut freed = 0;
     for pair in all.windows(2) {
@@ -125,6 +131,10 @@ pub fn release_through(dir: &Path, durable: Seq) -> std::io::Result<u64> {
         if next_first.0.saturating_sub(1) > durable.0 {
             break;
         }
+        let written = std::fs::metadata(old)?.modified()?;
+        if written.elapsed().unwrap_or_default() < age {
+            break;
+        }
         freed += std::fs::metadata(old)?.len();
         std::fs::remove_file(old)?;
     }
@@ -132,4 +142,49 @@ pub fn release_through(dir: &Path, durable: Seq) -> std::io::Result<u64> {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(freed)
+}
+
+#[cfg(test)]
+mod tests {
+    use boomerang_core::log::{Op, Record};
+    use boomerang_core::{DiskName, Seq};
+
+    use super::*;
+
+    fn segment(dir: &Path, first: u64, last: u64) {
+        let mut w =
+            SegmentWriter::create(dir.join(segment_name(Seq(first))), Seq(first), 1 << 20).unwrap();
+        for seq in first..=last {
+            let record = Record {
+                seq: Seq(seq),
+                op: Op::Zero {
+                    disk: DiskName::new("d").unwrap(),
+                    offset: 0,
+                    len: 1,
+                },
+            };
+            let _ = w.append(&record).unwrap();
+        }
+    }
+
+    #[test]
+    fn only_whole_old_segments_go_and_never_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        segment(dir.path(), 1, 10);
+        segment(dir.path(), 11, 20);
+        segment(dir.path(), 21, 25);
+        let count = || segment_files(dir.path()).unwrap().len();
+        // Too young for a window of an hour.
+        assert_eq!(
+            release_older(dir.path(), Seq(25), std::time::Duration::from_secs(3600)).unwrap(),
+            0
+        );
+        assert_eq!(count(), 3);
+        // Record 15 is durable downstream: the first segment (1..=10) goes, not the second.
+        assert!(release_through(dir.path(), Seq(15)).unwrap() > 0);
+        assert_eq!(count(), 2);
+        // Everything durable: all but the newest.
+        release_through(dir.path(), Seq(u64::MAX)).unwrap();
+        assert_eq!(count(), 1);
+    }
 }
