@@ -112,31 +112,16 @@ impl DirtyBitmap {
 
     /// Marks every block that `[offset, offset + len)` touches; writes the changed bytes.
     pub fn mark(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        let first = offset / self.block;
-        let last = ((offset + len - 1) / self.block).min((self.bits.len() * 8) as u64 - 1);
-        if first > last {
-            return Ok(());
-        }
-        let (lo, hi) = ((first / 8) as usize, (last / 8) as usize);
-        let mut updated = self.bits[lo..=hi].to_vec();
-        for b in first..=last {
-            updated[(b / 8) as usize - lo] |= 1 << (b % 8);
-        }
-        if updated != self.bits[lo..=hi] {
-            // On disk first: a bit is set in memory only once it is written, so a failed write
-            // is retried by the next mark of that block.
-            self.file.write_all_at(&updated, HEADER_LEN + lo as u64)?;
-            self.bits[lo..=hi].copy_from_slice(&updated);
-        }
-        Ok(())
+        self.update(offset, len, true)
     }
 
     /// Clears the blocks that `[offset, offset + len)` touches, once their content is on its
     /// way again (a resync); writes the changed bytes.
     pub fn clear(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.update(offset, len, false)
+    }
+
+    fn update(&mut self, offset: u64, len: u64, set: bool) -> io::Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -148,9 +133,16 @@ impl DirtyBitmap {
         let (lo, hi) = ((first / 8) as usize, (last / 8) as usize);
         let mut updated = self.bits[lo..=hi].to_vec();
         for b in first..=last {
-            updated[(b / 8) as usize - lo] &= !(1 << (b % 8));
+            let byte = &mut updated[(b / 8) as usize - lo];
+            if set {
+                *byte |= 1 << (b % 8);
+            } else {
+                *byte &= !(1 << (b % 8));
+            }
         }
         if updated != self.bits[lo..=hi] {
+            // On disk first: a bit changes in memory only once it is written, so a failed
+            // write is retried by the next update of that block.
             self.file.write_all_at(&updated, HEADER_LEN + lo as u64)?;
             self.bits[lo..=hi].copy_from_slice(&updated);
         }

@@ -35,3 +35,19 @@ pub async fn serve(receiver: Arc<Receiver>, listen: &str, what: &str) -> anyhow:
     eprintln!("{what} stopped");
     Ok(0)
 }
+
+/// Serves `/healthz` and `/metrics` on `addr`, if given.
+pub async fn serve_metrics(
+    addr: Option<&str>,
+    render: boomerang_wire::http::Render,
+) -> anyhow::Result<()> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("could not serve metrics on {addr}: is the port in use?"))?;
+    eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
+    tokio::spawn(boomerang_wire::http::serve_metrics(listener, render));
+    Ok(())
+}

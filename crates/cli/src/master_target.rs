@@ -74,15 +74,10 @@ pub async fn run(args: MasterTargetArgs) -> anyhow::Result<i32> {
         point_every: std::time::Duration::from_secs_f64(args.point_every),
         log_window: std::time::Duration::from_secs_f64(args.log_window_hours * 3600.0),
     })?;
-    if let Some(addr) = &args.metrics {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("could not serve metrics on {addr}: is the port in use?"))?;
-        eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
-        tokio::spawn(boomerang_wire::http::serve_metrics(
-            listener,
-            std::sync::Arc::new(move || metrics.render()),
-        ));
-    }
+    crate::daemon::serve_metrics(
+        args.metrics.as_deref(),
+        std::sync::Arc::new(move || metrics.render()),
+    )
+    .await?;
     crate::daemon::serve(server, &args.listen, "master target").await
 }

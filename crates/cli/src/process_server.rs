@@ -49,12 +49,10 @@ pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
         master_target: args.master_target.clone(),
         max_rate: args.max_rate,
     })?;
-    if let Some(addr) = &args.metrics {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("could not serve metrics on {addr}: is the port in use?"))?;
-        eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
-        tokio::spawn(boomerang_process_server::metrics::serve(listener, metrics));
-    }
+    crate::daemon::serve_metrics(
+        args.metrics.as_deref(),
+        std::sync::Arc::new(move || metrics.render()),
+    )
+    .await?;
     crate::daemon::serve(server, &args.listen, "process server").await
 }
