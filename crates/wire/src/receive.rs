@@ -13,7 +13,7 @@
 //! connection at a time; an agent writes only its own machine's stream; the disks of all
 //! streams stay within the receiver's limit.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -60,7 +60,7 @@ pub struct Receiver {
     config: Config,
     tls: Arc<rustls::ServerConfig>,
     /// Streams with a connection now.
-    busy: Mutex<HashSet<String>>,
+    busy: Holders,
     /// The disks of every stream seen, for the disk limit.
     disks: Mutex<HashMap<String, Vec<DiskName>>>,
 }
@@ -200,9 +200,12 @@ impl Receiver {
             wr.refuse(ErrorCode::BadFrame, &why).await;
             return Err(WireError::Protocol(why).into());
         }
-        let Some(_busy) = BusyGuard::take(&self.busy, &stream) else {
+        // A newer connection of the same, authenticated, sender takes the stream over: the older
+        // one is stale (its host rebooted with the connection open, say).
+        let Some(busy) = BusyGuard::take(&self.busy, &stream).await else {
             let why = format!(
-                "stream {stream} already has a connection to this process server; the agent retries once it ends"
+                "stream {stream} already has a connection to this {} that did not let go; the sender retries",
+                self.config.role
             );
             wr.refuse(ErrorCode::StreamBusy, &why).await;
             return Err(WireError::Protocol(why).into());
@@ -233,7 +236,15 @@ impl Receiver {
         loop {
             // A sender pings when it has nothing to send: silence this long means it is gone
             // (its host rebooted, or the link is cut), and the stream is freed for its return.
-            let Ok(frame) = tokio::time::timeout(SILENCE, rd.read()).await else {
+            let frame = tokio::select! {
+                read = tokio::time::timeout(SILENCE, rd.read()) => read,
+                _ = busy.cancel.notified() => {
+                    let why = format!("a newer connection of {client} took stream {stream} over");
+                    wr.refuse(ErrorCode::StreamBusy, &why).await;
+                    return Err(WireError::Protocol(why).into());
+                }
+            };
+            let Ok(frame) = frame else {
                 return Err(WireError::Protocol(format!(
                     "{client} sent nothing on stream {stream} for {SILENCE:?}; closing"
                 ))
@@ -296,25 +307,56 @@ impl Receiver {
     }
 }
 
-/// Marks a stream as connected; the mark goes when the guard drops.
+/// The connection that holds each stream: its generation, and how to ask it to let go.
+type Holders = Mutex<HashMap<String, (u64, Arc<tokio::sync::Notify>)>>;
+
+/// Marks a stream as held by this connection; the mark goes when the guard drops.
 struct BusyGuard<'a> {
-    set: &'a Mutex<HashSet<String>>,
+    holders: &'a Holders,
     stream: String,
+    generation: u64,
+    cancel: Arc<tokio::sync::Notify>,
 }
 
 impl<'a> BusyGuard<'a> {
-    fn take(set: &'a Mutex<HashSet<String>>, stream: &str) -> Option<Self> {
-        let mut busy = set.lock().unwrap_or_else(|e| e.into_inner());
-        busy.insert(stream.to_string()).then(|| BusyGuard {
-            set,
-            stream: stream.to_string(),
-        })
+    /// Takes `stream`, asking a connection that holds it to let go and waiting up to 5 s.
+    async fn take(holders: &'a Holders, stream: &str) -> Option<Self> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let generation = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            {
+                let mut all = holders.lock().unwrap_or_else(|e| e.into_inner());
+                match all.get(stream) {
+                    None => {
+                        let cancel = Arc::new(tokio::sync::Notify::new());
+                        all.insert(stream.to_string(), (generation, cancel.clone()));
+                        return Some(BusyGuard {
+                            holders,
+                            stream: stream.to_string(),
+                            generation,
+                            cancel,
+                        });
+                    }
+                    Some((_, cancel)) => cancel.notify_one(),
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
 
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
-        let mut busy = self.set.lock().unwrap_or_else(|e| e.into_inner());
-        busy.remove(&self.stream);
+        let mut all = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        if all
+            .get(&self.stream)
+            .is_some_and(|(g, _)| *g == self.generation)
+        {
+            all.remove(&self.stream);
+        }
     }
 }
