@@ -210,7 +210,7 @@ impl CaptureDevice {
     /// the log. The client gets the disk's error either way.
     fn track_failure(&self, applied: io::Result<()>, offset: u64, len: u64) -> io::Result<()> {
         if let Err(e) = applied {
-            tracing::error!(disk = %self.disk, offset, len, error = %e, "the disk refused a write; its range is marked for resync");
+            tracing::error!(disk = %self.disk, offset, len, error = %boomerang_core::chain(&e), "the disk refused a write; its range is marked for resync");
             let mut bitmap = self.bitmap()?;
             bitmap.mark(offset, len)?;
             bitmap.sync()?;
@@ -285,14 +285,14 @@ pub fn bitmap_path(log_dir: &std::path::Path, disk: &DiskName) -> std::path::Pat
 
 fn log_error(e: LogDirError) -> io::Error {
     // The client gets EIO (ENOSPC for a full log volume); nothing unlogged is acknowledged.
-    tracing::error!(error = %e, "could not append to the write log; the write is refused");
+    tracing::error!(error = %boomerang_core::chain(&e), "could not append to the write log; the write is refused");
     match e {
         LogDirError::Log(boomerang_core::log::LogError::Io { source, .. })
             if source.raw_os_error() == Some(28) =>
         {
             io::Error::from_raw_os_error(28)
         }
-        other => io::Error::other(other.to_string()),
+        other => io::Error::other(boomerang_core::chain(&other)),
     }
 }
 

@@ -384,7 +384,7 @@ impl LogDir {
             self.capped = true;
             // What was appended before the cap must be as durable as the disk will be.
             if let Err(e) = self.writer.sync() {
-                tracing::error!(error = %e, "could not sync the write log at its cap");
+                tracing::error!(error = %boomerang_core::chain(&e), "could not sync the write log at its cap");
             }
             tracing::warn!(
                 dir = %self.dir.display(),

@@ -65,9 +65,9 @@ async fn append(
             .map_err(|_| std::io::Error::other("the write log lock is poisoned"))?;
         let mark = log
             .mark(kind)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            .map_err(|e| std::io::Error::other(boomerang_core::chain(&e)))?;
         log.sync()
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+            .map_err(|e| std::io::Error::other(boomerang_core::chain(&e)))?;
         Ok(mark)
     })
     .await

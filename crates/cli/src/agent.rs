@@ -320,7 +320,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                     continue;
                 }
                 if let Err(e) = marks::mark(&log, kind, &hooks).await {
-                    tracing::warn!(error = %e, "could not insert a {kind:?} mark");
+                    tracing::warn!(error = %boomerang_core::chain(&e), "could not insert a {kind:?} mark");
                 }
             }
         }));

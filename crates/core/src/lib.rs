@@ -14,3 +14,36 @@ pub mod log;
 pub mod sample;
 
 pub use ids::{ChunkHash, DiskName, InvalidName, PointId, Seq};
+
+/// An error and its causes on one line, `outer: cause: root cause`, for logs and messages
+/// that would otherwise show only the outermost sentence (and lose, say, the OS error).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        // A wrapper that already quotes its cause adds nothing by repeating it.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chain_shows_the_causes_once() {
+        let io = std::io::Error::from_raw_os_error(28);
+        let e = crate::log::LogError::Io {
+            action: "append to",
+            path: "/log/seg-1.log".into(),
+            source: io,
+        };
+        let text = super::chain(&e);
+        assert!(text.starts_with("could not append to write-log segment /log/seg-1.log: "));
+        assert!(text.contains("No space left on device"), "{text}");
+    }
+}

@@ -50,7 +50,7 @@ pub(crate) fn spawn(
         let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(%stream, error = %e, "could not start the applier");
+                tracing::error!(%stream, error = %boomerang_core::chain(&e), "could not start the applier");
                 return;
             }
         };
@@ -68,7 +68,7 @@ pub(crate) fn spawn(
             match runtime.block_on(applier.run(durable.clone())) {
                 Ok(()) => return,
                 Err(e) => {
-                    tracing::error!(%stream, error = %e, retry_in = ?backoff, "applying the incoming log stopped; retrying");
+                    tracing::error!(%stream, error = %boomerang_core::chain(&e), retry_in = ?backoff, "applying the incoming log stopped; retrying");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
@@ -76,7 +76,7 @@ pub(crate) fn spawn(
         }
     });
     if let Err(e) = started {
-        tracing::error!(error = %e, "could not start an applier thread");
+        tracing::error!(error = %boomerang_core::chain(&e), "could not start an applier thread");
     }
 }
 
@@ -249,7 +249,7 @@ impl Applier {
         // Applied and committed: the incoming log is kept for its window, then dropped.
         let incoming = self.retention.join("incoming").join(&self.stream);
         if let Err(e) = boomerang_wire::cache::release_older(&incoming, seq, self.log_window) {
-            tracing::warn!(stream = %self.stream, error = %e, "could not drop applied incoming segments");
+            tracing::warn!(stream = %self.stream, error = %boomerang_core::chain(&e), "could not drop applied incoming segments");
         }
         Ok(())
     }

@@ -180,7 +180,7 @@ impl Lease {
             .delete(&Path::from(self.path.as_str()))
             .await
         {
-            tracing::warn!(lease = %self.path, error = %e, "could not release a lease; it will go stale");
+            tracing::warn!(lease = %self.path, error = %boomerang_core::chain(&e), "could not release a lease; it will go stale");
         }
     }
 }

@@ -121,11 +121,11 @@ impl Receiver {
                         let me = self.clone();
                         tokio::spawn(async move {
                             if let Err(e) = me.connection(tcp).await {
-                                tracing::warn!(peer = %addr, error = %e, "replication connection ended");
+                                tracing::warn!(peer = %addr, error = %boomerang_core::chain(&e), "replication connection ended");
                             }
                         });
                     }
-                    Err(e) => tracing::warn!(error = %e, "could not accept a connection"),
+                    Err(e) => tracing::warn!(error = %boomerang_core::chain(&e), "could not accept a connection"),
                 },
                 _ = shutdown.changed() => {
                     if *shutdown.borrow() {
@@ -285,7 +285,7 @@ impl Receiver {
             .map_err(|e| WireError::Protocol(e.to_string()))?;
             cache = back;
             if let Err(e) = persisted {
-                tracing::error!(%stream, error = %e, "could not persist records in the cache");
+                tracing::error!(%stream, error = %boomerang_core::chain(&e), "could not persist records in the cache");
                 wr.refuse(
                     ErrorCode::Unavailable,
                     &format!("the process server's cache failed: {e}"),

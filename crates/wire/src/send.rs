@@ -99,7 +99,7 @@ pub async fn ship<S: Source>(log: Arc<S>, config: ShipConfig, mut stop: watch::R
         match ended {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(to = %config.addr, stream = %config.stream, error = %e, retry_in = ?backoff, "log sending stopped; retrying");
+                tracing::warn!(to = %config.addr, stream = %config.stream, error = %boomerang_core::chain(&e), retry_in = ?backoff, "log sending stopped; retrying");
             }
         }
         tokio::select! {
