@@ -141,10 +141,17 @@ impl CaptureDevice {
     /// disk, so it lands in the log exactly where it was read: a change logged before it is
     /// already in it, one logged after it is applied after it downstream.
     pub fn copy_chunk(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.relog(offset, len, false)
+    }
+
+    /// Reads `len` bytes of the disk from `offset` under the log lock, once every change
+    /// logged before reached the disk, and logs them as writes of its 64 KiB blocks; blocks of
+    /// zeros are left out, or logged as `Zero` records with `zeros`.
+    fn relog(&self, offset: u64, len: u64, zeros: bool) -> io::Result<()> {
         let mut log = self.log()?;
         if log.is_capped() {
             return Err(io::Error::other(
-                "the write log is capped: the initial copy waits for a resync",
+                "the write log is capped: the copy waits for it to drain",
             ));
         }
         log.wait_applied();
@@ -152,11 +159,17 @@ impl CaptureDevice {
         let mut buf = vec![0u8; len as usize];
         self.inner.read_at(&mut buf, offset)?;
         for (k, piece) in buf.chunks(COPY_BLOCK).enumerate() {
-            if piece.iter().all(|&b| b == 0) {
-                continue;
-            }
             let at = offset + (k * COPY_BLOCK) as u64;
-            log.append_write(&self.disk, at, piece).map_err(log_error)?;
+            if !piece.iter().all(|&b| b == 0) {
+                log.append_write(&self.disk, at, piece).map_err(log_error)?;
+            } else if zeros {
+                let op = Op::Zero {
+                    disk: self.disk.clone(),
+                    offset: at,
+                    len: piece.len() as u64,
+                };
+                log.append(op).map_err(log_error)?;
+            }
         }
         Ok(())
     }
@@ -170,31 +183,7 @@ impl CaptureDevice {
     /// blocks included, since the replica holds older data there) and clears it from the
     /// bitmap. A change to the range meanwhile is logged: the log is no longer capped.
     pub fn resend(&self, offset: u64, len: u64) -> io::Result<()> {
-        {
-            let mut log = self.log()?;
-            if log.is_capped() {
-                return Err(io::Error::other(
-                    "the write log is capped again: the resync waits for it to drain",
-                ));
-            }
-            log.wait_applied();
-            let len = len.min(self.inner.size().saturating_sub(offset));
-            let mut buf = vec![0u8; len as usize];
-            self.inner.read_at(&mut buf, offset)?;
-            for (k, piece) in buf.chunks(COPY_BLOCK).enumerate() {
-                let at = offset + (k * COPY_BLOCK) as u64;
-                if piece.iter().all(|&b| b == 0) {
-                    let op = Op::Zero {
-                        disk: self.disk.clone(),
-                        offset: at,
-                        len: piece.len() as u64,
-                    };
-                    log.append(op).map_err(log_error)?;
-                } else {
-                    log.append_write(&self.disk, at, piece).map_err(log_error)?;
-                }
-            }
-        }
+        self.relog(offset, len, true)?;
         let mut bitmap = self.bitmap()?;
         bitmap.clear(offset, len)?;
         bitmap.sync()

@@ -2,72 +2,60 @@
 //! (qemu-io, fio's nbd engine), its log replayed onto the starting image gives the live image
 //! at the last record and at an earlier sequence number, and fio verifies the replayed image.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use boomerang_testkit::{RawNbd, ci, have, run, sparse_file};
+use boomerang_testkit::{Daemon, RawNbd, ci, have, run, sparse_file};
 use serde_json::Value;
 
 fn boomerang(args: &[&str]) -> String {
     run(env!("CARGO_BIN_EXE_boomerang"), args)
 }
 
-/// A running agent; stopped with SIGTERM (by its own pid) when dropped.
-struct Agent {
-    child: Child,
-    addr: String,
+/// A running agent serving `d0` (a [`Daemon`]: killed when dropped if still running).
+struct Agent(Daemon);
+
+impl std::ops::Deref for Agent {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Agent {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.0
+    }
 }
 
 impl Agent {
     fn start(disk: &Path, log: &Path, extra: &[&str]) -> Agent {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_boomerang"))
-            .args([
-                "agent",
-                "--disk",
-                &format!("d0={}", disk.display()),
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--log-dir", log.to_str().unwrap()])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        Agent { child, addr }
+        let disk = format!("d0={}", disk.display());
+        let mut args = vec![
+            "agent",
+            "--disk",
+            &disk,
+            "--listen",
+            "127.0.0.1:0",
+            "--log-dir",
+            log.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        Agent(Daemon::start(env!("CARGO_BIN_EXE_boomerang"), &args))
     }
 
     fn uri(&self) -> String {
         format!("nbd://{}/d0", self.addr)
     }
 
+    /// Stops the agent with SIGTERM and checks that it stopped cleanly.
     fn stop(mut self) {
         self.terminate();
     }
 
     fn terminate(&mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let status = self.child.wait().unwrap();
+        let status = self.signal("-TERM");
         assert!(status.success(), "the agent exited with {status}");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -284,9 +272,7 @@ fn kill_9_loses_no_acknowledged_write() {
         acked
     });
     std::thread::sleep(std::time::Duration::from_millis(400));
-    let pid = agent.child.id().to_string();
-    Command::new("kill").args(["-KILL", &pid]).status().unwrap();
-    let _ = agent.child.wait();
+    agent.signal("-KILL");
     let acked = writer.join().unwrap();
     assert!(
         acked > 100 && acked < BLOCKS,

@@ -3,56 +3,19 @@
 //! `kill -9` of any hop, cut links, delays and throttling; recovery points are the source at
 //! their marks; a disk's existing content is copied before its first point.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use boomerang_testkit::{RawNbd, run, sparse_file};
+use boomerang_testkit::{Daemon, RawNbd, run, sparse_file};
 
 fn boomerang(args: &[&str]) -> String {
     run(env!("CARGO_BIN_EXE_boomerang"), args)
 }
 
-/// A `boomerang` process that announces `listening on ADDR` first; killed when dropped.
-struct Daemon {
-    child: Child,
-    addr: String,
-}
-
-impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_boomerang"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        Daemon { child, addr }
-    }
-
-    fn signal(&mut self, sig: &str) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args([sig, &pid]).status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// A `boomerang` server process (see [`boomerang_testkit::Daemon`]).
+fn daemon(args: &[&str]) -> Daemon {
+    Daemon::start(env!("CARGO_BIN_EXE_boomerang"), args)
 }
 
 /// A site: its CA, with certificates for the process server ps1 and the master target mt1
@@ -79,7 +42,7 @@ fn site(dir: &Path) -> PathBuf {
 }
 
 fn master_target(ca: &Path, retention: &Path, listen: &str) -> Daemon {
-    Daemon::start(&[
+    daemon(&[
         "master-target",
         "--listen",
         listen,
@@ -95,7 +58,13 @@ fn master_target(ca: &Path, retention: &Path, listen: &str) -> Daemon {
 }
 
 /// A process server; it forwards to `master_target` when given.
-fn process_server(ca: &Path, cache: &Path, listen: &str, master_target: Option<&str>) -> Daemon {
+fn process_server(
+    ca: &Path,
+    cache: &Path,
+    listen: &str,
+    master_target: Option<&str>,
+    extra: &[&str],
+) -> Daemon {
     let mut args = vec![
         "process-server".to_string(),
         "--listen".into(),
@@ -108,7 +77,28 @@ fn process_server(ca: &Path, cache: &Path, listen: &str, master_target: Option<&
     if let Some(mt) = master_target {
         args.extend(["--master-target".into(), mt.into()]);
     }
-    Daemon::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    args.extend(extra.iter().map(|s| s.to_string()));
+    daemon(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// `agent log inspect --output json`.
+fn inspect(log: &Path) -> serde_json::Value {
+    serde_json::from_str(&boomerang(&[
+        "agent",
+        "log",
+        "inspect",
+        log.to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap()
+}
+
+/// A sparse file of `blocks` 4 KiB blocks of zeros in `dir`.
+fn blank(dir: &Path, name: &str, blocks: u64) -> PathBuf {
+    let path = dir.join(name);
+    sparse_file(&path, blocks * 4096);
+    path
 }
 
 /// The agent of web01 serving `disk` as d0 and shipping to `process_server`.
@@ -127,7 +117,7 @@ fn agent(ca: &Path, disk: &Path, log: &Path, process_server: &str, extra: &[&str
         ca.join("issued/web01").display().to_string(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    Daemon::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    daemon(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// Waits until `point` of d0 in the replica store exports `want` (or, without one, until it
@@ -179,14 +169,12 @@ const BLOCKS: u64 = 1024;
 fn the_agent_streams_every_write_to_the_process_server_through_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let ca = site(dir.path());
-    let disk = dir.path().join("disk.img");
-    sparse_file(&disk, BLOCKS * 4096);
-    let base = dir.path().join("base.img");
-    std::fs::copy(&disk, &base).unwrap();
+    let disk = blank(dir.path(), "disk.img", BLOCKS);
+    let base = blank(dir.path(), "base.img", BLOCKS);
     let cache = dir.path().join("cache");
     let log = dir.path().join("log");
 
-    let mut ps = process_server(&ca, &cache, "127.0.0.1:0", None);
+    let mut ps = process_server(&ca, &cache, "127.0.0.1:0", None, &[]);
     let ps_addr = ps.addr.clone();
     let agent = agent(
         &ca,
@@ -203,7 +191,7 @@ fn the_agent_streams_every_write_to_the_process_server_through_a_crash() {
     // The process server dies without warning; writes go on into the agent's log meanwhile.
     ps.signal("-KILL");
     write_round(&mut client, &mut cookie, 2, 2, BLOCKS);
-    let mut ps = process_server(&ca, &cache, &ps_addr, None);
+    let mut ps = process_server(&ca, &cache, &ps_addr, None, &[]);
     write_round(&mut client, &mut cookie, 3, 5, BLOCKS);
 
     // Everything the agent logged arrives: the cache replayed onto the starting image is the
@@ -258,8 +246,7 @@ fn the_agent_streams_every_write_to_the_process_server_through_a_crash() {
 fn agent_process_server_and_master_target_make_points_equal_to_the_source() {
     let dir = tempfile::tempdir().unwrap();
     let ca = site(dir.path());
-    let disk = dir.path().join("disk.img");
-    sparse_file(&disk, BLOCKS * 4096);
+    let disk = blank(dir.path(), "disk.img", BLOCKS);
     let retention = dir.path().join("retention");
     let mut mt = master_target(&ca, &retention, "127.0.0.1:0");
     let mt_addr = mt.addr.clone();
@@ -268,6 +255,7 @@ fn agent_process_server_and_master_target_make_points_equal_to_the_source() {
         &dir.path().join("cache"),
         "127.0.0.1:0",
         Some(&mt_addr),
+        &[],
     );
     let log = dir.path().join("log");
     let agent = agent(&ca, &disk, &log, &ps.addr, &["--mark-interval", "0.2"]);
@@ -292,8 +280,7 @@ fn a_disk_with_content_is_copied_before_its_first_point() {
     let dir = tempfile::tempdir().unwrap();
     let ca = site(dir.path());
     // 8 MiB of data with holes, written before the agent ever saw the disk.
-    let disk = dir.path().join("disk.img");
-    sparse_file(&disk, 8 << 20);
+    let disk = blank(dir.path(), "disk.img", 2048);
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
@@ -308,6 +295,7 @@ fn a_disk_with_content_is_copied_before_its_first_point() {
         &dir.path().join("cache"),
         "127.0.0.1:0",
         Some(&mt.addr),
+        &[],
     );
     let log = dir.path().join("log");
     let _agent = agent(&ca, &disk, &log, &ps.addr, &["--mark-interval", "0.1"]);
@@ -328,17 +316,15 @@ fn replication_survives_cuts_delays_and_kill_9_of_every_process() {
 
     let dir = tempfile::tempdir().unwrap();
     let ca = site(dir.path());
-    let disk = dir.path().join("disk.img");
-    sparse_file(&disk, BLOCKS * 4096);
-    let base = dir.path().join("base.img");
-    sparse_file(&base, BLOCKS * 4096);
+    let disk = blank(dir.path(), "disk.img", BLOCKS);
+    let base = blank(dir.path(), "base.img", BLOCKS);
     let retention = dir.path().join("retention");
     let cache = dir.path().join("cache");
 
     let mut mt = master_target(&ca, &retention, "127.0.0.1:0");
     let mt_addr = mt.addr.clone();
     let to_mt = FaultProxy::start(&mt_addr);
-    let mut ps = process_server(&ca, &cache, "127.0.0.1:0", Some(to_mt.addr()));
+    let mut ps = process_server(&ca, &cache, "127.0.0.1:0", Some(to_mt.addr()), &[]);
     let ps_addr = ps.addr.clone();
     let to_ps = FaultProxy::start(&ps_addr);
     let log = dir.path().join("log");
@@ -370,7 +356,7 @@ fn replication_survives_cuts_delays_and_kill_9_of_every_process() {
             1 => to_mt.cut(),
             2 => {
                 ps.signal("-KILL");
-                ps = process_server(&ca, &cache, &ps_addr, Some(to_mt.addr()));
+                ps = process_server(&ca, &cache, &ps_addr, Some(to_mt.addr()), &[]);
             }
             3 => {
                 mt.signal("-KILL");
@@ -446,14 +432,13 @@ fn a_long_outage_falls_back_to_the_bitmap_and_resends_only_those_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let ca = site(dir.path());
     const DISK_BLOCKS: u64 = 2048;
-    let disk = dir.path().join("disk.img");
-    sparse_file(&disk, DISK_BLOCKS * 4096);
+    let disk = blank(dir.path(), "disk.img", DISK_BLOCKS);
     let retention = dir.path().join("retention");
     let cache = dir.path().join("cache");
     let mt = master_target(&ca, &retention, "127.0.0.1:0");
     // The process server is down while the machine writes: its address is known, nobody
     // listens there.
-    let mut ps = process_server(&ca, &cache, "127.0.0.1:0", Some(&mt.addr));
+    let mut ps = process_server(&ca, &cache, "127.0.0.1:0", Some(&mt.addr), &[]);
     let ps_addr = ps.addr.clone();
     ps.signal("-TERM");
     let log = dir.path().join("log");
@@ -475,33 +460,17 @@ fn a_long_outage_falls_back_to_the_bitmap_and_resends_only_those_blocks() {
     let mut cookie = 0;
     // About 6 MiB of writes: the log stops at its cap, the rest goes to the bitmap.
     write_round(&mut client, &mut cookie, 1, 1, 1536);
-    let state: serde_json::Value = serde_json::from_str(&boomerang(&[
-        "agent",
-        "log",
-        "inspect",
-        log.to_str().unwrap(),
-        "--output",
-        "json",
-    ]))
-    .unwrap();
+    let state = inspect(&log);
     let dirty = state["bitmaps"][0]["dirty_blocks"].as_u64().unwrap();
     assert!(dirty > 0, "the log reached its cap: {state}");
 
     // The process server comes back: the log drains, then the dirty blocks are resent.
-    let _ps = process_server(&ca, &cache, &ps_addr, Some(&mt.addr));
+    let _ps = process_server(&ca, &cache, &ps_addr, Some(&mt.addr), &[]);
     write_round(&mut client, &mut cookie, 2, 7, DISK_BLOCKS);
     let live = std::fs::read(&disk).unwrap();
     let store = retention.join("replicas/web01/store");
     wait_for_point(&store, "latest", &dir.path().join("point.img"), Some(&live));
-    let state: serde_json::Value = serde_json::from_str(&boomerang(&[
-        "agent",
-        "log",
-        "inspect",
-        log.to_str().unwrap(),
-        "--output",
-        "json",
-    ]))
-    .unwrap();
+    let state = inspect(&log);
     assert_eq!(state["bitmaps"][0]["dirty_blocks"], 0, "{state}");
 }
 
@@ -509,12 +478,10 @@ fn a_long_outage_falls_back_to_the_bitmap_and_resends_only_those_blocks() {
 fn in_sync_mode_an_acknowledged_write_is_already_at_the_process_server() {
     let dir = tempfile::tempdir().unwrap();
     let ca = site(dir.path());
-    let disk = dir.path().join("disk.img");
-    sparse_file(&disk, BLOCKS * 4096);
-    let base = dir.path().join("base.img");
-    sparse_file(&base, BLOCKS * 4096);
+    let disk = blank(dir.path(), "disk.img", BLOCKS);
+    let base = blank(dir.path(), "base.img", BLOCKS);
     let cache = dir.path().join("cache");
-    let mut ps = process_server(&ca, &cache, "127.0.0.1:0", None);
+    let mut ps = process_server(&ca, &cache, "127.0.0.1:0", None, &[]);
     let agent = agent(
         &ca,
         &disk,
@@ -555,23 +522,16 @@ fn in_sync_mode_an_acknowledged_write_is_already_at_the_process_server() {
 fn the_process_server_holds_its_forwarding_to_max_rate() {
     let dir = tempfile::tempdir().unwrap();
     let ca = site(dir.path());
-    let disk = dir.path().join("disk.img");
-    sparse_file(&disk, BLOCKS * 4096);
+    let disk = blank(dir.path(), "disk.img", BLOCKS);
     let retention = dir.path().join("retention");
     let mt = master_target(&ca, &retention, "127.0.0.1:0");
-    let ps = Daemon::start(&[
-        "process-server",
-        "--listen",
+    let ps = process_server(
+        &ca,
+        &dir.path().join("cache"),
         "127.0.0.1:0",
-        "--tls",
-        ca.join("issued/ps1").to_str().unwrap(),
-        "--cache",
-        dir.path().join("cache").to_str().unwrap(),
-        "--master-target",
-        &mt.addr,
-        "--max-rate",
-        "1MiB",
-    ]);
+        Some(&mt.addr),
+        &["--max-rate", "1MiB"],
+    );
     let agent = agent(
         &ca,
         &disk,

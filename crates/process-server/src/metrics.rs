@@ -1,5 +1,5 @@
-//! What the process server measures, per stream, and serves on `/metrics` (Prometheus text
-//! format) next to `/healthz`:
+//! What the process server measures, per stream, for `/metrics` (Prometheus text format,
+//! served by `boomerang_wire::http`):
 //!
 //! - `boomerang_received_seq`: the last record durable in the cache;
 //! - `boomerang_forwarded_seq`: the last record the master target holds durable;
@@ -14,7 +14,6 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use boomerang_core::Seq;
-use tokio::net::TcpListener;
 
 #[derive(Default)]
 struct Stream {
@@ -112,10 +111,4 @@ impl Metrics {
         }
         out
     }
-}
-
-/// Serves `/healthz` and `/metrics` on `listener` (see [`boomerang_wire::http`]).
-pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) {
-    boomerang_wire::http::serve_metrics(listener, std::sync::Arc::new(move || metrics.render()))
-        .await
 }

@@ -133,7 +133,10 @@ async fn start_with_metrics(
     tokio::spawn(Arc::clone(&server).serve(listener, stopped));
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_addr = http.local_addr().unwrap().to_string();
-    tokio::spawn(boomerang_process_server::metrics::serve(http, metrics));
+    tokio::spawn(boomerang_wire::http::serve_metrics(
+        http,
+        Arc::new(move || metrics.render()),
+    ));
     ((addr, stop), metrics_addr)
 }
 

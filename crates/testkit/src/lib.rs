@@ -237,3 +237,49 @@ impl Drop for FaultProxy {
         self.cut();
     }
 }
+
+/// A server process started for a test that prints `listening on ADDR` as its first line of
+/// stdout; killed (by its own pid) when dropped if it still runs.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Daemon {
+    /// Starts `bin` with `args` and waits for its address.
+    pub fn start(bin: &str, args: &[&str]) -> Daemon {
+        use std::io::BufRead;
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not start {bin}: {e}"));
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the first line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?} from {bin} {args:?}"))
+            .to_string();
+        Daemon { child, addr }
+    }
+
+    /// Sends `sig` (such as `-KILL` or `-TERM`) to the process and waits for it to end.
+    pub fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args([sig, &pid]).status();
+        self.child.wait().expect("wait for the process")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
