@@ -113,16 +113,5 @@ print(f"Log volume, sequential O_DIRECT write: {device:,.0f} MiB/s, {device/peer
       "sequential write: the most a capture that logs every byte can sustain on this machine.")
 PY
 if [ "${WRITE_DOCS:-0}" = 1 ]; then
-  python3 - "$work/report.md" <<'PY'
-import re, sys, datetime, os
-report = open(sys.argv[1]).read()
-path = "docs/benchmarks.md"
-doc = open(path).read()
-section = f"## NBD with write capture (`bench/nbd.sh`)\n\nRun on {datetime.date.today()} ({os.cpu_count()} cores).\n\n{report}\n"
-if "## NBD with write capture" in doc:
-    doc = re.sub(r"## NBD with write capture \(`bench/nbd.sh`\).*?(?=\n## |\Z)", lambda m: section.rstrip("\n") + "\n", doc, flags=re.S)
-else:
-    doc = doc.rstrip("\n") + "\n\n" + section
-open(path, "w").write(doc.rstrip("\n") + "\n")
-PY
+  bench/write-docs.py 'NBD with write capture (`bench/nbd.sh`)' "$work/report.md"
 fi

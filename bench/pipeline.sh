@@ -93,16 +93,5 @@ for mode, label in [("capture", "capture only (no replication)"), ("async", "asy
     print(f"| {label} | {iops:,.0f} | {iops/base:.2f}x | {p50:,.0f} us | {p99:,.0f} us | {fmt(rpo)} | {fmt(worst)} |")
 PY
 if [ "${WRITE_DOCS:-0}" = 1 ]; then
-  python3 - "$work/report.md" <<'PY'
-import re, sys, datetime, os
-report = open(sys.argv[1]).read()
-path = "docs/benchmarks.md"
-doc = open(path).read()
-section = f"## Replication (`bench/pipeline.sh`)\n\nRun on {datetime.date.today()} ({os.cpu_count()} cores).\n\n{report}\n"
-if "## Replication (`bench/pipeline.sh`)" in doc:
-    doc = re.sub(r"## Replication \(`bench/pipeline.sh`\).*?(?=\n## |\Z)", lambda m: section.rstrip("\n") + "\n", doc, flags=re.S)
-else:
-    doc = doc.rstrip("\n") + "\n\n" + section
-open(path, "w").write(doc.rstrip("\n") + "\n")
-PY
+  bench/write-docs.py 'Replication (`bench/pipeline.sh`)' "$work/report.md"
 fi

@@ -104,13 +104,5 @@ print()
 print("Peak RSS per verb (KiB): " + ", ".join(f"{k} {v[1]}" for k, v in sorted(t.items()) if not k.startswith(("restic", "initial_restic", "b3sum", "cp"))))
 PY
 if [ "${WRITE_DOCS:-0}" = 1 ]; then
-  python3 - "$work/report.md" <<'PY'
-import re, sys, datetime, platform, os
-report = open(sys.argv[1]).read()
-path = "docs/benchmarks.md"
-doc = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nResults of `bench/*.sh` on the project's CI machine kind (2 cores, 24 GiB). Ratios compare Boomerang with a peer measured in the same run.\n"
-section = f"## Replica store (`bench/store.sh`)\n\nRun on {datetime.date.today()} ({os.cpu_count()} cores, {platform.machine()}).\n\n{report}\n"
-doc = re.sub(r"## Replica store \(`bench/store.sh`\).*?(?=\n## |\Z)", lambda m: section.rstrip("\n"), doc, flags=re.S) if "## Replica store" in doc else doc.rstrip("\n") + "\n\n" + section
-open(path, "w").write(doc.rstrip("\n") + "\n")
-PY
+  bench/write-docs.py 'Replica store (`bench/store.sh`)' "$work/report.md"
 fi
