@@ -25,6 +25,8 @@ pub struct DirtyBitmap {
     path: PathBuf,
     bits: Vec<u8>,
     block: u64,
+    /// Bits set, kept as they change: asked for often, and a count walks the whole map.
+    set: u64,
 }
 
 impl DirtyBitmap {
@@ -76,11 +78,13 @@ impl DirtyBitmap {
         }
         file.read_exact_at(&mut bits, HEADER_LEN)
             .map_err(|_| bad("is truncated"))?;
+        let set = bits.iter().map(|b| u64::from(b.count_ones())).sum();
         Ok(DirtyBitmap {
             file,
             path: path.to_path_buf(),
             bits,
             block: BLOCK,
+            set,
         })
     }
 
@@ -144,6 +148,8 @@ impl DirtyBitmap {
             // On disk first: a bit changes in memory only once it is written, so a failed
             // write is retried by the next update of that block.
             self.file.write_all_at(&updated, HEADER_LEN + lo as u64)?;
+            let ones = |b: &[u8]| b.iter().map(|x| u64::from(x.count_ones())).sum::<u64>();
+            self.set = self.set - ones(&self.bits[lo..=hi]) + ones(&updated);
             self.bits[lo..=hi].copy_from_slice(&updated);
         }
         Ok(())
@@ -155,7 +161,7 @@ impl DirtyBitmap {
 
     /// Dirty blocks.
     pub fn count(&self) -> u64 {
-        self.bits.iter().map(|b| u64::from(b.count_ones())).sum()
+        self.set
     }
 
     /// Byte ranges of dirty blocks, merged, for a resync.

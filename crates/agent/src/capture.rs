@@ -179,6 +179,11 @@ impl CaptureDevice {
         Ok(self.bitmap()?.ranges(self.inner.size()))
     }
 
+    /// Whether the dirty-block bitmap has any block set (without walking it).
+    pub fn is_dirty(&self) -> io::Result<bool> {
+        Ok(self.bitmap()?.count() > 0)
+    }
+
     /// Sends a dirty range again through the log (as [`CaptureDevice::copy_chunk`], zero
     /// blocks included, since the replica holds older data there) and clears it from the
     /// bitmap. A change to the range meanwhile is logged: the log is no longer capped.

@@ -39,9 +39,9 @@ pub fn hold_marks(log: &Mutex<LogDir>, disks: &[Arc<CaptureDevice>]) {
         return;
     };
     let dir = l.dir().to_path_buf();
-    let unfinished = disks.iter().any(|d| {
-        !copied(&dir, d.disk().as_str()) || d.dirty_ranges().map_or(true, |r| !r.is_empty())
-    });
+    let unfinished = disks
+        .iter()
+        .any(|d| !copied(&dir, d.disk().as_str()) || d.is_dirty().unwrap_or(true));
     if unfinished {
         l.set_syncing(true);
     }
@@ -89,11 +89,12 @@ async fn pass(
     }
     let mut busy = false;
     for device in disks {
-        let ranges = device.dirty_ranges().map_err(|e| e.to_string())?;
+        let dirty = device.is_dirty().map_err(|e| e.to_string())?;
         let pending = !copied(dir, device.disk().as_str());
-        if ranges.is_empty() && !pending {
+        if !dirty && !pending {
             continue;
         }
+        let ranges = device.dirty_ranges().map_err(|e| e.to_string())?;
         if !busy {
             busy = true;
             log.lock()
@@ -115,9 +116,9 @@ async fn pass(
         }
     }
     Ok(!busy
-        || disks.iter().all(|d| {
-            copied(dir, d.disk().as_str()) && d.dirty_ranges().is_ok_and(|r| r.is_empty())
-        }))
+        || disks
+            .iter()
+            .all(|d| copied(dir, d.disk().as_str()) && d.is_dirty().is_ok_and(|x| !x)))
 }
 
 /// The initial copy of one disk, from where it stopped.
