@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 
-use boomerang_core::log::{FrameError as RecordError, decode_frame};
+use boomerang_core::log::{FrameError as RecordError, decode_frame, verify_frame};
 use boomerang_core::{DiskName, Seq};
 
 /// The first bytes a client sends, before its first frame.
@@ -153,6 +153,8 @@ pub struct Records {
     first: Seq,
     last: Seq,
     count: usize,
+    /// The disks the records name, each once.
+    disks: Vec<DiskName>,
 }
 
 impl Records {
@@ -162,21 +164,28 @@ impl Records {
         let mut first = None;
         let mut last: Option<Seq> = None;
         let mut count = 0;
+        let mut disks: Vec<DiskName> = Vec::new();
         while at < bytes.len() {
-            let (record, len) =
-                decode_frame(&bytes[at..]).map_err(|source| DecodeError::Record { at, source })?;
+            // Checked whole (CRC, layout, limits), and the data is not copied.
+            let info =
+                verify_frame(&bytes[at..]).map_err(|source| DecodeError::Record { at, source })?;
             if let Some(prev) = last
-                && record.seq <= prev
+                && info.seq <= prev
             {
                 return Err(DecodeError::RecordOrder {
-                    seq: record.seq,
+                    seq: info.seq,
                     prev,
                 });
             }
-            first.get_or_insert(record.seq);
-            last = Some(record.seq);
+            if let Some(disk) = info.disk
+                && !disks.contains(&disk)
+            {
+                disks.push(disk);
+            }
+            first.get_or_insert(info.seq);
+            last = Some(info.seq);
             count += 1;
-            at += len;
+            at += info.len;
         }
         match (first, last) {
             (Some(first), Some(last)) => Ok(Records {
@@ -184,9 +193,15 @@ impl Records {
                 first,
                 last,
                 count,
+                disks,
             }),
             _ => Err(DecodeError::NoRecords),
         }
+    }
+
+    /// The disks the records name, each once.
+    pub fn disks(&self) -> &[DiskName] {
+        &self.disks
     }
 
     /// The record frames, as sent.

@@ -90,11 +90,7 @@ impl Inbound {
                 ),
             });
         }
-        if let Some(disk) = records
-            .iter()
-            .filter_map(|r| r.op.disk().cloned())
-            .find(|d| !self.disks.contains(d))
-        {
+        if let Some(disk) = records.disks().iter().find(|d| !self.disks.contains(d)) {
             return Err(Violation {
                 code: ErrorCode::UnknownDisk,
                 message: format!("a record names disk {disk}, which this stream did not open"),

@@ -53,9 +53,9 @@ mod segment;
 pub use dir::{Batch, LogTail, TailError, first_seq_of, segment_files, segment_name};
 pub use error::LogError;
 pub use record::{
-    FRAME_HEADER_LEN, FRAME_OVERHEAD, FRAME_TRAILER_LEN, FrameCheck, FrameError, MAX_BODY_LEN,
-    MAX_FRAME_LEN, MAX_WRITE_DATA, MarkId, MarkKind, Op, Record, UnixNanos, check_frame,
-    decode_frame, encode_write_head, mark_of,
+    FRAME_HEADER_LEN, FRAME_OVERHEAD, FRAME_TRAILER_LEN, FrameCheck, FrameError, FrameInfo,
+    MAX_BODY_LEN, MAX_FRAME_LEN, MAX_WRITE_DATA, MarkId, MarkKind, Op, Record, UnixNanos,
+    check_frame, decode_frame, encode_write_head, mark_of, verify_frame,
 };
 pub use segment::{
     AppendOutcome, DecodedSegment, Evidence, HeaderError, MIN_SEGMENT_LEN, Recovered, Repair,

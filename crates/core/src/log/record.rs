@@ -248,6 +248,46 @@ pub fn mark_of(buf: &[u8]) -> Option<(Seq, MarkKind, MarkId, UnixNanos)> {
 /// checked before anything else inside the frame, so any error other than `Incomplete`,
 /// `TooLong` and `Crc` means the bytes are exactly as some writer wrote them.
 pub fn decode_frame(buf: &[u8]) -> Result<(Record, usize), FrameError> {
+    let (kind, seq, body, len) = frame_parts(buf)?;
+    let op = decode_body(kind, body, true)?;
+    op.validate()?;
+    Ok((Record { seq, op }, len))
+}
+
+/// What [`verify_frame`] found in a frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrameInfo {
+    pub seq: Seq,
+    /// The disk the record applies to; `None` for a mark.
+    pub disk: Option<DiskName>,
+    /// The frame's length.
+    pub len: usize,
+}
+
+/// Checks the frame at the start of `buf` exactly as [`decode_frame`] does (length, CRC,
+/// layout, limits), without copying a write's data: for a hop that keeps the bytes as they
+/// came.
+pub fn verify_frame(buf: &[u8]) -> Result<FrameInfo, FrameError> {
+    let (kind, seq, body, len) = frame_parts(buf)?;
+    let op = decode_body(kind, body, false)?;
+    op.validate()?;
+    if let Op::Write { offset, .. } = &op {
+        // The data was left in the frame: check its limits here.
+        let data = body.len() - (1 + op.disk().map_or(0, |d| d.as_str().len()) + 8);
+        if data > MAX_WRITE_DATA {
+            return Err(FrameError::DataTooLong { len: data });
+        }
+        check_range(*offset, data as u64)?;
+    }
+    Ok(FrameInfo {
+        seq,
+        disk: op.disk().cloned(),
+        len,
+    })
+}
+
+/// A whole frame's kind, sequence number, body and length, once its length and CRC hold.
+fn frame_parts(buf: &[u8]) -> Result<(u8, Seq, &[u8], usize), FrameError> {
     let len = match check_frame(buf)? {
         FrameCheck::Complete { len } => len,
         FrameCheck::Incomplete { needed } => return Err(FrameError::Incomplete { needed }),
@@ -271,21 +311,22 @@ pub fn decode_frame(buf: &[u8]) -> Result<(Record, usize), FrameError> {
         return Err(FrameError::ReservedNotZero);
     }
     let seq = Seq(u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]));
-    let op = decode_body(kind, body)?;
-    op.validate()?;
-    Ok((Record { seq, op }, len))
+    Ok((kind, seq, body, len))
 }
 
-fn decode_body(kind: u8, body: &[u8]) -> Result<Op, FrameError> {
+/// Decodes a record body. Without `copy`, a write's data stays in the frame and the `Op`
+/// carries none (for [`verify_frame`]).
+fn decode_body(kind: u8, body: &[u8], copy: bool) -> Result<Op, FrameError> {
     let mut b = Body(body);
     let op = match kind {
         KIND_WRITE => {
             let disk = b.disk()?;
             let offset = b.u64()?;
+            let rest = b.rest();
             Op::Write {
                 disk,
                 offset,
-                data: b.rest().to_vec(),
+                data: if copy { rest.to_vec() } else { Vec::new() },
             }
         }
         KIND_ZERO => Op::Zero {
@@ -951,6 +992,25 @@ pub(crate) mod tests {
             if let Ok((record, n)) = decode_frame(&frame) {
                 prop_assert_eq!(&encode(&record)[..], &frame[..n]);
             }
+            // Verifying without copying takes exactly what decoding takes.
+            prop_assert_eq!(
+                verify_frame(&frame),
+                decode_frame(&frame).map(|(r, len)| FrameInfo {
+                    seq: r.seq,
+                    disk: r.op.disk().cloned(),
+                    len
+                })
+            );
+        }
+
+        #[test]
+        fn verifying_agrees_with_decoding(seq in any::<u64>(), op in arb_op()) {
+            let record = Record { seq: Seq(seq), op };
+            let bytes = encode(&record);
+            prop_assert_eq!(
+                verify_frame(&bytes),
+                Ok(FrameInfo { seq: record.seq, disk: record.op.disk().cloned(), len: bytes.len() })
+            );
         }
     }
 }
