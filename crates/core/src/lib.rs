@@ -11,6 +11,7 @@
 
 pub mod ids;
 pub mod log;
+pub mod pack;
 pub mod sample;
 
 pub use ids::{ChunkHash, DiskName, InvalidName, PointId, Seq};

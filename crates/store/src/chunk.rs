@@ -22,7 +22,6 @@ pub const HEADER_LEN: usize = 12;
 pub const MAX_RAW_LEN: usize = 4 << 20;
 const CODEC_RAW: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
-const ZSTD_LEVEL: i32 = 3;
 
 /// The name of a block's content.
 pub fn hash(data: &[u8]) -> ChunkHash {
@@ -42,10 +41,10 @@ pub fn is_zero(data: &[u8]) -> bool {
 /// Encodes a block as a chunk object.
 pub fn encode(data: &[u8]) -> Vec<u8> {
     let raw_len = u32::try_from(data.len()).expect("blocks are at most 4 MiB");
-    let compressed = zstd::bulk::compress(data, ZSTD_LEVEL).ok();
+    let compressed = boomerang_core::pack::compress_within(data, data.len() - data.len() / 32);
     let (codec, payload): (u8, &[u8]) = match &compressed {
-        Some(c) if c.len() < data.len() - data.len() / 32 => (CODEC_ZSTD, c),
-        _ => (CODEC_RAW, data),
+        Some(c) => (CODEC_ZSTD, c),
+        None => (CODEC_RAW, data),
     };
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(MAGIC);

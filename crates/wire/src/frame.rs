@@ -547,8 +547,6 @@ pub enum EncodeError {
         "records of {0} bytes are more than one frame may carry ({MAX_PAYLOAD}): send fewer at once"
     )]
     TooLong(usize),
-    #[error("could not compress records: {0}")]
-    Compress(String),
 }
 
 impl Frame {
@@ -643,10 +641,9 @@ impl Frame {
             }
             Frame::Bye => T_BYE,
             Frame::RecordsZstd(records) => {
-                let packed = zstd::bulk::compress(records.bytes(), ZSTD_LEVEL)
-                    .map_err(|e| EncodeError::Compress(e.to_string()))?;
-                if packed.len() + 4 < records.bytes().len() {
-                    out.extend_from_slice(&(records.bytes().len() as u32).to_le_bytes());
+                let raw = records.bytes();
+                if let Some(packed) = boomerang_core::pack::compress_within(raw, raw.len().saturating_sub(4)) {
+                    out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
                     out.extend_from_slice(&packed);
                     T_RECORDS_ZSTD
                 } else {
@@ -667,9 +664,6 @@ impl Frame {
         Ok(header(len, T_RECORDS))
     }
 }
-
-/// zstd's level for records on the wire: fast, and most of the gain.
-const ZSTD_LEVEL: i32 = 3;
 
 /// A compressed records payload: the uncompressed length (`u32`), then one zstd frame.
 fn decode_zstd(payload: &[u8]) -> Result<Records, DecodeError> {
