@@ -14,6 +14,8 @@ use boomerang_core::{DiskName, Seq};
 use boomerang_store::{CommitOptions, MarkKind, Store, StoreError};
 use tokio::sync::watch;
 
+use crate::digest::Position;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("could not {action} {}: {source}", path.display())]
@@ -36,7 +38,16 @@ pub fn replica_store(retention: &Path, stream: &str) -> PathBuf {
     retention.join("replicas").join(stream).join("store")
 }
 
-/// Starts the applier of `stream` on a thread of its own.
+/// The replica image of `disk` of `stream`.
+pub(crate) fn image_path(retention: &Path, stream: &str, disk: &DiskName) -> PathBuf {
+    retention
+        .join("replicas")
+        .join(stream)
+        .join(format!("{disk}.img"))
+}
+
+/// Starts the applier of `stream` on a thread of its own; it reports where it stands on
+/// `position`.
 pub(crate) fn spawn(
     retention: PathBuf,
     stream: String,
@@ -44,6 +55,7 @@ pub(crate) fn spawn(
     every: Duration,
     log_window: Duration,
     durable: watch::Receiver<Seq>,
+    position: watch::Sender<Position>,
 ) {
     let name = format!("apply-{stream}");
     let started = std::thread::Builder::new().name(name).spawn(move || {
@@ -55,7 +67,9 @@ pub(crate) fn spawn(
             }
         };
         let mut backoff = Duration::from_millis(200);
+        let mut run = 0;
         loop {
+            run += 1;
             let mut applier = Applier {
                 retention: retention.clone(),
                 stream: stream.clone(),
@@ -65,7 +79,7 @@ pub(crate) fn spawn(
                 log_window,
                 last_point: None,
             };
-            match runtime.block_on(applier.run(durable.clone())) {
+            match runtime.block_on(applier.run(durable.clone(), &position, run)) {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::error!(%stream, error = %boomerang_core::chain(&e), retry_in = ?backoff, "applying the incoming log stopped; retrying");
@@ -116,7 +130,12 @@ impl Applier {
     }
 
     /// Applies records as they become durable, until the sender side of `durable` is gone.
-    async fn run(&mut self, mut durable: watch::Receiver<Seq>) -> Result<(), ApplyError> {
+    async fn run(
+        &mut self,
+        mut durable: watch::Receiver<Seq>,
+        position: &watch::Sender<Position>,
+        run: u64,
+    ) -> Result<(), ApplyError> {
         let dir = self.dir();
         std::fs::create_dir_all(&dir).map_err(Self::io("create", &dir))?;
         let store = open_store(
@@ -127,6 +146,7 @@ impl Applier {
         let applied = read_applied(&dir.join("applied"));
         let incoming = self.retention.join("incoming").join(&self.stream);
         let mut tail = LogTail::open(&incoming, Seq(applied.0 + 1))?;
+        position.send_replace(Position { run, applied });
         loop {
             let Some(batch) = tail.next_batch(4 << 20)? else {
                 // Wait for more durable records, or look again in a while.
@@ -144,17 +164,18 @@ impl Applier {
                         why: e.to_string(),
                     })?;
                 at += len;
+                let seq = record.seq;
                 self.apply(&store, record).await?;
+                position.send_replace(Position { run, applied: seq });
             }
         }
     }
 
     fn replica(&mut self, disk: &DiskName) -> Result<&mut Replica, ApplyError> {
-        let dir = self.dir();
         match self.disks.entry(disk.clone()) {
             Entry::Occupied(o) => Ok(o.into_mut()),
             Entry::Vacant(v) => {
-                let path = dir.join(format!("{disk}.img"));
+                let path = image_path(&self.retention, &self.stream, disk);
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)

@@ -17,6 +17,7 @@
 //! order, so harmlessly) from the incoming log.
 
 mod apply;
+mod digest;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -139,6 +140,8 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartEr
     let window = config.log_window;
     let metrics = Arc::new(Metrics::default());
     let seen = metrics.clone();
+    let positions: digest::Positions = Arc::default();
+    let known = positions.clone();
     let on_durable = Arc::new(
         move |stream: &str, _disks: &[DiskName], records: &Records| {
             seen.durable(stream, records);
@@ -149,6 +152,11 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartEr
                 return;
             }
             let (tx, rx) = watch::channel(seq);
+            let (at, position) = watch::channel(digest::Position::default());
+            known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(stream.to_string(), position);
             apply::spawn(
                 retention.clone(),
                 stream.to_string(),
@@ -156,10 +164,19 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartEr
                 every,
                 window,
                 rx,
+                at,
             );
             all.insert(stream.to_string(), tx);
         },
     );
+    let retention = config.retention.clone();
+    let on_digest = Arc::new(move |request| {
+        Box::pin(digest::answer(
+            retention.clone(),
+            positions.clone(),
+            request,
+        )) as boomerang_wire::digest::DigestFuture
+    }) as boomerang_wire::digest::OnDigest;
     let receiver = Receiver::new(ReceiverConfig {
         name: config.name,
         role: Role::MasterTarget,
@@ -169,6 +186,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartEr
         tls: config.tls,
         cache: config.retention.join("incoming"),
         on_durable: Some(on_durable),
+        on_digest: Some(on_digest),
     })?;
     Ok((receiver, metrics))
 }

@@ -16,7 +16,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use boomerang_core::{DiskName, Seq};
-use boomerang_wire::{Records, Role};
+use boomerang_wire::digest;
+use boomerang_wire::{DigestRequest, Records, Role};
 
 use crate::metrics::Metrics;
 use boomerang_wire::receive::{Config as ReceiverConfig, Receiver, ServeError};
@@ -81,6 +82,25 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), ServeEr
         };
         tokio::spawn(send::ship(source, config, stopped.clone()));
     }) as boomerang_wire::receive::OnDurable;
+    // Digests come from the master target, which holds the replicas.
+    let relay = config.master_target.clone().map(|addr| {
+        let (tls, name) = (config.tls.clone(), config.name.clone());
+        Arc::new(move |request: DigestRequest| {
+            let (tls, name, addr) = (tls.clone(), name.clone(), addr.clone());
+            Box::pin(async move {
+                digest::query(
+                    &tls,
+                    &addr,
+                    Role::ProcessServer,
+                    &name,
+                    Role::MasterTarget,
+                    request,
+                )
+                .await
+                .map_err(|e| boomerang_core::chain(&e))
+            }) as digest::DigestFuture
+        }) as digest::OnDigest
+    });
     let receiver = Receiver::new(ReceiverConfig {
         name: config.name,
         role: Role::ProcessServer,
@@ -91,6 +111,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), ServeEr
         tls: config.tls,
         cache: config.cache,
         on_durable: Some(on_durable),
+        on_digest: relay,
     })?;
     Ok((receiver, metrics))
 }

@@ -38,6 +38,37 @@ const T_PONG: u8 = 8;
 const T_ERROR: u8 = 9;
 const T_BYE: u8 = 10;
 const T_RECORDS_ZSTD: u8 = 11;
+const T_DIGEST_REQUEST: u8 = 12;
+const T_DIGEST: u8 = 13;
+
+/// The block a digest hashes: the agent's copy block.
+pub const DIGEST_BLOCK: u64 = 64 * 1024;
+/// The most blocks one digest covers (1 GiB of disk, 512 KiB of hashes).
+pub const MAX_DIGEST_BLOCKS: u32 = 16 * 1024;
+
+/// Client → server, in place of an open: the hashes of a disk's replica, for blocks
+/// `first_block..first_block + count` of [`DIGEST_BLOCK`] bytes, once every record of `stream`
+/// up to `after` is applied to it. A process server relays it to its master target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DigestRequest {
+    pub stream: String,
+    pub disk: DiskName,
+    pub after: Seq,
+    pub first_block: u64,
+    pub count: u32,
+}
+
+/// Server → client: the answer to a [`DigestRequest`], after which the connection ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Digest {
+    /// The records applied to the replica when it was hashed: at least the request's `after`.
+    pub at: Seq,
+    /// Whether the master target holds a replica of the disk at all (none: it is all zeros).
+    pub replica: bool,
+    /// BLAKE3 of each block from the first asked for, at most `count`; fewer when the replica
+    /// ends first (a short last block is hashed as it is).
+    pub hashes: Vec<[u8; 32]>,
+}
 
 /// What a peer is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -308,6 +339,8 @@ pub enum Frame {
     /// Client → server: records, compressed with zstd on the wire (or plain, when that is not
     /// smaller); they count against the credit by their uncompressed bytes.
     RecordsZstd(Records),
+    DigestRequest(DigestRequest),
+    Digest(Digest),
 }
 
 /// Why bytes are not a valid frame.
@@ -356,11 +389,11 @@ pub enum Decoded {
 pub fn parse_header(header: &[u8; HEADER_LEN]) -> Result<(usize, u8), DecodeError> {
     let [a, b, c, d, kind, flags, r0, r1] = *header;
     let len = u32::from_le_bytes([a, b, c, d]);
-    if !(T_HELLO..=T_RECORDS_ZSTD).contains(&kind) {
+    if !(T_HELLO..=T_DIGEST).contains(&kind) {
         return Err(DecodeError::UnknownType(kind));
     }
-    // Only records are large: any other frame fits in a few KiB.
-    let max = if kind == T_RECORDS || kind == T_RECORDS_ZSTD {
+    // Only records and digests are large: any other frame fits in a few KiB.
+    let max = if kind == T_RECORDS || kind == T_RECORDS_ZSTD || kind == T_DIGEST {
         MAX_PAYLOAD
     } else {
         MAX_CONTROL_PAYLOAD
@@ -458,6 +491,46 @@ pub fn decode_payload(kind: u8, payload: Bytes) -> Result<Frame, DecodeError> {
             }
         }
         T_BYE => Frame::Bye,
+        T_DIGEST_REQUEST => {
+            let stream = p.str8()?;
+            let disk = DiskName::new(p.str8()?).map_err(|_| p.bad("invalid disk name"))?;
+            let after = Seq(p.u64()?);
+            let first_block = p.u64()?;
+            let count = p.u32()?;
+            if count > MAX_DIGEST_BLOCKS {
+                return Err(p.bad("more blocks than one digest covers"));
+            }
+            Frame::DigestRequest(DigestRequest {
+                stream,
+                disk,
+                after,
+                first_block,
+                count,
+            })
+        }
+        T_DIGEST => {
+            let at = Seq(p.u64()?);
+            let replica = match p.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(p.bad("the replica flag is neither 0 nor 1")),
+            };
+            let n = p.u32()?;
+            if n > MAX_DIGEST_BLOCKS || (!replica && n > 0) {
+                return Err(p.bad("more hashes than a digest holds"));
+            }
+            let mut hashes = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(p.take(32)?);
+                hashes.push(h);
+            }
+            Frame::Digest(Digest {
+                at,
+                replica,
+                hashes,
+            })
+        }
         other => return Err(DecodeError::UnknownType(other)),
     };
     if !p.buf.is_empty() {
@@ -479,6 +552,8 @@ fn kind_name(kind: u8) -> &'static str {
         T_ERROR => "error",
         T_BYE => "bye",
         T_RECORDS_ZSTD => "compressed records",
+        T_DIGEST_REQUEST => "digest request",
+        T_DIGEST => "digest",
         _ => "unknown",
     }
 }
@@ -512,6 +587,11 @@ impl Reader<'_> {
     fn u16(&mut self) -> Result<u16, DecodeError> {
         let b = self.take(2)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
     fn u64(&mut self) -> Result<u64, DecodeError> {
@@ -640,9 +720,31 @@ impl Frame {
                 T_ERROR
             }
             Frame::Bye => T_BYE,
+            Frame::DigestRequest(r) => {
+                put_str8(out, &r.stream)?;
+                put_str8(out, r.disk.as_str())?;
+                out.extend_from_slice(&r.after.0.to_le_bytes());
+                out.extend_from_slice(&r.first_block.to_le_bytes());
+                out.extend_from_slice(&r.count.min(MAX_DIGEST_BLOCKS).to_le_bytes());
+                T_DIGEST_REQUEST
+            }
+            Frame::Digest(d) => {
+                if d.hashes.len() > MAX_DIGEST_BLOCKS as usize {
+                    return Err(EncodeError::TooLong(d.hashes.len() * 32));
+                }
+                out.extend_from_slice(&d.at.0.to_le_bytes());
+                out.push(u8::from(d.replica));
+                out.extend_from_slice(&(d.hashes.len() as u32).to_le_bytes());
+                for h in &d.hashes {
+                    out.extend_from_slice(h);
+                }
+                T_DIGEST
+            }
             Frame::RecordsZstd(records) => {
                 let raw = records.bytes();
-                if let Some(packed) = boomerang_core::pack::compress_within(raw, raw.len().saturating_sub(4)) {
+                if let Some(packed) =
+                    boomerang_core::pack::compress_within(raw, raw.len().saturating_sub(4))
+                {
                     out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
                     out.extend_from_slice(&packed);
                     T_RECORDS_ZSTD
@@ -710,5 +812,63 @@ mod tests {
         // docs/protocol.md: 16 MiB + 4,189 bytes, one largest record (16 MiB + 93) plus 4 KiB.
         assert_eq!(boomerang_core::log::MAX_FRAME_LEN, (16 << 20) + 93);
         assert_eq!(MAX_PAYLOAD, (16 << 20) + 4189);
+    }
+
+    #[test]
+    fn digests_round_trip_and_are_checked() {
+        let request = Frame::DigestRequest(DigestRequest {
+            stream: "web01".into(),
+            disk: DiskName::new("d0").unwrap(),
+            after: Seq(41),
+            first_block: 16384,
+            count: MAX_DIGEST_BLOCKS,
+        });
+        let digest = Frame::Digest(Digest {
+            at: Seq(42),
+            replica: true,
+            hashes: (0..MAX_DIGEST_BLOCKS).map(|i| [i as u8; 32]).collect(),
+        });
+        for frame in [request, digest] {
+            let mut buf = Vec::new();
+            frame.encode(&mut buf).unwrap();
+            assert_eq!(decode(&buf).unwrap(), Decoded::Frame(frame, buf.len()));
+        }
+        // A digest without a replica carries no hash.
+        let mut buf = Vec::new();
+        Frame::Digest(Digest {
+            at: Seq(1),
+            replica: false,
+            hashes: vec![],
+        })
+        .encode(&mut buf)
+        .unwrap();
+        buf[HEADER_LEN + 8] = 0;
+        buf[HEADER_LEN + 9] = 1;
+        buf.extend_from_slice(&[7; 32]);
+        buf[..4].copy_from_slice(&(buf.len() as u32 - HEADER_LEN as u32).to_le_bytes());
+        assert!(matches!(
+            decode(&buf),
+            Err(DecodeError::Payload { kind: "digest", .. })
+        ));
+        // Nor more than a digest holds.
+        let mut buf = Vec::new();
+        Frame::DigestRequest(DigestRequest {
+            stream: "web01".into(),
+            disk: DiskName::new("d0").unwrap(),
+            after: Seq(0),
+            first_block: 0,
+            count: 1,
+        })
+        .encode(&mut buf)
+        .unwrap();
+        let at = buf.len() - 4;
+        buf[at..].copy_from_slice(&(MAX_DIGEST_BLOCKS + 1).to_le_bytes());
+        assert!(matches!(
+            decode(&buf),
+            Err(DecodeError::Payload {
+                kind: "digest request",
+                ..
+            })
+        ));
     }
 }

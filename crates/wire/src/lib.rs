@@ -20,6 +20,7 @@
 //! mutual TLS every connection runs in.
 
 pub mod cache;
+pub mod digest;
 pub mod frame;
 pub mod handshake;
 pub mod http;
@@ -31,8 +32,8 @@ pub mod stream;
 pub mod tls;
 
 pub use frame::{
-    DecodeError, Decoded, EncodeError, ErrorCode, Frame, MAX_DISKS, MAX_PAYLOAD, Records, Role,
-    decode,
+    DIGEST_BLOCK, DecodeError, Decoded, Digest, DigestRequest, EncodeError, ErrorCode, Frame,
+    MAX_DIGEST_BLOCKS, MAX_DISKS, MAX_PAYLOAD, Records, Role, decode,
 };
 pub use handshake::{Peer, Vouch, accept, connect};
 pub use io::{FrameReader, FrameWriter, WireError};

@@ -53,6 +53,8 @@ pub struct Config {
     /// One directory per stream.
     pub cache: PathBuf,
     pub on_durable: Option<OnDurable>,
+    /// Answers digest requests; none refuses them.
+    pub on_digest: Option<crate::digest::OnDigest>,
 }
 
 /// A running receiver's shared state.
@@ -162,6 +164,51 @@ impl Receiver {
         self.stream(&mut rd, &mut wr, &peer.name).await
     }
 
+    /// Answers a digest request of `client`, then ends the connection.
+    async fn digest<W>(
+        &self,
+        wr: &mut FrameWriter<W>,
+        client: &str,
+        request: crate::DigestRequest,
+    ) -> Result<(), ServeError>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        let stream = request.stream.clone();
+        if self.config.own_stream_only && stream != client {
+            let why = format!(
+                "{client} may ask only for digests of its own disks (stream {client:?}), not {stream:?}"
+            );
+            wr.refuse(ErrorCode::BadFrame, &why).await;
+            return Err(WireError::Protocol(why).into());
+        }
+        let Some(answer) = &self.config.on_digest else {
+            let why = format!("this {} does not serve digests", self.config.role);
+            wr.refuse(ErrorCode::Unavailable, &why).await;
+            return Err(WireError::Protocol(why).into());
+        };
+        let disk = request.disk.clone();
+        match tokio::time::timeout(crate::digest::DIGEST_TIMEOUT, answer(request)).await {
+            Ok(Ok(digest)) => {
+                wr.send(&Frame::Digest(digest)).await?;
+                Ok(())
+            }
+            Ok(Err(why)) => {
+                let why = format!("no digest of disk {disk} of {stream}: {why}");
+                wr.refuse(ErrorCode::Unavailable, &why).await;
+                Err(WireError::Protocol(why).into())
+            }
+            Err(_) => {
+                let why = format!(
+                    "no digest of disk {disk} of {stream} within {:?}",
+                    crate::digest::DIGEST_TIMEOUT
+                );
+                wr.refuse(ErrorCode::Unavailable, &why).await;
+                Err(WireError::Protocol(why).into())
+            }
+        }
+    }
+
     /// Runs one stream on an opened connection from `client`.
     async fn stream<R, W>(
         &self,
@@ -182,6 +229,7 @@ impl Receiver {
             })??;
         let (stream, disks) = match opened {
             Frame::Open { stream, disks } => (stream, disks),
+            Frame::DigestRequest(request) => return self.digest(wr, client, request).await,
             other => {
                 let why = format!("{client} sent {other:?} where an open was expected");
                 wr.refuse(ErrorCode::BadFrame, &why).await;
