@@ -14,8 +14,38 @@ use crate::replica::SyncLink;
 
 /// The largest write record; longer NBD writes are split (segments hold at least 1 MiB).
 pub const RECORD_PIECE: usize = 256 * 1024;
-/// The granularity of the initial copy: blocks of all zeros are not sent.
-pub const COPY_BLOCK: usize = 64 * 1024;
+/// The granularity of the initial copy and of digests: blocks of all zeros are not sent.
+pub const COPY_BLOCK: usize = boomerang_wire::DIGEST_BLOCK as usize;
+
+/// What the copy downstream holds in the blocks a copy is about to send.
+#[derive(Clone, Copy, Debug)]
+pub enum Target<'a> {
+    /// Nothing: all zeros (a new replica).
+    Empty,
+    /// Not known: every block is sent, blocks of zeros as zero records.
+    Unknown,
+    /// The hashes of its blocks from `first_block` on (a digest; see
+    /// [`CaptureDevice::track_changes`] for when they can be trusted). Blocks past them are
+    /// not known.
+    Hashes {
+        first_block: u64,
+        hashes: &'a [[u8; 32]],
+    },
+}
+
+/// Bytes a copy logged, and bytes it left out because the target holds them already.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Copied {
+    pub logged: u64,
+    pub skipped: u64,
+}
+
+impl std::ops::AddAssign for Copied {
+    fn add_assign(&mut self, other: Copied) {
+        self.logged += other.logged;
+        self.skipped += other.skipped;
+    }
+}
 
 /// A protected disk whose changes go to the write log first (or, once the log is capped, to
 /// the disk's dirty-block bitmap).
@@ -26,6 +56,9 @@ pub struct CaptureDevice {
     bitmap: Mutex<DirtyBitmap>,
     /// Synchronous replication: writes wait for the process server.
     sync: Option<Arc<SyncLink>>,
+    /// While a copy compares with a digest: the [`COPY_BLOCK`]s that changes logged since
+    /// touched (one bit each).
+    touched: Mutex<Option<Vec<u64>>>,
 }
 
 impl CaptureDevice {
@@ -58,6 +91,7 @@ impl CaptureDevice {
             log,
             bitmap,
             sync: None,
+            touched: Mutex::new(None),
         })
     }
 
@@ -83,6 +117,7 @@ impl CaptureDevice {
         len: u64,
         fua: bool,
     ) -> io::Result<Option<Seq>> {
+        self.touch(offset, len);
         let appended = match entry {
             Change::Op(op) => log.append(op),
             Change::Write(data) => log.append_write(&self.disk, offset, data),
@@ -104,6 +139,28 @@ impl CaptureDevice {
             }
             Err(e) => Err(log_error(e)),
         }
+    }
+
+    /// Notes a change of `offset..offset + len` for a copy that compares with a digest.
+    fn touch(&self, offset: u64, len: u64) {
+        let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(bits) = touched.as_mut() {
+            let block = COPY_BLOCK as u64;
+            let end = offset.saturating_add(len.max(1)).div_ceil(block);
+            for b in offset / block..end {
+                if let Some(word) = bits.get_mut((b / 64) as usize) {
+                    *word |= 1 << (b % 64);
+                }
+            }
+        }
+    }
+
+    fn is_touched(&self, block: u64) -> bool {
+        let touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        touched.as_ref().is_none_or(|bits| {
+            bits.get((block / 64) as usize)
+                .is_none_or(|w| w & (1 << (block % 64)) != 0)
+        })
     }
 
     /// With synchronous replication, waits until the process server holds `seq` (a change
@@ -134,20 +191,37 @@ impl CaptureDevice {
         log.append(op).map(|_| ()).map_err(log_error)
     }
 
-    /// Copies `len` bytes of the disk from `offset` into the log, as writes of the blocks that
-    /// are not all zeros (a replica starts as zeros): the initial copy, a chunk at a time.
+    /// Starts noting the blocks that changes touch, for copies that compare with a digest;
+    /// returns the sequence number of the first change noted. A digest taken once every
+    /// record before it is applied downstream is sound for every block not touched since.
+    pub fn track_changes(&self) -> io::Result<Seq> {
+        let log = self.log()?;
+        let blocks = self.inner.size().div_ceil(COPY_BLOCK as u64);
+        *self.touched.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(vec![0; blocks.div_ceil(64) as usize]);
+        Ok(log.next_seq())
+    }
+
+    /// Stops noting touched blocks.
+    pub fn untrack_changes(&self) {
+        *self.touched.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Copies `len` bytes of the disk from `offset` into the log, as writes of its
+    /// [`COPY_BLOCK`]s, leaving out those that `target` holds already: the initial copy, a
+    /// chunk at a time.
     ///
     /// The chunk is read under the log lock, after every change logged before it reached the
     /// disk, so it lands in the log exactly where it was read: a change logged before it is
     /// already in it, one logged after it is applied after it downstream.
-    pub fn copy_chunk(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.relog(offset, len, false)
+    pub fn copy_chunk(&self, offset: u64, len: u64, target: Target<'_>) -> io::Result<Copied> {
+        self.relog(offset, len, target)
     }
 
     /// Reads `len` bytes of the disk from `offset` under the log lock, once every change
-    /// logged before reached the disk, and logs them as writes of its 64 KiB blocks; blocks of
-    /// zeros are left out, or logged as `Zero` records with `zeros`.
-    fn relog(&self, offset: u64, len: u64, zeros: bool) -> io::Result<()> {
+    /// logged before reached the disk, and logs the blocks that differ from `target`: data,
+    /// or a zero record for a run of zero blocks.
+    fn relog(&self, offset: u64, len: u64, target: Target<'_>) -> io::Result<Copied> {
         let mut log = self.log()?;
         if log.is_capped() {
             return Err(io::Error::other(
@@ -158,18 +232,59 @@ impl CaptureDevice {
         let len = len.min(self.inner.size().saturating_sub(offset));
         let mut buf = vec![0u8; len as usize];
         self.inner.read_at(&mut buf, offset)?;
+        let mut copied = Copied::default();
+        // A run of zero blocks to log as one zero record: (offset, length).
+        let mut zeros: Option<(u64, u64)> = None;
         for (k, piece) in buf.chunks(COPY_BLOCK).enumerate() {
             let at = offset + (k * COPY_BLOCK) as u64;
-            if !piece.iter().all(|&b| b == 0) {
-                log.append_write(&self.disk, at, piece).map_err(log_error)?;
-            } else if zeros {
-                let op = Op::Zero {
-                    disk: self.disk.clone(),
-                    offset: at,
-                    len: piece.len() as u64,
+            let n = piece.len() as u64;
+            let zero = piece.iter().all(|&b| b == 0);
+            let held = match target {
+                Target::Empty => zero,
+                Target::Unknown => false,
+                Target::Hashes {
+                    first_block,
+                    hashes,
+                } => {
+                    let block = at / COPY_BLOCK as u64;
+                    let known = block
+                        .checked_sub(first_block)
+                        .and_then(|i| hashes.get(i as usize));
+                    known.is_some_and(|h| {
+                        !self.is_touched(block) && *blake3::hash(piece).as_bytes() == *h
+                    })
+                }
+            };
+            if held {
+                copied.skipped += n;
+            } else if zero {
+                copied.logged += n;
+                zeros = match zeros {
+                    Some((start, run)) if start + run == at => Some((start, run + n)),
+                    other => {
+                        self.log_zeros(&mut log, other)?;
+                        Some((at, n))
+                    }
                 };
-                log.append(op).map_err(log_error)?;
+                continue;
+            } else {
+                copied.logged += n;
+                log.append_write(&self.disk, at, piece).map_err(log_error)?;
             }
+            self.log_zeros(&mut log, zeros.take())?;
+        }
+        self.log_zeros(&mut log, zeros)?;
+        Ok(copied)
+    }
+
+    fn log_zeros(&self, log: &mut LogDir, run: Option<(u64, u64)>) -> io::Result<()> {
+        if let Some((offset, len)) = run {
+            let op = Op::Zero {
+                disk: self.disk.clone(),
+                offset,
+                len,
+            };
+            log.append(op).map_err(log_error)?;
         }
         Ok(())
     }
@@ -184,14 +299,15 @@ impl CaptureDevice {
         Ok(self.bitmap()?.count() > 0)
     }
 
-    /// Sends a dirty range again through the log (as [`CaptureDevice::copy_chunk`], zero
-    /// blocks included, since the replica holds older data there) and clears it from the
-    /// bitmap. A change to the range meanwhile is logged: the log is no longer capped.
-    pub fn resend(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.relog(offset, len, true)?;
+    /// Sends a dirty range again through the log (as [`CaptureDevice::copy_chunk`]; the
+    /// replica holds older data there, so `target` is a digest or unknown) and clears it from
+    /// the bitmap. A change to the range meanwhile is logged: the log is no longer capped.
+    pub fn resend(&self, offset: u64, len: u64, target: Target<'_>) -> io::Result<Copied> {
+        let copied = self.relog(offset, len, target)?;
         let mut bitmap = self.bitmap()?;
         bitmap.clear(offset, len)?;
-        bitmap.sync()
+        bitmap.sync()?;
+        Ok(copied)
     }
 
     /// The disk's name.
@@ -402,6 +518,101 @@ impl BlockDevice for CaptureDevice {
 mod tests {
     use super::*;
     use crate::logdir::MIN_SEGMENT;
+
+    /// The ops a log holds for the copy: (offset, length, whether data).
+    fn copied_ops(log_dir: &std::path::Path) -> Vec<(u64, u64, bool)> {
+        let mut ops = Vec::new();
+        for path in crate::logdir::segments(log_dir).unwrap() {
+            for record in SegmentReader::open(&path).unwrap() {
+                match record.unwrap().op {
+                    Op::Write { offset, data, .. } => ops.push((offset, data.len() as u64, true)),
+                    Op::Zero { offset, len, .. } => ops.push((offset, len, false)),
+                    _ => {}
+                }
+            }
+        }
+        ops
+    }
+
+    #[test]
+    fn a_copy_leaves_out_blocks_the_digest_holds_unless_a_change_touched_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, log_dir) = (dir.path().join("disk.img"), dir.path().join("log"));
+        let b = COPY_BLOCK;
+        // Six blocks: 0..4 hold data, 4 and 5 are zeros.
+        let mut content = vec![0u8; 6 * b];
+        for (i, block) in content.chunks_mut(b).take(4).enumerate() {
+            block.fill(i as u8 + 1);
+        }
+        std::fs::write(&image, &content).unwrap();
+        let log = Arc::new(Mutex::new(LogDir::open(&log_dir, MIN_SEGMENT).unwrap()));
+        let disk = DiskName::new("d0").unwrap();
+        let dev = CaptureDevice::new(disk, FileDevice::open(&image, false).unwrap(), log.clone())
+            .unwrap();
+        let hash = |data: &[u8]| *blake3::hash(data).as_bytes();
+        // The replica: blocks 0 and 1 as here, 2 differs, 3 is past its digest, 4 holds
+        // data where here are zeros, 5 holds zeros as here.
+        let hashes = [
+            hash(&content[..b]),
+            hash(&content[b..2 * b]),
+            hash(&[9u8; COPY_BLOCK]),
+        ];
+        let first = dev.track_changes().unwrap();
+        assert_eq!(first, Seq(1));
+        // A change to block 1 after the digest was asked for: even rewritten with the same
+        // bytes, the digest no longer speaks for it.
+        dev.write_at(&content[b..b + 4096], b as u64, false)
+            .unwrap();
+        let before = copied_ops(&log_dir).len();
+        let target = Target::Hashes {
+            first_block: 0,
+            hashes: &hashes,
+        };
+        let copied = dev.copy_chunk(0, 4 * b as u64, target).unwrap();
+        let mut ops = copied_ops(&log_dir).split_off(before);
+        assert_eq!(
+            ops,
+            [
+                (b as u64, b as u64, true),
+                (2 * b as u64, b as u64, true),
+                (3 * b as u64, b as u64, true)
+            ]
+        );
+        assert_eq!(
+            copied,
+            Copied {
+                logged: 3 * b as u64,
+                skipped: b as u64
+            }
+        );
+
+        // Zero blocks: one zero record for the run the replica may hold data in, nothing for
+        // the block it holds as zeros.
+        let zero = hash(&[0u8; COPY_BLOCK]);
+        let hashes = [hash(&[7u8; COPY_BLOCK]), zero];
+        let target = Target::Hashes {
+            first_block: 4,
+            hashes: &hashes,
+        };
+        let copied = dev.copy_chunk(4 * b as u64, 2 * b as u64, target).unwrap();
+        ops = copied_ops(&log_dir).split_off(before + 3);
+        assert_eq!(ops, [(4 * b as u64, b as u64, false)]);
+        assert_eq!(
+            copied,
+            Copied {
+                logged: b as u64,
+                skipped: b as u64
+            }
+        );
+
+        // Without a digest every block goes, zeros as one record; untracked, no hash counts.
+        dev.untrack_changes();
+        let copied = dev.copy_chunk(0, 6 * b as u64, target).unwrap();
+        ops = copied_ops(&log_dir).split_off(before + 4);
+        assert_eq!(ops.len(), 5, "{ops:?}");
+        assert_eq!(ops[4], (4 * b as u64, 2 * b as u64, false));
+        assert_eq!(copied.skipped, 0);
+    }
 
     #[test]
     fn the_pieces_of_one_write_share_a_segment() {

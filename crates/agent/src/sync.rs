@@ -5,15 +5,21 @@
 //!
 //! Progress of the initial copy is kept per disk in the log directory: `copy-<disk>.next` (the
 //! next offset) while it runs, `copied-<disk>` once it is done. The resend clears the
-//! dirty-block bitmap as it goes.
+//! dirty-block bitmap as it goes. Both leave out the blocks the replica holds already: before
+//! it copies a disk the agent asks the master target, through its process server, for the
+//! hashes of the replica's blocks (a digest, `boomerang_wire::digest`), and sends only the
+//! blocks whose hash differs or that a change touched since the digest was asked for.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use boomerang_core::Seq;
 use boomerang_nbd::BlockDevice;
+use boomerang_wire::tls::TlsIdentity;
+use boomerang_wire::{DIGEST_BLOCK, DigestRequest, MAX_DIGEST_BLOCKS, Role, digest};
 
-use crate::capture::CaptureDevice;
+use crate::capture::{CaptureDevice, Copied, Target};
 use crate::logdir::LogDir;
 
 /// Bytes read and logged at a time.
@@ -47,15 +53,120 @@ pub fn hold_marks(log: &Mutex<LogDir>, disks: &[Arc<CaptureDevice>]) {
     }
 }
 
+/// Where digests come from: the process server the agent ships to, which asks its master
+/// target.
+pub struct Digests {
+    pub tls: TlsIdentity,
+    pub addr: String,
+    /// The machine's name: its stream.
+    pub name: String,
+}
+
+/// What the target holds, for the blocks of one digest window.
+#[derive(Clone)]
+enum Known {
+    Empty,
+    Unknown,
+    Hashes {
+        first_block: u64,
+        hashes: Arc<Vec<[u8; 32]>>,
+    },
+}
+
+impl Known {
+    fn target(&self) -> Target<'_> {
+        match self {
+            Known::Empty => Target::Empty,
+            Known::Unknown => Target::Unknown,
+            Known::Hashes {
+                first_block,
+                hashes,
+            } => Target::Hashes {
+                first_block: *first_block,
+                hashes,
+            },
+        }
+    }
+}
+
+/// Disk bytes one digest covers.
+const WINDOW: u64 = MAX_DIGEST_BLOCKS as u64 * DIGEST_BLOCK;
+
+/// The digests of one disk's replica, a window at a time, all taken after `after`.
+struct Digester<'a> {
+    remote: Option<&'a Digests>,
+    device: &'a CaptureDevice,
+    after: Seq,
+    window: Option<(u64, Known)>,
+}
+
+impl Digester<'_> {
+    /// What the target holds around `offset`; `otherwise` when there is no one to ask.
+    async fn at(&mut self, offset: u64, otherwise: Known) -> Known {
+        let window = offset / WINDOW;
+        if let Some((w, known)) = &self.window
+            && *w == window
+        {
+            return known.clone();
+        }
+        let known = match self.remote {
+            None => otherwise,
+            Some(remote) => self.fetch(remote, window).await,
+        };
+        self.window = Some((window, known.clone()));
+        known
+    }
+
+    async fn fetch(&self, remote: &Digests, window: u64) -> Known {
+        let first_block = window * MAX_DIGEST_BLOCKS as u64;
+        let blocks = self.device.size().div_ceil(DIGEST_BLOCK);
+        let request = DigestRequest {
+            stream: remote.name.clone(),
+            disk: self.device.disk().clone(),
+            after: self.after,
+            first_block,
+            count: blocks
+                .saturating_sub(first_block)
+                .min(MAX_DIGEST_BLOCKS as u64) as u32,
+        };
+        let asked = digest::query(
+            &remote.tls,
+            &remote.addr,
+            Role::Agent,
+            &remote.name,
+            Role::ProcessServer,
+            request,
+        )
+        .await;
+        match asked {
+            Ok(d) if !d.replica => Known::Empty,
+            Ok(d) => Known::Hashes {
+                first_block,
+                hashes: Arc::new(d.hashes),
+            },
+            Err(e) => {
+                tracing::warn!(disk = %self.device.disk(), error = %boomerang_core::chain(&e), "no digest of the replica: every block of this part of the disk is sent");
+                Known::Unknown
+            }
+        }
+    }
+}
+
 /// Runs for the life of the agent: copies the disks not copied yet, and resends what the
-/// bitmaps hold once a capped log has drained below half its cap. Marks are held back while
-/// either is unfinished.
-pub async fn keep_in_sync(log: Arc<Mutex<LogDir>>, disks: Vec<Arc<CaptureDevice>>, cap: u64) {
+/// bitmaps hold once a capped log has drained below half its cap, in both cases leaving out
+/// the blocks the replica holds already (`digests`). Marks are held back while either is
+/// unfinished.
+pub async fn keep_in_sync(
+    log: Arc<Mutex<LogDir>>,
+    disks: Vec<Arc<CaptureDevice>>,
+    cap: u64,
+    digests: Option<Digests>,
+) {
     let Ok(dir) = log.lock().map(|l| l.dir().to_path_buf()) else {
         return;
     };
     loop {
-        match pass(&log, &dir, &disks, cap).await {
+        match pass(&log, &dir, &disks, cap, digests.as_ref()).await {
             Ok(true) => {
                 if let Ok(mut l) = log.lock() {
                     l.set_syncing(false);
@@ -76,6 +187,7 @@ async fn pass(
     dir: &Path,
     disks: &[Arc<CaptureDevice>],
     cap: u64,
+    digests: Option<&Digests>,
 ) -> Result<bool, String> {
     {
         let mut l = log.lock().map_err(|_| "the log lock is poisoned")?;
@@ -94,26 +206,32 @@ async fn pass(
         if !dirty && !pending {
             continue;
         }
-        let ranges = device.dirty_ranges().map_err(|e| e.to_string())?;
         if !busy {
             busy = true;
             log.lock()
                 .map_err(|_| "the log lock is poisoned")?
                 .set_syncing(true);
         }
-        for (start, len) in ranges {
-            let mut at = start;
-            while at < start + len {
-                wait_for_room(log, cap).await;
-                let n = CHUNK.min(start + len - at);
-                let (d, offset) = (device.clone(), at);
-                blocking(move || d.resend(offset, n)).await?;
-                at += n;
-            }
+        let from = copy_progress(dir, device);
+        if pending && from == 0 {
+            // The size first, so that a digest taken after it covers the whole disk.
+            let d = device.clone();
+            blocking(move || d.announce_size()).await?;
         }
-        if pending {
-            copy_disk(log, dir, device, cap).await?;
-        }
+        let d = device.clone();
+        let first = tokio::task::spawn_blocking(move || d.track_changes())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let mut digester = Digester {
+            remote: digests,
+            device,
+            after: Seq(first.0.saturating_sub(1)),
+            window: None,
+        };
+        let done = resend_and_copy(log, dir, device, cap, pending, from, &mut digester).await;
+        device.untrack_changes();
+        done?;
     }
     Ok(!busy
         || disks
@@ -121,28 +239,46 @@ async fn pass(
             .all(|d| copied(dir, d.disk().as_str()) && d.is_dirty().is_ok_and(|x| !x)))
 }
 
-/// The initial copy of one disk, from where it stopped.
-async fn copy_disk(
+/// Resends what the bitmap of `device` holds, then (if `pending`) copies it from `from` on.
+async fn resend_and_copy(
     log: &Arc<Mutex<LogDir>>,
     dir: &Path,
     device: &Arc<CaptureDevice>,
     cap: u64,
+    pending: bool,
+    from: u64,
+    digester: &mut Digester<'_>,
 ) -> Result<(), String> {
     let name = device.disk().to_string();
-    let progress = progress_path(dir, &name);
-    let mut offset: u64 = std::fs::read_to_string(&progress)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
-    if offset == 0 {
-        let d = device.clone();
-        blocking(move || d.announce_size()).await?;
+    let mut total = Copied::default();
+    let ranges = device.dirty_ranges().map_err(|e| e.to_string())?;
+    for (start, len) in ranges {
+        let mut at = start;
+        while at < start + len {
+            wait_for_room(log, cap).await;
+            // The replica holds older data there: what it is, only a digest tells.
+            let known = digester.at(at, Known::Unknown).await;
+            let n = CHUNK.min(start + len - at);
+            let (d, offset) = (device.clone(), at);
+            total += blocking(move || d.resend(offset, n, known.target())).await?;
+            at += n;
+        }
     }
+    if total != Copied::default() {
+        tracing::info!(disk = %name, sent = total.logged, already_there = total.skipped, "changed blocks resent");
+    }
+    if !pending {
+        return Ok(());
+    }
+    let progress = progress_path(dir, &name);
+    let mut offset = from;
+    let mut total = Copied::default();
     tracing::info!(disk = %name, from = offset, size = device.size(), "initial copy of the disk");
     while offset < device.size() {
         wait_for_room(log, cap).await;
+        let known = digester.at(offset, Known::Empty).await;
         let (d, at) = (device.clone(), offset);
-        blocking(move || d.copy_chunk(at, CHUNK)).await?;
+        total += blocking(move || d.copy_chunk(at, CHUNK, known.target())).await?;
         offset = (offset + CHUNK).min(device.size());
         // A hint for a restart after an agent crash; a machine crash resends every disk whole
         // through its bitmap anyway.
@@ -150,8 +286,16 @@ async fn copy_disk(
     }
     let _ = std::fs::write(done_path(dir, &name), b"");
     let _ = std::fs::remove_file(&progress);
-    tracing::info!(disk = %name, "initial copy done: the disk is protected");
+    tracing::info!(disk = %name, sent = total.logged, already_there = total.skipped, "initial copy done: the disk is protected");
     Ok(())
+}
+
+/// Where the initial copy of `device` stopped (0: not started).
+fn copy_progress(dir: &Path, device: &CaptureDevice) -> u64 {
+    std::fs::read_to_string(progress_path(dir, device.disk().as_str()))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Keeps the log under half its cap, so that the copy leaves room for the machine's writes.
@@ -161,7 +305,9 @@ async fn wait_for_room(log: &Arc<Mutex<LogDir>>, cap: u64) {
     }
 }
 
-async fn blocking(f: impl FnOnce() -> std::io::Result<()> + Send + 'static) -> Result<(), String> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, String> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| e.to_string())?

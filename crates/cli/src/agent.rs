@@ -275,6 +275,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                     .map(str::to_string)
                     .context("give the protected machine's name with --name")?,
             };
+            let digests = sync::Digests {
+                tls: tls.clone(),
+                addr: addr.clone(),
+                name: name.clone(),
+            };
             let config = ShipConfig {
                 addr: addr.clone(),
                 tls,
@@ -297,6 +302,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                 log.clone(),
                 devices.clone(),
                 args.log_max,
+                Some(digests),
             )));
             Some(tokio::spawn(send::ship(source, config, shipping_stopped)))
         }

@@ -427,6 +427,81 @@ fn replication_survives_cuts_delays_and_kill_9_of_every_process() {
     drop(agent);
 }
 
+/// Bytes of write data the master target has received for web01 (its incoming log keeps every
+/// record for a day).
+fn received_write_bytes(retention: &Path) -> u64 {
+    let state = inspect(&retention.join("incoming/web01"));
+    state["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["bytes_written"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn after_a_machine_crash_only_the_blocks_that_differ_from_the_replica_travel() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = site(dir.path());
+    // 8 MiB, four fifths of it data, protected and replicated.
+    let disk = blank(dir.path(), "disk.img", 2048);
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    use std::os::unix::fs::FileExt;
+    for i in (0..2048u64).filter(|i| i % 5 != 0) {
+        f.write_all_at(&block(i, 7), i * 4096).unwrap();
+    }
+    let retention = dir.path().join("retention");
+    let mt = master_target(&ca, &retention, "127.0.0.1:0");
+    let ps = process_server(
+        &ca,
+        &dir.path().join("cache"),
+        "127.0.0.1:0",
+        Some(&mt.addr),
+        &[],
+    );
+    let log = dir.path().join("log");
+    let marks = ["--mark-interval", "0.1"];
+    let mut first = agent(&ca, &disk, &log, &ps.addr, &marks);
+    let store = retention.join("replicas/web01/store");
+    let point = dir.path().join("point.img");
+    wait_for_point(
+        &store,
+        "latest",
+        &point,
+        Some(&std::fs::read(&disk).unwrap()),
+    );
+    let copied = received_write_bytes(&retention);
+    assert!(
+        copied >= 2048 * 4096 * 4 / 5,
+        "the initial copy sent {copied} bytes"
+    );
+
+    // The machine goes down: the agent dies with it, and the disk kept writes the log never
+    // saw (two blocks of new data, and a 64 KiB run zeroed).
+    first.signal("-KILL");
+    std::fs::write(log.join("agent.running"), "another boot\n").unwrap();
+    f.write_all_at(&[0xab; 4096], 3 * 4096).unwrap();
+    f.write_all_at(&[0xcd; 4096], 1500 * 4096).unwrap();
+    f.write_all_at(&[0u8; 65536], 64 * 4096).unwrap();
+    f.sync_all().unwrap();
+
+    // Back up: the agent resyncs the whole disk against the replica's digest.
+    let _second = agent(&ca, &disk, &log, &ps.addr, &marks);
+    wait_for_point(
+        &store,
+        "latest",
+        &point,
+        Some(&std::fs::read(&disk).unwrap()),
+    );
+    let resent = received_write_bytes(&retention) - copied;
+    assert_eq!(
+        resent,
+        2 * 65536,
+        "only the two 64 KiB blocks with new data carry data (the zeroed run is one zero record); the disk is {} bytes",
+        2048 * 4096
+    );
+}
+
 #[test]
 fn a_long_outage_falls_back_to_the_bitmap_and_resends_only_those_blocks() {
     let dir = tempfile::tempdir().unwrap();
