@@ -845,7 +845,8 @@ mod tests {
         buf[HEADER_LEN + 8] = 0;
         buf[HEADER_LEN + 9] = 1;
         buf.extend_from_slice(&[7; 32]);
-        buf[..4].copy_from_slice(&(buf.len() as u32 - HEADER_LEN as u32).to_le_bytes());
+        let len = (buf.len() - HEADER_LEN) as u32;
+        buf[..4].copy_from_slice(&len.to_le_bytes());
         assert!(matches!(
             decode(&buf),
             Err(DecodeError::Payload { kind: "digest", .. })
