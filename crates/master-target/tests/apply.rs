@@ -244,3 +244,67 @@ async fn every_mark_becomes_a_point_equal_to_the_disk_at_that_mark() {
     }
     check_points(&retention, &work.at_marks, dir.path()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_describes_the_replica_once_the_records_before_it_are_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    pki::init_ca(&ca).unwrap();
+    pki::issue(
+        &ca,
+        "mt1",
+        CertRole::Wire(Role::MasterTarget),
+        &["127.0.0.1".into()],
+        30,
+    )
+    .unwrap();
+    pki::issue(&ca, "ps1", CertRole::Wire(Role::ProcessServer), &[], 30).unwrap();
+    let retention = dir.path().join("retention");
+    let (addr, _stop, _metrics) = start(&ca, &retention, 2).await;
+    let id = TlsIdentity::load(&ca.join("issued/ps1")).unwrap();
+    let ask = |stream: &str, after: Seq| {
+        boomerang_wire::digest::query(
+            &id,
+            &addr,
+            Role::ProcessServer,
+            "ps1",
+            Role::MasterTarget,
+            boomerang_wire::DigestRequest {
+                stream: stream.into(),
+                disk: sda(),
+                after,
+                first_block: 0,
+                count: boomerang_wire::MAX_DIGEST_BLOCKS,
+            },
+        )
+    };
+
+    // A machine never seen: no replica, so all zeros.
+    let none = ask("web09", Seq(0)).await.unwrap();
+    assert!(!none.replica && none.hashes.is_empty(), "{none:?}");
+
+    let mut work = Workload {
+        seq: 0,
+        disk: vec![0u8; SIZE as usize],
+        at_marks: Vec::new(),
+        rng: boomerang_core::sample::XorShift::new(5),
+    };
+    let (mut client, _) = open(&addr, &ca, vec![sda()]).await.unwrap();
+    for _ in 0..8 {
+        let batch: Vec<Record> = (0..10).map(|_| work.next()).collect();
+        client.send(&batch).await;
+    }
+    // Asked right after the last ack: the answer waits for the applier to reach it.
+    let digest = ask("web01", Seq(work.seq)).await.unwrap();
+    assert!(digest.replica);
+    assert!(digest.at >= Seq(work.seq));
+    let want: Vec<[u8; 32]> = work
+        .disk
+        .chunks(boomerang_wire::DIGEST_BLOCK as usize)
+        .map(|b| boomerang_store::chunk::hash(b).0)
+        .collect();
+    assert_eq!(
+        digest.hashes, want,
+        "the hashes of the disk after the last record"
+    );
+}

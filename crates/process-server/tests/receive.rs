@@ -211,6 +211,33 @@ async fn records_are_cached_before_the_ack_and_streams_resume() {
         "{other}"
     );
 
+    // Digests: an agent asks only about its own disks, and a process server with no master
+    // target has no replica to describe.
+    let id = TlsIdentity::load(&ca.join("issued/web01")).unwrap();
+    let ask = |stream: &str| boomerang_wire::DigestRequest {
+        stream: stream.into(),
+        disk: DiskName::new("sda").unwrap(),
+        after: Seq(0),
+        first_block: 0,
+        count: 16,
+    };
+    for (stream, why) in [
+        ("web02", "only for digests of its own disks"),
+        ("web01", "does not serve digests"),
+    ] {
+        let refused = boomerang_wire::digest::query(
+            &id,
+            &addr,
+            Role::Agent,
+            "web01",
+            Role::ProcessServer,
+            ask(stream),
+        )
+        .await
+        .unwrap_err();
+        assert!(refused.to_string().contains(why), "{refused}");
+    }
+
     // Reconnect: resume after the cached records; a gap is refused.
     let (mut client, next) = open_retrying(&addr, &ca).await;
     assert_eq!(next, Seq(23));
