@@ -33,6 +33,17 @@ pub enum Target<'a> {
     },
 }
 
+/// BLAKE3 of `len` zero bytes (a whole copy block's is kept).
+fn zero_block_hash(len: usize) -> [u8; 32] {
+    static WHOLE: std::sync::LazyLock<[u8; 32]> =
+        std::sync::LazyLock::new(|| *blake3::hash(&[0u8; COPY_BLOCK]).as_bytes());
+    if len == COPY_BLOCK {
+        *WHOLE
+    } else {
+        *blake3::hash(&vec![0u8; len]).as_bytes()
+    }
+}
+
 /// Bytes a copy logged, and bytes it left out because the target holds them already.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Copied {
@@ -238,7 +249,7 @@ impl CaptureDevice {
         for (k, piece) in buf.chunks(COPY_BLOCK).enumerate() {
             let at = offset + (k * COPY_BLOCK) as u64;
             let n = piece.len() as u64;
-            let zero = piece.iter().all(|&b| b == 0);
+            let zero = boomerang_core::is_zero(piece);
             let held = match target {
                 Target::Empty => zero,
                 Target::Unknown => false,
@@ -251,7 +262,13 @@ impl CaptureDevice {
                         .checked_sub(first_block)
                         .and_then(|i| hashes.get(i as usize));
                     known.is_some_and(|h| {
-                        !self.is_touched(block) && *blake3::hash(piece).as_bytes() == *h
+                        // A block of zeros there differs from data here without hashing it.
+                        let same = if *h == zero_block_hash(piece.len()) {
+                            zero
+                        } else {
+                            !zero && *blake3::hash(piece).as_bytes() == *h
+                        };
+                        same && !self.is_touched(block)
                     })
                 }
             };

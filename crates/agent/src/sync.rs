@@ -280,9 +280,11 @@ async fn resend_and_copy(
         let (d, at) = (device.clone(), offset);
         total += blocking(move || d.copy_chunk(at, CHUNK, known.target())).await?;
         offset = (offset + CHUNK).min(device.size());
-        // A hint for a restart after an agent crash; a machine crash resends every disk whole
-        // through its bitmap anyway.
-        let _ = std::fs::write(&progress, offset.to_string());
+        // A hint for a restart after an agent crash (a machine crash resends every disk whole
+        // through its bitmap anyway), every 64 MiB.
+        if offset % (64 * CHUNK) == 0 {
+            let _ = std::fs::write(&progress, offset.to_string());
+        }
     }
     let _ = std::fs::write(done_path(dir, &name), b"");
     let _ = std::fs::remove_file(&progress);

@@ -8,13 +8,12 @@
 //! later than the digest, so the image can be hashed at once.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use boomerang_core::Seq;
+use boomerang_nbd::{BlockDevice, FileDevice};
 use boomerang_wire::{DIGEST_BLOCK, Digest, DigestRequest};
 use tokio::sync::watch;
 
@@ -105,28 +104,88 @@ async fn reach(positions: &Positions, request: &DigestRequest) -> Result<Option<
 }
 
 /// BLAKE3 of blocks `first..first + count` of the image at `path`, up to its end; none when
-/// there is no image.
+/// there is no image. Holes are not read: a block wholly in one hashes as zeros.
 fn hash_image(path: &Path, first: u64, count: u32) -> Result<Option<Vec<[u8; 32]>>, String> {
-    let file = match File::open(path) {
+    let image = match FileDevice::open(path, true) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("could not open {}: {e}", path.display())),
     };
-    let size = file
-        .metadata()
-        .map_err(|e| format!("could not inspect {}: {e}", path.display()))?
-        .len();
+    let bad = |e: std::io::Error| format!("could not read {}: {e}", path.display());
+    let size = image.size();
+    let zeros = boomerang_store::chunk::hash(&[0u8; DIGEST_BLOCK as usize]).0;
     let mut hashes = Vec::with_capacity(count as usize);
     let mut buf = vec![0u8; DIGEST_BLOCK as usize];
+    // The image's extents from the block being hashed on: (end, hole).
+    let mut extents = std::collections::VecDeque::new();
     for block in first..first.saturating_add(u64::from(count)) {
         let offset = block.saturating_mul(DIGEST_BLOCK);
         if offset >= size {
             break;
         }
-        let len = DIGEST_BLOCK.min(size - offset) as usize;
-        file.read_exact_at(&mut buf[..len], offset)
-            .map_err(|e| format!("could not read {}: {e}", path.display()))?;
-        hashes.push(boomerang_store::chunk::hash(&buf[..len]).0);
+        let len = DIGEST_BLOCK.min(size - offset);
+        while extents.front().is_some_and(|&(end, _)| end <= offset) {
+            extents.pop_front();
+        }
+        if extents.is_empty() {
+            let mut at = offset;
+            for e in image.block_status(offset, size - offset).map_err(bad)? {
+                at += e.len;
+                extents.push_back((at, e.hole));
+            }
+        }
+        if len == DIGEST_BLOCK
+            && extents
+                .front()
+                .is_some_and(|&(end, hole)| hole && end >= offset + len)
+        {
+            hashes.push(zeros);
+            continue;
+        }
+        let data = &mut buf[..len as usize];
+        image.read_at(data, offset).map_err(bad)?;
+        hashes.push(boomerang_store::chunk::hash(data).0);
     }
     Ok(Some(hashes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_hash_as_zeros_and_data_as_itself() {
+        let dir = std::env::temp_dir().join(format!("boomerang-digest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("d0.img");
+        let block = DIGEST_BLOCK as usize;
+        // 40 blocks and a short one; data in blocks 3, 17..19 and the short last one; the
+        // rest holes (and block 30 written with zeros, which is data to the file system).
+        let size = 40 * block + 1000;
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(size as u64).unwrap();
+        let mut want = vec![0u8; size];
+        use std::os::unix::fs::FileExt;
+        for (at, len, byte) in [
+            (3 * block + 7, 100, 1u8),
+            (17 * block, 2 * block + 5, 2),
+            (30 * block, block, 0),
+            (40 * block, 1000, 3),
+        ] {
+            let data = vec![byte; len];
+            file.write_all_at(&data, at as u64).unwrap();
+            want[at..at + len].copy_from_slice(&data);
+        }
+        file.sync_all().unwrap();
+        let hashes = hash_image(&path, 2, 100).unwrap().unwrap();
+        let expected: Vec<[u8; 32]> = want
+            .chunks(block)
+            .skip(2)
+            .map(|b| boomerang_store::chunk::hash(b).0)
+            .collect();
+        assert_eq!(hashes.len(), 39);
+        assert_eq!(hashes, expected);
+        assert_eq!(hash_image(&dir.join("none.img"), 0, 1).unwrap(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

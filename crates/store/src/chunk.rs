@@ -29,14 +29,7 @@ pub fn hash(data: &[u8]) -> ChunkHash {
 }
 
 /// Whether every byte is zero (such blocks are stored as nothing).
-pub fn is_zero(data: &[u8]) -> bool {
-    // 16 bytes at a time: this runs on every block of every scan, and the compiler vectorises it.
-    let mut words = data.chunks_exact(16);
-    words
-        .by_ref()
-        .all(|w| <[u8; 16]>::try_from(w).is_ok_and(|w| u128::from_ne_bytes(w) == 0))
-        && words.remainder().iter().all(|&b| b == 0)
-}
+pub use boomerang_core::is_zero;
 
 /// Encodes a block as a chunk object.
 pub fn encode(data: &[u8]) -> Vec<u8> {

@@ -380,16 +380,29 @@ fn read_and_hash(
             }
         };
         data.resize(len as usize, 0);
-        let read = file.read_exact_at(&mut data, start).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                std::io::Error::other("the image shrank while it was read")
-            } else {
-                e
-            }
+        // Holes are neither read (which would fill the page cache with zeros) nor hashed.
+        let extents = data_extents(file, start, start + len);
+        let bs = shape.block_size;
+        let read = extents.iter().try_for_each(|&(a, b)| {
+            let (a, b) = (
+                a / bs * bs,
+                b.div_ceil(bs).saturating_mul(bs).min(start + len),
+            );
+            let span = &mut data[(a - start) as usize..(b - start) as usize];
+            file.read_exact_at(span, a).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    std::io::Error::other("the image shrank while it was read")
+                } else {
+                    e
+                }
+            })
         });
         let msg = read.map(|()| Batch {
             first_block: block,
-            hashes: hash_blocks(&data, shape.block_size as usize),
+            hashes: hash_blocks(&data, bs as usize, |k| {
+                let (a, b) = (start + k as u64 * bs, start + (k as u64 + 1) * bs);
+                extents.iter().any(|&(x, y)| x < b && a < y)
+            }),
             data,
         });
         let failed = msg.is_err();
@@ -400,11 +413,43 @@ fn read_and_hash(
     }
 }
 
-/// Hashes each block of `data` (zero blocks get [`ChunkHash::ZERO`]).
-pub(crate) fn hash_blocks(data: &[u8], block_size: usize) -> Vec<ChunkHash> {
+/// The ranges of `file` within `start..end` that hold data, in order; holes (never written)
+/// are left out. Where the file system cannot tell, the whole range.
+fn data_extents(file: &File, start: u64, end: u64) -> Vec<(u64, u64)> {
+    use nix::errno::Errno;
+    use nix::unistd::{Whence, lseek};
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let data = match lseek(file, pos as i64, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(Errno::ENXIO) => break, // a hole up to the end of the file
+            Err(_) => {
+                out.push((pos, end));
+                break;
+            }
+        };
+        if data >= end {
+            break;
+        }
+        let hole = lseek(file, data as i64, Whence::SeekHole).map_or(end, |h| (h as u64).min(end));
+        out.push((data, hole.max(data + 1)));
+        pos = hole.max(data + 1);
+    }
+    out
+}
+
+/// Hashes each block of `data` that `has_data(k)` says may hold data (the others, and zero
+/// blocks, get [`ChunkHash::ZERO`]).
+pub(crate) fn hash_blocks(
+    data: &[u8],
+    block_size: usize,
+    has_data: impl Fn(usize) -> bool,
+) -> Vec<ChunkHash> {
     data.chunks(block_size)
-        .map(|b| {
-            if chunk::is_zero(b) {
+        .enumerate()
+        .map(|(k, b)| {
+            if !has_data(k) || chunk::is_zero(b) {
                 ChunkHash::ZERO
             } else {
                 chunk::hash(b)
