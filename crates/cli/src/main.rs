@@ -69,7 +69,7 @@ fn main() {
             Command::Agent(args) => agent::run(*args, cli.output).await,
             Command::Pki(cmd) => pki::run(cmd, cli.output),
             Command::ProcessServer(args) => process_server::run(args).await,
-            Command::MasterTarget(args) => master_target::run(args).await,
+            Command::MasterTarget(args) => master_target::run(args, cli.output).await,
         }
     });
     match result {

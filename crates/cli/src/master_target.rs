@@ -4,25 +4,65 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use boomerang_core::DiskName;
 use boomerang_master_target::{Config, receiver};
 use boomerang_wire::MAX_DISKS;
 use boomerang_wire::tls::TlsIdentity;
-use clap::Args;
+use clap::{Args, Subcommand};
 
-use crate::output::parse_size;
+use crate::output::{Output, Table, parse_size, print_json};
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct MasterTargetArgs {
+    #[command(subcommand)]
+    command: Option<PointsCommand>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Recovery points between checkpoints, from the retention volume of a master target.
+#[derive(Subcommand, Debug)]
+enum PointsCommand {
+    /// List a disk's recovery points: checkpoints, and the marks between them that the
+    /// incoming log can bring a checkpoint to (within the log window).
+    Points {
+        /// The master target's retention volume.
+        retention: PathBuf,
+        /// The protected machine.
+        #[arg(long)]
+        machine: String,
+        #[arg(long)]
+        disk: DiskName,
+    },
+    /// Write a disk as it was at a point (a mark's sequence number, or `latest`) as a raw
+    /// image: the checkpoint before it and the incoming log's records up to it.
+    Export {
+        retention: PathBuf,
+        #[arg(long)]
+        machine: String,
+        #[arg(long)]
+        disk: DiskName,
+        /// A sequence number from `points`, or `latest` (the newest point listed).
+        #[arg(long, default_value = "latest")]
+        at: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
     /// Address for replication connections from process servers.
     #[arg(long, default_value = "0.0.0.0:9443")]
     listen: String,
     /// The master target's certificate directory (`boomerang pki issue ... --role master-target`).
-    #[arg(long)]
-    tls: PathBuf,
+    #[arg(long, required = true)]
+    tls: Option<PathBuf>,
     /// The retention volume: incoming logs, replica images and replica stores
     /// (RETENTION/replicas/<machine>/store).
-    #[arg(long)]
-    retention: PathBuf,
+    #[arg(long, required = true)]
+    retention: Option<PathBuf>,
     /// The most disks to attach (at most 60).
     #[arg(long, default_value_t = MAX_DISKS)]
     max_disks: usize,
@@ -44,7 +84,71 @@ pub struct MasterTargetArgs {
     name: Option<String>,
 }
 
-pub async fn run(args: MasterTargetArgs) -> anyhow::Result<i32> {
+pub async fn run(args: MasterTargetArgs, output: Output) -> anyhow::Result<i32> {
+    match args.command {
+        Some(command) => points(command, output).await,
+        None => serve(args.run).await,
+    }
+}
+
+async fn points(command: PointsCommand, output: Output) -> anyhow::Result<i32> {
+    use boomerang_master_target::points;
+    match command {
+        PointsCommand::Points {
+            retention,
+            machine,
+            disk,
+        } => {
+            let listed = points::list(&retention, &machine, &disk).await?;
+            if output == Output::Json {
+                print_json(&listed)?;
+            } else {
+                let mut t = Table::new(&["SEQ", "KIND", "CHECKPOINT"]);
+                for p in &listed {
+                    let checkpoint = p.checkpoint.clone().unwrap_or_else(|| "-".into());
+                    t.row(vec![p.seq.to_string(), p.kind.clone(), checkpoint]);
+                }
+                t.print();
+            }
+        }
+        PointsCommand::Export {
+            retention,
+            machine,
+            disk,
+            at,
+            out,
+        } => {
+            let seq = if at == "latest" {
+                let listed = points::list(&retention, &machine, &disk).await?;
+                listed.last().map(|p| p.seq).with_context(|| {
+                    format!("disk {disk} of {machine} has no recovery point yet")
+                })?
+            } else {
+                at.parse().with_context(|| {
+                    format!("--at {at:?} is not a sequence number: use one from `boomerang master-target points`, or latest")
+                })?
+            };
+            let (base, records) = points::export_at(&retention, &machine, &disk, seq, &out).await?;
+            if output == Output::Json {
+                print_json(&serde_json::json!({
+                    "disk": disk, "seq": seq, "checkpoint": base.to_string(),
+                    "records_applied": records, "out": out,
+                }))?;
+            } else {
+                println!(
+                    "wrote {} as disk {disk} of {machine} was at seq {seq}: checkpoint {base} and {records} records of the incoming log",
+                    out.display()
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn serve(args: RunArgs) -> anyhow::Result<i32> {
+    let (Some(tls_dir), Some(retention)) = (args.tls.clone(), args.retention.clone()) else {
+        anyhow::bail!("a master target needs --tls DIR and --retention DIR");
+    };
     if !(0.0..=1e5).contains(&args.log_window_hours) {
         anyhow::bail!(
             "--log-window-hours {} is not a number of hours: use a value such as 24",
@@ -57,18 +161,18 @@ pub async fn run(args: MasterTargetArgs) -> anyhow::Result<i32> {
             args.point_every
         );
     }
-    let tls = TlsIdentity::load(&args.tls)?;
-    let name = crate::daemon::name_or_dir(args.name, &args.tls, "master target")?;
-    std::fs::create_dir_all(&args.retention).with_context(|| {
+    let tls = TlsIdentity::load(&tls_dir)?;
+    let name = crate::daemon::name_or_dir(args.name, &tls_dir, "master target")?;
+    std::fs::create_dir_all(&retention).with_context(|| {
         format!(
             "could not create the retention directory {}: check the path and permissions",
-            args.retention.display()
+            retention.display()
         )
     })?;
     let (server, metrics) = receiver(Config {
         name,
         tls,
-        retention: args.retention.clone(),
+        retention,
         max_disks: args.max_disks,
         block_size: args.block_size,
         point_every: std::time::Duration::from_secs_f64(args.point_every),

@@ -503,6 +503,141 @@ fn after_a_machine_crash_only_the_blocks_that_differ_from_the_replica_travel() {
 }
 
 #[test]
+fn marks_between_checkpoints_are_points_the_incoming_log_brings_a_checkpoint_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = site(dir.path());
+    let disk = blank(dir.path(), "disk.img", BLOCKS);
+    let retention = dir.path().join("retention");
+    // Checkpoints thinned to one an hour: after the first, marks are points only through the
+    // incoming log.
+    let mt = daemon(&[
+        "master-target",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        ca.join("issued/mt1").to_str().unwrap(),
+        "--retention",
+        retention.to_str().unwrap(),
+        "--point-every",
+        "3600",
+    ]);
+    let ps = process_server(
+        &ca,
+        &dir.path().join("cache"),
+        "127.0.0.1:0",
+        Some(&mt.addr),
+        &[],
+    );
+    let log = dir.path().join("log");
+    let agent = agent(&ca, &disk, &log, &ps.addr, &["--mark-interval", "0"]);
+    let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
+    let mut cookie = 0;
+    let ret = retention.to_str().unwrap();
+    let mark = || -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // Refused while the initial copy runs.
+            let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+                .args(["agent", "mark", "--log-dir", log.to_str().unwrap()])
+                .args(["--output", "json"])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                return v["seq"].as_u64().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mut at_marks = Vec::new();
+    for round in 1..=3 {
+        write_round(&mut client, &mut cookie, round, 3, BLOCKS);
+        let seq = mark();
+        at_marks.push((seq, std::fs::read(&disk).unwrap()));
+    }
+    let listed = loop {
+        let text = boomerang(&[
+            "master-target",
+            "points",
+            ret,
+            "--machine",
+            "web01",
+            "--disk",
+            "d0",
+            "--output",
+            "json",
+        ]);
+        let listed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        if listed.as_array().unwrap().len() >= 3 {
+            break listed;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let seqs: Vec<u64> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, at_marks.iter().map(|(s, _)| *s).collect::<Vec<_>>());
+    assert!(listed[0]["checkpoint"].is_string(), "{listed}");
+    assert!(
+        listed[1]["checkpoint"].is_null() && listed[2]["checkpoint"].is_null(),
+        "{listed}"
+    );
+    for (seq, want) in &at_marks {
+        let out = dir.path().join(format!("at-{seq}.img"));
+        boomerang(&[
+            "master-target",
+            "export",
+            ret,
+            "--machine",
+            "web01",
+            "--disk",
+            "d0",
+            "--at",
+            &seq.to_string(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            std::fs::read(&out).unwrap() == *want,
+            "disk d0 at seq {seq}"
+        );
+    }
+    // A sequence number before the first checkpoint is refused with the way out.
+    let early = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args([
+            "master-target",
+            "export",
+            ret,
+            "--machine",
+            "web01",
+            "--disk",
+            "d0",
+        ])
+        .args([
+            "--at",
+            "1",
+            "--out",
+            dir.path().join("early.img").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!early.status.success());
+    assert!(
+        String::from_utf8_lossy(&early.stderr).contains("choose a later point"),
+        "{}",
+        String::from_utf8_lossy(&early.stderr)
+    );
+}
+
+#[test]
 fn a_long_outage_falls_back_to_the_bitmap_and_resends_only_those_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let ca = site(dir.path());

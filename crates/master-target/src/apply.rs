@@ -194,46 +194,40 @@ impl Applier {
 
     async fn apply(&mut self, store: &Store, record: Record) -> Result<(), ApplyError> {
         let block = self.block_size;
-        match record.op {
-            Op::Resize { disk, size } => {
-                let r = self.replica(&disk)?;
-                r.file.set_len(size).map_err(Self::io("resize", &r.path))?;
+        if let Op::Mark { kind, time, .. } = record.op {
+            self.note_mark(record.seq, kind, time.0);
+            // Crash marks come every few seconds; a point costs the blocks changed since
+            // the last one, so close ones are thinned (app and group marks always count).
+            let due = self.last_point.is_none_or(|at| at.elapsed() >= self.every);
+            if due || kind != LogMark::Crash {
+                self.checkpoint(store, kind, record.seq).await?;
+                self.last_point = Some(std::time::Instant::now());
             }
-            Op::Write { disk, offset, data } => {
-                let r = self.replica(&disk)?;
-                let end = offset + data.len() as u64;
-                grow(r, end)?;
-                r.file
-                    .write_all_at(&data, offset)
-                    .map_err(Self::io("write", &r.path))?;
-                mark(r, offset, end, block);
-            }
-            Op::Zero { disk, offset, len } | Op::Trim { disk, offset, len } => {
-                let r = self.replica(&disk)?;
-                let end = offset + len;
-                grow(r, end)?;
-                let zeros = vec![0u8; len.min(1 << 20) as usize];
-                let mut at = offset;
-                while at < end {
-                    let n = (end - at).min(zeros.len() as u64) as usize;
-                    r.file
-                        .write_all_at(&zeros[..n], at)
-                        .map_err(Self::io("write", &r.path))?;
-                    at += n as u64;
-                }
-                mark(r, offset, end, block);
-            }
-            Op::Mark { kind, .. } => {
-                // Crash marks come every few seconds; a point costs the blocks changed since
-                // the last one, so close ones are thinned (app and group marks always count).
-                let due = self.last_point.is_none_or(|at| at.elapsed() >= self.every);
-                if due || kind != LogMark::Crash {
-                    self.checkpoint(store, kind, record.seq).await?;
-                    self.last_point = Some(std::time::Instant::now());
-                }
-            }
+            return Ok(());
+        }
+        let Some(disk) = record.op.disk().cloned() else {
+            return Ok(());
+        };
+        let r = self.replica(&disk)?;
+        if let Some((offset, end)) = write_op(&r.file, &r.path, &record.op)? {
+            mark(r, offset, end, block);
         }
         Ok(())
+    }
+
+    /// Adds a mark to the stream's index of marks (`marks`: one line per mark, "seq kind
+    /// time_ns"), which lists the points between checkpoints. Lines may repeat after a crash.
+    fn note_mark(&self, seq: Seq, kind: LogMark, time_ns: u64) {
+        let path = marks_path(&self.retention, &self.stream);
+        let line = format!("{} {} {time_ns}\n", seq.0, mark_name(kind));
+        let written = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            tracing::warn!(stream = %self.stream, path = %path.display(), error = %e, "could not index a mark; it is still a point if a checkpoint was made at it");
+        }
     }
 
     /// Commits every disk as a point at `seq` (a disk that did not change costs a manifest:
@@ -269,24 +263,74 @@ impl Applier {
         write_applied(&path, seq).map_err(Self::io("record the applied mark in", &path))?;
         // Applied and committed: the incoming log is kept for its window, then dropped.
         let incoming = self.retention.join("incoming").join(&self.stream);
-        if let Err(e) = boomerang_wire::cache::release_older(&incoming, seq, self.log_window) {
-            tracing::warn!(stream = %self.stream, error = %boomerang_core::chain(&e), "could not drop applied incoming segments");
+        match boomerang_wire::cache::release_older(&incoming, seq, self.log_window) {
+            Ok(0) => {}
+            Ok(_) => {
+                if let Err(e) = crate::points::prune_index(&self.retention, &self.stream) {
+                    tracing::warn!(stream = %self.stream, error = %boomerang_core::chain(&e), "could not prune the index of marks");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(stream = %self.stream, error = %boomerang_core::chain(&e), "could not drop applied incoming segments")
+            }
         }
         Ok(())
     }
 }
 
-fn grow(r: &mut Replica, end: u64) -> Result<(), ApplyError> {
-    let len = r
-        .file
-        .metadata()
-        .map_err(Applier::io("inspect", &r.path))?
-        .len();
+/// Applies a change of a disk to its image `file` at `path`; the byte range it changed.
+pub(crate) fn write_op(
+    file: &File,
+    path: &Path,
+    op: &Op,
+) -> Result<Option<(u64, u64)>, ApplyError> {
+    match op {
+        Op::Resize { size, .. } => {
+            file.set_len(*size).map_err(Applier::io("resize", path))?;
+            Ok(None)
+        }
+        Op::Write { offset, data, .. } => {
+            let end = offset + data.len() as u64;
+            grow(file, path, end)?;
+            file.write_all_at(data, *offset)
+                .map_err(Applier::io("write", path))?;
+            Ok(Some((*offset, end)))
+        }
+        Op::Zero { offset, len, .. } | Op::Trim { offset, len, .. } => {
+            let end = offset + len;
+            grow(file, path, end)?;
+            let zeros = vec![0u8; (*len).min(1 << 20) as usize];
+            let mut at = *offset;
+            while at < end {
+                let n = (end - at).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], at)
+                    .map_err(Applier::io("write", path))?;
+                at += n as u64;
+            }
+            Ok(Some((*offset, end)))
+        }
+        Op::Mark { .. } => Ok(None),
+    }
+}
+
+/// The index of a stream's marks (see `Applier::note_mark`).
+pub(crate) fn marks_path(retention: &Path, stream: &str) -> PathBuf {
+    retention.join("replicas").join(stream).join("marks")
+}
+
+pub(crate) fn mark_name(kind: LogMark) -> &'static str {
+    match kind {
+        LogMark::Crash => "crash",
+        LogMark::App => "app",
+        LogMark::Group => "group",
+    }
+}
+
+fn grow(file: &File, path: &Path, end: u64) -> Result<(), ApplyError> {
+    let len = file.metadata().map_err(Applier::io("inspect", path))?.len();
     if end > len {
         // A disk whose size was not announced grows to what is written.
-        r.file
-            .set_len(end)
-            .map_err(Applier::io("resize", &r.path))?;
+        file.set_len(end).map_err(Applier::io("resize", path))?;
     }
     Ok(())
 }

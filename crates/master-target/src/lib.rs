@@ -18,6 +18,7 @@
 
 mod apply;
 mod digest;
+pub mod points;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -1,0 +1,299 @@
+//! Recovery points as log positions (DESIGN 3.3). Checkpoints in the replica store are points
+//! of their own; between them, every mark whose records the incoming log still holds is a
+//! point too: the disk there is the last checkpoint at or before it, plus the records up to
+//! it. So inside the log window (`--log-window-hours`) a machine can be recovered at any
+//! mark, not only at the thinned checkpoints.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+
+use boomerang_core::log::{SegmentReader, first_seq_of, segment_files};
+use boomerang_core::{DiskName, PointId, Seq};
+use boomerang_store::{NoProgress, Store};
+use serde::Serialize;
+
+use crate::apply::{ApplyError, marks_path, replica_store, write_op};
+
+/// A point of a disk: a checkpoint, or a mark the log can bring a checkpoint to.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ListedPoint {
+    /// The mark's sequence number in the machine's write log.
+    pub seq: u64,
+    /// `crash`, `app` or `group`.
+    pub kind: String,
+    /// When the mark was made at the agent (nanoseconds since 1970), when known.
+    pub time_unix_ns: Option<u64>,
+    /// The replica store's point at this mark, if a checkpoint was made there.
+    pub checkpoint: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PointsError {
+    #[error(
+        "no replica store for machine {stream} under {retention}: check --retention and the machine's name"
+    )]
+    NoStore { stream: String, retention: PathBuf },
+    #[error(transparent)]
+    Store(#[from] boomerang_store::StoreError),
+    #[error("could not read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not read the incoming log of {stream}: {why}")]
+    Log { stream: String, why: String },
+    #[error(
+        "disk {disk} of {stream} has no checkpoint at or before seq {seq}: choose a later point (`master-target points`)"
+    )]
+    TooEarly {
+        stream: String,
+        disk: DiskName,
+        seq: u64,
+    },
+    #[error(
+        "the incoming log of {stream} no longer holds the records from seq {from}: seq {seq} is outside the log window; choose a checkpoint or a later point (`master-target points`)"
+    )]
+    OutsideWindow { stream: String, from: u64, seq: u64 },
+    #[error(
+        "the incoming log of {stream} ends at seq {last}, before seq {seq}: that point has not arrived yet"
+    )]
+    NotYet { stream: String, seq: u64, last: u64 },
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+fn incoming(retention: &Path, stream: &str) -> PathBuf {
+    retention.join("incoming").join(stream)
+}
+
+/// The first sequence number the incoming log of `stream` still holds.
+fn first_held(retention: &Path, stream: &str) -> Result<Option<Seq>, PointsError> {
+    let dir = incoming(retention, stream);
+    let files = match segment_files(&dir) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(PointsError::Io { path: dir, source }),
+    };
+    Ok(files.first().and_then(|f| first_seq_of(f)))
+}
+
+/// The marks of the index, by sequence number (repeats after a crash collapse).
+fn indexed_marks(
+    retention: &Path,
+    stream: &str,
+) -> Result<BTreeMap<u64, (String, u64)>, PointsError> {
+    let path = marks_path(retention, stream);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(source) => return Err(PointsError::Io { path, source }),
+    };
+    let mut marks = BTreeMap::new();
+    for line in text.lines() {
+        // A line cut short by a crash is skipped: its mark is indexed again when re-applied.
+        let mut parts = line.split(' ');
+        if let (Some(seq), Some(kind), Some(time), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+            && let (Ok(seq), Ok(time)) = (seq.parse(), time.parse())
+        {
+            marks.insert(seq, (kind.to_string(), time));
+        }
+    }
+    Ok(marks)
+}
+
+/// Drops from the mark index the marks the incoming log no longer holds the records of.
+pub(crate) fn prune_index(retention: &Path, stream: &str) -> Result<(), PointsError> {
+    let Some(first) = first_held(retention, stream)? else {
+        return Ok(());
+    };
+    let marks = indexed_marks(retention, stream)?;
+    let path = marks_path(retention, stream);
+    let tmp = path.with_extension("tmp");
+    let mut text = String::new();
+    for (seq, (kind, time)) in marks.range(first.0..) {
+        text.push_str(&format!("{seq} {kind} {time}\n"));
+    }
+    let io = |source| PointsError::Io {
+        path: path.clone(),
+        source,
+    };
+    std::fs::write(&tmp, text).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)
+}
+
+async fn open_store(retention: &Path, stream: &str) -> Result<Store, PointsError> {
+    let location = replica_store(retention, stream);
+    if !location.exists() {
+        return Err(PointsError::NoStore {
+            stream: stream.to_string(),
+            retention: retention.to_path_buf(),
+        });
+    }
+    Ok(Store::open(&location.to_string_lossy()).await?)
+}
+
+/// Every point of `disk` of `stream`, oldest first: its checkpoints, and the marks after its
+/// first checkpoint whose records the incoming log holds.
+pub async fn list(
+    retention: &Path,
+    stream: &str,
+    disk: &DiskName,
+) -> Result<Vec<ListedPoint>, PointsError> {
+    let store = open_store(retention, stream).await?;
+    let checkpoints = store.points(Some(disk)).await?;
+    let mut points: BTreeMap<u64, ListedPoint> = BTreeMap::new();
+    for p in &checkpoints {
+        let Some(seq) = p.seq else { continue };
+        points.insert(
+            seq.0,
+            ListedPoint {
+                seq: seq.0,
+                kind: format!("{:?}", p.mark).to_lowercase(),
+                time_unix_ns: None,
+                checkpoint: Some(p.id.to_string()),
+            },
+        );
+    }
+    let first_checkpoint = points.keys().next().copied();
+    let held = first_held(retention, stream)?;
+    for (seq, (kind, time)) in indexed_marks(retention, stream)? {
+        let replayable = first_checkpoint.is_some_and(|c| seq > c)
+            && held.is_some_and(|h| {
+                // The checkpoint before the mark must be within what the log holds.
+                let base = points
+                    .range(..seq)
+                    .rev()
+                    .find(|(_, p)| p.checkpoint.is_some());
+                base.is_some_and(|(b, _)| b + 1 >= h.0)
+            });
+        match points.get_mut(&seq) {
+            Some(p) => p.time_unix_ns = Some(time),
+            None if replayable => {
+                points.insert(
+                    seq,
+                    ListedPoint {
+                        seq,
+                        kind,
+                        time_unix_ns: Some(time),
+                        checkpoint: None,
+                    },
+                );
+            }
+            None => {}
+        }
+    }
+    Ok(points.into_values().collect())
+}
+
+/// Writes `disk` of `stream` as it was at sequence number `seq` to `out` (a raw image): the
+/// last checkpoint at or before `seq`, then the incoming log's records of the disk up to
+/// `seq`. Returns the checkpoint used and the number of records applied.
+pub async fn export_at(
+    retention: &Path,
+    stream: &str,
+    disk: &DiskName,
+    seq: u64,
+    out: &Path,
+) -> Result<(PointId, u64), PointsError> {
+    let store = open_store(retention, stream).await?;
+    let base = store
+        .points(Some(disk))
+        .await?
+        .into_iter()
+        .filter(|p| p.seq.is_some_and(|s| s.0 <= seq))
+        .max_by_key(|p| p.seq)
+        .ok_or_else(|| PointsError::TooEarly {
+            stream: stream.to_string(),
+            disk: disk.clone(),
+            seq,
+        })?;
+    let from = base.seq.map_or(0, |s| s.0) + 1;
+    store.export_raw(&base, out, &NoProgress).await?;
+    if from > seq {
+        return Ok((base.id, 0));
+    }
+    let held = first_held(retention, stream)?;
+    if held.is_none_or(|h| h.0 > from) {
+        return Err(PointsError::OutsideWindow {
+            stream: stream.to_string(),
+            from,
+            seq,
+        });
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .open(out)
+        .map_err(|source| PointsError::Io {
+            path: out.to_path_buf(),
+            source,
+        })?;
+    let dir = incoming(retention, stream);
+    let bad = |why: String| PointsError::Log {
+        stream: stream.to_string(),
+        why,
+    };
+    let files = segment_files(&dir).map_err(|e| bad(e.to_string()))?;
+    let mut applied = 0;
+    let mut last = 0;
+    for (k, path) in files.iter().enumerate() {
+        // Segments wholly before `from` are skipped.
+        if let Some(next) = files.get(k + 1).and_then(|n| first_seq_of(n))
+            && next.0 <= from
+        {
+            continue;
+        }
+        for record in SegmentReader::open(path).map_err(|e| bad(e.to_string()))? {
+            let record = record.map_err(|e| bad(format!("{}: {e}", path.display())))?;
+            last = record.seq.0;
+            if record.seq.0 < from {
+                continue;
+            }
+            if record.seq.0 > seq {
+                return Ok((base.id, applied));
+            }
+            if record.op.disk() == Some(disk) {
+                write_op(&file, out, &record.op)?;
+                applied += 1;
+            }
+        }
+    }
+    if last < seq {
+        return Err(PointsError::NotYet {
+            stream: stream.to_string(),
+            seq,
+            last,
+        });
+    }
+    Ok((base.id, applied))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_index_keeps_the_marks_the_log_still_holds() {
+        let dir = std::env::temp_dir().join(format!("boomerang-points-{}", std::process::id()));
+        let stream = "web01";
+        std::fs::create_dir_all(dir.join("replicas").join(stream)).unwrap();
+        let incoming = incoming(&dir, stream);
+        std::fs::create_dir_all(&incoming).unwrap();
+        let name = boomerang_core::log::segment_name;
+        std::fs::write(incoming.join(name(Seq(10))), b"").unwrap();
+        std::fs::write(incoming.join(name(Seq(15))), b"").unwrap();
+        // Repeats (a re-applied mark) and a line cut short by a crash.
+        std::fs::write(
+            marks_path(&dir, stream),
+            "5 crash 1\n10 app 2\n20 crash 3\n10 app 2\n25 cra",
+        )
+        .unwrap();
+        prune_index(&dir, stream).unwrap();
+        let kept = indexed_marks(&dir, stream).unwrap();
+        assert_eq!(kept.keys().copied().collect::<Vec<_>>(), [10, 20]);
+        assert_eq!(kept[&10], ("app".to_string(), 2));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
