@@ -25,6 +25,10 @@ pub struct ProcessServerArgs {
     /// (say 20MiB).
     #[arg(long, value_parser = crate::output::parse_size)]
     max_rate: Option<u64>,
+    /// The most bytes of a cache segment. Forwarded records leave the cache a whole segment
+    /// at a time: the cache volume must hold a few segments.
+    #[arg(long, default_value = "64MiB", value_parser = crate::output::parse_size)]
+    cache_segment_size: u64,
     /// Serve /metrics (Prometheus) and /healthz over HTTP on this address (say 127.0.0.1:9090).
     #[arg(long)]
     metrics: Option<String>,
@@ -48,6 +52,7 @@ pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
         cache: args.cache.clone(),
         master_target: args.master_target.clone(),
         max_rate: args.max_rate,
+        cache_segment: args.cache_segment_size,
     })?;
     crate::daemon::serve_metrics(
         args.metrics.as_deref(),

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use boomerang_testkit::{Daemon, RawNbd, ci, have, run, sparse_file};
+use boomerang_testkit::{Daemon, RawNbd, SmallVolume, have, run, sparse_file};
 use serde_json::Value;
 
 fn boomerang(args: &[&str]) -> String {
@@ -517,41 +517,6 @@ fn past_its_cap_the_log_hands_over_to_the_bitmap() {
     let to = format!("seq:{before_cap}");
     replay(&log, &base, &to, &replayed);
     assert!(std::fs::read(&replayed).unwrap() == std::fs::read(&at_cap).unwrap());
-}
-
-/// A small tmpfs mounted for one test, unmounted when dropped.
-struct SmallVolume(std::path::PathBuf);
-
-impl SmallVolume {
-    fn mount(path: &Path, size: &str) -> Option<SmallVolume> {
-        std::fs::create_dir_all(path).unwrap();
-        let ok = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "tmpfs",
-                path.to_str().unwrap(),
-            ])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            assert!(
-                !ci(),
-                "mounting a small tmpfs failed; CI runs these tests as root"
-            );
-            eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
-            return None;
-        }
-        Some(SmallVolume(path.to_path_buf()))
-    }
-}
-
-impl Drop for SmallVolume {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
 }
 
 #[test]

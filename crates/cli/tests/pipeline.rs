@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use boomerang_testkit::{Daemon, RawNbd, run, sparse_file};
+use boomerang_testkit::{Daemon, RawNbd, SmallVolume, run, sparse_file};
 
 fn boomerang(args: &[&str]) -> String {
     run(env!("CARGO_BIN_EXE_boomerang"), args)
@@ -635,6 +635,68 @@ fn marks_between_checkpoints_are_points_the_incoming_log_brings_a_checkpoint_to(
         "{}",
         String::from_utf8_lossy(&early.stderr)
     );
+}
+
+#[test]
+fn a_full_cache_volume_stops_the_acks_until_space_returns_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = site(dir.path());
+    const DISK_BLOCKS: u64 = 2048;
+    let disk = blank(dir.path(), "disk.img", DISK_BLOCKS);
+    let retention = dir.path().join("retention");
+    // The master target is away at first: the process server cannot forward, so its 3 MiB
+    // cache (1 MiB segments) fills with the first writes.
+    let mut mt = master_target(&ca, &retention, "127.0.0.1:0");
+    let mt_addr = mt.addr.clone();
+    mt.signal("-TERM");
+    let cache = dir.path().join("cache");
+    let Some(_volume) = SmallVolume::mount(&cache, "3m") else {
+        return;
+    };
+    let ps_log = dir.path().join("ps.log");
+    let ps = Daemon::start_logged(
+        env!("CARGO_BIN_EXE_boomerang"),
+        &[
+            "process-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls",
+            ca.join("issued/ps1").to_str().unwrap(),
+            "--cache",
+            cache.to_str().unwrap(),
+            "--master-target",
+            &mt_addr,
+            "--cache-segment-size",
+            "1MiB",
+        ],
+        &ps_log,
+    );
+    let log = dir.path().join("log");
+    let agent = agent(&ca, &disk, &log, &ps.addr, &["--mark-interval", "0.2"]);
+    let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
+    let mut cookie = 0;
+    // 8 MiB of writes: all acknowledged by the agent, which keeps what the cache refused.
+    write_round(&mut client, &mut cookie, 1, 1, DISK_BLOCKS);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&ps_log).unwrap().contains("volume") {
+        assert!(
+            Instant::now() < deadline,
+            "the process server never said its cache is full"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let said = std::fs::read_to_string(&ps_log).unwrap();
+    assert!(
+        said.contains("is full") && said.contains(cache.to_str().unwrap()),
+        "{said}"
+    );
+
+    // Space returns as the master target comes back and takes what the cache holds.
+    let _mt = master_target(&ca, &retention, &mt_addr);
+    write_round(&mut client, &mut cookie, 2, 5, DISK_BLOCKS);
+    let live = std::fs::read(&disk).unwrap();
+    let store = retention.join("replicas/web01/store");
+    wait_for_point(&store, "latest", &dir.path().join("point.img"), Some(&live));
 }
 
 #[test]

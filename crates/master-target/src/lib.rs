@@ -186,6 +186,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartEr
         max_disks: config.max_disks,
         tls: config.tls,
         cache: config.retention.join("incoming"),
+        segment_len: boomerang_wire::cache::SEGMENT_LEN,
         on_durable: Some(on_durable),
         on_digest: Some(on_digest),
     })?;

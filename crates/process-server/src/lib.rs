@@ -35,6 +35,9 @@ pub struct Config {
     pub master_target: Option<String>,
     /// At most this many bytes per second toward the master target, per machine.
     pub max_rate: Option<u64>,
+    /// The most bytes of a cache segment: forwarded records leave the cache a segment at a
+    /// time, so the cache volume must hold a few.
+    pub cache_segment: u64,
 }
 
 /// A process server: a receiver that takes agents, each streaming its own machine's log, and
@@ -110,6 +113,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), ServeEr
         max_disks: usize::MAX,
         tls: config.tls,
         cache: config.cache,
+        segment_len: config.cache_segment,
         on_durable: Some(on_durable),
         on_digest: relay,
     })?;

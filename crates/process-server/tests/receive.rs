@@ -125,6 +125,7 @@ async fn start_with_metrics(
         cache: cache.to_path_buf(),
         master_target: None,
         max_rate: None,
+        cache_segment: boomerang_wire::cache::SEGMENT_LEN,
     })
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -46,6 +46,37 @@ pub fn unique(name: &str) -> String {
     format!("{name}-{}-{}", std::process::id(), nanos % 1_000_000_000)
 }
 
+/// A small tmpfs mounted for one test (a volume that fills up), unmounted when dropped.
+pub struct SmallVolume(std::path::PathBuf);
+
+impl SmallVolume {
+    /// Mounts a tmpfs of `size` (as `mount -o size=`, say `3m`) at `path`; none where that
+    /// is not allowed (not root), which fails in CI.
+    pub fn mount(path: &std::path::Path, size: &str) -> Option<SmallVolume> {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            assert!(
+                !ci(),
+                "mounting a small tmpfs failed; CI runs these tests as root"
+            );
+            eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+            return None;
+        }
+        Some(SmallVolume(path.to_path_buf()))
+    }
+}
+
+impl Drop for SmallVolume {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// Creates (or truncates) `path` as a sparse file of `size` bytes: an empty disk image.
 pub fn sparse_file(path: &std::path::Path, size: u64) {
     std::fs::File::create(path)
@@ -248,10 +279,22 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `bin` with `args` and waits for its address.
     pub fn start(bin: &str, args: &[&str]) -> Daemon {
+        Self::start_with(bin, args, std::process::Stdio::inherit())
+    }
+
+    /// As [`Daemon::start`], with the process's log (stderr) in the file `log`.
+    pub fn start_logged(bin: &str, args: &[&str], log: &std::path::Path) -> Daemon {
+        let file = std::fs::File::create(log)
+            .unwrap_or_else(|e| panic!("could not create {}: {e}", log.display()));
+        Self::start_with(bin, args, file.into())
+    }
+
+    fn start_with(bin: &str, args: &[&str], stderr: std::process::Stdio) -> Daemon {
         use std::io::BufRead;
         let mut child = Command::new(bin)
             .args(args)
             .stdout(std::process::Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("could not start {bin}: {e}"));
         let mut line = String::new();

@@ -23,17 +23,40 @@ pub enum CacheError {
     Log(#[from] LogError),
 }
 
+impl CacheError {
+    /// Whether the volume is full (ENOSPC), which passes once space returns.
+    pub fn is_full(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && io.raw_os_error() == Some(28)
+            {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
+    }
+}
+
 /// One stream's cached records.
 pub struct StreamCache {
     dir: PathBuf,
     writer: Option<SegmentWriter>,
     last: Option<Seq>,
+    segment_len: u64,
 }
 
 impl StreamCache {
     /// Opens (or creates) the cache of `stream` under `root`, cutting a torn tail left by a
     /// crash: what survives is exactly what was durable, and was acknowledged at most.
     pub fn open(root: &Path, stream: &str) -> Result<Self, CacheError> {
+        Self::open_with(root, stream, SEGMENT_LEN)
+    }
+
+    /// As [`StreamCache::open`], with new segments of `segment_len` bytes at most. Only whole
+    /// segments are dropped once forwarded, so a volume must hold a few of them.
+    pub fn open_with(root: &Path, stream: &str, segment_len: u64) -> Result<Self, CacheError> {
         let dir = root.join(stream);
         let io = |source| CacheError::Io {
             dir: dir.clone(),
@@ -61,7 +84,12 @@ impl StreamCache {
                 (Some(writer), last.filter(|s| s.0 > 0))
             }
         };
-        Ok(StreamCache { dir, writer, last })
+        Ok(StreamCache {
+            dir,
+            writer,
+            last,
+            segment_len,
+        })
     }
 
     /// The sequence number the next record must have: one past the last durable record.
@@ -78,11 +106,11 @@ impl StreamCache {
         for (seq, frame) in records.frames() {
             let writer = match &mut self.writer {
                 Some(w) => w,
-                None => self.writer.insert(self.new_segment(seq)?),
+                None => self.writer.insert(self.new_segment(seq, frame.len())?),
             };
             if let AppendOutcome::Full = writer.append_frame(seq, frame)? {
                 writer.sync()?;
-                let writer = self.writer.insert(self.new_segment(seq)?);
+                let writer = self.writer.insert(self.new_segment(seq, frame.len())?);
                 if let AppendOutcome::Full = writer.append_frame(seq, frame)? {
                     // A frame of the largest size (16 MiB) fits in an empty segment.
                     return Err(CacheError::Io {
@@ -98,9 +126,11 @@ impl StreamCache {
         Ok(())
     }
 
-    fn new_segment(&self, first: Seq) -> Result<SegmentWriter, CacheError> {
+    /// A new segment from `first`, with room for a frame of `frame` bytes at least.
+    fn new_segment(&self, first: Seq, frame: usize) -> Result<SegmentWriter, CacheError> {
         let path = self.dir.join(segment_name(first));
-        Ok(SegmentWriter::create(&path, first, SEGMENT_LEN)?)
+        let len = self.segment_len.max(frame as u64 + 4096);
+        Ok(SegmentWriter::create(&path, first, len)?)
     }
 
     /// Makes every appended record durable.

@@ -52,6 +52,8 @@ pub struct Config {
     pub tls: TlsIdentity,
     /// One directory per stream.
     pub cache: PathBuf,
+    /// The most bytes of a cache segment ([`crate::cache::SEGMENT_LEN`] by default).
+    pub segment_len: u64,
     pub on_durable: Option<OnDurable>,
     /// Answers digest requests; none refuses them.
     pub on_digest: Option<crate::digest::OnDigest>,
@@ -264,9 +266,11 @@ impl Receiver {
         }
         let root = self.config.cache.clone();
         let name = stream.clone();
-        let cache = tokio::task::spawn_blocking(move || StreamCache::open(&root, &name))
-            .await
-            .map_err(|e| WireError::Protocol(e.to_string()))?;
+        let segment_len = self.config.segment_len;
+        let cache =
+            tokio::task::spawn_blocking(move || StreamCache::open_with(&root, &name, segment_len))
+                .await
+                .map_err(|e| WireError::Protocol(e.to_string()))?;
         let mut cache = match cache {
             Ok(c) => c,
             Err(e) => {
@@ -333,12 +337,21 @@ impl Receiver {
             .map_err(|e| WireError::Protocol(e.to_string()))?;
             cache = back;
             if let Err(e) = persisted {
-                tracing::error!(%stream, error = %boomerang_core::chain(&e), "could not persist records in the cache");
-                wr.refuse(
-                    ErrorCode::Unavailable,
-                    &format!("the process server's cache failed: {e}"),
-                )
-                .await;
+                let why = if e.is_full() {
+                    format!(
+                        "the {}'s volume {} is full: records of {stream} wait at the sender and are taken again once space returns (as forwarded records are dropped, or when the volume grows)",
+                        self.config.role,
+                        self.config.cache.display()
+                    )
+                } else {
+                    format!(
+                        "the {} could not persist records of {stream}: {}",
+                        self.config.role,
+                        boomerang_core::chain(&e)
+                    )
+                };
+                tracing::error!(%stream, error = %boomerang_core::chain(&e), "{why} (alert)");
+                wr.refuse(ErrorCode::Unavailable, &why).await;
                 return Err(e.into());
             }
             if let Some(notify) = &self.config.on_durable {

@@ -93,7 +93,8 @@ pub async fn ship<S: Source>(log: Arc<S>, config: ShipConfig, mut stop: watch::R
             _ = stop.changed() => return,
         };
         if resumed {
-            // A session that got going: the next failure starts the backoff afresh.
+            // A session that got records through: the next failure starts the backoff afresh
+            // (one refused at its first batch, by a full volume say, backs off further).
             backoff = Duration::from_millis(100);
         }
         match ended {
@@ -122,8 +123,7 @@ async fn session<S: Source>(
     let (rd, wr, next, credit) = tokio::time::timeout(SETUP_TIMEOUT, open(config))
         .await
         .unwrap_or(Err(ShipError::Stalled(SETUP_TIMEOUT)))?;
-    *resumed = true;
-    stream(log, config, stop, rd, wr, next, credit).await
+    stream(log, config, stop, rd, wr, next, credit, resumed).await
 }
 
 /// Connects, runs both handshakes and opens the stream: the sequence number and credit the
@@ -158,6 +158,7 @@ async fn stream<S: Source>(
     mut wr: Writer,
     next: Seq,
     credit: u64,
+    progressed: &mut bool,
 ) -> Result<(), ShipError> {
     let dir = log.dir();
     let log_next = log.next_seq().map_err(|why| ShipError::Log {
@@ -251,6 +252,7 @@ async fn stream<S: Source>(
                 Ok(Frame::Ack { durable, credit }) => {
                     out.acked(durable, credit)
                         .map_err(|v| WireError::Protocol(v.message))?;
+                    *progressed = true;
                     log.release_through(durable).map_err(|why| ShipError::Log {
                         dir: dir.clone(),
                         why,
