@@ -120,10 +120,10 @@ async fn session<S: Source>(
     stop: watch::Receiver<bool>,
     resumed: &mut bool,
 ) -> Result<(), ShipError> {
-    let (rd, wr, next, credit) = tokio::time::timeout(SETUP_TIMEOUT, open(config))
+    let opened = tokio::time::timeout(SETUP_TIMEOUT, open(config))
         .await
         .unwrap_or(Err(ShipError::Stalled(SETUP_TIMEOUT)))?;
-    stream(log, config, stop, rd, wr, next, credit, resumed).await
+    stream(log, config, stop, opened, resumed).await
 }
 
 /// Connects, runs both handshakes and opens the stream: the sequence number and credit the
@@ -149,15 +149,13 @@ async fn open(config: &ShipConfig) -> Result<(Reader, Writer, Seq, u64), ShipErr
     }
 }
 
-/// Streams records from `next` on until the connection fails or `stop` turns true.
+/// Streams records from the `next` sequence number the receiver opened with, until the
+/// connection fails or `stop` turns true; `progressed` turns true at the first ack.
 async fn stream<S: Source>(
     log: &Arc<S>,
     config: &ShipConfig,
     mut stop: watch::Receiver<bool>,
-    mut rd: Reader,
-    mut wr: Writer,
-    next: Seq,
-    credit: u64,
+    (mut rd, mut wr, next, credit): (Reader, Writer, Seq, u64),
     progressed: &mut bool,
 ) -> Result<(), ShipError> {
     let dir = log.dir();
