@@ -86,13 +86,13 @@ pub enum ShipError {
 pub async fn ship<S: Source>(log: Arc<S>, config: ShipConfig, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let mut resumed = false;
-        let session = session(&log, &config, stop.clone(), &mut resumed);
+        let mut progressed = false;
+        let session = session(&log, &config, stop.clone(), &mut progressed);
         let ended = tokio::select! {
             r = session => r,
             _ = stop.changed() => return,
         };
-        if resumed {
+        if progressed {
             // A session that got records through: the next failure starts the backoff afresh
             // (one refused at its first batch, by a full volume say, backs off further).
             backoff = Duration::from_millis(100);
@@ -118,12 +118,12 @@ async fn session<S: Source>(
     log: &Arc<S>,
     config: &ShipConfig,
     stop: watch::Receiver<bool>,
-    resumed: &mut bool,
+    progressed: &mut bool,
 ) -> Result<(), ShipError> {
     let opened = tokio::time::timeout(SETUP_TIMEOUT, open(config))
         .await
         .unwrap_or(Err(ShipError::Stalled(SETUP_TIMEOUT)))?;
-    stream(log, config, stop, opened, resumed).await
+    stream(log, config, stop, opened, progressed).await
 }
 
 /// Connects, runs both handshakes and opens the stream: the sequence number and credit the
