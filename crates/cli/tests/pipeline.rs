@@ -700,6 +700,89 @@ fn a_full_cache_volume_stops_the_acks_until_space_returns_and_loses_nothing() {
 }
 
 #[test]
+fn a_full_retention_volume_stops_the_acks_until_space_returns_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = site(dir.path());
+    let disk = blank(dir.path(), "disk.img", BLOCKS);
+    let retention = dir.path().join("retention");
+    let Some(_volume) = SmallVolume::mount(&retention, "64m") else {
+        return;
+    };
+    let mt_log = dir.path().join("mt.log");
+    let mt = Daemon::start_logged(
+        env!("CARGO_BIN_EXE_boomerang"),
+        &[
+            "master-target",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls",
+            ca.join("issued/mt1").to_str().unwrap(),
+            "--retention",
+            retention.to_str().unwrap(),
+            "--point-every",
+            "0",
+        ],
+        &mt_log,
+    );
+    let ps = process_server(
+        &ca,
+        &dir.path().join("cache"),
+        "127.0.0.1:0",
+        Some(&mt.addr),
+        &[],
+    );
+    let log = dir.path().join("log");
+    let agent = agent(&ca, &disk, &log, &ps.addr, &["--mark-interval", "0.2"]);
+    let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
+    let mut cookie = 0;
+    write_round(&mut client, &mut cookie, 1, 4, BLOCKS);
+    let store = retention.join("replicas/web01/store");
+    let point = dir.path().join("point.img");
+    wait_for_point(
+        &store,
+        "latest",
+        &point,
+        Some(&std::fs::read(&disk).unwrap()),
+    );
+
+    // Something else fills the volume: the master target refuses records, and says why.
+    let filler = retention.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0x5a; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+    }
+    write_round(&mut client, &mut cookie, 2, 1, BLOCKS);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&mt_log)
+        .unwrap()
+        .contains("is full")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the master target never said its volume is full"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        std::fs::read_to_string(&mt_log)
+            .unwrap()
+            .contains(retention.to_str().unwrap())
+    );
+
+    // Space returns: every write reaches a point.
+    std::fs::remove_file(&filler).unwrap();
+    write_round(&mut client, &mut cookie, 3, 3, BLOCKS);
+    wait_for_point(
+        &store,
+        "latest",
+        &point,
+        Some(&std::fs::read(&disk).unwrap()),
+    );
+}
+
+#[test]
 fn a_long_outage_falls_back_to_the_bitmap_and_resends_only_those_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let ca = site(dir.path());
