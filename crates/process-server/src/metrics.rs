@@ -5,6 +5,8 @@
 //! - `boomerang_forwarded_seq`: the last record the master target holds durable;
 //! - `boomerang_received_bytes_total`: record bytes received (throughput is its rate);
 //! - `boomerang_backlog_records`: records received but not yet at the master target;
+//! - `boomerang_backlog_bytes`: their bytes (of those received since the process server
+//!   started);
 //! - `boomerang_lag_seconds`: how long the oldest of those has waited (0 when none): the
 //!   replication lag this hop adds.
 
@@ -20,8 +22,10 @@ struct Stream {
     received: u64,
     forwarded: u64,
     bytes: u64,
-    /// When each batch arrived: its last sequence number and the instant.
-    waiting: VecDeque<(u64, Instant)>,
+    /// When each batch arrived: its last sequence number, the instant and its bytes.
+    waiting: VecDeque<(u64, Instant, u64)>,
+    /// The bytes of the batches waiting.
+    backlog: u64,
 }
 
 /// A metric family: name, type, help and how to read it from a stream.
@@ -44,7 +48,8 @@ impl Metrics {
         self.with(stream, |s| {
             s.received = s.received.max(last.0);
             s.bytes += bytes;
-            s.waiting.push_back((last.0, Instant::now()));
+            s.backlog += bytes;
+            s.waiting.push_back((last.0, Instant::now(), bytes));
         });
     }
 
@@ -52,11 +57,10 @@ impl Metrics {
     pub fn forwarded(&self, stream: &str, durable: Seq) {
         self.with(stream, |s| {
             s.forwarded = s.forwarded.max(durable.0);
-            while s
-                .waiting
-                .front()
-                .is_some_and(|(seq, _)| *seq <= s.forwarded)
+            while let Some(&(seq, _, bytes)) = s.waiting.front()
+                && seq <= s.forwarded
             {
+                s.backlog -= bytes;
                 s.waiting.pop_front();
             }
         });
@@ -66,7 +70,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let all = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = String::new();
-        let families: [Family; 5] = [
+        let families: [Family; 6] = [
             (
                 "boomerang_received_seq",
                 "gauge",
@@ -92,13 +96,19 @@ impl Metrics {
                 |s| s.received.saturating_sub(s.forwarded) as f64,
             ),
             (
+                "boomerang_backlog_bytes",
+                "gauge",
+                "Bytes of those records (received since the process server started).",
+                |s| s.backlog as f64,
+            ),
+            (
                 "boomerang_lag_seconds",
                 "gauge",
                 "How long the oldest record not yet at the master target has waited here.",
                 |s| {
                     s.waiting
                         .front()
-                        .map_or(0.0, |(_, at)| at.elapsed().as_secs_f64())
+                        .map_or(0.0, |(_, at, _)| at.elapsed().as_secs_f64())
                 },
             ),
         ];

@@ -175,6 +175,10 @@ async fn records_are_cached_before_the_ack_and_streams_resume() {
         "boomerang_received_seq{stream=\"web01\"} 20",
         "boomerang_forwarded_seq{stream=\"web01\"} 0",
         "boomerang_backlog_records{stream=\"web01\"} 20",
+        &format!(
+            "boomerang_backlog_bytes{{stream=\"web01\"}} {}",
+            batch(1..=20).bytes().len()
+        ),
         "# TYPE boomerang_received_bytes_total counter",
     ] {
         assert!(body.lines().any(|l| l == line), "{line} in\n{body}");
