@@ -8,6 +8,7 @@ mod output;
 mod pki;
 mod process_server;
 mod quickstart;
+mod server;
 mod store;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +39,8 @@ enum Command {
     MasterTarget(master_target::MasterTargetArgs),
     /// Process server: receive agents' write logs over mutual TLS into a cache volume.
     ProcessServer(process_server::ProcessServerArgs),
+    /// Configuration server: the REST API over HTTPS (`server init DIR` creates one).
+    Server(server::ServerArgs),
     /// The site's certificate authority: every component talks mutual TLS with its certificates.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
@@ -70,6 +73,7 @@ fn main() {
             Command::Pki(cmd) => pki::run(cmd, cli.output),
             Command::ProcessServer(args) => process_server::run(args).await,
             Command::MasterTarget(args) => master_target::run(args, cli.output).await,
+            Command::Server(args) => server::run(args, cli.output).await,
         }
     });
     match result {

@@ -108,6 +108,20 @@ impl TlsIdentity {
         Ok(Arc::new(config))
     }
 
+    /// The settings of an HTTPS server (the configuration server's API): this certificate,
+    /// no client certificate asked for (users bring bearer tokens), HTTP/1.1.
+    pub fn https_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let cfg = |e: rustls::Error| TlsError::Config(e.to_string());
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(cfg)?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(cfg)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// The settings of a client that trusts only servers with a certificate from this CA.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
         let cfg = |e: rustls::Error| TlsError::Config(e.to_string());

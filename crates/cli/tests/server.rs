@@ -1,0 +1,304 @@
+//! The configuration server as a user meets it: `boomerang server init`, then `boomerang
+//! server` serving HTTPS on loopback, talked to with curl and the CA certificate that init
+//! wrote; bearer tokens with roles, every denial audited, JSON errors naming what is wrong.
+
+use std::path::Path;
+use std::process::Command;
+
+use boomerang_testkit::{Daemon, have, run};
+use serde_json::{Value, json};
+
+fn boomerang(args: &[&str]) -> String {
+    run(env!("CARGO_BIN_EXE_boomerang"), args)
+}
+
+/// A server initialised in `dir` and running on a free loopback port; its admin token.
+fn server(dir: &Path) -> (Daemon, String) {
+    let state = dir.join("state");
+    let init: Value = serde_json::from_str(&boomerang(&[
+        "server",
+        "init",
+        state.to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let token = init["admin_token"].as_str().unwrap().to_string();
+    let config = state.join("server.toml");
+    let daemon = Daemon::start(
+        env!("CARGO_BIN_EXE_boomerang"),
+        &[
+            "server",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    (daemon, token)
+}
+
+/// One request with curl: the status and the JSON body (Null when empty).
+fn call(
+    dir: &Path,
+    url_host: &str,
+    port: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+        .arg("--cacert")
+        .arg(dir.join("state/ca.crt"))
+        .arg(format!("https://{url_host}:{port}{path}"));
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "-d", &b.to_string()]);
+    }
+    let out = cmd.output().expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    let json = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"))
+    };
+    (status.parse().unwrap(), json)
+}
+
+#[test]
+fn roles_tokens_audit_and_errors_over_https() {
+    if !have("curl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, admin) = server(dir.path());
+    let port = daemon.addr.rsplit_once(':').unwrap().1.to_string();
+    let d = dir.path();
+    // The certificate is good for localhost and 127.0.0.1 under the CA init wrote.
+    for host in ["localhost", "127.0.0.1"] {
+        let (status, body) = call(d, host, &port, "GET", "/api/health", Some(&admin), None);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "ok");
+    }
+    let get =
+        |path: &str, token: Option<&str>| call(d, "127.0.0.1", &port, "GET", path, token, None);
+    let post = |path: &str, token: Option<&str>, body: Value| {
+        call(d, "127.0.0.1", &port, "POST", path, token, Some(&body))
+    };
+
+    // Tokens for each role, made by the admin.
+    let mut tokens = vec![("admin", admin.clone())];
+    for role in ["viewer", "operator"] {
+        let (status, made) = post(
+            "/api/tokens",
+            Some(&admin),
+            json!({"name": format!("{role}1"), "role": role}),
+        );
+        assert_eq!(status, 201, "{made}");
+        assert_eq!(made["role"], role);
+        tokens.push((role, made["token"].as_str().unwrap().to_string()));
+    }
+
+    // The matrix: each role against each kind of endpoint.
+    let kinds: [(&str, &str, Option<Value>, [u16; 3]); 5] = [
+        ("GET", "/api/health", None, [200, 200, 200]),
+        ("GET", "/api/openapi.json", None, [200, 200, 200]),
+        ("GET", "/api/tokens", None, [403, 403, 200]),
+        ("GET", "/api/audit", None, [403, 403, 200]),
+        // A change that is not token management: an operator's; no such route yet.
+        ("POST", "/api/jobs", Some(json!({})), [403, 404, 404]),
+    ];
+    for (method, path, body, want) in &kinds {
+        let (status, _) = call(d, "127.0.0.1", &port, method, path, None, body.as_ref());
+        assert_eq!(status, 401, "{method} {path} without a token");
+        let (status, err) = call(
+            d,
+            "127.0.0.1",
+            &port,
+            method,
+            path,
+            Some("bmr_not_a_token"),
+            body.as_ref(),
+        );
+        assert_eq!((status, err["code"].as_str()), (401, Some("UNAUTHORIZED")));
+        // `want` is by role, viewer first; `tokens` has the admin first.
+        for ((role, token), want) in tokens.iter().zip([want[2], want[0], want[1]]) {
+            let (status, body) = call(
+                d,
+                "127.0.0.1",
+                &port,
+                method,
+                path,
+                Some(token),
+                body.as_ref(),
+            );
+            assert_eq!(status, want, "{role}: {method} {path}: {body}");
+            if status == 403 {
+                assert_eq!(body["code"], "FORBIDDEN");
+                assert!(body["message"].as_str().unwrap().contains("role"), "{body}");
+            }
+        }
+    }
+    let viewer = &tokens[1].1;
+    let (status, _) = post(
+        "/api/tokens",
+        Some(viewer),
+        json!({"name": "x", "role": "admin"}),
+    );
+    assert_eq!(status, 403, "a viewer makes no tokens");
+
+    // Bad input: the field is named; duplicates and bad names are refused; the last admin stays.
+    let (status, err) = post(
+        "/api/tokens",
+        Some(&admin),
+        json!({"name": "a", "role": "viewer", "colour": "red"}),
+    );
+    assert_eq!((status, err["code"].as_str()), (400, Some("BAD_REQUEST")));
+    assert!(err["message"].as_str().unwrap().contains("colour"), "{err}");
+    let (status, err) = post(
+        "/api/tokens",
+        Some(&admin),
+        json!({"name": "a", "role": "root"}),
+    );
+    assert_eq!(status, 400, "{err}");
+    assert!(err["message"].as_str().unwrap().contains("role"), "{err}");
+    let (status, err) = post(
+        "/api/tokens",
+        Some(&admin),
+        json!({"name": "../etc", "role": "viewer"}),
+    );
+    assert_eq!(status, 400, "{err}");
+    let (status, err) = post(
+        "/api/tokens",
+        Some(&admin),
+        json!({"name": "viewer1", "role": "viewer"}),
+    );
+    assert_eq!((status, err["code"].as_str()), (409, Some("CONFLICT")));
+    let (status, err) = call(
+        d,
+        "127.0.0.1",
+        &port,
+        "DELETE",
+        "/api/tokens/1",
+        Some(&admin),
+        None,
+    );
+    assert_eq!(status, 409, "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("last admin"),
+        "{err}"
+    );
+    let (status, err) = get("/api/tokens?limit=0", Some(&admin));
+    assert_eq!(status, 400, "{err}");
+    let (status, err) = get("/api/nowhere", Some(&admin));
+    assert_eq!((status, err["code"].as_str()), (404, Some("NOT_FOUND")));
+
+    // Pages: two at a time, following next_after to the end.
+    let mut names = Vec::new();
+    let mut after = 0;
+    loop {
+        let (status, page) = get(&format!("/api/tokens?limit=2&after={after}"), Some(&admin));
+        assert_eq!(status, 200, "{page}");
+        names.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["name"].as_str().unwrap().to_string()),
+        );
+        assert!(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|t| t.get("token").is_none()),
+            "secrets never listed"
+        );
+        match page["next_after"].as_i64() {
+            Some(n) => after = n,
+            None => break,
+        }
+    }
+    assert_eq!(names, ["admin", "viewer1", "operator1"]);
+
+    // A token deleted no longer opens anything.
+    let (status, _) = call(
+        d,
+        "127.0.0.1",
+        &port,
+        "DELETE",
+        "/api/tokens/2",
+        Some(&admin),
+        None,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(get("/api/health", Some(viewer)).0, 401);
+
+    // The audit log has the denials and the changes, with who made them.
+    let (_, audit) = get("/api/audit?limit=500", Some(&admin));
+    let entries = audit["items"].as_array().unwrap();
+    let has = |actor: &str, action: &str, outcome: &str| {
+        entries
+            .iter()
+            .any(|e| e["actor"] == actor && e["action"] == action && e["outcome"] == outcome)
+    };
+    assert!(has("anonymous", "GET /api/tokens", "denied"), "{audit}");
+    assert!(has("viewer1", "POST /api/tokens", "denied"), "{audit}");
+    assert!(has("operator1", "GET /api/audit", "denied"), "{audit}");
+    assert!(has("admin", "POST /api/tokens", "ok"), "{audit}");
+    assert!(has("admin", "DELETE /api/tokens/1", "failed"), "{audit}");
+    assert!(has("admin", "DELETE /api/tokens/2", "ok"), "{audit}");
+
+    // The OpenAPI document describes these paths.
+    let (_, doc) = get("/api/openapi.json", Some(&admin));
+    for path in [
+        "/api/health",
+        "/api/tokens",
+        "/api/tokens/{id}",
+        "/api/audit",
+        "/api/openapi.json",
+    ] {
+        assert!(
+            doc["paths"].get(path).is_some(),
+            "{path} in the OpenAPI document"
+        );
+    }
+    assert!(doc["components"]["securitySchemes"].get("bearer").is_some());
+}
+
+#[test]
+fn init_refuses_a_used_directory_and_a_bad_config_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    boomerang(&["server", "init", state.to_str().unwrap()]);
+    let again = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args(["server", "init", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already holds a configuration server")
+    );
+    let config = state.join("server.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nlisten_port = 4\n").unwrap();
+    let bad = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args(["server", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let said = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        said.contains("listen_port") && said.contains("line 2"),
+        "{said}"
+    );
+}

@@ -1,0 +1,348 @@
+//! The REST API: routes, the error model and the OpenAPI document (`/api/openapi.json`,
+//! generated from the handlers below by utoipa).
+//!
+//! Errors are JSON, `{"code": "...", "message": "..."}`: the code is stable, the message a
+//! sentence naming the object and the fix. Lists are pages: `?limit=` (1 to 500, 100 by
+//! default) and `?after=` (the last id of the previous page), answered with `items` and
+//! `next_after` (absent on the last page).
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use utoipa::OpenApi;
+
+use crate::auth::{Role, authorize};
+use crate::db::{AuditEntry, CreatedToken, Db, DbError, TokenInfo};
+
+/// What every handler shares.
+pub struct AppState {
+    pub db: Arc<Db>,
+}
+
+impl AppState {
+    /// Adds an audit entry; a failure to is logged, and does not fail the request.
+    pub async fn audit(&self, actor: &str, action: &str, outcome: &str) {
+        let (db, actor, action, outcome) = (
+            self.db.clone(),
+            actor.to_string(),
+            action.to_string(),
+            outcome.to_string(),
+        );
+        let done = tokio::task::spawn_blocking(move || db.audit(&actor, &action, &outcome)).await;
+        if !matches!(done, Ok(Ok(()))) {
+            tracing::error!("could not write an audit entry (alert)");
+        }
+    }
+}
+
+/// An error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ApiError {
+    #[serde(skip)]
+    status: StatusCode,
+    /// Stable across versions: `BAD_REQUEST`, `UNAUTHORIZED`, `FORBIDDEN`, `NOT_FOUND`,
+    /// `CONFLICT`, `INTERNAL`.
+    pub code: &'static str,
+    /// What went wrong and how to fix it.
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "this request needs a valid token: send `Authorization: Bearer <token>` (`boomerang server init` printed the first admin token)",
+        )
+    }
+
+    pub fn forbidden(has: Role, needs: Role) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+            format!(
+                "this request needs the {} role and the token has {}: ask an admin for a token with that role",
+                needs.as_str(),
+                has.as_str()
+            ),
+        )
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        let message = message.into();
+        tracing::error!(%message, "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL",
+            format!("the server failed: {message}; see its log"),
+        )
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Conflict(m) => Self::new(StatusCode::CONFLICT, "CONFLICT", m),
+            DbError::NotFound(m) => Self::not_found(m),
+            other => Self::internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self)).into_response()
+    }
+}
+
+/// A JSON body whose faults are 400s in the API's error model (naming the field).
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Json::<T>::from_request(req, state)
+            .await
+            .map(|Json(v)| Body(v))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
+    }
+}
+
+/// A query string, likewise.
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Query(v))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
+    }
+}
+
+/// Which page of a list.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// At most this many items (1 to 500; 100 by default).
+    pub limit: Option<u32>,
+    /// The items after this id (the previous page's `next_after`).
+    pub after: Option<i64>,
+}
+
+impl PageQuery {
+    fn limit(&self) -> Result<u32, ApiError> {
+        match self.limit {
+            None => Ok(100),
+            Some(n @ 1..=500) => Ok(n),
+            Some(n) => Err(ApiError::bad_request(format!(
+                "limit {n} is out of range: ask for 1 to 500 items"
+            ))),
+        }
+    }
+}
+
+/// A page of a list.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Pass as `after` for the next page; absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<i64>,
+}
+
+fn page<T>(items: Vec<T>, limit: u32, id: impl Fn(&T) -> i64) -> Page<T> {
+    let next_after = (items.len() == limit as usize)
+        .then(|| items.last().map(&id))
+        .flatten();
+    Page { items, next_after }
+}
+
+/// Runs a database call off the async workers.
+async fn db<R: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&Db) -> Result<R, DbError> + Send + 'static,
+) -> Result<R, ApiError> {
+    let db = state.db.clone();
+    tokio::task::spawn_blocking(move || f(&db))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: &'static str,
+    /// This server's Boomerang version.
+    pub version: &'static str,
+}
+
+/// The server is up and its database answers.
+#[utoipa::path(get, path = "/api/health", tag = "server",
+    responses((status = 200, body = Health), (status = 401, body = ApiError)),
+    security(("bearer" = [])))]
+async fn health(State(state): State<Arc<AppState>>) -> Result<Json<Health>, ApiError> {
+    db(&state, |db| db.list_tokens(0, 1)).await?;
+    Ok(Json(Health {
+        status: "ok",
+        version: env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+/// A token to make.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    /// 1 to 64 characters: letters, digits, `-`, `_`, `.`.
+    pub name: String,
+    pub role: Role,
+}
+
+/// Lists tokens (admin).
+#[utoipa::path(get, path = "/api/tokens", tag = "tokens", params(PageQuery),
+    responses((status = 200, body = Page<TokenInfo>), (status = 400, body = ApiError),
+        (status = 401, body = ApiError), (status = 403, body = ApiError)),
+    security(("bearer" = [])))]
+async fn list_tokens(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page<TokenInfo>>, ApiError> {
+    let limit = q.limit()?;
+    let after = q.after.unwrap_or(0);
+    let items = db(&state, move |db| db.list_tokens(after, limit)).await?;
+    Ok(Json(page(items, limit, |t| t.id)))
+}
+
+/// Makes a token (admin); its secret is in this answer only.
+#[utoipa::path(post, path = "/api/tokens", tag = "tokens", request_body = NewToken,
+    responses((status = 201, body = CreatedToken), (status = 400, body = ApiError),
+        (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 409, body = ApiError)),
+    security(("bearer" = [])))]
+async fn create_token(
+    State(state): State<Arc<AppState>>,
+    Body(new): Body<NewToken>,
+) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
+    let valid = (1..=64).contains(&new.name.len())
+        && new
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !valid {
+        return Err(ApiError::bad_request(format!(
+            "name {:?} is not a token name: use 1 to 64 letters, digits, '-', '_' or '.'",
+            new.name
+        )));
+    }
+    let created = db(&state, move |db| db.create_token(&new.name, new.role)).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// Deletes a token (admin); the last admin token cannot go.
+#[utoipa::path(delete, path = "/api/tokens/{id}", tag = "tokens",
+    params(("id" = i64, Path, description = "The token's id")),
+    responses((status = 200, body = TokenInfo), (status = 400, body = ApiError),
+        (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError), (status = 409, body = ApiError)),
+    security(("bearer" = [])))]
+async fn delete_token(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<TokenInfo>, ApiError> {
+    let id: i64 = id.parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "{id:?} is not a token id: use a number from GET /api/tokens"
+        ))
+    })?;
+    Ok(Json(db(&state, move |db| db.delete_token(id)).await?))
+}
+
+/// The audit log, oldest first (admin): every change, and every denied request.
+#[utoipa::path(get, path = "/api/audit", tag = "audit", params(PageQuery),
+    responses((status = 200, body = Page<AuditEntry>), (status = 400, body = ApiError),
+        (status = 401, body = ApiError), (status = 403, body = ApiError)),
+    security(("bearer" = [])))]
+async fn list_audit(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page<AuditEntry>>, ApiError> {
+    let limit = q.limit()?;
+    let after = q.after.unwrap_or(0);
+    let items = db(&state, move |db| db.list_audit(after, limit)).await?;
+    Ok(Json(page(items, limit, |e| e.id)))
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "server",
+    responses((status = 200, description = "The OpenAPI document"), (status = 401, body = ApiError)),
+    security(("bearer" = [])))]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Boomerang configuration server", description = "The control plane of Boomerang, a disaster-recovery system."),
+    paths(health, openapi, list_tokens, create_token, delete_token, list_audit),
+    components(schemas(ApiError, Health, NewToken, TokenInfo, CreatedToken, AuditEntry, Role)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+/// The API's routes, all behind [`authorize`].
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/api/health", get(health))
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/tokens", get(list_tokens).post(create_token))
+        .route("/api/tokens/{id}", delete(delete_token))
+        .route("/api/audit", get(list_audit))
+        .fallback(|| async {
+            ApiError::not_found("no such API path: the paths are in /api/openapi.json")
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
+        .with_state(state)
+}

@@ -1,0 +1,119 @@
+//! Bearer tokens and roles. Every request under `/api` is authorized here, before any handler:
+//! no token or an unknown one is 401, too weak a role 403, and both are audited, as is every
+//! request that changes something.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{ApiError, AppState};
+
+/// What a token may do; each role may do what the ones before it may.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads everything but tokens and the audit log.
+    Viewer,
+    /// Also runs jobs.
+    Operator,
+    /// Everything, token management and the audit log included.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// The role a request needs: reading takes a viewer, tokens and the audit log an admin,
+/// anything else that changes state an operator.
+pub fn required(method: &Method, path: &str) -> Role {
+    let admin_only = ["/api/tokens", "/api/audit"]
+        .iter()
+        .any(|p| path == *p || path.starts_with(&format!("{p}/")));
+    if admin_only {
+        Role::Admin
+    } else if method == Method::GET || method == Method::HEAD {
+        Role::Viewer
+    } else {
+        Role::Operator
+    }
+}
+
+/// Who is calling: the token's name and role, for handlers.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+}
+
+/// The middleware: authenticates, authorizes and audits.
+pub async fn authorize(
+    State(state): State<Arc<AppState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let action = format!("{method} {path}");
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let found = match token {
+        None => None,
+        Some(t) => {
+            let db = state.db.clone();
+            match tokio::task::spawn_blocking(move || db.find_token(&t)).await {
+                Ok(Ok(found)) => found,
+                Ok(Err(e)) => return ApiError::internal(e.to_string()).into_response(),
+                Err(e) => return ApiError::internal(e.to_string()).into_response(),
+            }
+        }
+    };
+    let Some(token) = found else {
+        state.audit("anonymous", &action, "denied").await;
+        return ApiError::unauthorized().into_response();
+    };
+    let need = required(&method, &path);
+    if token.role < need {
+        state.audit(&token.name, &action, "denied").await;
+        return ApiError::forbidden(token.role, need).into_response();
+    }
+    request.extensions_mut().insert(Caller {
+        name: token.name.clone(),
+        role: token.role,
+    });
+    let response = next.run(request).await;
+    if method != Method::GET && method != Method::HEAD {
+        let outcome = if response.status().is_success() {
+            "ok"
+        } else {
+            "failed"
+        };
+        state.audit(&token.name, &action, outcome).await;
+    }
+    response
+}

@@ -1,0 +1,133 @@
+//! The server's state directory: `server.toml`, the database, the CA (`ca.crt`, `ca.key`) and
+//! the server's HTTPS certificate (`issued/server/`), all made by [`init`].
+
+use std::path::{Path, PathBuf};
+
+use boomerang_wire::pki::{self, CertRole};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Role;
+use crate::db::{Db, DbError};
+
+/// `server.toml`. Paths are relative to the file's directory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Where the API listens (HTTPS).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The SQLite database.
+    #[serde(default = "default_database")]
+    pub database: PathBuf,
+    /// The server's certificate directory (`cert.pem`, `key.pem`, `ca.crt`).
+    #[serde(default = "default_tls")]
+    pub tls: PathBuf,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:443".into()
+}
+
+fn default_database() -> PathBuf {
+    "boomerang.db".into()
+}
+
+fn default_tls() -> PathBuf {
+    "issued/server".into()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "{} already holds a configuration server (server.toml): use it with `boomerang server --config {}`, or choose an empty directory",
+        dir.display(), dir.join("server.toml").display()
+    )]
+    Exists { dir: PathBuf },
+    #[error("could not {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a valid server configuration: {why}", path.display())]
+    Invalid { path: PathBuf, why: String },
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// What [`init`] made.
+#[derive(Debug, Serialize)]
+pub struct Init {
+    pub config: PathBuf,
+    pub ca: PathBuf,
+    /// The first admin token: shown once, stored only as a hash.
+    pub admin_token: String,
+}
+
+/// Creates a configuration server's state in `dir`: the CA, the server's certificate for
+/// `localhost` and `127.0.0.1`, the database and an admin token.
+pub fn init(dir: &Path) -> Result<Init, ConfigError> {
+    let path = dir.join("server.toml");
+    if path.exists() {
+        return Err(ConfigError::Exists {
+            dir: dir.to_path_buf(),
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(|source| ConfigError::Io {
+        action: "create",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let ca = pki::init_ca(dir)?;
+    pki::issue(
+        dir,
+        "server",
+        CertRole::Server,
+        &["localhost".into(), "127.0.0.1".into()],
+        825,
+    )?;
+    let config = ServerConfig {
+        listen: default_listen(),
+        database: default_database(),
+        tls: default_tls(),
+    };
+    let db = Db::open(&dir.join(&config.database))?;
+    let admin_token = db.create_token("admin", Role::Admin)?.token;
+    let text = toml::to_string_pretty(&config).map_err(|e| ConfigError::Invalid {
+        path: path.clone(),
+        why: e.to_string(),
+    })?;
+    // Written last: a directory with server.toml is a whole server.
+    std::fs::write(&path, text).map_err(|source| ConfigError::Io {
+        action: "write",
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Init {
+        config: path,
+        ca,
+        admin_token,
+    })
+}
+
+impl ServerConfig {
+    /// Reads `server.toml`; relative paths in it are made relative to its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            action: "read",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config: ServerConfig = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.database = base.join(&config.database);
+        config.tls = base.join(&config.tls);
+        Ok(config)
+    }
+}

@@ -1,0 +1,269 @@
+//! The server's database (SQLite): schema migrations by `PRAGMA user_version`, API tokens
+//! (stored as BLAKE3 hashes, never in clear) and the audit log. Every change is one
+//! transaction: a failure (a locked database, a full disk) leaves nothing half-written.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::auth::Role;
+
+/// The schema, one step per version; a database is brought up to the last on open.
+const MIGRATIONS: &[&str] = &[
+    // 1: tokens and the audit log.
+    "CREATE TABLE tokens (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL,
+        hash BLOB NOT NULL UNIQUE,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        time_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        outcome TEXT NOT NULL
+    );",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("could not open the database {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "the database {} has schema version {found}, newer than this Boomerang knows ({known}): run a newer Boomerang",
+        path.display()
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("the database failed: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+/// A token as listed (never its secret).
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct TokenInfo {
+    pub id: i64,
+    pub name: String,
+    pub role: Role,
+    pub created_unix_ms: i64,
+}
+
+/// A token just made: its secret is shown this once.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct CreatedToken {
+    pub id: i64,
+    pub name: String,
+    pub role: Role,
+    /// The bearer token; the server keeps only its hash.
+    pub token: String,
+}
+
+/// One audit entry.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub time_unix_ms: i64,
+    /// The token's name, or `anonymous`.
+    pub actor: String,
+    /// The request, as `METHOD /path`.
+    pub action: String,
+    /// `ok`, `denied` or `failed`.
+    pub outcome: String,
+}
+
+pub struct Db {
+    conn: Mutex<Connection>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn hash(token: &str) -> Vec<u8> {
+    blake3::hash(token.as_bytes()).as_bytes().to_vec()
+}
+
+impl Db {
+    /// Opens (or creates) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Db, DbError> {
+        let open = |source| DbError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(open)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(open)?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(DbError::TooNew {
+                path: path.to_path_buf(),
+                found: version,
+                known,
+            });
+        }
+        for (k, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction().map_err(open)?;
+            tx.execute_batch(step).map_err(open)?;
+            tx.pragma_update(None, "user_version", k as i64 + 1)
+                .map_err(open)?;
+            tx.commit().map_err(open)?;
+        }
+        Ok(Db {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes a token named `name` with `role`.
+    pub fn create_token(&self, name: &str, role: Role) -> Result<CreatedToken, DbError> {
+        let secret: [u8; 32] = rand::random();
+        let token = format!(
+            "bmr_{}",
+            secret
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
+        let conn = self.conn();
+        let taken: bool = conn
+            .query_row("SELECT 1 FROM tokens WHERE name = ?1", [name], |_| Ok(()))
+            .optional()?
+            .is_some();
+        if taken {
+            return Err(DbError::Conflict(format!(
+                "a token named {name:?} exists: choose another name, or delete that token first"
+            )));
+        }
+        conn.execute(
+            "INSERT INTO tokens (name, role, hash, created_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![name, role.as_str(), hash(&token), now_ms()],
+        )?;
+        Ok(CreatedToken {
+            id: conn.last_insert_rowid(),
+            name: name.to_string(),
+            role,
+            token,
+        })
+    }
+
+    /// The token whose secret is `token`, if any.
+    pub fn find_token(&self, token: &str) -> Result<Option<TokenInfo>, DbError> {
+        let conn = self.conn();
+        let found = conn
+            .query_row(
+                "SELECT id, name, role, created_ms FROM tokens WHERE hash = ?1",
+                [hash(token)],
+                row_token,
+            )
+            .optional()?;
+        Ok(found)
+    }
+
+    /// Tokens with an id above `after`, at most `limit`, by id.
+    pub fn list_tokens(&self, after: i64, limit: u32) -> Result<Vec<TokenInfo>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, name, role, created_ms FROM tokens WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after, limit], row_token)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes token `id`; the last admin token stays (the server would be unmanageable).
+    pub fn delete_token(&self, id: i64) -> Result<TokenInfo, DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let token = tx
+            .query_row(
+                "SELECT id, name, role, created_ms FROM tokens WHERE id = ?1",
+                [id],
+                row_token,
+            )
+            .optional()?
+            .ok_or_else(|| {
+                DbError::NotFound(format!(
+                    "there is no token {id}: list them with GET /api/tokens"
+                ))
+            })?;
+        if token.role == Role::Admin {
+            let admins: i64 = tx.query_row(
+                "SELECT count(*) FROM tokens WHERE role = 'admin'",
+                [],
+                |r| r.get(0),
+            )?;
+            if admins <= 1 {
+                return Err(DbError::Conflict(format!(
+                    "token {id} ({}) is the last admin token: create another admin token before deleting it",
+                    token.name
+                )));
+            }
+        }
+        tx.execute("DELETE FROM tokens WHERE id = ?1", [id])?;
+        tx.commit()?;
+        Ok(token)
+    }
+
+    /// Adds an entry to the audit log.
+    pub fn audit(&self, actor: &str, action: &str, outcome: &str) -> Result<(), DbError> {
+        self.conn().execute(
+            "INSERT INTO audit (time_ms, actor, action, outcome) VALUES (?1, ?2, ?3, ?4)",
+            params![now_ms(), actor, action, outcome],
+        )?;
+        Ok(())
+    }
+
+    /// Audit entries with an id above `after`, at most `limit`, oldest first.
+    pub fn list_audit(&self, after: i64, limit: u32) -> Result<Vec<AuditEntry>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, time_ms, actor, action, outcome FROM audit WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after, limit], |r| {
+            Ok(AuditEntry {
+                id: r.get(0)?,
+                time_unix_ms: r.get(1)?,
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                outcome: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+fn row_token(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenInfo> {
+    let role: String = r.get(2)?;
+    Ok(TokenInfo {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        role: Role::parse(&role).unwrap_or(Role::Viewer),
+        created_unix_ms: r.get(3)?,
+    })
+}

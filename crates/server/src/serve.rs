@@ -1,0 +1,70 @@
+//! HTTPS: an accept loop that runs TLS (rustls) and HTTP/1.1 (hyper) over the router.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use boomerang_wire::tls::{TlsError, TlsIdentity};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+use crate::api::{AppState, router};
+use crate::config::ServerConfig;
+use crate::db::{Db, DbError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// Serves the API on `listener` until `shutdown` turns true.
+pub async fn serve(
+    config: &ServerConfig,
+    listener: TcpListener,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let tls = TlsIdentity::load(&config.tls)?.https_config()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let state = Arc::new(AppState {
+        db: Arc::new(Db::open(&config.database)?),
+    });
+    let app = router(state);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not accept a connection");
+                continue;
+            }
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            // A client that says nothing must not hold a task for long.
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let service = TowerToHyperService::new(app);
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+        });
+    }
+}
