@@ -14,6 +14,11 @@ fn boomerang(args: &[&str]) -> String {
 
 /// A server initialised in `dir` and running on a free loopback port; its admin token.
 fn server(dir: &Path) -> (Daemon, String) {
+    server_with(dir, |_| {})
+}
+
+/// As [`server`], with `edit` run on the state directory before the server starts.
+fn server_with(dir: &Path, edit: impl FnOnce(&Path)) -> (Daemon, String) {
     let state = dir.join("state");
     let init: Value = serde_json::from_str(&boomerang(&[
         "server",
@@ -24,6 +29,7 @@ fn server(dir: &Path) -> (Daemon, String) {
     ]))
     .unwrap();
     let token = init["admin_token"].as_str().unwrap().to_string();
+    edit(&state);
     let config = state.join("server.toml");
     let daemon = Daemon::start(
         env!("CARGO_BIN_EXE_boomerang"),
@@ -300,5 +306,160 @@ fn init_refuses_a_used_directory_and_a_bad_config_is_named() {
     assert!(
         said.contains("listen_port") && said.contains("line 2"),
         "{said}"
+    );
+}
+
+const INVENTORY: &str = r#"
+[[site]]
+name = "site-a"
+kind = "local"
+
+[[site]]
+name = "site-b"
+kind = "azure"
+
+[[host]]
+name = "esx-a1"
+site = "site-a"
+
+[[datastore]]
+name = "ds-a1"
+host = "esx-a1"
+type = "VMFS"
+
+[[machine]]
+name = "web01"
+site = "site-a"
+host = "esx-a1"
+datastore = "ds-a1"
+os = { family = "linux", version = "9.2" }
+tools = "running"
+config = { "disk.EnableUUID" = "true" }
+controllers = [{ name = "scsi0", kind = "lsi-logic" }]
+disks = [{ name = "sda", size_bytes = 68719476736, uuid = "6000c291", controller = "scsi0" }]
+nics = [{ name = "eth0", ips = ["10.0.0.5"] }]
+"#;
+
+#[test]
+fn the_inventory_comes_from_toml_files_and_a_bad_file_changes_nothing() {
+    if !have("curl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, admin) = server_with(dir.path(), |state| {
+        std::fs::write(state.join("inventory.toml"), INVENTORY).unwrap();
+        let config = state.join("server.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        assert!(text.contains("inventory = []"), "{text}");
+        let text = text.replace("inventory = []", "inventory = [\"inventory.toml\"]");
+        std::fs::write(&config, text).unwrap();
+    });
+    let port = daemon.addr.rsplit_once(':').unwrap().1.to_string();
+    let d = dir.path();
+    let get = |path: &str| call(d, "127.0.0.1", &port, "GET", path, Some(&admin), None);
+    let (status, sites) = get("/api/sites");
+    assert_eq!(status, 200, "{sites}");
+    let kinds: Vec<_> = sites["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["local", "azure"]);
+    assert_eq!(get("/api/datastores").1["items"][0]["type"], "VMFS");
+    let (status, web01) = get("/api/machines/web01");
+    assert_eq!(status, 200, "{web01}");
+    assert_eq!(web01["disks"][0]["uuid"], "6000c291");
+    assert_eq!(web01["config"]["disk.EnableUUID"], "true");
+    let (status, err) = get("/api/machines/db01");
+    assert_eq!((status, err["code"].as_str()), (404, Some("NOT_FOUND")));
+
+    // An operator refreshes; a file with a syntax error is reported with its line and column,
+    // and what the server holds stays as it was.
+    let (_, made) = call(
+        d,
+        "127.0.0.1",
+        &port,
+        "POST",
+        "/api/tokens",
+        Some(&admin),
+        Some(&json!({"name": "ops", "role": "operator"})),
+    );
+    let ops = made["token"].as_str().unwrap().to_string();
+    let refresh = |token: &str| {
+        call(
+            d,
+            "127.0.0.1",
+            &port,
+            "POST",
+            "/api/inventory/refresh",
+            Some(token),
+            None,
+        )
+    };
+    let inventory = d.join("state/inventory.toml");
+    std::fs::write(
+        &inventory,
+        INVENTORY.replace("kind = \"azure\"", "kind = azure"),
+    )
+    .unwrap();
+    let (status, err) = refresh(&ops);
+    assert_eq!(status, 400, "{err}");
+    let message = err["message"].as_str().unwrap();
+    assert!(
+        message.contains("inventory.toml") && message.contains("line 8"),
+        "{message}"
+    );
+    std::fs::write(
+        &inventory,
+        INVENTORY.replace("site = \"site-a\"\nhost", "site = \"site-c\"\nhost"),
+    )
+    .unwrap();
+    let (status, err) = refresh(&ops);
+    assert_eq!(status, 400, "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("\"site-c\""),
+        "{err}"
+    );
+    assert_eq!(get("/api/machines").1["items"].as_array().unwrap().len(), 1);
+
+    // A good file: a new machine appears, the others keep their ids.
+    let before = get("/api/machines").1["items"][0]["id"].clone();
+    let more = format!(
+        "{INVENTORY}\n[[machine]]\nname = \"db01\"\nsite = \"site-a\"\nos = {{ family = \"windows\", version = \"2022\" }}\ntools = \"not-installed\"\nphysical = true\n"
+    );
+    std::fs::write(&inventory, more).unwrap();
+    let (status, counts) = refresh(&ops);
+    assert_eq!(status, 200, "{counts}");
+    assert_eq!(counts["machines"], 2);
+    let machines = get("/api/machines").1;
+    assert_eq!(machines["items"][0]["id"], before);
+    assert_eq!(machines["items"][1]["name"], "db01");
+    assert_eq!(machines["items"][1]["physical"], true);
+
+    // A viewer may read the inventory, not refresh it.
+    let (_, made) = call(
+        d,
+        "127.0.0.1",
+        &port,
+        "POST",
+        "/api/tokens",
+        Some(&admin),
+        Some(&json!({"name": "eyes", "role": "viewer"})),
+    );
+    let viewer = made["token"].as_str().unwrap().to_string();
+    assert_eq!(refresh(&viewer).0, 403);
+    assert_eq!(
+        call(
+            d,
+            "127.0.0.1",
+            &port,
+            "GET",
+            "/api/hosts",
+            Some(&viewer),
+            None
+        )
+        .0,
+        200
     );
 }

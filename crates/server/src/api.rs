@@ -20,10 +20,13 @@ use utoipa::OpenApi;
 
 use crate::auth::{Role, authorize};
 use crate::db::{AuditEntry, CreatedToken, Db, DbError, TokenInfo};
+use crate::inventory::{Datastore, Host, InventorySource, Machine, Site};
 
 /// What every handler shares.
 pub struct AppState {
     pub db: Arc<Db>,
+    /// Where the inventory comes from.
+    pub sources: Arc<Vec<Box<dyn InventorySource>>>,
 }
 
 impl AppState {
@@ -299,6 +302,131 @@ async fn list_audit(
     Ok(Json(page(items, limit, |e| e.id)))
 }
 
+/// An inventory object and its id (for pages).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Item<T> {
+    pub id: i64,
+    #[serde(flatten)]
+    pub object: T,
+}
+
+async fn list_kind<T: serde::de::DeserializeOwned + Send + 'static>(
+    state: &AppState,
+    kind: &'static str,
+    q: PageQuery,
+) -> Result<Json<Page<Item<T>>>, ApiError> {
+    let limit = q.limit()?;
+    let after = q.after.unwrap_or(0);
+    let rows = db(state, move |db| db.list_inventory::<T>(kind, after, limit)).await?;
+    let items = rows
+        .into_iter()
+        .map(|(id, object)| Item { id, object })
+        .collect();
+    Ok(Json(page(items, limit, |i: &Item<T>| i.id)))
+}
+
+/// Lists sites.
+#[utoipa::path(get, path = "/api/sites", tag = "inventory", params(PageQuery),
+    responses((status = 200, body = Page<Item<Site>>), (status = 400, body = ApiError),
+        (status = 401, body = ApiError)),
+    security(("bearer" = [])))]
+async fn list_sites(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page<Item<Site>>>, ApiError> {
+    list_kind(&state, "site", q).await
+}
+
+/// Lists hosts.
+#[utoipa::path(get, path = "/api/hosts", tag = "inventory", params(PageQuery),
+    responses((status = 200, body = Page<Item<Host>>), (status = 400, body = ApiError),
+        (status = 401, body = ApiError)),
+    security(("bearer" = [])))]
+async fn list_hosts(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page<Item<Host>>>, ApiError> {
+    list_kind(&state, "host", q).await
+}
+
+/// Lists datastores.
+#[utoipa::path(get, path = "/api/datastores", tag = "inventory", params(PageQuery),
+    responses((status = 200, body = Page<Item<Datastore>>), (status = 400, body = ApiError),
+        (status = 401, body = ApiError)),
+    security(("bearer" = [])))]
+async fn list_datastores(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page<Item<Datastore>>>, ApiError> {
+    list_kind(&state, "datastore", q).await
+}
+
+/// Lists machines.
+#[utoipa::path(get, path = "/api/machines", tag = "inventory", params(PageQuery),
+    responses((status = 200, body = Page<Item<Machine>>), (status = 400, body = ApiError),
+        (status = 401, body = ApiError)),
+    security(("bearer" = [])))]
+async fn list_machines(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page<Item<Machine>>>, ApiError> {
+    list_kind(&state, "machine", q).await
+}
+
+/// One machine, by name.
+#[utoipa::path(get, path = "/api/machines/{name}", tag = "inventory",
+    params(("name" = String, Path, description = "The machine's name")),
+    responses((status = 200, body = Machine), (status = 401, body = ApiError),
+        (status = 404, body = ApiError)),
+    security(("bearer" = [])))]
+async fn get_machine(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Machine>, ApiError> {
+    let key = name.clone();
+    db(&state, move |db| db.get_inventory::<Machine>("machine", &key))
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "there is no machine {name:?} in the inventory: list them with GET /api/machines, or add it to an inventory file and refresh"
+            ))
+        })
+}
+
+/// What a refresh loaded.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Refreshed {
+    pub sites: usize,
+    pub hosts: usize,
+    pub datastores: usize,
+    pub machines: usize,
+}
+
+/// Loads the inventory sources again (operator). A source with an error changes nothing:
+/// the answer is 400 naming the file, the line and the column, or the object.
+#[utoipa::path(post, path = "/api/inventory/refresh", tag = "inventory",
+    responses((status = 200, body = Refreshed), (status = 400, body = ApiError),
+        (status = 401, body = ApiError), (status = 403, body = ApiError)),
+    security(("bearer" = [])))]
+async fn refresh_inventory(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Refreshed>, ApiError> {
+    let sources = state.sources.clone();
+    let loaded = tokio::task::spawn_blocking(move || crate::inventory::load_all(&sources))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let counts = Refreshed {
+        sites: loaded.sites.len(),
+        hosts: loaded.hosts.len(),
+        datastores: loaded.datastores.len(),
+        machines: loaded.machines.len(),
+    };
+    db(&state, move |db| db.replace_inventory(&loaded)).await?;
+    Ok(Json(counts))
+}
+
 /// This document.
 #[utoipa::path(get, path = "/api/openapi.json", tag = "server",
     responses((status = 200, description = "The OpenAPI document"), (status = 401, body = ApiError)),
@@ -323,8 +451,10 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Boomerang configuration server", description = "The control plane of Boomerang, a disaster-recovery system."),
-    paths(health, openapi, list_tokens, create_token, delete_token, list_audit),
-    components(schemas(ApiError, Health, NewToken, TokenInfo, CreatedToken, AuditEntry, Role)),
+    paths(health, openapi, list_tokens, create_token, delete_token, list_audit, list_sites,
+        list_hosts, list_datastores, list_machines, get_machine, refresh_inventory),
+    components(schemas(ApiError, Health, NewToken, TokenInfo, CreatedToken, AuditEntry, Role,
+        Site, Host, Datastore, Machine, Refreshed)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -337,6 +467,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/tokens", get(list_tokens).post(create_token))
         .route("/api/tokens/{id}", delete(delete_token))
         .route("/api/audit", get(list_audit))
+        .route("/api/sites", get(list_sites))
+        .route("/api/hosts", get(list_hosts))
+        .route("/api/datastores", get(list_datastores))
+        .route("/api/machines", get(list_machines))
+        .route("/api/machines/{name}", get(get_machine))
+        .route(
+            "/api/inventory/refresh",
+            axum::routing::post(refresh_inventory),
+        )
         .fallback(|| async {
             ApiError::not_found("no such API path: the paths are in /api/openapi.json")
         })

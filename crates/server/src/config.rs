@@ -22,6 +22,9 @@ pub struct ServerConfig {
     /// The server's certificate directory (`cert.pem`, `key.pem`, `ca.crt`).
     #[serde(default = "default_tls")]
     pub tls: PathBuf,
+    /// Inventory TOML files (`docs` of `inventory.rs`), loaded at start and on refresh.
+    #[serde(default)]
+    pub inventory: Vec<PathBuf>,
 }
 
 fn default_listen() -> String {
@@ -93,6 +96,7 @@ pub fn init(dir: &Path) -> Result<Init, ConfigError> {
         listen: default_listen(),
         database: default_database(),
         tls: default_tls(),
+        inventory: Vec::new(),
     };
     let db = Db::open(&dir.join(&config.database))?;
     let admin_token = db.create_token("admin", Role::Admin)?.token;
@@ -128,6 +132,7 @@ impl ServerConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         config.database = base.join(&config.database);
         config.tls = base.join(&config.tls);
+        config.inventory = config.inventory.iter().map(|p| base.join(p)).collect();
         Ok(config)
     }
 }

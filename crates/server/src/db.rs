@@ -27,6 +27,14 @@ const MIGRATIONS: &[&str] = &[
         action TEXT NOT NULL,
         outcome TEXT NOT NULL
     );",
+    // 2: inventory objects (sites, hosts, datastores, machines), as JSON.
+    "CREATE TABLE inventory (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        body TEXT NOT NULL,
+        UNIQUE (kind, name)
+    );",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +264,102 @@ impl Db {
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+impl Db {
+    /// Makes the inventory exactly `inv`, in one transaction: objects keep their ids across
+    /// refreshes, and those no source lists any more go.
+    pub fn replace_inventory(&self, inv: &crate::inventory::Inventory) -> Result<(), DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let put = |kind: &str, items: Vec<(String, String)>| -> Result<(), DbError> {
+            let names: Vec<String> = items.iter().map(|(n, _)| n.clone()).collect();
+            for (name, body) in items {
+                tx.execute(
+                    "INSERT INTO inventory (kind, name, body) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (kind, name) DO UPDATE SET body = excluded.body",
+                    params![kind, name, body],
+                )?;
+            }
+            let mut stmt = tx.prepare("SELECT name FROM inventory WHERE kind = ?1")?;
+            let held: Vec<String> = stmt
+                .query_map([kind], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for gone in held.iter().filter(|n| !names.contains(n)) {
+                tx.execute(
+                    "DELETE FROM inventory WHERE kind = ?1 AND name = ?2",
+                    params![kind, gone],
+                )?;
+            }
+            Ok(())
+        };
+        fn json<T: Serialize>(items: &[T], name: impl Fn(&T) -> &str) -> Vec<(String, String)> {
+            items
+                .iter()
+                .map(|i| {
+                    (
+                        name(i).to_string(),
+                        serde_json::to_string(i).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        }
+        put("site", json(&inv.sites, |s| &s.name))?;
+        put("host", json(&inv.hosts, |h| &h.name))?;
+        put("datastore", json(&inv.datastores, |d| &d.name))?;
+        put("machine", json(&inv.machines, |m| &m.name))?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Inventory objects of `kind` with an id above `after`, at most `limit`, by id.
+    pub fn list_inventory<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, T)>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, body FROM inventory WHERE kind = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![kind, after, limit], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, body) = row?;
+            out.push((id, parse_body(&body)?));
+        }
+        Ok(out)
+    }
+
+    /// The inventory object of `kind` named `name`.
+    pub fn get_inventory<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<T>, DbError> {
+        let body: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT body FROM inventory WHERE kind = ?1 AND name = ?2",
+                params![kind, name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        body.map(|b| parse_body(&b)).transpose()
+    }
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, DbError> {
+    serde_json::from_str(body).map_err(|e| {
+        DbError::Sql(rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Text,
+            Box::new(e),
+        ))
+    })
 }
 
 fn row_token(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenInfo> {

@@ -12,6 +12,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod inventory;
 mod serve;
 
 pub use config::{Init, ServerConfig, init};

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use crate::api::{AppState, router};
 use crate::config::ServerConfig;
 use crate::db::{Db, DbError};
+use crate::inventory::{InventorySource, TomlFile};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -18,6 +19,8 @@ pub enum ServeError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    Inventory(#[from] crate::inventory::InventoryError),
 }
 
 /// Serves the API on `listener` until `shutdown` turns true.
@@ -28,8 +31,17 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let tls = TlsIdentity::load(&config.tls)?.https_config()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let sources: Vec<Box<dyn InventorySource>> = config
+        .inventory
+        .iter()
+        .map(|p| Box::new(TomlFile(p.clone())) as Box<dyn InventorySource>)
+        .collect();
+    let db = Arc::new(Db::open(&config.database)?);
+    // A server does not start on an inventory it cannot read: its answers would be wrong.
+    db.replace_inventory(&crate::inventory::load_all(&sources)?)?;
     let state = Arc::new(AppState {
-        db: Arc::new(Db::open(&config.database)?),
+        db,
+        sources: Arc::new(sources),
     });
     let app = router(state);
     loop {

@@ -1,0 +1,418 @@
+//! Inventory (DESIGN 4): sites, hosts, datastores and machines, as the server knows them. They
+//! come from inventory sources behind [`InventorySource`]: TOML files first (`inventory` in
+//! server.toml); libvirt and vSphere later, and what agents report. A refresh loads every
+//! source, checks the whole (names, references), and only then replaces what the database
+//! holds: a bad file changes nothing.
+//!
+//! ```toml
+//! [[site]]
+//! name = "site-a"
+//! kind = "local"            # or "azure"
+//!
+//! [[host]]
+//! name = "esx-a1"
+//! site = "site-a"
+//!
+//! [[datastore]]
+//! name = "ds-a1"
+//! host = "esx-a1"
+//! type = "VMFS"             # VMFS, NFS or vSAN
+//!
+//! [[machine]]
+//! name = "web01"
+//! site = "site-a"
+//! host = "esx-a1"
+//! datastore = "ds-a1"
+//! os = { family = "linux", version = "9.2" }
+//! tools = "running"         # running, not-running or not-installed
+//! config = { "disk.EnableUUID" = "true" }
+//! controllers = [{ name = "scsi0", kind = "lsi-logic" }]
+//! disks = [{ name = "sda", size_bytes = 68719476736, uuid = "6000c29...", controller = "scsi0" }]
+//! nics = [{ name = "eth0", ips = ["10.0.0.5"] }]
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SiteKind {
+    Local,
+    Azure,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    pub name: String,
+    pub kind: SiteKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    pub name: String,
+    pub site: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum DatastoreKind {
+    #[serde(rename = "VMFS")]
+    Vmfs,
+    #[serde(rename = "NFS")]
+    Nfs,
+    #[serde(rename = "vSAN")]
+    Vsan,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Datastore {
+    pub name: String,
+    pub host: String,
+    #[serde(rename = "type")]
+    pub kind: DatastoreKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_bytes: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OsFamily {
+    Linux,
+    Windows,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Os {
+    pub family: OsFamily,
+    /// Dotted numbers, compared part by part ("9.2" < "9.10").
+    pub version: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ToolsStatus {
+    Running,
+    NotRunning,
+    NotInstalled,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ControllerKind {
+    LsiLogic,
+    LsiLogicSas,
+    Paravirtual,
+    Buslogic,
+    Ide,
+    Sata,
+    Nvme,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Controller {
+    pub name: String,
+    pub kind: ControllerKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    pub name: String,
+    pub size_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// The controller it hangs on (a name in `controllers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    pub name: String,
+    #[serde(default)]
+    pub ips: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Machine {
+    pub name: String,
+    pub site: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datastore: Option<String>,
+    /// A physical machine (it fails back to a virtual machine only).
+    #[serde(default)]
+    pub physical: bool,
+    pub os: Os,
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+    #[serde(default)]
+    pub controllers: Vec<Controller>,
+    #[serde(default)]
+    pub nics: Vec<Nic>,
+    /// Configuration parameters, such as `disk.EnableUUID`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Snapshots the machine has now.
+    #[serde(default)]
+    pub snapshots: u32,
+    pub tools: ToolsStatus,
+    /// Where the machine's storage was moved by Storage vMotion last (a datastore name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_moved_from: Option<String>,
+}
+
+/// One source's inventory, or all of them merged.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inventory {
+    #[serde(default, rename = "site")]
+    pub sites: Vec<Site>,
+    #[serde(default, rename = "host")]
+    pub hosts: Vec<Host>,
+    #[serde(default, rename = "datastore")]
+    pub datastores: Vec<Datastore>,
+    #[serde(default, rename = "machine")]
+    pub machines: Vec<Machine>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("could not read inventory file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("inventory file {}: {why}", path.display())]
+    Syntax { path: PathBuf, why: String },
+    #[error("inventory: {0}")]
+    Invalid(String),
+}
+
+/// Where inventory comes from.
+pub trait InventorySource: Send + Sync {
+    /// For messages: the file or endpoint.
+    fn describe(&self) -> String;
+    fn load(&self) -> Result<Inventory, InventoryError>;
+}
+
+/// An inventory TOML file.
+pub struct TomlFile(pub PathBuf);
+
+impl InventorySource for TomlFile {
+    fn describe(&self) -> String {
+        self.0.display().to_string()
+    }
+
+    fn load(&self) -> Result<Inventory, InventoryError> {
+        let text = std::fs::read_to_string(&self.0).map_err(|source| InventoryError::Read {
+            path: self.0.clone(),
+            source,
+        })?;
+        // toml's message gives the line and the column.
+        toml::from_str(&text).map_err(|e| InventoryError::Syntax {
+            path: self.0.clone(),
+            why: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+}
+
+/// Loads every source and checks the whole.
+pub fn load_all(sources: &[Box<dyn InventorySource>]) -> Result<Inventory, InventoryError> {
+    let mut all = Inventory::default();
+    for source in sources {
+        let one = source.load()?;
+        all.sites.extend(one.sites);
+        all.hosts.extend(one.hosts);
+        all.datastores.extend(one.datastores);
+        all.machines.extend(one.machines);
+    }
+    check(&all)?;
+    Ok(all)
+}
+
+/// A name that may be used in paths and URLs: lowercase letters, digits and '-'.
+pub fn valid_name(name: &str) -> bool {
+    boomerang_wire::pki::valid_name(name)
+}
+
+fn unique<'a>(
+    what: &str,
+    names: impl Iterator<Item = &'a str>,
+) -> Result<BTreeSet<&'a str>, InventoryError> {
+    let mut seen = BTreeSet::new();
+    for name in names {
+        if !valid_name(name) {
+            return Err(InventoryError::Invalid(format!(
+                "{what} name {name:?} is not valid: use 1 to 63 lowercase letters, digits and '-'"
+            )));
+        }
+        if !seen.insert(name) {
+            return Err(InventoryError::Invalid(format!(
+                "two {what}s are named {name:?}: names are unique across every inventory source"
+            )));
+        }
+    }
+    Ok(seen)
+}
+
+fn refer(
+    what: &str,
+    name: &str,
+    field: &str,
+    to: &str,
+    known: &BTreeSet<&str>,
+) -> Result<(), InventoryError> {
+    if known.contains(to) {
+        Ok(())
+    } else {
+        Err(InventoryError::Invalid(format!(
+            "{what} {name:?} names {field} {to:?}, which no inventory source defines: add it, or fix the name"
+        )))
+    }
+}
+
+/// Names valid and unique, references resolved.
+pub fn check(inv: &Inventory) -> Result<(), InventoryError> {
+    let sites = unique("site", inv.sites.iter().map(|s| s.name.as_str()))?;
+    let hosts = unique("host", inv.hosts.iter().map(|h| h.name.as_str()))?;
+    let datastores = unique("datastore", inv.datastores.iter().map(|d| d.name.as_str()))?;
+    unique("machine", inv.machines.iter().map(|m| m.name.as_str()))?;
+    for h in &inv.hosts {
+        refer("host", &h.name, "site", &h.site, &sites)?;
+    }
+    for d in &inv.datastores {
+        refer("datastore", &d.name, "host", &d.host, &hosts)?;
+    }
+    for m in &inv.machines {
+        refer("machine", &m.name, "site", &m.site, &sites)?;
+        if let Some(h) = &m.host {
+            refer("machine", &m.name, "host", h, &hosts)?;
+        }
+        if let Some(d) = &m.datastore {
+            refer("machine", &m.name, "datastore", d, &datastores)?;
+        }
+        let controllers = unique(
+            &format!("controller of machine {:?}", m.name),
+            m.controllers.iter().map(|c| c.name.as_str()),
+        )?;
+        unique(
+            &format!("disk of machine {:?}", m.name),
+            m.disks.iter().map(|d| d.name.as_str()),
+        )?;
+        for d in &m.disks {
+            if let Some(c) = &d.controller {
+                refer(
+                    &format!("disk of machine {:?}", m.name),
+                    &d.name,
+                    "controller",
+                    c,
+                    &controllers,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+[[site]]
+name = "site-a"
+kind = "local"
+
+[[host]]
+name = "esx-a1"
+site = "site-a"
+
+[[datastore]]
+name = "ds-a1"
+host = "esx-a1"
+type = "VMFS"
+
+[[machine]]
+name = "web01"
+site = "site-a"
+host = "esx-a1"
+datastore = "ds-a1"
+os = { family = "linux", version = "9.2" }
+tools = "running"
+config = { "disk.EnableUUID" = "true" }
+controllers = [{ name = "scsi0", kind = "lsi-logic" }]
+disks = [{ name = "sda", size_bytes = 1024, uuid = "u-1", controller = "scsi0" }]
+nics = [{ name = "eth0", ips = ["10.0.0.5"] }]
+"#;
+
+    fn parse(text: &str) -> Result<Inventory, InventoryError> {
+        let inv: Inventory = toml::from_str(text).map_err(|e| InventoryError::Syntax {
+            path: "t.toml".into(),
+            why: e.to_string(),
+        })?;
+        check(&inv)?;
+        Ok(inv)
+    }
+
+    #[test]
+    fn a_whole_inventory_loads() {
+        let inv = parse(SAMPLE).unwrap();
+        assert_eq!(
+            inv.machines[0].disks[0].controller.as_deref(),
+            Some("scsi0")
+        );
+        assert_eq!(inv.datastores[0].kind, DatastoreKind::Vmfs);
+    }
+
+    #[test]
+    fn bad_inventories_are_named() {
+        let cases = [
+            (
+                SAMPLE.replace(
+                    "site = \"site-a\"\n\n[[datastore]]",
+                    "site = \"site-b\"\n\n[[datastore]]",
+                ),
+                "site \"site-b\"",
+            ),
+            (
+                SAMPLE.replace("name = \"web01\"", "name = \"Web 01\""),
+                "\"Web 01\" is not valid",
+            ),
+            (
+                format!("{SAMPLE}\n[[site]]\nname = \"site-a\"\nkind = \"azure\"\n"),
+                "two sites are named \"site-a\"",
+            ),
+            (
+                SAMPLE.replace("controller = \"scsi0\"", "controller = \"scsi9\""),
+                "controller \"scsi9\"",
+            ),
+            (
+                SAMPLE.replace("type = \"VMFS\"", "type = \"FAT\""),
+                "line 13",
+            ),
+            (
+                SAMPLE.replace(
+                    "tools = \"running\"",
+                    "tools = \"running\"\ncolour = \"red\"",
+                ),
+                "colour",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{want:?} in {e}");
+        }
+    }
+}
