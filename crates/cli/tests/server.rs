@@ -463,3 +463,120 @@ fn the_inventory_comes_from_toml_files_and_a_bad_file_changes_nothing() {
         200
     );
 }
+
+#[test]
+fn a_replication_policy_brings_its_failback_policy_which_cannot_be_edited() {
+    if !have("curl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, admin) = server(dir.path());
+    let port = daemon.addr.rsplit_once(':').unwrap().1.to_string();
+    let d = dir.path();
+    let req = |method: &str, path: &str, token: &str, body: Option<Value>| {
+        call(
+            d,
+            "127.0.0.1",
+            &port,
+            method,
+            path,
+            Some(token),
+            body.as_ref(),
+        )
+    };
+    let gold = json!({"name": "gold", "rpo_threshold_seconds": 30, "retention_seconds": 86400, "app_consistent_seconds": 3600});
+    let (status, made) = req("POST", "/api/policies", &admin, Some(gold.clone()));
+    assert_eq!(status, 201, "{made}");
+    assert_eq!(made["policy"]["kind"], "replication");
+    assert_eq!(made["policy"]["rpo_threshold_seconds"], 30);
+    let fb = &made["failback"];
+    assert_eq!(fb["name"], "gold-failback");
+    assert_eq!(fb["kind"], "failback");
+    assert_eq!(fb["failback_of"], "gold");
+    assert_eq!(fb["bound_to"], "configuration-server");
+    assert_eq!(fb["editable"], false);
+    assert_eq!(
+        (
+            &fb["rpo_threshold_seconds"],
+            &fb["retention_seconds"],
+            &fb["app_consistent_seconds"]
+        ),
+        (&json!(900), &json!(86400), &json!(3600))
+    );
+
+    // The failback policy refuses every edit, with the reason.
+    let settings = json!({"rpo_threshold_seconds": 60, "retention_seconds": 3600, "app_consistent_seconds": 0});
+    for (method, body) in [("PUT", Some(settings.clone())), ("DELETE", None)] {
+        let (status, err) = req(method, "/api/policies/gold-failback", &admin, body);
+        assert_eq!(
+            (status, err["code"].as_str()),
+            (409, Some("CONFLICT")),
+            "{method}"
+        );
+        assert!(
+            err["message"]
+                .as_str()
+                .unwrap()
+                .contains("cannot be edited"),
+            "{err}"
+        );
+    }
+    let (status, changed) = req("PUT", "/api/policies/gold", &admin, Some(settings));
+    assert_eq!(status, 200, "{changed}");
+    assert_eq!(changed["rpo_threshold_seconds"], 60);
+
+    // Bad input, and roles.
+    let (status, err) = req("POST", "/api/policies", &admin, Some(gold.clone()));
+    assert_eq!(status, 409, "{err}");
+    let mut bad = gold.clone();
+    bad["name"] = json!("silver");
+    bad["rpo_threshold_seconds"] = json!(0);
+    let (status, err) = req("POST", "/api/policies", &admin, Some(bad));
+    assert_eq!(status, 400, "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("rpo_threshold_seconds"),
+        "{err}"
+    );
+    let mut extra = gold.clone();
+    extra["colour"] = json!("red");
+    let (status, err) = req("POST", "/api/policies", &admin, Some(extra));
+    assert_eq!(status, 400, "{err}");
+    assert!(err["message"].as_str().unwrap().contains("colour"), "{err}");
+    let (status, err) = req(
+        "POST",
+        "/api/policies",
+        &admin,
+        Some(json!({"name": "x", "rpo_threshold_seconds": 30})),
+    );
+    assert_eq!(status, 400, "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("retention_seconds"),
+        "{err}"
+    );
+    let (_, ops) = req(
+        "POST",
+        "/api/tokens",
+        &admin,
+        Some(json!({"name": "ops", "role": "operator"})),
+    );
+    let ops = ops["token"].as_str().unwrap().to_string();
+    let mut other = gold.clone();
+    other["name"] = json!("bronze");
+    assert_eq!(req("POST", "/api/policies", &ops, Some(other)).0, 403);
+    let (status, listed) = req("GET", "/api/policies", &ops, None);
+    assert_eq!(status, 200);
+    assert_eq!(listed["items"].as_array().unwrap().len(), 2);
+
+    // Deleting the replication policy takes its failback policy along.
+    assert_eq!(req("DELETE", "/api/policies/gold", &admin, None).0, 200);
+    assert_eq!(
+        req("GET", "/api/policies/gold-failback", &admin, None).0,
+        404
+    );
+}

@@ -21,6 +21,7 @@ use utoipa::OpenApi;
 use crate::auth::{Role, authorize};
 use crate::db::{AuditEntry, CreatedToken, Db, DbError, TokenInfo};
 use crate::inventory::{Datastore, Host, InventorySource, Machine, Site};
+use crate::policy::{NewPolicy, Policy, PolicySettings};
 
 /// What every handler shares.
 pub struct AppState {
@@ -427,6 +428,112 @@ async fn refresh_inventory(
     Ok(Json(counts))
 }
 
+/// A replication policy just made, and the failback policy made with it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CreatedPolicy {
+    pub policy: Policy,
+    pub failback: Policy,
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+    if crate::inventory::valid_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{what} name {name:?} is not valid: use 1 to 63 lowercase letters, digits and '-'"
+        )))
+    }
+}
+
+/// Lists policies, replication and failback.
+#[utoipa::path(get, path = "/api/policies", tag = "policies", params(PageQuery),
+    responses((status = 200, body = Page<Policy>), (status = 400, body = ApiError),
+        (status = 401, body = ApiError)),
+    security(("bearer" = [])))]
+async fn list_policies(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page<Policy>>, ApiError> {
+    let limit = q.limit()?;
+    let after = q.after.unwrap_or(0);
+    let items = db(&state, move |db| db.list_policies(after, limit)).await?;
+    Ok(Json(page(items, limit, |p| p.id)))
+}
+
+/// One policy.
+#[utoipa::path(get, path = "/api/policies/{name}", tag = "policies",
+    params(("name" = String, Path, description = "The policy's name")),
+    responses((status = 200, body = Policy), (status = 401, body = ApiError),
+        (status = 404, body = ApiError)),
+    security(("bearer" = [])))]
+async fn get_policy(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Policy>, ApiError> {
+    let key = name.clone();
+    db(&state, move |db| db.get_policy(&key))
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "there is no policy {name:?}: list them with GET /api/policies"
+            ))
+        })
+}
+
+/// Makes a replication policy and its failback policy (admin).
+#[utoipa::path(post, path = "/api/policies", tag = "policies", request_body = NewPolicy,
+    responses((status = 201, body = CreatedPolicy), (status = 400, body = ApiError),
+        (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 409, body = ApiError)),
+    security(("bearer" = [])))]
+async fn create_policy(
+    State(state): State<Arc<AppState>>,
+    Body(new): Body<NewPolicy>,
+) -> Result<(StatusCode, Json<CreatedPolicy>), ApiError> {
+    check_name("policy", &new.name)?;
+    let settings = new.settings();
+    settings.check().map_err(ApiError::bad_request)?;
+    let (policy, failback) = db(&state, move |db| db.create_policy(&new.name, &settings)).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedPolicy { policy, failback }),
+    ))
+}
+
+/// Changes a replication policy (admin); a failback policy is refused with 409.
+#[utoipa::path(put, path = "/api/policies/{name}", tag = "policies", request_body = PolicySettings,
+    params(("name" = String, Path, description = "The policy's name")),
+    responses((status = 200, body = Policy), (status = 400, body = ApiError),
+        (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError), (status = 409, body = ApiError)),
+    security(("bearer" = [])))]
+async fn update_policy(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Body(settings): Body<PolicySettings>,
+) -> Result<Json<Policy>, ApiError> {
+    settings.check().map_err(ApiError::bad_request)?;
+    Ok(Json(
+        db(&state, move |db| db.update_policy(&name, &settings)).await?,
+    ))
+}
+
+/// Deletes a replication policy and its failback policy (admin); a failback policy alone is
+/// refused with 409.
+#[utoipa::path(delete, path = "/api/policies/{name}", tag = "policies",
+    params(("name" = String, Path, description = "The policy's name")),
+    responses((status = 200, body = Policy), (status = 401, body = ApiError),
+        (status = 403, body = ApiError), (status = 404, body = ApiError),
+        (status = 409, body = ApiError)),
+    security(("bearer" = [])))]
+async fn delete_policy(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Policy>, ApiError> {
+    Ok(Json(db(&state, move |db| db.delete_policy(&name)).await?))
+}
+
 /// This document.
 #[utoipa::path(get, path = "/api/openapi.json", tag = "server",
     responses((status = 200, description = "The OpenAPI document"), (status = 401, body = ApiError)),
@@ -452,9 +559,11 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "Boomerang configuration server", description = "The control plane of Boomerang, a disaster-recovery system."),
     paths(health, openapi, list_tokens, create_token, delete_token, list_audit, list_sites,
-        list_hosts, list_datastores, list_machines, get_machine, refresh_inventory),
+        list_hosts, list_datastores, list_machines, get_machine, refresh_inventory, list_policies,
+        get_policy, create_policy, update_policy, delete_policy),
     components(schemas(ApiError, Health, NewToken, TokenInfo, CreatedToken, AuditEntry, Role,
-        Site, Host, Datastore, Machine, Refreshed)),
+        Site, Host, Datastore, Machine, Refreshed, Policy, NewPolicy, PolicySettings,
+        CreatedPolicy)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -475,6 +584,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/api/inventory/refresh",
             axum::routing::post(refresh_inventory),
+        )
+        .route("/api/policies", get(list_policies).post(create_policy))
+        .route(
+            "/api/policies/{name}",
+            get(get_policy).put(update_policy).delete(delete_policy),
         )
         .fallback(|| async {
             ApiError::not_found("no such API path: the paths are in /api/openapi.json")

@@ -20,9 +20,9 @@ use crate::api::{ApiError, AppState};
 pub enum Role {
     /// Reads everything but tokens and the audit log.
     Viewer,
-    /// Also runs jobs.
+    /// Also runs jobs and refreshes the inventory.
     Operator,
-    /// Everything, token management and the audit log included.
+    /// Everything: configuration (policies, sites, components), tokens and the audit log.
     Admin,
 }
 
@@ -45,18 +45,18 @@ impl Role {
     }
 }
 
-/// The role a request needs: reading takes a viewer, tokens and the audit log an admin,
-/// anything else that changes state an operator.
+/// The role a request needs: reading takes a viewer (tokens and the audit log an admin),
+/// running jobs and refreshing the inventory an operator, any other change an admin.
 pub fn required(method: &Method, path: &str) -> Role {
-    let admin_only = ["/api/tokens", "/api/audit"]
-        .iter()
-        .any(|p| path == *p || path.starts_with(&format!("{p}/")));
-    if admin_only {
+    let under = |p: &str| path == p || path.starts_with(&format!("{p}/"));
+    if under("/api/tokens") || under("/api/audit") {
         Role::Admin
     } else if method == Method::GET || method == Method::HEAD {
         Role::Viewer
-    } else {
+    } else if under("/api/jobs") || path == "/api/inventory/refresh" {
         Role::Operator
+    } else {
+        Role::Admin
     }
 }
 

@@ -35,6 +35,16 @@ const MIGRATIONS: &[&str] = &[
         body TEXT NOT NULL,
         UNIQUE (kind, name)
     );",
+    // 3: policies; a failback policy belongs to a replication policy.
+    "CREATE TABLE policies (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        rpo_threshold_s INTEGER NOT NULL,
+        retention_s INTEGER NOT NULL,
+        app_consistent_s INTEGER NOT NULL,
+        failback_of INTEGER REFERENCES policies (id) ON DELETE CASCADE
+    );",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -349,6 +359,130 @@ impl Db {
             )
             .optional()?;
         body.map(|b| parse_body(&b)).transpose()
+    }
+}
+
+use crate::policy::{Policy, PolicyKind, PolicySettings, failback_name};
+
+const POLICY_COLUMNS: &str =
+    "p.id, p.name, p.kind, p.rpo_threshold_s, p.retention_s, p.app_consistent_s, o.name";
+
+fn row_policy(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
+    let kind = if r.get::<_, String>(2)? == "failback" {
+        PolicyKind::Failback
+    } else {
+        PolicyKind::Replication
+    };
+    let failback = kind == PolicyKind::Failback;
+    Ok(Policy {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        kind,
+        settings: PolicySettings {
+            rpo_threshold_seconds: r.get::<_, i64>(3)? as u64,
+            retention_seconds: r.get::<_, i64>(4)? as u64,
+            app_consistent_seconds: r.get::<_, i64>(5)? as u64,
+        },
+        failback_of: r.get(6)?,
+        bound_to: failback.then(|| "configuration-server".to_string()),
+        editable: !failback,
+    })
+}
+
+impl Db {
+    /// Makes replication policy `name` and its failback policy, together.
+    pub fn create_policy(
+        &self,
+        name: &str,
+        settings: &PolicySettings,
+    ) -> Result<(Policy, Policy), DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let fb_name = failback_name(name);
+        for n in [name, fb_name.as_str()] {
+            let taken = tx
+                .query_row("SELECT 1 FROM policies WHERE name = ?1", [n], |_| Ok(()))
+                .optional()?
+                .is_some();
+            if taken {
+                return Err(DbError::Conflict(format!(
+                    "a policy named {n:?} exists: choose another name"
+                )));
+            }
+        }
+        let insert = |n: &str, kind: PolicyKind, s: &PolicySettings, of: Option<i64>| {
+            tx.execute(
+                "INSERT INTO policies (name, kind, rpo_threshold_s, retention_s, app_consistent_s, failback_of) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![n, kind.as_str(), s.rpo_threshold_seconds as i64, s.retention_seconds as i64, s.app_consistent_seconds as i64, of],
+            )
+            .map(|_| tx.last_insert_rowid())
+        };
+        let id = insert(name, PolicyKind::Replication, settings, None)?;
+        insert(
+            &fb_name,
+            PolicyKind::Failback,
+            &PolicySettings::failback(),
+            Some(id),
+        )?;
+        tx.commit()?;
+        drop(conn);
+        let get = |n: &str| {
+            self.get_policy(n)?
+                .ok_or_else(|| DbError::NotFound(format!("policy {n:?} vanished")))
+        };
+        Ok((get(name)?, get(&fb_name)?))
+    }
+
+    pub fn get_policy(&self, name: &str) -> Result<Option<Policy>, DbError> {
+        let sql = format!(
+            "SELECT {POLICY_COLUMNS} FROM policies p LEFT JOIN policies o ON p.failback_of = o.id WHERE p.name = ?1"
+        );
+        Ok(self.conn().query_row(&sql, [name], row_policy).optional()?)
+    }
+
+    pub fn list_policies(&self, after: i64, limit: u32) -> Result<Vec<Policy>, DbError> {
+        let conn = self.conn();
+        let sql = format!(
+            "SELECT {POLICY_COLUMNS} FROM policies p LEFT JOIN policies o ON p.failback_of = o.id WHERE p.id > ?1 ORDER BY p.id LIMIT ?2"
+        );
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(params![after, limit], row_policy)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A replication policy's new settings; a failback policy is refused.
+    pub fn update_policy(&self, name: &str, settings: &PolicySettings) -> Result<Policy, DbError> {
+        let policy = self.editable_policy(name)?;
+        self.conn().execute(
+            "UPDATE policies SET rpo_threshold_s = ?2, retention_s = ?3, app_consistent_s = ?4 WHERE id = ?1",
+            params![policy.id, settings.rpo_threshold_seconds as i64, settings.retention_seconds as i64, settings.app_consistent_seconds as i64],
+        )?;
+        self.get_policy(name)?
+            .ok_or_else(|| DbError::NotFound(format!("policy {name:?} vanished")))
+    }
+
+    /// Deletes a replication policy and its failback policy; a failback policy alone is
+    /// refused.
+    pub fn delete_policy(&self, name: &str) -> Result<Policy, DbError> {
+        let policy = self.editable_policy(name)?;
+        self.conn()
+            .execute("DELETE FROM policies WHERE id = ?1", [policy.id])?;
+        Ok(policy)
+    }
+
+    fn editable_policy(&self, name: &str) -> Result<Policy, DbError> {
+        let policy = self.get_policy(name)?.ok_or_else(|| {
+            DbError::NotFound(format!(
+                "there is no policy {name:?}: list them with GET /api/policies"
+            ))
+        })?;
+        if policy.kind == PolicyKind::Failback {
+            return Err(DbError::Conflict(format!(
+                "{name:?} is the failback policy of {:?}: it is created with its replication policy, bound to the configuration server, and cannot be edited or deleted (RPO threshold 15 min, retention 24 h, app-consistent every 60 min); change or delete the replication policy instead",
+                policy.failback_of.as_deref().unwrap_or("?")
+            )));
+        }
+        Ok(policy)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod inventory;
+pub mod policy;
 mod serve;
 
 pub use config::{Init, ServerConfig, init};
