@@ -318,6 +318,8 @@ impl Db {
         put("host", json(&inv.hosts, |h| &h.name))?;
         put("datastore", json(&inv.datastores, |d| &d.name))?;
         put("machine", json(&inv.machines, |m| &m.name))?;
+        put("master-target", json(&inv.master_targets, |m| &m.name))?;
+        put("process-server", json(&inv.process_servers, |p| &p.name))?;
         tx.commit()?;
         Ok(())
     }

@@ -172,6 +172,49 @@ pub struct Machine {
     pub storage_moved_from: Option<String>,
 }
 
+/// What a master target's retention volume is, as preflight needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionVolume {
+    /// Default `/mnt/retention` on Linux, `R:` on Windows.
+    pub path: String,
+    /// The file system, as `ext4`, `xfs`, `ntfs`, `fat32`.
+    pub filesystem: String,
+    pub capacity_bytes: u64,
+    /// What else uses the volume: `replication-target`, `cache`; should be nothing.
+    #[serde(default)]
+    pub used_by: Vec<String>,
+    /// Locked by another process or a snapshot.
+    #[serde(default)]
+    pub locked: bool,
+}
+
+/// A master target (a component running on an inventory machine).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MasterTarget {
+    pub name: String,
+    pub site: String,
+    /// The inventory machine it runs on.
+    pub machine: String,
+    /// Its replication address, `host:port`.
+    pub address: String,
+    /// Disks attached to it now, for every machine it protects.
+    #[serde(default)]
+    pub attached_disks: u32,
+    pub retention: RetentionVolume,
+}
+
+/// A process server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessServer {
+    pub name: String,
+    pub site: String,
+    /// Its replication address, `host:port`.
+    pub address: String,
+}
+
 /// One source's inventory, or all of them merged.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -184,6 +227,10 @@ pub struct Inventory {
     pub datastores: Vec<Datastore>,
     #[serde(default, rename = "machine")]
     pub machines: Vec<Machine>,
+    #[serde(default, rename = "master_target")]
+    pub master_targets: Vec<MasterTarget>,
+    #[serde(default, rename = "process_server")]
+    pub process_servers: Vec<ProcessServer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +284,8 @@ pub fn load_all(sources: &[Box<dyn InventorySource>]) -> Result<Inventory, Inven
         all.hosts.extend(one.hosts);
         all.datastores.extend(one.datastores);
         all.machines.extend(one.machines);
+        all.master_targets.extend(one.master_targets);
+        all.process_servers.extend(one.process_servers);
     }
     check(&all)?;
     Ok(all)
@@ -288,7 +337,21 @@ pub fn check(inv: &Inventory) -> Result<(), InventoryError> {
     let sites = unique("site", inv.sites.iter().map(|s| s.name.as_str()))?;
     let hosts = unique("host", inv.hosts.iter().map(|h| h.name.as_str()))?;
     let datastores = unique("datastore", inv.datastores.iter().map(|d| d.name.as_str()))?;
-    unique("machine", inv.machines.iter().map(|m| m.name.as_str()))?;
+    let machines = unique("machine", inv.machines.iter().map(|m| m.name.as_str()))?;
+    unique(
+        "component",
+        inv.master_targets
+            .iter()
+            .map(|m| m.name.as_str())
+            .chain(inv.process_servers.iter().map(|p| p.name.as_str())),
+    )?;
+    for mt in &inv.master_targets {
+        refer("master target", &mt.name, "site", &mt.site, &sites)?;
+        refer("master target", &mt.name, "machine", &mt.machine, &machines)?;
+    }
+    for ps in &inv.process_servers {
+        refer("process server", &ps.name, "site", &ps.site, &sites)?;
+    }
     for h in &inv.hosts {
         refer("host", &h.name, "site", &h.site, &sites)?;
     }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod db;
 pub mod inventory;
 pub mod policy;
+pub mod preflight;
 mod serve;
 
 pub use config::{Init, ServerConfig, init};

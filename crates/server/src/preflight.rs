@@ -1,0 +1,547 @@
+//! Preflight (DESIGN 4): the checks Azure Site Recovery asks for before reprotect and
+//! failback, each a rule with a stable code, a severity and a sentence that names the object
+//! and the fix. Rules are pure functions of what the server knows ([`Context`]); the one
+//! check that needs the network (is the process server reachable?) is measured by the caller.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::inventory::{
+    ControllerKind, Datastore, DatastoreKind, Machine, MasterTarget, ProcessServer, ToolsStatus,
+};
+use boomerang_wire::MAX_DISKS;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Purpose {
+    Reprotect,
+    Failback,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Blocks the job.
+    Error,
+    /// Worth knowing; does not block.
+    Warning,
+}
+
+/// One rule's verdict.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Check {
+    /// Stable across versions, such as `MT_DISK_LIMIT`.
+    pub code: &'static str,
+    pub severity: Severity,
+    pub passed: bool,
+    pub message: String,
+}
+
+/// Every rule's verdict for one machine.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Report {
+    pub machine: String,
+    #[serde(rename = "for")]
+    pub purpose: Purpose,
+    /// The master target and process server checked against, when there were any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master_target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_server: Option<String>,
+    /// No error failed.
+    pub ok: bool,
+    pub checks: Vec<Check>,
+}
+
+/// What the rules look at.
+pub struct Context<'a> {
+    pub purpose: Purpose,
+    pub machine_name: &'a str,
+    pub machine: Option<&'a Machine>,
+    pub machines: &'a [Machine],
+    pub datastores: &'a [Datastore],
+    pub master_targets: &'a [MasterTarget],
+    pub process_servers: &'a [ProcessServer],
+    /// Asked for by name; otherwise the only one that fits.
+    pub master_target: Option<&'a str>,
+    pub process_server: Option<&'a str>,
+    /// Alternate-location recovery into this datastore; none for the original location.
+    pub datastore: Option<&'a str>,
+    /// Whether the process server answered on its address (measured by the caller).
+    pub process_server_reachable: Option<bool>,
+}
+
+fn check(code: &'static str, severity: Severity, passed: bool, message: String) -> Check {
+    Check {
+        code,
+        severity,
+        passed,
+        message,
+    }
+}
+
+/// Dotted versions compared part by part, numerically where both parts are numbers.
+fn version_at_least(have: &str, want: &str) -> bool {
+    let parts = |v: &str| -> Vec<String> { v.split('.').map(str::to_string).collect() };
+    let (a, b) = (parts(have), parts(want));
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).map_or("0", String::as_str);
+        let y = b.get(i).map_or("0", String::as_str);
+        let ord = match (x.parse::<u64>(), y.parse::<u64>()) {
+            (Ok(x), Ok(y)) => x.cmp(&y),
+            _ => x.cmp(y),
+        };
+        if ord != std::cmp::Ordering::Equal {
+            return ord == std::cmp::Ordering::Greater;
+        }
+    }
+    true
+}
+
+/// Picks the component asked for by name, or the only one that fits.
+fn pick<'a, T>(
+    all: &'a [T],
+    asked: Option<&str>,
+    name: impl Fn(&T) -> &str,
+    fits: impl Fn(&T) -> bool,
+) -> Result<&'a T, String> {
+    match asked {
+        Some(n) => all
+            .iter()
+            .find(|c| name(c) == n)
+            .ok_or_else(|| format!("{n:?} is not in the inventory")),
+        None => {
+            let fitting: Vec<&T> = all.iter().filter(|c| fits(c)).collect();
+            match fitting.as_slice() {
+                [one] => Ok(one),
+                [] => Err("there is none".into()),
+                _ => Err(format!(
+                    "there are {} that fit: name one ({})",
+                    fitting.len(),
+                    fitting
+                        .iter()
+                        .map(|c| name(c))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            }
+        }
+    }
+}
+
+/// Runs every rule.
+pub fn run(ctx: &Context<'_>) -> Report {
+    let mut checks = Vec::new();
+    let report = |mt: Option<String>, ps: Option<String>, checks: Vec<Check>| {
+        let ok = checks
+            .iter()
+            .all(|c| c.passed || c.severity != Severity::Error);
+        Report {
+            machine: ctx.machine_name.to_string(),
+            purpose: ctx.purpose,
+            master_target: mt,
+            process_server: ps,
+            ok,
+            checks,
+        }
+    };
+    checks.push(check(
+        "CS_CONNECTED",
+        Severity::Error,
+        true,
+        "the configuration server is running and answers".into(),
+    ));
+    let Some(machine) = ctx.machine else {
+        checks.push(check(
+            "CS_MACHINE_UNKNOWN",
+            Severity::Error,
+            false,
+            format!(
+                "machine {:?} is not in the configuration server's database: add it to an inventory source and refresh (POST /api/inventory/refresh)",
+                ctx.machine_name
+            ),
+        ));
+        return report(None, None, checks);
+    };
+    checks.push(check(
+        "CS_MACHINE_UNKNOWN",
+        Severity::Error,
+        true,
+        format!("machine {:?} is in the database", machine.name),
+    ));
+
+    // The process server at the site the machine runs at now.
+    let ps = pick(
+        ctx.process_servers,
+        ctx.process_server,
+        |p| &p.name,
+        |p| p.site == machine.site,
+    );
+    let ps_name = ps.as_ref().ok().map(|p| p.name.clone());
+    match &ps {
+        Err(why) => checks.push(check(
+            "PS_MISSING",
+            Severity::Error,
+            false,
+            format!(
+                "no process server for machine {:?} at site {:?}: {why}; deploy one at that site, or name it",
+                machine.name, machine.site
+            ),
+        )),
+        Ok(p) => {
+            checks.push(check(
+                "PS_MISSING",
+                Severity::Error,
+                p.site == machine.site,
+                if p.site == machine.site {
+                    format!("process server {:?} is at site {:?}, with the machine", p.name, p.site)
+                } else {
+                    format!(
+                        "process server {:?} is at site {:?}, not at site {:?} where machine {:?} runs: use a process server at the machine's site",
+                        p.name, p.site, machine.site, machine.name
+                    )
+                },
+            ));
+            let reachable = ctx.process_server_reachable.unwrap_or(false);
+            checks.push(check(
+                "PS_UNREACHABLE",
+                Severity::Error,
+                reachable,
+                if reachable {
+                    format!("process server {:?} answers at {}", p.name, p.address)
+                } else {
+                    format!(
+                        "process server {:?} does not answer at {}: start it, or open the port between the machine's network and it",
+                        p.name, p.address
+                    )
+                },
+            ));
+        }
+    }
+
+    // The master target at the other site, where the copy goes back to.
+    let mt = pick(
+        ctx.master_targets,
+        ctx.master_target,
+        |m| &m.name,
+        |m| m.site != machine.site,
+    );
+    let mt = match mt {
+        Err(why) => {
+            checks.push(check(
+                "MT_MISSING",
+                Severity::Error,
+                false,
+                format!(
+                    "no master target for machine {:?} outside site {:?}: {why}; deploy one at the site it goes back to, or name it",
+                    machine.name, machine.site
+                ),
+            ));
+            return report(None, ps_name, checks);
+        }
+        Ok(m) => m,
+    };
+    checks.push(check(
+        "MT_MISSING",
+        Severity::Error,
+        true,
+        format!("master target {:?} at site {:?}", mt.name, mt.site),
+    ));
+    let mt_vm = ctx.machines.iter().find(|m| m.name == mt.machine);
+    mt_rules(ctx, machine, mt, mt_vm, &mut checks);
+    retention_rules(mt, &mut checks);
+    location_rules(ctx, machine, mt, mt_vm, &mut checks);
+    report(Some(mt.name.clone()), ps_name, checks)
+}
+
+fn mt_rules(
+    ctx: &Context<'_>,
+    machine: &Machine,
+    mt: &MasterTarget,
+    vm: Option<&Machine>,
+    checks: &mut Vec<Check>,
+) {
+    let total = mt.attached_disks as usize + machine.disks.len();
+    checks.push(check(
+        "MT_DISK_LIMIT",
+        Severity::Error,
+        total <= MAX_DISKS,
+        if total <= MAX_DISKS {
+            format!("master target {:?} would have {total} disks attached, within {MAX_DISKS}", mt.name)
+        } else {
+            format!(
+                "master target {:?} has {} disks attached and machine {:?} adds {}: {total} is over the limit of {MAX_DISKS}; use a separate master target",
+                mt.name, mt.attached_disks, machine.name, machine.disks.len()
+            )
+        },
+    ));
+    let Some(vm) = vm else {
+        checks.push(check(
+            "MT_MACHINE_UNKNOWN",
+            Severity::Error,
+            false,
+            format!(
+                "master target {:?} runs on machine {:?}, which the inventory does not describe: add it, so that its disks, controllers and tools can be checked",
+                mt.name, mt.machine
+            ),
+        ));
+        return;
+    };
+    checks.push(check(
+        "MT_HAS_SNAPSHOTS",
+        Severity::Error,
+        vm.snapshots == 0,
+        if vm.snapshots == 0 {
+            format!("master target machine {:?} has no snapshots", vm.name)
+        } else {
+            format!(
+                "master target machine {:?} has {} snapshot(s): delete them, since disks cannot be attached to it while they exist",
+                vm.name, vm.snapshots
+            )
+        },
+    ));
+    let paravirtual: Vec<&str> = vm
+        .controllers
+        .iter()
+        .filter(|c| c.kind == ControllerKind::Paravirtual)
+        .map(|c| c.name.as_str())
+        .collect();
+    checks.push(check(
+        "MT_CONTROLLER_NOT_LSI",
+        Severity::Error,
+        paravirtual.is_empty(),
+        if paravirtual.is_empty() {
+            format!("master target machine {:?} has no paravirtual SCSI controller", vm.name)
+        } else {
+            format!(
+                "master target machine {:?} has paravirtual SCSI controller(s) {}: change them to LSI Logic",
+                vm.name,
+                paravirtual.join(", ")
+            )
+        },
+    ));
+    let uuid = vm
+        .config
+        .get("disk.EnableUUID")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    checks.push(check(
+        "MT_DISK_UUID_DISABLED",
+        Severity::Error,
+        uuid,
+        if uuid {
+            format!("master target machine {:?} has disk.EnableUUID=true", vm.name)
+        } else {
+            format!(
+                "master target machine {:?} does not have disk.EnableUUID=true: set it in the machine's configuration parameters (powered off)",
+                vm.name
+            )
+        },
+    ));
+    checks.push(match vm.tools {
+        ToolsStatus::Running => check(
+            "MT_TOOLS_MISSING",
+            Severity::Error,
+            true,
+            format!("VMware tools run on master target machine {:?}", vm.name),
+        ),
+        ToolsStatus::NotRunning => check(
+            "MT_TOOLS_MISSING",
+            Severity::Warning,
+            false,
+            format!("VMware tools are installed on master target machine {:?} but not running: start them", vm.name),
+        ),
+        ToolsStatus::NotInstalled => check(
+            "MT_TOOLS_MISSING",
+            Severity::Error,
+            false,
+            format!("master target machine {:?} has no VMware tools: install VMware tools or open-vm-tools", vm.name),
+        ),
+    });
+    let vmfs = vm.host.as_deref().is_some_and(|h| {
+        ctx.datastores
+            .iter()
+            .any(|d| d.host == h && d.kind == DatastoreKind::Vmfs)
+    });
+    checks.push(check(
+        "MT_NO_VMFS_DATASTORE",
+        Severity::Error,
+        vmfs,
+        if vmfs {
+            format!("the host of master target machine {:?} has a VMFS datastore", vm.name)
+        } else {
+            format!(
+                "the host {:?} of master target machine {:?} has no VMFS datastore: add one (NFS and vSAN alone do not do)",
+                vm.host.as_deref().unwrap_or("(none)"),
+                vm.name
+            )
+        },
+    ));
+    let moved = vm.storage_moved_from.as_deref();
+    checks.push(check(
+        "MT_STORAGE_VMOTIONED",
+        Severity::Error,
+        moved.is_none(),
+        match moved {
+            None => format!("master target machine {:?} was not moved by Storage vMotion", vm.name),
+            Some(from) => format!(
+                "master target machine {:?} was moved by Storage vMotion (from datastore {from:?}): move it back and exclude it from Storage vMotion, or failback cannot find its disks",
+                vm.name
+            ),
+        },
+    ));
+    let same_family = vm.os.family == machine.os.family;
+    let new_enough = same_family && version_at_least(&vm.os.version, &machine.os.version);
+    checks.push(check(
+        "MT_OS_MISMATCH",
+        Severity::Error,
+        new_enough,
+        if new_enough {
+            format!(
+                "master target machine {:?} runs {:?} {}, the same family as machine {:?} ({}) and not older",
+                vm.name, vm.os.family, vm.os.version, machine.name, machine.os.version
+            )
+        } else if !same_family {
+            format!(
+                "master target machine {:?} runs {:?} and machine {:?} {:?}: use a master target of the machine's OS family",
+                vm.name, vm.os.family, machine.name, machine.os.family
+            )
+        } else {
+            format!(
+                "master target machine {:?} runs version {}, older than machine {:?}'s {}: use a master target with the same version or newer",
+                vm.name, vm.os.version, machine.name, machine.os.version
+            )
+        },
+    ));
+}
+
+fn retention_rules(mt: &MasterTarget, checks: &mut Vec<Check>) {
+    let r = &mt.retention;
+    let fs = r.filesystem.to_ascii_lowercase();
+    let fat = matches!(fs.as_str(), "fat" | "fat16" | "fat32" | "vfat");
+    let rules: [(&'static str, bool, String, String); 5] = [
+        (
+            "RETENTION_VOLUME_FAT",
+            !fat,
+            format!("retention volume {} is {}", r.path, r.filesystem),
+            format!(
+                "retention volume {} of master target {:?} is {}: use a volume formatted ext4, xfs or NTFS",
+                r.path, mt.name, r.filesystem
+            ),
+        ),
+        (
+            "RETENTION_VOLUME_EMPTY",
+            r.capacity_bytes > 0,
+            format!("retention volume {} has {} bytes", r.path, r.capacity_bytes),
+            format!(
+                "retention volume {} of master target {:?} has no capacity: attach and size the volume",
+                r.path, mt.name
+            ),
+        ),
+        (
+            "RETENTION_VOLUME_IS_TARGET",
+            !r.used_by.iter().any(|u| u == "replication-target"),
+            format!("retention volume {} is not a replication target", r.path),
+            format!(
+                "retention volume {} of master target {:?} is also a replication target: give retention a volume of its own",
+                r.path, mt.name
+            ),
+        ),
+        (
+            "RETENTION_VOLUME_IS_CACHE",
+            !r.used_by.iter().any(|u| u == "cache"),
+            format!("retention volume {} is not a cache volume", r.path),
+            format!(
+                "retention volume {} of master target {:?} is also a process server's cache volume: use separate volumes",
+                r.path, mt.name
+            ),
+        ),
+        (
+            "RETENTION_VOLUME_LOCKED",
+            !r.locked,
+            format!("retention volume {} is not locked", r.path),
+            format!(
+                "retention volume {} of master target {:?} is locked: release it (another process or a snapshot holds it)",
+                r.path, mt.name
+            ),
+        ),
+    ];
+    for (code, passed, good, bad) in rules {
+        checks.push(check(
+            code,
+            Severity::Error,
+            passed,
+            if passed { good } else { bad },
+        ));
+    }
+}
+
+fn location_rules(
+    ctx: &Context<'_>,
+    machine: &Machine,
+    mt: &MasterTarget,
+    vm: Option<&Machine>,
+    checks: &mut Vec<Check>,
+) {
+    match ctx.datastore {
+        None => {
+            // Original location: the machine's disks are found by their UUIDs.
+            let missing: Vec<&str> = machine
+                .disks
+                .iter()
+                .filter(|d| d.uuid.as_deref().is_none_or(str::is_empty))
+                .map(|d| d.name.as_str())
+                .collect();
+            checks.push(check(
+                "ORIGINAL_DISK_UUID_MISSING",
+                Severity::Error,
+                missing.is_empty(),
+                if missing.is_empty() {
+                    format!("every disk of machine {:?} has a UUID to be found by", machine.name)
+                } else {
+                    format!(
+                        "disk(s) {} of machine {:?} have no UUID, so the original disks cannot be found: set disk.EnableUUID on the machine, or recover to an alternate location",
+                        missing.join(", "),
+                        machine.name
+                    )
+                },
+            ));
+        }
+        Some(ds) => {
+            let host = vm.and_then(|v| v.host.as_deref());
+            let reachable =
+                host.is_some_and(|h| ctx.datastores.iter().any(|d| d.name == ds && d.host == h));
+            checks.push(check(
+                "ALTERNATE_DATASTORE_UNREACHABLE",
+                Severity::Error,
+                reachable,
+                if reachable {
+                    format!("datastore {ds:?} is on the host of master target {:?}", mt.name)
+                } else {
+                    format!(
+                        "datastore {ds:?} is not reachable from the host {:?} of master target {:?}: choose a datastore of that host",
+                        host.unwrap_or("(none)"),
+                        mt.name
+                    )
+                },
+            ));
+        }
+    }
+    if ctx.purpose == Purpose::Failback {
+        checks.push(check(
+            "PHYSICAL_FAILS_BACK_TO_VM",
+            Severity::Warning,
+            !machine.physical,
+            if machine.physical {
+                format!(
+                    "machine {:?} is physical: it fails back to a virtual machine only",
+                    machine.name
+                )
+            } else {
+                format!("machine {:?} is virtual", machine.name)
+            },
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests;

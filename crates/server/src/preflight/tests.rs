@@ -1,0 +1,256 @@
+//! Each rule: an inventory that violates it, against one where every rule passes.
+
+use super::*;
+use crate::inventory::{Controller, Inventory, Os, OsFamily};
+
+/// web01 failed over to site-b; a process server there, a master target at site-a.
+fn good() -> Inventory {
+    let inv = r#"
+[[site]]
+name = "site-a"
+kind = "local"
+[[site]]
+name = "site-b"
+kind = "local"
+[[host]]
+name = "esx-a1"
+site = "site-a"
+[[datastore]]
+name = "ds-a1"
+host = "esx-a1"
+type = "VMFS"
+[[datastore]]
+name = "nfs-a1"
+host = "esx-a1"
+type = "NFS"
+[[machine]]
+name = "web01"
+site = "site-b"
+os = { family = "linux", version = "9.2" }
+tools = "running"
+disks = [{ name = "sda", size_bytes = 1024, uuid = "u-1" }, { name = "sdb", size_bytes = 1024, uuid = "u-2" }]
+[[machine]]
+name = "mt-vm"
+site = "site-a"
+host = "esx-a1"
+os = { family = "linux", version = "9.10" }
+tools = "running"
+config = { "disk.EnableUUID" = "TRUE" }
+controllers = [{ name = "scsi0", kind = "lsi-logic" }]
+[[master_target]]
+name = "mt1"
+site = "site-a"
+machine = "mt-vm"
+address = "10.0.0.9:9443"
+attached_disks = 10
+retention = { path = "/mnt/retention", filesystem = "ext4", capacity_bytes = 1000000 }
+[[process_server]]
+name = "ps1"
+site = "site-b"
+address = "10.1.0.4:9443"
+"#;
+    let inv: Inventory = toml::from_str(inv).unwrap();
+    crate::inventory::check(&inv).unwrap();
+    inv
+}
+
+fn preflight(
+    inv: &Inventory,
+    purpose: Purpose,
+    datastore: Option<&str>,
+    reachable: bool,
+) -> Report {
+    run(&Context {
+        purpose,
+        machine_name: "web01",
+        machine: inv.machines.iter().find(|m| m.name == "web01"),
+        machines: &inv.machines,
+        datastores: &inv.datastores,
+        master_targets: &inv.master_targets,
+        process_servers: &inv.process_servers,
+        master_target: None,
+        process_server: None,
+        datastore,
+        process_server_reachable: Some(reachable),
+    })
+}
+
+fn failed(report: &Report) -> Vec<&'static str> {
+    report
+        .checks
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| c.code)
+        .collect()
+}
+
+fn mt_vm(inv: &mut Inventory) -> &mut Machine {
+    inv.machines.iter_mut().find(|m| m.name == "mt-vm").unwrap()
+}
+
+#[test]
+fn a_sound_setup_passes_every_rule() {
+    for purpose in [Purpose::Reprotect, Purpose::Failback] {
+        let report = preflight(&good(), purpose, None, true);
+        assert!(report.ok, "{report:#?}");
+        assert_eq!(failed(&report), Vec::<&str>::new());
+        assert_eq!(report.master_target.as_deref(), Some("mt1"));
+        assert_eq!(report.process_server.as_deref(), Some("ps1"));
+    }
+    let report = preflight(&good(), Purpose::Reprotect, Some("ds-a1"), true);
+    assert!(report.ok, "{report:#?}");
+}
+
+/// Breaks `good()` with `spoil` and expects exactly `code` to fail, with `severity`.
+fn violates(
+    code: &str,
+    severity: Severity,
+    datastore: Option<&str>,
+    spoil: impl FnOnce(&mut Inventory),
+) {
+    let mut inv = good();
+    spoil(&mut inv);
+    let report = preflight(&inv, Purpose::Failback, datastore, true);
+    let bad: Vec<&Check> = report.checks.iter().filter(|c| !c.passed).collect();
+    assert_eq!(bad.len(), 1, "only {code} fails: {bad:#?}");
+    assert_eq!(bad[0].code, code);
+    assert_eq!(bad[0].severity, severity);
+    assert_eq!(report.ok, severity != Severity::Error);
+    assert!(!bad[0].message.is_empty());
+}
+
+#[test]
+fn each_rule_catches_its_fault() {
+    violates("MT_DISK_LIMIT", Severity::Error, None, |inv| {
+        inv.master_targets[0].attached_disks = 59
+    });
+    violates("MT_HAS_SNAPSHOTS", Severity::Error, None, |inv| {
+        mt_vm(inv).snapshots = 2
+    });
+    violates("MT_CONTROLLER_NOT_LSI", Severity::Error, None, |inv| {
+        mt_vm(inv).controllers.push(Controller {
+            name: "scsi1".into(),
+            kind: ControllerKind::Paravirtual,
+        })
+    });
+    violates("MT_DISK_UUID_DISABLED", Severity::Error, None, |inv| {
+        mt_vm(inv)
+            .config
+            .insert("disk.EnableUUID".into(), "false".into());
+    });
+    violates("MT_TOOLS_MISSING", Severity::Error, None, |inv| {
+        mt_vm(inv).tools = ToolsStatus::NotInstalled
+    });
+    violates("MT_TOOLS_MISSING", Severity::Warning, None, |inv| {
+        mt_vm(inv).tools = ToolsStatus::NotRunning
+    });
+    violates("MT_NO_VMFS_DATASTORE", Severity::Error, None, |inv| {
+        inv.datastores.retain(|d| d.kind != DatastoreKind::Vmfs)
+    });
+    violates("MT_STORAGE_VMOTIONED", Severity::Error, None, |inv| {
+        mt_vm(inv).storage_moved_from = Some("ds-old".into())
+    });
+    violates("MT_OS_MISMATCH", Severity::Error, None, |inv| {
+        mt_vm(inv).os = Os {
+            family: OsFamily::Windows,
+            version: "2022".into(),
+        }
+    });
+    violates("MT_OS_MISMATCH", Severity::Error, None, |inv| {
+        mt_vm(inv).os.version = "9.1".into()
+    });
+    violates("MT_MACHINE_UNKNOWN", Severity::Error, None, |inv| {
+        inv.machines.retain(|m| m.name != "mt-vm")
+    });
+    violates("RETENTION_VOLUME_FAT", Severity::Error, None, |inv| {
+        inv.master_targets[0].retention.filesystem = "FAT32".into()
+    });
+    violates("RETENTION_VOLUME_EMPTY", Severity::Error, None, |inv| {
+        inv.master_targets[0].retention.capacity_bytes = 0
+    });
+    violates("RETENTION_VOLUME_IS_TARGET", Severity::Error, None, |inv| {
+        inv.master_targets[0]
+            .retention
+            .used_by
+            .push("replication-target".into())
+    });
+    violates("RETENTION_VOLUME_IS_CACHE", Severity::Error, None, |inv| {
+        inv.master_targets[0].retention.used_by.push("cache".into())
+    });
+    violates("RETENTION_VOLUME_LOCKED", Severity::Error, None, |inv| {
+        inv.master_targets[0].retention.locked = true
+    });
+    violates("ORIGINAL_DISK_UUID_MISSING", Severity::Error, None, |inv| {
+        inv.machines[0].disks[1].uuid = None
+    });
+    violates(
+        "ALTERNATE_DATASTORE_UNREACHABLE",
+        Severity::Error,
+        Some("ds-elsewhere"),
+        |_| {},
+    );
+    violates(
+        "PHYSICAL_FAILS_BACK_TO_VM",
+        Severity::Warning,
+        None,
+        |inv| inv.machines[0].physical = true,
+    );
+    violates("PS_MISSING", Severity::Error, None, |inv| {
+        inv.process_servers[0].site = "site-a".into()
+    });
+}
+
+#[test]
+fn missing_components_and_machines_are_named() {
+    let inv = good();
+    let report = preflight(&inv, Purpose::Reprotect, None, false);
+    assert_eq!(failed(&report), ["PS_UNREACHABLE"]);
+    assert!(
+        report
+            .checks
+            .iter()
+            .any(|c| c.code == "PS_UNREACHABLE" && c.message.contains("10.1.0.4:9443"))
+    );
+
+    let mut none = good();
+    none.master_targets.clear();
+    let report = preflight(&none, Purpose::Reprotect, None, true);
+    assert_eq!(failed(&report), ["MT_MISSING"]);
+    assert!(!report.ok);
+
+    let mut two = good();
+    let mut other = two.master_targets[0].clone();
+    other.name = "mt2".into();
+    two.master_targets.push(other);
+    let report = preflight(&two, Purpose::Reprotect, None, true);
+    let mt = report
+        .checks
+        .iter()
+        .find(|c| c.code == "MT_MISSING")
+        .unwrap();
+    assert!(!mt.passed && mt.message.contains("mt1, mt2"), "{mt:?}");
+
+    let report = run(&Context {
+        purpose: Purpose::Failback,
+        machine_name: "ghost",
+        machine: None,
+        machines: &inv.machines,
+        datastores: &inv.datastores,
+        master_targets: &inv.master_targets,
+        process_servers: &inv.process_servers,
+        master_target: None,
+        process_server: None,
+        datastore: None,
+        process_server_reachable: None,
+    });
+    assert_eq!(failed(&report), ["CS_MACHINE_UNKNOWN"]);
+}
+
+#[test]
+fn versions_compare_part_by_part() {
+    assert!(version_at_least("9.10", "9.2"));
+    assert!(!version_at_least("9.1", "9.2"));
+    assert!(version_at_least("2022", "2019"));
+    assert!(version_at_least("22.04", "22.04"));
+    assert!(version_at_least("8.4.1", "8.4"));
+}
