@@ -580,3 +580,100 @@ fn a_replication_policy_brings_its_failback_policy_which_cannot_be_edited() {
         404
     );
 }
+
+#[test]
+fn preflight_over_the_api_checks_the_master_target_and_probes_the_process_server() {
+    if !have("curl") {
+        return;
+    }
+    // Something listens where the process server is said to be.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ps_addr = listener.local_addr().unwrap().to_string();
+    let inventory = format!(
+        r#"
+[[site]]
+name = "site-a"
+kind = "local"
+[[site]]
+name = "site-b"
+kind = "azure"
+[[host]]
+name = "esx-a1"
+site = "site-a"
+[[datastore]]
+name = "ds-a1"
+host = "esx-a1"
+type = "VMFS"
+[[machine]]
+name = "web01"
+site = "site-b"
+os = {{ family = "linux", version = "9.2" }}
+tools = "running"
+disks = [{{ name = "sda", size_bytes = 1024, uuid = "u-1" }}]
+[[machine]]
+name = "mt-vm"
+site = "site-a"
+host = "esx-a1"
+os = {{ family = "linux", version = "9.4" }}
+tools = "running"
+snapshots = 1
+config = {{ "disk.EnableUUID" = "true" }}
+[[master_target]]
+name = "mt1"
+site = "site-a"
+machine = "mt-vm"
+address = "10.0.0.9:9443"
+retention = {{ path = "/mnt/retention", filesystem = "ext4", capacity_bytes = 1000000 }}
+[[process_server]]
+name = "ps1"
+site = "site-b"
+address = "{ps_addr}"
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, admin) = server_with(dir.path(), |state| {
+        std::fs::write(state.join("inventory.toml"), &inventory).unwrap();
+        let config = state.join("server.toml");
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("inventory = []", "inventory = [\"inventory.toml\"]");
+        std::fs::write(&config, text).unwrap();
+    });
+    let port = daemon.addr.rsplit_once(':').unwrap().1.to_string();
+    let d = dir.path();
+    let get = |path: &str| call(d, "127.0.0.1", &port, "GET", path, Some(&admin), None);
+    let (status, report) = get("/api/machines/web01/preflight?for=failback");
+    assert_eq!(status, 200, "{report}");
+    let failed: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["passed"] == false)
+        .map(|c| c["code"].as_str().unwrap())
+        .collect();
+    // The master target's machine has a snapshot; everything else holds, the process server
+    // answered.
+    assert_eq!(failed, ["MT_HAS_SNAPSHOTS"], "{report}");
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["for"], "failback");
+    assert_eq!(report["master_target"], "mt1");
+
+    // Nobody listens there any more.
+    drop(listener);
+    let (_, report) = get("/api/machines/web01/preflight?for=reprotect");
+    let unreachable = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["code"] == "PS_UNREACHABLE")
+        .unwrap();
+    assert_eq!(unreachable["passed"], false, "{report}");
+    assert!(unreachable["message"].as_str().unwrap().contains(&ps_addr));
+
+    let (status, report) = get("/api/machines/ghost/preflight?for=failback");
+    assert_eq!(status, 200);
+    assert_eq!(report["checks"][1]["code"], "CS_MACHINE_UNKNOWN");
+    assert_eq!(report["checks"][1]["passed"], false);
+    let (status, err) = get("/api/machines/web01/preflight?for=dance");
+    assert_eq!(status, 400, "{err}");
+}

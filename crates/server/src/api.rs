@@ -21,7 +21,9 @@ use utoipa::OpenApi;
 use crate::auth::{Role, authorize};
 use crate::db::{AuditEntry, CreatedToken, Db, DbError, TokenInfo};
 use crate::inventory::{Datastore, Host, InventorySource, Machine, Site};
+use crate::inventory::{MasterTarget, ProcessServer};
 use crate::policy::{NewPolicy, Policy, PolicySettings};
+use crate::preflight::{Check, Purpose, Report, Severity};
 
 /// What every handler shares.
 pub struct AppState {
@@ -534,6 +536,89 @@ async fn delete_policy(
     Ok(Json(db(&state, move |db| db.delete_policy(&name)).await?))
 }
 
+/// What a preflight asks about.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PreflightQuery {
+    /// `reprotect` or `failback`.
+    #[serde(rename = "for")]
+    pub purpose: Purpose,
+    /// The master target to check against (default: the only one at the other site).
+    pub master_target: Option<String>,
+    /// The process server to check against (default: the only one at the machine's site).
+    pub process_server: Option<String>,
+    /// Alternate-location recovery into this datastore (default: the original location).
+    pub datastore: Option<String>,
+}
+
+/// Runs the preflight rules for a machine before reprotect or failback. An unknown machine
+/// is a failed check (`CS_MACHINE_UNKNOWN`), not a 404.
+#[utoipa::path(get, path = "/api/machines/{name}/preflight", tag = "preflight",
+    params(("name" = String, Path, description = "The machine's name"), PreflightQuery),
+    responses((status = 200, body = Report), (status = 400, body = ApiError),
+        (status = 401, body = ApiError)),
+    security(("bearer" = [])))]
+async fn preflight(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(q): Query<PreflightQuery>,
+) -> Result<Json<Report>, ApiError> {
+    let key = name.clone();
+    let (machine, machines, datastores, master_targets, process_servers) = db(&state, move |db| {
+        Ok((
+            db.get_inventory::<Machine>("machine", &key)?,
+            db.all_inventory::<Machine>("machine")?,
+            db.all_inventory::<Datastore>("datastore")?,
+            db.all_inventory::<MasterTarget>("master-target")?,
+            db.all_inventory::<ProcessServer>("process-server")?,
+        ))
+    })
+    .await?;
+    // Which process servers answer: a TCP connection within 3 s, all at once.
+    let probes = process_servers.iter().map(|p| {
+        let (name, addr) = (p.name.clone(), p.address.clone());
+        async move {
+            let connect = tokio::net::TcpStream::connect(addr);
+            let answered = matches!(
+                tokio::time::timeout(std::time::Duration::from_secs(3), connect).await,
+                Ok(Ok(_))
+            );
+            answered.then_some(name)
+        }
+    });
+    let reachable: Vec<String> = futures_join(probes).await.into_iter().flatten().collect();
+    let report = crate::preflight::run(&crate::preflight::Context {
+        purpose: q.purpose,
+        machine_name: &name,
+        machine: machine.as_ref(),
+        machines: &machines,
+        datastores: &datastores,
+        master_targets: &master_targets,
+        process_servers: &process_servers,
+        master_target: q.master_target.as_deref(),
+        process_server: q.process_server.as_deref(),
+        datastore: q.datastore.as_deref(),
+        reachable: &reachable,
+    });
+    Ok(Json(report))
+}
+
+/// Runs futures at once and collects their outputs in order.
+async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}
+
 /// This document.
 #[utoipa::path(get, path = "/api/openapi.json", tag = "server",
     responses((status = 200, description = "The OpenAPI document"), (status = 401, body = ApiError)),
@@ -560,10 +645,10 @@ impl utoipa::Modify for BearerAuth {
     info(title = "Boomerang configuration server", description = "The control plane of Boomerang, a disaster-recovery system."),
     paths(health, openapi, list_tokens, create_token, delete_token, list_audit, list_sites,
         list_hosts, list_datastores, list_machines, get_machine, refresh_inventory, list_policies,
-        get_policy, create_policy, update_policy, delete_policy),
+        get_policy, create_policy, update_policy, delete_policy, preflight),
     components(schemas(ApiError, Health, NewToken, TokenInfo, CreatedToken, AuditEntry, Role,
         Site, Host, Datastore, Machine, Refreshed, Policy, NewPolicy, PolicySettings,
-        CreatedPolicy)),
+        CreatedPolicy, Report, Check, Purpose, Severity, MasterTarget, ProcessServer)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -581,6 +666,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/datastores", get(list_datastores))
         .route("/api/machines", get(list_machines))
         .route("/api/machines/{name}", get(get_machine))
+        .route("/api/machines/{name}/preflight", get(preflight))
         .route(
             "/api/inventory/refresh",
             axum::routing::post(refresh_inventory),

@@ -346,6 +346,18 @@ impl Db {
         Ok(out)
     }
 
+    /// Every inventory object of `kind`.
+    pub fn all_inventory<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &str,
+    ) -> Result<Vec<T>, DbError> {
+        Ok(self
+            .list_inventory(kind, 0, u32::MAX)?
+            .into_iter()
+            .map(|(_, object)| object)
+            .collect())
+    }
+
     /// The inventory object of `kind` named `name`.
     pub fn get_inventory<T: serde::de::DeserializeOwned>(
         &self,

@@ -67,8 +67,8 @@ pub struct Context<'a> {
     pub process_server: Option<&'a str>,
     /// Alternate-location recovery into this datastore; none for the original location.
     pub datastore: Option<&'a str>,
-    /// Whether the process server answered on its address (measured by the caller).
-    pub process_server_reachable: Option<bool>,
+    /// The process servers that answered on their address (measured by the caller).
+    pub reachable: &'a [String],
 }
 
 fn check(code: &'static str, severity: Severity, passed: bool, message: String) -> Check {
@@ -202,7 +202,7 @@ pub fn run(ctx: &Context<'_>) -> Report {
                     )
                 },
             ));
-            let reachable = ctx.process_server_reachable.unwrap_or(false);
+            let reachable = ctx.reachable.contains(&p.name);
             checks.push(check(
                 "PS_UNREACHABLE",
                 Severity::Error,

@@ -71,7 +71,7 @@ fn preflight(
         master_target: None,
         process_server: None,
         datastore,
-        process_server_reachable: Some(reachable),
+        reachable: &answered,
     })
 }
 
@@ -241,7 +241,7 @@ fn missing_components_and_machines_are_named() {
         master_target: None,
         process_server: None,
         datastore: None,
-        process_server_reachable: None,
+        reachable: &[],
     });
     assert_eq!(failed(&report), ["CS_MACHINE_UNKNOWN"]);
 }
