@@ -60,6 +60,11 @@ fn preflight(
     datastore: Option<&str>,
     reachable: bool,
 ) -> Report {
+    let answered: Vec<String> = if reachable {
+        vec!["ps1".into()]
+    } else {
+        vec![]
+    };
     run(&Context {
         purpose,
         machine_name: "web01",
