@@ -188,6 +188,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartEr
         cache: config.retention.join("incoming"),
         segment_len: boomerang_wire::cache::SEGMENT_LEN,
         on_durable: Some(on_durable),
+        on_open: None,
         on_digest: Some(on_digest),
     })?;
     Ok((receiver, metrics))

@@ -56,9 +56,14 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), ServeEr
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let stop = Arc::new(stop);
     let seen = metrics.clone();
-    let on_durable = Arc::new(move |stream: &str, disks: &[DiskName], records: &Records| {
-        let _keep = &stop;
+    let on_durable = Arc::new(move |stream: &str, _: &[DiskName], records: &Records| {
         seen.received(stream, records.last_seq(), records.bytes().len() as u64);
+    }) as boomerang_wire::receive::OnDurable;
+    // A stream's sender starts when the stream opens, before its first record: a cache full
+    // of records not yet forwarded must be able to drain before it takes any more.
+    let seen = metrics.clone();
+    let on_open = Arc::new(move |stream: &str, disks: &[DiskName]| {
+        let _keep = &stop;
         let Some(addr) = &master_target else {
             return;
         };
@@ -84,7 +89,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), ServeEr
             disks: disks.to_vec(),
         };
         tokio::spawn(send::ship(source, config, stopped.clone()));
-    }) as boomerang_wire::receive::OnDurable;
+    }) as boomerang_wire::receive::OnOpen;
     // Digests come from the master target, which holds the replicas.
     let relay = config.master_target.clone().map(|addr| {
         let (tls, name) = (config.tls.clone(), config.name.clone());
@@ -115,6 +120,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), ServeEr
         cache: config.cache,
         segment_len: config.cache_segment,
         on_durable: Some(on_durable),
+        on_open: Some(on_open),
         on_digest: relay,
     })?;
     Ok((receiver, metrics))

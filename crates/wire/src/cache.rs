@@ -84,12 +84,24 @@ impl StreamCache {
                 (Some(writer), last.filter(|s| s.0 > 0))
             }
         };
-        Ok(StreamCache {
+        let mut cache = StreamCache {
             dir,
             writer,
             last,
             segment_len,
-        })
+        };
+        if cache.writer.is_none() {
+            // A new stream gets its first (empty) segment now, so that a reader of the cache
+            // (the sender to the master target, the applier) can follow it from the start.
+            cache.writer = Some(cache.new_segment(Seq(1), 0)?);
+            std::fs::File::open(&cache.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| CacheError::Io {
+                    dir: cache.dir.clone(),
+                    source,
+                })?;
+        }
+        Ok(cache)
     }
 
     /// The sequence number the next record must have: one past the last durable record.

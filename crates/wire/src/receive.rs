@@ -38,6 +38,10 @@ pub const CREDIT: u64 = 32 << 20;
 /// Called once records are durable in the stream's cache, with the stream's name and disks.
 pub type OnDurable = Arc<dyn Fn(&str, &[DiskName], &crate::Records) + Send + Sync>;
 
+/// Called when a stream is opened (its cache ready, before the first record), with its name
+/// and disks.
+pub type OnOpen = Arc<dyn Fn(&str, &[DiskName]) + Send + Sync>;
+
 /// A receiver's settings.
 pub struct Config {
     /// This component's name and role.
@@ -55,6 +59,7 @@ pub struct Config {
     /// The most bytes of a cache segment ([`crate::cache::SEGMENT_LEN`] by default).
     pub segment_len: u64,
     pub on_durable: Option<OnDurable>,
+    pub on_open: Option<OnOpen>,
     /// Answers digest requests; none refuses them.
     pub on_digest: Option<crate::digest::OnDigest>,
 }
@@ -278,6 +283,9 @@ impl Receiver {
                 return Err(e.into());
             }
         };
+        if let Some(opened) = &self.config.on_open {
+            opened(&stream, &disks);
+        }
         let mut inbound = Inbound::new(disks, cache.next_seq(), CREDIT);
         wr.send(&Frame::Resume {
             next_seq: inbound.next_seq(),
