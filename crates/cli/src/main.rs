@@ -2,6 +2,7 @@
 //! lives there.
 
 mod agent;
+mod client;
 mod daemon;
 mod master_target;
 mod output;
@@ -41,6 +42,17 @@ enum Command {
     ProcessServer(process_server::ProcessServerArgs),
     /// Configuration server: the REST API over HTTPS (`server init DIR` creates one).
     Server(server::ServerArgs),
+    /// Check a machine before reprotect or failback (the configuration server's preflight rules).
+    Preflight(client::PreflightArgs),
+    /// The configuration server's machines.
+    #[command(subcommand)]
+    Machine(client::MachineCommand),
+    /// The configuration server's sites.
+    #[command(subcommand)]
+    Site(client::SiteCommand),
+    /// Replication policies (each with its failback policy).
+    #[command(subcommand)]
+    Policy(client::PolicyCommand),
     /// The site's certificate authority: every component talks mutual TLS with its certificates.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
@@ -74,6 +86,10 @@ fn main() {
             Command::ProcessServer(args) => process_server::run(args).await,
             Command::MasterTarget(args) => master_target::run(args, cli.output).await,
             Command::Server(args) => server::run(args, cli.output).await,
+            Command::Preflight(args) => client::preflight(args, cli.output).await,
+            Command::Machine(cmd) => client::machine(cmd, cli.output).await,
+            Command::Site(cmd) => client::site(cmd, cli.output).await,
+            Command::Policy(cmd) => client::policy(cmd, cli.output).await,
         }
     });
     match result {

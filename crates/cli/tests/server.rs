@@ -677,3 +677,116 @@ address = "{ps_addr}"
     let (status, err) = get("/api/machines/web01/preflight?for=dance");
     assert_eq!(status, 400, "{err}");
 }
+
+#[test]
+fn the_cli_verbs_talk_to_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, admin) = server_with(dir.path(), |state| {
+        std::fs::write(state.join("inventory.toml"), INVENTORY).unwrap();
+        let config = state.join("server.toml");
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("inventory = []", "inventory = [\"inventory.toml\"]");
+        std::fs::write(&config, text).unwrap();
+    });
+    let url = format!(
+        "https://localhost:{}",
+        daemon.addr.rsplit_once(':').unwrap().1
+    );
+    let ca = dir.path().join("state/ca.crt");
+    let cli = |token: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(args)
+            .env("BOOMERANG_SERVER", &url)
+            .env("BOOMERANG_CA", &ca)
+            .env("BOOMERANG_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let json_of = |out: std::process::Output| -> Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let sites = json_of(cli(&admin, &["site", "list", "--output", "json"]));
+    assert_eq!(sites.as_array().unwrap().len(), 2);
+    let machines = json_of(cli(&admin, &["machine", "list", "--output", "json"]));
+    assert_eq!(machines[0]["name"], "web01");
+    let web01 = json_of(cli(&admin, &["machine", "show", "web01"]));
+    assert_eq!(web01["disks"][0]["name"], "sda");
+    let human = cli(&admin, &["machine", "list"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("web01"));
+
+    let made = json_of(cli(
+        &admin,
+        &[
+            "policy",
+            "create",
+            "gold",
+            "--rpo-threshold",
+            "30",
+            "--retention",
+            "86400",
+            "--output",
+            "json",
+        ],
+    ));
+    assert_eq!(made["failback"]["name"], "gold-failback");
+    let policies = json_of(cli(&admin, &["policy", "list", "--output", "json"]));
+    assert_eq!(policies.as_array().unwrap().len(), 2);
+
+    // Preflight: no process server and no master target in this inventory: not ready, exit 3.
+    let out = cli(
+        &admin,
+        &[
+            "preflight",
+            "web01",
+            "--for",
+            "failback",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], false);
+    let table =
+        String::from_utf8_lossy(&cli(&admin, &["preflight", "web01", "--for", "reprotect"]).stdout)
+            .to_string();
+    assert!(
+        table.contains("PS_MISSING") && table.contains("FAILED") && table.contains("not ready"),
+        "{table}"
+    );
+
+    // A wrong token and a wrong CA are named.
+    let out = cli("bmr_wrong", &["site", "list"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let other = tempfile::tempdir().unwrap();
+    boomerang(&["pki", "init", other.path().join("ca").to_str().unwrap()]);
+    let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args(["site", "list"])
+        .env("BOOMERANG_SERVER", &url)
+        .env("BOOMERANG_CA", other.path().join("ca/ca.crt"))
+        .env("BOOMERANG_TOKEN", &admin)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("could not reach the configuration server"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,346 @@
+//! Client verbs: they talk to the configuration server's REST API over HTTPS.
+//!
+//! The server is `--server URL` or `BOOMERANG_SERVER`; the token is `BOOMERANG_TOKEN` (never a
+//! command-line argument, where other users could read it) or the file `--token-file`; the
+//! CA certificate that verifies the server is `--ca FILE` or `BOOMERANG_CA` (the `ca.crt`
+//! that `boomerang server init` wrote).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::output::{Output, Table, print_json};
+
+#[derive(Args, Debug, Clone)]
+pub struct Connection {
+    /// The configuration server, as https://HOST:PORT.
+    #[arg(long, env = "BOOMERANG_SERVER")]
+    server: String,
+    /// The CA certificate that verifies the server (the server's ca.crt).
+    #[arg(long, env = "BOOMERANG_CA")]
+    ca: PathBuf,
+    /// A file holding the API token (otherwise BOOMERANG_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+/// A connection to the API.
+struct Api {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(c: &Connection) -> anyhow::Result<Api> {
+        let token = match &c.token_file {
+            Some(f) => std::fs::read_to_string(f)
+                .with_context(|| format!("could not read the token file {}", f.display()))?
+                .trim()
+                .to_string(),
+            None => std::env::var("BOOMERANG_TOKEN").context(
+                "no API token: set BOOMERANG_TOKEN, or give --token-file (boomerang server init printed the first admin token)",
+            )?,
+        };
+        let pem = std::fs::read(&c.ca).with_context(|| {
+            format!(
+                "could not read the CA certificate {}: give the server's ca.crt with --ca",
+                c.ca.display()
+            )
+        })?;
+        let ca = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("{} is not a PEM certificate", c.ca.display()))?;
+        let http = reqwest::Client::builder()
+            .tls_certs_only([ca])
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .context("could not set up the HTTPS client")?;
+        Ok(Api {
+            base: c.server.trim_end_matches('/').to_string(),
+            token,
+            http,
+        })
+    }
+
+    /// One request; the JSON answer, or the server's error as a message.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(b) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let response = request.send().await.with_context(|| {
+            format!(
+                "could not reach the configuration server at {url}: check --server and that it runs"
+            )
+        })?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .context("the server's answer was cut short")?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if !status.is_success() {
+            let message = value["message"]
+                .as_str()
+                .map_or_else(|| value.to_string(), str::to_string);
+            bail!("the configuration server refused ({status}): {message}");
+        }
+        Ok(value)
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    /// Every item of a paged list.
+    async fn all(&self, path: &str) -> anyhow::Result<Vec<Value>> {
+        let mut items = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.get(&format!("{path}?limit=500&after={after}")).await?;
+            items.extend(page["items"].as_array().cloned().unwrap_or_default());
+            match page["next_after"].as_i64() {
+                Some(n) => after = n,
+                None => return Ok(items),
+            }
+        }
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PreflightArgs {
+    /// The machine to check.
+    machine: String,
+    /// reprotect or failback.
+    #[arg(long = "for", value_parser = ["reprotect", "failback"])]
+    purpose: String,
+    #[arg(long)]
+    master_target: Option<String>,
+    #[arg(long)]
+    process_server: Option<String>,
+    /// Alternate-location recovery into this datastore.
+    #[arg(long)]
+    datastore: Option<String>,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// `boomerang preflight`: exits 0 when no error failed, 3 otherwise.
+pub async fn preflight(args: PreflightArgs, output: Output) -> anyhow::Result<i32> {
+    let api = Api::new(&args.connection)?;
+    let mut path = format!(
+        "/api/machines/{}/preflight?for={}",
+        args.machine, args.purpose
+    );
+    for (key, value) in [
+        ("master_target", &args.master_target),
+        ("process_server", &args.process_server),
+        ("datastore", &args.datastore),
+    ] {
+        if let Some(v) = value {
+            path.push_str(&format!("&{key}={v}"));
+        }
+    }
+    let report = api.get(&path).await?;
+    if output == Output::Json {
+        print_json(&report)?;
+    } else {
+        let mut t = Table::new(&["CHECK", "SEVERITY", "RESULT", "MESSAGE"]);
+        for c in report["checks"].as_array().cloned().unwrap_or_default() {
+            let result = if c["passed"] == true {
+                "passed"
+            } else {
+                "FAILED"
+            };
+            t.row(vec![
+                text(&c["code"]),
+                text(&c["severity"]),
+                result.into(),
+                text(&c["message"]),
+            ]);
+        }
+        t.print();
+        println!(
+            "{} for {}: {}",
+            args.machine,
+            args.purpose,
+            if report["ok"] == true {
+                "ready"
+            } else {
+                "not ready: fix the failed errors above"
+            }
+        );
+    }
+    Ok(if report["ok"] == true { 0 } else { 3 })
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MachineCommand {
+    /// List the machines of the inventory.
+    List {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// One machine, whole.
+    Show {
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+pub async fn machine(cmd: MachineCommand, output: Output) -> anyhow::Result<i32> {
+    match cmd {
+        MachineCommand::List { connection } => {
+            let items = Api::new(&connection)?.all("/api/machines").await?;
+            if output == Output::Json {
+                print_json(&items)?;
+            } else {
+                let mut t = Table::new(&["NAME", "SITE", "OS", "DISKS", "TOOLS"]);
+                for m in &items {
+                    let os = format!("{} {}", text(&m["os"]["family"]), text(&m["os"]["version"]));
+                    let disks = m["disks"].as_array().map_or(0, Vec::len).to_string();
+                    t.row(vec![
+                        text(&m["name"]),
+                        text(&m["site"]),
+                        os,
+                        disks,
+                        text(&m["tools"]),
+                    ]);
+                }
+                t.print();
+            }
+        }
+        MachineCommand::Show { name, connection } => {
+            let m = Api::new(&connection)?
+                .get(&format!("/api/machines/{name}"))
+                .await?;
+            print_json(&m)?;
+        }
+    }
+    Ok(0)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteCommand {
+    /// List the sites.
+    List {
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+pub async fn site(cmd: SiteCommand, output: Output) -> anyhow::Result<i32> {
+    let SiteCommand::List { connection } = cmd;
+    let items = Api::new(&connection)?.all("/api/sites").await?;
+    if output == Output::Json {
+        print_json(&items)?;
+    } else {
+        let mut t = Table::new(&["NAME", "KIND"]);
+        for s in &items {
+            t.row(vec![text(&s["name"]), text(&s["kind"])]);
+        }
+        t.print();
+    }
+    Ok(0)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// List the policies, replication and failback.
+    List {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Create a replication policy (and with it, its failback policy).
+    Create {
+        name: String,
+        /// Seconds of RPO past which an alert is raised.
+        #[arg(long)]
+        rpo_threshold: u64,
+        /// Seconds recovery points are kept.
+        #[arg(long)]
+        retention: u64,
+        /// Seconds between app-consistent points; 0 for none.
+        #[arg(long, default_value_t = 0)]
+        app_consistent: u64,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+pub async fn policy(cmd: PolicyCommand, output: Output) -> anyhow::Result<i32> {
+    match cmd {
+        PolicyCommand::List { connection } => {
+            let items = Api::new(&connection)?.all("/api/policies").await?;
+            if output == Output::Json {
+                print_json(&items)?;
+            } else {
+                let mut t = Table::new(&[
+                    "NAME",
+                    "KIND",
+                    "RPO THRESHOLD",
+                    "RETENTION",
+                    "APP-CONSISTENT",
+                    "EDITABLE",
+                ]);
+                for p in &items {
+                    t.row(vec![
+                        text(&p["name"]),
+                        text(&p["kind"]),
+                        format!("{} s", text(&p["rpo_threshold_seconds"])),
+                        format!("{} s", text(&p["retention_seconds"])),
+                        format!("{} s", text(&p["app_consistent_seconds"])),
+                        text(&p["editable"]),
+                    ]);
+                }
+                t.print();
+            }
+        }
+        PolicyCommand::Create {
+            name,
+            rpo_threshold,
+            retention,
+            app_consistent,
+            connection,
+        } => {
+            let body = json!({
+                "name": name,
+                "rpo_threshold_seconds": rpo_threshold,
+                "retention_seconds": retention,
+                "app_consistent_seconds": app_consistent,
+            });
+            let made = Api::new(&connection)?
+                .call(reqwest::Method::POST, "/api/policies", Some(body))
+                .await?;
+            if output == Output::Json {
+                print_json(&made)?;
+            } else {
+                println!(
+                    "policy {} created, and its failback policy {} (RPO threshold 15 min, retention 24 h, app-consistent every 60 min; not editable)",
+                    text(&made["policy"]["name"]),
+                    text(&made["failback"]["name"])
+                );
+            }
+        }
+    }
+    Ok(0)
+}
