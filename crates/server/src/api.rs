@@ -157,12 +157,29 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
     /// At most this many items (1 to 500; 100 by default).
+    #[param(minimum = 1, maximum = 500)]
+    #[serde(default, deserialize_with = "crate::policy::whole_opt")]
     pub limit: Option<u32>,
     /// The items after this id (the previous page's `next_after`).
+    #[param(minimum = 0, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::policy::whole_opt")]
     pub after: Option<i64>,
 }
 
+/// The largest id a page may start after: 2^53 - 1, exact in every JSON parser.
+const MAX_ID: i64 = 9007199254740991;
+
 impl PageQuery {
+    fn after(&self) -> Result<i64, ApiError> {
+        match self.after {
+            None => Ok(0),
+            Some(n @ 0..=MAX_ID) => Ok(n),
+            Some(n) => Err(ApiError::bad_request(format!(
+                "after {n} is out of range: use an id from 0 to {MAX_ID}"
+            ))),
+        }
+    }
+
     fn limit(&self) -> Result<u32, ApiError> {
         match self.limit {
             None => Ok(100),
@@ -227,6 +244,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Result<Json<Health>, ApiE
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
     /// 1 to 64 characters: letters, digits, `-`, `_`, `.`.
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$", min_length = 1, max_length = 64)]
     pub name: String,
     pub role: Role,
 }
@@ -241,7 +259,7 @@ async fn list_tokens(
     Query(q): Query<PageQuery>,
 ) -> Result<Json<Page<TokenInfo>>, ApiError> {
     let limit = q.limit()?;
-    let after = q.after.unwrap_or(0);
+    let after = q.after()?;
     let items = db(&state, move |db| db.list_tokens(after, limit)).await?;
     Ok(Json(page(items, limit, |t| t.id)))
 }
@@ -273,7 +291,7 @@ async fn create_token(
 
 /// Deletes a token (admin); the last admin token cannot go.
 #[utoipa::path(delete, path = "/api/tokens/{id}", tag = "tokens",
-    params(("id" = i64, Path, description = "The token's id")),
+    params(("id" = i64, Path, minimum = 1, maximum = 9007199254740991_i64, description = "The token's id")),
     responses((status = 200, body = TokenInfo), (status = 400, body = ApiError),
         (status = 401, body = ApiError), (status = 403, body = ApiError),
         (status = 404, body = ApiError), (status = 409, body = ApiError)),
@@ -300,79 +318,74 @@ async fn list_audit(
     Query(q): Query<PageQuery>,
 ) -> Result<Json<Page<AuditEntry>>, ApiError> {
     let limit = q.limit()?;
-    let after = q.after.unwrap_or(0);
+    let after = q.after()?;
     let items = db(&state, move |db| db.list_audit(after, limit)).await?;
     Ok(Json(page(items, limit, |e| e.id)))
 }
 
-/// An inventory object and its id (for pages).
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Item<T> {
-    pub id: i64,
-    #[serde(flatten)]
-    pub object: T,
-}
-
+/// A page of inventory objects; `next_after` is the position of the last one (objects keep
+/// their position across refreshes).
 async fn list_kind<T: serde::de::DeserializeOwned + Send + 'static>(
     state: &AppState,
     kind: &'static str,
     q: PageQuery,
-) -> Result<Json<Page<Item<T>>>, ApiError> {
+) -> Result<Json<Page<T>>, ApiError> {
     let limit = q.limit()?;
-    let after = q.after.unwrap_or(0);
+    let after = q.after()?;
     let rows = db(state, move |db| db.list_inventory::<T>(kind, after, limit)).await?;
-    let items = rows
-        .into_iter()
-        .map(|(id, object)| Item { id, object })
-        .collect();
-    Ok(Json(page(items, limit, |i: &Item<T>| i.id)))
+    let last = rows.last().map(|(id, _)| *id);
+    let full = rows.len() == limit as usize;
+    Ok(Json(Page {
+        items: rows.into_iter().map(|(_, object)| object).collect(),
+        next_after: last.filter(|_| full),
+    }))
 }
 
 /// Lists sites.
 #[utoipa::path(get, path = "/api/sites", tag = "inventory", params(PageQuery),
-    responses((status = 200, body = Page<Item<Site>>), (status = 400, body = ApiError),
+    responses((status = 200, body = Page<Site>), (status = 400, body = ApiError),
         (status = 401, body = ApiError)),
     security(("bearer" = [])))]
 async fn list_sites(
     State(state): State<Arc<AppState>>,
     Query(q): Query<PageQuery>,
-) -> Result<Json<Page<Item<Site>>>, ApiError> {
+) -> Result<Json<Page<Site>>, ApiError> {
     list_kind(&state, "site", q).await
 }
 
 /// Lists hosts.
 #[utoipa::path(get, path = "/api/hosts", tag = "inventory", params(PageQuery),
-    responses((status = 200, body = Page<Item<Host>>), (status = 400, body = ApiError),
+    responses((status = 200, body = Page<Host>), (status = 400, body = ApiError),
         (status = 401, body = ApiError)),
     security(("bearer" = [])))]
 async fn list_hosts(
     State(state): State<Arc<AppState>>,
     Query(q): Query<PageQuery>,
-) -> Result<Json<Page<Item<Host>>>, ApiError> {
+) -> Result<Json<Page<Host>>, ApiError> {
     list_kind(&state, "host", q).await
 }
 
 /// Lists datastores.
 #[utoipa::path(get, path = "/api/datastores", tag = "inventory", params(PageQuery),
-    responses((status = 200, body = Page<Item<Datastore>>), (status = 400, body = ApiError),
+    responses((status = 200, body = Page<Datastore>), (status = 400, body = ApiError),
         (status = 401, body = ApiError)),
     security(("bearer" = [])))]
 async fn list_datastores(
     State(state): State<Arc<AppState>>,
     Query(q): Query<PageQuery>,
-) -> Result<Json<Page<Item<Datastore>>>, ApiError> {
+) -> Result<Json<Page<Datastore>>, ApiError> {
     list_kind(&state, "datastore", q).await
 }
 
 /// Lists machines.
 #[utoipa::path(get, path = "/api/machines", tag = "inventory", params(PageQuery),
-    responses((status = 200, body = Page<Item<Machine>>), (status = 400, body = ApiError),
+    responses((status = 200, body = Page<Machine>), (status = 400, body = ApiError),
         (status = 401, body = ApiError)),
     security(("bearer" = [])))]
 async fn list_machines(
     State(state): State<Arc<AppState>>,
     Query(q): Query<PageQuery>,
-) -> Result<Json<Page<Item<Machine>>>, ApiError> {
+) -> Result<Json<Page<Machine>>, ApiError> {
     list_kind(&state, "machine", q).await
 }
 
@@ -457,7 +470,7 @@ async fn list_policies(
     Query(q): Query<PageQuery>,
 ) -> Result<Json<Page<Policy>>, ApiError> {
     let limit = q.limit()?;
-    let after = q.after.unwrap_or(0);
+    let after = q.after()?;
     let items = db(&state, move |db| db.list_policies(after, limit)).await?;
     Ok(Json(page(items, limit, |p| p.id)))
 }

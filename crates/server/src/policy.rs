@@ -7,6 +7,43 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+/// A whole number as JSON Schema's `integer` allows it: `30`, `30.0`, or (in a query
+/// string) `"30"`.
+pub(crate) fn whole<'de, D: serde::Deserializer<'de>, T: TryFrom<u64>>(
+    d: D,
+) -> Result<T, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Number {
+        Int(u64),
+        Float(f64),
+        Text(String),
+    }
+    let bad = || serde::de::Error::custom("expected a whole number in range");
+    let n = match Number::deserialize(d)? {
+        Number::Int(n) => n,
+        Number::Float(f) if f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(&f) => f as u64,
+        Number::Float(_) => return Err(bad()),
+        Number::Text(s) => {
+            let f: f64 = s.trim().parse().map_err(|_| bad())?;
+            if f.fract() != 0.0 || !(0.0..=u64::MAX as f64).contains(&f) {
+                return Err(bad());
+            }
+            f as u64
+        }
+    };
+    T::try_from(n).map_err(|_| bad())
+}
+
+/// [`whole`], optional.
+pub(crate) fn whole_opt<'de, D: serde::Deserializer<'de>, T: TryFrom<u64>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    #[derive(Deserialize)]
+    struct Wrap<T: TryFrom<u64>>(#[serde(deserialize_with = "whole")] T);
+    Ok(Option::<Wrap<T>>::deserialize(d)?.map(|Wrap(v)| v))
+}
+
 /// The failback policy's settings: fixed.
 pub const FAILBACK_RPO_SECONDS: u64 = 15 * 60;
 pub const FAILBACK_RETENTION_SECONDS: u64 = 24 * 3600;
@@ -33,10 +70,16 @@ impl PolicyKind {
 #[serde(deny_unknown_fields)]
 pub struct PolicySettings {
     /// Past this RPO an alert is raised (replication goes on).
+    #[schema(minimum = 1, maximum = 604800)]
+    #[serde(deserialize_with = "whole")]
     pub rpo_threshold_seconds: u64,
     /// How long recovery points are kept.
+    #[schema(minimum = 60, maximum = 31536000)]
+    #[serde(deserialize_with = "whole")]
     pub retention_seconds: u64,
     /// How often an app-consistent point is made; 0 for none.
+    #[schema(minimum = 0, maximum = 604800)]
+    #[serde(deserialize_with = "whole")]
     pub app_consistent_seconds: u64,
 }
 
@@ -44,9 +87,21 @@ pub struct PolicySettings {
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPolicy {
+    /// 1 to 63 lowercase letters, digits and '-', not starting or ending with '-'.
+    #[schema(
+        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
+    #[schema(minimum = 1, maximum = 604800)]
+    #[serde(deserialize_with = "whole")]
     pub rpo_threshold_seconds: u64,
+    #[schema(minimum = 60, maximum = 31536000)]
+    #[serde(deserialize_with = "whole")]
     pub retention_seconds: u64,
+    #[schema(minimum = 0, maximum = 604800)]
+    #[serde(deserialize_with = "whole")]
     pub app_consistent_seconds: u64,
 }
 
@@ -66,8 +121,9 @@ pub struct Policy {
     pub id: i64,
     pub name: String,
     pub kind: PolicyKind,
-    #[serde(flatten)]
-    pub settings: PolicySettings,
+    pub rpo_threshold_seconds: u64,
+    pub retention_seconds: u64,
+    pub app_consistent_seconds: u64,
     /// A failback policy: the replication policy it belongs to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failback_of: Option<String>,
@@ -103,15 +159,12 @@ impl PolicySettings {
             7 * 86400,
         )?;
         within("retention_seconds", self.retention_seconds, 60, 365 * 86400)?;
-        if self.app_consistent_seconds != 0 {
-            within(
-                "app_consistent_seconds",
-                self.app_consistent_seconds,
-                60,
-                7 * 86400,
-            )?;
-        }
-        Ok(())
+        within(
+            "app_consistent_seconds",
+            self.app_consistent_seconds,
+            0,
+            7 * 86400,
+        )
     }
 }
 
