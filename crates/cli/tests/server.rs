@@ -836,3 +836,133 @@ fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     );
     assert!(said.contains("passed"), "{said}");
 }
+
+#[test]
+fn components_enrol_once_send_heartbeats_and_raise_an_alert_when_silent() {
+    if !have("curl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, admin) = server_with(dir.path(), |state| {
+        std::fs::write(state.join("inventory.toml"), INVENTORY).unwrap();
+        let config = state.join("server.toml");
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("inventory = []", "inventory = [\"inventory.toml\"]")
+            .replace(
+                "heartbeat_timeout_seconds = 90",
+                "heartbeat_timeout_seconds = 2",
+            );
+        std::fs::write(&config, text).unwrap();
+    });
+    let port = daemon.addr.rsplit_once(':').unwrap().1.to_string();
+    let d = dir.path();
+    let req = |method: &str, path: &str, token: Option<&str>, body: Option<Value>| {
+        call(d, "127.0.0.1", &port, method, path, token, body.as_ref())
+    };
+    let (status, err) = req(
+        "POST",
+        "/api/components",
+        Some(&admin),
+        Some(json!({"name": "ps1", "role": "process-server", "site": "site-z"})),
+    );
+    assert_eq!(status, 404, "{err}");
+    assert!(err["message"].as_str().unwrap().contains("site-z"), "{err}");
+    let (status, enrolment) = req(
+        "POST",
+        "/api/components",
+        Some(&admin),
+        Some(
+            json!({"name": "ps1", "role": "process-server", "site": "site-b", "hosts": ["127.0.0.1"]}),
+        ),
+    );
+    assert_eq!(status, 201, "{enrolment}");
+    let one_time = enrolment["enrollment_token"].as_str().unwrap().to_string();
+
+    // Enrolment needs no bearer token, only the one-time token, and works once.
+    let (status, enrolled) = req(
+        "POST",
+        "/api/enroll",
+        None,
+        Some(json!({"enrollment_token": one_time})),
+    );
+    assert_eq!(status, 200, "{enrolled}");
+    let identity = d.join("ps1-identity");
+    std::fs::create_dir_all(&identity).unwrap();
+    for (file, field) in [
+        ("cert.pem", "certificate"),
+        ("key.pem", "key"),
+        ("ca.crt", "ca"),
+    ] {
+        std::fs::write(identity.join(file), enrolled[field].as_str().unwrap()).unwrap();
+    }
+    boomerang_wire::tls::TlsIdentity::load(&identity).expect("the enrolled identity loads");
+    assert_eq!(
+        enrolled["ca"].as_str().unwrap(),
+        std::fs::read_to_string(d.join("state/ca.crt")).unwrap()
+    );
+    assert!(
+        !d.join("state/issued/ps1/key.pem").exists(),
+        "the server keeps no component key"
+    );
+    let (status, _) = req(
+        "POST",
+        "/api/enroll",
+        None,
+        Some(json!({"enrollment_token": one_time})),
+    );
+    assert_eq!(status, 401, "a used enrolment token");
+    let component = enrolled["component_token"].as_str().unwrap().to_string();
+
+    let health = || {
+        let (_, page) = req("GET", "/api/components", Some(&admin), None);
+        page["items"][0]["health"].as_str().unwrap().to_string()
+    };
+    assert_eq!(health(), "never-seen");
+    let beat = json!({"healthy": true, "version": "0.1.0", "free_bytes": 1000});
+    assert_eq!(
+        req(
+            "POST",
+            "/api/heartbeat",
+            Some(&component),
+            Some(beat.clone())
+        )
+        .0,
+        204
+    );
+    assert_eq!(health(), "healthy");
+    assert_eq!(
+        req("POST", "/api/heartbeat", Some(&admin), Some(beat.clone())).0,
+        401,
+        "users send no heartbeats"
+    );
+
+    // Silence past the timeout: unhealthy, and an alert; a heartbeat resolves it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let alert = loop {
+        let (_, alerts) = req("GET", "/api/alerts", Some(&admin), None);
+        if let Some(a) = alerts["items"].as_array().unwrap().first() {
+            break a.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no alert for a silent component"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(health(), "unhealthy");
+    assert_eq!(alert["kind"], "component-unhealthy");
+    assert_eq!(alert["object"], "component/ps1");
+    assert!(
+        alert["message"].as_str().unwrap().contains("ps1"),
+        "{alert}"
+    );
+    assert!(alert.get("resolved_unix_ms").is_none());
+    assert_eq!(
+        req("POST", "/api/heartbeat", Some(&component), Some(beat)).0,
+        204
+    );
+    let (_, alerts) = req("GET", "/api/alerts", Some(&admin), None);
+    assert_eq!(alerts["items"].as_array().unwrap().len(), 1, "{alerts}");
+    assert!(alerts["items"][0]["resolved_unix_ms"].is_i64(), "{alerts}");
+}

@@ -19,15 +19,24 @@ use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 
 use crate::auth::{Role, authorize};
+use crate::components::{
+    self, Alert, ComponentHealth, ComponentInfo, EnrollRequest, Enrolled, Enrollment, Heartbeat,
+    NewComponent,
+};
 use crate::db::{AuditEntry, CreatedToken, Db, DbError, TokenInfo};
 use crate::inventory::{Datastore, Host, InventorySource, Machine, Site};
 use crate::inventory::{MasterTarget, ProcessServer};
 use crate::policy::{NewPolicy, Policy, PolicySettings};
 use crate::preflight::{Check, Purpose, Report, Severity};
+use boomerang_wire::pki::CertRole;
 
 /// What every handler shares.
 pub struct AppState {
     pub db: Arc<Db>,
+    /// The state directory, which is the CA's (enrolment issues certificates from it).
+    pub dir: std::path::PathBuf,
+    /// Silence longer than this makes a component unhealthy.
+    pub heartbeat_timeout_ms: i64,
     /// Where the inventory comes from.
     pub sources: Arc<Vec<Box<dyn InventorySource>>>,
 }
@@ -61,6 +70,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// An error of any status, for the API's other modules.
+    pub fn new_public(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(status, code, message)
+    }
+
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
@@ -549,6 +563,220 @@ async fn delete_policy(
     Ok(Json(db(&state, move |db| db.delete_policy(&name)).await?))
 }
 
+/// How long an enrolment token is good for.
+const ENROLL_VALID_MS: i64 = 24 * 3600 * 1000;
+
+fn info(row: crate::db::ComponentRow, now: i64, timeout: i64) -> ComponentInfo {
+    let healthy = row.last.as_ref().is_none_or(|l| l.healthy);
+    ComponentInfo {
+        health: components::health(
+            row.enrolled_ms,
+            row.last_heartbeat_ms,
+            healthy,
+            now,
+            timeout,
+        ),
+        name: row.name,
+        role: row.role,
+        site: row.site,
+        last_heartbeat_unix_ms: row.last_heartbeat_ms,
+        last: row.last,
+    }
+}
+
+/// Names a component to enrol (admin): the answer holds its one-time enrolment token, good
+/// for 24 hours. Naming it again starts its enrolment over.
+#[utoipa::path(post, path = "/api/components", tag = "components", request_body = NewComponent,
+    responses((status = 201, body = Enrollment), (status = 400, body = ApiError),
+        (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError)),
+    security(("bearer" = [])))]
+async fn create_component(
+    State(state): State<Arc<AppState>>,
+    Body(new): Body<NewComponent>,
+) -> Result<(StatusCode, Json<Enrollment>), ApiError> {
+    check_name("component", &new.name)?;
+    let site = new.site.clone();
+    let known = db(&state, move |db| db.get_inventory::<Site>("site", &site)).await?;
+    if known.is_none() {
+        return Err(ApiError::not_found(format!(
+            "site {:?} is not in the inventory: add it to an inventory file and refresh",
+            new.site
+        )));
+    }
+    if let Some(bad) = new.hosts.iter().find(|h| !h.valid()) {
+        return Err(ApiError::bad_request(format!(
+            "host {:?} is not a DNS name or IP address a certificate can carry (nor one of Boomerang's own identity names)",
+            bad.0
+        )));
+    }
+    let hosts: Vec<String> = new.hosts.iter().map(|h| h.0.clone()).collect();
+    let (name, role) = (new.name.clone(), new.role);
+    let (token, expires) = db(&state, move |db| {
+        db.create_component(&new.name, new.role, &new.site, &hosts, ENROLL_VALID_MS)
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Enrollment {
+            name,
+            role,
+            enrollment_token: token,
+            expires_unix_ms: expires,
+        }),
+    ))
+}
+
+/// Lists components and their health.
+#[utoipa::path(get, path = "/api/components", tag = "components", params(PageQuery),
+    responses((status = 200, body = Page<ComponentInfo>), (status = 400, body = ApiError),
+        (status = 401, body = ApiError)),
+    security(("bearer" = [])))]
+async fn list_components(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page<ComponentInfo>>, ApiError> {
+    let limit = q.limit()?;
+    let after = q.after()?;
+    let rows = db(&state, move |db| db.list_components(after, limit)).await?;
+    let last = rows.last().map(|r| r.id);
+    let full = rows.len() == limit as usize;
+    let (now, timeout) = (crate::db::now(), state.heartbeat_timeout_ms);
+    Ok(Json(Page {
+        items: rows.into_iter().map(|r| info(r, now, timeout)).collect(),
+        next_after: last.filter(|_| full),
+    }))
+}
+
+/// A component enrols with its one-time token (no bearer token): it gets a certificate from
+/// the site's CA, its key (kept nowhere else) and a token for heartbeats.
+#[utoipa::path(post, path = "/api/enroll", tag = "components", request_body = EnrollRequest,
+    responses((status = 200, body = Enrolled), (status = 400, body = ApiError),
+        (status = 401, body = ApiError)))]
+async fn enroll(
+    State(state): State<Arc<AppState>>,
+    Body(request): Body<EnrollRequest>,
+) -> Result<Json<Enrolled>, ApiError> {
+    let component_token = crate::db::secret("bmc");
+    let (t, c) = (request.enrollment_token.clone(), component_token.clone());
+    let Some(row) = db(&state, move |db| db.enroll(&t, &c)).await? else {
+        state.audit("anonymous", "POST /api/enroll", "denied").await;
+        return Err(ApiError::new_public(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "this enrolment token is unknown, used or expired: ask an admin to name the component again (POST /api/components)",
+        ));
+    };
+    let dir = state.dir.clone();
+    let (name, role, hosts) = (row.name.clone(), row.role, row.hosts.clone());
+    let issued =
+        tokio::task::spawn_blocking(move || -> Result<(String, String, String), String> {
+            let out = dir.join("issued").join(&name);
+            let _ = std::fs::remove_dir_all(&out);
+            boomerang_wire::pki::issue(&dir, &name, CertRole::Wire(role.wire()), &hosts, 825)
+                .map_err(|e| e.to_string())?;
+            let read = |f: &str| std::fs::read_to_string(out.join(f)).map_err(|e| e.to_string());
+            let files = (read("cert.pem")?, read("key.pem")?, read("ca.crt")?);
+            // The key leaves with the component; the server keeps none.
+            std::fs::remove_file(out.join("key.pem")).map_err(|e| e.to_string())?;
+            Ok(files)
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(ApiError::internal)?;
+    state.audit(&row.name, "POST /api/enroll", "ok").await;
+    Ok(Json(Enrolled {
+        name: row.name,
+        role: row.role,
+        certificate: issued.0,
+        key: issued.1,
+        ca: issued.2,
+        component_token,
+    }))
+}
+
+/// A component's heartbeat (with its component token).
+#[utoipa::path(post, path = "/api/heartbeat", tag = "components", request_body = Heartbeat,
+    responses((status = 204, description = "Taken"), (status = 400, body = ApiError),
+        (status = 401, body = ApiError)),
+    security(("bearer" = [])))]
+async fn heartbeat(
+    State(state): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<crate::auth::ComponentCaller>,
+    Body(beat): Body<Heartbeat>,
+) -> Result<StatusCode, ApiError> {
+    let name = caller.name.clone();
+    let healthy = beat.healthy;
+    db(&state, move |db| {
+        db.heartbeat(&name, &beat)?;
+        if healthy {
+            db.resolve(UNHEALTHY, &format!("component/{name}"))?;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The kind of alert a silent or failing component raises.
+const UNHEALTHY: &str = "component-unhealthy";
+
+/// Runs for the life of the server: raises an alert for every component that turns
+/// unhealthy, and resolves it once the component is healthy again.
+pub async fn watch_components(state: Arc<AppState>) {
+    let every = std::time::Duration::from_millis(
+        (state.heartbeat_timeout_ms / 3).clamp(200, 10_000) as u64,
+    );
+    loop {
+        tokio::time::sleep(every).await;
+        let timeout = state.heartbeat_timeout_ms;
+        let checked = db(&state, move |db| {
+            let now = crate::db::now();
+            for row in db.list_components(0, u32::MAX)? {
+                let object = format!("component/{}", row.name);
+                let seen = row
+                    .last_heartbeat_ms
+                    .map_or("never".to_string(), |t| format!("{} s ago", (now - t) / 1000));
+                let (name, role, site) = (row.name.clone(), row.role, row.site.clone());
+                match info(row, now, timeout).health {
+                    components::ComponentHealth::Unhealthy => {
+                        let message = format!(
+                            "{} {name:?} at site {site:?} is unhealthy: last heartbeat {seen} (timeout {} s), or it reported itself unhealthy; check that it runs and reaches the configuration server",
+                            role.as_str(),
+                            timeout / 1000
+                        );
+                        if db.raise(UNHEALTHY, &object, &message)? {
+                            tracing::warn!(%message, "alert");
+                        }
+                    }
+                    components::ComponentHealth::Healthy => db.resolve(UNHEALTHY, &object)?,
+                    components::ComponentHealth::Pending | components::ComponentHealth::NeverSeen => {}
+                }
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(e) = checked {
+            tracing::error!(error = %e.message, "could not check the components' health");
+        }
+    }
+}
+
+/// Lists alerts, oldest first: active ones have no `resolved_unix_ms`.
+#[utoipa::path(get, path = "/api/alerts", tag = "alerts", params(PageQuery),
+    responses((status = 200, body = Page<Alert>), (status = 400, body = ApiError),
+        (status = 401, body = ApiError)),
+    security(("bearer" = [])))]
+async fn list_alerts(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page<Alert>>, ApiError> {
+    let limit = q.limit()?;
+    let after = q.after()?;
+    let items = db(&state, move |db| db.list_alerts(after, limit)).await?;
+    Ok(Json(page(items, limit, |a| a.id)))
+}
+
 /// What a preflight asks about.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -658,10 +886,13 @@ impl utoipa::Modify for BearerAuth {
     info(title = "Boomerang configuration server", description = "The control plane of Boomerang, a disaster-recovery system."),
     paths(health, openapi, list_tokens, create_token, delete_token, list_audit, list_sites,
         list_hosts, list_datastores, list_machines, get_machine, refresh_inventory, list_policies,
-        get_policy, create_policy, update_policy, delete_policy, preflight),
+        get_policy, create_policy, update_policy, delete_policy, preflight, create_component,
+        list_components, enroll, heartbeat, list_alerts),
     components(schemas(ApiError, Health, NewToken, TokenInfo, CreatedToken, AuditEntry, Role,
         Site, Host, Datastore, Machine, Refreshed, Policy, NewPolicy, PolicySettings,
-        CreatedPolicy, Report, Check, Purpose, Severity, MasterTarget, ProcessServer)),
+        CreatedPolicy, Report, Check, Purpose, Severity, MasterTarget, ProcessServer,
+        NewComponent, Enrollment, EnrollRequest, Enrolled, Heartbeat, ComponentInfo, ComponentHealth,
+        Alert)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -680,6 +911,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/machines", get(list_machines))
         .route("/api/machines/{name}", get(get_machine))
         .route("/api/machines/{name}/preflight", get(preflight))
+        .route(
+            "/api/components",
+            get(list_components).post(create_component),
+        )
+        .route("/api/enroll", axum::routing::post(enroll))
+        .route("/api/heartbeat", axum::routing::post(heartbeat))
+        .route("/api/alerts", get(list_alerts))
         .route(
             "/api/inventory/refresh",
             axum::routing::post(refresh_inventory),

@@ -60,6 +60,51 @@ pub fn required(method: &Method, path: &str) -> Role {
     }
 }
 
+/// Heartbeats: only a component's own token opens them; the handler learns which component.
+async fn component(
+    state: Arc<AppState>,
+    mut request: Request,
+    next: Next,
+    action: &str,
+) -> Response {
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let found = match token {
+        None => None,
+        Some(t) => {
+            let db = state.db.clone();
+            match tokio::task::spawn_blocking(move || db.find_component(&t)).await {
+                Ok(Ok(found)) => found,
+                Ok(Err(e)) => return ApiError::internal(e.to_string()).into_response(),
+                Err(e) => return ApiError::internal(e.to_string()).into_response(),
+            }
+        }
+    };
+    let Some(component) = found else {
+        state.audit("anonymous", action, "denied").await;
+        return ApiError::new_public(
+            axum::http::StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "heartbeats need the component token that enrolment gave (`Authorization: Bearer <component_token>`)",
+        )
+        .into_response();
+    };
+    request.extensions_mut().insert(ComponentCaller {
+        name: component.name,
+    });
+    next.run(request).await
+}
+
+/// The component sending a heartbeat.
+#[derive(Clone, Debug)]
+pub struct ComponentCaller {
+    pub name: String,
+}
+
 /// Who is calling: the token's name and role, for handlers.
 #[derive(Clone, Debug)]
 pub struct Caller {
@@ -76,6 +121,10 @@ pub async fn authorize(
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let action = format!("{method} {path}");
+    // Enrolment carries its one-time token in the body: the handler checks and audits it.
+    if path == "/api/enroll" {
+        return next.run(request).await;
+    }
     let token = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -93,6 +142,9 @@ pub async fn authorize(
             }
         }
     };
+    if path == "/api/heartbeat" {
+        return component(state, request, next, &action).await;
+    }
     let Some(token) = found else {
         state.audit("anonymous", &action, "denied").await;
         return ApiError::unauthorized().into_response();

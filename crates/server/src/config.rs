@@ -25,6 +25,16 @@ pub struct ServerConfig {
     /// Inventory TOML files (`docs` of `inventory.rs`), loaded at start and on refresh.
     #[serde(default)]
     pub inventory: Vec<PathBuf>,
+    /// A component that sent no heartbeat for this long is unhealthy (and alerted on).
+    #[serde(default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout_seconds: u64,
+    /// The state directory (server.toml's own), which is also the CA's.
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+fn default_heartbeat_timeout() -> u64 {
+    90
 }
 
 fn default_listen() -> String {
@@ -97,6 +107,8 @@ pub fn init(dir: &Path) -> Result<Init, ConfigError> {
         database: default_database(),
         tls: default_tls(),
         inventory: Vec::new(),
+        heartbeat_timeout_seconds: default_heartbeat_timeout(),
+        dir: dir.to_path_buf(),
     };
     let db = Db::open(&dir.join(&config.database))?;
     let admin_token = db.create_token("admin", Role::Admin)?.token;
@@ -133,6 +145,7 @@ impl ServerConfig {
         config.database = base.join(&config.database);
         config.tls = base.join(&config.tls);
         config.inventory = config.inventory.iter().map(|p| base.join(p)).collect();
+        config.dir = base.to_path_buf();
         Ok(config)
     }
 }

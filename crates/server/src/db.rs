@@ -45,6 +45,28 @@ const MIGRATIONS: &[&str] = &[
         app_consistent_s INTEGER NOT NULL,
         failback_of INTEGER REFERENCES policies (id) ON DELETE CASCADE
     );",
+    // 4: components (enrolment, heartbeats) and alerts.
+    "CREATE TABLE components (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL,
+        site TEXT NOT NULL,
+        hosts TEXT NOT NULL,
+        enroll_hash BLOB UNIQUE,
+        enroll_expires_ms INTEGER,
+        token_hash BLOB UNIQUE,
+        enrolled_ms INTEGER,
+        last_heartbeat_ms INTEGER,
+        last TEXT
+    );
+    CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY,
+        raised_ms INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        object TEXT NOT NULL,
+        message TEXT NOT NULL,
+        resolved_ms INTEGER
+    );",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -496,6 +518,188 @@ impl Db {
         }
         Ok(policy)
     }
+}
+
+use crate::components::{Alert, ComponentRole, Heartbeat};
+
+/// A component's row.
+#[derive(Clone, Debug)]
+pub struct ComponentRow {
+    pub id: i64,
+    pub name: String,
+    pub role: ComponentRole,
+    pub site: String,
+    pub hosts: Vec<String>,
+    pub enrolled_ms: Option<i64>,
+    pub last_heartbeat_ms: Option<i64>,
+    pub last: Option<Heartbeat>,
+}
+
+const COMPONENT_COLUMNS: &str = "id, name, role, site, hosts, enrolled_ms, last_heartbeat_ms, last";
+
+fn row_component(r: &rusqlite::Row<'_>) -> rusqlite::Result<ComponentRow> {
+    let hosts: String = r.get(4)?;
+    let last: Option<String> = r.get(7)?;
+    Ok(ComponentRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        role: ComponentRole::parse(&r.get::<_, String>(2)?).unwrap_or(ComponentRole::Agent),
+        site: r.get(3)?,
+        hosts: serde_json::from_str(&hosts).unwrap_or_default(),
+        enrolled_ms: r.get(5)?,
+        last_heartbeat_ms: r.get(6)?,
+        last: last.and_then(|l| serde_json::from_str(&l).ok()),
+    })
+}
+
+/// A fresh secret with a prefix: `bmr_...`, `bme_...`.
+pub fn secret(prefix: &str) -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!(
+        "{prefix}_{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+impl Db {
+    /// Names a component and makes its one-time enrolment token, valid `valid_ms`; naming an
+    /// existing one again starts its enrolment over (its old token stops working).
+    pub fn create_component(
+        &self,
+        name: &str,
+        role: ComponentRole,
+        site: &str,
+        hosts: &[String],
+        valid_ms: i64,
+    ) -> Result<(String, i64), DbError> {
+        let token = secret("bme");
+        let expires = now_ms() + valid_ms;
+        let hosts = serde_json::to_string(hosts).unwrap_or_else(|_| "[]".into());
+        self.conn().execute(
+            "INSERT INTO components (name, role, site, hosts, enroll_hash, enroll_expires_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (name) DO UPDATE SET role = excluded.role, site = excluded.site,
+               hosts = excluded.hosts, enroll_hash = excluded.enroll_hash,
+               enroll_expires_ms = excluded.enroll_expires_ms, token_hash = NULL,
+               enrolled_ms = NULL, last_heartbeat_ms = NULL, last = NULL",
+            params![name, role.as_str(), site, hosts, hash(&token), expires],
+        )?;
+        Ok((token, expires))
+    }
+
+    /// Trades an enrolment token for the component (once); `component_token` becomes its
+    /// bearer token. None for an unknown, used or expired token.
+    pub fn enroll(
+        &self,
+        token: &str,
+        component_token: &str,
+    ) -> Result<Option<ComponentRow>, DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let found: Option<(i64, i64)> = tx
+            .query_row(
+                "SELECT id, enroll_expires_ms FROM components WHERE enroll_hash = ?1",
+                [hash(token)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((id, _)) = found.filter(|(_, expires)| *expires >= now_ms()) else {
+            return Ok(None);
+        };
+        tx.execute(
+            "UPDATE components SET enroll_hash = NULL, enroll_expires_ms = NULL, token_hash = ?2, enrolled_ms = ?3 WHERE id = ?1",
+            params![id, hash(component_token), now_ms()],
+        )?;
+        let row = tx.query_row(
+            &format!("SELECT {COMPONENT_COLUMNS} FROM components WHERE id = ?1"),
+            [id],
+            row_component,
+        )?;
+        tx.commit()?;
+        Ok(Some(row))
+    }
+
+    /// The component whose bearer token is `token`.
+    pub fn find_component(&self, token: &str) -> Result<Option<ComponentRow>, DbError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {COMPONENT_COLUMNS} FROM components WHERE token_hash = ?1"),
+                [hash(token)],
+                row_component,
+            )
+            .optional()?)
+    }
+
+    pub fn heartbeat(&self, name: &str, beat: &Heartbeat) -> Result<(), DbError> {
+        let last = serde_json::to_string(beat).unwrap_or_default();
+        self.conn().execute(
+            "UPDATE components SET last_heartbeat_ms = ?2, last = ?3 WHERE name = ?1",
+            params![name, now_ms(), last],
+        )?;
+        Ok(())
+    }
+
+    pub fn list_components(&self, after: i64, limit: u32) -> Result<Vec<ComponentRow>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {COMPONENT_COLUMNS} FROM components WHERE id > ?1 ORDER BY id LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![after, limit], row_component)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Raises an alert about `object`, unless one of that kind is active already.
+    pub fn raise(&self, kind: &str, object: &str, message: &str) -> Result<bool, DbError> {
+        let conn = self.conn();
+        let active = conn
+            .query_row(
+                "SELECT 1 FROM alerts WHERE kind = ?1 AND object = ?2 AND resolved_ms IS NULL",
+                params![kind, object],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        if !active {
+            conn.execute(
+                "INSERT INTO alerts (raised_ms, kind, object, message) VALUES (?1, ?2, ?3, ?4)",
+                params![now_ms(), kind, object, message],
+            )?;
+        }
+        Ok(!active)
+    }
+
+    /// Resolves the active alert of `kind` about `object`, if any.
+    pub fn resolve(&self, kind: &str, object: &str) -> Result<(), DbError> {
+        self.conn().execute(
+            "UPDATE alerts SET resolved_ms = ?3 WHERE kind = ?1 AND object = ?2 AND resolved_ms IS NULL",
+            params![kind, object, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    pub fn list_alerts(&self, after: i64, limit: u32) -> Result<Vec<Alert>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, raised_ms, kind, object, message, resolved_ms FROM alerts WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after, limit], |r| {
+            Ok(Alert {
+                id: r.get(0)?,
+                raised_unix_ms: r.get(1)?,
+                kind: r.get(2)?,
+                object: r.get(3)?,
+                message: r.get(4)?,
+                resolved_unix_ms: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// Milliseconds since 1970, as the database keeps time.
+pub fn now() -> i64 {
+    now_ms()
 }
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, DbError> {

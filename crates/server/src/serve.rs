@@ -41,8 +41,11 @@ pub async fn serve(
     db.replace_inventory(&crate::inventory::load_all(&sources)?)?;
     let state = Arc::new(AppState {
         db,
+        dir: config.dir.clone(),
+        heartbeat_timeout_ms: (config.heartbeat_timeout_seconds.max(1) * 1000) as i64,
         sources: Arc::new(sources),
     });
+    tokio::spawn(crate::api::watch_components(state.clone()));
     let app = router(state);
     loop {
         let accepted = tokio::select! {
