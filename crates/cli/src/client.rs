@@ -35,7 +35,12 @@ struct Api {
 
 impl Api {
     fn new(c: &Connection) -> anyhow::Result<Api> {
-        let token = match &c.token_file {
+        let token = Self::token(c)?;
+        Self::with_token(c, token)
+    }
+
+    fn token(c: &Connection) -> anyhow::Result<String> {
+        Ok(match &c.token_file {
             Some(f) => std::fs::read_to_string(f)
                 .with_context(|| format!("could not read the token file {}", f.display()))?
                 .trim()
@@ -43,7 +48,10 @@ impl Api {
             None => std::env::var("BOOMERANG_TOKEN").context(
                 "no API token: set BOOMERANG_TOKEN, or give --token-file (boomerang server init printed the first admin token)",
             )?,
-        };
+        })
+    }
+
+    fn with_token(c: &Connection, token: String) -> anyhow::Result<Api> {
         let pem = std::fs::read(&c.ca).with_context(|| {
             format!(
                 "could not read the CA certificate {}: give the server's ca.crt with --ca",
@@ -72,7 +80,10 @@ impl Api {
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
-        let mut request = self.http.request(method, &url).bearer_auth(&self.token);
+        let mut request = self.http.request(method, &url);
+        if !self.token.is_empty() {
+            request = request.bearer_auth(&self.token);
+        }
         if let Some(b) = body {
             request = request
                 .header("content-type", "application/json")
@@ -341,6 +352,185 @@ pub async fn policy(cmd: PolicyCommand, output: Output) -> anyhow::Result<i32> {
                 );
             }
         }
+    }
+    Ok(0)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ComponentCommand {
+    /// List components and their health.
+    List {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Name a component to enrol; prints its one-time enrolment token.
+    Create {
+        name: String,
+        /// agent, process-server or master-target.
+        #[arg(long, value_parser = ["agent", "process-server", "master-target"])]
+        role: String,
+        #[arg(long)]
+        site: String,
+        /// An address its certificate is also good for (a server's). Repeat for more.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Enrol this component: trade the one-time token for a certificate, written to DIR as
+    /// `--tls DIR` wants it (cert.pem, key.pem, ca.crt), and the component's token
+    /// (DIR/component.token).
+    Enroll {
+        /// The one-time enrolment token (`component create` printed it).
+        #[arg(long, env = "BOOMERANG_ENROLLMENT_TOKEN")]
+        token: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// The configuration server, as https://HOST:PORT.
+        #[arg(long, env = "BOOMERANG_SERVER")]
+        server: String,
+        /// The CA certificate that verifies the server.
+        #[arg(long, env = "BOOMERANG_CA")]
+        ca: PathBuf,
+    },
+}
+
+pub async fn component(cmd: ComponentCommand, output: Output) -> anyhow::Result<i32> {
+    match cmd {
+        ComponentCommand::List { connection } => {
+            let items = Api::new(&connection)?.all("/api/components").await?;
+            if output == Output::Json {
+                print_json(&items)?;
+            } else {
+                let mut t = Table::new(&["NAME", "ROLE", "SITE", "HEALTH"]);
+                for c in &items {
+                    t.row(vec![
+                        text(&c["name"]),
+                        text(&c["role"]),
+                        text(&c["site"]),
+                        text(&c["health"]),
+                    ]);
+                }
+                t.print();
+            }
+        }
+        ComponentCommand::Create {
+            name,
+            role,
+            site,
+            hosts,
+            connection,
+        } => {
+            let body = json!({"name": name, "role": role, "site": site, "hosts": hosts});
+            let made = Api::new(&connection)?
+                .call(reqwest::Method::POST, "/api/components", Some(body))
+                .await?;
+            if output == Output::Json {
+                print_json(&made)?;
+            } else {
+                println!(
+                    "enrolment token for {name} (one use, 24 hours): {}",
+                    text(&made["enrollment_token"])
+                );
+                println!("on the component: boomerang component enroll --token <token> --out DIR");
+            }
+        }
+        ComponentCommand::Enroll {
+            token,
+            out,
+            server,
+            ca,
+        } => {
+            // Enrolment has no bearer token of its own: the one-time token is in the body.
+            let connection = Connection {
+                server,
+                ca,
+                token_file: None,
+            };
+            let api = Api::with_token(&connection, String::new())?;
+            let got = api
+                .call(
+                    reqwest::Method::POST,
+                    "/api/enroll",
+                    Some(json!({"enrollment_token": token})),
+                )
+                .await?;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("could not create {}", out.display()))?;
+            for (file, field) in [
+                ("cert.pem", "certificate"),
+                ("key.pem", "key"),
+                ("ca.crt", "ca"),
+                ("component.token", "component_token"),
+            ] {
+                let path = out.join(file);
+                write_private(&path, got[field].as_str().unwrap_or_default())?;
+            }
+            if output == Output::Json {
+                print_json(&json!({"name": got["name"], "role": got["role"], "dir": out}))?;
+            } else {
+                println!(
+                    "enrolled {} as {}: certificate in {}",
+                    text(&got["name"]),
+                    text(&got["role"]),
+                    out.display()
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// Writes a file only its owner may read (keys, tokens).
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "could not create {} (it must not exist yet)",
+                path.display()
+            )
+        })?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("could not write {}", path.display()))
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AlertCommand {
+    /// List alerts: active first, then resolved.
+    List {
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+pub async fn alert(cmd: AlertCommand, output: Output) -> anyhow::Result<i32> {
+    let AlertCommand::List { connection } = cmd;
+    let mut items = Api::new(&connection)?.all("/api/alerts").await?;
+    items.sort_by_key(|a| a.get("resolved_unix_ms").is_some());
+    if output == Output::Json {
+        print_json(&items)?;
+    } else {
+        let mut t = Table::new(&["STATE", "KIND", "OBJECT", "MESSAGE"]);
+        for a in &items {
+            let state = if a.get("resolved_unix_ms").is_some() {
+                "resolved"
+            } else {
+                "ACTIVE"
+            };
+            t.row(vec![
+                state.into(),
+                text(&a["kind"]),
+                text(&a["object"]),
+                text(&a["message"]),
+            ]);
+        }
+        t.print();
     }
     Ok(0)
 }

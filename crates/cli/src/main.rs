@@ -53,6 +53,12 @@ enum Command {
     /// Replication policies (each with its failback policy).
     #[command(subcommand)]
     Policy(client::PolicyCommand),
+    /// Components (agents, process servers, master targets): enrolment and health.
+    #[command(subcommand)]
+    Component(client::ComponentCommand),
+    /// The configuration server's alerts.
+    #[command(subcommand)]
+    Alert(client::AlertCommand),
     /// The site's certificate authority: every component talks mutual TLS with its certificates.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
@@ -90,6 +96,8 @@ fn main() {
             Command::Machine(cmd) => client::machine(cmd, cli.output).await,
             Command::Site(cmd) => client::site(cmd, cli.output).await,
             Command::Policy(cmd) => client::policy(cmd, cli.output).await,
+            Command::Component(cmd) => client::component(cmd, cli.output).await,
+            Command::Alert(cmd) => client::alert(cmd, cli.output).await,
         }
     });
     match result {

@@ -765,6 +765,68 @@ fn the_cli_verbs_talk_to_the_api() {
         "{table}"
     );
 
+    // A component named, enrolled from its own machine, and serving with its certificate.
+    let made = json_of(cli(
+        &admin,
+        &[
+            "component",
+            "create",
+            "ps1",
+            "--role",
+            "process-server",
+            "--site",
+            "site-b",
+            "--host",
+            "127.0.0.1",
+            "--output",
+            "json",
+        ],
+    ));
+    let one_time = made["enrollment_token"].as_str().unwrap();
+    let identity = dir.path().join("ps1-tls");
+    let out = cli(
+        "",
+        &[
+            "component",
+            "enroll",
+            "--token",
+            one_time,
+            "--out",
+            identity.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(identity.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the key is the owner's alone");
+    let ps = Daemon::start(
+        env!("CARGO_BIN_EXE_boomerang"),
+        &[
+            "process-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls",
+            identity.to_str().unwrap(),
+            "--name",
+            "ps1",
+            "--cache",
+            dir.path().join("cache").to_str().unwrap(),
+        ],
+    );
+    assert!(ps.addr.starts_with("127.0.0.1:"));
+    let components = json_of(cli(&admin, &["component", "list", "--output", "json"]));
+    assert_eq!(components[0]["name"], "ps1");
+    assert_eq!(components[0]["health"], "never-seen");
+    let alerts = json_of(cli(&admin, &["alert", "list", "--output", "json"]));
+    assert!(alerts.as_array().unwrap().is_empty(), "{alerts}");
+
     // A wrong token and a wrong CA are named.
     let out = cli("bmr_wrong", &["site", "list"]);
     assert!(!out.status.success());
