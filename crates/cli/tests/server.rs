@@ -669,6 +669,48 @@ address = "{ps_addr}"
     assert_eq!(unreachable["passed"], false, "{report}");
     assert!(unreachable["message"].as_str().unwrap().contains(&ps_addr));
 
+    // A replication group: one master target, one OS family, 16 machines at most, a machine
+    // in one group only; its rules join the preflight.
+    let post = |body: Value| {
+        call(
+            d,
+            "127.0.0.1",
+            &port,
+            "POST",
+            "/api/groups",
+            Some(&admin),
+            Some(&body),
+        )
+    };
+    let (status, err) = post(json!({"name": "shop", "machines": ["web01", "ghost"]}));
+    assert_eq!(status, 404, "{err}");
+    let (status, err) =
+        post(json!({"name": "shop", "machines": ["web01", "mt-vm"], "master_target": "mt1"}));
+    assert_eq!(status, 201, "{err}");
+    let (status, err) = post(json!({"name": "shop2", "machines": ["web01"]}));
+    assert_eq!(status, 409, "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("one group at most"),
+        "{err}"
+    );
+    let many: Vec<String> = (0..17).map(|i| format!("m{i}")).collect();
+    let (status, err) = post(json!({"name": "big", "machines": many}));
+    assert_eq!(status, 400, "{err}");
+    let (_, report) = get("/api/machines/web01/preflight?for=failback");
+    let codes: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["code"].as_str().unwrap())
+        .collect();
+    assert!(
+        codes.contains(&"GROUP_MT_MISMATCH") && codes.contains(&"GROUP_OS_MISMATCH"),
+        "{report}"
+    );
+
     let (status, report) = get("/api/machines/ghost/preflight?for=failback");
     assert_eq!(status, 200);
     assert_eq!(report["checks"][1]["code"], "CS_MACHINE_UNKNOWN");

@@ -23,7 +23,7 @@ use crate::components::{
     self, Alert, ComponentHealth, ComponentInfo, EnrollRequest, Enrolled, Enrollment, Heartbeat,
     NewComponent,
 };
-use crate::db::{AuditEntry, CreatedToken, Db, DbError, TokenInfo};
+use crate::db::{AuditEntry, CreatedToken, Db, DbError, Group, TokenInfo};
 use crate::inventory::{Datastore, Host, InventorySource, Machine, Site};
 use crate::inventory::{MasterTarget, ProcessServer};
 use crate::policy::{NewPolicy, Policy, PolicySettings};
@@ -777,6 +777,114 @@ async fn list_alerts(
     Ok(Json(page(items, limit, |a| a.id)))
 }
 
+/// A replication group to make: machines that fail over and back together, with one master
+/// target and one OS family.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewGroup {
+    #[schema(
+        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
+    pub name: String,
+    /// 1 to 16 machines of the inventory, each in no other group.
+    #[schema(value_type = std::collections::BTreeSet<String>, min_items = 1, max_items = 16)]
+    pub machines: Vec<String>,
+    /// The master target they all go back through, if chosen already.
+    #[serde(default)]
+    pub master_target: Option<String>,
+}
+
+/// The most machines a replication group holds (as in Azure Site Recovery).
+pub const MAX_GROUP_MACHINES: usize = 16;
+
+/// Makes a replication group (admin).
+#[utoipa::path(post, path = "/api/groups", tag = "groups", request_body = NewGroup,
+    responses((status = 201, body = Group), (status = 400, body = ApiError),
+        (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError), (status = 409, body = ApiError)),
+    security(("bearer" = [])))]
+async fn create_group(
+    State(state): State<Arc<AppState>>,
+    Body(new): Body<NewGroup>,
+) -> Result<(StatusCode, Json<Group>), ApiError> {
+    check_name("group", &new.name)?;
+    if new.machines.is_empty() || new.machines.len() > MAX_GROUP_MACHINES {
+        return Err(ApiError::bad_request(format!(
+            "a replication group holds 1 to {MAX_GROUP_MACHINES} machines, not {}: split it into several groups",
+            new.machines.len()
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(twice) = new.machines.iter().find(|m| !seen.insert(m.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "machine {twice:?} is listed twice"
+        )));
+    }
+    let (names, mt) = (new.machines.clone(), new.master_target.clone());
+    let (machines, mt_known) = db(&state, move |db| {
+        let mut found = Vec::new();
+        for n in &names {
+            found.push((n.clone(), db.get_inventory::<Machine>("machine", n)?));
+        }
+        let mt_known = match &mt {
+            Some(m) => db
+                .get_inventory::<MasterTarget>("master-target", m)?
+                .is_some(),
+            None => true,
+        };
+        Ok((found, mt_known))
+    })
+    .await?;
+    if let Some((missing, _)) = machines.iter().find(|(_, m)| m.is_none()) {
+        return Err(ApiError::not_found(format!(
+            "machine {missing:?} is not in the inventory: list machines with GET /api/machines"
+        )));
+    }
+    if !mt_known {
+        return Err(ApiError::not_found(format!(
+            "master target {:?} is not in the inventory",
+            new.master_target.as_deref().unwrap_or("")
+        )));
+    }
+    let families: std::collections::BTreeSet<String> = machines
+        .iter()
+        .filter_map(|(_, m)| m.as_ref())
+        .map(|m| format!("{:?}", m.os.family).to_lowercase())
+        .collect();
+    if families.len() > 1 {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "CONFLICT",
+            format!(
+                "the machines run several OS families ({}): a group shares one master target, so its machines share one OS family; make a group per family",
+                families.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    let group = db(&state, move |db| {
+        db.create_group(&new.name, &new.machines, new.master_target.as_deref())
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(group)))
+}
+
+/// Lists replication groups.
+#[utoipa::path(get, path = "/api/groups", tag = "groups", params(PageQuery),
+    responses((status = 200, body = Page<Group>), (status = 400, body = ApiError),
+        (status = 401, body = ApiError)),
+    security(("bearer" = [])))]
+async fn list_groups(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page<Group>>, ApiError> {
+    let limit = q.limit()?;
+    let after = q.after()?;
+    let items = db(&state, move |db| db.list_groups(after, limit)).await?;
+    Ok(Json(page(items, limit, |g| g.id)))
+}
+
 /// What a preflight asks about.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -805,6 +913,8 @@ async fn preflight(
     Query(q): Query<PreflightQuery>,
 ) -> Result<Json<Report>, ApiError> {
     let key = name.clone();
+    let group_key = name.clone();
+    let group = db(&state, move |db| db.group_of(&group_key)).await?;
     let (machine, machines, datastores, master_targets, process_servers) = db(&state, move |db| {
         Ok((
             db.get_inventory::<Machine>("machine", &key)?,
@@ -840,6 +950,7 @@ async fn preflight(
         process_server: q.process_server.as_deref(),
         datastore: q.datastore.as_deref(),
         reachable: &reachable,
+        group: group.as_ref(),
     });
     Ok(Json(report))
 }
@@ -887,12 +998,12 @@ impl utoipa::Modify for BearerAuth {
     paths(health, openapi, list_tokens, create_token, delete_token, list_audit, list_sites,
         list_hosts, list_datastores, list_machines, get_machine, refresh_inventory, list_policies,
         get_policy, create_policy, update_policy, delete_policy, preflight, create_component,
-        list_components, enroll, heartbeat, list_alerts),
+        list_components, enroll, heartbeat, list_alerts, create_group, list_groups),
     components(schemas(ApiError, Health, NewToken, TokenInfo, CreatedToken, AuditEntry, Role,
         Site, Host, Datastore, Machine, Refreshed, Policy, NewPolicy, PolicySettings,
         CreatedPolicy, Report, Check, Purpose, Severity, MasterTarget, ProcessServer,
         NewComponent, Enrollment, EnrollRequest, Enrolled, Heartbeat, ComponentInfo, ComponentHealth,
-        Alert)),
+        Alert, Group, NewGroup)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -918,6 +1029,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/enroll", axum::routing::post(enroll))
         .route("/api/heartbeat", axum::routing::post(heartbeat))
         .route("/api/alerts", get(list_alerts))
+        .route("/api/groups", get(list_groups).post(create_group))
         .route(
             "/api/inventory/refresh",
             axum::routing::post(refresh_inventory),

@@ -67,6 +67,13 @@ const MIGRATIONS: &[&str] = &[
         message TEXT NOT NULL,
         resolved_ms INTEGER
     );",
+    // 5: replication groups.
+    "CREATE TABLE groups (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        master_target TEXT,
+        machines TEXT NOT NULL
+    );",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -694,6 +701,86 @@ impl Db {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// A replication group as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Group {
+    pub id: i64,
+    pub name: String,
+    pub machines: Vec<String>,
+    /// The master target every machine of the group goes back to, once chosen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master_target: Option<String>,
+}
+
+fn row_group(r: &rusqlite::Row<'_>) -> rusqlite::Result<Group> {
+    let machines: String = r.get(3)?;
+    Ok(Group {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        master_target: r.get(2)?,
+        machines: serde_json::from_str(&machines).unwrap_or_default(),
+    })
+}
+
+impl Db {
+    /// Makes a group; a machine belongs to one group at most.
+    pub fn create_group(
+        &self,
+        name: &str,
+        machines: &[String],
+        master_target: Option<&str>,
+    ) -> Result<Group, DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut stmt = tx.prepare("SELECT id, name, master_target, machines FROM groups")?;
+        let groups: Vec<Group> = stmt.query_map([], row_group)?.collect::<Result<_, _>>()?;
+        drop(stmt);
+        if groups.iter().any(|g| g.name == name) {
+            return Err(DbError::Conflict(format!(
+                "a group named {name:?} exists: choose another name"
+            )));
+        }
+        for g in &groups {
+            if let Some(m) = machines.iter().find(|m| g.machines.contains(m)) {
+                return Err(DbError::Conflict(format!(
+                    "machine {m:?} is in group {:?} already: a machine belongs to one group at most",
+                    g.name
+                )));
+            }
+        }
+        let list = serde_json::to_string(machines).unwrap_or_else(|_| "[]".into());
+        tx.execute(
+            "INSERT INTO groups (name, master_target, machines) VALUES (?1, ?2, ?3)",
+            params![name, master_target, list],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(Group {
+            id,
+            name: name.to_string(),
+            machines: machines.to_vec(),
+            master_target: master_target.map(str::to_string),
+        })
+    }
+
+    pub fn list_groups(&self, after: i64, limit: u32) -> Result<Vec<Group>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, name, master_target, machines FROM groups WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after, limit], row_group)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The group `machine` belongs to, if any.
+    pub fn group_of(&self, machine: &str) -> Result<Option<Group>, DbError> {
+        Ok(self
+            .list_groups(0, u32::MAX)?
+            .into_iter()
+            .find(|g| g.machines.iter().any(|m| m == machine)))
     }
 }
 

@@ -69,6 +69,8 @@ pub struct Context<'a> {
     pub datastore: Option<&'a str>,
     /// The process servers that answered on their address (measured by the caller).
     pub reachable: &'a [String],
+    /// The replication group of the machine, if it is in one.
+    pub group: Option<&'a crate::db::Group>,
 }
 
 fn check(code: &'static str, severity: Severity, passed: bool, message: String) -> Check {
@@ -248,6 +250,7 @@ pub fn run(ctx: &Context<'_>) -> Report {
         format!("master target {:?} at site {:?}", mt.name, mt.site),
     ));
     let mt_vm = ctx.machines.iter().find(|m| m.name == mt.machine);
+    group_rules(ctx, machine, mt, &mut checks);
     mt_rules(ctx, machine, mt, mt_vm, &mut checks);
     retention_rules(mt, &mut checks);
     location_rules(ctx, machine, mt, mt_vm, &mut checks);
@@ -409,6 +412,53 @@ fn mt_rules(
             format!(
                 "master target machine {:?} runs version {}, older than machine {:?}'s {}: use a master target with the same version or newer",
                 vm.name, vm.os.version, machine.name, machine.os.version
+            )
+        },
+    ));
+}
+
+/// DESIGN 4: every machine of a replication group goes back through one master target, and
+/// all run one OS family.
+fn group_rules(ctx: &Context<'_>, machine: &Machine, mt: &MasterTarget, checks: &mut Vec<Check>) {
+    let Some(group) = ctx.group else {
+        return;
+    };
+    let same_mt = group.master_target.as_deref().is_none_or(|m| m == mt.name);
+    checks.push(check(
+        "GROUP_MT_MISMATCH",
+        Severity::Error,
+        same_mt,
+        if same_mt {
+            format!("replication group {:?} goes back through master target {:?}", group.name, mt.name)
+        } else {
+            format!(
+                "machine {:?} is in replication group {:?}, whose machines go back through master target {:?}, not {:?}: use that master target for every machine of the group",
+                machine.name,
+                group.name,
+                group.master_target.as_deref().unwrap_or("?"),
+                mt.name
+            )
+        },
+    ));
+    let others: Vec<&str> = group
+        .machines
+        .iter()
+        .filter_map(|n| ctx.machines.iter().find(|m| &m.name == n))
+        .filter(|m| m.os.family != machine.os.family)
+        .map(|m| m.name.as_str())
+        .collect();
+    checks.push(check(
+        "GROUP_OS_MISMATCH",
+        Severity::Error,
+        others.is_empty(),
+        if others.is_empty() {
+            format!("every machine of replication group {:?} runs {:?}", group.name, machine.os.family)
+        } else {
+            format!(
+                "replication group {:?} mixes OS families: {} run another than machine {:?}; a group's machines share one master target, so they must share one OS family: split the group",
+                group.name,
+                others.join(", "),
+                machine.name
             )
         },
     ));

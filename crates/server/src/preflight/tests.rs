@@ -77,6 +77,7 @@ fn preflight(
         process_server: None,
         datastore,
         reachable: &answered,
+        group: None,
     })
 }
 
@@ -247,6 +248,7 @@ fn missing_components_and_machines_are_named() {
         process_server: None,
         datastore: None,
         reachable: &[],
+        group: None,
     });
     assert_eq!(failed(&report), ["CS_MACHINE_UNKNOWN"]);
 }
@@ -258,4 +260,51 @@ fn versions_compare_part_by_part() {
     assert!(version_at_least("2022", "2019"));
     assert!(version_at_least("22.04", "22.04"));
     assert!(version_at_least("8.4.1", "8.4"));
+}
+
+#[test]
+fn a_group_goes_back_through_one_master_target_and_one_os_family() {
+    let mut inv = good();
+    let mut db01 = inv.machines[0].clone();
+    db01.name = "db01".into();
+    inv.machines.push(db01);
+    let answered = vec!["ps1".to_string()];
+    let check = |inv: &Inventory, group: &crate::db::Group| {
+        run(&Context {
+            purpose: Purpose::Failback,
+            machine_name: "web01",
+            machine: inv.machines.iter().find(|m| m.name == "web01"),
+            machines: &inv.machines,
+            datastores: &inv.datastores,
+            master_targets: &inv.master_targets,
+            process_servers: &inv.process_servers,
+            master_target: None,
+            process_server: None,
+            datastore: None,
+            reachable: &answered,
+            group: Some(group),
+        })
+    };
+    let mut group = crate::db::Group {
+        id: 1,
+        name: "shop".into(),
+        machines: vec!["web01".into(), "db01".into()],
+        master_target: Some("mt1".into()),
+    };
+    assert_eq!(failed(&check(&inv, &group)), Vec::<&str>::new());
+    group.master_target = Some("mt9".into());
+    assert_eq!(failed(&check(&inv, &group)), ["GROUP_MT_MISMATCH"]);
+    group.master_target = None;
+    inv.machines[2].os = Os {
+        family: OsFamily::Windows,
+        version: "2022".into(),
+    };
+    let report = check(&inv, &group);
+    assert_eq!(failed(&report), ["GROUP_OS_MISMATCH"]);
+    assert!(
+        report
+            .checks
+            .iter()
+            .any(|c| c.code == "GROUP_OS_MISMATCH" && c.message.contains("db01"))
+    );
 }
