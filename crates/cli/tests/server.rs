@@ -1070,3 +1070,69 @@ fn components_enrol_once_send_heartbeats_and_raise_an_alert_when_silent() {
     assert_eq!(alerts["items"].as_array().unwrap().len(), 1, "{alerts}");
     assert!(alerts["items"][0]["resolved_unix_ms"].is_i64(), "{alerts}");
 }
+
+#[test]
+fn a_full_database_volume_fails_requests_cleanly_and_writes_nothing_half() {
+    if !have("curl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let Some(_volume) = boomerang_testkit::SmallVolume::mount(&state, "4m") else {
+        return;
+    };
+    let (daemon, admin) = server(dir.path());
+    let port = daemon.addr.rsplit_once(':').unwrap().1.to_string();
+    let d = dir.path();
+    let req = |method: &str, path: &str, body: Option<Value>| {
+        call(
+            d,
+            "127.0.0.1",
+            &port,
+            method,
+            path,
+            Some(&admin),
+            body.as_ref(),
+        )
+    };
+    // Something else fills the volume.
+    let filler = state.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[7u8; 4096]).is_ok() {}
+    }
+    let mut full = None;
+    for i in 0..300 {
+        let body = json!({"name": format!("p{i}"), "rpo_threshold_seconds": 30, "retention_seconds": 3600, "app_consistent_seconds": 0});
+        let (status, answer) = req("POST", "/api/policies", Some(body));
+        if status != 201 {
+            full = Some((status, answer));
+            break;
+        }
+    }
+    let (status, err) = full.expect("the database never hit the full volume");
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (507, Some("STORAGE_FULL")),
+        "{err}"
+    );
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing of this request was written")
+    );
+    // Every replication policy has its failback policy: none was half made.
+    let (status, listed) = req("GET", "/api/policies?limit=500", None);
+    assert_eq!(status, 200, "{listed}");
+    let items = listed["items"].as_array().unwrap();
+    let replication = items.iter().filter(|p| p["kind"] == "replication").count();
+    let failback = items.iter().filter(|p| p["kind"] == "failback").count();
+    assert_eq!(replication, failback, "{listed}");
+
+    // Space returns: the server goes on.
+    std::fs::remove_file(&filler).unwrap();
+    let body = json!({"name": "after", "rpo_threshold_seconds": 30, "retention_seconds": 3600, "app_consistent_seconds": 0});
+    assert_eq!(req("POST", "/api/policies", Some(body)).0, 201);
+}

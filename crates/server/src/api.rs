@@ -63,7 +63,7 @@ pub struct ApiError {
     #[serde(skip)]
     status: StatusCode,
     /// Stable across versions: `BAD_REQUEST`, `UNAUTHORIZED`, `FORBIDDEN`, `NOT_FOUND`,
-    /// `CONFLICT`, `INTERNAL`.
+    /// `CONFLICT`, `STORAGE_FULL`, `BUSY`, `INTERNAL`.
     pub code: &'static str,
     /// What went wrong and how to fix it.
     pub message: String,
@@ -124,10 +124,29 @@ impl ApiError {
 
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
-        match e {
-            DbError::Conflict(m) => Self::new(StatusCode::CONFLICT, "CONFLICT", m),
-            DbError::NotFound(m) => Self::not_found(m),
-            other => Self::internal(other.to_string()),
+        use rusqlite::ErrorCode as Code;
+        let sqlite = match &e {
+            DbError::Sql(rusqlite::Error::SqliteFailure(f, _)) => Some(f.code),
+            _ => None,
+        };
+        match (e, sqlite) {
+            (DbError::Conflict(m), _) => Self::new(StatusCode::CONFLICT, "CONFLICT", m),
+            (DbError::NotFound(m), _) => Self::not_found(m),
+            // The transaction was rolled back: nothing of the request was written.
+            (_, Some(Code::DiskFull)) => {
+                tracing::error!("the database's volume is full (alert)");
+                Self::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "STORAGE_FULL",
+                    "the configuration server's database volume is full: nothing of this request was written; free space on it and try again",
+                )
+            }
+            (_, Some(Code::DatabaseBusy | Code::DatabaseLocked)) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "BUSY",
+                "the configuration server's database is locked by another process: nothing of this request was written; try again, and check that no other program holds the database",
+            ),
+            (other, _) => Self::internal(other.to_string()),
         }
     }
 }
