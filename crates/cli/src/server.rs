@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use boomerang_server::{ServerConfig, init, serve};
+use boomerang_server::{ServerConfig, init, prepare, serve};
 use clap::{Args, Subcommand};
 
 use crate::output::{Output, print_json};
@@ -59,6 +59,7 @@ pub async fn run(args: ServerArgs, output: Output) -> anyhow::Result<i32> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    let prepared = prepare(&config)?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| {
@@ -70,7 +71,7 @@ pub async fn run(args: ServerArgs, output: Output) -> anyhow::Result<i32> {
     let shutdown = crate::agent::shutdown_signal()?;
     println!("listening on {}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let serving = tokio::spawn(async move { serve(&config, listener, stopped).await });
+    let serving = tokio::spawn(serve(prepared, listener, stopped));
     tokio::select! {
         _ = shutdown => {
             let _ = stop.send(true);

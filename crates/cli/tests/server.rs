@@ -55,7 +55,7 @@ fn call(
     body: Option<&Value>,
 ) -> (u16, Value) {
     let mut cmd = Command::new("curl");
-    cmd.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+    cmd.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "-X", method])
         .arg("--cacert")
         .arg(dir.join("state/ca.crt"))
         .arg(format!("https://{url_host}:{port}{path}"));
@@ -68,7 +68,8 @@ fn call(
     let out = cmd.output().expect("run curl");
     assert!(
         out.status.success(),
-        "curl failed: {}",
+        "curl failed ({}): {}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();

@@ -19,4 +19,4 @@ pub mod preflight;
 mod serve;
 
 pub use config::{Init, ServerConfig, init};
-pub use serve::{ServeError, serve};
+pub use serve::{Prepared, ServeError, prepare, serve};

@@ -23,12 +23,15 @@ pub enum ServeError {
     Inventory(#[from] crate::inventory::InventoryError),
 }
 
-/// Serves the API on `listener` until `shutdown` turns true.
-pub async fn serve(
-    config: &ServerConfig,
-    listener: TcpListener,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) -> Result<(), ServeError> {
+/// A server ready to serve: its certificate loaded, its database open, its inventory read.
+pub struct Prepared {
+    acceptor: tokio_rustls::TlsAcceptor,
+    state: Arc<AppState>,
+}
+
+/// Everything that can fail before the server takes connections, so that it fails before it
+/// says it listens.
+pub fn prepare(config: &ServerConfig) -> Result<Prepared, ServeError> {
     let tls = TlsIdentity::load(&config.tls)?.https_config()?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let sources: Vec<Box<dyn InventorySource>> = config
@@ -45,6 +48,16 @@ pub async fn serve(
         heartbeat_timeout_ms: (config.heartbeat_timeout_seconds.max(1) * 1000) as i64,
         sources: Arc::new(sources),
     });
+    Ok(Prepared { acceptor, state })
+}
+
+/// Serves the API on `listener` until `shutdown` turns true.
+pub async fn serve(
+    prepared: Prepared,
+    listener: TcpListener,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let Prepared { acceptor, state } = prepared;
     tokio::spawn(crate::api::watch_components(state.clone()));
     let app = router(state);
     loop {
