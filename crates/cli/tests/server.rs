@@ -658,6 +658,19 @@ address = "{ps_addr}"
     assert_eq!(report["for"], "failback");
     assert_eq!(report["master_target"], "mt1");
 
+    // The failed preflight is an alert.
+    let (_, alerts) = get("/api/alerts");
+    let alert = &alerts["items"][0];
+    assert_eq!(alert["kind"], "preflight-failed", "{alerts}");
+    assert_eq!(alert["object"], "machine/web01/failback");
+    assert!(
+        alert["message"]
+            .as_str()
+            .unwrap()
+            .contains("MT_HAS_SNAPSHOTS"),
+        "{alert}"
+    );
+
     // Nobody listens there any more.
     drop(listener);
     let (_, report) = get("/api/machines/web01/preflight?for=reprotect");

@@ -737,6 +737,9 @@ async fn heartbeat(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The kind of alert a failed preflight raises.
+const PREFLIGHT_FAILED: &str = "preflight-failed";
+
 /// The kind of alert a silent or failing component raises.
 const UNHEALTHY: &str = "component-unhealthy";
 
@@ -971,6 +974,37 @@ async fn preflight(
         reachable: &reachable,
         group: group.as_ref(),
     });
+    // A failed preflight is an alert until one for the same machine and purpose passes.
+    if machine.is_some() {
+        let object = format!(
+            "machine/{name}/{}",
+            if q.purpose == Purpose::Failback {
+                "failback"
+            } else {
+                "reprotect"
+            }
+        );
+        let failed: Vec<&str> = report
+            .checks
+            .iter()
+            .filter(|c| !c.passed && c.severity == Severity::Error)
+            .map(|c| c.code)
+            .collect();
+        let message = format!(
+            "machine {name:?} is not ready for {}: {} failed; see its preflight",
+            object.rsplit('/').next().unwrap_or(""),
+            failed.join(", ")
+        );
+        let ok = report.ok;
+        db(&state, move |db| {
+            if ok {
+                db.resolve(PREFLIGHT_FAILED, &object)
+            } else {
+                db.raise(PREFLIGHT_FAILED, &object, &message).map(|_| ())
+            }
+        })
+        .await?;
+    }
     Ok(Json(report))
 }
 
