@@ -880,8 +880,20 @@ fn the_cli_verbs_talk_to_the_api() {
     let components = json_of(cli(&admin, &["component", "list", "--output", "json"]));
     assert_eq!(components[0]["name"], "ps1");
     assert_eq!(components[0]["health"], "never-seen");
+    // The preflights above failed: those are the alerts, and the human list says so.
     let alerts = json_of(cli(&admin, &["alert", "list", "--output", "json"]));
-    assert!(alerts.as_array().unwrap().is_empty(), "{alerts}");
+    let kinds: Vec<&str> = alerts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["preflight-failed", "preflight-failed"], "{alerts}");
+    let table = String::from_utf8_lossy(&cli(&admin, &["alert", "list"]).stdout).to_string();
+    assert!(
+        table.contains("ACTIVE") && table.contains("machine/web01/failback"),
+        "{table}"
+    );
 
     // A wrong token and a wrong CA are named.
     let out = cli("bmr_wrong", &["site", "list"]);
