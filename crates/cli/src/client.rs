@@ -534,3 +534,83 @@ pub async fn alert(cmd: AlertCommand, output: Output) -> anyhow::Result<i32> {
     }
     Ok(0)
 }
+
+/// How a process server, master target or agent reports to the configuration server: its
+/// heartbeats, with the token that enrolment gave it.
+#[derive(Args, Debug, Clone)]
+pub struct Reporting {
+    /// The configuration server to send heartbeats to (https://HOST:PORT); none sends none.
+    #[arg(long, requires_all = ["control_ca", "component_token_file"])]
+    control_server: Option<String>,
+    /// The CA certificate that verifies the configuration server.
+    #[arg(long)]
+    control_ca: Option<PathBuf>,
+    /// The component token file that `boomerang component enroll` wrote.
+    #[arg(long)]
+    component_token_file: Option<PathBuf>,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 30.0)]
+    heartbeat_interval: f64,
+}
+
+/// Free bytes of the file system holding `path`.
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    let s = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(s.blocks_available() as u64 * s.fragment_size() as u64)
+}
+
+/// Sends heartbeats for the life of the process, if `reporting` names a server: health,
+/// version, the free space of `volume`, and `attached()` disks when given.
+pub fn start_heartbeats(
+    reporting: &Reporting,
+    volume: PathBuf,
+    attached: Option<Box<dyn Fn() -> u32 + Send>>,
+) -> anyhow::Result<()> {
+    let Some(server) = reporting.control_server.clone() else {
+        return Ok(());
+    };
+    if !(0.1..=3600.0).contains(&reporting.heartbeat_interval) {
+        bail!(
+            "--heartbeat-interval {} is not a number of seconds from 0.1 to 3600",
+            reporting.heartbeat_interval
+        );
+    }
+    let connection = Connection {
+        server,
+        ca: reporting
+            .control_ca
+            .clone()
+            .context("--control-ca is needed with --control-server")?,
+        token_file: reporting.component_token_file.clone(),
+    };
+    let api = Api::new(&connection)?;
+    let every = std::time::Duration::from_secs_f64(reporting.heartbeat_interval);
+    tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            let beat = json!({
+                "healthy": true,
+                "version": env!("CARGO_PKG_VERSION"),
+                "free_bytes": free_bytes(&volume),
+                "attached_disks": attached.as_ref().map(|f| f()),
+            });
+            match api
+                .call(reqwest::Method::POST, "/api/heartbeat", Some(beat))
+                .await
+            {
+                Ok(_) if failing => {
+                    failing = false;
+                    tracing::warn!("heartbeats reach the configuration server again");
+                }
+                Ok(_) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %format!("{e:#}"), "a heartbeat did not reach the configuration server; retrying");
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+    Ok(())
+}

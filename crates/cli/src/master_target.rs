@@ -82,6 +82,8 @@ struct RunArgs {
     /// The master target's name (default: the certificate directory's name).
     #[arg(long)]
     name: Option<String>,
+    #[command(flatten)]
+    reporting: crate::client::Reporting,
 }
 
 pub async fn run(args: MasterTargetArgs, output: Output) -> anyhow::Result<i32> {
@@ -169,6 +171,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             retention.display()
         )
     })?;
+    let retention_dir = retention.clone();
     let (server, metrics) = receiver(Config {
         name,
         tls,
@@ -183,5 +186,19 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         std::sync::Arc::new(move || metrics.render()),
     )
     .await?;
+    // Attached disks: the replica images on the retention volume.
+    let replicas = retention_dir.join("replicas");
+    let attached = Box::new(move || {
+        std::fs::read_dir(&replicas)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|m| std::fs::read_dir(m.path()).ok())
+            .flatten()
+            .flatten()
+            .filter(|f| f.path().extension().is_some_and(|e| e == "img"))
+            .count() as u32
+    });
+    crate::client::start_heartbeats(&args.reporting, retention_dir, Some(attached))?;
     crate::daemon::serve(server, &args.listen, "master target").await
 }

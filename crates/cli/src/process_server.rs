@@ -35,6 +35,8 @@ pub struct ProcessServerArgs {
     /// The process server's name (default: the certificate directory's name).
     #[arg(long)]
     name: Option<String>,
+    #[command(flatten)]
+    reporting: crate::client::Reporting,
 }
 
 pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
@@ -59,5 +61,6 @@ pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
         std::sync::Arc::new(move || metrics.render()),
     )
     .await?;
+    crate::client::start_heartbeats(&args.reporting, args.cache.clone(), None)?;
     crate::daemon::serve(server, &args.listen, "process server").await
 }

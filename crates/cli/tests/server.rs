@@ -862,6 +862,7 @@ fn the_cli_verbs_talk_to_the_api() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600, "the key is the owner's alone");
+    let token_file = identity.join("component.token");
     let ps = Daemon::start(
         env!("CARGO_BIN_EXE_boomerang"),
         &[
@@ -874,12 +875,33 @@ fn the_cli_verbs_talk_to_the_api() {
             "ps1",
             "--cache",
             dir.path().join("cache").to_str().unwrap(),
+            "--control-server",
+            &url,
+            "--control-ca",
+            ca.to_str().unwrap(),
+            "--component-token-file",
+            token_file.to_str().unwrap(),
+            "--heartbeat-interval",
+            "0.2",
         ],
     );
     assert!(ps.addr.starts_with("127.0.0.1:"));
-    let components = json_of(cli(&admin, &["component", "list", "--output", "json"]));
-    assert_eq!(components[0]["name"], "ps1");
-    assert_eq!(components[0]["health"], "never-seen");
+    // Its heartbeats arrive, with the free space of its cache volume.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let ps1 = loop {
+        let components = json_of(cli(&admin, &["component", "list", "--output", "json"]));
+        if components[0]["health"] == "healthy" {
+            break components[0].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no heartbeat: {components}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(ps1["name"], "ps1");
+    assert!(ps1["last"]["free_bytes"].as_u64().unwrap() > 0, "{ps1}");
+    assert_eq!(ps1["last"]["version"], env!("CARGO_PKG_VERSION"));
     // The preflights above failed: those are the alerts, and the human list says so.
     let alerts = json_of(cli(&admin, &["alert", "list", "--output", "json"]));
     let kinds: Vec<&str> = alerts
