@@ -79,6 +79,8 @@ struct RunArgs {
     /// asynchronously with an alert until it catches up.
     #[arg(long, default_value = "async")]
     sync_fallback: Fallback,
+    #[command(flatten)]
+    reporting: crate::client::Reporting,
 }
 
 #[derive(Subcommand, Debug)]
@@ -333,6 +335,12 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     }
     // Everything a client or script may use is ready: announce it. The first line of stdout is
     // the address, for scripts and tests.
+    let disks = args.disks.len() as u32;
+    crate::client::start_heartbeats(
+        &args.reporting,
+        log_dir.clone(),
+        Some(Box::new(move || disks)),
+    )?;
     let shutdown = shutdown_signal()?;
     println!("listening on {}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::watch::channel(false);

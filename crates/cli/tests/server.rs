@@ -902,6 +902,81 @@ fn the_cli_verbs_talk_to_the_api() {
     assert_eq!(ps1["name"], "ps1");
     assert!(ps1["last"]["free_bytes"].as_u64().unwrap() > 0, "{ps1}");
     assert_eq!(ps1["last"]["version"], env!("CARGO_PKG_VERSION"));
+
+    // An agent reports too: its protected disks, the free space of its log volume.
+    let made = json_of(cli(
+        &admin,
+        &[
+            "component",
+            "create",
+            "web01",
+            "--role",
+            "agent",
+            "--site",
+            "site-a",
+            "--output",
+            "json",
+        ],
+    ));
+    let agent_tls = dir.path().join("web01-tls");
+    let out = cli(
+        "",
+        &[
+            "component",
+            "enroll",
+            "--token",
+            made["enrollment_token"].as_str().unwrap(),
+            "--out",
+            agent_tls.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let disk = dir.path().join("disk.img");
+    boomerang_testkit::sparse_file(&disk, 1 << 20);
+    let _agent = Daemon::start(
+        env!("CARGO_BIN_EXE_boomerang"),
+        &[
+            "agent",
+            "--disk",
+            &format!("d0={}", disk.display()),
+            "--listen",
+            "127.0.0.1:0",
+            "--log-dir",
+            dir.path().join("log").to_str().unwrap(),
+            "--control-server",
+            &url,
+            "--control-ca",
+            ca.to_str().unwrap(),
+            "--component-token-file",
+            agent_tls.join("component.token").to_str().unwrap(),
+            "--heartbeat-interval",
+            "0.2",
+        ],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let components = json_of(cli(&admin, &["component", "list", "--output", "json"]));
+        let web01 = components
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "web01")
+            .cloned()
+            .unwrap();
+        if web01["health"] == "healthy" {
+            assert_eq!(web01["last"]["attached_disks"], 1, "{web01}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no heartbeat from the agent: {components}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     // The preflights above failed: those are the alerts, and the human list says so.
     let alerts = json_of(cli(&admin, &["alert", "list", "--output", "json"]));
     let kinds: Vec<&str> = alerts
