@@ -60,8 +60,15 @@ impl Api {
         })?;
         let ca = reqwest::Certificate::from_pem(&pem)
             .with_context(|| format!("{} is not a PEM certificate", c.ca.display()))?;
+        if !c.server.starts_with("https://") {
+            bail!(
+                "{} is not an https:// address: the configuration server speaks HTTPS only, and a token must not travel in clear",
+                c.server
+            );
+        }
         let http = reqwest::Client::builder()
             .tls_certs_only([ca])
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(std::time::Duration::from_secs(60))
             .build()
             .context("could not set up the HTTPS client")?;
@@ -128,6 +135,19 @@ impl Api {
     }
 }
 
+/// A path segment or query value, percent-encoded (anything but letters, digits, `-`, `.`,
+/// `_`, `~`).
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
 fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -159,7 +179,8 @@ pub async fn preflight(args: PreflightArgs, output: Output) -> anyhow::Result<i3
     let api = Api::new(&args.connection)?;
     let mut path = format!(
         "/api/machines/{}/preflight?for={}",
-        args.machine, args.purpose
+        encode(&args.machine),
+        args.purpose
     );
     for (key, value) in [
         ("master_target", &args.master_target),
@@ -167,7 +188,7 @@ pub async fn preflight(args: PreflightArgs, output: Output) -> anyhow::Result<i3
         ("datastore", &args.datastore),
     ] {
         if let Some(v) = value {
-            path.push_str(&format!("&{key}={v}"));
+            path.push_str(&format!("&{key}={}", encode(v)));
         }
     }
     let report = api.get(&path).await?;
@@ -242,7 +263,7 @@ pub async fn machine(cmd: MachineCommand, output: Output) -> anyhow::Result<i32>
         }
         MachineCommand::Show { name, connection } => {
             let m = Api::new(&connection)?
-                .get(&format!("/api/machines/{name}"))
+                .get(&format!("/api/machines/{}", encode(&name)))
                 .await?;
             print_json(&m)?;
         }
@@ -381,9 +402,11 @@ pub enum ComponentCommand {
     /// `--tls DIR` wants it (cert.pem, key.pem, ca.crt), and the component's token
     /// (DIR/component.token).
     Enroll {
-        /// The one-time enrolment token (`component create` printed it).
-        #[arg(long, env = "BOOMERANG_ENROLLMENT_TOKEN")]
-        token: String,
+        /// A file holding the one-time enrolment token (`component create` printed it);
+        /// otherwise BOOMERANG_ENROLLMENT_TOKEN. Never a command-line argument, which other
+        /// users of the machine can read.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
         /// The configuration server, as https://HOST:PORT.
@@ -432,15 +455,39 @@ pub async fn component(cmd: ComponentCommand, output: Output) -> anyhow::Result<
                     "enrolment token for {name} (one use, 24 hours): {}",
                     text(&made["enrollment_token"])
                 );
-                println!("on the component: boomerang component enroll --token <token> --out DIR");
+                println!(
+                    "on the component: BOOMERANG_ENROLLMENT_TOKEN=<token> boomerang component enroll --out DIR"
+                );
             }
         }
         ComponentCommand::Enroll {
-            token,
+            token_file,
             out,
             server,
             ca,
         } => {
+            let token = match &token_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .with_context(|| {
+                        format!("could not read the enrolment token file {}", f.display())
+                    })?
+                    .trim()
+                    .to_string(),
+                None => std::env::var("BOOMERANG_ENROLLMENT_TOKEN").context(
+                    "no enrolment token: give --token-file, or set BOOMERANG_ENROLLMENT_TOKEN",
+                )?,
+            };
+            // The directory first: what the server gives, it gives once.
+            let used =
+                out.exists() && std::fs::read_dir(&out).map_or(true, |mut d| d.next().is_some());
+            if used {
+                bail!(
+                    "{} is not an empty directory: enrol into a new one",
+                    out.display()
+                );
+            }
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("could not create {}", out.display()))?;
             // Enrolment has no bearer token of its own: the one-time token is in the body.
             let connection = Connection {
                 server,
@@ -455,16 +502,22 @@ pub async fn component(cmd: ComponentCommand, output: Output) -> anyhow::Result<
                     Some(json!({"enrollment_token": token})),
                 )
                 .await?;
-            std::fs::create_dir_all(&out)
-                .with_context(|| format!("could not create {}", out.display()))?;
-            for (file, field) in [
+            let files = [
                 ("cert.pem", "certificate"),
                 ("key.pem", "key"),
                 ("ca.crt", "ca"),
                 ("component.token", "component_token"),
-            ] {
-                let path = out.join(file);
-                write_private(&path, got[field].as_str().unwrap_or_default())?;
+            ];
+            if let Some((_, missing)) = files
+                .iter()
+                .find(|(_, f)| got[*f].as_str().is_none_or(str::is_empty))
+            {
+                bail!(
+                    "the configuration server's answer lacks {missing}: enrol again with a new token"
+                );
+            }
+            for (file, field) in files {
+                write_private(&out.join(file), got[field].as_str().unwrap_or_default())?;
             }
             if output == Output::Json {
                 print_json(&json!({"name": got["name"], "role": got["role"], "dir": out}))?;

@@ -840,13 +840,15 @@ fn the_cli_verbs_talk_to_the_api() {
     ));
     let one_time = made["enrollment_token"].as_str().unwrap();
     let identity = dir.path().join("ps1-tls");
+    let token_file = dir.path().join("ps1.enrolment");
+    std::fs::write(&token_file, one_time).unwrap();
     let out = cli(
         "",
         &[
             "component",
             "enroll",
-            "--token",
-            one_time,
+            "--token-file",
+            token_file.to_str().unwrap(),
             "--out",
             identity.to_str().unwrap(),
         ],
@@ -919,13 +921,15 @@ fn the_cli_verbs_talk_to_the_api() {
         ],
     ));
     let agent_tls = dir.path().join("web01-tls");
+    let agent_token = dir.path().join("web01.enrolment");
+    std::fs::write(&agent_token, made["enrollment_token"].as_str().unwrap()).unwrap();
     let out = cli(
         "",
         &[
             "component",
             "enroll",
-            "--token",
-            made["enrollment_token"].as_str().unwrap(),
+            "--token-file",
+            agent_token.to_str().unwrap(),
             "--out",
             agent_tls.to_str().unwrap(),
         ],
@@ -990,6 +994,21 @@ fn the_cli_verbs_talk_to_the_api() {
     assert!(
         table.contains("ACTIVE") && table.contains("machine/web01/failback"),
         "{table}"
+    );
+
+    // Tokens travel over HTTPS only.
+    let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args(["site", "list"])
+        .env("BOOMERANG_SERVER", url.replace("https://", "http://"))
+        .env("BOOMERANG_CA", &ca)
+        .env("BOOMERANG_TOKEN", &admin)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("https://"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     // A wrong token and a wrong CA are named.
@@ -1095,6 +1114,14 @@ fn components_enrol_once_send_heartbeats_and_raise_an_alert_when_silent() {
     );
     assert_eq!(status, 404, "{err}");
     assert!(err["message"].as_str().unwrap().contains("site-z"), "{err}");
+    // The server's own certificate name is not a component's.
+    let (status, err) = req(
+        "POST",
+        "/api/components",
+        Some(&admin),
+        Some(json!({"name": "server", "role": "agent", "site": "site-b"})),
+    );
+    assert_eq!(status, 400, "{err}");
     let (status, enrolment) = req(
         "POST",
         "/api/components",

@@ -111,13 +111,16 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", message)
     }
 
+    /// A fault of the server: the detail goes to its log (with a reference), not to the
+    /// client, which may not be trusted with paths or SQL.
     pub fn internal(message: impl Into<String>) -> Self {
         let message = message.into();
-        tracing::error!(%message, "request failed");
+        let reference: u32 = rand::random();
+        tracing::error!(%message, reference = format!("{reference:08x}"), "request failed");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "INTERNAL",
-            format!("the server failed: {message}; see its log"),
+            format!("the server failed: see its log, reference {reference:08x}"),
         )
     }
 }
@@ -615,6 +618,11 @@ async fn create_component(
     Body(new): Body<NewComponent>,
 ) -> Result<(StatusCode, Json<Enrollment>), ApiError> {
     check_name("component", &new.name)?;
+    if new.name == "server" {
+        return Err(ApiError::bad_request(
+            "\"server\" is the configuration server's own certificate name: name the component otherwise",
+        ));
+    }
     let site = new.site.clone();
     let known = db(&state, move |db| db.get_inventory::<Site>("site", &site)).await?;
     if known.is_none() {
@@ -676,16 +684,20 @@ async fn enroll(
     State(state): State<Arc<AppState>>,
     Body(request): Body<EnrollRequest>,
 ) -> Result<Json<Enrolled>, ApiError> {
-    let component_token = crate::db::secret("bmc");
-    let (t, c) = (request.enrollment_token.clone(), component_token.clone());
-    let Some(row) = db(&state, move |db| db.enroll(&t, &c)).await? else {
-        state.audit("anonymous", "POST /api/enroll", "denied").await;
-        return Err(ApiError::new_public(
+    let denied = || {
+        ApiError::new_public(
             StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
             "this enrolment token is unknown, used or expired: ask an admin to name the component again (POST /api/components)",
-        ));
+        )
     };
+    let t = request.enrollment_token.clone();
+    let Some(row) = db(&state, move |db| db.pending_enrollment(&t)).await? else {
+        state.audit("anonymous", "POST /api/enroll", "denied").await;
+        return Err(denied());
+    };
+    // The certificate first, the token used up last: a failure in between leaves the
+    // enrolment as it was, for another try.
     let dir = state.dir.clone();
     let (name, role, hosts) = (row.name.clone(), row.role, row.hosts.clone());
     let issued =
@@ -695,14 +707,27 @@ async fn enroll(
             boomerang_wire::pki::issue(&dir, &name, CertRole::Wire(role.wire()), &hosts, 825)
                 .map_err(|e| e.to_string())?;
             let read = |f: &str| std::fs::read_to_string(out.join(f)).map_err(|e| e.to_string());
-            let files = (read("cert.pem")?, read("key.pem")?, read("ca.crt")?);
-            // The key leaves with the component; the server keeps none.
-            std::fs::remove_file(out.join("key.pem")).map_err(|e| e.to_string())?;
+            let files: Result<_, String> =
+                (|| Ok((read("cert.pem")?, read("key.pem")?, read("ca.crt")?)))();
+            // The key leaves with the component; the server keeps none, whatever happened.
+            let removed = std::fs::remove_file(out.join("key.pem"));
+            let files = files?;
+            removed.map_err(|e| e.to_string())?;
             Ok(files)
         })
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(ApiError::internal)?;
+    let component_token = crate::db::secret("bmc");
+    let (id, t, c) = (
+        row.id,
+        request.enrollment_token.clone(),
+        component_token.clone(),
+    );
+    if !db(&state, move |db| db.complete_enrollment(id, &t, &c)).await? {
+        state.audit("anonymous", "POST /api/enroll", "denied").await;
+        return Err(denied());
+    }
     state.audit(&row.name, "POST /api/enroll", "ok").await;
     Ok(Json(Enrolled {
         name: row.name,
@@ -974,8 +999,10 @@ async fn preflight(
         reachable: &reachable,
         group: group.as_ref(),
     });
-    // A failed preflight is an alert until one for the same machine and purpose passes.
-    if machine.is_some() {
+    // A failed preflight is an alert until one for the same machine and purpose passes; only
+    // the default choice of components counts (another choice is a what-if).
+    let default = q.master_target.is_none() && q.process_server.is_none() && q.datastore.is_none();
+    if machine.is_some() && default {
         let object = format!(
             "machine/{name}/{}",
             if q.purpose == Purpose::Failback {

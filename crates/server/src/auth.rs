@@ -79,7 +79,7 @@ async fn component(
             let db = state.db.clone();
             match tokio::task::spawn_blocking(move || db.find_component(&t)).await {
                 Ok(Ok(found)) => found,
-                Ok(Err(e)) => return ApiError::internal(e.to_string()).into_response(),
+                Ok(Err(e)) => return ApiError::from(e).into_response(),
                 Err(e) => return ApiError::internal(e.to_string()).into_response(),
             }
         }
@@ -120,7 +120,10 @@ pub async fn authorize(
 ) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
-    let action = format!("{method} {path}");
+    // The audit keeps at most 200 characters of a path: a denied request must not fill the
+    // disk with whatever an anonymous client sends.
+    let shown: String = path.chars().take(200).collect();
+    let action = format!("{method} {shown}");
     // Enrolment carries its one-time token in the body: the handler checks and audits it.
     if path == "/api/enroll" {
         return next.run(request).await;
@@ -137,7 +140,7 @@ pub async fn authorize(
             let db = state.db.clone();
             match tokio::task::spawn_blocking(move || db.find_token(&t)).await {
                 Ok(Ok(found)) => found,
-                Ok(Err(e)) => return ApiError::internal(e.to_string()).into_response(),
+                Ok(Err(e)) => return ApiError::from(e).into_response(),
                 Err(e) => return ApiError::internal(e.to_string()).into_response(),
             }
         }

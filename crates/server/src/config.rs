@@ -146,6 +146,15 @@ impl ServerConfig {
         config.tls = base.join(&config.tls);
         config.inventory = config.inventory.iter().map(|p| base.join(p)).collect();
         config.dir = base.to_path_buf();
+        if !(1..=86400).contains(&config.heartbeat_timeout_seconds) {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                why: format!(
+                    "heartbeat_timeout_seconds is {}: use 1 to 86400",
+                    config.heartbeat_timeout_seconds
+                ),
+            });
+        }
         Ok(config)
     }
 }

@@ -475,10 +475,7 @@ impl Db {
     }
 
     pub fn get_policy(&self, name: &str) -> Result<Option<Policy>, DbError> {
-        let sql = format!(
-            "SELECT {POLICY_COLUMNS} FROM policies p LEFT JOIN policies o ON p.failback_of = o.id WHERE p.name = ?1"
-        );
-        Ok(self.conn().query_row(&sql, [name], row_policy).optional()?)
+        get_policy_in(&self.conn(), name)
     }
 
     pub fn list_policies(&self, after: i64, limit: u32) -> Result<Vec<Policy>, DbError> {
@@ -491,40 +488,53 @@ impl Db {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// A replication policy's new settings; a failback policy is refused.
+    /// A replication policy's new settings; a failback policy is refused. One transaction.
     pub fn update_policy(&self, name: &str, settings: &PolicySettings) -> Result<Policy, DbError> {
-        let policy = self.editable_policy(name)?;
-        self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let policy = editable_policy(&tx, name)?;
+        tx.execute(
             "UPDATE policies SET rpo_threshold_s = ?2, retention_s = ?3, app_consistent_s = ?4 WHERE id = ?1",
             params![policy.id, settings.rpo_threshold_seconds as i64, settings.retention_seconds as i64, settings.app_consistent_seconds as i64],
         )?;
-        self.get_policy(name)?
-            .ok_or_else(|| DbError::NotFound(format!("policy {name:?} vanished")))
+        let updated = get_policy_in(&tx, name)?
+            .ok_or_else(|| DbError::NotFound(format!("policy {name:?} vanished")))?;
+        tx.commit()?;
+        Ok(updated)
     }
 
     /// Deletes a replication policy and its failback policy; a failback policy alone is
-    /// refused.
+    /// refused. One transaction.
     pub fn delete_policy(&self, name: &str) -> Result<Policy, DbError> {
-        let policy = self.editable_policy(name)?;
-        self.conn()
-            .execute("DELETE FROM policies WHERE id = ?1", [policy.id])?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let policy = editable_policy(&tx, name)?;
+        tx.execute("DELETE FROM policies WHERE id = ?1", [policy.id])?;
+        tx.commit()?;
         Ok(policy)
     }
+}
 
-    fn editable_policy(&self, name: &str) -> Result<Policy, DbError> {
-        let policy = self.get_policy(name)?.ok_or_else(|| {
-            DbError::NotFound(format!(
-                "there is no policy {name:?}: list them with GET /api/policies"
-            ))
-        })?;
-        if policy.kind == PolicyKind::Failback {
-            return Err(DbError::Conflict(format!(
-                "{name:?} is the failback policy of {:?}: it is created with its replication policy, bound to the configuration server, and cannot be edited or deleted (RPO threshold 15 min, retention 24 h, app-consistent every 60 min); change or delete the replication policy instead",
-                policy.failback_of.as_deref().unwrap_or("?")
-            )));
-        }
-        Ok(policy)
+fn get_policy_in(conn: &Connection, name: &str) -> Result<Option<Policy>, DbError> {
+    let sql = format!(
+        "SELECT {POLICY_COLUMNS} FROM policies p LEFT JOIN policies o ON p.failback_of = o.id WHERE p.name = ?1"
+    );
+    Ok(conn.query_row(&sql, [name], row_policy).optional()?)
+}
+
+fn editable_policy(conn: &Connection, name: &str) -> Result<Policy, DbError> {
+    let policy = get_policy_in(conn, name)?.ok_or_else(|| {
+        DbError::NotFound(format!(
+            "there is no policy {name:?}: list them with GET /api/policies"
+        ))
+    })?;
+    if policy.kind == PolicyKind::Failback {
+        return Err(DbError::Conflict(format!(
+            "{name:?} is the failback policy of {:?}: it is created with its replication policy, bound to the configuration server, and cannot be edited or deleted (RPO threshold 15 min, retention 24 h, app-consistent every 60 min); change or delete the replication policy instead",
+            policy.failback_of.as_deref().unwrap_or("?")
+        )));
     }
+    Ok(policy)
 }
 
 use crate::components::{Alert, ComponentRole, Heartbeat};
@@ -594,36 +604,34 @@ impl Db {
         Ok((token, expires))
     }
 
-    /// Trades an enrolment token for the component (once); `component_token` becomes its
-    /// bearer token. None for an unknown, used or expired token.
-    pub fn enroll(
+    /// The component an enrolment token names, if the token is good (unused, unexpired).
+    pub fn pending_enrollment(&self, token: &str) -> Result<Option<ComponentRow>, DbError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {COMPONENT_COLUMNS} FROM components WHERE enroll_hash = ?1 AND enroll_expires_ms >= ?2"
+                ),
+                params![hash(token), now_ms()],
+                row_component,
+            )
+            .optional()?)
+    }
+
+    /// Uses up enrolment token `token` of component `id`, making `component_token` its
+    /// bearer token; false when the token was used or expired meanwhile.
+    pub fn complete_enrollment(
         &self,
+        id: i64,
         token: &str,
         component_token: &str,
-    ) -> Result<Option<ComponentRow>, DbError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let found: Option<(i64, i64)> = tx
-            .query_row(
-                "SELECT id, enroll_expires_ms FROM components WHERE enroll_hash = ?1",
-                [hash(token)],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let Some((id, _)) = found.filter(|(_, expires)| *expires >= now_ms()) else {
-            return Ok(None);
-        };
-        tx.execute(
-            "UPDATE components SET enroll_hash = NULL, enroll_expires_ms = NULL, token_hash = ?2, enrolled_ms = ?3 WHERE id = ?1",
-            params![id, hash(component_token), now_ms()],
+    ) -> Result<bool, DbError> {
+        let changed = self.conn().execute(
+            "UPDATE components SET enroll_hash = NULL, enroll_expires_ms = NULL, token_hash = ?3, enrolled_ms = ?4
+             WHERE id = ?1 AND enroll_hash = ?2 AND enroll_expires_ms >= ?4",
+            params![id, hash(token), hash(component_token), now_ms()],
         )?;
-        let row = tx.query_row(
-            &format!("SELECT {COMPONENT_COLUMNS} FROM components WHERE id = ?1"),
-            [id],
-            row_component,
-        )?;
-        tx.commit()?;
-        Ok(Some(row))
+        Ok(changed == 1)
     }
 
     /// The component whose bearer token is `token`.
