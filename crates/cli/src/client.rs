@@ -58,8 +58,8 @@ impl Api {
                 c.ca.display()
             )
         })?;
-        let ca = reqwest::Certificate::from_pem(&pem)
-            .with_context(|| format!("{} is not a PEM certificate", c.ca.display()))?;
+        let tls = boomerang_wire::tls::api_client_config(&pem)
+            .with_context(|| format!("{} is not a usable CA certificate", c.ca.display()))?;
         if !c.server.starts_with("https://") {
             bail!(
                 "{} is not an https:// address: the configuration server speaks HTTPS only, and a token must not travel in clear",
@@ -67,7 +67,7 @@ impl Api {
             );
         }
         let http = reqwest::Client::builder()
-            .tls_certs_only([ca])
+            .tls_backend_preconfigured((*tls).clone())
             .redirect(reqwest::redirect::Policy::none())
             .timeout(std::time::Duration::from_secs(60))
             .build()

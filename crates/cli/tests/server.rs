@@ -996,6 +996,43 @@ fn the_cli_verbs_talk_to_the_api() {
         "{table}"
     );
 
+    // A component's certificate, from the same CA and valid for the same address, does not
+    // pass for the configuration server: a server that shows it gets no token.
+    let impostor = dir.path().join("impostor");
+    std::fs::create_dir_all(&impostor).unwrap();
+    std::fs::write(
+        impostor.join("server.toml"),
+        format!(
+            "tls = {:?}\ndatabase = \"impostor.db\"\n",
+            identity.display().to_string()
+        ),
+    )
+    .unwrap();
+    let fake = Daemon::start(
+        env!("CARGO_BIN_EXE_boomerang"),
+        &[
+            "server",
+            "--config",
+            impostor.join("server.toml").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args(["site", "list"])
+        .env("BOOMERANG_SERVER", format!("https://{}", fake.addr))
+        .env("BOOMERANG_CA", &ca)
+        .env("BOOMERANG_TOKEN", &admin)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the impostor was believed");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("could not reach"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(fake);
+
     // Tokens travel over HTTPS only.
     let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
         .args(["site", "list"])

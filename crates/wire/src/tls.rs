@@ -135,6 +135,79 @@ impl TlsIdentity {
     }
 }
 
+/// The settings of a client of the configuration server's HTTPS API. It trusts only the
+/// site's CA (`ca_pem`), and only a certificate that carries the configuration server's own
+/// identity name, whatever address it was reached at: a component's certificate from the same
+/// CA, even one valid for that address, is refused, so a component cannot pose as the server
+/// and collect users' tokens.
+pub fn api_client_config(ca_pem: &[u8]) -> Result<Arc<ClientConfig>, TlsError> {
+    let cfg = |e: rustls::Error| TlsError::Config(e.to_string());
+    let ca = CertificateDer::from_pem_slice(ca_pem)
+        .map_err(|e| TlsError::Config(format!("the CA certificate: {e}")))?;
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(ca)
+        .map_err(|e| TlsError::Config(format!("the CA certificate: {e}")))?;
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+    let name = ServerName::try_from(identity(CertRole::Server, "server"))
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(cfg)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ServerIdentity { inner, name }))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Checks a server certificate against the configuration server's identity name instead of
+/// the address dialled (see [`api_client_config`]).
+#[derive(Debug)]
+struct ServerIdentity {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ServerIdentity {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _dialled: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
