@@ -63,7 +63,7 @@ pub struct ApiError {
     #[serde(skip)]
     status: StatusCode,
     /// Stable across versions: `BAD_REQUEST`, `UNAUTHORIZED`, `FORBIDDEN`, `NOT_FOUND`,
-    /// `CONFLICT`, `STORAGE_FULL`, `BUSY`, `INTERNAL`.
+    /// `CONFLICT`, `STORAGE_FULL`, `BUSY`, `UNAVAILABLE`, `INTERNAL`.
     pub code: &'static str,
     /// What went wrong and how to fix it.
     pub message: String,
@@ -459,7 +459,8 @@ pub struct Refreshed {
 /// the answer is 400 naming the file, the line and the column, or the object.
 #[utoipa::path(post, path = "/api/inventory/refresh", tag = "inventory",
     responses((status = 200, body = Refreshed), (status = 400, body = ApiError),
-        (status = 401, body = ApiError), (status = 403, body = ApiError)),
+        (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 503, body = ApiError)),
     security(("bearer" = [])))]
 async fn refresh_inventory(
     State(state): State<Arc<AppState>>,
@@ -468,7 +469,17 @@ async fn refresh_inventory(
     let loaded = tokio::task::spawn_blocking(move || crate::inventory::load_all(&sources))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        .map_err(|e| match e {
+            // The operator's file: 400 naming the file, line and column, or the object.
+            crate::inventory::InventoryError::Syntax { .. }
+            | crate::inventory::InventoryError::Invalid(_) => ApiError::bad_request(e.to_string()),
+            // The server cannot read its own configuration's files.
+            other => ApiError::new_public(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                other.to_string(),
+            ),
+        })?;
     let counts = Refreshed {
         sites: loaded.sites.len(),
         hosts: loaded.hosts.len(),

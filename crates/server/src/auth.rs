@@ -1,6 +1,7 @@
 //! Bearer tokens and roles. Every request under `/api` is authorized here, before any handler:
 //! no token or an unknown one is 401, too weak a role 403, and both are audited, as is every
-//! request that changes something.
+//! request that changes something. Heartbeats are the exception: a component's own report,
+//! every few seconds, recorded on the component itself rather than in the audit log.
 
 use std::sync::Arc;
 
