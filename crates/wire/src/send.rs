@@ -53,6 +53,8 @@ pub struct ShipConfig {
 
 /// Most bytes of records in one frame.
 const BATCH: usize = 4 << 20;
+/// How long a stopping sender waits for the acks of what it sent.
+const BYE_WAIT: Duration = Duration::from_secs(3);
 /// How often the tail of the log is polled for new records.
 const POLL: Duration = Duration::from_millis(10);
 /// The most a connection, its handshakes and the opening of the stream may take.
@@ -238,6 +240,23 @@ async fn stream<S: Source>(
                 }
             } => continue,
             _ = stop.changed() => {
+                // Wait a little for the acks of what is in flight, so that the log can drop
+                // it and the receiver is not cut off mid-batch; then say goodbye.
+                let deadline = tokio::time::Instant::now() + BYE_WAIT;
+                while out.durable().map_or(0, |d| d.0) < out.next_seq().0.saturating_sub(1) {
+                    match tokio::time::timeout_at(deadline, frames.recv()).await {
+                        Ok(Some(Ok(Frame::Ack { durable, credit }))) => {
+                            out.acked(durable, credit)
+                                .map_err(|v| WireError::Protocol(v.message))?;
+                            log.release_through(durable).map_err(|why| ShipError::Log {
+                                dir: dir.clone(),
+                                why,
+                            })?;
+                        }
+                        Ok(Some(Ok(_))) => {}
+                        _ => break,
+                    }
+                }
                 let _ = wr.send(&Frame::Bye).await;
                 return Ok(());
             }
