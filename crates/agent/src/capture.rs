@@ -226,13 +226,17 @@ impl CaptureDevice {
     /// disk, so it lands in the log exactly where it was read: a change logged before it is
     /// already in it, one logged after it is applied after it downstream.
     pub fn copy_chunk(&self, offset: u64, len: u64, target: Target<'_>) -> io::Result<Copied> {
-        self.relog(offset, len, target)
+        self.relog(offset, len, target, false)
     }
 
     /// Reads `len` bytes of the disk from `offset` under the log lock, once every change
     /// logged before reached the disk, and logs the blocks that differ from `target`: data,
     /// or a zero record for a run of zero blocks.
-    fn relog(&self, offset: u64, len: u64, target: Target<'_>) -> io::Result<Copied> {
+    ///
+    /// With `clear`, the range leaves the dirty-block bitmap before the log lock is released:
+    /// a change to it after that is logged (or, if the log is capped again, marked again),
+    /// never lost between the resend and the clear.
+    fn relog(&self, offset: u64, len: u64, target: Target<'_>, clear: bool) -> io::Result<Copied> {
         let mut log = self.log()?;
         if log.is_capped() {
             return Err(io::Error::other(
@@ -291,6 +295,12 @@ impl CaptureDevice {
             self.log_zeros(&mut log, zeros.take())?;
         }
         self.log_zeros(&mut log, zeros)?;
+        if clear {
+            let mut bitmap = self.bitmap()?;
+            bitmap.clear(offset, len)?;
+            bitmap.sync()?;
+        }
+        drop(log);
         Ok(copied)
     }
 
@@ -320,11 +330,7 @@ impl CaptureDevice {
     /// replica holds older data there, so `target` is a digest or unknown) and clears it from
     /// the bitmap. A change to the range meanwhile is logged: the log is no longer capped.
     pub fn resend(&self, offset: u64, len: u64, target: Target<'_>) -> io::Result<Copied> {
-        let copied = self.relog(offset, len, target)?;
-        let mut bitmap = self.bitmap()?;
-        bitmap.clear(offset, len)?;
-        bitmap.sync()?;
-        Ok(copied)
+        self.relog(offset, len, target, true)
     }
 
     /// The disk's name.

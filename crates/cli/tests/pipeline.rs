@@ -631,7 +631,7 @@ fn marks_between_checkpoints_are_points_the_incoming_log_brings_a_checkpoint_to(
         .unwrap();
     assert!(!early.status.success());
     assert!(
-        String::from_utf8_lossy(&early.stderr).contains("choose a later point"),
+        String::from_utf8_lossy(&early.stderr).contains("not a recovery point"),
         "{}",
         String::from_utf8_lossy(&early.stderr)
     );

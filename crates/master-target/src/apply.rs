@@ -47,7 +47,9 @@ pub(crate) fn image_path(retention: &Path, stream: &str, disk: &DiskName) -> Pat
 }
 
 /// Starts the applier of `stream` on a thread of its own; it reports where it stands on
-/// `position`.
+/// `position`. `before` is the last record durable before this process took any: an earlier
+/// process may have applied records up to it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn(
     retention: PathBuf,
     stream: String,
@@ -56,6 +58,7 @@ pub(crate) fn spawn(
     log_window: Duration,
     durable: watch::Receiver<Seq>,
     position: watch::Sender<Position>,
+    before: Seq,
 ) {
     let name = format!("apply-{stream}");
     let started = std::thread::Builder::new().name(name).spawn(move || {
@@ -78,8 +81,11 @@ pub(crate) fn spawn(
                 every,
                 log_window,
                 last_point: None,
+                replay_until: Seq(0),
             };
-            match runtime.block_on(applier.run(durable.clone(), &position, run)) {
+            // A run after an error may have applied anything durable by now.
+            let bound = if run == 1 { before } else { *durable.borrow() };
+            match runtime.block_on(applier.run(durable.clone(), &position, run, bound)) {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::error!(%stream, error = %boomerang_core::chain(&e), retry_in = ?backoff, "applying the incoming log stopped; retrying");
@@ -111,6 +117,10 @@ struct Applier {
     /// How long applied incoming segments are kept.
     log_window: Duration,
     last_point: Option<std::time::Instant>,
+    /// Records up to this one may have been applied to the images by an earlier run (the
+    /// images are not rolled back to the last checkpoint): their marks make no checkpoint,
+    /// since an image block may already hold a later write. They stay points through the log.
+    replay_until: Seq,
 }
 
 impl Applier {
@@ -135,6 +145,7 @@ impl Applier {
         mut durable: watch::Receiver<Seq>,
         position: &watch::Sender<Position>,
         run: u64,
+        bound: Seq,
     ) -> Result<(), ApplyError> {
         let dir = self.dir();
         std::fs::create_dir_all(&dir).map_err(Self::io("create", &dir))?;
@@ -144,6 +155,12 @@ impl Applier {
         )
         .await?;
         let applied = read_applied(&dir.join("applied"));
+        // An earlier run applied records, perhaps past `applied`, but none past `bound`.
+        let earlier = dir.join("applied").exists() || has_images(&dir);
+        self.replay_until = if earlier { bound } else { Seq(0) };
+        if self.replay_until > applied {
+            tracing::info!(stream = %self.stream, from = %Seq(applied.0 + 1), to = %self.replay_until, "applying records again after a restart: their marks are points through the incoming log, checkpoints resume after them");
+        }
         let incoming = self.retention.join("incoming").join(&self.stream);
         let mut tail = LogTail::open(&incoming, Seq(applied.0 + 1))?;
         position.send_replace(Position { run, applied });
@@ -196,6 +213,9 @@ impl Applier {
         let block = self.block_size;
         if let Op::Mark { kind, time, .. } = record.op {
             self.note_mark(record.seq, kind, time.0);
+            if record.seq <= self.replay_until {
+                return Ok(());
+            }
             // Crash marks come every few seconds; a point costs the blocks changed since
             // the last one, so close ones are thinned (app and group marks always count).
             let due = self.last_point.is_none_or(|at| at.elapsed() >= self.every);
@@ -311,6 +331,15 @@ pub(crate) fn write_op(
         }
         Op::Mark { .. } => Ok(None),
     }
+}
+
+/// Whether `dir` holds a replica image.
+fn has_images(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == "img"))
+    })
 }
 
 /// The index of a stream's marks (see `Applier::note_mark`).

@@ -166,6 +166,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartEr
                 window,
                 rx,
                 at,
+                Seq(records.first_seq().0.saturating_sub(1)),
             );
             all.insert(stream.to_string(), tx);
         },

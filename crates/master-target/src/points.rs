@@ -60,6 +60,14 @@ pub enum PointsError {
         "the incoming log of {stream} ends at seq {last}, before seq {seq}: that point has not arrived yet"
     )]
     NotYet { stream: String, seq: u64, last: u64 },
+    #[error(
+        "seq {seq} of disk {disk} of {stream} is not a recovery point (a checkpoint or a mark the log holds): a position between marks may hold a write cut in pieces or a copy half done; choose one from `master-target points`"
+    )]
+    NotAPoint {
+        stream: String,
+        disk: DiskName,
+        seq: u64,
+    },
     #[error(transparent)]
     Apply(#[from] ApplyError),
 }
@@ -198,6 +206,18 @@ pub async fn export_at(
     seq: u64,
     out: &Path,
 ) -> Result<(PointId, u64), PointsError> {
+    // Only a listed point: anywhere else the disk may be in the middle of a change.
+    if !list(retention, stream, disk)
+        .await?
+        .iter()
+        .any(|p| p.seq == seq)
+    {
+        return Err(PointsError::NotAPoint {
+            stream: stream.to_string(),
+            disk: disk.clone(),
+            seq,
+        });
+    }
     let store = open_store(retention, stream).await?;
     let base = store
         .points(Some(disk))

@@ -308,3 +308,98 @@ async fn a_digest_describes_the_replica_once_the_records_before_it_are_applied()
         "the hashes of the disk after the last record"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_replayed_marks_make_no_point_from_a_newer_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    pki::init_ca(&ca).unwrap();
+    pki::issue(
+        &ca,
+        "mt1",
+        CertRole::Wire(Role::MasterTarget),
+        &["127.0.0.1".into()],
+        30,
+    )
+    .unwrap();
+    pki::issue(&ca, "ps1", CertRole::Wire(Role::ProcessServer), &[], 30).unwrap();
+    let retention = dir.path().join("retention");
+    let mut work = Workload {
+        seq: 0,
+        disk: vec![0u8; SIZE as usize],
+        at_marks: Vec::new(),
+        rng: boomerang_core::sample::XorShift::new(23),
+    };
+    let (addr, stop) = start_thinned(&ca, &retention).await;
+    let (mut client, _) = open(&addr, &ca, vec![sda()]).await.unwrap();
+    for _ in 0..12 {
+        let batch: Vec<Record> = (0..10).map(|_| work.next()).collect();
+        client.send(&batch).await;
+    }
+    // Let the applier catch up, then stop this master target (its applier ends with it).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(client);
+    stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let (addr, _stop) = start_thinned(&ca, &retention).await;
+    let (mut client, _) = loop {
+        match open(&addr, &ca, vec![sda()]).await {
+            Ok(c) => break c,
+            Err(WireError::Refused {
+                code: ErrorCode::StreamBusy,
+                ..
+            }) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    for _ in 0..3 {
+        let batch: Vec<Record> = (0..10).map(|_| work.next()).collect();
+        client.send(&batch).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Every point the store holds is the disk at its mark.
+    let store = Store::open(replica_store(&retention, "web01").to_str().unwrap())
+        .await
+        .unwrap();
+    let points = store.points(Some(&sda())).await.unwrap();
+    assert!(
+        points.len() >= 2,
+        "a checkpoint before and one after the restart"
+    );
+    for point in &points {
+        let seq = point.seq.unwrap();
+        let (_, want) = work
+            .at_marks
+            .iter()
+            .find(|(s, _)| *s == seq)
+            .expect("points are at marks");
+        let out = dir.path().join(format!("p{}.img", point.id));
+        store.export_raw(point, &out, &NoProgress).await.unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == *want,
+            "point {} at mark seq {seq} holds the disk at that mark",
+            point.id
+        );
+    }
+}
+
+/// A master target whose checkpoints are an hour apart: after the first mark, marks are
+/// thinned, so the image runs ahead of the last checkpoint.
+async fn start_thinned(ca: &Path, retention: &Path) -> (String, tokio::sync::watch::Sender<bool>) {
+    let (server, _) = receiver(Config {
+        name: "mt1".into(),
+        tls: TlsIdentity::load(&ca.join("issued/mt1")).unwrap(),
+        retention: retention.to_path_buf(),
+        max_disks: 2,
+        block_size: 4096,
+        point_every: Duration::from_secs(3600),
+        log_window: Duration::from_secs(3600),
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(Arc::clone(&server).serve(listener, stopped));
+    (addr, stop)
+}
