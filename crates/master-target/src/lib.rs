@@ -14,7 +14,9 @@
 //! A recovery point is exactly the disk at its mark: records are applied in log order and the
 //! point is committed before any record after the mark is applied. After a crash the applier
 //! starts again after the last committed mark; the records after it are applied again (in
-//! order, so harmlessly) from the incoming log.
+//! order, so harmlessly) from the incoming log. Their marks make no checkpoint, though: until
+//! the replay has passed every record the earlier run may have applied, an image block can
+//! hold a later write. Those marks stay recovery points through the incoming log.
 
 mod apply;
 mod digest;
