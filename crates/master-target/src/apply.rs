@@ -154,6 +154,22 @@ impl Applier {
             self.block_size,
         )
         .await?;
+        // Every disk already replicated takes part in every checkpoint from the start, not
+        // only once a write reaches it: a quiet disk keeps getting points.
+        for entry in std::fs::read_dir(&dir)
+            .map_err(Self::io("list", &dir))?
+            .flatten()
+        {
+            let path = entry.path();
+            if path.extension().is_some_and(|x| x == "img")
+                && let Some(disk) = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .and_then(|s| DiskName::new(s).ok())
+            {
+                self.replica(&disk)?;
+            }
+        }
         let applied = read_applied(&dir.join("applied"));
         // An earlier run applied records, perhaps past `applied`, but none past `bound`.
         let earlier = dir.join("applied").exists() || has_images(&dir);

@@ -403,3 +403,76 @@ async fn start_thinned(ca: &Path, retention: &Path) -> (String, tokio::sync::wat
     tokio::spawn(Arc::clone(&server).serve(listener, stopped));
     (addr, stop)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_disk_keeps_getting_points_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    pki::init_ca(&ca).unwrap();
+    pki::issue(
+        &ca,
+        "mt1",
+        CertRole::Wire(Role::MasterTarget),
+        &["127.0.0.1".into()],
+        30,
+    )
+    .unwrap();
+    pki::issue(&ca, "ps1", CertRole::Wire(Role::ProcessServer), &[], 30).unwrap();
+    let retention = dir.path().join("retention");
+    let sdb = DiskName::new("sdb").unwrap();
+    let mark = |seq: u64| Record {
+        seq: Seq(seq),
+        op: Op::Mark {
+            kind: MarkKind::App,
+            id: MarkId(seq),
+            time: UnixNanos(seq),
+        },
+    };
+    let write = |seq: u64, disk: &DiskName| Record {
+        seq: Seq(seq),
+        op: Op::Write {
+            disk: disk.clone(),
+            offset: 0,
+            data: vec![seq as u8; 4096],
+        },
+    };
+    let (addr, stop, _) = start(&ca, &retention, 2).await;
+    let (mut client, _) = open(&addr, &ca, vec![sda(), sdb.clone()]).await.unwrap();
+    client
+        .send(&[write(1, &sda()), write(2, &sdb), mark(3)])
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(client);
+    stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // After the restart only sda is written; sdb still gets a point at the next mark.
+    let (addr, _stop, _) = start(&ca, &retention, 2).await;
+    let (mut client, _) = loop {
+        match open(&addr, &ca, vec![sda(), sdb.clone()]).await {
+            Ok(c) => break c,
+            Err(WireError::Refused {
+                code: ErrorCode::StreamBusy,
+                ..
+            }) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    client.send(&[write(4, &sda()), mark(5)]).await;
+    let store_path = replica_store(&retention, "web01");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let store = Store::open(store_path.to_str().unwrap()).await.unwrap();
+        let seqs = |points: Vec<boomerang_store::PointManifest>| -> Vec<u64> {
+            points.iter().filter_map(|p| p.seq.map(|s| s.0)).collect()
+        };
+        let on_sda = seqs(store.points(Some(&sda())).await.unwrap());
+        let on_sdb = seqs(store.points(Some(&sdb)).await.unwrap());
+        if on_sda == [3, 5] {
+            assert_eq!(on_sdb, [3, 5], "the quiet disk has a point at every mark");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no point at mark 5: {on_sda:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
