@@ -340,6 +340,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         &args.reporting,
         log_dir.clone(),
         Some(Box::new(move || disks)),
+        None,
     )?;
     let shutdown = shutdown_signal()?;
     println!("listening on {}", listener.local_addr()?);

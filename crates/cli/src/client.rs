@@ -618,6 +618,7 @@ pub fn start_heartbeats(
     reporting: &Reporting,
     volume: PathBuf,
     attached: Option<Box<dyn Fn() -> u32 + Send>>,
+    master_target: Option<String>,
 ) -> anyhow::Result<()> {
     let Some(server) = reporting.control_server.clone() else {
         return Ok(());
@@ -641,11 +642,21 @@ pub fn start_heartbeats(
     tokio::spawn(async move {
         let mut failing = false;
         loop {
+            // A process server says whether its master target answers (a TCP connection).
+            let mut reachable = None;
+            if let Some(addr) = &master_target {
+                let connect = tokio::net::TcpStream::connect(addr.as_str());
+                reachable = Some(matches!(
+                    tokio::time::timeout(std::time::Duration::from_secs(3), connect).await,
+                    Ok(Ok(_))
+                ));
+            }
             let beat = json!({
                 "healthy": true,
                 "version": env!("CARGO_PKG_VERSION"),
                 "free_bytes": free_bytes(&volume),
                 "attached_disks": attached.as_ref().map(|f| f()),
+                "master_target_reachable": reachable,
             });
             match api
                 .call(reqwest::Method::POST, "/api/heartbeat", Some(beat))

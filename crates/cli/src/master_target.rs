@@ -199,6 +199,6 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             .filter(|f| f.path().extension().is_some_and(|e| e == "img"))
             .count() as u32
     });
-    crate::client::start_heartbeats(&args.reporting, retention_dir, Some(attached))?;
+    crate::client::start_heartbeats(&args.reporting, retention_dir, Some(attached), None)?;
     crate::daemon::serve(server, &args.listen, "master target").await
 }

@@ -61,6 +61,11 @@ pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
         std::sync::Arc::new(move || metrics.render()),
     )
     .await?;
-    crate::client::start_heartbeats(&args.reporting, args.cache.clone(), None)?;
+    crate::client::start_heartbeats(
+        &args.reporting,
+        args.cache.clone(),
+        None,
+        args.master_target.clone(),
+    )?;
     crate::daemon::serve(server, &args.listen, "process server").await
 }

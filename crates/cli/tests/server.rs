@@ -644,16 +644,23 @@ address = "{ps_addr}"
     let get = |path: &str| call(d, "127.0.0.1", &port, "GET", path, Some(&admin), None);
     let (status, report) = get("/api/machines/web01/preflight?for=failback");
     assert_eq!(status, 200, "{report}");
-    let failed: Vec<&str> = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["passed"] == false)
-        .map(|c| c["code"].as_str().unwrap())
-        .collect();
+    let failed = |severity: &str| -> Vec<String> {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["passed"] == false && c["severity"] == severity)
+            .map(|c| c["code"].as_str().unwrap().to_string())
+            .collect()
+    };
     // The master target's machine has a snapshot; everything else holds, the process server
-    // answered.
-    assert_eq!(failed, ["MT_HAS_SNAPSHOTS"], "{report}");
+    // answered. It is not enrolled, so its own links are unknown: warnings.
+    assert_eq!(failed("error"), ["MT_HAS_SNAPSHOTS"], "{report}");
+    assert_eq!(
+        failed("warning"),
+        ["PS_CS_UNREACHABLE", "PS_MT_UNREACHABLE"],
+        "{report}"
+    );
     assert_eq!(report["ok"], false);
     assert_eq!(report["for"], "failback");
     assert_eq!(report["master_target"], "mt1");
@@ -885,6 +892,9 @@ fn the_cli_verbs_talk_to_the_api() {
             token_file.to_str().unwrap(),
             "--heartbeat-interval",
             "0.2",
+            // Nothing listens there: the heartbeats say the master target does not answer.
+            "--master-target",
+            "127.0.0.1:1",
         ],
     );
     assert!(ps.addr.starts_with("127.0.0.1:"));
@@ -904,6 +914,7 @@ fn the_cli_verbs_talk_to_the_api() {
     assert_eq!(ps1["name"], "ps1");
     assert!(ps1["last"]["free_bytes"].as_u64().unwrap() > 0, "{ps1}");
     assert_eq!(ps1["last"]["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(ps1["last"]["master_target_reachable"], false, "{ps1}");
 
     // An agent reports too: its protected disks, the free space of its log volume.
     let made = json_of(cli(

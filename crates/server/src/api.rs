@@ -973,6 +973,12 @@ async fn preflight(
     let key = name.clone();
     let group_key = name.clone();
     let group = db(&state, move |db| db.group_of(&group_key)).await?;
+    let (now, timeout) = (crate::db::now(), state.heartbeat_timeout_ms);
+    let components: Vec<ComponentInfo> = db(&state, |db| db.list_components(0, u32::MAX))
+        .await?
+        .into_iter()
+        .map(|r| info(r, now, timeout))
+        .collect();
     let (machine, machines, datastores, master_targets, process_servers) = db(&state, move |db| {
         Ok((
             db.get_inventory::<Machine>("machine", &key)?,
@@ -1009,6 +1015,7 @@ async fn preflight(
         datastore: q.datastore.as_deref(),
         reachable: &reachable,
         group: group.as_ref(),
+        components: &components,
     });
     // A failed preflight is an alert until one for the same machine and purpose passes; only
     // the default choice of components counts (another choice is a what-if).

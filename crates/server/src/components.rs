@@ -128,6 +128,9 @@ pub struct Heartbeat {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 4294967295_i64)]
     pub attached_disks: Option<u32>,
+    /// Whether its master target answered (process server), probed for this heartbeat.
+    #[serde(default)]
+    pub master_target_reachable: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]

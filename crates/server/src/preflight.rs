@@ -71,6 +71,8 @@ pub struct Context<'a> {
     pub reachable: &'a [String],
     /// The replication group of the machine, if it is in one.
     pub group: Option<&'a crate::db::Group>,
+    /// The enrolled components, with their health and last heartbeat.
+    pub components: &'a [crate::components::ComponentInfo],
 }
 
 fn check(code: &'static str, severity: Severity, passed: bool, message: String) -> Check {
@@ -204,6 +206,7 @@ pub fn run(ctx: &Context<'_>) -> Report {
                     )
                 },
             ));
+            ps_reports(ctx, p, &mut checks);
             let reachable = ctx.reachable.contains(&p.name);
             checks.push(check(
                 "PS_UNREACHABLE",
@@ -255,6 +258,76 @@ pub fn run(ctx: &Context<'_>) -> Report {
     retention_rules(mt, &mut checks);
     location_rules(ctx, machine, mt, mt_vm, &mut checks);
     report(Some(mt.name.clone()), ps_name, checks)
+}
+
+/// What the process server's own heartbeats say: that it reaches the configuration server
+/// (it is heard), and whether its master target answers it.
+fn ps_reports(ctx: &Context<'_>, p: &ProcessServer, checks: &mut Vec<Check>) {
+    use crate::components::{ComponentHealth, ComponentRole};
+    let enrolled = ctx
+        .components
+        .iter()
+        .find(|c| c.name == p.name && c.role == ComponentRole::ProcessServer);
+    let Some(c) = enrolled else {
+        let why = format!(
+            "process server {:?} is not enrolled with the configuration server, so its links cannot be checked: enrol it (boomerang component create, then component enroll) and start it with --control-server",
+            p.name
+        );
+        checks.push(check(
+            "PS_CS_UNREACHABLE",
+            Severity::Warning,
+            false,
+            why.clone(),
+        ));
+        checks.push(check("PS_MT_UNREACHABLE", Severity::Warning, false, why));
+        return;
+    };
+    let heard = c.health == ComponentHealth::Healthy;
+    checks.push(check(
+        "PS_CS_UNREACHABLE",
+        Severity::Error,
+        heard,
+        if heard {
+            format!("process server {:?} reaches the configuration server", p.name)
+        } else {
+            format!(
+                "process server {:?} does not reach the configuration server (it is {}): check that it runs with --control-server and that the network lets it through",
+                p.name,
+                match c.health {
+                    ComponentHealth::NeverSeen => "enrolled but never heard",
+                    ComponentHealth::Pending => "not enrolled yet",
+                    _ => "silent",
+                }
+            )
+        },
+    ));
+    let reach = c.last.as_ref().and_then(|l| l.master_target_reachable);
+    checks.push(match reach {
+        Some(true) => check(
+            "PS_MT_UNREACHABLE",
+            Severity::Error,
+            true,
+            format!("process server {:?} reaches its master target", p.name),
+        ),
+        Some(false) => check(
+            "PS_MT_UNREACHABLE",
+            Severity::Error,
+            false,
+            format!(
+                "process server {:?} does not reach its master target (its last heartbeat says so): start the master target, or open the port between them",
+                p.name
+            ),
+        ),
+        None => check(
+            "PS_MT_UNREACHABLE",
+            Severity::Warning,
+            false,
+            format!(
+                "process server {:?} has not said whether it reaches a master target: start it with --master-target",
+                p.name
+            ),
+        ),
+    });
 }
 
 fn mt_rules(

@@ -78,7 +78,27 @@ fn preflight(
         datastore,
         reachable: &answered,
         group: None,
+        components: &enrolled(),
     })
+}
+
+/// ps1, enrolled, heard from, reaching its master target.
+fn enrolled() -> Vec<crate::components::ComponentInfo> {
+    use crate::components::{ComponentHealth, ComponentInfo, ComponentRole, Heartbeat};
+    vec![ComponentInfo {
+        name: "ps1".into(),
+        role: ComponentRole::ProcessServer,
+        site: "site-b".into(),
+        health: ComponentHealth::Healthy,
+        last_heartbeat_unix_ms: Some(1),
+        last: Some(Heartbeat {
+            healthy: true,
+            version: "0".into(),
+            free_bytes: None,
+            attached_disks: None,
+            master_target_reachable: Some(true),
+        }),
+    }]
 }
 
 fn failed(report: &Report) -> Vec<&'static str> {
@@ -249,6 +269,7 @@ fn missing_components_and_machines_are_named() {
         datastore: None,
         reachable: &[],
         group: None,
+        components: &enrolled(),
     });
     assert_eq!(failed(&report), ["CS_MACHINE_UNKNOWN"]);
 }
@@ -283,6 +304,7 @@ fn a_group_goes_back_through_one_master_target_and_one_os_family() {
             datastore: None,
             reachable: &answered,
             group: Some(group),
+            components: &enrolled(),
         })
     };
     let mut group = crate::db::Group {
@@ -307,4 +329,42 @@ fn a_group_goes_back_through_one_master_target_and_one_os_family() {
             .iter()
             .any(|c| c.code == "GROUP_OS_MISMATCH" && c.message.contains("db01"))
     );
+}
+
+#[test]
+fn the_process_servers_own_reports_count() {
+    use crate::components::ComponentHealth;
+    let inv = good();
+    let answered = vec!["ps1".to_string()];
+    let report = |components: &[crate::components::ComponentInfo]| {
+        run(&Context {
+            purpose: Purpose::Reprotect,
+            machine_name: "web01",
+            machine: inv.machines.iter().find(|m| m.name == "web01"),
+            machines: &inv.machines,
+            datastores: &inv.datastores,
+            master_targets: &inv.master_targets,
+            process_servers: &inv.process_servers,
+            master_target: None,
+            process_server: None,
+            datastore: None,
+            reachable: &answered,
+            group: None,
+            components,
+        })
+    };
+    let mut silent = enrolled();
+    silent[0].health = ComponentHealth::Unhealthy;
+    let r = report(&silent);
+    assert_eq!(failed(&r), ["PS_CS_UNREACHABLE"]);
+    assert!(!r.ok);
+    let mut cut = enrolled();
+    cut[0].last.as_mut().unwrap().master_target_reachable = Some(false);
+    let r = report(&cut);
+    assert_eq!(failed(&r), ["PS_MT_UNREACHABLE"]);
+    assert!(!r.ok);
+    // Not enrolled: nothing to tell from, a warning each.
+    let r = report(&[]);
+    assert_eq!(failed(&r), ["PS_CS_UNREACHABLE", "PS_MT_UNREACHABLE"]);
+    assert!(r.ok, "warnings do not block");
 }
