@@ -130,8 +130,40 @@ impl Metrics {
     }
 }
 
-/// Builds the master target's receiver, and the metrics it keeps; appliers start as streams
-/// arrive.
+/// The streams the incoming log holds records of, and the last record of each.
+fn incoming_streams(incoming: &std::path::Path) -> Vec<(String, Seq)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(incoming) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Some(stream) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let Ok(files) = boomerang_core::log::segment_files(&entry.path()) else {
+            continue;
+        };
+        let Some(newest) = files.last() else { continue };
+        let Ok(mut reader) = boomerang_core::log::SegmentReader::open(newest) else {
+            continue;
+        };
+        let mut last = Seq(reader.header().first_seq.0.saturating_sub(1));
+        for record in reader.by_ref() {
+            match record {
+                Ok(r) => last = r.seq,
+                Err(_) => break,
+            }
+        }
+        if last.0 > 0 {
+            out.push((stream, last));
+        }
+    }
+    out
+}
+
+/// Builds the master target's receiver, and the metrics it keeps. Appliers start for the
+/// streams the incoming log already holds (what arrived before a restart is applied without
+/// waiting for the next record, and digests can be answered), and for new ones as they arrive.
 pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartError> {
     if config.max_disks > MAX_DISKS {
         return Err(StartError::TooManyDisks(config.max_disks));
@@ -144,6 +176,30 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartEr
     let metrics = Arc::new(Metrics::default());
     let seen = metrics.clone();
     let positions: digest::Positions = Arc::default();
+    for (stream, last) in incoming_streams(&config.retention.join("incoming")) {
+        let (tx, rx) = watch::channel(last);
+        let (at, position) = watch::channel(digest::Position::default());
+        positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(stream.clone(), position);
+        // Everything the log holds was durable before this process: an earlier one may have
+        // applied it.
+        apply::spawn(
+            retention.clone(),
+            stream.clone(),
+            block_size,
+            every,
+            window,
+            rx,
+            at,
+            last,
+        );
+        appliers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(stream, tx);
+    }
     let known = positions.clone();
     let on_durable = Arc::new(
         move |stream: &str, _disks: &[DiskName], records: &Records| {

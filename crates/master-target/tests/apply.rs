@@ -223,9 +223,12 @@ async fn every_mark_becomes_a_point_equal_to_the_disk_at_that_mark() {
     );
     assert!(text.contains("boomerang_rpo_seconds{stream=\"web01\"}"));
 
-    // A restart of the master target: the stream resumes, and points go on from there.
+    // A restart of the master target: the stream resumes, and points go on from there. (In
+    // one process, the old applier ends with its receiver, within a second; two processes
+    // never share a retention volume.)
     drop(client);
     stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let (addr, _stop, _metrics) = start(&ca, &retention, 2).await;
     let (mut client, next) = loop {
         match open(&addr, &ca, vec![sda()]).await {
@@ -475,4 +478,68 @@ async fn a_quiet_disk_keeps_getting_points_after_a_restart() {
         assert!(Instant::now() < deadline, "no point at mark 5: {on_sda:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_digest_is_answered_without_new_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    pki::init_ca(&ca).unwrap();
+    pki::issue(
+        &ca,
+        "mt1",
+        CertRole::Wire(Role::MasterTarget),
+        &["127.0.0.1".into()],
+        30,
+    )
+    .unwrap();
+    pki::issue(&ca, "ps1", CertRole::Wire(Role::ProcessServer), &[], 30).unwrap();
+    let retention = dir.path().join("retention");
+    let mut work = Workload {
+        seq: 0,
+        disk: vec![0u8; SIZE as usize],
+        at_marks: Vec::new(),
+        rng: boomerang_core::sample::XorShift::new(31),
+    };
+    let (addr, stop, _) = start(&ca, &retention, 2).await;
+    let (mut client, _) = open(&addr, &ca, vec![sda()]).await.unwrap();
+    for _ in 0..5 {
+        let batch: Vec<Record> = (0..10).map(|_| work.next()).collect();
+        client.send(&batch).await;
+    }
+    drop(client);
+    stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Restarted, with no stream open: the applier of web01 runs anyway.
+    let (addr, _stop, _) = start(&ca, &retention, 2).await;
+    let id = TlsIdentity::load(&ca.join("issued/ps1")).unwrap();
+    let asked = Instant::now();
+    let digest = boomerang_wire::digest::query(
+        &id,
+        &addr,
+        Role::ProcessServer,
+        "ps1",
+        Role::MasterTarget,
+        boomerang_wire::DigestRequest {
+            stream: "web01".into(),
+            disk: sda(),
+            after: Seq(work.seq),
+            first_block: 0,
+            count: boomerang_wire::MAX_DIGEST_BLOCKS,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "answered in {:?}",
+        asked.elapsed()
+    );
+    let want: Vec<[u8; 32]> = work
+        .disk
+        .chunks(boomerang_wire::DIGEST_BLOCK as usize)
+        .map(|b| boomerang_store::chunk::hash(b).0)
+        .collect();
+    assert_eq!(digest.hashes, want);
 }
