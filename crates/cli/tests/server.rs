@@ -44,6 +44,22 @@ fn server_with(dir: &Path, edit: impl FnOnce(&Path)) -> (Daemon, String) {
     (daemon, token)
 }
 
+/// Gives the server in `state` the inventory file `inventory`, and makes the other `edits` to
+/// its server.toml (each line init wrote, and its replacement).
+fn with_inventory(state: &Path, inventory: &str, edits: &[(&str, &str)]) {
+    std::fs::write(state.join("inventory.toml"), inventory).unwrap();
+    let config = state.join("server.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    for (line, new) in [("inventory = []", "inventory = [\"inventory.toml\"]")]
+        .iter()
+        .chain(edits)
+    {
+        assert!(text.contains(line), "{line} in {text}");
+        text = text.replace(line, new);
+    }
+    std::fs::write(&config, text).unwrap();
+}
+
 /// One request with curl: the status and the JSON body (Null when empty).
 fn call(
     dir: &Path,
@@ -347,14 +363,7 @@ fn the_inventory_comes_from_toml_files_and_a_bad_file_changes_nothing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (daemon, admin) = server_with(dir.path(), |state| {
-        std::fs::write(state.join("inventory.toml"), INVENTORY).unwrap();
-        let config = state.join("server.toml");
-        let text = std::fs::read_to_string(&config).unwrap();
-        assert!(text.contains("inventory = []"), "{text}");
-        let text = text.replace("inventory = []", "inventory = [\"inventory.toml\"]");
-        std::fs::write(&config, text).unwrap();
-    });
+    let (daemon, admin) = server_with(dir.path(), |state| with_inventory(state, INVENTORY, &[]));
     let port = daemon.addr.rsplit_once(':').unwrap().1.to_string();
     let d = dir.path();
     let get = |path: &str| call(d, "127.0.0.1", &port, "GET", path, Some(&admin), None);
@@ -631,14 +640,7 @@ address = "{ps_addr}"
 "#
     );
     let dir = tempfile::tempdir().unwrap();
-    let (daemon, admin) = server_with(dir.path(), |state| {
-        std::fs::write(state.join("inventory.toml"), &inventory).unwrap();
-        let config = state.join("server.toml");
-        let text = std::fs::read_to_string(&config)
-            .unwrap()
-            .replace("inventory = []", "inventory = [\"inventory.toml\"]");
-        std::fs::write(&config, text).unwrap();
-    });
+    let (daemon, admin) = server_with(dir.path(), |state| with_inventory(state, &inventory, &[]));
     let port = daemon.addr.rsplit_once(':').unwrap().1.to_string();
     let d = dir.path();
     let get = |path: &str| call(d, "127.0.0.1", &port, "GET", path, Some(&admin), None);
@@ -743,14 +745,7 @@ address = "{ps_addr}"
 #[test]
 fn the_cli_verbs_talk_to_the_api() {
     let dir = tempfile::tempdir().unwrap();
-    let (daemon, admin) = server_with(dir.path(), |state| {
-        std::fs::write(state.join("inventory.toml"), INVENTORY).unwrap();
-        let config = state.join("server.toml");
-        let text = std::fs::read_to_string(&config)
-            .unwrap()
-            .replace("inventory = []", "inventory = [\"inventory.toml\"]");
-        std::fs::write(&config, text).unwrap();
-    });
+    let (daemon, admin) = server_with(dir.path(), |state| with_inventory(state, INVENTORY, &[]));
     let url = format!(
         "https://localhost:{}",
         daemon.addr.rsplit_once(':').unwrap().1
@@ -1090,14 +1085,7 @@ fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (daemon, admin) = server_with(dir.path(), |state| {
-        std::fs::write(state.join("inventory.toml"), INVENTORY).unwrap();
-        let config = state.join("server.toml");
-        let text = std::fs::read_to_string(&config)
-            .unwrap()
-            .replace("inventory = []", "inventory = [\"inventory.toml\"]");
-        std::fs::write(&config, text).unwrap();
-    });
+    let (daemon, admin) = server_with(dir.path(), |state| with_inventory(state, INVENTORY, &[]));
     let port = daemon.addr.rsplit_once(':').unwrap().1;
     // Every check, a bounded number of examples. Deleting tokens is left out: the fuzzer
     // would delete the token it runs with once it has made another admin.
@@ -1138,16 +1126,14 @@ fn components_enrol_once_send_heartbeats_and_raise_an_alert_when_silent() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (daemon, admin) = server_with(dir.path(), |state| {
-        std::fs::write(state.join("inventory.toml"), INVENTORY).unwrap();
-        let config = state.join("server.toml");
-        let text = std::fs::read_to_string(&config)
-            .unwrap()
-            .replace("inventory = []", "inventory = [\"inventory.toml\"]")
-            .replace(
+        with_inventory(
+            state,
+            INVENTORY,
+            &[(
                 "heartbeat_timeout_seconds = 90",
                 "heartbeat_timeout_seconds = 2",
-            );
-        std::fs::write(&config, text).unwrap();
+            )],
+        )
     });
     let port = daemon.addr.rsplit_once(':').unwrap().1.to_string();
     let d = dir.path();

@@ -66,6 +66,37 @@ impl Client {
     }
 }
 
+/// A site's CA, with certificates for the master target mt1 (at 127.0.0.1) and the process
+/// server ps1.
+fn site(dir: &Path) -> std::path::PathBuf {
+    let ca = dir.join("ca");
+    pki::init_ca(&ca).unwrap();
+    pki::issue(
+        &ca,
+        "mt1",
+        CertRole::Wire(Role::MasterTarget),
+        &["127.0.0.1".into()],
+        30,
+    )
+    .unwrap();
+    pki::issue(&ca, "ps1", CertRole::Wire(Role::ProcessServer), &[], 30).unwrap();
+    ca
+}
+
+/// [`open`] after a restart: the stream may still be busy for a moment.
+async fn reopen(addr: &str, ca: &Path, disks: Vec<DiskName>) -> (Client, Seq) {
+    loop {
+        match open(addr, ca, disks.clone()).await {
+            Ok(c) => return c,
+            Err(WireError::Refused {
+                code: ErrorCode::StreamBusy,
+                ..
+            }) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// A workload: writes, zeroes and marks, with the disk as it should be at each mark.
 struct Workload {
     seq: u64,
@@ -173,17 +204,7 @@ async fn check_points(retention: &Path, marks: &[(Seq, Vec<u8>)], scratch: &Path
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_mark_becomes_a_point_equal_to_the_disk_at_that_mark() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    pki::init_ca(&ca).unwrap();
-    pki::issue(
-        &ca,
-        "mt1",
-        CertRole::Wire(Role::MasterTarget),
-        &["127.0.0.1".into()],
-        30,
-    )
-    .unwrap();
-    pki::issue(&ca, "ps1", CertRole::Wire(Role::ProcessServer), &[], 30).unwrap();
+    let ca = site(dir.path());
     let retention = dir.path().join("retention");
 
     // The disk limit: two disks at most on this master target.
@@ -230,16 +251,7 @@ async fn every_mark_becomes_a_point_equal_to_the_disk_at_that_mark() {
     stop.send(true).unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (addr, _stop, _metrics) = start(&ca, &retention, 2).await;
-    let (mut client, next) = loop {
-        match open(&addr, &ca, vec![sda()]).await {
-            Ok(c) => break c,
-            Err(WireError::Refused {
-                code: ErrorCode::StreamBusy,
-                ..
-            }) => tokio::time::sleep(Duration::from_millis(20)).await,
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let (mut client, next) = reopen(&addr, &ca, vec![sda()]).await;
     assert_eq!(next, Seq(work.seq + 1));
     for _ in 0..10 {
         let batch: Vec<Record> = (0..10).map(|_| work.next()).collect();
@@ -251,17 +263,7 @@ async fn every_mark_becomes_a_point_equal_to_the_disk_at_that_mark() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_digest_describes_the_replica_once_the_records_before_it_are_applied() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    pki::init_ca(&ca).unwrap();
-    pki::issue(
-        &ca,
-        "mt1",
-        CertRole::Wire(Role::MasterTarget),
-        &["127.0.0.1".into()],
-        30,
-    )
-    .unwrap();
-    pki::issue(&ca, "ps1", CertRole::Wire(Role::ProcessServer), &[], 30).unwrap();
+    let ca = site(dir.path());
     let retention = dir.path().join("retention");
     let (addr, _stop, _metrics) = start(&ca, &retention, 2).await;
     let id = TlsIdentity::load(&ca.join("issued/ps1")).unwrap();
@@ -315,17 +317,7 @@ async fn a_digest_describes_the_replica_once_the_records_before_it_are_applied()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_replayed_marks_make_no_point_from_a_newer_image() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    pki::init_ca(&ca).unwrap();
-    pki::issue(
-        &ca,
-        "mt1",
-        CertRole::Wire(Role::MasterTarget),
-        &["127.0.0.1".into()],
-        30,
-    )
-    .unwrap();
-    pki::issue(&ca, "ps1", CertRole::Wire(Role::ProcessServer), &[], 30).unwrap();
+    let ca = site(dir.path());
     let retention = dir.path().join("retention");
     let mut work = Workload {
         seq: 0,
@@ -346,16 +338,7 @@ async fn after_a_restart_replayed_marks_make_no_point_from_a_newer_image() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let (addr, _stop) = start_thinned(&ca, &retention).await;
-    let (mut client, _) = loop {
-        match open(&addr, &ca, vec![sda()]).await {
-            Ok(c) => break c,
-            Err(WireError::Refused {
-                code: ErrorCode::StreamBusy,
-                ..
-            }) => tokio::time::sleep(Duration::from_millis(20)).await,
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let (mut client, _) = reopen(&addr, &ca, vec![sda()]).await;
     for _ in 0..3 {
         let batch: Vec<Record> = (0..10).map(|_| work.next()).collect();
         client.send(&batch).await;
@@ -410,17 +393,7 @@ async fn start_thinned(ca: &Path, retention: &Path) -> (String, tokio::sync::wat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_disk_keeps_getting_points_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    pki::init_ca(&ca).unwrap();
-    pki::issue(
-        &ca,
-        "mt1",
-        CertRole::Wire(Role::MasterTarget),
-        &["127.0.0.1".into()],
-        30,
-    )
-    .unwrap();
-    pki::issue(&ca, "ps1", CertRole::Wire(Role::ProcessServer), &[], 30).unwrap();
+    let ca = site(dir.path());
     let retention = dir.path().join("retention");
     let sdb = DiskName::new("sdb").unwrap();
     let mark = |seq: u64| Record {
@@ -451,16 +424,7 @@ async fn a_quiet_disk_keeps_getting_points_after_a_restart() {
 
     // After the restart only sda is written; sdb still gets a point at the next mark.
     let (addr, _stop, _) = start(&ca, &retention, 2).await;
-    let (mut client, _) = loop {
-        match open(&addr, &ca, vec![sda(), sdb.clone()]).await {
-            Ok(c) => break c,
-            Err(WireError::Refused {
-                code: ErrorCode::StreamBusy,
-                ..
-            }) => tokio::time::sleep(Duration::from_millis(20)).await,
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let (mut client, _) = reopen(&addr, &ca, vec![sda(), sdb.clone()]).await;
     client.send(&[write(4, &sda()), mark(5)]).await;
     let store_path = replica_store(&retention, "web01");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -483,17 +447,7 @@ async fn a_quiet_disk_keeps_getting_points_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_a_digest_is_answered_without_new_records() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    pki::init_ca(&ca).unwrap();
-    pki::issue(
-        &ca,
-        "mt1",
-        CertRole::Wire(Role::MasterTarget),
-        &["127.0.0.1".into()],
-        30,
-    )
-    .unwrap();
-    pki::issue(&ca, "ps1", CertRole::Wire(Role::ProcessServer), &[], 30).unwrap();
+    let ca = site(dir.path());
     let retention = dir.path().join("retention");
     let mut work = Workload {
         seq: 0,

@@ -61,6 +61,34 @@ pub fn required(method: &Method, path: &str) -> Role {
     }
 }
 
+/// The request's bearer token.
+fn bearer(request: &Request) -> Option<String> {
+    request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string)
+}
+
+/// The holder of bearer `token`, by `find` (none without a token, or for an unknown one); a
+/// database failure is the answer to give.
+async fn lookup<T: Send + 'static>(
+    state: &AppState,
+    token: Option<String>,
+    find: fn(&crate::db::Db, &str) -> Result<Option<T>, crate::db::DbError>,
+) -> Result<Option<T>, Response> {
+    let Some(token) = token else {
+        return Ok(None);
+    };
+    let db = state.db.clone();
+    match tokio::task::spawn_blocking(move || find(&db, &token)).await {
+        Ok(Ok(found)) => Ok(found),
+        Ok(Err(e)) => Err(ApiError::from(e).into_response()),
+        Err(e) => Err(ApiError::internal(e.to_string()).into_response()),
+    }
+}
+
 /// Heartbeats: only a component's own token opens them; the handler learns which component.
 async fn component(
     state: Arc<AppState>,
@@ -68,22 +96,9 @@ async fn component(
     next: Next,
     action: &str,
 ) -> Response {
-    let token = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string);
-    let found = match token {
-        None => None,
-        Some(t) => {
-            let db = state.db.clone();
-            match tokio::task::spawn_blocking(move || db.find_component(&t)).await {
-                Ok(Ok(found)) => found,
-                Ok(Err(e)) => return ApiError::from(e).into_response(),
-                Err(e) => return ApiError::internal(e.to_string()).into_response(),
-            }
-        }
+    let found = match lookup(&state, bearer(&request), |db, t| db.find_component(t)).await {
+        Ok(found) => found,
+        Err(answer) => return answer,
     };
     let Some(component) = found else {
         state.audit("anonymous", action, "denied").await;
@@ -129,26 +144,13 @@ pub async fn authorize(
     if path == "/api/enroll" {
         return next.run(request).await;
     }
-    let token = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string);
-    let found = match token {
-        None => None,
-        Some(t) => {
-            let db = state.db.clone();
-            match tokio::task::spawn_blocking(move || db.find_token(&t)).await {
-                Ok(Ok(found)) => found,
-                Ok(Err(e)) => return ApiError::from(e).into_response(),
-                Err(e) => return ApiError::internal(e.to_string()).into_response(),
-            }
-        }
-    };
     if path == "/api/heartbeat" {
         return component(state, request, next, &action).await;
     }
+    let found = match lookup(&state, bearer(&request), |db, t| db.find_token(t)).await {
+        Ok(found) => found,
+        Err(answer) => return answer,
+    };
     let Some(token) = found else {
         state.audit("anonymous", &action, "denied").await;
         return ApiError::unauthorized().into_response();

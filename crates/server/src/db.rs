@@ -190,14 +190,7 @@ impl Db {
 
     /// Makes a token named `name` with `role`.
     pub fn create_token(&self, name: &str, role: Role) -> Result<CreatedToken, DbError> {
-        let secret: [u8; 32] = rand::random();
-        let token = format!(
-            "bmr_{}",
-            secret
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        );
+        let token = secret("bmr");
         let conn = self.conn();
         let taken: bool = conn
             .query_row("SELECT 1 FROM tokens WHERE name = ?1", [name], |_| Ok(()))

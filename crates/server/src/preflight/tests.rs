@@ -66,20 +66,35 @@ fn preflight(
         vec![]
     };
     run(&Context {
+        datastore,
+        ..context(inv, "web01", purpose, &answered, &enrolled())
+    })
+}
+
+/// The context of `machine` in `inv`, with nothing named: no component chosen, the original
+/// location, no group.
+fn context<'a>(
+    inv: &'a Inventory,
+    machine: &'a str,
+    purpose: Purpose,
+    reachable: &'a [String],
+    components: &'a [crate::components::ComponentInfo],
+) -> Context<'a> {
+    Context {
         purpose,
-        machine_name: "web01",
-        machine: inv.machines.iter().find(|m| m.name == "web01"),
+        machine_name: machine,
+        machine: inv.machines.iter().find(|m| m.name == machine),
         machines: &inv.machines,
         datastores: &inv.datastores,
         master_targets: &inv.master_targets,
         process_servers: &inv.process_servers,
         master_target: None,
         process_server: None,
-        datastore,
-        reachable: &answered,
+        datastore: None,
+        reachable,
         group: None,
-        components: &enrolled(),
-    })
+        components,
+    }
 }
 
 /// ps1, enrolled, heard from, reaching its master target.
@@ -256,21 +271,7 @@ fn missing_components_and_machines_are_named() {
         .unwrap();
     assert!(!mt.passed && mt.message.contains("mt1, mt2"), "{mt:?}");
 
-    let report = run(&Context {
-        purpose: Purpose::Failback,
-        machine_name: "ghost",
-        machine: None,
-        machines: &inv.machines,
-        datastores: &inv.datastores,
-        master_targets: &inv.master_targets,
-        process_servers: &inv.process_servers,
-        master_target: None,
-        process_server: None,
-        datastore: None,
-        reachable: &[],
-        group: None,
-        components: &enrolled(),
-    });
+    let report = run(&context(&inv, "ghost", Purpose::Failback, &[], &enrolled()));
     assert_eq!(failed(&report), ["CS_MACHINE_UNKNOWN"]);
 }
 
@@ -292,19 +293,8 @@ fn a_group_goes_back_through_one_master_target_and_one_os_family() {
     let answered = vec!["ps1".to_string()];
     let check = |inv: &Inventory, group: &crate::db::Group| {
         run(&Context {
-            purpose: Purpose::Failback,
-            machine_name: "web01",
-            machine: inv.machines.iter().find(|m| m.name == "web01"),
-            machines: &inv.machines,
-            datastores: &inv.datastores,
-            master_targets: &inv.master_targets,
-            process_servers: &inv.process_servers,
-            master_target: None,
-            process_server: None,
-            datastore: None,
-            reachable: &answered,
             group: Some(group),
-            components: &enrolled(),
+            ..context(inv, "web01", Purpose::Failback, &answered, &enrolled())
         })
     };
     let mut group = crate::db::Group {
@@ -337,21 +327,13 @@ fn the_process_servers_own_reports_count() {
     let inv = good();
     let answered = vec!["ps1".to_string()];
     let report = |components: &[crate::components::ComponentInfo]| {
-        run(&Context {
-            purpose: Purpose::Reprotect,
-            machine_name: "web01",
-            machine: inv.machines.iter().find(|m| m.name == "web01"),
-            machines: &inv.machines,
-            datastores: &inv.datastores,
-            master_targets: &inv.master_targets,
-            process_servers: &inv.process_servers,
-            master_target: None,
-            process_server: None,
-            datastore: None,
-            reachable: &answered,
-            group: None,
+        run(&context(
+            &inv,
+            "web01",
+            Purpose::Reprotect,
+            &answered,
             components,
-        })
+        ))
     };
     let mut silent = enrolled();
     silent[0].health = ComponentHealth::Unhealthy;
