@@ -70,12 +70,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// An error of any status, for the API's other modules.
-    pub fn new_public(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(status, code, message)
-    }
-
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error of any status, with its stable code.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -474,7 +470,7 @@ async fn refresh_inventory(
             crate::inventory::InventoryError::Syntax { .. }
             | crate::inventory::InventoryError::Invalid(_) => ApiError::bad_request(e.to_string()),
             // The server cannot read its own configuration's files.
-            other => ApiError::new_public(
+            other => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "UNAVAILABLE",
                 other.to_string(),
@@ -696,7 +692,7 @@ async fn enroll(
     Body(request): Body<EnrollRequest>,
 ) -> Result<Json<Enrolled>, ApiError> {
     let denied = || {
-        ApiError::new_public(
+        ApiError::new(
             StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
             "this enrolment token is unknown, used or expired: ask an admin to name the component again (POST /api/components)",

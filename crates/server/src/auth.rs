@@ -102,7 +102,7 @@ async fn component(
     };
     let Some(component) = found else {
         state.audit("anonymous", action, "denied").await;
-        return ApiError::new_public(
+        return ApiError::new(
             axum::http::StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
             "heartbeats need the component token that enrolment gave (`Authorization: Bearer <component_token>`)",
