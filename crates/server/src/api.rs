@@ -23,11 +23,13 @@ use crate::components::{
     self, Alert, ComponentHealth, ComponentInfo, EnrollRequest, Enrolled, Enrollment, Heartbeat,
     NewComponent,
 };
-use crate::db::{AuditEntry, CreatedToken, Db, DbError, Group, TokenInfo};
-use crate::inventory::{Datastore, Host, InventorySource, Machine, Site};
+use crate::components::{DiskReport, DiskSync, ReplicaReport, StreamReport};
+use crate::db::{AuditEntry, CreatedToken, Db, DbError, Group, Protection, TokenInfo};
+use crate::inventory::{Datastore, Host, InventorySource, Machine, MachineSource, Site};
 use crate::inventory::{MasterTarget, ProcessServer};
 use crate::policy::{NewPolicy, Policy, PolicySettings};
 use crate::preflight::{Check, Purpose, Report, Severity};
+use crate::status::{DiskStatus, MachineStatus, ProtectionState, StatusHealth};
 use boomerang_wire::pki::CertRole;
 
 /// What every handler shares.
@@ -432,14 +434,98 @@ async fn get_machine(
     Path(name): Path<String>,
 ) -> Result<Json<Machine>, ApiError> {
     let key = name.clone();
-    db(&state, move |db| db.get_inventory::<Machine>("machine", &key))
+    db(&state, move |db| {
+        db.get_inventory::<Machine>("machine", &key)
+    })
+    .await?
+    .map(Json)
+    .ok_or_else(|| no_machine(&name))
+}
+
+/// The protection of every machine: state, health, RPO now, latest recovery point.
+#[utoipa::path(get, path = "/api/status", tag = "status", params(PageQuery),
+    responses((status = 200, body = Page<MachineStatus>), (status = 400, body = ApiError),
+        (status = 401, body = ApiError)),
+    security(("bearer" = [])))]
+async fn list_status(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page<MachineStatus>>, ApiError> {
+    let limit = q.limit()?;
+    let after = q.after()?;
+    let timeout = state.heartbeat_timeout_ms;
+    let all = db(&state, move |db| statuses(db, timeout)).await?;
+    let items: Vec<MachineStatus> = all
+        .into_iter()
+        .filter(|s| s.id > after)
+        .take(limit as usize)
+        .collect();
+    Ok(Json(page(items, limit, |s| s.id)))
+}
+
+fn no_machine(name: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "there is no machine {name:?} in the inventory: list them with GET /api/machines, or add it to an inventory file and refresh"
+    ))
+}
+
+/// One machine's protection.
+#[utoipa::path(get, path = "/api/machines/{name}/status", tag = "status",
+    params(("name" = String, Path, description = "The machine's name")),
+    responses((status = 200, body = MachineStatus), (status = 401, body = ApiError),
+        (status = 404, body = ApiError)),
+    security(("bearer" = [])))]
+async fn machine_status(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<MachineStatus>, ApiError> {
+    let timeout = state.heartbeat_timeout_ms;
+    db(&state, move |db| statuses(db, timeout))
         .await?
+        .into_iter()
+        .find(|s| s.name == name)
         .map(Json)
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "there is no machine {name:?} in the inventory: list them with GET /api/machines, or add it to an inventory file and refresh"
-            ))
-        })
+        .ok_or_else(|| no_machine(&name))
+}
+
+/// The replication policy to protect a machine with.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetPolicy {
+    /// A replication policy's name.
+    pub policy: String,
+}
+
+/// Gives a machine its replication policy (admin): its RPO threshold is watched from then on.
+#[utoipa::path(put, path = "/api/machines/{name}/policy", tag = "policies", request_body = SetPolicy,
+    params(("name" = String, Path, description = "The machine's name")),
+    responses((status = 200, body = Protection), (status = 400, body = ApiError),
+        (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError), (status = 409, body = ApiError)),
+    security(("bearer" = [])))]
+async fn set_machine_policy(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Body(set): Body<SetPolicy>,
+) -> Result<Json<Protection>, ApiError> {
+    Ok(Json(
+        db(&state, move |db| db.set_protection(&name, &set.policy)).await?,
+    ))
+}
+
+/// Takes a machine's replication policy away (admin).
+#[utoipa::path(delete, path = "/api/machines/{name}/policy", tag = "policies",
+    params(("name" = String, Path, description = "The machine's name")),
+    responses((status = 200, body = Protection), (status = 401, body = ApiError),
+        (status = 403, body = ApiError), (status = 404, body = ApiError)),
+    security(("bearer" = [])))]
+async fn clear_machine_policy(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Protection>, ApiError> {
+    Ok(Json(
+        db(&state, move |db| db.clear_protection(&name)).await?,
+    ))
 }
 
 /// What a refresh loaded.
@@ -756,10 +842,45 @@ async fn heartbeat(
     axum::Extension(caller): axum::Extension<crate::auth::ComponentCaller>,
     Body(beat): Body<Heartbeat>,
 ) -> Result<StatusCode, ApiError> {
+    beat.check(caller.role).map_err(ApiError::bad_request)?;
     let name = caller.name.clone();
     let healthy = beat.healthy;
+    // An agent's report describes its machine: one no inventory file lists joins the
+    // inventory from it (at the agent's site, a physical machine as ASR discovers them).
+    let reported = match (&beat.disks, &beat.os) {
+        (Some(disks), Some(os)) if caller.role == components::ComponentRole::Agent => {
+            Some(Machine {
+                name: caller.name.clone(),
+                site: caller.site.clone(),
+                host: None,
+                datastore: None,
+                physical: true,
+                os: os.clone(),
+                disks: disks
+                    .iter()
+                    .map(|d| crate::inventory::Disk {
+                        name: d.name.clone(),
+                        size_bytes: d.size_bytes,
+                        uuid: None,
+                        controller: None,
+                    })
+                    .collect(),
+                controllers: Vec::new(),
+                nics: Vec::new(),
+                config: Default::default(),
+                snapshots: 0,
+                tools: crate::inventory::ToolsStatus::NotInstalled,
+                storage_moved_from: None,
+                source: crate::inventory::MachineSource::Agent,
+            })
+        }
+        _ => None,
+    };
     db(&state, move |db| {
         db.heartbeat(&name, &beat)?;
+        if let Some(machine) = &reported {
+            db.report_machine(machine)?;
+        }
         if healthy {
             db.resolve(UNHEALTHY, &format!("component/{name}"))?;
         }
@@ -775,8 +896,65 @@ const PREFLIGHT_FAILED: &str = "preflight-failed";
 /// The kind of alert a silent or failing component raises.
 const UNHEALTHY: &str = "component-unhealthy";
 
+/// The kind of alert a machine whose RPO passes its policy's threshold raises.
+pub const RPO_THRESHOLD: &str = "rpo-threshold";
+
+/// The status of every machine, from the database and the components' last reports.
+fn statuses(db: &Db, timeout: i64) -> Result<Vec<MachineStatus>, DbError> {
+    let now = crate::db::now();
+    let machines = db.list_inventory::<Machine>("machine", 0, u32::MAX)?;
+    let protections = db.protections()?;
+    let components: Vec<ComponentInfo> = db
+        .list_components(0, u32::MAX)?
+        .into_iter()
+        .map(|r| info(r, now, timeout))
+        .collect();
+    let alerts = db.active_alerts()?;
+    Ok(crate::status::all(&crate::status::Inputs {
+        machines: &machines,
+        protections: &protections,
+        components: &components,
+        alerts: &alerts,
+        now_ms: now,
+    }))
+}
+
+/// Raises an RPO alert for every protected machine whose RPO is over its policy's
+/// threshold, and resolves it once the RPO is back under.
+fn check_rpo(db: &Db, timeout: i64) -> Result<(), DbError> {
+    for s in statuses(db, timeout)? {
+        let object = format!("machine/{}", s.name);
+        let over = match (s.rpo_seconds, s.rpo_threshold_seconds) {
+            (Some(rpo), Some(threshold)) => {
+                matches!(
+                    s.state,
+                    ProtectionState::Protected | ProtectionState::Resync
+                ) && rpo > threshold as f64
+            }
+            _ => false,
+        };
+        if over {
+            let message = format!(
+                "machine {:?} has an RPO of {:.0} s, over the {} s threshold of policy {:?}: check its agent, the process server's backlog ({} bytes) and the master target",
+                s.name,
+                s.rpo_seconds.unwrap_or(0.0),
+                s.rpo_threshold_seconds.unwrap_or(0),
+                s.policy.as_deref().unwrap_or(""),
+                s.backlog_bytes.unwrap_or(0)
+            );
+            if db.raise(RPO_THRESHOLD, &object, &message)? {
+                tracing::warn!(%message, "alert");
+            }
+        } else {
+            db.resolve(RPO_THRESHOLD, &object)?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs for the life of the server: raises an alert for every component that turns
-/// unhealthy, and resolves it once the component is healthy again.
+/// unhealthy and for every machine whose RPO passes its policy's threshold, and resolves
+/// each once the cause is gone.
 pub async fn watch_components(state: Arc<AppState>) {
     let every = std::time::Duration::from_millis(
         (state.heartbeat_timeout_ms / 3).clamp(200, 10_000) as u64,
@@ -807,11 +985,11 @@ pub async fn watch_components(state: Arc<AppState>) {
                     components::ComponentHealth::Pending | components::ComponentHealth::NeverSeen => {}
                 }
             }
-            Ok(())
+            check_rpo(db, timeout)
         })
         .await;
         if let Err(e) = checked {
-            tracing::error!(error = %e.message, "could not check the components' health");
+            tracing::error!(error = %e.message, "could not check the components' health and the machines' RPO");
         }
     }
 }
@@ -1092,12 +1270,14 @@ impl utoipa::Modify for BearerAuth {
     paths(health, openapi, list_tokens, create_token, delete_token, list_audit, list_sites,
         list_hosts, list_datastores, list_machines, get_machine, refresh_inventory, list_policies,
         get_policy, create_policy, update_policy, delete_policy, preflight, create_component,
-        list_components, enroll, heartbeat, list_alerts, create_group, list_groups),
+        list_components, enroll, heartbeat, list_alerts, create_group, list_groups, list_status,
+        machine_status, set_machine_policy, clear_machine_policy),
     components(schemas(ApiError, Health, NewToken, TokenInfo, CreatedToken, AuditEntry, Role,
         Site, Host, Datastore, Machine, Refreshed, Policy, NewPolicy, PolicySettings,
         CreatedPolicy, Report, Check, Purpose, Severity, MasterTarget, ProcessServer,
         NewComponent, Enrollment, EnrollRequest, Enrolled, Heartbeat, ComponentInfo, ComponentHealth,
-        Alert, Group, NewGroup)),
+        Alert, Group, NewGroup, DiskReport, DiskSync, StreamReport, ReplicaReport, MachineSource,
+        MachineStatus, DiskStatus, ProtectionState, StatusHealth, SetPolicy, Protection)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -1116,6 +1296,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/machines", get(list_machines))
         .route("/api/machines/{name}", get(get_machine))
         .route("/api/machines/{name}/preflight", get(preflight))
+        .route("/api/machines/{name}/status", get(machine_status))
+        .route(
+            "/api/machines/{name}/policy",
+            axum::routing::put(set_machine_policy).delete(clear_machine_policy),
+        )
+        .route("/api/status", get(list_status))
         .route(
             "/api/components",
             get(list_components).post(create_component),

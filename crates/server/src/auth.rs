@@ -111,6 +111,8 @@ async fn component(
     };
     request.extensions_mut().insert(ComponentCaller {
         name: component.name,
+        role: component.role,
+        site: component.site,
     });
     next.run(request).await
 }
@@ -119,6 +121,8 @@ async fn component(
 #[derive(Clone, Debug)]
 pub struct ComponentCaller {
     pub name: String,
+    pub role: crate::components::ComponentRole,
+    pub site: String,
 }
 
 /// Who is calling: the token's name and role, for handlers.

@@ -114,7 +114,7 @@ pub struct Enrolled {
 }
 
 /// A heartbeat.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     /// The component's own verdict.
@@ -131,6 +131,168 @@ pub struct Heartbeat {
     /// Whether its master target answered (process server), probed for this heartbeat.
     #[serde(default)]
     pub master_target_reachable: Option<bool>,
+    /// The operating system of the machine it protects (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<crate::inventory::Os>,
+    /// The disks it protects and how far their copy is (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 1024)]
+    pub disks: Option<Vec<DiskReport>>,
+    /// The machine's write-log position where its last copy or resync ended (agent): a mark
+    /// after it, durable at the master target, means the replica is whole. 0 when no copy
+    /// ran since the agent started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    pub synced_through_seq: Option<u64>,
+    /// The machines streaming through it (process server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 1024)]
+    pub streams: Option<Vec<StreamReport>>,
+    /// The disk replicas it keeps (master target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 1024)]
+    pub replicas: Option<Vec<ReplicaReport>>,
+}
+
+/// The most items a heartbeat's lists may hold.
+pub const MAX_REPORTED: usize = 1024;
+
+/// Where a protected disk's copy stands, as its agent sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskSync {
+    /// Its first full copy runs.
+    InitialSync,
+    /// Blocks changed during an outage (or a machine crash) are being resent.
+    Resync,
+    /// Every change goes through the write log.
+    InSync,
+}
+
+/// A protected disk, reported by its agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskReport {
+    #[schema(min_length = 1, max_length = 64)]
+    pub name: String,
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    pub size_bytes: u64,
+    pub sync: DiskSync,
+    /// Bytes of the initial copy done (while it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    pub copied_bytes: Option<u64>,
+}
+
+/// A machine's stream through a process server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StreamReport {
+    #[schema(min_length = 1, max_length = 63)]
+    pub machine: String,
+    /// Bytes received and not yet durable at the master target.
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    pub backlog_bytes: u64,
+    /// How long the oldest of them has waited, in milliseconds.
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    pub lag_ms: u64,
+    /// The last consistency mark durable at the master target: its log position...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    pub last_mark_seq: Option<u64>,
+    /// ... and when the agent made it (milliseconds since 1970).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    pub last_mark_unix_ms: Option<i64>,
+}
+
+/// A disk replica at a master target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaReport {
+    #[schema(min_length = 1, max_length = 63)]
+    pub machine: String,
+    #[schema(min_length = 1, max_length = 64)]
+    pub disk: String,
+    /// Recovery points it can restore the disk to.
+    #[schema(minimum = 0, maximum = 4294967295_i64)]
+    pub points: u32,
+    /// The newest one: its log position...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    pub latest_point_seq: Option<u64>,
+    /// ... and when the agent made its mark (milliseconds since 1970).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    pub latest_point_unix_ms: Option<i64>,
+}
+
+impl Heartbeat {
+    /// Checks what a component of `role` may report: each list belongs to one role, holds at
+    /// most [`MAX_REPORTED`] items, and names machines and disks validly.
+    pub fn check(&self, role: ComponentRole) -> Result<(), String> {
+        let own = |what: &str, present: bool, by: ComponentRole| {
+            if present && role != by {
+                Err(format!(
+                    "a {} reports no {what}: only a {} does",
+                    role.as_str(),
+                    by.as_str()
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        own("os", self.os.is_some(), ComponentRole::Agent)?;
+        own("disks", self.disks.is_some(), ComponentRole::Agent)?;
+        own(
+            "synced_through_seq",
+            self.synced_through_seq.is_some(),
+            ComponentRole::Agent,
+        )?;
+        own(
+            "streams",
+            self.streams.is_some(),
+            ComponentRole::ProcessServer,
+        )?;
+        own(
+            "replicas",
+            self.replicas.is_some(),
+            ComponentRole::MasterTarget,
+        )?;
+        let machine = |m: &str| {
+            if crate::inventory::valid_name(m) {
+                Ok(())
+            } else {
+                Err(format!("{m:?} is not a machine name"))
+            }
+        };
+        let disk = |d: &str| {
+            boomerang_core::DiskName::new(d)
+                .map(|_| ())
+                .map_err(|_| format!("{d:?} is not a disk name"))
+        };
+        let lens = [
+            self.disks.as_ref().map_or(0, Vec::len),
+            self.streams.as_ref().map_or(0, Vec::len),
+            self.replicas.as_ref().map_or(0, Vec::len),
+        ];
+        if lens.iter().any(|&n| n > MAX_REPORTED) {
+            return Err(format!(
+                "a heartbeat lists at most {MAX_REPORTED} disks, streams or replicas"
+            ));
+        }
+        for d in self.disks.iter().flatten() {
+            disk(&d.name)?;
+        }
+        for s in self.streams.iter().flatten() {
+            machine(&s.machine)?;
+        }
+        for r in self.replicas.iter().flatten() {
+            machine(&r.machine)?;
+            disk(&r.disk)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]

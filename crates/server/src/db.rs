@@ -74,6 +74,14 @@ const MIGRATIONS: &[&str] = &[
         master_target TEXT,
         machines TEXT NOT NULL
     );",
+    // 6: where an inventory object came from (an inventory file, or an agent's report), and
+    // which replication policy protects a machine.
+    "ALTER TABLE inventory ADD COLUMN source TEXT NOT NULL DEFAULT 'file';
+    CREATE TABLE protections (
+        machine TEXT PRIMARY KEY,
+        policy INTEGER NOT NULL REFERENCES policies (id),
+        since_ms INTEGER NOT NULL
+    );",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -299,21 +307,24 @@ impl Db {
 }
 
 impl Db {
-    /// Makes the inventory exactly `inv`, in one transaction: objects keep their ids across
-    /// refreshes, and those no source lists any more go.
+    /// Makes the file-sourced inventory exactly `inv`, in one transaction: objects keep their
+    /// ids across refreshes, and those no file lists any more go. Machines that agents
+    /// reported stay, unless a file now lists one of the same name: then the file's wins.
     pub fn replace_inventory(&self, inv: &crate::inventory::Inventory) -> Result<(), DbError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let put = |kind: &str, items: Vec<(String, String)>| -> Result<(), DbError> {
             let names: Vec<String> = items.iter().map(|(n, _)| n.clone()).collect();
+            // A file's object wins over what an agent reported of the same name.
             for (name, body) in items {
                 tx.execute(
-                    "INSERT INTO inventory (kind, name, body) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (kind, name) DO UPDATE SET body = excluded.body",
+                    "INSERT INTO inventory (kind, name, body, source) VALUES (?1, ?2, ?3, 'file')
+                     ON CONFLICT (kind, name) DO UPDATE SET body = excluded.body, source = 'file'",
                     params![kind, name, body],
                 )?;
             }
-            let mut stmt = tx.prepare("SELECT name FROM inventory WHERE kind = ?1")?;
+            let mut stmt =
+                tx.prepare("SELECT name FROM inventory WHERE kind = ?1 AND source = 'file'")?;
             let held: Vec<String> = stmt
                 .query_map([kind], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
@@ -404,20 +415,25 @@ const POLICY_COLUMNS: &str =
     "p.id, p.name, p.kind, p.rpo_threshold_s, p.retention_s, p.app_consistent_s, o.name";
 
 fn row_policy(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
-    let kind = if r.get::<_, String>(2)? == "failback" {
+    row_policy_at(r, 0)
+}
+
+/// A policy from the columns [`POLICY_COLUMNS`] starting at column `at`.
+fn row_policy_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Policy> {
+    let kind = if r.get::<_, String>(at + 2)? == "failback" {
         PolicyKind::Failback
     } else {
         PolicyKind::Replication
     };
     let failback = kind == PolicyKind::Failback;
     Ok(Policy {
-        id: r.get(0)?,
-        name: r.get(1)?,
+        id: r.get(at)?,
+        name: r.get(at + 1)?,
         kind,
-        rpo_threshold_seconds: r.get::<_, i64>(3)? as u64,
-        retention_seconds: r.get::<_, i64>(4)? as u64,
-        app_consistent_seconds: r.get::<_, i64>(5)? as u64,
-        failback_of: r.get(6)?,
+        rpo_threshold_seconds: r.get::<_, i64>(at + 3)? as u64,
+        retention_seconds: r.get::<_, i64>(at + 4)? as u64,
+        app_consistent_seconds: r.get::<_, i64>(at + 5)? as u64,
+        failback_of: r.get(at + 6)?,
         bound_to: failback.then(|| "configuration-server".to_string()),
         editable: !failback,
     })
@@ -497,11 +513,24 @@ impl Db {
     }
 
     /// Deletes a replication policy and its failback policy; a failback policy alone is
-    /// refused. One transaction.
+    /// refused, as is a policy that protects machines. One transaction.
     pub fn delete_policy(&self, name: &str) -> Result<Policy, DbError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let policy = editable_policy(&tx, name)?;
+        let mut stmt = tx.prepare(
+            "SELECT machine FROM protections WHERE policy IN (?1, (SELECT id FROM policies WHERE failback_of = ?1)) ORDER BY machine",
+        )?;
+        let users: Vec<String> = stmt
+            .query_map([policy.id], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        drop(stmt);
+        if !users.is_empty() {
+            return Err(DbError::Conflict(format!(
+                "policy {name:?} protects machine(s) {}: give them another policy first (PUT /api/machines/{{name}}/policy)",
+                users.join(", ")
+            )));
+        }
         tx.execute("DELETE FROM policies WHERE id = ?1", [policy.id])?;
         tx.commit()?;
         Ok(policy)
@@ -687,11 +716,24 @@ impl Db {
     }
 
     pub fn list_alerts(&self, after: i64, limit: u32) -> Result<Vec<Alert>, DbError> {
+        self.alerts_where("id > ?1 ORDER BY id LIMIT ?2", params![after, limit])
+    }
+
+    /// The alerts not resolved yet.
+    pub fn active_alerts(&self) -> Result<Vec<Alert>, DbError> {
+        self.alerts_where("resolved_ms IS NULL ORDER BY id", params![])
+    }
+
+    fn alerts_where(
+        &self,
+        condition: &str,
+        values: impl rusqlite::Params,
+    ) -> Result<Vec<Alert>, DbError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT id, raised_ms, kind, object, message, resolved_ms FROM alerts WHERE id > ?1 ORDER BY id LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![after, limit], |r| {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT id, raised_ms, kind, object, message, resolved_ms FROM alerts WHERE {condition}"
+        ))?;
+        let rows = stmt.query_map(values, |r| {
             Ok(Alert {
                 id: r.get(0)?,
                 raised_unix_ms: r.get(1)?,
@@ -808,4 +850,106 @@ fn row_token(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenInfo> {
         role: Role::parse(&role).unwrap_or(Role::Viewer),
         created_unix_ms: r.get(3)?,
     })
+}
+
+/// Which policy protects a machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Protection {
+    pub machine: String,
+    pub policy: String,
+    pub since_unix_ms: i64,
+}
+
+impl Db {
+    /// Protects `machine` with replication policy `policy` (replacing its policy, if any).
+    /// The machine must be in the inventory; a failback policy is the failback job's to give.
+    pub fn set_protection(&self, machine: &str, policy: &str) -> Result<Protection, DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let known: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM inventory WHERE kind = 'machine' AND name = ?1",
+                [machine],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if known.is_none() {
+            return Err(DbError::NotFound(format!(
+                "there is no machine {machine:?} in the inventory: add it to an inventory file and refresh, or start its agent"
+            )));
+        }
+        let found = get_policy_in(&tx, policy)?.ok_or_else(|| {
+            DbError::NotFound(format!(
+                "there is no policy {policy:?}: list them with GET /api/policies"
+            ))
+        })?;
+        if found.kind == PolicyKind::Failback {
+            return Err(DbError::Conflict(format!(
+                "{policy:?} is a failback policy: it applies during failback on its own; give machine {machine:?} a replication policy"
+            )));
+        }
+        let since = now_ms();
+        tx.execute(
+            "INSERT INTO protections (machine, policy, since_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (machine) DO UPDATE SET policy = excluded.policy, since_ms = excluded.since_ms",
+            params![machine, found.id, since],
+        )?;
+        tx.commit()?;
+        Ok(Protection {
+            machine: machine.to_string(),
+            policy: found.name,
+            since_unix_ms: since,
+        })
+    }
+
+    /// Takes `machine`'s policy away.
+    pub fn clear_protection(&self, machine: &str) -> Result<Protection, DbError> {
+        let found = self
+            .protections()?
+            .into_iter()
+            .find(|(p, _)| p.machine == machine);
+        let Some((protection, _)) = found else {
+            return Err(DbError::NotFound(format!(
+                "machine {machine:?} has no policy: nothing to clear"
+            )));
+        };
+        self.conn()
+            .execute("DELETE FROM protections WHERE machine = ?1", [machine])?;
+        Ok(protection)
+    }
+
+    /// Every machine's protection, with its policy.
+    pub fn protections(&self) -> Result<Vec<(Protection, Policy)>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT x.machine, x.since_ms, {POLICY_COLUMNS} FROM protections x
+             JOIN policies p ON p.id = x.policy LEFT JOIN policies o ON p.failback_of = o.id
+             ORDER BY x.machine"
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            let policy = row_policy_at(r, 2)?;
+            Ok((
+                Protection {
+                    machine: r.get(0)?,
+                    policy: policy.name.clone(),
+                    since_unix_ms: r.get(1)?,
+                },
+                policy,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records a machine as its agent reports it, unless an inventory file lists a machine
+    /// of that name (the file's description is the operator's, and wins).
+    pub fn report_machine(&self, machine: &crate::inventory::Machine) -> Result<(), DbError> {
+        let body = serde_json::to_string(machine).unwrap_or_default();
+        self.conn().execute(
+            "INSERT INTO inventory (kind, name, body, source) VALUES ('machine', ?1, ?2, 'agent')
+             ON CONFLICT (kind, name) DO UPDATE SET body = excluded.body
+             WHERE inventory.source = 'agent'",
+            params![machine.name, body],
+        )?;
+        Ok(())
+    }
 }

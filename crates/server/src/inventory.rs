@@ -170,6 +170,18 @@ pub struct Machine {
     /// Where the machine's storage was moved by Storage vMotion last (a datastore name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_moved_from: Option<String>,
+    /// Where this description comes from: an inventory file, or the machine's agent (a
+    /// machine no file lists). Inventory files leave it out.
+    #[serde(default)]
+    pub source: MachineSource,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum MachineSource {
+    #[default]
+    File,
+    Agent,
 }
 
 /// What a master target's retention volume is, as preflight needs it.
@@ -338,6 +350,16 @@ pub fn check(inv: &Inventory) -> Result<(), InventoryError> {
     let hosts = unique("host", inv.hosts.iter().map(|h| h.name.as_str()))?;
     let datastores = unique("datastore", inv.datastores.iter().map(|d| d.name.as_str()))?;
     let machines = unique("machine", inv.machines.iter().map(|m| m.name.as_str()))?;
+    if let Some(m) = inv
+        .machines
+        .iter()
+        .find(|m| m.source != MachineSource::File)
+    {
+        return Err(InventoryError::Invalid(format!(
+            "machine {:?} says source = \"agent\": that is for machines agents report; leave `source` out of inventory files",
+            m.name
+        )));
+    }
     unique(
         "component",
         inv.master_targets

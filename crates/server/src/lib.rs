@@ -17,6 +17,7 @@ pub mod inventory;
 pub mod policy;
 pub mod preflight;
 mod serve;
+pub mod status;
 
 pub use config::{Init, ServerConfig, init};
 pub use serve::{Prepared, ServeError, prepare, serve};

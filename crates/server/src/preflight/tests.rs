@@ -109,9 +109,8 @@ fn enrolled() -> Vec<crate::components::ComponentInfo> {
         last: Some(Heartbeat {
             healthy: true,
             version: "0".into(),
-            free_bytes: None,
-            attached_disks: None,
             master_target_reachable: Some(true),
+            ..Heartbeat::default()
         }),
     }]
 }
