@@ -72,6 +72,8 @@ pub struct LogDir {
     closed: bool,
     /// A disk's initial copy is running: no marks.
     syncing: bool,
+    /// See [`LogDir::synced_through`].
+    synced_through: Seq,
     /// `release_through` has nothing to delete below this acknowledged sequence number.
     release_floor: Seq,
     /// Disk order of the changes (see `order.rs`): tickets issued, and the turnstile.
@@ -319,6 +321,7 @@ impl LogDir {
             behind: WriteBehind::default(),
             closed: false,
             syncing: false,
+            synced_through: Seq(0),
             release_floor: Seq(0),
             issued: 0,
             turnstile: Arc::default(),
@@ -581,7 +584,16 @@ impl LogDir {
     /// While a disk's initial copy runs, marks are refused: no recovery point may show a disk
     /// only partly copied.
     pub fn set_syncing(&mut self, syncing: bool) {
+        if self.syncing && !syncing {
+            self.synced_through = Seq(self.next_seq.0.saturating_sub(1));
+        }
         self.syncing = syncing;
+    }
+
+    /// The last record of the last copy or resend (see [`LogDir::set_syncing`]); 0 when none
+    /// ended since the log was opened.
+    pub fn synced_through(&self) -> Seq {
+        self.synced_through
     }
 
     /// Takes records again after a cap: the caller resends what the bitmaps hold.

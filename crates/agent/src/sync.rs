@@ -53,6 +53,58 @@ pub fn hold_marks(log: &Mutex<LogDir>, disks: &[Arc<CaptureDevice>]) {
     }
 }
 
+/// Where a disk's copy downstream stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncState {
+    /// Its first copy is not finished.
+    InitialSync,
+    /// Changed blocks wait in its bitmap, or a copy of the machine's disks runs (no mark,
+    /// so no new recovery point, until it ends).
+    Resync,
+    /// Every change goes through the log.
+    InSync,
+}
+
+/// A protected disk's state, for reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskState {
+    pub disk: String,
+    pub size: u64,
+    pub sync: SyncState,
+    /// Bytes of the initial copy done, while it runs.
+    pub copied_bytes: Option<u64>,
+}
+
+/// The state of every disk, and the log position where the last copy or resend ended
+/// (0 when none ran since the log was opened): a mark after it that is durable downstream
+/// means the replica is whole.
+pub fn states(log: &Mutex<LogDir>, disks: &[Arc<CaptureDevice>]) -> (Vec<DiskState>, Seq) {
+    let (dir, syncing, through) = match log.lock() {
+        Ok(l) => (l.dir().to_path_buf(), l.is_syncing(), l.synced_through()),
+        Err(_) => return (Vec::new(), Seq(0)),
+    };
+    let states = disks
+        .iter()
+        .map(|d| {
+            let name = d.disk().as_str();
+            let (sync, copied_bytes) = if !copied(&dir, name) {
+                (SyncState::InitialSync, Some(copy_progress(&dir, d)))
+            } else if syncing || d.is_dirty().unwrap_or(true) {
+                (SyncState::Resync, None)
+            } else {
+                (SyncState::InSync, None)
+            };
+            DiskState {
+                disk: name.to_string(),
+                size: d.size(),
+                sync,
+                copied_bytes,
+            }
+        })
+        .collect();
+    (states, through)
+}
+
 /// Where digests come from: the process server the agent ships to, which asks its master
 /// target.
 pub struct Digests {

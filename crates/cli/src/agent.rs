@@ -335,13 +335,35 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     }
     // Everything a client or script may use is ready: announce it. The first line of stdout is
     // the address, for scripts and tests.
-    let disks = args.disks.len() as u32;
-    crate::client::start_heartbeats(
-        &args.reporting,
-        log_dir.clone(),
-        Some(Box::new(move || disks)),
-        None,
-    )?;
+    // Heartbeats describe the machine: its OS, its disks and how far their copy is.
+    let (reported_log, reported_disks) = (log.clone(), devices.clone());
+    let report: crate::client::Report = Box::new(move || {
+        let (states, through) = boomerang_agent::sync::states(&reported_log, &reported_disks);
+        Box::pin(async move {
+            let mut beat = serde_json::Map::new();
+            beat.insert("attached_disks".into(), (states.len() as u32).into());
+            beat.insert("os".into(), os());
+            let disks: Vec<serde_json::Value> = states
+                .into_iter()
+                .map(|d| {
+                    serde_json::json!({
+                        "name": d.disk,
+                        "size_bytes": d.size,
+                        "sync": match d.sync {
+                            boomerang_agent::sync::SyncState::InitialSync => "initial-sync",
+                            boomerang_agent::sync::SyncState::Resync => "resync",
+                            boomerang_agent::sync::SyncState::InSync => "in-sync",
+                        },
+                        "copied_bytes": d.copied_bytes,
+                    })
+                })
+                .collect();
+            beat.insert("disks".into(), disks.into());
+            beat.insert("synced_through_seq".into(), through.0.into());
+            beat
+        })
+    });
+    crate::client::start_heartbeats(&args.reporting, log_dir.clone(), report)?;
     let shutdown = shutdown_signal()?;
     println!("listening on {}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -486,4 +508,20 @@ fn inspect(dir: &std::path::Path, output: Output) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// The operating system the agent runs on (the protected machine's, as a mobility agent runs
+/// inside it): its family, and its version from `/etc/os-release` (`0` when unknown).
+fn os() -> serde_json::Value {
+    let family = if cfg!(windows) { "windows" } else { "linux" };
+    let version = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("VERSION_ID="))
+                .map(|v| v.trim_matches('"').to_string())
+        })
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "0".to_string());
+    serde_json::json!({"family": family, "version": version})
 }

@@ -237,6 +237,19 @@ pub enum MachineCommand {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Protect a machine with a replication policy (its RPO threshold is watched from then on).
+    SetPolicy {
+        name: String,
+        policy: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Take a machine's replication policy away.
+    ClearPolicy {
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
 }
 
 pub async fn machine(cmd: MachineCommand, output: Output) -> anyhow::Result<i32> {
@@ -267,8 +280,150 @@ pub async fn machine(cmd: MachineCommand, output: Output) -> anyhow::Result<i32>
                 .await?;
             print_json(&m)?;
         }
+        MachineCommand::SetPolicy {
+            name,
+            policy,
+            connection,
+        } => {
+            let set = Api::new(&connection)?
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("/api/machines/{}/policy", encode(&name)),
+                    Some(json!({ "policy": policy })),
+                )
+                .await?;
+            if output == Output::Json {
+                print_json(&set)?;
+            } else {
+                println!("machine {name} is protected with policy {policy}");
+            }
+        }
+        MachineCommand::ClearPolicy { name, connection } => {
+            let cleared = Api::new(&connection)?
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/api/machines/{}/policy", encode(&name)),
+                    None,
+                )
+                .await?;
+            if output == Output::Json {
+                print_json(&cleared)?;
+            } else {
+                println!(
+                    "machine {name} has no policy any more (it had {})",
+                    text(&cleared["policy"])
+                );
+            }
+        }
     }
     Ok(0)
+}
+
+/// Shows the item of `items` named `name` as JSON, or says there is none.
+fn show_named(items: &[Value], what: &str, name: &str, list: &str) -> anyhow::Result<i32> {
+    match items.iter().find(|i| i["name"] == name) {
+        Some(item) => {
+            print_json(item)?;
+            Ok(0)
+        }
+        None => bail!("there is no {what} {name:?}: list them with `boomerang {list} list`"),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// One machine (default: every machine).
+    machine: Option<String>,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// "4.2 s", "3 min", "2 h": a duration at a glance.
+fn seconds(s: f64) -> String {
+    if s < 10.0 {
+        format!("{s:.1} s")
+    } else if s < 120.0 {
+        format!("{s:.0} s")
+    } else if s < 7200.0 {
+        format!("{:.0} min", s / 60.0)
+    } else {
+        format!("{:.0} h", s / 3600.0)
+    }
+}
+
+/// `boomerang status`: each machine's state, health, RPO now and latest point; exits 0
+/// when all are healthy, 3 otherwise.
+pub async fn status(args: StatusArgs, output: Output) -> anyhow::Result<i32> {
+    let api = Api::new(&args.connection)?;
+    let items = match &args.machine {
+        Some(m) => vec![
+            api.get(&format!("/api/machines/{}/status", encode(m)))
+                .await?,
+        ],
+        None => api.all("/api/status").await?,
+    };
+    let healthy = items.iter().all(|s| s["health"] == "healthy");
+    if output == Output::Json {
+        match &args.machine {
+            Some(_) => print_json(&items[0])?,
+            None => print_json(&items)?,
+        }
+        return Ok(if healthy { 0 } else { 3 });
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let mut t = Table::new(&[
+        "MACHINE",
+        "STATE",
+        "HEALTH",
+        "RPO",
+        "POLICY",
+        "LATEST POINT",
+        "BACKLOG",
+    ]);
+    for s in &items {
+        let mut state = text(&s["state"]);
+        let copying: Vec<String> = s["disks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["sync_percent"].as_f64())
+            .map(|p| format!("{p:.1}%"))
+            .collect();
+        if !copying.is_empty() {
+            state = format!("{state} ({})", copying.join(", "));
+        }
+        let rpo =
+            s["rpo_seconds"].as_f64().map_or("-".into(), |r| {
+                match s["rpo_threshold_seconds"].as_u64() {
+                    Some(t) => format!("{} (max {})", seconds(r), seconds(t as f64)),
+                    None => seconds(r),
+                }
+            });
+        let latest = s["latest_point_unix_ms"].as_i64().map_or("-".into(), |t| {
+            format!("{} ago", seconds((now - t).max(0) as f64 / 1000.0))
+        });
+        let backlog = s["backlog_bytes"]
+            .as_u64()
+            .map_or("-".into(), |b| format!("{b} B"));
+        t.row(vec![
+            text(&s["name"]),
+            state,
+            text(&s["health"]),
+            rpo,
+            text(&s["policy"]),
+            latest,
+            backlog,
+        ]);
+    }
+    t.print();
+    for s in &items {
+        for note in s["notes"].as_array().into_iter().flatten() {
+            println!("{}: {}", text(&s["name"]), text(note));
+        }
+    }
+    Ok(if healthy { 0 } else { 3 })
 }
 
 #[derive(Subcommand, Debug)]
@@ -278,10 +433,22 @@ pub enum SiteCommand {
         #[command(flatten)]
         connection: Connection,
     },
+    /// One site, whole.
+    Show {
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
 }
 
 pub async fn site(cmd: SiteCommand, output: Output) -> anyhow::Result<i32> {
-    let SiteCommand::List { connection } = cmd;
+    let connection = match cmd {
+        SiteCommand::List { connection } => connection,
+        SiteCommand::Show { name, connection } => {
+            let items = Api::new(&connection)?.all("/api/sites").await?;
+            return show_named(&items, "site", &name, "site");
+        }
+    };
     let items = Api::new(&connection)?.all("/api/sites").await?;
     if output == Output::Json {
         print_json(&items)?;
@@ -299,6 +466,12 @@ pub async fn site(cmd: SiteCommand, output: Output) -> anyhow::Result<i32> {
 pub enum PolicyCommand {
     /// List the policies, replication and failback.
     List {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// One policy, whole.
+    Show {
+        name: String,
         #[command(flatten)]
         connection: Connection,
     },
@@ -347,6 +520,12 @@ pub async fn policy(cmd: PolicyCommand, output: Output) -> anyhow::Result<i32> {
                 t.print();
             }
         }
+        PolicyCommand::Show { name, connection } => {
+            let p = Api::new(&connection)?
+                .get(&format!("/api/policies/{}", encode(&name)))
+                .await?;
+            print_json(&p)?;
+        }
         PolicyCommand::Create {
             name,
             rpo_threshold,
@@ -381,6 +560,12 @@ pub async fn policy(cmd: PolicyCommand, output: Output) -> anyhow::Result<i32> {
 pub enum ComponentCommand {
     /// List components and their health.
     List {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// One component, with its last heartbeat.
+    Show {
+        name: String,
         #[command(flatten)]
         connection: Connection,
     },
@@ -420,6 +605,10 @@ pub enum ComponentCommand {
 
 pub async fn component(cmd: ComponentCommand, output: Output) -> anyhow::Result<i32> {
     match cmd {
+        ComponentCommand::Show { name, connection } => {
+            let items = Api::new(&connection)?.all("/api/components").await?;
+            return show_named(&items, "component", &name, "component");
+        }
         ComponentCommand::List { connection } => {
             let items = Api::new(&connection)?.all("/api/components").await?;
             if output == Output::Json {
@@ -612,13 +801,30 @@ fn free_bytes(path: &std::path::Path) -> Option<u64> {
     Some(s.blocks_available() as u64 * s.fragment_size() as u64)
 }
 
+/// What a component adds to its heartbeats: the fields of its role (see the configuration
+/// server's `Heartbeat`), gathered afresh for each one.
+pub type Report = Box<
+    dyn Fn() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = serde_json::Map<String, Value>> + Send>,
+        > + Send
+        + Sync,
+>;
+
+/// Whether `addr` takes a TCP connection within 3 s.
+pub async fn answers(addr: &str) -> bool {
+    let connect = tokio::net::TcpStream::connect(addr);
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(3), connect).await,
+        Ok(Ok(_))
+    )
+}
+
 /// Sends heartbeats for the life of the process, if `reporting` names a server: health,
-/// version, the free space of `volume`, and `attached()` disks when given.
+/// version, the free space of `volume`, and what `report` adds.
 pub fn start_heartbeats(
     reporting: &Reporting,
     volume: PathBuf,
-    attached: Option<Box<dyn Fn() -> u32 + Send>>,
-    master_target: Option<String>,
+    report: Report,
 ) -> anyhow::Result<()> {
     let Some(server) = reporting.control_server.clone() else {
         return Ok(());
@@ -642,22 +848,11 @@ pub fn start_heartbeats(
     tokio::spawn(async move {
         let mut failing = false;
         loop {
-            // A process server says whether its master target answers (a TCP connection).
-            let mut reachable = None;
-            if let Some(addr) = &master_target {
-                let connect = tokio::net::TcpStream::connect(addr.as_str());
-                reachable = Some(matches!(
-                    tokio::time::timeout(std::time::Duration::from_secs(3), connect).await,
-                    Ok(Ok(_))
-                ));
-            }
-            let beat = json!({
-                "healthy": true,
-                "version": env!("CARGO_PKG_VERSION"),
-                "free_bytes": free_bytes(&volume),
-                "attached_disks": attached.as_ref().map(|f| f()),
-                "master_target_reachable": reachable,
-            });
+            let mut beat = report().await;
+            beat.insert("healthy".into(), json!(true));
+            beat.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
+            beat.insert("free_bytes".into(), json!(free_bytes(&volume)));
+            let beat = Value::Object(beat);
             match api
                 .call(reqwest::Method::POST, "/api/heartbeat", Some(beat))
                 .await

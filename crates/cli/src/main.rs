@@ -44,6 +44,8 @@ enum Command {
     Server(server::ServerArgs),
     /// Check a machine before reprotect or failback (the configuration server's preflight rules).
     Preflight(client::PreflightArgs),
+    /// Each machine's protection: state, health, RPO now, latest recovery point.
+    Status(client::StatusArgs),
     /// The configuration server's machines.
     #[command(subcommand)]
     Machine(client::MachineCommand),
@@ -93,6 +95,7 @@ fn main() {
             Command::MasterTarget(args) => master_target::run(args, cli.output).await,
             Command::Server(args) => server::run(args, cli.output).await,
             Command::Preflight(args) => client::preflight(args, cli.output).await,
+            Command::Status(args) => client::status(args, cli.output).await,
             Command::Machine(cmd) => client::machine(cmd, cli.output).await,
             Command::Site(cmd) => client::site(cmd, cli.output).await,
             Command::Policy(cmd) => client::policy(cmd, cli.output).await,

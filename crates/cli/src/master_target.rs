@@ -186,19 +186,31 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         std::sync::Arc::new(move || metrics.render()),
     )
     .await?;
-    // Attached disks: the replica images on the retention volume.
-    let replicas = retention_dir.join("replicas");
-    let attached = Box::new(move || {
-        std::fs::read_dir(&replicas)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|m| std::fs::read_dir(m.path()).ok())
-            .flatten()
-            .flatten()
-            .filter(|f| f.path().extension().is_some_and(|e| e == "img"))
-            .count() as u32
+    // Heartbeats: the disks attached (the replica images on the retention volume), and the
+    // points of each.
+    let retention = retention_dir.clone();
+    let report: crate::client::Report = Box::new(move || {
+        let retention = retention.clone();
+        Box::pin(async move {
+            let replicas = boomerang_master_target::points::summary(&retention).await;
+            let mut beat = serde_json::Map::new();
+            beat.insert("attached_disks".into(), (replicas.len() as u32).into());
+            let replicas: Vec<serde_json::Value> = replicas
+                .into_iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "machine": r.stream,
+                        "disk": r.disk,
+                        "points": r.points as u32,
+                        "latest_point_seq": r.latest.map(|(seq, _)| seq),
+                        "latest_point_unix_ms": r.latest.and_then(|(_, t)| t).map(|ns| ns / 1_000_000),
+                    })
+                })
+                .collect();
+            beat.insert("replicas".into(), replicas.into());
+            beat
+        })
     });
-    crate::client::start_heartbeats(&args.reporting, retention_dir, Some(attached), None)?;
+    crate::client::start_heartbeats(&args.reporting, retention_dir, report)?;
     crate::daemon::serve(server, &args.listen, "master target").await
 }

@@ -56,16 +56,39 @@ pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
         max_rate: args.max_rate,
         cache_segment: args.cache_segment_size,
     })?;
+    let shown = metrics.clone();
     crate::daemon::serve_metrics(
         args.metrics.as_deref(),
-        std::sync::Arc::new(move || metrics.render()),
+        std::sync::Arc::new(move || shown.render()),
     )
     .await?;
-    crate::client::start_heartbeats(
-        &args.reporting,
-        args.cache.clone(),
-        None,
-        args.master_target.clone(),
-    )?;
+    // Heartbeats say whether the master target answers, and how each stream stands.
+    let master_target = args.master_target.clone();
+    let report: crate::client::Report = Box::new(move || {
+        let (metrics, master_target) = (metrics.clone(), master_target.clone());
+        Box::pin(async move {
+            let mut beat = serde_json::Map::new();
+            if let Some(addr) = &master_target {
+                let reachable = crate::client::answers(addr).await;
+                beat.insert("master_target_reachable".into(), reachable.into());
+            }
+            let streams: Vec<serde_json::Value> = metrics
+                .report()
+                .into_iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "machine": s.stream,
+                        "backlog_bytes": s.backlog_bytes,
+                        "lag_ms": s.lag.as_millis() as u64,
+                        "last_mark_seq": s.last_mark.map(|(seq, _)| seq),
+                        "last_mark_unix_ms": s.last_mark.map(|(_, ns)| ns / 1_000_000),
+                    })
+                })
+                .collect();
+            beat.insert("streams".into(), streams.into());
+            beat
+        })
+    });
+    crate::client::start_heartbeats(&args.reporting, args.cache.clone(), report)?;
     crate::daemon::serve(server, &args.listen, "process server").await
 }

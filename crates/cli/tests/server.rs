@@ -1320,3 +1320,313 @@ fn a_full_database_volume_fails_requests_cleanly_and_writes_nothing_half() {
     let body = json!({"name": "after", "rpo_threshold_seconds": 30, "retention_seconds": 3600, "app_consistent_seconds": 0});
     assert_eq!(req("POST", "/api/policies", Some(body)).0, 201);
 }
+
+/// Names component `name` and enrols it: its identity directory (certificate, key, CA and
+/// component token), as `boomerang component enroll` would write it.
+fn enrol(
+    dir: &Path,
+    port: &str,
+    admin: &str,
+    name: &str,
+    role: &str,
+    site: &str,
+) -> std::path::PathBuf {
+    let (status, made) = call(
+        dir,
+        "127.0.0.1",
+        port,
+        "POST",
+        "/api/components",
+        Some(admin),
+        Some(&json!({"name": name, "role": role, "site": site, "hosts": ["127.0.0.1"]})),
+    );
+    assert_eq!(status, 201, "{made}");
+    let (status, got) = call(
+        dir,
+        "127.0.0.1",
+        port,
+        "POST",
+        "/api/enroll",
+        None,
+        Some(&json!({"enrollment_token": made["enrollment_token"]})),
+    );
+    assert_eq!(status, 200, "{got}");
+    let identity = dir.join(format!("{name}-identity"));
+    std::fs::create_dir_all(&identity).unwrap();
+    for (file, field) in [
+        ("cert.pem", "certificate"),
+        ("key.pem", "key"),
+        ("ca.crt", "ca"),
+        ("component.token", "component_token"),
+    ] {
+        std::fs::write(identity.join(file), got[field].as_str().unwrap()).unwrap();
+    }
+    identity
+}
+
+#[test]
+fn status_follows_a_machine_from_its_agents_report_to_protected_and_an_rpo_over_its_threshold_raises_an_alert()
+ {
+    if !have("curl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, admin) = server_with(dir.path(), |state| {
+        with_inventory(
+            state,
+            INVENTORY,
+            &[(
+                "heartbeat_timeout_seconds = 90",
+                "heartbeat_timeout_seconds = 3",
+            )],
+        )
+    });
+    let port = daemon.addr.rsplit_once(':').unwrap().1.to_string();
+    let d = dir.path();
+    let url = format!("https://127.0.0.1:{port}");
+    let ca = d.join("state/ca.crt");
+    let control = |identity: &Path| -> Vec<String> {
+        vec![
+            "--control-server".into(),
+            url.clone(),
+            "--control-ca".into(),
+            ca.display().to_string(),
+            "--component-token-file".into(),
+            identity.join("component.token").display().to_string(),
+            "--heartbeat-interval".into(),
+            "0.2".into(),
+        ]
+    };
+    let start = |args: Vec<String>| {
+        Daemon::start(
+            env!("CARGO_BIN_EXE_boomerang"),
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    // The three components, enrolled with the server, its CA theirs.
+    let mt1 = enrol(d, &port, &admin, "mt1", "master-target", "site-b");
+    let ps1 = enrol(d, &port, &admin, "ps1", "process-server", "site-b");
+    let app01 = enrol(d, &port, &admin, "app01", "agent", "site-a");
+    let mut args: Vec<String> = [
+        "master-target",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        mt1.to_str().unwrap(),
+        "--name",
+        "mt1",
+        "--retention",
+        d.join("retention").to_str().unwrap(),
+        "--block-size",
+        "4KiB",
+        "--point-every",
+        "0",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(control(&mt1));
+    let mt = start(args);
+    let link = boomerang_testkit::FaultProxy::start(&mt.addr);
+    let mut args: Vec<String> = [
+        "process-server",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        ps1.to_str().unwrap(),
+        "--name",
+        "ps1",
+        "--cache",
+        d.join("cache").to_str().unwrap(),
+        "--master-target",
+        link.addr(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(control(&ps1));
+    let ps = start(args);
+    // A disk with content, so that there is a copy to make.
+    let disk = d.join("disk.img");
+    std::fs::write(&disk, vec![0x5a; 4 << 20]).unwrap();
+    let mut args: Vec<String> = vec![
+        "agent".into(),
+        "--disk".into(),
+        format!("d0={}", disk.display()),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--log-dir".into(),
+        d.join("log").display().to_string(),
+        "--process-server".into(),
+        ps.addr.clone(),
+        "--tls".into(),
+        app01.display().to_string(),
+        "--name".into(),
+        "app01".into(),
+        "--mark-interval".into(),
+        "0.3".into(),
+    ];
+    args.extend(control(&app01));
+    let _agent = start(args);
+
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(args)
+            .env("BOOMERANG_SERVER", &url)
+            .env("BOOMERANG_CA", &ca)
+            .env("BOOMERANG_TOKEN", &admin)
+            .output()
+            .unwrap()
+    };
+    let json_of = |out: &std::process::Output| -> Value {
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+            panic!(
+                "not JSON: {} {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    let wait = |what: &str, secs: u64, mut ok: Box<dyn FnMut() -> Option<Value> + '_>| -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Some(v) = ok() {
+                return v;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+
+    // No inventory file lists app01: its agent's report brings it in, as a physical machine.
+    let machine = wait(
+        "the agent's report never brought app01 into the inventory",
+        20,
+        Box::new(|| {
+            let out = cli(&["machine", "show", "app01", "--output", "json"]);
+            out.status.success().then(|| json_of(&out))
+        }),
+    );
+    assert_eq!(machine["source"], "agent", "{machine}");
+    assert_eq!(machine["site"], "site-a");
+    assert_eq!(machine["physical"], true);
+    assert_eq!(machine["os"]["family"], "linux");
+    assert_eq!(machine["disks"][0]["name"], "d0");
+    assert_eq!(machine["disks"][0]["size_bytes"], 4 << 20);
+
+    let out = cli(&[
+        "policy",
+        "create",
+        "gold",
+        "--rpo-threshold",
+        "2",
+        "--retention",
+        "3600",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&["machine", "set-policy", "app01", "gold-failback"]);
+    assert!(
+        !out.status.success(),
+        "a failback policy is not given by hand"
+    );
+    let out = cli(&["machine", "set-policy", "app01", "gold"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Protected once the copy is whole at the master target, with points and a small RPO.
+    let status = wait(
+        "app01 never became protected",
+        60,
+        Box::new(|| {
+            let out = cli(&["status", "app01", "--output", "json"]);
+            let s = json_of(&out);
+            (s["state"] == "protected" && s["disks"][0]["points"].as_u64() > Some(0)).then_some(s)
+        }),
+    );
+    assert_eq!(status["policy"], "gold", "{status}");
+    assert_eq!(status["agent"], "app01");
+    assert_eq!(status["process_servers"], json!(["ps1"]));
+    assert_eq!(status["master_targets"], json!(["mt1"]));
+    assert_eq!(status["disks"][0]["sync"], "in-sync");
+    let rpo = status["rpo_seconds"].as_f64().unwrap();
+    assert!(rpo < 2.0, "{status}");
+    let table = String::from_utf8_lossy(&cli(&["status"]).stdout).to_string();
+    assert!(
+        table.contains("app01") && table.contains("protected"),
+        "{table}"
+    );
+    // web01 has no agent: it is listed, unprotected.
+    assert!(
+        table.contains("web01") && table.contains("unprotected"),
+        "{table}"
+    );
+
+    // A policy in use cannot go.
+    let (code, err) = call(
+        d,
+        "127.0.0.1",
+        &port,
+        "DELETE",
+        "/api/policies/gold",
+        Some(&admin),
+        None,
+    );
+    assert_eq!(code, 409, "{err}");
+    assert!(err["message"].as_str().unwrap().contains("app01"), "{err}");
+
+    // The link to the master target stalls: no mark becomes durable there, the RPO grows past
+    // the policy's 2 s threshold, and an alert says so.
+    link.set_delay(std::time::Duration::from_secs(6));
+    let alert = wait(
+        "no RPO alert while the link stalled",
+        30,
+        Box::new(|| {
+            let alerts = json_of(&cli(&["alert", "list", "--output", "json"]));
+            alerts
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["kind"] == "rpo-threshold" && a.get("resolved_unix_ms").is_none())
+                .cloned()
+        }),
+    );
+    assert_eq!(alert["object"], "machine/app01", "{alert}");
+    assert!(
+        alert["message"].as_str().unwrap().contains("gold"),
+        "{alert}"
+    );
+    let out = cli(&["status", "app01", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(3), "an unhealthy machine exits 3");
+    let s = json_of(&out);
+    assert_ne!(s["health"], "healthy", "{s}");
+    assert!(s["rpo_seconds"].as_f64().unwrap() > 2.0, "{s}");
+
+    // The link recovers: the RPO comes back under the threshold and the alert resolves.
+    link.set_delay(std::time::Duration::ZERO);
+    wait(
+        "the RPO alert did not resolve after the link recovered",
+        60,
+        Box::new(|| {
+            let alerts = json_of(&cli(&["alert", "list", "--output", "json"]));
+            alerts
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["kind"] == "rpo-threshold" && a["resolved_unix_ms"].is_i64())
+                .then_some(Value::Null)
+        }),
+    );
+    let out = cli(&["machine", "clear-policy", "app01"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = json_of(&cli(&["status", "app01", "--output", "json"]));
+    assert!(s.get("policy").is_none(), "{s}");
+}

@@ -317,3 +317,64 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// What a master target reports of one disk replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaSummary {
+    pub stream: String,
+    pub disk: String,
+    /// Points it can restore the disk to.
+    pub points: usize,
+    /// The newest: its sequence number, and when its mark was made (nanoseconds since 1970)
+    /// when known.
+    pub latest: Option<(u64, Option<u64>)>,
+}
+
+/// The points of every disk replica on the retention volume, by machine and disk. A replica
+/// whose points cannot be read is left out (and logged).
+pub async fn summary(retention: &Path) -> Vec<ReplicaSummary> {
+    let mut out = Vec::new();
+    let Ok(machines) = std::fs::read_dir(retention.join("replicas")) else {
+        return out;
+    };
+    let mut found = Vec::new();
+    for machine in machines.flatten() {
+        let Some(stream) = machine.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        for file in std::fs::read_dir(machine.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = file.path();
+            if path.extension().is_some_and(|e| e == "img")
+                && let Some(disk) = path.file_stem().and_then(|d| d.to_str())
+                && let Ok(disk) = DiskName::new(disk)
+            {
+                found.push((stream.clone(), disk));
+            }
+        }
+    }
+    found.sort();
+    for (stream, disk) in found {
+        match list(retention, &stream, &disk).await {
+            Ok(points) => out.push(ReplicaSummary {
+                latest: points.last().map(|p| (p.seq, p.time_unix_ns)),
+                points: points.len(),
+                stream,
+                disk: disk.to_string(),
+            }),
+            Err(PointsError::NoStore { .. }) => out.push(ReplicaSummary {
+                stream,
+                disk: disk.to_string(),
+                points: 0,
+                latest: None,
+            }),
+            Err(e) => {
+                tracing::warn!(%stream, %disk, error = %boomerang_core::chain(&e), "could not list the points of a replica");
+            }
+        }
+    }
+    out
+}

@@ -57,6 +57,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), ServeEr
     let stop = Arc::new(stop);
     let seen = metrics.clone();
     let on_durable = Arc::new(move |stream: &str, _: &[DiskName], records: &Records| {
+        seen.marks(stream, records);
         seen.received(stream, records.last_seq(), records.bytes().len() as u64);
     }) as boomerang_wire::receive::OnDurable;
     // A stream's sender starts when the stream opens, before its first record: a cache full

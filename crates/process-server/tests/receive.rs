@@ -284,3 +284,30 @@ async fn open_retrying(addr: &str, ca: &Path) -> (Client, Seq) {
     }
     panic!("the stream stayed busy")
 }
+
+#[test]
+fn the_last_mark_is_reported_only_once_the_master_target_holds_it() {
+    let metrics = boomerang_process_server::metrics::Metrics::default();
+    // Marks at 7 and 14 (made at times 7 and 14).
+    let records = batch(1..=15);
+    metrics.marks("web01", &records);
+    metrics.received("web01", records.last_seq(), records.bytes().len() as u64);
+    let report = |m: &boomerang_process_server::metrics::Metrics| m.report().remove(0);
+    let r = report(&metrics);
+    assert_eq!(r.stream, "web01");
+    assert_eq!(r.last_mark, None, "nothing is at the master target yet");
+    assert_eq!(r.backlog_bytes, records.bytes().len() as u64);
+    metrics.forwarded("web01", Seq(13));
+    assert_eq!(report(&metrics).last_mark, Some((7, 7)));
+    assert!(
+        metrics
+            .render()
+            .contains("boomerang_rpo_seconds{stream=\"web01\"}"),
+        "{}",
+        metrics.render()
+    );
+    metrics.forwarded("web01", Seq(15));
+    let r = report(&metrics);
+    assert_eq!(r.last_mark, Some((14, 14)));
+    assert_eq!(r.backlog_bytes, 0);
+}

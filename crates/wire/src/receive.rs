@@ -146,8 +146,16 @@ impl Receiver {
     }
 
     async fn connection(self: Arc<Self>, tcp: TcpStream) -> Result<(), ServeError> {
+        // A connection closed before its first byte is a probe (a process server checking
+        // that its master target answers, for its heartbeats): nothing to warn about.
+        let deadline = tokio::time::Instant::now() + SETUP_TIMEOUT;
+        let mut first = [0u8; 1];
+        if let Ok(Ok(0)) = tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await {
+            tracing::debug!("a connection closed before its first byte: a reachability probe");
+            return Ok(());
+        }
         // A client that connects and says nothing must not hold a task and a socket forever.
-        let stream = tokio::time::timeout(SETUP_TIMEOUT, tls::accept(self.tls.clone(), tcp))
+        let stream = tokio::time::timeout_at(deadline, tls::accept(self.tls.clone(), tcp))
             .await
             .map_err(|_| {
                 WireError::Protocol(format!("no TLS handshake within {SETUP_TIMEOUT:?}"))
