@@ -133,8 +133,16 @@ fn roles_tokens_audit_and_errors_over_https() {
     }
 
     // The matrix: each role against each kind of endpoint.
-    let kinds: [(&str, &str, Option<Value>, [u16; 3]); 5] = [
+    let kinds: [(&str, &str, Option<Value>, [u16; 3]); 7] = [
         ("GET", "/api/health", None, [200, 200, 200]),
+        ("GET", "/api/status", None, [200, 200, 200]),
+        // Configuration: an admin's (no such machine here).
+        (
+            "PUT",
+            "/api/machines/nope/policy",
+            Some(json!({"policy": "gold"})),
+            [403, 403, 404],
+        ),
         ("GET", "/api/openapi.json", None, [200, 200, 200]),
         ("GET", "/api/tokens", None, [403, 403, 200]),
         ("GET", "/api/audit", None, [403, 403, 200]),

@@ -953,3 +953,97 @@ impl Db {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::{Inventory, Machine, MachineSource};
+
+    fn machine(name: &str, source: MachineSource, disks: u64) -> Machine {
+        let mut m: Machine = toml::from_str(&format!(
+            r#"
+            name = "{name}"
+            site = "site-a"
+            os = {{ family = "linux", version = "12" }}
+            tools = "not-installed"
+            disks = [{{ name = "d0", size_bytes = {disks} }}]
+            "#
+        ))
+        .unwrap();
+        m.source = source;
+        m
+    }
+
+    fn machines(db: &Db) -> Vec<Machine> {
+        db.all_inventory("machine").unwrap()
+    }
+
+    #[test]
+    fn agent_reported_machines_survive_a_refresh_and_an_inventory_file_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db.sqlite")).unwrap();
+        db.report_machine(&machine("app01", MachineSource::Agent, 1))
+            .unwrap();
+        // A refresh of files that do not list app01 keeps it.
+        let files = Inventory {
+            machines: vec![machine("web01", MachineSource::File, 2)],
+            ..Inventory::default()
+        };
+        db.replace_inventory(&files).unwrap();
+        let names: Vec<String> = machines(&db).into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["app01", "web01"]);
+        // A later report updates it...
+        db.report_machine(&machine("app01", MachineSource::Agent, 3))
+            .unwrap();
+        assert_eq!(machines(&db)[0].disks[0].size_bytes, 3);
+        // ...but does not overwrite what a file says of a machine.
+        db.report_machine(&machine("web01", MachineSource::Agent, 4))
+            .unwrap();
+        let web01 = machines(&db).remove(1);
+        assert_eq!(
+            (web01.source, web01.disks[0].size_bytes),
+            (MachineSource::File, 2)
+        );
+        // A file that lists app01 takes it over; once no file lists it, it goes.
+        let files = Inventory {
+            machines: vec![machine("app01", MachineSource::File, 5)],
+            ..Inventory::default()
+        };
+        db.replace_inventory(&files).unwrap();
+        let all = machines(&db);
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].source, MachineSource::File);
+        db.replace_inventory(&Inventory::default()).unwrap();
+        assert!(machines(&db).is_empty());
+    }
+
+    #[test]
+    fn a_policy_protecting_a_machine_cannot_be_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("db.sqlite")).unwrap();
+        db.report_machine(&machine("app01", MachineSource::Agent, 1))
+            .unwrap();
+        let settings = PolicySettings {
+            rpo_threshold_seconds: 30,
+            retention_seconds: 3600,
+            app_consistent_seconds: 0,
+        };
+        db.create_policy("gold", &settings).unwrap();
+        assert!(matches!(
+            db.set_protection("nope", "gold"),
+            Err(DbError::NotFound(_))
+        ));
+        assert!(matches!(
+            db.set_protection("app01", "gold-failback"),
+            Err(DbError::Conflict(_))
+        ));
+        db.set_protection("app01", "gold").unwrap();
+        let Err(DbError::Conflict(why)) = db.delete_policy("gold") else {
+            panic!("a policy in use was deleted");
+        };
+        assert!(why.contains("app01"), "{why}");
+        assert_eq!(db.protections().unwrap()[0].1.name, "gold");
+        db.clear_protection("app01").unwrap();
+        db.delete_policy("gold").unwrap();
+    }
+}
