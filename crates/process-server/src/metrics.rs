@@ -9,7 +9,7 @@
 //!   started);
 //! - `boomerang_lag_seconds`: how long the oldest of those has waited (0 when none): the
 //!   replication lag this hop adds;
-//! - `boomerang_rpo_seconds`: the time since the agent made the last consistency mark that
+//! - `boomerang_rpo_now_seconds`: the time since the agent made the last consistency mark that
 //!   the master target holds durable (NaN before the first): what a failover now would lose
 //!   at most. Marks are made every few seconds, so it grows when replication stalls anywhere
 //!   between the agent and the master target.
@@ -172,7 +172,7 @@ impl Metrics {
                 |s| lag(s).as_secs_f64(),
             ),
             (
-                "boomerang_rpo_seconds",
+                "boomerang_rpo_now_seconds",
                 "gauge",
                 "Seconds since the agent made the last mark the master target holds durable.",
                 |s| {

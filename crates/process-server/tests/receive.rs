@@ -302,7 +302,7 @@ fn the_last_mark_is_reported_only_once_the_master_target_holds_it() {
     assert!(
         metrics
             .render()
-            .contains("boomerang_rpo_seconds{stream=\"web01\"}"),
+            .contains("boomerang_rpo_now_seconds{stream=\"web01\"}"),
         "{}",
         metrics.render()
     );
