@@ -70,6 +70,8 @@ pub struct CaptureDevice {
     /// While a copy compares with a digest: the [`COPY_BLOCK`]s that changes logged since
     /// touched (one bit each).
     touched: Mutex<Option<Vec<u64>>>,
+    /// Bytes the machine wrote since the agent started (for its write rate).
+    written: std::sync::atomic::AtomicU64,
 }
 
 impl CaptureDevice {
@@ -103,7 +105,13 @@ impl CaptureDevice {
             bitmap,
             sync: None,
             touched: Mutex::new(None),
+            written: Default::default(),
         })
+    }
+
+    /// Bytes the machine wrote to this disk since the agent started (data, not zeroes).
+    pub fn written_bytes(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn log(&self) -> io::Result<MutexGuard<'_, LogDir>> {
@@ -475,6 +483,8 @@ impl BlockDevice for CaptureDevice {
         ticket.0.wait();
         let applied = self.inner.write_at(data, offset, fua);
         self.track_failure(applied, offset, data.len() as u64)?;
+        self.written
+            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         drop(ticket.0);
         self.confirm(ticket.1)
     }

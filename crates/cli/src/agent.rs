@@ -336,11 +336,29 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     // Everything a client or script may use is ready: announce it. The first line of stdout is
     // the address, for scripts and tests.
     // Heartbeats describe the machine: its OS, its disks and how far their copy is.
+    // The write rate is the average since the previous heartbeat.
     let (reported_log, reported_disks) = (log.clone(), devices.clone());
+    let previous = Mutex::new(None::<(u64, std::time::Instant)>);
     let report: crate::client::Report = Box::new(move || {
         let (states, through) = boomerang_agent::sync::states(&reported_log, &reported_disks);
+        let written: u64 = reported_disks.iter().map(|d| d.written_bytes()).sum();
+        let now = std::time::Instant::now();
+        let rate = match previous.lock() {
+            Ok(mut p) => {
+                let rate = p.map(|(before, at)| {
+                    let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+                    (written.saturating_sub(before) as f64 / secs) as u64
+                });
+                *p = Some((written, now));
+                rate
+            }
+            Err(_) => None,
+        };
         Box::pin(async move {
             let mut beat = serde_json::Map::new();
+            if let Some(rate) = rate {
+                beat.insert("write_bytes_per_second".into(), rate.into());
+            }
             beat.insert("attached_disks".into(), (states.len() as u32).into());
             beat.insert("os".into(), os());
             let disks: Vec<serde_json::Value> = states

@@ -63,11 +63,14 @@ pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
     )
     .await?;
     // Heartbeats say whether the master target answers, and how each stream stands.
-    let master_target = args.master_target.clone();
+    let (master_target, max_rate) = (args.master_target.clone(), args.max_rate);
     let report: crate::client::Report = Box::new(move || {
         let (metrics, master_target) = (metrics.clone(), master_target.clone());
         Box::pin(async move {
             let mut beat = serde_json::Map::new();
+            if let Some(rate) = max_rate {
+                beat.insert("max_rate_bytes_per_second".into(), rate.into());
+            }
             if let Some(addr) = &master_target {
                 let reachable = crate::client::answers(addr).await;
                 beat.insert("master_target_reachable".into(), reachable.into());

@@ -187,6 +187,28 @@ fn roles_tokens_audit_and_errors_over_https() {
         json!({"name": "x", "role": "admin"}),
     );
     assert_eq!(status, 403, "a viewer makes no tokens");
+    // A denied request with a large body still gets its answer, not a reset connection.
+    let big = d.join("big.json");
+    std::fs::write(&big, format!("{{\"pad\": \"{}\"}}", "x".repeat(1_500_000))).unwrap();
+    for path in ["/api/heartbeat", "/api/tokens"] {
+        let out = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+            .arg("--cacert")
+            .arg(d.join("state/ca.crt"))
+            // No `Expect: 100-continue`: the whole body comes at once, as most clients send it.
+            .args(["-H", "content-type: application/json", "-H", "Expect:"])
+            .arg("--data-binary")
+            .arg(format!("@{}", big.display()))
+            .arg(format!("https://127.0.0.1:{port}{path}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "401", "{path}");
+    }
 
     // Bad input: the field is named; duplicates and bad names are refused; the last admin stays.
     let (status, err) = post(
@@ -664,11 +686,16 @@ address = "{ps_addr}"
             .collect()
     };
     // The master target's machine has a snapshot; everything else holds, the process server
-    // answered. It is not enrolled, so its own links are unknown: warnings.
+    // answered. It is not enrolled, so its own links are unknown, and no agent reports how
+    // fast web01 writes: warnings.
     assert_eq!(failed("error"), ["MT_HAS_SNAPSHOTS"], "{report}");
     assert_eq!(
         failed("warning"),
-        ["PS_CS_UNREACHABLE", "PS_MT_UNREACHABLE"],
+        [
+            "PS_CS_UNREACHABLE",
+            "PS_MT_UNREACHABLE",
+            "PS_LINK_BANDWIDTH"
+        ],
         "{report}"
     );
     assert_eq!(report["ok"], false);

@@ -89,6 +89,15 @@ async fn lookup<T: Send + 'static>(
     }
 }
 
+/// The most body bytes read from a denied request before it is answered.
+const DRAIN_LIMIT: usize = 2 << 20;
+
+/// Reads a denied request's body (up to [`DRAIN_LIMIT`]) before the answer goes: a client
+/// still sending it would otherwise see the connection reset instead of the 401 or 403.
+async fn drain(request: Request) {
+    let _ = axum::body::to_bytes(request.into_body(), DRAIN_LIMIT).await;
+}
+
 /// Heartbeats: only a component's own token opens them; the handler learns which component.
 async fn component(
     state: Arc<AppState>,
@@ -102,6 +111,7 @@ async fn component(
     };
     let Some(component) = found else {
         state.audit("anonymous", action, "denied").await;
+        drain(request).await;
         return ApiError::new(
             axum::http::StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
@@ -157,11 +167,13 @@ pub async fn authorize(
     };
     let Some(token) = found else {
         state.audit("anonymous", &action, "denied").await;
+        drain(request).await;
         return ApiError::unauthorized().into_response();
     };
     let need = required(&method, &path);
     if token.role < need {
         state.audit(&token.name, &action, "denied").await;
+        drain(request).await;
         return ApiError::forbidden(token.role, need).into_response();
     }
     request.extensions_mut().insert(Caller {

@@ -144,6 +144,15 @@ pub struct Heartbeat {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0, maximum = 9007199254740991_i64)]
     pub synced_through_seq: Option<u64>,
+    /// How many bytes a second the machine wrote since the previous heartbeat (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    pub write_bytes_per_second: Option<u64>,
+    /// The most bytes a second it forwards (process server, `--max-rate`); absent when
+    /// unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    pub max_rate_bytes_per_second: Option<u64>,
     /// The machines streaming through it (process server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_items = 1024)]
@@ -250,8 +259,18 @@ impl Heartbeat {
             ComponentRole::Agent,
         )?;
         own(
+            "write_bytes_per_second",
+            self.write_bytes_per_second.is_some(),
+            ComponentRole::Agent,
+        )?;
+        own(
             "streams",
             self.streams.is_some(),
+            ComponentRole::ProcessServer,
+        )?;
+        own(
+            "max_rate_bytes_per_second",
+            self.max_rate_bytes_per_second.is_some(),
             ComponentRole::ProcessServer,
         )?;
         own(

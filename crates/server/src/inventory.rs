@@ -225,6 +225,11 @@ pub struct ProcessServer {
     pub site: String,
     /// Its replication address, `host:port`.
     pub address: String,
+    /// The bandwidth of the site link behind it, bytes a second, when known: preflight
+    /// compares it with what the machines write (`PS_LINK_BANDWIDTH`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
+    pub link_bytes_per_second: Option<u64>,
 }
 
 /// One source's inventory, or all of them merged.

@@ -207,6 +207,7 @@ pub fn run(ctx: &Context<'_>) -> Report {
                 },
             ));
             ps_reports(ctx, p, &mut checks);
+            bandwidth_rule(ctx, machine, p, &mut checks);
             let reachable = ctx.reachable.contains(&p.name);
             checks.push(check(
                 "PS_UNREACHABLE",
@@ -327,6 +328,147 @@ fn ps_reports(ctx: &Context<'_>, p: &ProcessServer, checks: &mut Vec<Check>) {
                 p.name
             ),
         ),
+    });
+}
+
+/// Bytes as "12.3 MiB".
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// Seconds as "40 s", "12 min", "3.5 h".
+fn duration(s: u64) -> String {
+    match s {
+        0..120 => format!("{s} s"),
+        120..7200 => format!("{} min", s / 60),
+        _ => format!("{:.1} h", s as f64 / 3600.0),
+    }
+}
+
+/// Enough bandwidth on the site link: what the machine writes (its agent measures it), and
+/// what every machine streaming through the process server writes together, against the
+/// process server's per-machine limit (`--max-rate`, from its heartbeats) and the link's
+/// bandwidth (`link_bytes_per_second` in the inventory). A link that is too slow does not
+/// block the job, but the RPO would grow without bound: a warning.
+fn bandwidth_rule(
+    ctx: &Context<'_>,
+    machine: &Machine,
+    p: &ProcessServer,
+    checks: &mut Vec<Check>,
+) {
+    use crate::components::{ComponentRole, Heartbeat};
+    const CODE: &str = "PS_LINK_BANDWIDTH";
+    let beat = |name: &str, role: ComponentRole| -> Option<&Heartbeat> {
+        ctx.components
+            .iter()
+            .find(|c| c.name == name && c.role == role)
+            .and_then(|c| c.last.as_ref())
+    };
+    let rate_of = |m: &str| beat(m, ComponentRole::Agent).and_then(|b| b.write_bytes_per_second);
+    let ps_beat = beat(&p.name, ComponentRole::ProcessServer);
+    let per_machine = ps_beat.and_then(|b| b.max_rate_bytes_per_second);
+    let link = p.link_bytes_per_second;
+    let Some(own) = rate_of(&machine.name) else {
+        checks.push(check(
+            CODE,
+            Severity::Warning,
+            false,
+            format!(
+                "the write rate of machine {:?} is not known (its agent has not reported one), so the site link cannot be checked: start its agent with --control-server, then check again",
+                machine.name
+            ),
+        ));
+        return;
+    };
+    if per_machine.is_none() && link.is_none() {
+        checks.push(check(
+            CODE,
+            Severity::Warning,
+            false,
+            format!(
+                "the bandwidth of the site link behind process server {:?} is not known: declare link_bytes_per_second for it in the inventory, so that preflight can compare it with the {}/s machine {:?} writes",
+                p.name,
+                bytes(own),
+                machine.name
+            ),
+        ));
+        return;
+    }
+    // The machines sharing the link: those streaming through the process server, and this one.
+    let mut sharing: Vec<&str> = ps_beat
+        .and_then(|b| b.streams.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|s| s.machine.as_str())
+        .collect();
+    if !sharing.contains(&machine.name.as_str()) {
+        sharing.push(&machine.name);
+    }
+    let together: u64 = sharing.iter().filter_map(|m| rate_of(m)).sum();
+    let mut short = Vec::new();
+    if let Some(cap) = per_machine
+        && own > cap
+    {
+        short.push(format!(
+            "machine {:?} writes {}/s and process server {:?} forwards at most {}/s per machine (--max-rate)",
+            machine.name,
+            bytes(own),
+            p.name,
+            bytes(cap)
+        ));
+    }
+    if let Some(l) = link
+        && together > l
+    {
+        short.push(format!(
+            "the {} machine(s) through process server {:?} write {}/s together, more than its site link's {}/s",
+            sharing.len(),
+            p.name,
+            bytes(together),
+            bytes(l)
+        ));
+    }
+    let capacity = [per_machine, link].into_iter().flatten().min().unwrap_or(1);
+    let size: u64 = machine.disks.iter().map(|d| d.size_bytes).sum();
+    let resync = format!(
+        "a full resync of its {} would take about {} at {}/s",
+        bytes(size),
+        duration(size / capacity.max(1)),
+        bytes(capacity)
+    );
+    checks.push(if short.is_empty() {
+        check(
+            CODE,
+            Severity::Warning,
+            true,
+            format!(
+                "the site link behind process server {:?} carries the {}/s machine {:?} writes; {resync}",
+                p.name,
+                bytes(own),
+                machine.name
+            ),
+        )
+    } else {
+        check(
+            CODE,
+            Severity::Warning,
+            false,
+            format!(
+                "{}: raise --max-rate or the link's bandwidth, or the RPO will grow without bound ({resync})",
+                short.join("; ")
+            ),
+        )
     });
 }
 

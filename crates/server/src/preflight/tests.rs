@@ -48,6 +48,7 @@ retention = { path = "/mnt/retention", filesystem = "ext4", capacity_bytes = 100
 name = "ps1"
 site = "site-b"
 address = "10.1.0.4:9443"
+link_bytes_per_second = 100000000
 "#;
     let inv: Inventory = toml::from_str(inv).unwrap();
     crate::inventory::check(&inv).unwrap();
@@ -97,22 +98,39 @@ fn context<'a>(
     }
 }
 
-/// ps1, enrolled, heard from, reaching its master target.
+/// ps1, enrolled, heard from, reaching its master target; web01's agent, reporting 1 MB/s of
+/// writes.
 fn enrolled() -> Vec<crate::components::ComponentInfo> {
     use crate::components::{ComponentHealth, ComponentInfo, ComponentRole, Heartbeat};
-    vec![ComponentInfo {
-        name: "ps1".into(),
-        role: ComponentRole::ProcessServer,
+    let agent = ComponentInfo {
+        name: "web01".into(),
+        role: ComponentRole::Agent,
         site: "site-b".into(),
         health: ComponentHealth::Healthy,
         last_heartbeat_unix_ms: Some(1),
         last: Some(Heartbeat {
             healthy: true,
             version: "0".into(),
-            master_target_reachable: Some(true),
+            write_bytes_per_second: Some(1_000_000),
             ..Heartbeat::default()
         }),
-    }]
+    };
+    vec![
+        ComponentInfo {
+            name: "ps1".into(),
+            role: ComponentRole::ProcessServer,
+            site: "site-b".into(),
+            health: ComponentHealth::Healthy,
+            last_heartbeat_unix_ms: Some(1),
+            last: Some(Heartbeat {
+                healthy: true,
+                version: "0".into(),
+                master_target_reachable: Some(true),
+                ..Heartbeat::default()
+            }),
+        },
+        agent,
+    ]
 }
 
 fn failed(report: &Report) -> Vec<&'static str> {
@@ -346,6 +364,89 @@ fn the_process_servers_own_reports_count() {
     assert!(!r.ok);
     // Not enrolled: nothing to tell from, a warning each.
     let r = report(&[]);
-    assert_eq!(failed(&r), ["PS_CS_UNREACHABLE", "PS_MT_UNREACHABLE"]);
+    assert_eq!(
+        failed(&r),
+        [
+            "PS_CS_UNREACHABLE",
+            "PS_MT_UNREACHABLE",
+            "PS_LINK_BANDWIDTH"
+        ]
+    );
     assert!(r.ok, "warnings do not block");
+}
+
+#[test]
+fn the_site_link_must_carry_what_the_machines_write() {
+    use crate::components::StreamReport;
+    let run_with = |inv: &Inventory, components: &[crate::components::ComponentInfo]| {
+        let answered = vec!["ps1".to_string()];
+        let report = run(&context(
+            inv,
+            "web01",
+            Purpose::Failback,
+            &answered,
+            components,
+        ));
+        let check = report
+            .checks
+            .iter()
+            .find(|c| c.code == "PS_LINK_BANDWIDTH")
+            .cloned()
+            .expect("the bandwidth rule ran");
+        assert_eq!(check.severity, Severity::Warning, "it never blocks");
+        assert!(report.ok, "{report:#?}");
+        check
+    };
+    let good_inv = good();
+    let passed = run_with(&good_inv, &enrolled());
+    assert!(passed.passed, "{passed:?}");
+    assert!(passed.message.contains("full resync"), "{passed:?}");
+
+    // The link is slower than the machine writes.
+    let mut slow = good();
+    slow.process_servers[0].link_bytes_per_second = Some(500_000);
+    let c = run_with(&slow, &enrolled());
+    assert!(!c.passed && c.message.contains("site link"), "{c:?}");
+
+    // The link is fast enough for web01 alone, not with the other machine streaming through.
+    let mut shared = good();
+    shared.process_servers[0].link_bytes_per_second = Some(1_500_000);
+    let mut components = enrolled();
+    let other = crate::components::ComponentInfo {
+        name: "db01".into(),
+        ..components
+            .iter()
+            .find(|c| c.name == "web01")
+            .unwrap()
+            .clone()
+    };
+    components.push(other);
+    let ps = components.iter_mut().find(|c| c.name == "ps1").unwrap();
+    ps.last.as_mut().unwrap().streams = Some(vec![StreamReport {
+        machine: "db01".into(),
+        backlog_bytes: 0,
+        lag_ms: 0,
+        last_mark_seq: None,
+        last_mark_unix_ms: None,
+    }]);
+    assert!(run_with(&shared, &enrolled()).passed);
+    let c = run_with(&shared, &components);
+    assert!(!c.passed && c.message.contains("2 machine(s)"), "{c:?}");
+
+    // The process server forwards less per machine (--max-rate) than web01 writes.
+    let mut components = enrolled();
+    let ps = components.iter_mut().find(|c| c.name == "ps1").unwrap();
+    ps.last.as_mut().unwrap().max_rate_bytes_per_second = Some(100_000);
+    let c = run_with(&good_inv, &components);
+    assert!(!c.passed && c.message.contains("--max-rate"), "{c:?}");
+
+    // Unknown: no bandwidth declared and no limit, or no write rate reported.
+    let mut unknown = good();
+    unknown.process_servers[0].link_bytes_per_second = None;
+    let c = run_with(&unknown, &enrolled());
+    assert!(!c.passed && c.message.contains("not known"), "{c:?}");
+    let mut components = enrolled();
+    components.retain(|c| c.name != "web01");
+    let c = run_with(&good_inv, &components);
+    assert!(!c.passed && c.message.contains("write rate"), "{c:?}");
 }
