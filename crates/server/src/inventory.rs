@@ -1,6 +1,6 @@
 //! Inventory (DESIGN 4): sites, hosts, datastores and machines, as the server knows them. They
 //! come from inventory sources behind [`InventorySource`]: TOML files first (`inventory` in
-//! server.toml); libvirt and vSphere later, and what agents report. A refresh loads every
+//! server.toml) and what agents report; libvirt and vSphere later. A refresh loads every
 //! source, checks the whole (names, references), and only then replaces what the database
 //! holds: a bad file changes nothing.
 //!
@@ -29,7 +29,23 @@
 //! controllers = [{ name = "scsi0", kind = "lsi-logic" }]
 //! disks = [{ name = "sda", size_bytes = 68719476736, uuid = "6000c29...", controller = "scsi0" }]
 //! nics = [{ name = "eth0", ips = ["10.0.0.5"] }]
+//!
+//! [[master_target]]
+//! name = "mt1"
+//! site = "site-a"
+//! machine = "mt-vm"         # the inventory machine it runs on
+//! address = "10.0.0.9:9443"
+//! retention = { path = "/mnt/retention", filesystem = "ext4", capacity_bytes = 1099511627776 }
+//!
+//! [[process_server]]
+//! name = "ps1"
+//! site = "site-b"
+//! address = "10.1.0.4:9443"
+//! link_bytes_per_second = 125000000   # the site link behind it (1 Gbit/s), if known
 //! ```
+//!
+//! A machine no file lists joins the inventory when its agent reports (its disks and OS, as a
+//! physical machine at the agent's site); a file that lists it later takes it over.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
