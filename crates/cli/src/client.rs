@@ -13,17 +13,118 @@ use serde_json::{Value, json};
 
 use crate::output::{Output, Table, print_json};
 
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct Connection {
-    /// The configuration server, as https://HOST:PORT.
+    /// The configuration server, as https://HOST:PORT (otherwise the client file's).
     #[arg(long, env = "BOOMERANG_SERVER")]
-    server: String,
-    /// The CA certificate that verifies the server (the server's ca.crt).
+    server: Option<String>,
+    /// The CA certificate that verifies the server, the server's ca.crt (otherwise the client
+    /// file's).
     #[arg(long, env = "BOOMERANG_CA")]
-    ca: PathBuf,
-    /// A file holding the API token (otherwise BOOMERANG_TOKEN).
+    ca: Option<PathBuf>,
+    /// A file holding the API token (otherwise BOOMERANG_TOKEN, then the client file's).
     #[arg(long)]
     token_file: Option<PathBuf>,
+}
+
+/// The client file, `~/.config/boomerang/client.toml` (or `$BOOMERANG_CLIENT_CONFIG`): what
+/// the flags and variables leave out. Relative paths are from the file's directory.
+///
+/// ```toml
+/// server = "https://cs.example.net:443"
+/// ca = "ca.crt"
+/// token_file = "token"      # or token = "bmr_..."; keep the file to yourself (mode 0600)
+/// ```
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientFile {
+    server: Option<String>,
+    ca: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    token: Option<String>,
+}
+
+/// The client file, if there is one: `$BOOMERANG_CLIENT_CONFIG` (which must exist), or
+/// `client.toml` under `$XDG_CONFIG_HOME/boomerang` or `~/.config/boomerang`.
+fn client_file() -> anyhow::Result<Option<(PathBuf, ClientFile)>> {
+    let named = std::env::var_os("BOOMERANG_CLIENT_CONFIG").map(PathBuf::from);
+    let path = match &named {
+        Some(p) => p.clone(),
+        None => {
+            let base = std::env::var_os("XDG_CONFIG_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+            match base {
+                Some(b) => b.join("boomerang").join("client.toml"),
+                None => return Ok(None),
+            }
+        }
+    };
+    if named.is_none() && !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "could not read the client file {} (BOOMERANG_CLIENT_CONFIG): check the path",
+            path.display()
+        )
+    })?;
+    let file: ClientFile = toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "the client file {} is not valid: {}",
+            path.display(),
+            e.to_string().trim_end().replace('\n', " ")
+        )
+    })?;
+    let dir = path.parent().map(PathBuf::from).unwrap_or_default();
+    let file = ClientFile {
+        ca: file.ca.map(|c| dir.join(c)),
+        token_file: file.token_file.map(|t| dir.join(t)),
+        ..file
+    };
+    Ok(Some((path, file)))
+}
+
+fn read_token(f: &std::path::Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(f)
+        .with_context(|| format!("could not read the token file {}", f.display()))?
+        .trim()
+        .to_string())
+}
+
+impl Connection {
+    /// The server, its CA and the token: the flags and variables first, then the client file.
+    fn resolve(&self, need_token: bool) -> anyhow::Result<(String, PathBuf, String)> {
+        let env_token = std::env::var("BOOMERANG_TOKEN").ok();
+        let complete = self.server.is_some()
+            && self.ca.is_some()
+            && (!need_token || self.token_file.is_some() || env_token.is_some());
+        let file = if complete {
+            ClientFile::default()
+        } else {
+            client_file()?.map(|(_, f)| f).unwrap_or_default()
+        };
+        let server = self.server.clone().or(file.server).context(
+            "no configuration server: give --server https://HOST:PORT, set BOOMERANG_SERVER, or write server = ... in ~/.config/boomerang/client.toml",
+        )?;
+        let ca = self.ca.clone().or(file.ca).context(
+            "no CA certificate for the configuration server: give --ca (the server's ca.crt), set BOOMERANG_CA, or write ca = ... in ~/.config/boomerang/client.toml",
+        )?;
+        let token = if !need_token {
+            String::new()
+        } else if let Some(f) = &self.token_file {
+            read_token(f)?
+        } else if let Some(t) = env_token {
+            t
+        } else if let Some(f) = &file.token_file {
+            read_token(f)?
+        } else {
+            file.token.context(
+                "no API token: set BOOMERANG_TOKEN, give --token-file, or write token_file = ... in ~/.config/boomerang/client.toml (boomerang server init printed the first admin token)",
+            )?
+        };
+        Ok((server, ca, token))
+    }
 }
 
 /// A connection to the API.
@@ -35,35 +136,22 @@ struct Api {
 
 impl Api {
     fn new(c: &Connection) -> anyhow::Result<Api> {
-        let token = Self::token(c)?;
-        Self::with_token(c, token)
+        let (server, ca, token) = c.resolve(true)?;
+        Self::open(&server, &ca, token)
     }
 
-    fn token(c: &Connection) -> anyhow::Result<String> {
-        Ok(match &c.token_file {
-            Some(f) => std::fs::read_to_string(f)
-                .with_context(|| format!("could not read the token file {}", f.display()))?
-                .trim()
-                .to_string(),
-            None => std::env::var("BOOMERANG_TOKEN").context(
-                "no API token: set BOOMERANG_TOKEN, or give --token-file (boomerang server init printed the first admin token)",
-            )?,
-        })
-    }
-
-    fn with_token(c: &Connection, token: String) -> anyhow::Result<Api> {
-        let pem = std::fs::read(&c.ca).with_context(|| {
+    fn open(server: &str, ca: &std::path::Path, token: String) -> anyhow::Result<Api> {
+        let pem = std::fs::read(ca).with_context(|| {
             format!(
                 "could not read the CA certificate {}: give the server's ca.crt with --ca",
-                c.ca.display()
+                ca.display()
             )
         })?;
         let tls = boomerang_wire::tls::api_client_config(&pem)
-            .with_context(|| format!("{} is not a usable CA certificate", c.ca.display()))?;
-        if !c.server.starts_with("https://") {
+            .with_context(|| format!("{} is not a usable CA certificate", ca.display()))?;
+        if !server.starts_with("https://") {
             bail!(
-                "{} is not an https:// address: the configuration server speaks HTTPS only, and a token must not travel in clear",
-                c.server
+                "{server} is not an https:// address: the configuration server speaks HTTPS only, and a token must not travel in clear"
             );
         }
         let http = reqwest::Client::builder()
@@ -73,7 +161,7 @@ impl Api {
             .build()
             .context("could not set up the HTTPS client")?;
         Ok(Api {
-            base: c.server.trim_end_matches('/').to_string(),
+            base: server.trim_end_matches('/').to_string(),
             token,
             http,
         })
@@ -594,12 +682,12 @@ pub enum ComponentCommand {
         token_file: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
-        /// The configuration server, as https://HOST:PORT.
+        /// The configuration server, as https://HOST:PORT (otherwise the client file's).
         #[arg(long, env = "BOOMERANG_SERVER")]
-        server: String,
-        /// The CA certificate that verifies the server.
+        server: Option<String>,
+        /// The CA certificate that verifies the server (otherwise the client file's).
         #[arg(long, env = "BOOMERANG_CA")]
-        ca: PathBuf,
+        ca: Option<PathBuf>,
     },
 }
 
@@ -655,6 +743,11 @@ pub async fn component(cmd: ComponentCommand, output: Output) -> anyhow::Result<
             server,
             ca,
         } => {
+            let connection = Connection {
+                server,
+                ca,
+                token_file: None,
+            };
             let token = match &token_file {
                 Some(f) => std::fs::read_to_string(f)
                     .with_context(|| {
@@ -678,12 +771,8 @@ pub async fn component(cmd: ComponentCommand, output: Output) -> anyhow::Result<
             std::fs::create_dir_all(&out)
                 .with_context(|| format!("could not create {}", out.display()))?;
             // Enrolment has no bearer token of its own: the one-time token is in the body.
-            let connection = Connection {
-                server,
-                ca,
-                token_file: None,
-            };
-            let api = Api::with_token(&connection, String::new())?;
+            let (server, ca, _) = connection.resolve(false)?;
+            let api = Api::open(&server, &ca, String::new())?;
             let got = api
                 .call(
                     reqwest::Method::POST,
@@ -749,10 +838,28 @@ pub enum AlertCommand {
         #[command(flatten)]
         connection: Connection,
     },
+    /// One alert, by its id.
+    Show {
+        id: i64,
+        #[command(flatten)]
+        connection: Connection,
+    },
 }
 
 pub async fn alert(cmd: AlertCommand, output: Output) -> anyhow::Result<i32> {
-    let AlertCommand::List { connection } = cmd;
+    let connection = match cmd {
+        AlertCommand::List { connection } => connection,
+        AlertCommand::Show { id, connection } => {
+            let items = Api::new(&connection)?.all("/api/alerts").await?;
+            return match items.iter().find(|a| a["id"] == id) {
+                Some(a) => {
+                    print_json(a)?;
+                    Ok(0)
+                }
+                None => bail!("there is no alert {id}: list them with `boomerang alert list`"),
+            };
+        }
+    };
     let mut items = Api::new(&connection)?.all("/api/alerts").await?;
     items.sort_by_key(|a| a.get("resolved_unix_ms").is_some());
     if output == Output::Json {
@@ -835,15 +942,15 @@ pub fn start_heartbeats(
             reporting.heartbeat_interval
         );
     }
-    let connection = Connection {
-        server,
-        ca: reporting
-            .control_ca
-            .clone()
-            .context("--control-ca is needed with --control-server")?,
-        token_file: reporting.component_token_file.clone(),
-    };
-    let api = Api::new(&connection)?;
+    let ca = reporting
+        .control_ca
+        .clone()
+        .context("--control-ca is needed with --control-server")?;
+    let token_file = reporting
+        .component_token_file
+        .clone()
+        .context("--component-token-file is needed with --control-server")?;
+    let api = Api::open(&server, &ca, read_token(&token_file)?)?;
     let every = std::time::Duration::from_secs_f64(reporting.heartbeat_interval);
     tokio::spawn(async move {
         let mut failing = false;

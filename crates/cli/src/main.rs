@@ -111,3 +111,14 @@ fn main() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every subcommand's arguments are well formed (unique names, valid defaults): clap
+    /// checks them when a subcommand runs, so a mistake would otherwise show only then.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

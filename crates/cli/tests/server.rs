@@ -1112,6 +1112,58 @@ fn the_cli_verbs_talk_to_the_api() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // A client file instead of variables: the server, the CA and the token file, the paths
+    // from the file's directory.
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join(".config/boomerang");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::copy(&ca, config.join("ca.crt")).unwrap();
+    std::fs::write(config.join("token"), &admin).unwrap();
+    std::fs::write(
+        config.join("client.toml"),
+        format!("server = \"{url}\"\nca = \"ca.crt\"\ntoken_file = \"token\"\n"),
+    )
+    .unwrap();
+    let bare = |args: &[&str], env: &[(&str, &std::path::Path)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_boomerang"));
+        cmd.args(args)
+            .env_remove("BOOMERANG_SERVER")
+            .env_remove("BOOMERANG_CA")
+            .env_remove("BOOMERANG_TOKEN")
+            .env_remove("XDG_CONFIG_HOME")
+            .env("HOME", home.path());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let sites = json_of(bare(&["site", "list", "--output", "json"], &[]));
+    assert_eq!(sites.as_array().unwrap().len(), 2);
+    let out = bare(&["site", "show", "site-b"], &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("azure"));
+    // A broken client file is named, with the line.
+    let broken = home.path().join("broken.toml");
+    std::fs::write(&broken, "server = \"https://x\"\ncolour = 1\n").unwrap();
+    let out = bare(
+        &["site", "list"],
+        &[("BOOMERANG_CLIENT_CONFIG", broken.as_path())],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success()
+            && err.contains("broken.toml")
+            && err.contains("colour")
+            && err.contains("line 2"),
+        "{err}"
+    );
+    // Without any: what to set.
+    let out = bare(&["site", "list"], &[("HOME", dir.path())]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("BOOMERANG_SERVER") && err.contains("client.toml"),
+        "{err}"
+    );
 }
 
 #[test]
