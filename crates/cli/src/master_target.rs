@@ -49,6 +49,39 @@ enum PointsCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Instant recovery: serve a disk at a point over NBD at once (reads from the replica
+    /// store until the target holds them, writes into the target), while it is copied into
+    /// the target in the background. Run it again with the same target to resume.
+    Recover {
+        retention: PathBuf,
+        #[arg(long)]
+        machine: String,
+        #[arg(long)]
+        disk: DiskName,
+        /// A sequence number from `points`, or `latest` (the newest point listed).
+        #[arg(long, default_value = "latest")]
+        at: String,
+        /// The raw image to serve from and copy into (a new path, or one this command made).
+        #[arg(long)]
+        target: PathBuf,
+        /// The NBD address: 127.0.0.1:PORT or unix:PATH; the export is named after the disk.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: String,
+        /// At most this many bytes a second of background copy (say 100MiB); unlimited when
+        /// absent.
+        #[arg(long, value_parser = parse_size)]
+        hydrate_rate: Option<u64>,
+    },
+}
+
+/// `--at`: a sequence number, or `latest` (none).
+fn parse_at(at: &str) -> anyhow::Result<Option<u64>> {
+    if at == "latest" {
+        return Ok(None);
+    }
+    at.parse().map(Some).with_context(|| {
+        format!("--at {at:?} is not a sequence number: use one from `boomerang master-target points`, or latest")
+    })
 }
 
 #[derive(Args, Debug)]
@@ -120,15 +153,14 @@ async fn points(command: PointsCommand, output: Output) -> anyhow::Result<i32> {
             at,
             out,
         } => {
-            let seq = if at == "latest" {
-                let listed = points::list(&retention, &machine, &disk).await?;
-                listed.last().map(|p| p.seq).with_context(|| {
-                    format!("disk {disk} of {machine} has no recovery point yet")
-                })?
-            } else {
-                at.parse().with_context(|| {
-                    format!("--at {at:?} is not a sequence number: use one from `boomerang master-target points`, or latest")
-                })?
+            let seq = match parse_at(&at)? {
+                Some(seq) => seq,
+                None => {
+                    let listed = points::list(&retention, &machine, &disk).await?;
+                    listed.last().map(|p| p.seq).with_context(|| {
+                        format!("disk {disk} of {machine} has no recovery point yet")
+                    })?
+                }
             };
             let (base, records) = points::export_at(&retention, &machine, &disk, seq, &out).await?;
             if output == Output::Json {
@@ -143,7 +175,107 @@ async fn points(command: PointsCommand, output: Output) -> anyhow::Result<i32> {
                 );
             }
         }
+        PointsCommand::Recover {
+            retention,
+            machine,
+            disk,
+            at,
+            target,
+            listen,
+            hydrate_rate,
+        } => {
+            return recover(
+                boomerang_master_target::recover::RecoveryConfig {
+                    retention,
+                    stream: machine,
+                    disk,
+                    at: parse_at(&at)?,
+                    target,
+                    hydrate_rate,
+                },
+                &listen,
+            )
+            .await;
+        }
     }
+    Ok(0)
+}
+
+/// Serves a recovery over NBD until SIGTERM or SIGINT, hydrating its target meanwhile.
+async fn recover(
+    config: boomerang_master_target::recover::RecoveryConfig,
+    listen: &str,
+) -> anyhow::Result<i32> {
+    use boomerang_nbd::server::{Export, ListenAddr, Listener, Server};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let addr: ListenAddr = listen
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--listen {listen:?}: {e}"))?;
+    let started = std::time::Instant::now();
+    let recovery = boomerang_master_target::recover::Recovery::open(&config).await?;
+    let export = Export {
+        name: config.disk.to_string(),
+        description: format!(
+            "disk {} of {} at seq {} (instant recovery)",
+            config.disk,
+            config.stream,
+            recovery.seq()
+        ),
+        device: recovery.clone(),
+        read_only: false,
+    };
+    let listener = Listener::bind(&addr)
+        .await
+        .with_context(|| format!("could not listen on {listen:?}: is the port in use?"))?;
+    let shutdown = crate::agent::shutdown_signal()?;
+    println!("listening on {}", listener.local_addr()?);
+    // Later lines are for a person watching: a script may have stopped reading.
+    let say = |line: String| {
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), "{line}");
+    };
+    say(format!(
+        "serving disk {} of {} at seq {} after {:.3} s; copying it into {}",
+        config.disk,
+        config.stream,
+        recovery.seq(),
+        started.elapsed().as_secs_f64(),
+        config.target.display()
+    ));
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let hydrating = {
+        let (recovery, stop, rate) = (recovery.clone(), stop.clone(), config.hydrate_rate);
+        std::thread::spawn(move || {
+            let done = recovery.hydrate(rate, stop);
+            match &done {
+                Ok(()) if recovery.hydrated() => say(format!(
+                    "hydrated: {} holds the whole disk ({} bytes read from the replica store)",
+                    recovery.target().display(),
+                    recovery.fetched_bytes()
+                )),
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::error!(target = %recovery.target().display(), error = %e, "hydration stopped; run the same command again to resume")
+                }
+            }
+            done
+        })
+    };
+    let server = Server::new(vec![export], 64);
+    let (stop_serving, stopped) = tokio::sync::watch::channel(false);
+    let serving = tokio::spawn(async move { server.serve(listener, stopped).await });
+    shutdown.await;
+    let _ = stop_serving.send(true);
+    let _ = serving.await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || hydrating.join()).await;
+    use boomerang_nbd::BlockDevice;
+    recovery.flush().with_context(|| {
+        format!(
+            "could not save the recovery state of {}",
+            config.target.display()
+        )
+    })?;
     Ok(0)
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use boomerang_testkit::{Daemon, RawNbd, SmallVolume, run, sparse_file};
+use boomerang_testkit::{Daemon, RawNbd, SmallVolume, have, run, sparse_file};
 
 fn boomerang(args: &[&str]) -> String {
     run(env!("CARGO_BIN_EXE_boomerang"), args)
@@ -912,4 +912,199 @@ fn the_process_server_holds_its_forwarding_to_max_rate() {
         took >= Duration::from_millis(1500),
         "3 MiB at 1 MiB/s took only {took:?}"
     );
+}
+
+/// A replica with three points of d0 (the first a checkpoint, the others marks the incoming
+/// log holds: `--point-every 3600`), and the disk at each; the processes are stopped after.
+fn three_points(dir: &Path) -> (PathBuf, Vec<(u64, Vec<u8>)>) {
+    let ca = site(dir);
+    let disk = blank(dir, "disk.img", BLOCKS);
+    let retention = dir.join("retention");
+    let _mt = daemon(&[
+        "master-target",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        ca.join("issued/mt1").to_str().unwrap(),
+        "--retention",
+        retention.to_str().unwrap(),
+        "--point-every",
+        "3600",
+    ]);
+    let _ps = process_server(&ca, &dir.join("cache"), "127.0.0.1:0", Some(&_mt.addr), &[]);
+    let log = dir.join("log");
+    let agent = agent(&ca, &disk, &log, &_ps.addr, &["--mark-interval", "0"]);
+    let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
+    let mut cookie = 0;
+    let mut at_marks = Vec::new();
+    // Later rounds touch few blocks: the log's records do not cover the disk.
+    for (round, step) in [(1, 3), (2, 40), (3, 40)] {
+        write_round(&mut client, &mut cookie, round, step, BLOCKS);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let seq = loop {
+            let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+                .args(["agent", "mark", "--log-dir", log.to_str().unwrap()])
+                .args(["--output", "json"])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                break v["seq"].as_u64().unwrap();
+            }
+            assert!(Instant::now() < deadline, "no mark");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        at_marks.push((seq, std::fs::read(&disk).unwrap()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = boomerang(&[
+            "master-target",
+            "points",
+            retention.to_str().unwrap(),
+            "--machine",
+            "web01",
+            "--disk",
+            "d0",
+            "--output",
+            "json",
+        ]);
+        let listed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        if listed.as_array().unwrap().len() >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "points: {listed}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (retention, at_marks)
+}
+
+/// `master-target recover` for d0 of web01 at `seq` into `target`.
+fn recover(retention: &Path, seq: u64, target: &Path, extra: &[&str]) -> Daemon {
+    let seq = seq.to_string();
+    let mut args = vec![
+        "master-target",
+        "recover",
+        retention.to_str().unwrap(),
+        "--machine",
+        "web01",
+        "--disk",
+        "d0",
+        "--at",
+        &seq,
+        "--target",
+        target.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend(extra);
+    daemon(&args)
+}
+
+/// The whole disk as served at `addr`, read with qemu-img.
+fn read_served(addr: &str, dir: &Path, name: &str) -> Vec<u8> {
+    let out = dir.join(name);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &format!("nbd://{addr}/d0"),
+            out.to_str().unwrap(),
+        ],
+    );
+    std::fs::read(&out).unwrap()
+}
+
+fn recovery_state(target: &Path) -> serde_json::Value {
+    let path = format!("{}.recovery", target.display());
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn instant_recovery_serves_a_point_at_once_and_hydrates_its_target_across_a_kill_9() {
+    if !have("qemu-img") || !have("qemu-io") || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (retention, at_marks) = three_points(dir.path());
+    // The second point is a mark between checkpoints: the checkpoint and the log's records.
+    let (seq, mut want) = at_marks[1].clone();
+    let target = dir.path().join("recovered.img");
+    // Hydration held back to 512 KiB/s: the disk (4 MiB) is served long before it is copied.
+    let mut recovery = recover(&retention, seq, &target, &["--hydrate-rate", "512KiB"]);
+    let size = run(
+        "nbdinfo",
+        &["--size", &format!("nbd://{}/d0", recovery.addr)],
+    );
+    assert_eq!(size.trim(), (BLOCKS * 4096).to_string());
+    assert!(
+        read_served(&recovery.addr, dir.path(), "served-1.img") == want,
+        "the served disk is the disk at seq {seq}"
+    );
+    assert_eq!(recovery_state(&target)["hydrated"], false);
+    // The recovered machine writes: pieces of 64 KiB store blocks (one the log's records
+    // brought into the target, one only the checkpoint holds), and a run across blocks.
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xcd 5000 3000",
+            "-c",
+            "write -P 0xab 200000 3000",
+            "-c",
+            "write -P 0xef 61440 131072",
+            &format!("nbd://{}/d0", recovery.addr),
+        ],
+    );
+    want[5000..8000].fill(0xcd);
+    want[200000..203000].fill(0xab);
+    want[61440..61440 + 131072].fill(0xef);
+    assert!(read_served(&recovery.addr, dir.path(), "served-2.img") == want);
+
+    // Killed in the middle of the copy, started again: it resumes, and keeps what was
+    // written and flushed.
+    recovery.signal("-KILL");
+    let recovery_again = recover(&retention, seq, &target, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while recovery_state(&target)["hydrated"] != true {
+        assert!(Instant::now() < deadline, "hydration never ended");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(read_served(&recovery_again.addr, dir.path(), "served-3.img") == want);
+    drop(recovery_again);
+    assert!(
+        std::fs::read(&target).unwrap() == want,
+        "the target alone is the disk, with the machine's writes"
+    );
+
+    // The same target for another point, and a file a recovery did not make, are refused.
+    let other = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args(["master-target", "recover", retention.to_str().unwrap()])
+        .args(["--machine", "web01", "--disk", "d0", "--at"])
+        .arg(at_marks[2].0.to_string())
+        .arg("--target")
+        .arg(&target)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!other.status.success());
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(err.contains("is the recovery of"), "{err}");
+    let stranger = dir.path().join("disk.img");
+    let other = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args(["master-target", "recover", retention.to_str().unwrap()])
+        .args(["--machine", "web01", "--disk", "d0", "--target"])
+        .arg(&stranger)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!other.status.success());
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(err.contains("not a recovery target"), "{err}");
 }

@@ -21,6 +21,7 @@
 mod apply;
 mod digest;
 pub mod points;
+pub mod recover;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -206,6 +206,31 @@ pub async fn export_at(
     seq: u64,
     out: &Path,
 ) -> Result<(PointId, u64), PointsError> {
+    let (store, base) = base_of(retention, stream, disk, seq).await?;
+    store.export_raw(&base, out, &NoProgress).await?;
+    let file = OpenOptions::new()
+        .write(true)
+        .open(out)
+        .map_err(|source| PointsError::Io {
+            path: out.to_path_buf(),
+            source,
+        })?;
+    let from = base.seq.map_or(0, |s| s.0) + 1;
+    let applied = each_op(retention, stream, disk, from, seq, |op| {
+        write_op(&file, out, op)?;
+        Ok(())
+    })?;
+    Ok((base.id, applied))
+}
+
+/// The replica store of `stream`, and the checkpoint of `disk` a point at `seq` starts from
+/// (the last at or before it); `seq` must be a listed point.
+pub(crate) async fn base_of(
+    retention: &Path,
+    stream: &str,
+    disk: &DiskName,
+    seq: u64,
+) -> Result<(Store, boomerang_store::PointManifest), PointsError> {
     // Only a listed point: anywhere else the disk may be in the middle of a change.
     if !list(retention, stream, disk)
         .await?
@@ -230,10 +255,21 @@ pub async fn export_at(
             disk: disk.clone(),
             seq,
         })?;
-    let from = base.seq.map_or(0, |s| s.0) + 1;
-    store.export_raw(&base, out, &NoProgress).await?;
+    Ok((store, base))
+}
+
+/// Calls `f` with every change of `disk` the incoming log of `stream` holds from sequence
+/// number `from` through `seq`, in order; returns how many there were.
+pub(crate) fn each_op(
+    retention: &Path,
+    stream: &str,
+    disk: &DiskName,
+    from: u64,
+    seq: u64,
+    mut f: impl FnMut(&boomerang_core::log::Op) -> Result<(), PointsError>,
+) -> Result<u64, PointsError> {
     if from > seq {
-        return Ok((base.id, 0));
+        return Ok(0);
     }
     let held = first_held(retention, stream)?;
     if held.is_none_or(|h| h.0 > from) {
@@ -243,13 +279,6 @@ pub async fn export_at(
             seq,
         });
     }
-    let file = OpenOptions::new()
-        .write(true)
-        .open(out)
-        .map_err(|source| PointsError::Io {
-            path: out.to_path_buf(),
-            source,
-        })?;
     let dir = incoming(retention, stream);
     let bad = |why: String| PointsError::Log {
         stream: stream.to_string(),
@@ -272,10 +301,10 @@ pub async fn export_at(
                 continue;
             }
             if record.seq.0 > seq {
-                return Ok((base.id, applied));
+                return Ok(applied);
             }
             if record.op.disk() == Some(disk) {
-                write_op(&file, out, &record.op)?;
+                f(&record.op)?;
                 applied += 1;
             }
         }
@@ -287,7 +316,7 @@ pub async fn export_at(
             last,
         });
     }
-    Ok((base.id, applied))
+    Ok(applied)
 }
 
 #[cfg(test)]

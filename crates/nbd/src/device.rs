@@ -45,6 +45,11 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn writes_may_wait(&self) -> bool {
         false
     }
+    /// Whether a read may wait on something other than the local disk (a remote store):
+    /// such reads never run inline on the server's async workers.
+    fn reads_may_wait(&self) -> bool {
+        false
+    }
 }
 
 /// A raw image file or a block device.

@@ -133,7 +133,8 @@ async fn read_requests<R: AsyncRead + Unpin>(
             CMD_READ | CMD_WRITE | CMD_BLOCK_STATUS | CMD_CACHE
         ) && req.flags & CMD_FLAG_FUA == 0
             && req.length <= QUICK_LEN
-            && !(req.kind == CMD_WRITE && session.export.device.writes_may_wait());
+            && !(req.kind == CMD_WRITE && session.export.device.writes_may_wait())
+            && !(req.kind != CMD_WRITE && session.export.device.reads_may_wait());
         if quick {
             let outcome = execute(session, &req, payload);
             let _ = tx

@@ -1,0 +1,600 @@
+//! Instant recovery (DESIGN 3.5): a disk served at a recovery point at once, while it is copied
+//! into its target in the background.
+//!
+//! The target is a raw image on the recovery site's datastore, made sparse at the point's
+//! size. A bitmap says which blocks (the replica store's) the target already holds:
+//!
+//! ```text
+//! read  ─▶ block held? ─yes─▶ target
+//!                      └no──▶ replica store (the checkpoint's chunk, checked against its hash)
+//! write ─▶ block held? ─no──▶ the checkpoint's block into the target first (unless the write
+//!                             covers it whole) ─▶ write into the target ─▶ held
+//! hydration (a thread): every block not held yet ─▶ from the store into the target ─▶ held
+//! ```
+//!
+//! Opening writes the incoming log's records between the checkpoint and the point into the
+//! target first, so the time to the first read depends on the log since the checkpoint, not
+//! on the disk's size. Once every block is held the target is the whole disk, and the store is
+//! no longer read.
+//!
+//! Crash safety: the bitmap (`TARGET.held`) is written only after the target is synced, and a
+//! flush (or FUA write) syncs both, so a block marked held always has its data on disk. A
+//! restart with the same target resumes: the state file (`TARGET.recovery`, JSON) names the
+//! machine, disk and point, and says `"hydrated": true` once the target is the whole disk; a
+//! different request for the same target is refused. Writes not flushed before a crash may
+//! be lost, as on any disk.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use boomerang_core::DiskName;
+use boomerang_core::log::Op;
+use boomerang_nbd::BlockDevice;
+use boomerang_store::tree::{Shape, TreeReader};
+use boomerang_store::{PointManifest, Store};
+use serde::{Deserialize, Serialize};
+
+use crate::points::{self, PointsError};
+
+/// What a recovery serves, and where it copies it.
+#[derive(Clone, Debug)]
+pub struct RecoveryConfig {
+    pub retention: PathBuf,
+    pub stream: String,
+    pub disk: DiskName,
+    /// A listed point's sequence number; `None` for the latest.
+    pub at: Option<u64>,
+    /// The raw image to serve from and hydrate into.
+    pub target: PathBuf,
+    /// At most this many bytes a second of hydration (the datastore also serves the machine).
+    pub hydrate_rate: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error(transparent)]
+    Points(#[from] PointsError),
+    #[error(transparent)]
+    Store(#[from] boomerang_store::StoreError),
+    #[error("disk {disk} of {stream} has no recovery point yet: wait for its first one")]
+    NoPoint { stream: String, disk: DiskName },
+    #[error(
+        "{} exists and is not a recovery target: give a new path (a recovery never overwrites a file it did not make)",
+        target.display()
+    )]
+    TargetExists { target: PathBuf },
+    #[error(
+        "{} is the recovery of {was}, not of {asked}: give another target, or remove {} and its .recovery and .held files to start over",
+        target.display(), target.display()
+    )]
+    OtherRecovery {
+        target: PathBuf,
+        was: String,
+        asked: String,
+    },
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RecoverError {
+    let path = path.to_path_buf();
+    move |source| RecoverError::Io { what, path, source }
+}
+
+/// What `TARGET.recovery` records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct State {
+    stream: String,
+    disk: String,
+    /// The point's sequence number.
+    seq: u64,
+    /// The checkpoint it starts from.
+    base: String,
+    size: u64,
+    /// Every block is in the target: it is the whole disk, and the store is not read.
+    #[serde(default)]
+    hydrated: bool,
+}
+
+impl State {
+    fn what(&self) -> String {
+        format!("disk {} of {} at seq {}", self.disk, self.stream, self.seq)
+    }
+}
+
+/// Which blocks the target holds.
+struct Held {
+    bits: Vec<u64>,
+    count: u64,
+    blocks: u64,
+}
+
+impl Held {
+    fn new(blocks: u64) -> Self {
+        Held {
+            bits: vec![0; blocks.div_ceil(64) as usize],
+            count: 0,
+            blocks,
+        }
+    }
+
+    fn get(&self, i: u64) -> bool {
+        self.bits[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    fn set(&mut self, i: u64) {
+        if !self.get(i) {
+            self.bits[(i / 64) as usize] |= 1 << (i % 64);
+            self.count += 1;
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        self.bits.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    fn load(bytes: &[u8], blocks: u64) -> Option<Self> {
+        let mut held = Held::new(blocks);
+        if bytes.len() != held.bits.len() * 8 {
+            return None;
+        }
+        for (w, chunk) in held.bits.iter_mut().zip(bytes.chunks_exact(8)) {
+            *w = u64::from_le_bytes(chunk.try_into().ok()?);
+        }
+        held.count = (0..blocks).filter(|&i| held.get(i)).count() as u64;
+        Some(held)
+    }
+}
+
+/// A disk served at a recovery point while it hydrates into its target.
+pub struct Recovery {
+    store: Store,
+    base: PointManifest,
+    /// The checkpoint's shape (blocks past it are zeros there).
+    shape: Shape,
+    block: u64,
+    size: u64,
+    target: File,
+    path: PathBuf,
+    held: Mutex<Held>,
+    groups: Mutex<HashMap<u64, Arc<Vec<boomerang_core::ChunkHash>>>>,
+    tree: tokio::sync::Mutex<TreeReader>,
+    runtime: tokio::runtime::Handle,
+    state: State,
+    /// Bytes the store served (reads and hydration).
+    fetched: AtomicU64,
+}
+
+fn held_path(target: &Path) -> PathBuf {
+    let mut p = target.as_os_str().to_owned();
+    p.push(".held");
+    PathBuf::from(p)
+}
+
+fn state_path(target: &Path) -> PathBuf {
+    let mut p = target.as_os_str().to_owned();
+    p.push(".recovery");
+    PathBuf::from(p)
+}
+
+/// Writes `bytes` to `path` whole or not at all (a temporary file, synced, renamed).
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let f = File::create(&tmp)?;
+    f.write_all_at(bytes, 0)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })?
+        .sync_all()?;
+    }
+    Ok(())
+}
+
+impl Recovery {
+    /// Opens (or resumes) the recovery `config` asks for. Call from a Tokio runtime.
+    pub async fn open(config: &RecoveryConfig) -> Result<Arc<Recovery>, RecoverError> {
+        let seq = match config.at {
+            Some(s) => s,
+            None => points::list(&config.retention, &config.stream, &config.disk)
+                .await?
+                .last()
+                .map(|p| p.seq)
+                .ok_or_else(|| RecoverError::NoPoint {
+                    stream: config.stream.clone(),
+                    disk: config.disk.clone(),
+                })?,
+        };
+        let (store, base) =
+            points::base_of(&config.retention, &config.stream, &config.disk, seq).await?;
+        let target = &config.target;
+        let asked = State {
+            stream: config.stream.clone(),
+            disk: config.disk.to_string(),
+            seq,
+            base: base.id.to_string(),
+            size: base.size,
+            hydrated: false,
+        };
+        let saved: Option<State> = std::fs::read(state_path(target))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let shape = base.shape();
+        let block = base.block_size;
+        let make = |file: File, state: State, held: Held| Recovery {
+            store: store.clone(),
+            base: base.clone(),
+            shape,
+            block,
+            size: state.size,
+            target: file,
+            path: target.clone(),
+            held: Mutex::new(held),
+            groups: Mutex::default(),
+            tree: tokio::sync::Mutex::new(TreeReader::new(store.clone(), base.tree())),
+            runtime: tokio::runtime::Handle::current(),
+            state,
+            fetched: AtomicU64::new(0),
+        };
+        if let Some(state) = saved {
+            // A restart: the log was applied before the state was written.
+            if (&state.stream, &state.disk, state.seq) != (&asked.stream, &asked.disk, asked.seq) {
+                return Err(RecoverError::OtherRecovery {
+                    target: target.clone(),
+                    was: state.what(),
+                    asked: asked.what(),
+                });
+            }
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(target)
+                .map_err(io_err("could not open the recovery target", target))?;
+            let blocks = state.size.div_ceil(block);
+            let bytes = std::fs::read(held_path(target)).unwrap_or_default();
+            let held = Held::load(&bytes, blocks).unwrap_or_else(|| {
+                tracing::warn!(target = %target.display(), "the held-block map is missing or damaged: every block is copied again");
+                Held::new(blocks)
+            });
+            return Ok(Arc::new(make(file, state, held)));
+        }
+        if target.exists() {
+            return Err(RecoverError::TargetExists {
+                target: target.clone(),
+            });
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(target)
+            .map_err(io_err("could not create the recovery target", target))?;
+        file.set_len(base.size)
+            .map_err(io_err("could not size the recovery target", target))?;
+        let recovery = make(file, asked, Held::new(base.size.div_ceil(block)));
+        let recovery = recovery.apply_log(config, seq).await?;
+        let recovery = Arc::new(recovery);
+        recovery
+            .persist()
+            .map_err(io_err("could not save the held-block map of", target))?;
+        let state = serde_json::to_vec(&recovery.state).unwrap_or_default();
+        write_atomic(&state_path(target), &state)
+            .map_err(io_err("could not write the recovery state of", target))?;
+        Ok(recovery)
+    }
+
+    /// Writes the log's records between the checkpoint and the point into the target.
+    async fn apply_log(mut self, config: &RecoveryConfig, seq: u64) -> Result<Self, RecoverError> {
+        let from = self.base.seq.map_or(0, |s| s.0) + 1;
+        let mut ops = Vec::new();
+        points::each_op(
+            &config.retention,
+            &config.stream,
+            &config.disk,
+            from,
+            seq,
+            |op| {
+                ops.push(op.clone());
+                Ok(())
+            },
+        )?;
+        for op in ops {
+            match op {
+                Op::Resize { size, .. } => {
+                    self.target
+                        .set_len(size)
+                        .map_err(io_err("could not resize the recovery target", &self.path))?;
+                    self.size = size;
+                    self.state.size = size;
+                    let blocks = size.div_ceil(self.block);
+                    let held = self.held.get_mut().unwrap_or_else(|e| e.into_inner());
+                    let mut grown = Held::new(blocks);
+                    for i in 0..blocks.min(held.blocks) {
+                        if held.get(i) {
+                            grown.set(i);
+                        }
+                    }
+                    *held = grown;
+                }
+                Op::Write { offset, data, .. } => {
+                    self.write_async(&data, offset).await?;
+                }
+                Op::Zero { offset, len, .. } | Op::Trim { offset, len, .. } => {
+                    let mut at = offset;
+                    let end = (offset + len).min(self.size);
+                    while at < end {
+                        let n = (end - at).min(1 << 20);
+                        self.write_async(&vec![0; n as usize], at).await?;
+                        at += n;
+                    }
+                }
+                Op::Mark { .. } => {}
+            }
+        }
+        Ok(self)
+    }
+
+    /// The checkpoint's bytes of block `i` (zeros past its end).
+    async fn base_block(&self, i: u64) -> Result<Vec<u8>, RecoverError> {
+        let len = self.block_len(i) as usize;
+        let mut out = vec![0u8; len];
+        if i >= self.shape.leaves {
+            return Ok(out);
+        }
+        let group = i / boomerang_store::tree::FANOUT;
+        let cached = self
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&group)
+            .cloned();
+        let hashes = match cached {
+            Some(h) => h,
+            None => {
+                let h = self.tree.lock().await.group(group).await?;
+                self.groups
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(group, h.clone());
+                h
+            }
+        };
+        let hash = hashes[(i % boomerang_store::tree::FANOUT) as usize];
+        if hash.is_zero() {
+            return Ok(out);
+        }
+        let chunk_len = self.shape.block_len(i);
+        let data = self
+            .store
+            .read_chunk(
+                &hash,
+                chunk_len,
+                &self.base.disk,
+                self.base.id,
+                i * self.block,
+            )
+            .await?;
+        let n = data.len().min(len);
+        out[..n].copy_from_slice(&data[..n]);
+        self.fetched.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    fn block_len(&self, i: u64) -> u64 {
+        self.block.min(self.size - i * self.block)
+    }
+
+    fn held(&self) -> MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `data` at `offset`, bringing in the checkpoint's part of partly written blocks
+    /// first. The held map's lock is taken per block, and a block's base is fetched before it.
+    async fn write_async(&self, data: &[u8], offset: u64) -> Result<(), RecoverError> {
+        let end = offset + data.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let i = at / self.block;
+            let start = i * self.block;
+            let stop = (start + self.block_len(i)).min(end);
+            let piece = &data[(at - offset) as usize..(stop - offset) as usize];
+            let whole = at == start && stop == start + self.block_len(i);
+            let base = if whole || self.held().get(i) {
+                None
+            } else {
+                Some(self.base_block(i).await?)
+            };
+            {
+                let mut held = self.held();
+                if !held.get(i)
+                    && let Some(base) = base
+                {
+                    self.target
+                        .write_all_at(&base, start)
+                        .map_err(io_err("could not write the recovery target", &self.path))?;
+                }
+                self.target
+                    .write_all_at(piece, at)
+                    .map_err(io_err("could not write the recovery target", &self.path))?;
+                held.set(i);
+            }
+            at = stop;
+        }
+        Ok(())
+    }
+
+    /// Syncs the target, then saves which blocks it holds.
+    fn persist(&self) -> io::Result<()> {
+        let bytes = self.held().bytes();
+        self.target.sync_data()?;
+        write_atomic(&held_path(&self.path), &bytes)
+    }
+
+    /// Blocks held, of all.
+    pub fn progress(&self) -> (u64, u64) {
+        let h = self.held();
+        (h.count, h.blocks)
+    }
+
+    pub fn hydrated(&self) -> bool {
+        let (held, all) = self.progress();
+        held == all
+    }
+
+    /// Bytes the replica store served so far.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.path
+    }
+
+    /// The point's sequence number.
+    pub fn seq(&self) -> u64 {
+        self.state.seq
+    }
+
+    /// Copies every block not held yet into the target, at most `rate` bytes a second, until
+    /// done or `stop`; saves progress every second. Runs on a thread of its own.
+    pub fn hydrate(self: &Arc<Self>, rate: Option<u64>, stop: Arc<AtomicBool>) -> io::Result<()> {
+        let started = Instant::now();
+        let mut copied = 0u64;
+        let mut saved = Instant::now();
+        let blocks = self.progress().1;
+        for i in 0..blocks {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if self.held().get(i) {
+                continue;
+            }
+            let base = self
+                .runtime
+                .block_on(self.base_block(i))
+                .map_err(io::Error::other)?;
+            {
+                let mut held = self.held();
+                if !held.get(i) {
+                    if !boomerang_core::is_zero(&base) {
+                        self.target.write_all_at(&base, i * self.block)?;
+                    }
+                    held.set(i);
+                }
+            }
+            copied += base.len() as u64;
+            if let Some(rate) = rate {
+                let due = Duration::from_secs_f64(copied as f64 / rate.max(1) as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            if saved.elapsed() >= Duration::from_secs(1) {
+                self.persist()?;
+                saved = Instant::now();
+            }
+        }
+        self.persist()?;
+        if self.hydrated() {
+            // Said only once the map that proves it is on disk.
+            let state = State {
+                hydrated: true,
+                ..self.state.clone()
+            };
+            write_atomic(
+                &state_path(&self.path),
+                &serde_json::to_vec(&state).unwrap_or_default(),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn io<T>(&self, r: Result<T, RecoverError>) -> io::Result<T> {
+        r.map_err(|e| {
+            tracing::error!(target = %self.path.display(), error = %boomerang_core::chain(&e), "recovery I/O failed");
+            io::Error::other(e)
+        })
+    }
+}
+
+impl BlockDevice for Recovery {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let i = at / self.block;
+            let start = i * self.block;
+            let stop = (start + self.block_len(i)).min(end);
+            let out = &mut buf[(at - offset) as usize..(stop - offset) as usize];
+            if self.held().get(i) {
+                self.target.read_exact_at(out, at)?;
+            } else {
+                let base = self.io(self.runtime.block_on(self.base_block(i)))?;
+                out.copy_from_slice(&base[(at - start) as usize..(stop - start) as usize]);
+            }
+            at = stop;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.io(self.runtime.block_on(self.write_async(data, offset)))?;
+        if fua {
+            self.persist()?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool, fua: bool) -> io::Result<()> {
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = (end - at).min(1 << 20);
+            self.io(self
+                .runtime
+                .block_on(self.write_async(&vec![0; n as usize], at)))?;
+            at += n;
+        }
+        if fua {
+            self.persist()?;
+        }
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len, true, false)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.persist()
+    }
+
+    fn reads_may_wait(&self) -> bool {
+        true
+    }
+
+    fn writes_may_wait(&self) -> bool {
+        true
+    }
+}
