@@ -146,8 +146,8 @@ fn roles_tokens_audit_and_errors_over_https() {
         ("GET", "/api/openapi.json", None, [200, 200, 200]),
         ("GET", "/api/tokens", None, [403, 403, 200]),
         ("GET", "/api/audit", None, [403, 403, 200]),
-        // A change that is not token management: an operator's; no such route yet.
-        ("POST", "/api/jobs", Some(json!({})), [403, 404, 404]),
+        // A job: an operator's (this body lacks its kind).
+        ("POST", "/api/jobs", Some(json!({})), [403, 400, 400]),
     ];
     for (method, path, body, want) in &kinds {
         let (status, _) = call(d, "127.0.0.1", &port, method, path, None, body.as_ref());

@@ -27,6 +27,7 @@ use crate::components::{DiskReport, DiskSync, ReplicaReport, StreamReport};
 use crate::db::{AuditEntry, CreatedToken, Db, DbError, Group, Protection, TokenInfo};
 use crate::inventory::{Datastore, Host, InventorySource, Machine, MachineSource, Site};
 use crate::inventory::{MasterTarget, ProcessServer};
+use crate::jobs::{Command, CommandResult, Job, JobKind, JobState, NewJob};
 use crate::policy::{NewPolicy, Policy, PolicySettings};
 use crate::preflight::{Check, Purpose, Report, Severity};
 use crate::status::{DiskStatus, MachineStatus, ProtectionState, StatusHealth};
@@ -41,6 +42,8 @@ pub struct AppState {
     pub heartbeat_timeout_ms: i64,
     /// Where the inventory comes from.
     pub sources: Arc<Vec<Box<dyn InventorySource>>>,
+    /// Woken when a job is made or a command answered, so the engine steps at once.
+    pub jobs_changed: tokio::sync::Notify,
 }
 
 impl AppState {
@@ -900,7 +903,7 @@ const UNHEALTHY: &str = "component-unhealthy";
 pub const RPO_THRESHOLD: &str = "rpo-threshold";
 
 /// The status of every machine, from the database and the components' last reports.
-fn statuses(db: &Db, timeout: i64) -> Result<Vec<MachineStatus>, DbError> {
+pub(crate) fn statuses(db: &Db, timeout: i64) -> Result<Vec<MachineStatus>, DbError> {
     let now = crate::db::now();
     let machines = db.list_inventory::<Machine>("machine", 0, u32::MAX)?;
     let protections = db.protections()?;
@@ -1227,6 +1230,190 @@ async fn preflight(
     Ok(Json(report))
 }
 
+/// Runs for the life of the server: moves the running jobs along, at once when one is made
+/// or a command answered, and at least every half second.
+pub async fn run_jobs(state: Arc<AppState>) {
+    loop {
+        let timeout = state.heartbeat_timeout_ms;
+        let stepped = db(&state, move |db| {
+            crate::jobs::Engine {
+                db,
+                heartbeat_timeout_ms: timeout,
+            }
+            .step_all()
+        })
+        .await;
+        if let Err(e) = stepped {
+            tracing::error!(error = %e.message, "could not step the jobs");
+        }
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            state.jobs_changed.notified(),
+        )
+        .await;
+    }
+}
+
+fn parse_id(what: &str, id: &str) -> Result<i64, ApiError> {
+    id.parse::<i64>()
+        .ok()
+        .filter(|n| (1..=MAX_ID).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "{id:?} is not a {what} id: use a number from the list"
+            ))
+        })
+}
+
+/// Asks for a job (operator): 202, and the job, which runs in the background; follow it
+/// with GET /api/jobs/{id}.
+#[utoipa::path(post, path = "/api/jobs", tag = "jobs", request_body = NewJob,
+    responses((status = 202, body = Job), (status = 400, body = ApiError),
+        (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError)),
+    security(("bearer" = [])))]
+async fn create_job(
+    State(state): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
+    Body(new): Body<NewJob>,
+) -> Result<(StatusCode, Json<Job>), ApiError> {
+    check_name("machine", &new.machine)?;
+    if let Some(p) = &new.point
+        && p != "latest"
+        && p.parse::<u64>().is_err()
+    {
+        return Err(ApiError::bad_request(format!(
+            "point {p:?} is not a sequence number: use one from `boomerang master-target points`, or latest"
+        )));
+    }
+    let machine = new.machine.clone();
+    let known = db(&state, move |db| {
+        db.get_inventory::<Machine>("machine", &machine)
+    })
+    .await?;
+    if known.is_none() {
+        return Err(no_machine(&new.machine));
+    }
+    let job = db(&state, move |db| db.create_job(&new, &caller.name)).await?;
+    state.jobs_changed.notify_one();
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+/// Lists jobs, oldest first.
+#[utoipa::path(get, path = "/api/jobs", tag = "jobs", params(PageQuery),
+    responses((status = 200, body = Page<Job>), (status = 400, body = ApiError),
+        (status = 401, body = ApiError)),
+    security(("bearer" = [])))]
+async fn list_jobs(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page<Job>>, ApiError> {
+    let limit = q.limit()?;
+    let after = q.after()?;
+    let items = db(&state, move |db| db.list_jobs(after, limit)).await?;
+    Ok(Json(page(items, limit, |j| j.id)))
+}
+
+/// One job: its state, its step and what it produced.
+#[utoipa::path(get, path = "/api/jobs/{id}", tag = "jobs",
+    params(("id" = i64, Path, minimum = 1, maximum = 9007199254740991_i64, description = "The job's id")),
+    responses((status = 200, body = Job), (status = 400, body = ApiError),
+        (status = 401, body = ApiError), (status = 404, body = ApiError)),
+    security(("bearer" = [])))]
+async fn get_job(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, ApiError> {
+    let id = parse_id("job", &id)?;
+    db(&state, move |db| db.get_job(id))
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "there is no job {id}: list them with GET /api/jobs"
+            ))
+        })
+}
+
+/// Cancels a job (operator), where that is safe: before a component was given work.
+#[utoipa::path(post, path = "/api/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = i64, Path, minimum = 1, maximum = 9007199254740991_i64, description = "The job's id")),
+    responses((status = 200, body = Job), (status = 400, body = ApiError),
+        (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 404, body = ApiError), (status = 409, body = ApiError)),
+    security(("bearer" = [])))]
+async fn cancel_job(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, ApiError> {
+    let id = parse_id("job", &id)?;
+    Ok(Json(db(&state, move |db| db.cancel_job(id)).await?))
+}
+
+/// How long to wait for a command.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct WaitQuery {
+    /// Seconds to wait for one, 0 to 30 (default 0: answer at once).
+    #[param(minimum = 0, maximum = 30)]
+    #[serde(default, deserialize_with = "crate::policy::whole_opt")]
+    pub wait: Option<u32>,
+}
+
+/// A component fetches its next command (with its component token): 200 and the command, or
+/// 204 when none came within `wait` seconds. A command comes again until it is answered.
+#[utoipa::path(get, path = "/api/commands", tag = "components", params(WaitQuery),
+    responses((status = 200, body = Command), (status = 204, description = "No command"),
+        (status = 400, body = ApiError), (status = 401, body = ApiError)),
+    security(("bearer" = [])))]
+async fn next_command(
+    State(state): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<crate::auth::ComponentCaller>,
+    Query(q): Query<WaitQuery>,
+) -> Result<Response, ApiError> {
+    let wait = match q.wait {
+        None => 0,
+        Some(w @ 0..=30) => w,
+        Some(w) => {
+            return Err(ApiError::bad_request(format!(
+                "wait {w} is out of range: wait 0 to 30 seconds"
+            )));
+        }
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait as u64);
+    loop {
+        let name = caller.name.clone();
+        if let Some(command) = db(&state, move |db| db.next_command(&name)).await? {
+            return Ok(Json(command).into_response());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A component answers a command (with its component token); the first answer counts.
+#[utoipa::path(post, path = "/api/commands/{id}", tag = "components", request_body = CommandResult,
+    params(("id" = i64, Path, minimum = 1, maximum = 9007199254740991_i64, description = "The command's id")),
+    responses((status = 204, description = "Taken"), (status = 400, body = ApiError),
+        (status = 401, body = ApiError), (status = 404, body = ApiError)),
+    security(("bearer" = [])))]
+async fn answer_command(
+    State(state): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<crate::auth::ComponentCaller>,
+    Path(id): Path<String>,
+    Body(answer): Body<CommandResult>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id("command", &id)?;
+    db(&state, move |db| {
+        db.answer_command(&caller.name, id, &answer)
+    })
+    .await?;
+    state.jobs_changed.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// Runs futures at once and collects their outputs in order.
 async fn futures_join<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where
@@ -1271,13 +1458,15 @@ impl utoipa::Modify for BearerAuth {
         list_hosts, list_datastores, list_machines, get_machine, refresh_inventory, list_policies,
         get_policy, create_policy, update_policy, delete_policy, preflight, create_component,
         list_components, enroll, heartbeat, list_alerts, create_group, list_groups, list_status,
-        machine_status, set_machine_policy, clear_machine_policy),
+        machine_status, set_machine_policy, clear_machine_policy, create_job, list_jobs, get_job,
+        cancel_job, next_command, answer_command),
     components(schemas(ApiError, Health, NewToken, TokenInfo, CreatedToken, AuditEntry, Role,
         Site, Host, Datastore, Machine, Refreshed, Policy, NewPolicy, PolicySettings,
         CreatedPolicy, Report, Check, Purpose, Severity, MasterTarget, ProcessServer,
         NewComponent, Enrollment, EnrollRequest, Enrolled, Heartbeat, ComponentInfo, ComponentHealth,
         Alert, Group, NewGroup, DiskReport, DiskSync, StreamReport, ReplicaReport, MachineSource,
-        MachineStatus, DiskStatus, ProtectionState, StatusHealth, SetPolicy, Protection)),
+        MachineStatus, DiskStatus, ProtectionState, StatusHealth, SetPolicy, Protection, NewJob,
+        Job, JobKind, JobState, Command, CommandResult)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -1302,6 +1491,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             axum::routing::put(set_machine_policy).delete(clear_machine_policy),
         )
         .route("/api/status", get(list_status))
+        .route("/api/jobs", get(list_jobs).post(create_job))
+        .route("/api/jobs/{id}", get(get_job))
+        .route("/api/jobs/{id}/cancel", axum::routing::post(cancel_job))
+        .route("/api/commands", get(next_command))
+        .route("/api/commands/{id}", axum::routing::post(answer_command))
         .route(
             "/api/components",
             get(list_components).post(create_component),

@@ -1,7 +1,8 @@
 //! Bearer tokens and roles. Every request under `/api` is authorized here, before any handler:
 //! no token or an unknown one is 401, too weak a role 403, and both are audited, as is every
-//! request that changes something. Heartbeats are the exception: a component's own report,
-//! every few seconds, recorded on the component itself rather than in the audit log.
+//! request that changes something. Heartbeats and commands are the exception: a component's
+//! own traffic, every few seconds, opened by its component token and recorded on the
+//! component (and its commands) rather than in the audit log.
 
 use std::sync::Arc;
 
@@ -98,7 +99,8 @@ async fn drain(request: Request) {
     let _ = axum::body::to_bytes(request.into_body(), DRAIN_LIMIT).await;
 }
 
-/// Heartbeats: only a component's own token opens them; the handler learns which component.
+/// Heartbeats and commands: only a component's own token opens them; the handler learns which
+/// component.
 async fn component(
     state: Arc<AppState>,
     mut request: Request,
@@ -158,7 +160,7 @@ pub async fn authorize(
     if path == "/api/enroll" {
         return next.run(request).await;
     }
-    if path == "/api/heartbeat" {
+    if path == "/api/heartbeat" || path == "/api/commands" || path.starts_with("/api/commands/") {
         return component(state, request, next, &action).await;
     }
     let found = match lookup(&state, bearer(&request), |db, t| db.find_token(t)).await {

@@ -82,6 +82,32 @@ const MIGRATIONS: &[&str] = &[
         policy INTEGER NOT NULL REFERENCES policies (id),
         since_ms INTEGER NOT NULL
     );",
+    // 7: jobs, and the commands their steps give components.
+    "CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        machine TEXT NOT NULL,
+        state TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        message TEXT,
+        result TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE TABLE commands (
+        id INTEGER PRIMARY KEY,
+        job INTEGER NOT NULL REFERENCES jobs (id),
+        component TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        params TEXT NOT NULL,
+        state TEXT NOT NULL,
+        result TEXT,
+        created_ms INTEGER NOT NULL,
+        done_ms INTEGER
+    );
+    CREATE INDEX commands_pending ON commands (component, state);",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -192,7 +218,7 @@ impl Db {
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 

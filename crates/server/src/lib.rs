@@ -14,6 +14,7 @@ pub mod components;
 pub mod config;
 pub mod db;
 pub mod inventory;
+pub mod jobs;
 pub mod policy;
 pub mod preflight;
 mod serve;

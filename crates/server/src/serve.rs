@@ -47,6 +47,7 @@ pub fn prepare(config: &ServerConfig) -> Result<Prepared, ServeError> {
         dir: config.dir.clone(),
         heartbeat_timeout_ms: (config.heartbeat_timeout_seconds.max(1) * 1000) as i64,
         sources: Arc::new(sources),
+        jobs_changed: Default::default(),
     });
     Ok(Prepared { acceptor, state })
 }
@@ -59,6 +60,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let Prepared { acceptor, state } = prepared;
     tokio::spawn(crate::api::watch_components(state.clone()));
+    tokio::spawn(crate::api::run_jobs(state.clone()));
     let app = router(state);
     loop {
         let accepted = tokio::select! {

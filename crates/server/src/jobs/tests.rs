@@ -1,0 +1,254 @@
+use super::*;
+use crate::components::{
+    ComponentRole, DiskReport, DiskSync, Heartbeat, ReplicaReport, StreamReport,
+};
+use crate::inventory::{Machine, MachineSource};
+
+/// A database with machine app01 (reported by its agent) and components app01 (agent), ps1
+/// and mt1, enrolled.
+fn db() -> (tempfile::TempDir, Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("db.sqlite")).unwrap();
+    let machine: Machine = toml::from_str(
+        r#"
+        name = "app01"
+        site = "site-a"
+        os = { family = "linux", version = "12" }
+        tools = "not-installed"
+        disks = [{ name = "d0", size_bytes = 4096 }]
+        "#,
+    )
+    .unwrap();
+    db.report_machine(&Machine {
+        source: MachineSource::Agent,
+        ..machine
+    })
+    .unwrap();
+    for (name, role) in [
+        ("app01", ComponentRole::Agent),
+        ("ps1", ComponentRole::ProcessServer),
+        ("mt1", ComponentRole::MasterTarget),
+    ] {
+        let (token, _) = db
+            .create_component(name, role, "site-a", &[], 60_000)
+            .unwrap();
+        let row = db.pending_enrollment(&token).unwrap().unwrap();
+        assert!(
+            db.complete_enrollment(row.id, &token, &format!("c-{name}"))
+                .unwrap()
+        );
+    }
+    (dir, db)
+}
+
+/// The reports of a protected app01: in sync, a mark durable at mt1, a point there.
+fn protect(db: &Db) {
+    let beat = |more: Heartbeat| Heartbeat {
+        healthy: true,
+        version: "0".into(),
+        ..more
+    };
+    db.heartbeat(
+        "app01",
+        &beat(Heartbeat {
+            disks: Some(vec![DiskReport {
+                name: "d0".into(),
+                size_bytes: 4096,
+                sync: DiskSync::InSync,
+                copied_bytes: None,
+            }]),
+            synced_through_seq: Some(0),
+            ..Heartbeat::default()
+        }),
+    )
+    .unwrap();
+    db.heartbeat(
+        "ps1",
+        &beat(Heartbeat {
+            streams: Some(vec![StreamReport {
+                machine: "app01".into(),
+                backlog_bytes: 0,
+                lag_ms: 0,
+                last_mark_seq: Some(9),
+                last_mark_unix_ms: Some(crate::db::now()),
+            }]),
+            ..Heartbeat::default()
+        }),
+    )
+    .unwrap();
+    db.heartbeat(
+        "mt1",
+        &beat(Heartbeat {
+            replicas: Some(vec![ReplicaReport {
+                machine: "app01".into(),
+                disk: "d0".into(),
+                points: 2,
+                latest_point_seq: Some(9),
+                latest_point_unix_ms: Some(crate::db::now()),
+            }]),
+            ..Heartbeat::default()
+        }),
+    )
+    .unwrap();
+}
+
+fn engine(db: &Db) -> Engine<'_> {
+    Engine {
+        db,
+        heartbeat_timeout_ms: 60_000,
+    }
+}
+
+fn new(kind: JobKind, point: Option<&str>) -> NewJob {
+    NewJob {
+        kind,
+        machine: "app01".into(),
+        point: point.map(str::to_string),
+    }
+}
+
+fn answer(db: &Db, component: &str, ok: bool, result: Value) -> Command {
+    let command = db.next_command(component).unwrap().expect("a command");
+    db.answer_command(
+        component,
+        command.id,
+        &CommandResult {
+            ok,
+            result,
+            error: (!ok).then(|| "the disk is gone".to_string()),
+        },
+    )
+    .unwrap();
+    command
+}
+
+#[test]
+fn a_test_failover_of_a_machine_that_is_not_protected_fails_and_says_why() {
+    let (_dir, db) = db();
+    let job = db
+        .create_job(&new(JobKind::TestFailover, None), "ops")
+        .unwrap();
+    engine(&db).step_all().unwrap();
+    let job = db.get_job(job.id).unwrap().unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert!(job.message.unwrap().contains("not protected"));
+    assert!(
+        db.next_command("mt1").unwrap().is_none(),
+        "nothing was given to a component"
+    );
+}
+
+#[test]
+fn a_test_failover_gives_its_master_target_a_command_and_ends_with_its_answer() {
+    let (_dir, db) = db();
+    protect(&db);
+    let job = db
+        .create_job(&new(JobKind::TestFailover, Some("9")), "ops")
+        .unwrap();
+    assert_eq!((job.state, job.step.as_str()), (JobState::Running, "check"));
+    engine(&db).step_all().unwrap();
+    let waiting = db.get_job(job.id).unwrap().unwrap();
+    assert_eq!(waiting.step, "serve");
+    // At work: no cancelling now.
+    assert!(matches!(db.cancel_job(job.id), Err(DbError::Conflict(_))));
+    // The command comes again until it is answered.
+    let first = db.next_command("mt1").unwrap().unwrap();
+    assert_eq!(db.next_command("mt1").unwrap().unwrap().id, first.id);
+    assert_eq!(first.kind, "recovery-start");
+    assert_eq!(first.params["machine"], "app01");
+    assert_eq!(first.params["disks"], json!(["d0"]));
+    assert_eq!(first.params["at"], 9);
+    assert!(db.next_command("ps1").unwrap().is_none());
+    engine(&db).step_all().unwrap();
+    assert_eq!(
+        db.get_job(job.id).unwrap().unwrap().state,
+        JobState::Running
+    );
+    answer(&db, "mt1", true, json!({"address": "127.0.0.1:10810"}));
+    assert!(db.next_command("mt1").unwrap().is_none());
+    engine(&db).step_all().unwrap();
+    let done = db.get_job(job.id).unwrap().unwrap();
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    let result = done.result.unwrap();
+    assert_eq!(result["address"], "127.0.0.1:10810");
+    assert_eq!(result["master_target"], "mt1");
+    assert!(done.message.unwrap().contains("127.0.0.1:10810"));
+
+    // The cleanup stops that test failover at its master target.
+    let cleanup = db
+        .create_job(&new(JobKind::TestFailoverCleanup, None), "ops")
+        .unwrap();
+    engine(&db).step_all().unwrap();
+    let stop = answer(&db, "mt1", true, json!({}));
+    assert_eq!(stop.kind, "recovery-stop");
+    assert_eq!(stop.params["job"], job.id);
+    engine(&db).step_all().unwrap();
+    assert_eq!(
+        db.get_job(cleanup.id).unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+    // Nothing left to clean up.
+    let again = db
+        .create_job(&new(JobKind::TestFailoverCleanup, None), "ops")
+        .unwrap();
+    engine(&db).step_all().unwrap();
+    let again = db.get_job(again.id).unwrap().unwrap();
+    assert_eq!(again.state, JobState::Failed);
+    assert!(again.message.unwrap().contains("no test failover"));
+}
+
+#[test]
+fn a_failed_command_fails_its_job_with_the_components_reason() {
+    let (_dir, db) = db();
+    protect(&db);
+    let job = db
+        .create_job(&new(JobKind::TestFailover, None), "ops")
+        .unwrap();
+    engine(&db).step_all().unwrap();
+    let command = answer(&db, "mt1", false, Value::Null);
+    assert_eq!(command.params["at"], Value::Null, "latest");
+    engine(&db).step_all().unwrap();
+    let job = db.get_job(job.id).unwrap().unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    let message = job.message.unwrap();
+    assert!(
+        message.contains("mt1") && message.contains("the disk is gone"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_job_is_cancelled_only_before_it_gives_work_and_a_database_reopened_resumes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let db = Db::open(&path).unwrap();
+    let cancelled = db
+        .create_job(&new(JobKind::TestFailover, None), "ops")
+        .unwrap();
+    let cancelled = db.cancel_job(cancelled.id).unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert!(matches!(
+        db.cancel_job(cancelled.id),
+        Err(DbError::Conflict(_))
+    ));
+    assert!(matches!(db.cancel_job(999), Err(DbError::NotFound(_))));
+    engine(&db).step_all().unwrap();
+    assert_eq!(
+        db.get_job(cancelled.id).unwrap().unwrap().state,
+        JobState::Cancelled,
+        "a cancelled job does not run"
+    );
+    // A job left running by a server that stopped is still running, at its step, when the
+    // database is opened again.
+    let running = db
+        .create_job(&new(JobKind::TestFailover, None), "ops")
+        .unwrap();
+    drop(db);
+    let db = Db::open(&path).unwrap();
+    let again = db.get_job(running.id).unwrap().unwrap();
+    assert_eq!(
+        (again.state, again.step.as_str()),
+        (JobState::Running, "check")
+    );
+    assert_eq!(db.list_jobs(0, 10).unwrap().len(), 2);
+}
