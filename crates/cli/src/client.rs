@@ -418,6 +418,142 @@ fn show_named(items: &[Value], what: &str, name: &str, list: &str) -> anyhow::Re
     }
 }
 
+#[derive(Subcommand, Debug)]
+pub enum JobCommand {
+    /// List jobs, oldest first.
+    List {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// One job: its state, step, message and result.
+    Show {
+        id: i64,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Cancel a job, where that is safe (before a component was given work).
+    Cancel {
+        id: i64,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+/// Prints a job: JSON, or a sentence.
+fn print_job(job: &Value, output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(job);
+    }
+    println!(
+        "job {} ({} of {}): {} at step {}{}",
+        text(&job["id"]),
+        text(&job["kind"]),
+        text(&job["machine"]),
+        text(&job["state"]),
+        text(&job["step"]),
+        job["message"]
+            .as_str()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// 0 for a job that succeeded, 3 otherwise.
+fn job_code(job: &Value) -> i32 {
+    if job["state"] == "succeeded" { 0 } else { 3 }
+}
+
+pub async fn job(cmd: JobCommand, output: Output) -> anyhow::Result<i32> {
+    match cmd {
+        JobCommand::List { connection } => {
+            let items = Api::new(&connection)?.all("/api/jobs").await?;
+            if output == Output::Json {
+                print_json(&items)?;
+            } else {
+                let mut t = Table::new(&["ID", "KIND", "MACHINE", "STATE", "STEP", "BY"]);
+                for j in &items {
+                    t.row(vec![
+                        text(&j["id"]),
+                        text(&j["kind"]),
+                        text(&j["machine"]),
+                        text(&j["state"]),
+                        text(&j["step"]),
+                        text(&j["requested_by"]),
+                    ]);
+                }
+                t.print();
+            }
+            Ok(0)
+        }
+        JobCommand::Show { id, connection } => {
+            let job = Api::new(&connection)?
+                .get(&format!("/api/jobs/{id}"))
+                .await?;
+            print_job(&job, output)?;
+            Ok(job_code(&job))
+        }
+        JobCommand::Cancel { id, connection } => {
+            let job = Api::new(&connection)?
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/api/jobs/{id}/cancel"),
+                    None,
+                )
+                .await?;
+            print_job(&job, output)?;
+            Ok(0)
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct TestFailoverArgs {
+    /// The machine.
+    machine: String,
+    /// The recovery point: a sequence number (`master-target points`), or latest.
+    #[arg(long, default_value = "latest")]
+    at: String,
+    /// Stop the machine's test failover and delete its scratch disks instead.
+    #[arg(long)]
+    cleanup: bool,
+    /// Return once the job is asked for, without waiting for it to end.
+    #[arg(long)]
+    no_wait: bool,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// `boomerang test-failover`: asks for the job and follows it to its end (exit 0 when it
+/// succeeded, 3 otherwise).
+pub async fn test_failover(args: TestFailoverArgs, output: Output) -> anyhow::Result<i32> {
+    let api = Api::new(&args.connection)?;
+    let body = if args.cleanup {
+        json!({"kind": "test-failover-cleanup", "machine": args.machine})
+    } else {
+        json!({"kind": "test-failover", "machine": args.machine, "point": args.at})
+    };
+    let mut job = api
+        .call(reqwest::Method::POST, "/api/jobs", Some(body))
+        .await?;
+    let id = job["id"]
+        .as_i64()
+        .context("the server's answer names no job")?;
+    if !args.no_wait {
+        let mut step = String::new();
+        while job["state"] == "running" {
+            if output != Output::Json && job["step"].as_str() != Some(step.as_str()) {
+                step = text(&job["step"]);
+                eprintln!("job {id}: {step}");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            job = api.get(&format!("/api/jobs/{id}")).await?;
+        }
+    }
+    print_job(&job, output)?;
+    Ok(if args.no_wait { 0 } else { job_code(&job) })
+}
+
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// One machine (default: every machine).
@@ -917,6 +1053,107 @@ pub type Report = Box<
         + Sync,
 >;
 
+/// The API as this component (its component token), if `reporting` names a server.
+fn component_api(reporting: &Reporting) -> anyhow::Result<Option<Api>> {
+    let Some(server) = reporting.control_server.clone() else {
+        return Ok(None);
+    };
+    let ca = reporting
+        .control_ca
+        .clone()
+        .context("--control-ca is needed with --control-server")?;
+    let token_file = reporting
+        .component_token_file
+        .clone()
+        .context("--component-token-file is needed with --control-server")?;
+    Ok(Some(Api::open(&server, &ca, read_token(&token_file)?)?))
+}
+
+/// Carries out a command of the configuration server: its kind and parameters in, its result
+/// (or why it failed) out. Called again with a command id seen before only if the process
+/// restarted: handlers are idempotent.
+pub type Handler = std::sync::Arc<
+    dyn Fn(
+            String,
+            Value,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Fetches the configuration server's commands for this component for the life of the
+/// process (long polls), runs each with `handler`, and answers it.
+pub fn start_commands(reporting: &Reporting, handler: Handler) -> anyhow::Result<()> {
+    let Some(api) = component_api(reporting)? else {
+        return Ok(());
+    };
+    let api = std::sync::Arc::new(api);
+    tokio::spawn(async move {
+        let working: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<i64>>> =
+            Default::default();
+        let mut failing = false;
+        loop {
+            let command = match api.get("/api/commands?wait=20").await {
+                Ok(c) => {
+                    failing = false;
+                    c
+                }
+                Err(e) => {
+                    if !failing {
+                        failing = true;
+                        tracing::warn!(error = %format!("{e:#}"), "could not fetch commands from the configuration server; retrying");
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            // 204: nothing to do.
+            let Some(id) = command["id"].as_i64() else {
+                continue;
+            };
+            // Given again while it runs: it is being carried out.
+            if !working.lock().map(|mut w| w.insert(id)).unwrap_or(false) {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
+            let (api, handler, working) = (api.clone(), handler.clone(), working.clone());
+            tokio::spawn(async move {
+                let kind = command["kind"].as_str().unwrap_or("").to_string();
+                let outcome = handler(kind.clone(), command["params"].clone()).await;
+                let answer = match outcome {
+                    Ok(result) => json!({"ok": true, "result": result}),
+                    Err(e) => {
+                        tracing::warn!(command = id, %kind, error = %e, "a command failed");
+                        json!({"ok": false, "error": e})
+                    }
+                };
+                // Answered until the server has it: the work is done, only the word is due.
+                loop {
+                    match api
+                        .call(
+                            reqwest::Method::POST,
+                            &format!("/api/commands/{id}"),
+                            Some(answer.clone()),
+                        )
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(command = id, error = %format!("{e:#}"), "could not answer a command; retrying");
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+                if let Ok(mut w) = working.lock() {
+                    w.remove(&id);
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
 /// Whether `addr` takes a TCP connection within 3 s.
 pub async fn answers(addr: &str) -> bool {
     let connect = tokio::net::TcpStream::connect(addr);
@@ -933,7 +1170,7 @@ pub fn start_heartbeats(
     volume: PathBuf,
     report: Report,
 ) -> anyhow::Result<()> {
-    let Some(server) = reporting.control_server.clone() else {
+    let Some(api) = component_api(reporting)? else {
         return Ok(());
     };
     if !(0.1..=3600.0).contains(&reporting.heartbeat_interval) {
@@ -942,15 +1179,6 @@ pub fn start_heartbeats(
             reporting.heartbeat_interval
         );
     }
-    let ca = reporting
-        .control_ca
-        .clone()
-        .context("--control-ca is needed with --control-server")?;
-    let token_file = reporting
-        .component_token_file
-        .clone()
-        .context("--component-token-file is needed with --control-server")?;
-    let api = Api::open(&server, &ca, read_token(&token_file)?)?;
     let every = std::time::Duration::from_secs_f64(reporting.heartbeat_interval);
     tokio::spawn(async move {
         let mut failing = false;

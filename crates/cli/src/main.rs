@@ -46,6 +46,11 @@ enum Command {
     Preflight(client::PreflightArgs),
     /// Each machine's protection: state, health, RPO now, latest recovery point.
     Status(client::StatusArgs),
+    /// Serve a machine's disks at a point, isolated (its replication goes on); --cleanup ends it.
+    TestFailover(client::TestFailoverArgs),
+    /// The configuration server's jobs.
+    #[command(subcommand)]
+    Job(client::JobCommand),
     /// The configuration server's machines.
     #[command(subcommand)]
     Machine(client::MachineCommand),
@@ -96,6 +101,8 @@ fn main() {
             Command::Server(args) => server::run(args, cli.output).await,
             Command::Preflight(args) => client::preflight(args, cli.output).await,
             Command::Status(args) => client::status(args, cli.output).await,
+            Command::TestFailover(args) => client::test_failover(args, cli.output).await,
+            Command::Job(cmd) => client::job(cmd, cli.output).await,
             Command::Machine(cmd) => client::machine(cmd, cli.output).await,
             Command::Site(cmd) => client::site(cmd, cli.output).await,
             Command::Policy(cmd) => client::policy(cmd, cli.output).await,

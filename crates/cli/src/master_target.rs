@@ -115,6 +115,10 @@ struct RunArgs {
     /// The master target's name (default: the certificate directory's name).
     #[arg(long)]
     name: Option<String>,
+    /// Where test failovers serve their disks over NBD (a port of 0: any free one, which the
+    /// job reports).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    recovery_listen: boomerang_nbd::server::ListenAddr,
     #[command(flatten)]
     reporting: crate::client::Reporting,
 }
@@ -343,6 +347,54 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             beat
         })
     });
-    crate::client::start_heartbeats(&args.reporting, retention_dir, report)?;
+    crate::client::start_heartbeats(&args.reporting, retention_dir.clone(), report)?;
+    // The configuration server's jobs: test failovers.
+    let isolated = std::sync::Arc::new(boomerang_master_target::isolated::Isolated::new(
+        &retention_dir,
+        args.recovery_listen.clone(),
+    ));
+    let handler: crate::client::Handler = std::sync::Arc::new(move |kind, params| {
+        let isolated = isolated.clone();
+        Box::pin(async move { command(&isolated, &kind, &params).await })
+    });
+    crate::client::start_commands(&args.reporting, handler)?;
     crate::daemon::serve(server, &args.listen, "master target").await
+}
+
+/// Carries out one command of the configuration server.
+async fn command(
+    isolated: &boomerang_master_target::isolated::Isolated,
+    kind: &str,
+    params: &serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let job = params["job"]
+        .as_i64()
+        .ok_or_else(|| format!("command {kind} names no job"))?;
+    match kind {
+        "recovery-start" => {
+            let machine = params["machine"]
+                .as_str()
+                .ok_or("recovery-start names no machine")?;
+            let disks = params["disks"]
+                .as_array()
+                .ok_or("recovery-start names no disks")?
+                .iter()
+                .map(|d| {
+                    d.as_str()
+                        .and_then(|d| DiskName::new(d).ok())
+                        .ok_or_else(|| format!("{d} is not a disk name"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let at = params["at"].as_u64();
+            let served = isolated.start(job, machine, &disks, at).await?;
+            serde_json::to_value(served).map_err(|e| e.to_string())
+        }
+        "recovery-stop" => {
+            isolated.stop(job).await?;
+            Ok(serde_json::json!({}))
+        }
+        other => Err(format!(
+            "this master target does not know command {other:?}: upgrade it"
+        )),
+    }
 }

@@ -1451,6 +1451,164 @@ fn enrol(
     identity
 }
 
+/// A configuration server (heartbeat timeout 3 s) with three enrolled components replicating
+/// machine app01 (no inventory file lists it): master target mt1 (retention `d/retention`,
+/// a point at every mark), process server ps1 (forwarding through `link`, a fault proxy) and
+/// app01's agent (disk d0, 4 MiB of 0x5a, a mark every 0.3 s).
+struct Replicating {
+    _server: Daemon,
+    admin: String,
+    port: String,
+    url: String,
+    ca: std::path::PathBuf,
+    _mt: Daemon,
+    _ps: Daemon,
+    agent: Daemon,
+    link: boomerang_testkit::FaultProxy,
+}
+
+impl Replicating {
+    fn start(d: &Path) -> Replicating {
+        let (server, admin) = server_with(d, |state| {
+            with_inventory(
+                state,
+                INVENTORY,
+                &[(
+                    "heartbeat_timeout_seconds = 90",
+                    "heartbeat_timeout_seconds = 3",
+                )],
+            )
+        });
+        let port = server.addr.rsplit_once(':').unwrap().1.to_string();
+        let url = format!("https://127.0.0.1:{port}");
+        let ca = d.join("state/ca.crt");
+        let control = |identity: &Path| -> Vec<String> {
+            vec![
+                "--control-server".into(),
+                url.clone(),
+                "--control-ca".into(),
+                ca.display().to_string(),
+                "--component-token-file".into(),
+                identity.join("component.token").display().to_string(),
+                "--heartbeat-interval".into(),
+                "0.2".into(),
+            ]
+        };
+        let start = |args: Vec<String>| {
+            Daemon::start(
+                env!("CARGO_BIN_EXE_boomerang"),
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+        };
+        let mt1 = enrol(d, &port, &admin, "mt1", "master-target", "site-b");
+        let ps1 = enrol(d, &port, &admin, "ps1", "process-server", "site-b");
+        let app01 = enrol(d, &port, &admin, "app01", "agent", "site-a");
+        let mut args: Vec<String> = [
+            "master-target",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls",
+            mt1.to_str().unwrap(),
+            "--name",
+            "mt1",
+            "--retention",
+            d.join("retention").to_str().unwrap(),
+            "--block-size",
+            "4KiB",
+            "--point-every",
+            "0",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(control(&mt1));
+        let mt = start(args);
+        let link = boomerang_testkit::FaultProxy::start(&mt.addr);
+        let mut args: Vec<String> = [
+            "process-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls",
+            ps1.to_str().unwrap(),
+            "--name",
+            "ps1",
+            "--cache",
+            d.join("cache").to_str().unwrap(),
+            "--master-target",
+            link.addr(),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(control(&ps1));
+        let ps = start(args);
+        // A disk with content, so that there is a copy to make.
+        let disk = d.join("disk.img");
+        std::fs::write(&disk, vec![0x5a; 4 << 20]).unwrap();
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "--disk".into(),
+            format!("d0={}", disk.display()),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--log-dir".into(),
+            d.join("log").display().to_string(),
+            "--process-server".into(),
+            ps.addr.clone(),
+            "--tls".into(),
+            app01.display().to_string(),
+            "--name".into(),
+            "app01".into(),
+            "--mark-interval".into(),
+            "0.3".into(),
+        ];
+        args.extend(control(&app01));
+        let agent = start(args);
+        Replicating {
+            _server: server,
+            admin,
+            port,
+            url,
+            ca,
+            _mt: mt,
+            _ps: ps,
+            agent,
+            link,
+        }
+    }
+
+    /// Runs the CLI with this server and the admin token.
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(args)
+            .env("BOOMERANG_SERVER", &self.url)
+            .env("BOOMERANG_CA", &self.ca)
+            .env("BOOMERANG_TOKEN", &self.admin)
+            .output()
+            .unwrap()
+    }
+}
+
+fn json_out(out: &std::process::Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "not JSON: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Calls `ok` every 200 ms until it gives a value, for at most `secs`.
+fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> Option<Value>) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = ok() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn status_follows_a_machine_from_its_agents_report_to_protected_and_an_rpo_over_its_threshold_raises_an_alert()
  {
@@ -1458,129 +1616,13 @@ fn status_follows_a_machine_from_its_agents_report_to_protected_and_an_rpo_over_
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (daemon, admin) = server_with(dir.path(), |state| {
-        with_inventory(
-            state,
-            INVENTORY,
-            &[(
-                "heartbeat_timeout_seconds = 90",
-                "heartbeat_timeout_seconds = 3",
-            )],
-        )
-    });
-    let port = daemon.addr.rsplit_once(':').unwrap().1.to_string();
     let d = dir.path();
-    let url = format!("https://127.0.0.1:{port}");
-    let ca = d.join("state/ca.crt");
-    let control = |identity: &Path| -> Vec<String> {
-        vec![
-            "--control-server".into(),
-            url.clone(),
-            "--control-ca".into(),
-            ca.display().to_string(),
-            "--component-token-file".into(),
-            identity.join("component.token").display().to_string(),
-            "--heartbeat-interval".into(),
-            "0.2".into(),
-        ]
-    };
-    let start = |args: Vec<String>| {
-        Daemon::start(
-            env!("CARGO_BIN_EXE_boomerang"),
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
-    };
-    // The three components, enrolled with the server, its CA theirs.
-    let mt1 = enrol(d, &port, &admin, "mt1", "master-target", "site-b");
-    let ps1 = enrol(d, &port, &admin, "ps1", "process-server", "site-b");
-    let app01 = enrol(d, &port, &admin, "app01", "agent", "site-a");
-    let mut args: Vec<String> = [
-        "master-target",
-        "--listen",
-        "127.0.0.1:0",
-        "--tls",
-        mt1.to_str().unwrap(),
-        "--name",
-        "mt1",
-        "--retention",
-        d.join("retention").to_str().unwrap(),
-        "--block-size",
-        "4KiB",
-        "--point-every",
-        "0",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(control(&mt1));
-    let mt = start(args);
-    let link = boomerang_testkit::FaultProxy::start(&mt.addr);
-    let mut args: Vec<String> = [
-        "process-server",
-        "--listen",
-        "127.0.0.1:0",
-        "--tls",
-        ps1.to_str().unwrap(),
-        "--name",
-        "ps1",
-        "--cache",
-        d.join("cache").to_str().unwrap(),
-        "--master-target",
-        link.addr(),
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(control(&ps1));
-    let ps = start(args);
-    // A disk with content, so that there is a copy to make.
-    let disk = d.join("disk.img");
-    std::fs::write(&disk, vec![0x5a; 4 << 20]).unwrap();
-    let mut args: Vec<String> = vec![
-        "agent".into(),
-        "--disk".into(),
-        format!("d0={}", disk.display()),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--log-dir".into(),
-        d.join("log").display().to_string(),
-        "--process-server".into(),
-        ps.addr.clone(),
-        "--tls".into(),
-        app01.display().to_string(),
-        "--name".into(),
-        "app01".into(),
-        "--mark-interval".into(),
-        "0.3".into(),
-    ];
-    args.extend(control(&app01));
-    let _agent = start(args);
-
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_boomerang"))
-            .args(args)
-            .env("BOOMERANG_SERVER", &url)
-            .env("BOOMERANG_CA", &ca)
-            .env("BOOMERANG_TOKEN", &admin)
-            .output()
-            .unwrap()
-    };
-    let json_of = |out: &std::process::Output| -> Value {
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
-            panic!(
-                "not JSON: {} {}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
-    };
-    let wait = |what: &str, secs: u64, mut ok: Box<dyn FnMut() -> Option<Value> + '_>| -> Value {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-        loop {
-            if let Some(v) = ok() {
-                return v;
-            }
-            assert!(std::time::Instant::now() < deadline, "{what}");
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
+    let r = Replicating::start(d);
+    let (admin, port, link) = (&r.admin, &r.port, &r.link);
+    let cli = |args: &[&str]| r.cli(args);
+    let json_of = json_out;
+    let wait = |what: &str, secs: u64, ok: Box<dyn FnMut() -> Option<Value> + '_>| -> Value {
+        wait_for(what, secs, ok)
     };
 
     // No inventory file lists app01: its agent's report brings it in, as a physical machine.
@@ -1716,4 +1758,129 @@ fn status_follows_a_machine_from_its_agents_report_to_protected_and_an_rpo_over_
     );
     let s = json_of(&cli(&["status", "app01", "--output", "json"]));
     assert!(s.get("policy").is_none(), "{s}");
+}
+
+#[test]
+fn a_test_failover_serves_the_disks_at_a_point_isolated_and_its_cleanup_removes_them() {
+    if !have("curl") || !have("nbdinfo") || !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r = Replicating::start(d);
+    let retention = d.join("retention");
+    // A machine that is not protected has nothing to fail over to.
+    let out = r.cli(&["test-failover", "web01", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(3));
+    let job = json_out(&out);
+    assert_eq!(job["state"], "failed");
+    assert!(
+        job["message"].as_str().unwrap().contains("not protected"),
+        "{job}"
+    );
+
+    // app01 writes, and is protected.
+    let mut client = boomerang_testkit::RawNbd::connect(&r.agent.addr, "d0").unwrap();
+    assert_eq!(client.write(1, 8192, &[0x77; 8192]).unwrap(), 0);
+    wait_for("app01 never became protected", 60, || {
+        let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+        (s["state"] == "protected").then_some(s)
+    });
+
+    let out = r.cli(&["test-failover", "app01", "--output", "json"]);
+    let job = json_out(&out);
+    assert_eq!(out.status.code(), Some(0), "{job}");
+    assert_eq!(job["state"], "succeeded");
+    let result = &job["result"];
+    assert_eq!(result["master_target"], "mt1");
+    assert_eq!(result["exports"], json!(["d0"]));
+    let (address, seq) = (
+        result["address"].as_str().unwrap().to_string(),
+        result["seq"].as_u64().unwrap(),
+    );
+    // Served at once: the disk at that point, as the master target exports it.
+    let url = format!("nbd://{address}/d0");
+    let size = boomerang_testkit::run("nbdinfo", &["--size", &url]);
+    assert_eq!(size.trim(), (4u64 << 20).to_string());
+    let served = d.join("served.img");
+    boomerang_testkit::run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &url,
+            served.to_str().unwrap(),
+        ],
+    );
+    let exported = d.join("exported.img");
+    boomerang(&[
+        "master-target",
+        "export",
+        retention.to_str().unwrap(),
+        "--machine",
+        "app01",
+        "--disk",
+        "d0",
+        "--at",
+        &seq.to_string(),
+        "--out",
+        exported.to_str().unwrap(),
+    ]);
+    let point = std::fs::read(&exported).unwrap();
+    assert!(std::fs::read(&served).unwrap() == point);
+    assert_eq!(point[8192..16384], [0x77; 8192]);
+
+    // Isolated: the test machine's writes stay in its scratch disk; the replica, and the
+    // source, do not see them; and replication goes on.
+    boomerang_testkit::run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0xee 0 65536", &url],
+    );
+    assert_eq!(client.write(2, 1 << 20, &[0x99; 4096]).unwrap(), 0);
+    let replica = retention.join("replicas/app01/d0.img");
+    wait_for("replication stopped during the test failover", 30, || {
+        let image = std::fs::read(&replica).unwrap();
+        (image[1 << 20..(1 << 20) + 4096] == [0x99; 4096]).then_some(Value::Null)
+    });
+    let image = std::fs::read(&replica).unwrap();
+    assert_eq!(
+        image[..65536],
+        point[..65536],
+        "the replica never sees a test write"
+    );
+    let scratch = retention.join(format!("test-failovers/job-{}", job["id"]));
+    assert!(scratch.join("d0.img").exists());
+
+    // Cleanup: the disks are no longer served and the scratch disks are gone.
+    let out = r.cli(&["test-failover", "app01", "--cleanup", "--output", "json"]);
+    let cleanup = json_out(&out);
+    assert_eq!(out.status.code(), Some(0), "{cleanup}");
+    assert!(!scratch.exists(), "{}", scratch.display());
+    let gone = Command::new("nbdinfo")
+        .args(["--size", &url])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "still served after the cleanup");
+    let jobs = json_out(&r.cli(&["job", "list", "--output", "json"]));
+    let states: Vec<(&str, &str)> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| (j["kind"].as_str().unwrap(), j["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("test-failover", "failed"),
+            ("test-failover", "succeeded"),
+            ("test-failover-cleanup", "succeeded")
+        ]
+    );
+    // A job that ended cannot be cancelled.
+    let out = r.cli(&["job", "cancel", "2"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ended"));
 }

@@ -20,6 +20,7 @@
 
 mod apply;
 mod digest;
+pub mod isolated;
 pub mod points;
 pub mod recover;
 

@@ -444,6 +444,12 @@ impl Engine<'_> {
                     ProtectionState::Protected | ProtectionState::Resync
                 );
                 let has_points = status.disks.iter().any(|d| d.points > 0);
+                // The master target's report may trail the process server's: wait for it, up
+                // to a heartbeat timeout.
+                let young = crate::db::now() - job.created_unix_ms < self.heartbeat_timeout_ms;
+                if replicated && !has_points && young {
+                    return Ok(());
+                }
                 if !(replicated && has_points) {
                     return self.fail(
                         id,

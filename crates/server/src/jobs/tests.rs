@@ -252,3 +252,37 @@ fn a_job_is_cancelled_only_before_it_gives_work_and_a_database_reopened_resumes_
     );
     assert_eq!(db.list_jobs(0, 10).unwrap().len(), 2);
 }
+
+#[test]
+fn a_test_failover_waits_for_the_master_targets_report_when_the_process_server_says_protected() {
+    let (_dir, db) = db();
+    protect(&db);
+    // mt1 has not reported its replicas yet.
+    db.heartbeat(
+        "mt1",
+        &Heartbeat {
+            healthy: true,
+            version: "0".into(),
+            ..Heartbeat::default()
+        },
+    )
+    .unwrap();
+    let job = db
+        .create_job(&new(JobKind::TestFailover, None), "ops")
+        .unwrap();
+    engine(&db).step_all().unwrap();
+    let waiting = db.get_job(job.id).unwrap().unwrap();
+    assert_eq!(
+        (waiting.state, waiting.step.as_str()),
+        (JobState::Running, "check")
+    );
+    // Past a heartbeat timeout without it, the job fails.
+    Engine {
+        db: &db,
+        heartbeat_timeout_ms: 0,
+    }
+    .step_all()
+    .unwrap();
+    let failed = db.get_job(job.id).unwrap().unwrap();
+    assert_eq!(failed.state, JobState::Failed, "{failed:?}");
+}

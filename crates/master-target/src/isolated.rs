@@ -1,0 +1,185 @@
+//! Test failovers (DESIGN 1): a machine's disks served at one recovery point, isolated: each
+//! disk is an instant recovery ([`crate::recover`]) into a scratch target under
+//! `RETENTION/test-failovers/job-<id>/`, so the machine's writes never reach its replicas, and
+//! replication goes on meanwhile. All disks are served at the same point (one log position:
+//! the machine's disks stay consistent with each other) by one NBD server, an export per disk.
+//!
+//! The configuration server's job gives the commands; each is idempotent: starting a test
+//! failover that runs answers with what it serves, and stopping one that does not run removes
+//! what is left of it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use boomerang_core::DiskName;
+use boomerang_nbd::server::{Export, ListenAddr, Listener, Server};
+use serde::Serialize;
+
+use crate::points;
+use crate::recover::{Recovery, RecoveryConfig};
+
+/// What a running test failover serves.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Served {
+    /// The NBD server's address; each disk is the export of its name.
+    pub address: String,
+    pub exports: Vec<String>,
+    /// The point: its sequence number in the machine's log.
+    pub seq: u64,
+}
+
+struct Running {
+    served: Served,
+    stop_serving: tokio::sync::watch::Sender<bool>,
+    stop_copying: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// The test failovers of one master target.
+pub struct Isolated {
+    retention: PathBuf,
+    /// Where their NBD servers listen (a port of 0: any free one).
+    listen: ListenAddr,
+    running: tokio::sync::Mutex<HashMap<i64, Running>>,
+}
+
+impl Isolated {
+    pub fn new(retention: &Path, listen: ListenAddr) -> Self {
+        Isolated {
+            retention: retention.to_path_buf(),
+            listen,
+            running: Default::default(),
+        }
+    }
+
+    fn dir(&self, job: i64) -> PathBuf {
+        self.retention
+            .join("test-failovers")
+            .join(format!("job-{job}"))
+    }
+
+    /// The newest point every disk of `machine` lists.
+    async fn latest_common(&self, machine: &str, disks: &[DiskName]) -> Result<u64, String> {
+        let mut common: Option<Vec<u64>> = None;
+        for disk in disks {
+            let seqs: Vec<u64> = points::list(&self.retention, machine, disk)
+                .await
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|p| p.seq)
+                .collect();
+            common = Some(match common {
+                None => seqs,
+                Some(c) => c.into_iter().filter(|s| seqs.contains(s)).collect(),
+            });
+        }
+        common
+            .and_then(|c| c.into_iter().max())
+            .ok_or_else(|| format!("the disks of {machine} have no recovery point in common yet"))
+    }
+
+    /// Serves `disks` of `machine` at point `at` (the latest all list, when none) for `job`.
+    pub async fn start(
+        &self,
+        job: i64,
+        machine: &str,
+        disks: &[DiskName],
+        at: Option<u64>,
+    ) -> Result<Served, String> {
+        let mut running = self.running.lock().await;
+        if let Some(r) = running.get(&job) {
+            return Ok(r.served.clone());
+        }
+        if disks.is_empty() {
+            return Err(format!("no disk of {machine} was named"));
+        }
+        let seq = match at {
+            Some(s) => s,
+            None => self.latest_common(machine, disks).await?,
+        };
+        let dir = self.dir(job);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("could not create {}: {e}", dir.display()))?;
+        let mut exports = Vec::new();
+        let mut recoveries = Vec::new();
+        for disk in disks {
+            let config = RecoveryConfig {
+                retention: self.retention.clone(),
+                stream: machine.to_string(),
+                disk: disk.clone(),
+                at: Some(seq),
+                target: dir.join(format!("{disk}.img")),
+                hydrate_rate: None,
+            };
+            let recovery = Recovery::open(&config)
+                .await
+                .map_err(|e| boomerang_core::chain(&e))?;
+            exports.push(Export {
+                name: disk.to_string(),
+                description: format!("disk {disk} of {machine} at seq {seq} (test failover)"),
+                device: recovery.clone(),
+                read_only: false,
+            });
+            recoveries.push(recovery);
+        }
+        let listener = Listener::bind(&self.listen)
+            .await
+            .map_err(|e| format!("could not listen on {:?}: {e}", self.listen))?;
+        let address = listener.local_addr().map_err(|e| e.to_string())?;
+        let served = Served {
+            address,
+            exports: disks.iter().map(|d| d.to_string()).collect(),
+            seq,
+        };
+        let server = Server::new(exports, 64);
+        let (stop_serving, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move { server.serve(listener, stopped).await });
+        let stop_copying = Arc::new(AtomicBool::new(false));
+        let threads = recoveries
+            .into_iter()
+            .map(|r| {
+                let stop = stop_copying.clone();
+                std::thread::spawn(move || {
+                    if let Err(e) = r.hydrate(None, stop) {
+                        tracing::warn!(target = %r.target().display(), error = %e, "a test failover's copy stopped");
+                    }
+                })
+            })
+            .collect();
+        tracing::warn!(job, machine, address = %served.address, seq, "test failover: disks served");
+        running.insert(
+            job,
+            Running {
+                served: served.clone(),
+                stop_serving,
+                stop_copying,
+                threads,
+            },
+        );
+        Ok(served)
+    }
+
+    /// Stops the test failover of `job` and deletes its scratch targets.
+    pub async fn stop(&self, job: i64) -> Result<(), String> {
+        let gone = self.running.lock().await.remove(&job);
+        if let Some(r) = gone {
+            let _ = r.stop_serving.send(true);
+            r.stop_copying.store(true, Ordering::Relaxed);
+            let threads = r.threads;
+            let _ = tokio::task::spawn_blocking(move || {
+                for t in threads {
+                    let _ = t.join();
+                }
+            })
+            .await;
+        }
+        let dir = self.dir(job);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("could not delete {}: {e}", dir.display())),
+        }
+    }
+}
