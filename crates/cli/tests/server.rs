@@ -1699,10 +1699,10 @@ fn status_follows_a_machine_from_its_agents_report_to_protected_and_an_rpo_over_
     let (code, err) = call(
         d,
         "127.0.0.1",
-        &port,
+        port,
         "DELETE",
         "/api/policies/gold",
-        Some(&admin),
+        Some(admin),
         None,
     );
     assert_eq!(code, 409, "{err}");
