@@ -43,6 +43,11 @@ pub enum LogDirError {
     Syncing,
     #[error("the write log in {} is closed: the agent is stopping", dir.display())]
     Closed { dir: PathBuf },
+    #[error(
+        "machine of log directory {} was failed over at seq {seq}: its disks here take no more writes (no split brain); they take writes again once the machine is reprotected back here",
+        dir.display()
+    )]
+    FailedOver { dir: PathBuf, seq: u64 },
     #[error("a segment size of {0} bytes is too small: use at least 1 MiB")]
     SegmentTooSmall(u64),
     #[error(
@@ -74,6 +79,10 @@ pub struct LogDir {
     syncing: bool,
     /// See [`LogDir::synced_through`].
     synced_through: Seq,
+    /// The highest sequence number acknowledged as durable downstream.
+    acked: Seq,
+    /// See [`LogDir::fail_over`].
+    failed_over: Option<Seq>,
     /// `release_through` has nothing to delete below this acknowledged sequence number.
     release_floor: Seq,
     /// Disk order of the changes (see `order.rs`): tickets issued, and the turnstile.
@@ -189,6 +198,9 @@ const NEXT_MARK: &str = "marks.next";
 
 /// Marks a running agent; holds the boot id, to tell an agent crash from a machine crash.
 const RUNNING: &str = "agent.running";
+/// Written by a planned failover: the sequence number of the final mark. While it exists the
+/// log takes no record, so the machine here cannot diverge from its failed-over copy.
+const FAILED_OVER: &str = "failed-over";
 
 fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -322,6 +334,11 @@ impl LogDir {
             closed: false,
             syncing: false,
             synced_through: Seq(0),
+            acked: Seq(0),
+            failed_over: std::fs::read_to_string(dir.join(FAILED_OVER))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .map(Seq),
             release_floor: Seq(0),
             issued: 0,
             turnstile: Arc::default(),
@@ -480,6 +497,12 @@ impl LogDir {
                 dir: self.dir.clone(),
             });
         }
+        if let Some(seq) = self.failed_over {
+            return Err(LogDirError::FailedOver {
+                dir: self.dir.clone(),
+                seq: seq.0,
+            });
+        }
         let seq = self.next_seq;
         let need = entry.encoded_len() as u64 + 64;
         if self.capped || self.cap.is_some_and(|c| self.total + need > c) {
@@ -515,6 +538,7 @@ impl LogDir {
     /// durable downstream), except the one being appended to; returns the bytes freed. A
     /// segment's records end where the next segment's begin, so only whole segments go.
     pub fn release_through(&mut self, durable: Seq) -> Result<u64, LogDirError> {
+        self.acked = self.acked.max(durable);
         let io = |source| LogDirError::Io {
             dir: self.dir.clone(),
             source,
@@ -579,6 +603,44 @@ impl LogDir {
         })?;
         self.next_mark += 1;
         Ok((id, seq))
+    }
+
+    /// The highest sequence number acknowledged as durable downstream since the log was
+    /// opened.
+    pub fn acked(&self) -> Seq {
+        self.acked
+    }
+
+    /// A planned failover: appends a final mark, makes the log durable, and from then on
+    /// refuses every record (persisted in `failed-over`, so a restarted agent refuses them
+    /// too): the machine's disks here stay exactly as they were at the mark. Returns the
+    /// mark's sequence number; called again, the same one.
+    pub fn fail_over(&mut self) -> Result<Seq, LogDirError> {
+        if let Some(seq) = self.failed_over {
+            return Ok(seq);
+        }
+        let (_, seq) = self.mark(MarkKind::Crash)?;
+        self.writer.sync()?;
+        let io = |source| LogDirError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        let path = self.dir.join(FAILED_OVER);
+        let tmp = self.dir.join(format!(".{FAILED_OVER}.tmp"));
+        let mut f = File::create(&tmp).map_err(io)?;
+        std::io::Write::write_all(&mut f, seq.0.to_string().as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        self.failed_over = Some(seq);
+        Ok(seq)
+    }
+
+    /// The final mark of a planned failover, if the machine was failed over from here.
+    pub fn failed_over(&self) -> Option<Seq> {
+        self.failed_over
     }
 
     /// While a disk's initial copy runs, marks are refused: no recovery point may show a disk
@@ -696,6 +758,46 @@ impl boomerang_wire::send::Source for Shipped {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_over_log_takes_no_record_even_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskName::new("d").unwrap();
+        let write = |log: &mut LogDir| {
+            log.append(Op::Write {
+                disk: disk.clone(),
+                offset: 0,
+                data: vec![1; 512],
+            })
+        };
+        let seq = {
+            let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+            write(&mut log).unwrap();
+            assert_eq!(log.failed_over(), None);
+            let seq = log.fail_over().unwrap();
+            assert_eq!(seq, Seq(2), "the final mark follows the last write");
+            assert_eq!(log.fail_over().unwrap(), seq, "asked again, the same mark");
+            assert!(matches!(
+                write(&mut log),
+                Err(LogDirError::FailedOver { seq: 2, .. })
+            ));
+            log.close_clean().unwrap();
+            seq
+        };
+        let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+        assert_eq!(log.failed_over(), Some(seq));
+        assert!(matches!(
+            write(&mut log),
+            Err(LogDirError::FailedOver { .. })
+        ));
+        assert!(log.mark(MarkKind::Crash).is_err());
+        // The final mark is in the log, durable.
+        let records: Vec<_> = read_all(dir.path()).unwrap().map(|r| r.unwrap()).collect();
+        assert!(matches!(
+            records.last().map(|r| (&r.op, r.seq)),
+            Some((Op::Mark { .. }, s)) if s == seq
+        ));
+    }
 
     #[test]
     fn rolls_over_reopens_and_locks() {

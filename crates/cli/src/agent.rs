@@ -382,6 +382,13 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         })
     });
     crate::client::start_heartbeats(&args.reporting, log_dir.clone(), report)?;
+    // The configuration server's jobs: the drain of a planned failover.
+    let commanded = log.clone();
+    let handler: crate::client::Handler = Arc::new(move |kind, _params| {
+        let log = commanded.clone();
+        Box::pin(async move { command(&log, &kind).await })
+    });
+    crate::client::start_commands(&args.reporting, handler)?;
     let shutdown = shutdown_signal()?;
     println!("listening on {}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -542,4 +549,41 @@ fn os() -> serde_json::Value {
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| "0".to_string());
     serde_json::json!({"family": family, "version": version})
+}
+
+/// How long a planned failover's drain waits for the process server to hold the final mark.
+const DRAIN_WAIT: Duration = Duration::from_secs(120);
+
+/// Carries out one command of the configuration server.
+async fn command(log: &Arc<Mutex<LogDir>>, kind: &str) -> Result<serde_json::Value, String> {
+    match kind {
+        // A planned failover: a final mark, no write after it, and the final mark durable at
+        // the process server before the answer.
+        "drain" => {
+            let held = log.clone();
+            let seq = tokio::task::spawn_blocking(move || {
+                held.lock()
+                    .map_err(|_| "the write log lock is poisoned".to_string())?
+                    .fail_over()
+                    .map_err(|e| boomerang_core::chain(&e))
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            let deadline = std::time::Instant::now() + DRAIN_WAIT;
+            while log.lock().map(|l| l.acked()).unwrap_or_default() < seq {
+                if std::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "the process server did not confirm the final mark (seq {}) within {} s: the machine takes no more writes here; check the link, or fail over unplanned to its latest point",
+                        seq.0,
+                        DRAIN_WAIT.as_secs()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(serde_json::json!({"seq": seq.0}))
+        }
+        other => Err(format!(
+            "this agent does not know command {other:?}: upgrade it"
+        )),
+    }
 }

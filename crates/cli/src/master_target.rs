@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use boomerang_core::DiskName;
+use boomerang_master_target::recoveries::Recoveries;
 use boomerang_master_target::{Config, receiver};
 use boomerang_wire::MAX_DISKS;
 use boomerang_wire::tls::TlsIdentity;
@@ -348,14 +349,14 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         })
     });
     crate::client::start_heartbeats(&args.reporting, retention_dir.clone(), report)?;
-    // The configuration server's jobs: test failovers.
-    let isolated = std::sync::Arc::new(boomerang_master_target::isolated::Isolated::new(
+    // The configuration server's jobs: test failovers and failovers.
+    let recoveries = std::sync::Arc::new(Recoveries::new(
         &retention_dir,
         args.recovery_listen.clone(),
     ));
     let handler: crate::client::Handler = std::sync::Arc::new(move |kind, params| {
-        let isolated = isolated.clone();
-        Box::pin(async move { command(&isolated, &kind, &params).await })
+        let recoveries = recoveries.clone();
+        Box::pin(async move { command(&recoveries, &kind, &params).await })
     });
     crate::client::start_commands(&args.reporting, handler)?;
     crate::daemon::serve(server, &args.listen, "master target").await
@@ -363,36 +364,43 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
 
 /// Carries out one command of the configuration server.
 async fn command(
-    isolated: &boomerang_master_target::isolated::Isolated,
+    recoveries: &Recoveries,
     kind: &str,
     params: &serde_json::Value,
 ) -> Result<serde_json::Value, String> {
+    use boomerang_master_target::recoveries::{failover, test_failover};
     let job = params["job"]
         .as_i64()
         .ok_or_else(|| format!("command {kind} names no job"))?;
+    let machine = || {
+        params["machine"]
+            .as_str()
+            .ok_or_else(|| format!("command {kind} names no machine"))
+    };
+    let start = |key: String| async move {
+        let machine = machine()?;
+        let disks = params["disks"]
+            .as_array()
+            .ok_or_else(|| format!("command {kind} names no disks"))?
+            .iter()
+            .map(|d| {
+                d.as_str()
+                    .and_then(|d| DiskName::new(d).ok())
+                    .ok_or_else(|| format!("{d} is not a disk name"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let served = recoveries
+            .start(&key, machine, &disks, params["at"].as_u64())
+            .await?;
+        serde_json::to_value(served).map_err(|e| e.to_string())
+    };
     match kind {
-        "recovery-start" => {
-            let machine = params["machine"]
-                .as_str()
-                .ok_or("recovery-start names no machine")?;
-            let disks = params["disks"]
-                .as_array()
-                .ok_or("recovery-start names no disks")?
-                .iter()
-                .map(|d| {
-                    d.as_str()
-                        .and_then(|d| DiskName::new(d).ok())
-                        .ok_or_else(|| format!("{d} is not a disk name"))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let at = params["at"].as_u64();
-            let served = isolated.start(job, machine, &disks, at).await?;
-            serde_json::to_value(served).map_err(|e| e.to_string())
-        }
+        "recovery-start" => start(test_failover(job)).await,
         "recovery-stop" => {
-            isolated.stop(job).await?;
+            recoveries.stop(&test_failover(job)).await?;
             Ok(serde_json::json!({}))
         }
+        "failover-start" => start(failover(machine()?)).await,
         other => Err(format!(
             "this master target does not know command {other:?}: upgrade it"
         )),

@@ -20,9 +20,9 @@
 
 mod apply;
 mod digest;
-pub mod isolated;
 pub mod points;
 pub mod recover;
+pub mod recoveries;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -913,11 +913,13 @@ pub(crate) fn statuses(db: &Db, timeout: i64) -> Result<Vec<MachineStatus>, DbEr
         .map(|r| info(r, now, timeout))
         .collect();
     let alerts = db.active_alerts()?;
+    let failovers = db.failed_over()?;
     Ok(crate::status::all(&crate::status::Inputs {
         machines: &machines,
         protections: &protections,
         components: &components,
         alerts: &alerts,
+        failovers: &failovers,
         now_ms: now,
     }))
 }
@@ -1285,6 +1287,16 @@ async fn create_job(
         return Err(ApiError::bad_request(format!(
             "point {p:?} is not a sequence number: use one from `boomerang master-target points`, or latest"
         )));
+    }
+    if new.planned && new.kind != JobKind::Failover {
+        return Err(ApiError::bad_request(
+            "planned is for a failover only: leave it out",
+        ));
+    }
+    if new.planned && new.point.as_deref().is_some_and(|p| p != "latest") {
+        return Err(ApiError::bad_request(
+            "a planned failover goes to the machine's final mark: leave the point out, or fail over unplanned to a point",
+        ));
     }
     let machine = new.machine.clone();
     let known = db(&state, move |db| {

@@ -14,21 +14,26 @@
 //! idempotently (a command id seen again gets the same answer).
 //!
 //! Kinds so far: `test-failover` (serve the machine's disks at a point from its master
-//! target, isolated: writes go to scratch targets, replication goes on) and
-//! `test-failover-cleanup` (stop that and delete the scratch targets).
+//! target, isolated: writes go to scratch targets, replication goes on),
+//! `test-failover-cleanup` (stop that and delete the scratch targets), and `failover` (serve
+//! them from the master target's failover targets, hydrated into whole disks; planned: the
+//! agent stops the machine at a final mark first, and the job waits for that mark at the
+//! master target, so nothing is lost).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
+use crate::components::ComponentHealth;
 use crate::db::{Db, DbError};
-use crate::status::ProtectionState;
+use crate::status::{MachineStatus, ProtectionState};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum JobKind {
     TestFailover,
     TestFailoverCleanup,
+    Failover,
 }
 
 impl JobKind {
@@ -36,6 +41,7 @@ impl JobKind {
         match self {
             JobKind::TestFailover => "test-failover",
             JobKind::TestFailoverCleanup => "test-failover-cleanup",
+            JobKind::Failover => "failover",
         }
     }
 
@@ -43,6 +49,7 @@ impl JobKind {
         match s {
             "test-failover" => Some(JobKind::TestFailover),
             "test-failover-cleanup" => Some(JobKind::TestFailoverCleanup),
+            "failover" => Some(JobKind::Failover),
             _ => None,
         }
     }
@@ -52,6 +59,7 @@ impl JobKind {
         match self {
             JobKind::TestFailover => &["check", "start-recovery", "serve"],
             JobKind::TestFailoverCleanup => &["check", "stop-recovery", "clean"],
+            JobKind::Failover => &["check", "drain", "catch-up", "recover"],
         }
     }
 }
@@ -101,6 +109,11 @@ pub struct NewJob {
     #[serde(default)]
     #[schema(pattern = "^(latest|[0-9]{1,19})$")]
     pub point: Option<String>,
+    /// A failover that stops the machine first (through its agent) and fails over to its final
+    /// mark: nothing is lost. Without it (unplanned), the source may be gone, and the point is
+    /// `point`.
+    #[serde(default)]
+    pub planned: bool,
 }
 
 /// A job as stored.
@@ -201,6 +214,9 @@ impl Db {
         let mut data = Data::new();
         if let Some(p) = &new.point {
             data.insert("point".into(), json!(p));
+        }
+        if new.planned {
+            data.insert("planned".into(), json!(true));
         }
         let id = {
             let conn = self.conn();
@@ -331,6 +347,23 @@ impl Db {
             .ok_or_else(|| DbError::NotFound(format!("job {id} vanished")))
     }
 
+    /// The machines failed over, with what their last failover serves.
+    pub fn failed_over(&self) -> Result<Vec<(String, Value)>, DbError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT machine, result FROM jobs WHERE kind = 'failover' AND state = 'succeeded' ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out: Vec<(String, Value)> = Vec::new();
+        for row in rows {
+            let (machine, result) = row?;
+            let result = serde_json::from_str(&result).unwrap_or(Value::Null);
+            out.retain(|(m, _)| *m != machine);
+            out.push((machine, result));
+        }
+        Ok(out)
+    }
+
     /// The next command for `component` not answered yet (given again until it is).
     pub fn next_command(&self, component: &str) -> Result<Option<Command>, DbError> {
         use rusqlite::OptionalExtension;
@@ -423,6 +456,113 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// The status of `job`'s machine and its one master target, if the machine has recovery
+    /// points to fail over to; `None` when the job failed for want of them, or waits for the
+    /// master target's report (which may trail the process server's, up to a heartbeat
+    /// timeout).
+    fn source(&self, job: &Job) -> Result<Option<(MachineStatus, String)>, DbError> {
+        let id = job.id;
+        let statuses = crate::api::statuses(self.db, self.heartbeat_timeout_ms)?;
+        let Some(status) = statuses.into_iter().find(|s| s.name == job.machine) else {
+            self.fail(
+                id,
+                format!("machine {:?} is not in the inventory", job.machine),
+            )?;
+            return Ok(None);
+        };
+        if status.state == ProtectionState::FailedOver {
+            self.fail(
+                id,
+                format!(
+                    "machine {:?} is failed over already: reprotect it, or fail it back, first",
+                    job.machine
+                ),
+            )?;
+            return Ok(None);
+        }
+        let replicated = matches!(
+            status.state,
+            ProtectionState::Protected | ProtectionState::Resync
+        );
+        let has_points = status.disks.iter().any(|d| d.points > 0);
+        let young = crate::db::now() - job.created_unix_ms < self.heartbeat_timeout_ms;
+        if replicated && !has_points && young {
+            return Ok(None);
+        }
+        if !(replicated && has_points) {
+            self.fail(
+                id,
+                format!(
+                    "machine {:?} is not protected ({}): a {} needs recovery points; protect it and wait for its initial sync",
+                    job.machine,
+                    serde_json::to_value(status.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                    job.kind.as_str()
+                ),
+            )?;
+            return Ok(None);
+        }
+        let mt = match status.master_targets.as_slice() {
+            [mt] => mt.clone(),
+            many => {
+                self.fail(
+                    id,
+                    format!(
+                        "machine {:?} has replicas at {} master targets ({}): a {} needs exactly one",
+                        job.machine,
+                        many.len(),
+                        many.join(", "),
+                        job.kind.as_str()
+                    ),
+                )?;
+                return Ok(None);
+            }
+        };
+        Ok(Some((status, mt)))
+    }
+
+    /// Ends `job` with the answer to its last command, once there is one: succeeded with the
+    /// answer's result (and the master target), or failed with its reason.
+    fn finish(
+        &self,
+        job: &Job,
+        data: &Data,
+        done: impl FnOnce(&Value) -> String,
+        could_not: &str,
+    ) -> Result<(), DbError> {
+        let Some(answer) = self.db.command_answer(job.id)? else {
+            return Ok(());
+        };
+        let mt = data
+            .get("master_target")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string();
+        if answer["ok"] == true {
+            let mut result = answer["result"].clone();
+            if let Value::Object(o) = &mut result {
+                o.insert("master_target".into(), json!(mt));
+                if let Some(planned) = data.get("planned") {
+                    o.insert("planned".into(), planned.clone());
+                }
+            }
+            let message = done(&result);
+            self.db
+                .end_job(job.id, JobState::Succeeded, &message, &result)?;
+            Ok(())
+        } else {
+            self.fail(
+                job.id,
+                format!(
+                    "master target {mt:?} could not {could_not}: {}",
+                    answer["error"].as_str().unwrap_or("no reason given")
+                ),
+            )
+        }
+    }
+
     fn step(&self, row: Row) -> Result<(), DbError> {
         let Row {
             job,
@@ -430,114 +570,115 @@ impl Engine<'_> {
             mut data,
         } = row;
         let id = job.id;
+        let machine = job.machine.clone();
         match (job.kind, step) {
-            (JobKind::TestFailover, 0) => {
-                let statuses = crate::api::statuses(self.db, self.heartbeat_timeout_ms)?;
-                let Some(status) = statuses.into_iter().find(|s| s.name == job.machine) else {
-                    return self.fail(
-                        id,
-                        format!("machine {:?} is not in the inventory", job.machine),
-                    );
-                };
-                let replicated = matches!(
-                    status.state,
-                    ProtectionState::Protected | ProtectionState::Resync
-                );
-                let has_points = status.disks.iter().any(|d| d.points > 0);
-                // The master target's report may trail the process server's: wait for it, up
-                // to a heartbeat timeout.
-                let young = crate::db::now() - job.created_unix_ms < self.heartbeat_timeout_ms;
-                if replicated && !has_points && young {
+            (JobKind::TestFailover | JobKind::Failover, 0) => {
+                let Some((status, mt)) = self.source(&job)? else {
                     return Ok(());
-                }
-                if !(replicated && has_points) {
-                    return self.fail(
-                        id,
-                        format!(
-                            "machine {:?} is not protected ({}): a test failover needs recovery points; protect it and wait for its initial sync",
-                            job.machine,
-                            serde_json::to_value(status.state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
-                        ),
-                    );
-                }
-                let [mt] = status.master_targets.as_slice() else {
-                    return self.fail(
-                        id,
-                        format!(
-                            "machine {:?} has replicas at {} master targets ({}): a test failover needs exactly one",
-                            job.machine,
-                            status.master_targets.len(),
-                            status.master_targets.join(", ")
-                        ),
-                    );
                 };
-                let point = match data.get("point").and_then(Value::as_str) {
-                    None | Some("latest") => Value::Null,
-                    Some(p) => match p.parse::<u64>() {
-                        Ok(seq) => json!(seq),
-                        Err(_) => {
-                            return self.fail(
-                                id,
-                                format!("point {p:?} is not a sequence number: use one from `boomerang master-target points`, or latest"),
-                            );
-                        }
-                    },
+                let point = match point(&data) {
+                    Ok(p) => p,
+                    Err(why) => return self.fail(id, why),
                 };
                 let disks: Vec<String> = status.disks.iter().map(|d| d.name.clone()).collect();
                 data.insert("master_target".into(), json!(mt));
-                let params =
-                    json!({"job": id, "machine": job.machine, "disks": disks, "at": point});
+                data.insert("disks".into(), json!(disks));
+                let start = |kind: &str, at: &Value| {
+                    (
+                        mt.clone(),
+                        kind.to_string(),
+                        json!({"job": id, "machine": machine, "disks": disks, "at": at}),
+                    )
+                };
+                let planned = data.get("planned") == Some(&json!(true));
+                let (to, (component, kind, params)) = match job.kind {
+                    JobKind::TestFailover => (2, start("recovery-start", &point)),
+                    // The source stops first: its final mark is the point, nothing is lost.
+                    JobKind::Failover if planned => {
+                        if status.agent_health != Some(ComponentHealth::Healthy) {
+                            return self.fail(
+                                id,
+                                format!(
+                                    "the agent of {machine:?} is not healthy: a planned failover stops the machine through it; start it, or fail over unplanned to a point"
+                                ),
+                            );
+                        }
+                        (1, (machine.clone(), "drain".to_string(), json!({"job": id})))
+                    }
+                    _ => (3, start("failover-start", &point)),
+                };
                 self.db
-                    .advance(id, 0, 1, &data, Some((mt, "recovery-start", params)))?;
-                // The command is given: the next step waits for its answer.
-                let _ = self.db.advance(id, 1, 2, &data, None)?;
+                    .advance(id, 0, to, &data, Some((&component, &kind, params)))?;
             }
-            (JobKind::TestFailover, 1) => {
-                // Only reached after a crash between the two updates above: the command exists.
-                self.db.advance(id, 1, 2, &data, None)?;
-            }
-            (JobKind::TestFailover | JobKind::TestFailoverCleanup, 2) => {
+            (JobKind::TestFailover, 2) => self.finish(
+                &job,
+                &data,
+                |r| {
+                    format!(
+                        "the disks of {machine:?} are served at {} by master target {}, isolated: writes go to scratch targets, replication goes on; run test-failover-cleanup when done",
+                        r["address"].as_str().unwrap_or("?"),
+                        r["master_target"]
+                    )
+                },
+                "serve the disks",
+            )?,
+            (JobKind::Failover, 1) => {
                 let Some(answer) = self.db.command_answer(id)? else {
                     return Ok(());
                 };
-                let mt = data
-                    .get("master_target")
-                    .and_then(Value::as_str)
-                    .unwrap_or("?")
-                    .to_string();
-                if answer["ok"] == true {
-                    let mut result = answer["result"].clone();
-                    if let Value::Object(o) = &mut result {
-                        o.insert("master_target".into(), json!(mt));
-                    }
-                    let message = match job.kind {
-                        JobKind::TestFailover => format!(
-                            "the disks of {:?} are served at {} by master target {mt:?}, isolated: writes go to scratch targets, replication goes on; run test-failover-cleanup when done",
-                            job.machine,
-                            answer["result"]["address"].as_str().unwrap_or("?")
-                        ),
-                        JobKind::TestFailoverCleanup => format!(
-                            "the test failover of {:?} is stopped and its scratch targets deleted",
-                            job.machine
-                        ),
-                    };
-                    self.db
-                        .end_job(id, JobState::Succeeded, &message, &result)?;
-                } else {
-                    self.fail(
+                let Some(seq) = answer["result"]["seq"].as_u64().filter(|_| answer["ok"] == true)
+                else {
+                    return self.fail(
                         id,
                         format!(
-                            "master target {mt:?} could not {}: {}",
-                            if job.kind == JobKind::TestFailover {
-                                "serve the disks"
-                            } else {
-                                "stop the test failover"
-                            },
+                            "the agent of {machine:?} could not stop the machine for a planned failover: {}",
                             answer["error"].as_str().unwrap_or("no reason given")
                         ),
-                    )?;
+                    );
+                };
+                data.insert("final_seq".into(), json!(seq));
+                self.db.advance(id, 1, 2, &data, None)?;
+            }
+            (JobKind::Failover, 2) => {
+                // Until the final mark is durable at the master target.
+                let final_seq = data.get("final_seq").and_then(Value::as_u64).unwrap_or(0);
+                let statuses = crate::api::statuses(self.db, self.heartbeat_timeout_ms)?;
+                // Listed as a point at the master target, for every disk.
+                let arrived = statuses.iter().find(|s| s.name == machine).is_some_and(|s| {
+                    !s.disks.is_empty()
+                        && s.disks
+                            .iter()
+                            .all(|d| d.latest_point_seq.is_some_and(|seq| seq >= final_seq))
+                });
+                if arrived {
+                    let mt = data
+                        .get("master_target")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    let params = json!({"job": id, "machine": machine, "disks": data.get("disks"), "at": final_seq});
+                    self.db
+                        .advance(id, 2, 3, &data, Some((&mt, "failover-start", params)))?;
                 }
             }
+            (JobKind::Failover, 3) => self.finish(
+                &job,
+                &data,
+                |r| {
+                    format!(
+                        "machine {machine:?} is failed over: its disks are served at {} by master target {} at seq {}{}, and copied into whole disks there",
+                        r["address"].as_str().unwrap_or("?"),
+                        r["master_target"],
+                        r["seq"],
+                        if r["planned"] == true {
+                            " (its final mark: nothing was lost)"
+                        } else {
+                            ""
+                        }
+                    )
+                },
+                "serve the disks",
+            )?,
             (JobKind::TestFailoverCleanup, 0) => {
                 // The last test failover of the machine that succeeded.
                 let tests: Vec<Job> = self
@@ -545,7 +686,7 @@ impl Engine<'_> {
                     .list_jobs(0, u32::MAX)?
                     .into_iter()
                     .filter(|j| {
-                        j.machine == job.machine
+                        j.machine == machine
                             && j.id < id
                             && matches!(
                                 j.kind,
@@ -557,7 +698,7 @@ impl Engine<'_> {
                 let Some(last) = tests.last().filter(|j| j.kind == JobKind::TestFailover) else {
                     return self.fail(
                         id,
-                        format!("machine {:?} has no test failover to clean up", job.machine),
+                        format!("machine {machine:?} has no test failover to clean up"),
                     );
                 };
                 let mt = last
@@ -570,12 +711,14 @@ impl Engine<'_> {
                 data.insert("test".into(), json!(last.id));
                 let params = json!({"job": last.id});
                 self.db
-                    .advance(id, 0, 1, &data, Some((&mt, "recovery-stop", params)))?;
-                let _ = self.db.advance(id, 1, 2, &data, None)?;
+                    .advance(id, 0, 2, &data, Some((&mt, "recovery-stop", params)))?;
             }
-            (JobKind::TestFailoverCleanup, 1) => {
-                self.db.advance(id, 1, 2, &data, None)?;
-            }
+            (JobKind::TestFailoverCleanup, 2) => self.finish(
+                &job,
+                &data,
+                |_| format!("the test failover of {machine:?} is stopped and its scratch targets deleted"),
+                "stop the test failover",
+            )?,
             (_, step) => {
                 self.fail(
                     id,
@@ -584,6 +727,18 @@ impl Engine<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// The point a job asks for: a sequence number, or null for the latest.
+fn point(data: &Data) -> Result<Value, String> {
+    match data.get("point").and_then(Value::as_str) {
+        None | Some("latest") => Ok(Value::Null),
+        Some(p) => p.parse::<u64>().map(|seq| json!(seq)).map_err(|_| {
+            format!(
+                "point {p:?} is not a sequence number: use one from `boomerang master-target points`, or latest"
+            )
+        }),
     }
 }
 

@@ -35,6 +35,8 @@ pub enum ProtectionState {
     Resync,
     /// Every disk is whole at the master target, and changes flow.
     Protected,
+    /// Failed over: the machine's disks are served at the recovery site.
+    FailedOver,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, ToSchema)]
@@ -62,6 +64,9 @@ pub struct DiskStatus {
     /// When the newest one's mark was made (milliseconds since 1970).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latest_point_unix_ms: Option<i64>,
+    /// The newest one's position in the machine's log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest_point_seq: Option<u64>,
 }
 
 /// A machine's protection now.
@@ -89,9 +94,18 @@ pub struct MachineStatus {
     /// When the newest recovery point's mark was made (milliseconds since 1970).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latest_point_unix_ms: Option<i64>,
+    /// The newest consistency mark durable at the master target: its position in the log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest_point_seq: Option<u64>,
     /// The components that report about it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_health: Option<ComponentHealth>,
+    /// Where a failover serves its disks (the failover job's result), when failed over.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub failover: Option<serde_json::Value>,
     pub process_servers: Vec<String>,
     pub master_targets: Vec<String>,
     pub disks: Vec<DiskStatus>,
@@ -105,6 +119,8 @@ pub struct Inputs<'a> {
     pub components: &'a [ComponentInfo],
     /// Active alerts.
     pub alerts: &'a [Alert],
+    /// The machines failed over, with what their failover serves.
+    pub failovers: &'a [(String, serde_json::Value)],
     pub now_ms: i64,
 }
 
@@ -206,12 +222,20 @@ pub fn of(id: i64, machine: &Machine, inputs: &Inputs<'_>) -> MachineStatus {
                 }),
                 points: of_disk.iter().map(|r| r.points).max().unwrap_or(0),
                 latest_point_unix_ms: of_disk.iter().filter_map(|r| r.latest_point_unix_ms).max(),
+                latest_point_seq: of_disk.iter().filter_map(|r| r.latest_point_seq).max(),
             }
         })
         .collect();
 
     let whole = last_mark.is_some_and(|(seq, _)| seq > synced_through);
-    let state = if disks.is_empty() {
+    let failover = inputs
+        .failovers
+        .iter()
+        .find(|(m, _)| m == name)
+        .map(|(_, r)| r.clone());
+    let state = if failover.is_some() {
+        ProtectionState::FailedOver
+    } else if disks.is_empty() {
         ProtectionState::Unprotected
     } else if disks.iter().any(|d| d.sync == DiskSync::InitialSync) {
         ProtectionState::InitialSync
@@ -230,6 +254,8 @@ pub fn of(id: i64, machine: &Machine, inputs: &Inputs<'_>) -> MachineStatus {
     let rpo_seconds = latest_point_unix_ms.map(|t| (inputs.now_ms - t).max(0) as f64 / 1000.0);
 
     match agent {
+        // Failed over: the source's agent is expected to be stopped or gone.
+        _ if failover.is_some() => {}
         None if protection.is_some() => worse(
             StatusHealth::Warning,
             format!(
@@ -285,7 +311,10 @@ pub fn of(id: i64, machine: &Machine, inputs: &Inputs<'_>) -> MachineStatus {
         rpo_seconds,
         backlog_bytes: backlog,
         latest_point_unix_ms,
+        latest_point_seq: last_mark.map(|(seq, _)| seq),
         agent: agent.map(|a| a.name.clone()),
+        agent_health: agent.map(|a| a.health),
+        failover,
         process_servers,
         master_targets,
         disks,

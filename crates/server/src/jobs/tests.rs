@@ -104,6 +104,7 @@ fn new(kind: JobKind, point: Option<&str>) -> NewJob {
         kind,
         machine: "app01".into(),
         point: point.map(str::to_string),
+        planned: false,
     }
 }
 
@@ -285,4 +286,131 @@ fn a_test_failover_waits_for_the_master_targets_report_when_the_process_server_s
     .unwrap();
     let failed = db.get_job(job.id).unwrap().unwrap();
     assert_eq!(failed.state, JobState::Failed, "{failed:?}");
+}
+
+/// mt1's report of d0 of app01: its newest point at `seq`.
+fn mt_point(db: &Db, seq: u64) {
+    db.heartbeat(
+        "mt1",
+        &Heartbeat {
+            healthy: true,
+            version: "0".into(),
+            replicas: Some(vec![ReplicaReport {
+                machine: "app01".into(),
+                disk: "d0".into(),
+                points: 3,
+                latest_point_seq: Some(seq),
+                latest_point_unix_ms: Some(crate::db::now()),
+            }]),
+            ..Heartbeat::default()
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_planned_failover_stops_the_machine_waits_for_its_final_mark_and_serves_it() {
+    let (_dir, db) = db();
+    protect(&db);
+    let job = db
+        .create_job(
+            &NewJob {
+                planned: true,
+                ..new(JobKind::Failover, None)
+            },
+            "ops",
+        )
+        .unwrap();
+    engine(&db).step_all().unwrap();
+    assert_eq!(db.get_job(job.id).unwrap().unwrap().step, "drain");
+    // The agent stops the machine at its final mark, 12.
+    let drain = answer(&db, "app01", true, json!({"seq": 12}));
+    assert_eq!(drain.kind, "drain");
+    engine(&db).step_all().unwrap();
+    assert_eq!(db.get_job(job.id).unwrap().unwrap().step, "catch-up");
+    // Not at the master target yet (its newest point is 9): the job waits.
+    engine(&db).step_all().unwrap();
+    assert_eq!(db.get_job(job.id).unwrap().unwrap().step, "catch-up");
+    assert!(db.next_command("mt1").unwrap().is_none());
+    mt_point(&db, 12);
+    engine(&db).step_all().unwrap();
+    assert_eq!(db.get_job(job.id).unwrap().unwrap().step, "recover");
+    let start = answer(
+        &db,
+        "mt1",
+        true,
+        json!({"address": "127.0.0.1:10811", "exports": ["d0"], "seq": 12}),
+    );
+    assert_eq!(start.kind, "failover-start");
+    assert_eq!(
+        start.params["at"], 12,
+        "the final mark, nothing later or earlier"
+    );
+    engine(&db).step_all().unwrap();
+    let done = db.get_job(job.id).unwrap().unwrap();
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    assert!(done.message.unwrap().contains("nothing was lost"));
+    // The machine is failed over now: its status says so, and it cannot fail over again.
+    let status = crate::api::statuses(&db, 60_000)
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "app01")
+        .unwrap();
+    assert_eq!(status.state, ProtectionState::FailedOver);
+    assert_eq!(status.failover.unwrap()["address"], "127.0.0.1:10811");
+    let again = db.create_job(&new(JobKind::Failover, None), "ops").unwrap();
+    engine(&db).step_all().unwrap();
+    let again = db.get_job(again.id).unwrap().unwrap();
+    assert_eq!(again.state, JobState::Failed);
+    assert!(again.message.unwrap().contains("failed over already"));
+}
+
+#[test]
+fn an_unplanned_failover_goes_to_the_point_asked_for_without_the_agent() {
+    let (_dir, db) = db();
+    protect(&db);
+    let job = db
+        .create_job(&new(JobKind::Failover, Some("7")), "ops")
+        .unwrap();
+    engine(&db).step_all().unwrap();
+    assert_eq!(db.get_job(job.id).unwrap().unwrap().step, "recover");
+    assert!(
+        db.next_command("app01").unwrap().is_none(),
+        "the agent is not asked"
+    );
+    let start = answer(&db, "mt1", true, json!({"address": "a", "seq": 7}));
+    assert_eq!(start.params["at"], 7);
+    engine(&db).step_all().unwrap();
+    assert_eq!(
+        db.get_job(job.id).unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+}
+
+#[test]
+fn a_planned_failover_needs_a_healthy_agent_and_an_agent_that_cannot_drain_fails_it() {
+    let (_dir, db) = db();
+    protect(&db);
+    let planned = NewJob {
+        planned: true,
+        ..new(JobKind::Failover, None)
+    };
+    let job = db.create_job(&planned, "ops").unwrap();
+    engine(&db).step_all().unwrap();
+    answer(&db, "app01", false, Value::Null);
+    engine(&db).step_all().unwrap();
+    let failed = db.get_job(job.id).unwrap().unwrap();
+    assert_eq!(failed.state, JobState::Failed);
+    assert!(failed.message.unwrap().contains("the disk is gone"));
+    // A silent agent: refused before anything is asked of it.
+    let job = db.create_job(&planned, "ops").unwrap();
+    Engine {
+        db: &db,
+        heartbeat_timeout_ms: -1,
+    }
+    .step_all()
+    .unwrap();
+    let failed = db.get_job(job.id).unwrap().unwrap();
+    assert_eq!(failed.state, JobState::Failed, "{failed:?}");
+    assert!(failed.message.unwrap().contains("not healthy"));
 }

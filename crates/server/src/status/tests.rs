@@ -133,6 +133,7 @@ fn status(
         protections,
         components,
         alerts,
+        failovers: &[],
         now_ms: NOW,
     })
     .remove(0)

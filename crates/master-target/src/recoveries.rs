@@ -1,12 +1,16 @@
-//! Test failovers (DESIGN 1): a machine's disks served at one recovery point, isolated: each
-//! disk is an instant recovery ([`crate::recover`]) into a scratch target under
-//! `RETENTION/test-failovers/job-<id>/`, so the machine's writes never reach its replicas, and
-//! replication goes on meanwhile. All disks are served at the same point (one log position:
-//! the machine's disks stay consistent with each other) by one NBD server, an export per disk.
+//! Disks served at a recovery point, for test failovers and failovers: a machine's disks,
+//! each an instant recovery ([`crate::recover`]) into a target under the retention volume,
+//! all at the same point (one log position: the machine's disks stay consistent with each
+//! other), served by one NBD server with an export per disk.
 //!
-//! The configuration server's job gives the commands; each is idempotent: starting a test
-//! failover that runs answers with what it serves, and stopping one that does not run removes
-//! what is left of it.
+//! - A test failover (`test-failovers/job-<id>/`) is isolated: the machine's writes go to
+//!   scratch targets, never to its replicas, and replication goes on meanwhile.
+//! - A failover (`failovers/<machine>/`) is the machine's disks from then on: its targets
+//!   are hydrated into whole disks.
+//!
+//! The configuration server's jobs give the commands; each is idempotent: starting what runs
+//! answers with what it serves (and a target left by a restart resumes), and stopping what
+//! does not run removes what is left of it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,27 +41,36 @@ struct Running {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// The test failovers of one master target.
-pub struct Isolated {
+/// The recoveries one master target serves, by key: the directory of their targets under the
+/// retention volume.
+pub struct Recoveries {
     retention: PathBuf,
     /// Where their NBD servers listen (a port of 0: any free one).
     listen: ListenAddr,
-    running: tokio::sync::Mutex<HashMap<i64, Running>>,
+    running: tokio::sync::Mutex<HashMap<String, Running>>,
 }
 
-impl Isolated {
+/// The key of the test failover of job `job`.
+pub fn test_failover(job: i64) -> String {
+    format!("test-failovers/job-{job}")
+}
+
+/// The key of the failover of `machine`.
+pub fn failover(machine: &str) -> String {
+    format!("failovers/{machine}")
+}
+
+impl Recoveries {
     pub fn new(retention: &Path, listen: ListenAddr) -> Self {
-        Isolated {
+        Recoveries {
             retention: retention.to_path_buf(),
             listen,
             running: Default::default(),
         }
     }
 
-    fn dir(&self, job: i64) -> PathBuf {
-        self.retention
-            .join("test-failovers")
-            .join(format!("job-{job}"))
+    fn dir(&self, key: &str) -> PathBuf {
+        self.retention.join(key)
     }
 
     /// The newest point every disk of `machine` lists.
@@ -80,16 +93,16 @@ impl Isolated {
             .ok_or_else(|| format!("the disks of {machine} have no recovery point in common yet"))
     }
 
-    /// Serves `disks` of `machine` at point `at` (the latest all list, when none) for `job`.
+    /// Serves `disks` of `machine` at point `at` (the latest all list, when none), as `key`.
     pub async fn start(
         &self,
-        job: i64,
+        key: &str,
         machine: &str,
         disks: &[DiskName],
         at: Option<u64>,
     ) -> Result<Served, String> {
         let mut running = self.running.lock().await;
-        if let Some(r) = running.get(&job) {
+        if let Some(r) = running.get(key) {
             return Ok(r.served.clone());
         }
         if disks.is_empty() {
@@ -99,7 +112,7 @@ impl Isolated {
             Some(s) => s,
             None => self.latest_common(machine, disks).await?,
         };
-        let dir = self.dir(job);
+        let dir = self.dir(key);
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("could not create {}: {e}", dir.display()))?;
         let mut exports = Vec::new();
@@ -118,7 +131,7 @@ impl Isolated {
                 .map_err(|e| boomerang_core::chain(&e))?;
             exports.push(Export {
                 name: disk.to_string(),
-                description: format!("disk {disk} of {machine} at seq {seq} (test failover)"),
+                description: format!("disk {disk} of {machine} at seq {seq} ({key})"),
                 device: recovery.clone(),
                 read_only: false,
             });
@@ -143,14 +156,14 @@ impl Isolated {
                 let stop = stop_copying.clone();
                 std::thread::spawn(move || {
                     if let Err(e) = r.hydrate(None, stop) {
-                        tracing::warn!(target = %r.target().display(), error = %e, "a test failover's copy stopped");
+                        tracing::warn!(target = %r.target().display(), error = %e, "a recovery's copy stopped");
                     }
                 })
             })
             .collect();
-        tracing::warn!(job, machine, address = %served.address, seq, "test failover: disks served");
+        tracing::warn!(key, machine, address = %served.address, seq, "disks served at a recovery point");
         running.insert(
-            job,
+            key.to_string(),
             Running {
                 served: served.clone(),
                 stop_serving,
@@ -161,9 +174,9 @@ impl Isolated {
         Ok(served)
     }
 
-    /// Stops the test failover of `job` and deletes its scratch targets.
-    pub async fn stop(&self, job: i64) -> Result<(), String> {
-        let gone = self.running.lock().await.remove(&job);
+    /// Stops serving `key` and deletes its targets.
+    pub async fn stop(&self, key: &str) -> Result<(), String> {
+        let gone = self.running.lock().await.remove(key);
         if let Some(r) = gone {
             let _ = r.stop_serving.send(true);
             r.stop_copying.store(true, Ordering::Relaxed);
@@ -175,7 +188,7 @@ impl Isolated {
             })
             .await;
         }
-        let dir = self.dir(job);
+        let dir = self.dir(key);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
