@@ -527,19 +527,57 @@ pub struct TestFailoverArgs {
 /// `boomerang test-failover`: asks for the job and follows it to its end (exit 0 when it
 /// succeeded, 3 otherwise).
 pub async fn test_failover(args: TestFailoverArgs, output: Output) -> anyhow::Result<i32> {
-    let api = Api::new(&args.connection)?;
     let body = if args.cleanup {
         json!({"kind": "test-failover-cleanup", "machine": args.machine})
     } else {
         json!({"kind": "test-failover", "machine": args.machine, "point": args.at})
     };
+    run_job(&args.connection, body, args.no_wait, output).await
+}
+
+#[derive(Args, Debug)]
+pub struct FailoverArgs {
+    /// The machine.
+    machine: String,
+    /// Stop the machine first (through its agent) and fail over to its final mark: nothing
+    /// is lost. Without it, the source may be gone and the point is --at.
+    #[arg(long, conflicts_with = "at")]
+    planned: bool,
+    /// The recovery point of an unplanned failover: a sequence number, or latest.
+    #[arg(long)]
+    at: Option<String>,
+    /// Return once the job is asked for, without waiting for it to end.
+    #[arg(long)]
+    no_wait: bool,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// `boomerang failover`: asks for the job and follows it to its end.
+pub async fn failover(args: FailoverArgs, output: Output) -> anyhow::Result<i32> {
+    let mut body = json!({"kind": "failover", "machine": args.machine, "planned": args.planned});
+    if let Some(at) = &args.at {
+        body["point"] = json!(at);
+    }
+    run_job(&args.connection, body, args.no_wait, output).await
+}
+
+/// Asks for the job `body` describes and, unless `no_wait`, follows it to its end, showing
+/// its steps (exit 0 when it succeeded, 3 otherwise).
+async fn run_job(
+    connection: &Connection,
+    body: Value,
+    no_wait: bool,
+    output: Output,
+) -> anyhow::Result<i32> {
+    let api = Api::new(connection)?;
     let mut job = api
         .call(reqwest::Method::POST, "/api/jobs", Some(body))
         .await?;
     let id = job["id"]
         .as_i64()
         .context("the server's answer names no job")?;
-    if !args.no_wait {
+    if !no_wait {
         let mut step = String::new();
         while job["state"] == "running" {
             if output != Output::Json && job["step"].as_str() != Some(step.as_str()) {
@@ -551,7 +589,7 @@ pub async fn test_failover(args: TestFailoverArgs, output: Output) -> anyhow::Re
         }
     }
     print_job(&job, output)?;
-    Ok(if args.no_wait { 0 } else { job_code(&job) })
+    Ok(if no_wait { 0 } else { job_code(&job) })
 }
 
 #[derive(Args, Debug)]

@@ -48,6 +48,8 @@ enum Command {
     Status(client::StatusArgs),
     /// Serve a machine's disks at a point, isolated (its replication goes on); --cleanup ends it.
     TestFailover(client::TestFailoverArgs),
+    /// Fail a machine over to its recovery site: --planned stops it first and loses nothing.
+    Failover(client::FailoverArgs),
     /// The configuration server's jobs.
     #[command(subcommand)]
     Job(client::JobCommand),
@@ -103,6 +105,7 @@ fn main() {
             Command::Status(args) => client::status(args, cli.output).await,
             Command::TestFailover(args) => client::test_failover(args, cli.output).await,
             Command::Job(cmd) => client::job(cmd, cli.output).await,
+            Command::Failover(args) => client::failover(args, cli.output).await,
             Command::Machine(cmd) => client::machine(cmd, cli.output).await,
             Command::Site(cmd) => client::site(cmd, cli.output).await,
             Command::Policy(cmd) => client::policy(cmd, cli.output).await,

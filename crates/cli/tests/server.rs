@@ -1884,3 +1884,79 @@ fn a_test_failover_serves_the_disks_at_a_point_isolated_and_its_cleanup_removes_
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ended"));
 }
+
+#[test]
+fn a_planned_failover_stops_the_source_and_serves_its_disks_with_nothing_lost() {
+    if !have("curl") || !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r = Replicating::start(d);
+    wait_for("app01 never became protected", 60, || {
+        let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+        (s["state"] == "protected").then_some(s)
+    });
+    // The machine writes until the very moment of the failover.
+    let mut client = boomerang_testkit::RawNbd::connect(&r.agent.addr, "d0").unwrap();
+    for i in 0..64u64 {
+        let block = vec![(i % 251) as u8 + 1; 4096];
+        assert_eq!(client.write(i + 1, i * 40960, &block).unwrap(), 0);
+    }
+    let out = r.cli(&["failover", "app01", "--planned", "--output", "json"]);
+    let job = json_out(&out);
+    assert_eq!(out.status.code(), Some(0), "{job}");
+    let result = &job["result"];
+    assert_eq!(result["planned"], true, "{job}");
+    let address = result["address"].as_str().unwrap();
+    // The source takes no more writes: it cannot diverge from its failed-over copy.
+    assert_ne!(client.write(100, 0, &[0xaa; 4096]).unwrap(), 0);
+    let source = std::fs::read(d.join("disk.img")).unwrap();
+    assert_eq!(
+        source[..4096],
+        [1; 4096],
+        "the refused write did not reach the disk"
+    );
+    // The failed-over disk is the source as it stopped: every acknowledged write is there.
+    let url = format!("nbd://{address}/d0");
+    let served = d.join("served.img");
+    boomerang_testkit::run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &url,
+            served.to_str().unwrap(),
+        ],
+    );
+    assert!(std::fs::read(&served).unwrap() == source, "nothing lost");
+    // The machine runs there now; its disk is hydrated into a whole disk at the master target.
+    boomerang_testkit::run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0xfe 4096 4096", &url],
+    );
+    let target = d.join("retention/failovers/app01/d0.img");
+    let state = format!("{}.recovery", target.display());
+    wait_for("the failed-over disk was never hydrated", 30, || {
+        let s: Value = serde_json::from_slice(&std::fs::read(&state).ok()?).ok()?;
+        (s["hydrated"] == true).then_some(s)
+    });
+    let mut want = source.clone();
+    want[4096..8192].fill(0xfe);
+    assert!(std::fs::read(&target).unwrap() == want);
+    let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+    assert_eq!(status["state"], "failed-over", "{status}");
+    assert_eq!(status["failover"]["address"], address);
+    // Once failed over, not again.
+    let out = r.cli(&["failover", "app01", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        json_out(&out)["message"]
+            .as_str()
+            .unwrap()
+            .contains("failed over already")
+    );
+}
