@@ -555,10 +555,12 @@ pub struct FailoverArgs {
 
 /// `boomerang failover`: asks for the job and follows it to its end.
 pub async fn failover(args: FailoverArgs, output: Output) -> anyhow::Result<i32> {
-    let mut body = json!({"kind": "failover", "machine": args.machine, "planned": args.planned});
-    if let Some(at) = &args.at {
-        body["point"] = json!(at);
-    }
+    let point = if args.planned {
+        "final".to_string()
+    } else {
+        args.at.unwrap_or_else(|| "latest".into())
+    };
+    let body = json!({"kind": "failover", "machine": args.machine, "point": point});
     run_job(&args.connection, body, args.no_wait, output).await
 }
 

@@ -27,7 +27,7 @@ use crate::components::{DiskReport, DiskSync, ReplicaReport, StreamReport};
 use crate::db::{AuditEntry, CreatedToken, Db, DbError, Group, Protection, TokenInfo};
 use crate::inventory::{Datastore, Host, InventorySource, Machine, MachineSource, Site};
 use crate::inventory::{MasterTarget, ProcessServer};
-use crate::jobs::{Command, CommandResult, Job, JobKind, JobState, NewJob};
+use crate::jobs::{Command, CommandResult, Job, JobKind, JobRequest, JobState};
 use crate::policy::{NewPolicy, Policy, PolicySettings};
 use crate::preflight::{Check, Purpose, Report, Severity};
 use crate::status::{DiskStatus, MachineStatus, ProtectionState, StatusHealth};
@@ -1269,7 +1269,7 @@ fn parse_id(what: &str, id: &str) -> Result<i64, ApiError> {
 
 /// Asks for a job (operator): 202, and the job, which runs in the background; follow it
 /// with GET /api/jobs/{id}.
-#[utoipa::path(post, path = "/api/jobs", tag = "jobs", request_body = NewJob,
+#[utoipa::path(post, path = "/api/jobs", tag = "jobs", request_body = JobRequest,
     responses((status = 202, body = Job), (status = 400, body = ApiError),
         (status = 401, body = ApiError), (status = 403, body = ApiError),
         (status = 404, body = ApiError)),
@@ -1277,27 +1277,10 @@ fn parse_id(what: &str, id: &str) -> Result<i64, ApiError> {
 async fn create_job(
     State(state): State<Arc<AppState>>,
     axum::Extension(caller): axum::Extension<crate::auth::Caller>,
-    Body(new): Body<NewJob>,
+    Body(request): Body<JobRequest>,
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
-    check_name("machine", &new.machine)?;
-    if let Some(p) = &new.point
-        && p != "latest"
-        && p.parse::<u64>().is_err()
-    {
-        return Err(ApiError::bad_request(format!(
-            "point {p:?} is not a sequence number: use one from `boomerang master-target points`, or latest"
-        )));
-    }
-    if new.planned && new.kind != JobKind::Failover {
-        return Err(ApiError::bad_request(
-            "planned is for a failover only: leave it out",
-        ));
-    }
-    if new.planned && new.point.as_deref().is_some_and(|p| p != "latest") {
-        return Err(ApiError::bad_request(
-            "a planned failover goes to the machine's final mark: leave the point out, or fail over unplanned to a point",
-        ));
-    }
+    check_name("machine", request.machine())?;
+    let new = request.into_new().map_err(ApiError::bad_request)?;
     let machine = new.machine.clone();
     let known = db(&state, move |db| {
         db.get_inventory::<Machine>("machine", &machine)
@@ -1463,6 +1446,28 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Marks the variants of the tagged request bodies closed (`additionalProperties: false`),
+/// as their `deny_unknown_fields` makes them: utoipa does so for structs, not for variants.
+struct ClosedVariants;
+
+impl utoipa::Modify for ClosedVariants {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::RefOr;
+        use utoipa::openapi::schema::{AdditionalProperties, Schema};
+        let Some(components) = doc.components.as_mut() else {
+            return;
+        };
+        if let Some(RefOr::T(Schema::OneOf(one_of))) = components.schemas.get_mut("JobRequest") {
+            for item in &mut one_of.items {
+                if let RefOr::T(Schema::Object(object)) = item {
+                    object.additional_properties =
+                        Some(Box::new(AdditionalProperties::FreeForm(false)));
+                }
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Boomerang configuration server", description = "The control plane of Boomerang, a disaster-recovery system."),
@@ -1477,9 +1482,9 @@ impl utoipa::Modify for BearerAuth {
         CreatedPolicy, Report, Check, Purpose, Severity, MasterTarget, ProcessServer,
         NewComponent, Enrollment, EnrollRequest, Enrolled, Heartbeat, ComponentInfo, ComponentHealth,
         Alert, Group, NewGroup, DiskReport, DiskSync, StreamReport, ReplicaReport, MachineSource,
-        MachineStatus, DiskStatus, ProtectionState, StatusHealth, SetPolicy, Protection, NewJob,
+        MachineStatus, DiskStatus, ProtectionState, StatusHealth, SetPolicy, Protection, JobRequest,
         Job, JobKind, JobState, Command, CommandResult)),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &ClosedVariants)
 )]
 pub struct ApiDoc;
 

@@ -93,26 +93,113 @@ impl JobState {
     }
 }
 
-/// A job to run.
+/// A job to run (what the API takes, by kind).
 #[derive(Clone, Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum JobRequest {
+    /// Serve the machine's disks at a point, isolated (writes go to scratch disks).
+    TestFailover {
+        #[schema(
+            pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            min_length = 1,
+            max_length = 63
+        )]
+        machine: String,
+        /// A sequence number (`master-target points`), or `latest` (default).
+        #[serde(default)]
+        #[schema(pattern = "^(latest|[0-9]{1,19})$")]
+        point: Option<String>,
+    },
+    /// Stop the machine's test failover and delete its scratch disks.
+    TestFailoverCleanup {
+        #[schema(
+            pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            min_length = 1,
+            max_length = 63
+        )]
+        machine: String,
+    },
+    /// Fail the machine over to its recovery site.
+    Failover {
+        #[schema(
+            pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            min_length = 1,
+            max_length = 63
+        )]
+        machine: String,
+        /// `final` (planned: the agent stops the machine at a final mark first, and nothing
+        /// is lost), `latest` (default) or a sequence number (unplanned: the source may be
+        /// gone).
+        #[serde(default)]
+        #[schema(pattern = "^(final|latest|[0-9]{1,19})$")]
+        point: Option<String>,
+    },
+}
+
+impl JobRequest {
+    /// The job, checked: its point is one its kind takes.
+    pub fn into_new(self) -> Result<NewJob, String> {
+        let check = |p: &Option<String>, planned_ok: bool| -> Result<(), String> {
+            match p.as_deref() {
+                None | Some("latest") => Ok(()),
+                Some("final") if planned_ok => Ok(()),
+                Some(n) if n.parse::<u64>().is_ok() => Ok(()),
+                Some(other) => Err(format!(
+                    "point {other:?} is not a sequence number: use one from `boomerang master-target points`, or latest{}",
+                    if planned_ok {
+                        " (or final, for a planned failover)"
+                    } else {
+                        ""
+                    }
+                )),
+            }
+        };
+        Ok(match self {
+            JobRequest::TestFailover { machine, point } => {
+                check(&point, false)?;
+                NewJob {
+                    kind: JobKind::TestFailover,
+                    machine,
+                    point,
+                    planned: false,
+                }
+            }
+            JobRequest::TestFailoverCleanup { machine } => NewJob {
+                kind: JobKind::TestFailoverCleanup,
+                machine,
+                point: None,
+                planned: false,
+            },
+            JobRequest::Failover { machine, point } => {
+                check(&point, true)?;
+                let planned = point.as_deref() == Some("final");
+                NewJob {
+                    kind: JobKind::Failover,
+                    machine,
+                    point: point.filter(|_| !planned),
+                    planned,
+                }
+            }
+        })
+    }
+
+    pub fn machine(&self) -> &str {
+        match self {
+            JobRequest::TestFailover { machine, .. }
+            | JobRequest::TestFailoverCleanup { machine }
+            | JobRequest::Failover { machine, .. } => machine,
+        }
+    }
+}
+
+/// A job to run, checked.
+#[derive(Clone, Debug)]
 pub struct NewJob {
     pub kind: JobKind,
-    /// The machine it is about.
-    #[schema(
-        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
-        min_length = 1,
-        max_length = 63
-    )]
     pub machine: String,
-    /// The recovery point: a sequence number (`master-target points`), or `latest` (default).
-    #[serde(default)]
-    #[schema(pattern = "^(latest|[0-9]{1,19})$")]
+    /// A sequence number, or `latest`; none for the latest.
     pub point: Option<String>,
-    /// A failover that stops the machine first (through its agent) and fails over to its final
-    /// mark: nothing is lost. Without it (unplanned), the source may be gone, and the point is
-    /// `point`.
-    #[serde(default)]
+    /// A planned failover: the source stops at a final mark first.
     pub planned: bool,
 }
 
