@@ -564,6 +564,37 @@ pub async fn failover(args: FailoverArgs, output: Output) -> anyhow::Result<i32>
     run_job(&args.connection, body, args.no_wait, output).await
 }
 
+#[derive(Args, Debug)]
+pub struct ChangePointArgs {
+    /// The failed-over machine.
+    machine: String,
+    /// The point to serve instead: a sequence number, or latest.
+    #[arg(long)]
+    at: String,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// `boomerang change-point`: serves a failed-over machine at another point.
+pub async fn change_point(args: ChangePointArgs, output: Output) -> anyhow::Result<i32> {
+    let body = json!({"kind": "change-point", "machine": args.machine, "point": args.at});
+    run_job(&args.connection, body, false, output).await
+}
+
+#[derive(Args, Debug)]
+pub struct CommitArgs {
+    /// The failed-over machine.
+    machine: String,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// `boomerang commit`: makes a failover's point final.
+pub async fn commit(args: CommitArgs, output: Output) -> anyhow::Result<i32> {
+    let body = json!({"kind": "commit", "machine": args.machine});
+    run_job(&args.connection, body, false, output).await
+}
+
 /// Asks for the job `body` describes and, unless `no_wait`, follows it to its end, showing
 /// its steps (exit 0 when it succeeded, 3 otherwise).
 async fn run_job(

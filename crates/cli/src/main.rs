@@ -50,6 +50,10 @@ enum Command {
     TestFailover(client::TestFailoverArgs),
     /// Fail a machine over to its recovery site: --planned stops it first and loses nothing.
     Failover(client::FailoverArgs),
+    /// Serve a failed-over machine at another point instead (before commit).
+    ChangePoint(client::ChangePointArgs),
+    /// Make a failover final: its point can no longer change.
+    Commit(client::CommitArgs),
     /// The configuration server's jobs.
     #[command(subcommand)]
     Job(client::JobCommand),
@@ -106,6 +110,8 @@ fn main() {
             Command::TestFailover(args) => client::test_failover(args, cli.output).await,
             Command::Job(cmd) => client::job(cmd, cli.output).await,
             Command::Failover(args) => client::failover(args, cli.output).await,
+            Command::ChangePoint(args) => client::change_point(args, cli.output).await,
+            Command::Commit(args) => client::commit(args, cli.output).await,
             Command::Machine(cmd) => client::machine(cmd, cli.output).await,
             Command::Site(cmd) => client::site(cmd, cli.output).await,
             Command::Policy(cmd) => client::policy(cmd, cli.output).await,

@@ -401,6 +401,10 @@ async fn command(
             Ok(serde_json::json!({}))
         }
         "failover-start" => start(failover(machine()?)).await,
+        "failover-stop" => {
+            recoveries.stop(&failover(machine()?)).await?;
+            Ok(serde_json::json!({}))
+        }
         other => Err(format!(
             "this master target does not know command {other:?}: upgrade it"
         )),

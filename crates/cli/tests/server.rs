@@ -1959,4 +1959,84 @@ fn a_planned_failover_stops_the_source_and_serves_its_disks_with_nothing_lost() 
             .unwrap()
             .contains("failed over already")
     );
+
+    // Another point instead, before the commit: the disk there, the new writes dropped.
+    let final_seq = result["seq"].as_u64().unwrap();
+    let points = json_out(
+        &std::process::Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(["master-target", "points"])
+            .arg(d.join("retention"))
+            .args(["--machine", "app01", "--disk", "d0", "--output", "json"])
+            .output()
+            .unwrap(),
+    );
+    let earlier = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["seq"].as_u64().unwrap())
+        .rfind(|s| *s < final_seq)
+        .unwrap();
+    let out = r.cli(&[
+        "change-point",
+        "app01",
+        "--at",
+        &earlier.to_string(),
+        "--output",
+        "json",
+    ]);
+    let changed = json_out(&out);
+    assert_eq!(out.status.code(), Some(0), "{changed}");
+    assert_eq!(changed["result"]["seq"], earlier);
+    let exported = d.join("earlier.img");
+    boomerang(&[
+        "master-target",
+        "export",
+        d.join("retention").to_str().unwrap(),
+        "--machine",
+        "app01",
+        "--disk",
+        "d0",
+        "--at",
+        &earlier.to_string(),
+        "--out",
+        exported.to_str().unwrap(),
+    ]);
+    let url = format!(
+        "nbd://{}/d0",
+        changed["result"]["address"].as_str().unwrap()
+    );
+    boomerang_testkit::run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &url,
+            served.to_str().unwrap(),
+        ],
+    );
+    assert!(std::fs::read(&served).unwrap() == std::fs::read(&exported).unwrap());
+    // Committed, the point is final.
+    let out = r.cli(&["commit", "app01", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let out = r.cli(&[
+        "change-point",
+        "app01",
+        "--at",
+        "latest",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        json_out(&out)["message"]
+            .as_str()
+            .unwrap()
+            .contains("committed")
+    );
+    let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+    assert_eq!(status["failover"]["committed"], true, "{status}");
 }

@@ -18,7 +18,8 @@
 //! `test-failover-cleanup` (stop that and delete the scratch targets), and `failover` (serve
 //! them from the master target's failover targets, hydrated into whole disks; planned: the
 //! agent stops the machine at a final mark first, and the job waits for that mark at the
-//! master target, so nothing is lost).
+//! master target, so nothing is lost), `change-point` (serve a failed-over machine at another
+//! point, dropping what it wrote since) and `commit` (make the failover's point final).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -34,6 +35,8 @@ pub enum JobKind {
     TestFailover,
     TestFailoverCleanup,
     Failover,
+    ChangePoint,
+    Commit,
 }
 
 impl JobKind {
@@ -42,6 +45,8 @@ impl JobKind {
             JobKind::TestFailover => "test-failover",
             JobKind::TestFailoverCleanup => "test-failover-cleanup",
             JobKind::Failover => "failover",
+            JobKind::ChangePoint => "change-point",
+            JobKind::Commit => "commit",
         }
     }
 
@@ -50,6 +55,8 @@ impl JobKind {
             "test-failover" => Some(JobKind::TestFailover),
             "test-failover-cleanup" => Some(JobKind::TestFailoverCleanup),
             "failover" => Some(JobKind::Failover),
+            "change-point" => Some(JobKind::ChangePoint),
+            "commit" => Some(JobKind::Commit),
             _ => None,
         }
     }
@@ -60,6 +67,8 @@ impl JobKind {
             JobKind::TestFailover => &["check", "start-recovery", "serve"],
             JobKind::TestFailoverCleanup => &["check", "stop-recovery", "clean"],
             JobKind::Failover => &["check", "drain", "catch-up", "recover"],
+            JobKind::ChangePoint => &["check", "stop", "recover"],
+            JobKind::Commit => &["check"],
         }
     }
 }
@@ -134,6 +143,28 @@ pub enum JobRequest {
         #[schema(pattern = "^(final|latest|[0-9]{1,19})$")]
         point: Option<String>,
     },
+    /// Serve a failed-over machine's disks at another point instead (before a commit): what
+    /// it wrote since the failover is dropped.
+    ChangePoint {
+        #[schema(
+            pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            min_length = 1,
+            max_length = 63
+        )]
+        machine: String,
+        /// A sequence number (`master-target points`), or `latest`.
+        #[schema(pattern = "^(latest|[0-9]{1,19})$")]
+        point: String,
+    },
+    /// Make a failover final: its point can no longer change.
+    Commit {
+        #[schema(
+            pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            min_length = 1,
+            max_length = 63
+        )]
+        machine: String,
+    },
 }
 
 impl JobRequest {
@@ -180,6 +211,22 @@ impl JobRequest {
                     planned,
                 }
             }
+            JobRequest::ChangePoint { machine, point } => {
+                let point = Some(point);
+                check(&point, false)?;
+                NewJob {
+                    kind: JobKind::ChangePoint,
+                    machine,
+                    point,
+                    planned: false,
+                }
+            }
+            JobRequest::Commit { machine } => NewJob {
+                kind: JobKind::Commit,
+                machine,
+                point: None,
+                planned: false,
+            },
         })
     }
 
@@ -187,7 +234,9 @@ impl JobRequest {
         match self {
             JobRequest::TestFailover { machine, .. }
             | JobRequest::TestFailoverCleanup { machine }
-            | JobRequest::Failover { machine, .. } => machine,
+            | JobRequest::Failover { machine, .. }
+            | JobRequest::ChangePoint { machine, .. }
+            | JobRequest::Commit { machine } => machine,
         }
     }
 }
@@ -438,12 +487,27 @@ impl Db {
     pub fn failed_over(&self) -> Result<Vec<(String, Value)>, DbError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT machine, result FROM jobs WHERE kind = 'failover' AND state = 'succeeded' ORDER BY id",
+            "SELECT machine, kind, result FROM jobs WHERE kind IN ('failover', 'change-point', 'commit') AND state = 'succeeded' ORDER BY id",
         )?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
         let mut out: Vec<(String, Value)> = Vec::new();
         for row in rows {
-            let (machine, result) = row?;
+            let (machine, kind, result) = row?;
+            if kind == "commit" {
+                // The failover stays; its point is final now.
+                if let Some((_, r)) = out.iter_mut().find(|(m, _)| *m == machine)
+                    && let Value::Object(o) = r
+                {
+                    o.insert("committed".into(), json!(true));
+                }
+                continue;
+            }
             let result = serde_json::from_str(&result).unwrap_or(Value::Null);
             out.retain(|(m, _)| *m != machine);
             out.push((machine, result));
@@ -765,6 +829,81 @@ impl Engine<'_> {
                     )
                 },
                 "serve the disks",
+            )?,
+            (JobKind::ChangePoint | JobKind::Commit, 0) => {
+                let statuses = crate::api::statuses(self.db, self.heartbeat_timeout_ms)?;
+                let failover = statuses
+                    .into_iter()
+                    .find(|s| s.name == machine)
+                    .and_then(|s| s.failover);
+                let Some(failover) = failover else {
+                    return self.fail(
+                        id,
+                        format!("machine {machine:?} is not failed over: there is nothing to {}", job.kind.as_str()),
+                    );
+                };
+                if failover["committed"] == true {
+                    return self.fail(
+                        id,
+                        format!(
+                            "the failover of {machine:?} is committed at seq {}: its point cannot change any more",
+                            failover["seq"]
+                        ),
+                    );
+                }
+                if job.kind == JobKind::Commit {
+                    let message = format!(
+                        "the failover of {machine:?} is committed at seq {}: its point is final",
+                        failover["seq"]
+                    );
+                    self.db
+                        .end_job(id, JobState::Succeeded, &message, &failover)?;
+                    return Ok(());
+                }
+                let mt = failover["master_target"].as_str().unwrap_or("").to_string();
+                data.insert("master_target".into(), json!(mt));
+                data.insert("disks".into(), failover["exports"].clone());
+                let params = json!({"job": id, "machine": machine});
+                self.db
+                    .advance(id, 0, 1, &data, Some((&mt, "failover-stop", params)))?;
+            }
+            (JobKind::ChangePoint, 1) => {
+                let Some(answer) = self.db.command_answer(id)? else {
+                    return Ok(());
+                };
+                if answer["ok"] != true {
+                    return self.fail(
+                        id,
+                        format!(
+                            "the master target could not stop serving the disks of {machine:?}: {}",
+                            answer["error"].as_str().unwrap_or("no reason given")
+                        ),
+                    );
+                }
+                let point = match point(&data) {
+                    Ok(p) => p,
+                    Err(why) => return self.fail(id, why),
+                };
+                let mt = data
+                    .get("master_target")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                let params = json!({"job": id, "machine": machine, "disks": data.get("disks"), "at": point});
+                self.db
+                    .advance(id, 1, 2, &data, Some((&mt, "failover-start", params)))?;
+            }
+            (JobKind::ChangePoint, 2) => self.finish(
+                &job,
+                &data,
+                |r| {
+                    format!(
+                        "the disks of {machine:?} are served at seq {} now, at {}; what the machine wrote since the failover was dropped",
+                        r["seq"],
+                        r["address"].as_str().unwrap_or("?")
+                    )
+                },
+                "serve the disks at that point",
             )?,
             (JobKind::TestFailoverCleanup, 0) => {
                 // The last test failover of the machine that succeeded.

@@ -414,3 +414,77 @@ fn a_planned_failover_needs_a_healthy_agent_and_an_agent_that_cannot_drain_fails
     assert_eq!(failed.state, JobState::Failed, "{failed:?}");
     assert!(failed.message.unwrap().contains("not healthy"));
 }
+
+#[test]
+fn a_failover_changes_point_until_it_is_committed() {
+    let (_dir, db) = db();
+    protect(&db);
+    let run = |new: NewJob| {
+        let job = db.create_job(&new, "ops").unwrap();
+        engine(&db).step_all().unwrap();
+        job.id
+    };
+    // Nothing failed over: nothing to change or commit.
+    let early = run(NewJob {
+        point: Some("5".into()),
+        ..new(JobKind::ChangePoint, None)
+    });
+    assert_eq!(db.get_job(early).unwrap().unwrap().state, JobState::Failed);
+    let failover = run(new(JobKind::Failover, Some("9")));
+    answer(
+        &db,
+        "mt1",
+        true,
+        json!({"address": "a:1", "exports": ["d0"], "seq": 9}),
+    );
+    engine(&db).step_all().unwrap();
+    assert_eq!(
+        db.get_job(failover).unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+
+    let change = run(NewJob {
+        point: Some("5".into()),
+        ..new(JobKind::ChangePoint, None)
+    });
+    let stop = answer(&db, "mt1", true, json!({}));
+    assert_eq!(
+        (stop.kind.as_str(), &stop.params["machine"]),
+        ("failover-stop", &json!("app01"))
+    );
+    engine(&db).step_all().unwrap();
+    let start = answer(
+        &db,
+        "mt1",
+        true,
+        json!({"address": "a:2", "exports": ["d0"], "seq": 5}),
+    );
+    assert_eq!(start.kind, "failover-start");
+    assert_eq!(
+        (&start.params["at"], &start.params["disks"]),
+        (&json!(5), &json!(["d0"]))
+    );
+    engine(&db).step_all().unwrap();
+    assert_eq!(
+        db.get_job(change).unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+    let served = |db: &Db| db.failed_over().unwrap().remove(0).1;
+    assert_eq!(served(&db)["seq"], 5);
+    assert_eq!(served(&db)["address"], "a:2");
+
+    let commit = run(new(JobKind::Commit, None));
+    assert_eq!(
+        db.get_job(commit).unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+    assert_eq!(served(&db)["committed"], true);
+    let late = run(NewJob {
+        point: Some("9".into()),
+        ..new(JobKind::ChangePoint, None)
+    });
+    let late = db.get_job(late).unwrap().unwrap();
+    assert_eq!(late.state, JobState::Failed);
+    assert!(late.message.unwrap().contains("committed"));
+    assert!(db.next_command("mt1").unwrap().is_none());
+}
