@@ -511,7 +511,8 @@ pub async fn job(cmd: JobCommand, output: Output) -> anyhow::Result<i32> {
 pub struct TestFailoverArgs {
     /// The machine.
     machine: String,
-    /// The recovery point: a sequence number (`master-target points`), or latest.
+    /// The recovery point: a sequence number (`master-target points`), latest,
+    /// latest-processed or latest-app-consistent.
     #[arg(long, default_value = "latest")]
     at: String,
     /// Stop the machine's test failover and delete its scratch disks instead.
@@ -543,7 +544,9 @@ pub struct FailoverArgs {
     /// is lost. Without it, the source may be gone and the point is --at.
     #[arg(long, conflicts_with = "at")]
     planned: bool,
-    /// The recovery point of an unplanned failover: a sequence number, or latest.
+    /// The recovery point of an unplanned failover: latest (what the process server holds
+    /// reaches the master target first), latest-processed (at once), latest-app-consistent,
+    /// or a sequence number.
     #[arg(long)]
     at: Option<String>,
     /// Return once the job is asked for, without waiting for it to end.

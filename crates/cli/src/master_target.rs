@@ -389,9 +389,8 @@ async fn command(
                     .ok_or_else(|| format!("{d} is not a disk name"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let served = recoveries
-            .start(&key, machine, &disks, params["at"].as_u64())
-            .await?;
+        let at = boomerang_master_target::recoveries::At::from_json(&params["at"])?;
+        let served = recoveries.start(&key, machine, &disks, at).await?;
         serde_json::to_value(served).map_err(|e| e.to_string())
     };
     match kind {

@@ -24,6 +24,32 @@ use serde::Serialize;
 use crate::points;
 use crate::recover::{Recovery, RecoveryConfig};
 
+/// The point to serve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    /// A listed point's sequence number.
+    Seq(u64),
+    /// The newest point every disk lists.
+    Latest,
+    /// The newest app-consistent point every disk lists.
+    LatestAppConsistent,
+}
+
+impl At {
+    /// From a command's `at`: a number, `"latest-app-consistent"`, or null (the latest).
+    pub fn from_json(v: &serde_json::Value) -> Result<At, String> {
+        match v {
+            serde_json::Value::Null => Ok(At::Latest),
+            serde_json::Value::String(s) if s == "latest-app-consistent" => {
+                Ok(At::LatestAppConsistent)
+            }
+            v => v.as_u64().map(At::Seq).ok_or_else(|| {
+                format!("{v} is not a point: a sequence number, or latest-app-consistent")
+            }),
+        }
+    }
+}
+
 /// What a running test failover serves.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Served {
@@ -73,14 +99,20 @@ impl Recoveries {
         self.retention.join(key)
     }
 
-    /// The newest point every disk of `machine` lists.
-    async fn latest_common(&self, machine: &str, disks: &[DiskName]) -> Result<u64, String> {
+    /// The newest point every disk of `machine` lists (an app-consistent one, if `app`).
+    async fn latest_common(
+        &self,
+        machine: &str,
+        disks: &[DiskName],
+        app: bool,
+    ) -> Result<u64, String> {
         let mut common: Option<Vec<u64>> = None;
         for disk in disks {
             let seqs: Vec<u64> = points::list(&self.retention, machine, disk)
                 .await
                 .map_err(|e| e.to_string())?
                 .into_iter()
+                .filter(|p| !app || p.kind == "app")
                 .map(|p| p.seq)
                 .collect();
             common = Some(match common {
@@ -88,18 +120,21 @@ impl Recoveries {
                 Some(c) => c.into_iter().filter(|s| seqs.contains(s)).collect(),
             });
         }
-        common
-            .and_then(|c| c.into_iter().max())
-            .ok_or_else(|| format!("the disks of {machine} have no recovery point in common yet"))
+        common.and_then(|c| c.into_iter().max()).ok_or_else(|| {
+            format!(
+                "the disks of {machine} have no {}recovery point in common yet",
+                if app { "app-consistent " } else { "" }
+            )
+        })
     }
 
-    /// Serves `disks` of `machine` at point `at` (the latest all list, when none), as `key`.
+    /// Serves `disks` of `machine` at point `at`, as `key`.
     pub async fn start(
         &self,
         key: &str,
         machine: &str,
         disks: &[DiskName],
-        at: Option<u64>,
+        at: At,
     ) -> Result<Served, String> {
         let mut running = self.running.lock().await;
         if let Some(r) = running.get(key) {
@@ -109,8 +144,9 @@ impl Recoveries {
             return Err(format!("no disk of {machine} was named"));
         }
         let seq = match at {
-            Some(s) => s,
-            None => self.latest_common(machine, disks).await?,
+            At::Seq(s) => s,
+            At::Latest => self.latest_common(machine, disks, false).await?,
+            At::LatestAppConsistent => self.latest_common(machine, disks, true).await?,
         };
         let dir = self.dir(key);
         std::fs::create_dir_all(&dir)

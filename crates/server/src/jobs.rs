@@ -114,9 +114,10 @@ pub enum JobRequest {
             max_length = 63
         )]
         machine: String,
-        /// A sequence number (`master-target points`), or `latest` (default).
+        /// A sequence number (`master-target points`), `latest` (default),
+        /// `latest-processed` or `latest-app-consistent`.
         #[serde(default)]
-        #[schema(pattern = "^(latest|[0-9]{1,19})$")]
+        #[schema(pattern = "^(latest|latest-processed|latest-app-consistent|[0-9]{1,19})$")]
         point: Option<String>,
     },
     /// Stop the machine's test failover and delete its scratch disks.
@@ -137,10 +138,11 @@ pub enum JobRequest {
         )]
         machine: String,
         /// `final` (planned: the agent stops the machine at a final mark first, and nothing
-        /// is lost), `latest` (default) or a sequence number (unplanned: the source may be
-        /// gone).
+        /// is lost); unplanned (the source may be gone): `latest` (default: what the process
+        /// server holds reaches the master target first), `latest-processed` (at once),
+        /// `latest-app-consistent` or a sequence number.
         #[serde(default)]
-        #[schema(pattern = "^(final|latest|[0-9]{1,19})$")]
+        #[schema(pattern = "^(final|latest|latest-processed|latest-app-consistent|[0-9]{1,19})$")]
         point: Option<String>,
     },
     /// Serve a failed-over machine's disks at another point instead (before a commit): what
@@ -152,8 +154,9 @@ pub enum JobRequest {
             max_length = 63
         )]
         machine: String,
-        /// A sequence number (`master-target points`), or `latest`.
-        #[schema(pattern = "^(latest|[0-9]{1,19})$")]
+        /// A sequence number (`master-target points`), `latest`, `latest-processed` or
+        /// `latest-app-consistent`.
+        #[schema(pattern = "^(latest|latest-processed|latest-app-consistent|[0-9]{1,19})$")]
         point: String,
     },
     /// Make a failover final: its point can no longer change.
@@ -172,11 +175,11 @@ impl JobRequest {
     pub fn into_new(self) -> Result<NewJob, String> {
         let check = |p: &Option<String>, planned_ok: bool| -> Result<(), String> {
             match p.as_deref() {
-                None | Some("latest") => Ok(()),
+                None | Some("latest" | "latest-processed" | "latest-app-consistent") => Ok(()),
                 Some("final") if planned_ok => Ok(()),
                 Some(n) if n.parse::<u64>().is_ok() => Ok(()),
                 Some(other) => Err(format!(
-                    "point {other:?} is not a sequence number: use one from `boomerang master-target points`, or latest{}",
+                    "point {other:?} is not a sequence number: use one from `boomerang master-target points`, or latest, latest-processed, latest-app-consistent{}",
                     if planned_ok {
                         " (or final, for a planned failover)"
                     } else {
@@ -756,6 +759,16 @@ impl Engine<'_> {
                         }
                         (1, (machine.clone(), "drain".to_string(), json!({"job": id})))
                     }
+                    // `latest`: what the process server holds reaches the master target first.
+                    _ if matches!(
+                        data.get("point").and_then(Value::as_str),
+                        None | Some("latest")
+                    ) =>
+                    {
+                        data.insert("drain_backlog".into(), json!(true));
+                        self.db.advance(id, 0, 2, &data, None)?;
+                        return Ok(());
+                    }
                     _ => (3, start("failover-start", &point)),
                 };
                 self.db
@@ -789,6 +802,31 @@ impl Engine<'_> {
                 };
                 data.insert("final_seq".into(), json!(seq));
                 self.db.advance(id, 1, 2, &data, None)?;
+            }
+            (JobKind::Failover, 2) if data.get("drain_backlog") == Some(&json!(true)) => {
+                // Until no healthy process server holds records of the machine that the master
+                // target lacks, for at most two heartbeat timeouts.
+                let statuses = crate::api::statuses(self.db, self.heartbeat_timeout_ms)?;
+                let backlog = statuses
+                    .iter()
+                    .find(|s| s.name == machine)
+                    .and_then(|s| s.backlog_bytes)
+                    .unwrap_or(0);
+                let waited = crate::db::now() - job.created_unix_ms;
+                if backlog > 0 && waited < 2 * self.heartbeat_timeout_ms {
+                    return Ok(());
+                }
+                if backlog > 0 {
+                    tracing::warn!(job = id, backlog, "the process server's backlog did not drain: failing over to the latest point the master target holds");
+                }
+                let mt = data
+                    .get("master_target")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                let params = json!({"job": id, "machine": machine, "disks": data.get("disks"), "at": Value::Null});
+                self.db
+                    .advance(id, 2, 3, &data, Some((&mt, "failover-start", params)))?;
             }
             (JobKind::Failover, 2) => {
                 // Until the final mark is durable at the master target.
@@ -956,10 +994,12 @@ impl Engine<'_> {
     }
 }
 
-/// The point a job asks for: a sequence number, or null for the latest.
+/// The point a job asks for, as its master target's command takes it: a sequence number,
+/// `latest-app-consistent`, or null for the latest.
 fn point(data: &Data) -> Result<Value, String> {
     match data.get("point").and_then(Value::as_str) {
-        None | Some("latest") => Ok(Value::Null),
+        None | Some("latest" | "latest-processed") => Ok(Value::Null),
+        Some("latest-app-consistent") => Ok(json!("latest-app-consistent")),
         Some(p) => p.parse::<u64>().map(|seq| json!(seq)).map_err(|_| {
             format!(
                 "point {p:?} is not a sequence number: use one from `boomerang master-target points`, or latest"

@@ -488,3 +488,63 @@ fn a_failover_changes_point_until_it_is_committed() {
     assert!(late.message.unwrap().contains("committed"));
     assert!(db.next_command("mt1").unwrap().is_none());
 }
+
+/// ps1's report of app01's stream with `backlog` bytes not yet at the master target.
+fn ps_backlog(db: &Db, backlog: u64) {
+    db.heartbeat(
+        "ps1",
+        &Heartbeat {
+            healthy: true,
+            version: "0".into(),
+            streams: Some(vec![StreamReport {
+                machine: "app01".into(),
+                backlog_bytes: backlog,
+                lag_ms: 0,
+                last_mark_seq: Some(9),
+                last_mark_unix_ms: Some(crate::db::now()),
+            }]),
+            ..Heartbeat::default()
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn an_unplanned_failover_to_latest_waits_for_the_process_servers_backlog_first() {
+    let (_dir, db) = db();
+    protect(&db);
+    ps_backlog(&db, 65536);
+    let job = db.create_job(&new(JobKind::Failover, None), "ops").unwrap();
+    engine(&db).step_all().unwrap();
+    engine(&db).step_all().unwrap();
+    assert_eq!(db.get_job(job.id).unwrap().unwrap().step, "catch-up");
+    assert!(
+        db.next_command("mt1").unwrap().is_none(),
+        "not before the backlog is in"
+    );
+    ps_backlog(&db, 0);
+    engine(&db).step_all().unwrap();
+    let start = answer(&db, "mt1", true, json!({"address": "a", "seq": 10}));
+    assert_eq!(
+        (start.kind.as_str(), &start.params["at"]),
+        ("failover-start", &Value::Null)
+    );
+
+    // latest-processed does not wait; latest-app-consistent is the master target's to find.
+    let (_dir, db) = self::db();
+    protect(&db);
+    ps_backlog(&db, 65536);
+    for (point, at) in [
+        ("latest-processed", Value::Null),
+        ("latest-app-consistent", json!("latest-app-consistent")),
+    ] {
+        let job = db
+            .create_job(&new(JobKind::Failover, Some(point)), "ops")
+            .unwrap();
+        engine(&db).step_all().unwrap();
+        let start = answer(&db, "mt1", false, Value::Null);
+        assert_eq!(start.params["at"], at, "{point}");
+        engine(&db).step_all().unwrap();
+        assert_eq!(db.get_job(job.id).unwrap().unwrap().state, JobState::Failed);
+    }
+}
