@@ -692,6 +692,11 @@ pub async fn status(args: StatusArgs, output: Output) -> anyhow::Result<i32> {
         if !copying.is_empty() {
             state = format!("{state} ({})", copying.join(", "));
         }
+        if let Some(p) = s["failover"]["hydrated_percent"].as_f64()
+            && p < 100.0
+        {
+            state = format!("{state} (copied {p:.1}%)");
+        }
         let rpo =
             s["rpo_seconds"].as_f64().map_or("-".into(), |r| {
                 match s["rpo_threshold_seconds"].as_u64() {

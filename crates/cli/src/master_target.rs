@@ -323,12 +323,18 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         std::sync::Arc::new(move || metrics.render()),
     )
     .await?;
-    // Heartbeats: the disks attached (the replica images on the retention volume), and the
-    // points of each.
-    let retention = retention_dir.clone();
+    // The configuration server's jobs: test failovers and failovers.
+    let recoveries = std::sync::Arc::new(Recoveries::new(
+        &retention_dir,
+        args.recovery_listen.clone(),
+    ));
+    // Heartbeats: the disks attached (the replica images on the retention volume), the
+    // points of each, and how far the disks served at a point are copied.
+    let (retention, reported) = (retention_dir.clone(), recoveries.clone());
     let report: crate::client::Report = Box::new(move || {
-        let retention = retention.clone();
+        let (retention, reported) = (retention.clone(), reported.clone());
         Box::pin(async move {
+            let progress = serde_json::to_value(reported.progress().await).unwrap_or_default();
             let replicas = boomerang_master_target::points::summary(&retention).await;
             let mut beat = serde_json::Map::new();
             beat.insert("attached_disks".into(), (replicas.len() as u32).into());
@@ -345,15 +351,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                 })
                 .collect();
             beat.insert("replicas".into(), replicas.into());
+            beat.insert("recoveries".into(), progress);
             beat
         })
     });
     crate::client::start_heartbeats(&args.reporting, retention_dir.clone(), report)?;
-    // The configuration server's jobs: test failovers and failovers.
-    let recoveries = std::sync::Arc::new(Recoveries::new(
-        &retention_dir,
-        args.recovery_listen.clone(),
-    ));
     let handler: crate::client::Handler = std::sync::Arc::new(move |kind, params| {
         let recoveries = recoveries.clone();
         Box::pin(async move { command(&recoveries, &kind, &params).await })

@@ -1947,7 +1947,14 @@ fn a_planned_failover_stops_the_source_and_serves_its_disks_with_nothing_lost() 
     let mut want = source.clone();
     want[4096..8192].fill(0xfe);
     assert!(std::fs::read(&target).unwrap() == want);
-    let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+    let status = wait_for(
+        "the master target never said the failover is copied",
+        10,
+        || {
+            let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+            (s["failover"]["hydrated_percent"] == 100.0).then_some(s)
+        },
+    );
     assert_eq!(status["state"], "failed-over", "{status}");
     assert_eq!(status["failover"]["address"], address);
     // Once failed over, not again.

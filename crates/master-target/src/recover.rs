@@ -453,6 +453,15 @@ impl Recovery {
         (h.count, h.blocks)
     }
 
+    /// Bytes the target holds, of all.
+    pub fn progress_bytes(&self) -> (u64, u64) {
+        let (held, all) = self.progress();
+        if held == all {
+            return (self.size, self.size);
+        }
+        ((held * self.block).min(self.size), self.size)
+    }
+
     pub fn hydrated(&self) -> bool {
         let (held, all) = self.progress();
         held == all

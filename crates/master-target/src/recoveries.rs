@@ -24,6 +24,17 @@ use serde::Serialize;
 use crate::points;
 use crate::recover::{Recovery, RecoveryConfig};
 
+/// How far a disk served is copied into its target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    /// `failovers/<machine>` or `test-failovers/job-<id>`.
+    pub key: String,
+    pub machine: String,
+    pub disk: String,
+    pub copied_bytes: u64,
+    pub size_bytes: u64,
+}
+
 /// The point to serve.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum At {
@@ -62,6 +73,8 @@ pub struct Served {
 
 struct Running {
     served: Served,
+    machine: String,
+    disks: Vec<Arc<Recovery>>,
     stop_serving: tokio::sync::watch::Sender<bool>,
     stop_copying: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -187,7 +200,8 @@ impl Recoveries {
         tokio::spawn(async move { server.serve(listener, stopped).await });
         let stop_copying = Arc::new(AtomicBool::new(false));
         let threads = recoveries
-            .into_iter()
+            .iter()
+            .cloned()
             .map(|r| {
                 let stop = stop_copying.clone();
                 std::thread::spawn(move || {
@@ -202,12 +216,35 @@ impl Recoveries {
             key.to_string(),
             Running {
                 served: served.clone(),
+                machine: machine.to_string(),
+                disks: recoveries,
                 stop_serving,
                 stop_copying,
                 threads,
             },
         );
         Ok(served)
+    }
+
+    /// How far each disk served is copied into its target: key, machine, disk, bytes copied,
+    /// bytes in all.
+    pub async fn progress(&self) -> Vec<Progress> {
+        let running = self.running.lock().await;
+        let mut out = Vec::new();
+        for (key, r) in running.iter() {
+            for (disk, recovery) in r.served.exports.iter().zip(&r.disks) {
+                let (copied, size) = recovery.progress_bytes();
+                out.push(Progress {
+                    key: key.clone(),
+                    machine: r.machine.clone(),
+                    disk: disk.clone(),
+                    copied_bytes: copied,
+                    size_bytes: size,
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.key, &a.disk).cmp(&(&b.key, &b.disk)));
+        out
     }
 
     /// Stops serving `key` and deletes its targets.

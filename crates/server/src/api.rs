@@ -23,7 +23,7 @@ use crate::components::{
     self, Alert, ComponentHealth, ComponentInfo, EnrollRequest, Enrolled, Enrollment, Heartbeat,
     NewComponent,
 };
-use crate::components::{DiskReport, DiskSync, ReplicaReport, StreamReport};
+use crate::components::{DiskReport, DiskSync, RecoveryReport, ReplicaReport, StreamReport};
 use crate::db::{AuditEntry, CreatedToken, Db, DbError, Group, Protection, TokenInfo};
 use crate::inventory::{Datastore, Host, InventorySource, Machine, MachineSource, Site};
 use crate::inventory::{MasterTarget, ProcessServer};
@@ -1481,7 +1481,8 @@ impl utoipa::Modify for ClosedVariants {
         Site, Host, Datastore, Machine, Refreshed, Policy, NewPolicy, PolicySettings,
         CreatedPolicy, Report, Check, Purpose, Severity, MasterTarget, ProcessServer,
         NewComponent, Enrollment, EnrollRequest, Enrolled, Heartbeat, ComponentInfo, ComponentHealth,
-        Alert, Group, NewGroup, DiskReport, DiskSync, StreamReport, ReplicaReport, MachineSource,
+        Alert, Group, NewGroup, DiskReport, DiskSync, StreamReport, ReplicaReport, RecoveryReport,
+        MachineSource,
         MachineStatus, DiskStatus, ProtectionState, StatusHealth, SetPolicy, Protection, JobRequest,
         Job, JobKind, JobState, Command, CommandResult)),
     modifiers(&BearerAuth, &ClosedVariants)

@@ -161,6 +161,28 @@ pub struct Heartbeat {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_items = 1024)]
     pub replicas: Option<Vec<ReplicaReport>>,
+    /// The disks it serves at a recovery point, and how far each is copied into its target
+    /// (master target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 1024)]
+    pub recoveries: Option<Vec<RecoveryReport>>,
+}
+
+/// A disk a master target serves at a recovery point (a failover or a test failover).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryReport {
+    /// `failovers/<machine>` or `test-failovers/job-<id>`.
+    #[schema(max_length = 128)]
+    pub key: String,
+    #[schema(min_length = 1, max_length = 63)]
+    pub machine: String,
+    #[schema(min_length = 1, max_length = 64)]
+    pub disk: String,
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    pub copied_bytes: u64,
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    pub size_bytes: u64,
 }
 
 /// The most items a heartbeat's lists may hold.
@@ -278,6 +300,11 @@ impl Heartbeat {
             self.replicas.is_some(),
             ComponentRole::MasterTarget,
         )?;
+        own(
+            "recoveries",
+            self.recoveries.is_some(),
+            ComponentRole::MasterTarget,
+        )?;
         let machine = |m: &str| {
             if crate::inventory::valid_name(m) {
                 Ok(())
@@ -294,6 +321,7 @@ impl Heartbeat {
             self.disks.as_ref().map_or(0, Vec::len),
             self.streams.as_ref().map_or(0, Vec::len),
             self.replicas.as_ref().map_or(0, Vec::len),
+            self.recoveries.as_ref().map_or(0, Vec::len),
         ];
         if lens.iter().any(|&n| n > MAX_REPORTED) {
             return Err(format!(
@@ -307,6 +335,10 @@ impl Heartbeat {
             machine(&s.machine)?;
         }
         for r in self.replicas.iter().flatten() {
+            machine(&r.machine)?;
+            disk(&r.disk)?;
+        }
+        for r in self.recoveries.iter().flatten() {
             machine(&r.machine)?;
             disk(&r.disk)?;
         }

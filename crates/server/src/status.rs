@@ -228,11 +228,28 @@ pub fn of(id: i64, machine: &Machine, inputs: &Inputs<'_>) -> MachineStatus {
         .collect();
 
     let whole = last_mark.is_some_and(|(seq, _)| seq > synced_through);
-    let failover = inputs
+    let mut failover = inputs
         .failovers
         .iter()
         .find(|(m, _)| m == name)
         .map(|(_, r)| r.clone());
+    // How far the failed-over disks are copied into whole disks, from the master target.
+    if let Some(serde_json::Value::Object(f)) = &mut failover {
+        let key = format!("failovers/{name}");
+        let (copied, size) = inputs
+            .components
+            .iter()
+            .filter_map(|c| c.last.as_ref())
+            .flat_map(|b| b.recoveries.iter().flatten())
+            .filter(|r| r.key == key)
+            .fold((0u64, 0u64), |(c, s), r| {
+                (c + r.copied_bytes, s + r.size_bytes)
+            });
+        if size > 0 {
+            let percent = (copied as f64 * 1000.0 / size as f64).floor() / 10.0;
+            f.insert("hydrated_percent".into(), serde_json::json!(percent));
+        }
+    }
     let state = if failover.is_some() {
         ProtectionState::FailedOver
     } else if disks.is_empty() {
