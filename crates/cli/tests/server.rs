@@ -1575,6 +1575,24 @@ impl Replicating {
         }
     }
 
+    /// Kills the configuration server (`kill -9`) and starts it again on the same state and
+    /// port: the components reach it again at the address they know.
+    fn restart_server(&mut self, d: &Path) {
+        self._server.signal("-KILL");
+        let config = d.join("state/server.toml");
+        let listen = format!("127.0.0.1:{}", self.port);
+        self._server = Daemon::start(
+            env!("CARGO_BIN_EXE_boomerang"),
+            &[
+                "server",
+                "--config",
+                config.to_str().unwrap(),
+                "--listen",
+                &listen,
+            ],
+        );
+    }
+
     /// Runs the CLI with this server and the admin token.
     fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_boomerang"))
@@ -1892,7 +1910,7 @@ fn a_planned_failover_stops_the_source_and_serves_its_disks_with_nothing_lost() 
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let r = Replicating::start(d);
+    let mut r = Replicating::start(d);
     wait_for("app01 never became protected", 60, || {
         let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
         (s["state"] == "protected").then_some(s)
@@ -1903,9 +1921,23 @@ fn a_planned_failover_stops_the_source_and_serves_its_disks_with_nothing_lost() 
         let block = vec![(i % 251) as u8 + 1; 4096];
         assert_eq!(client.write(i + 1, i * 40960, &block).unwrap(), 0);
     }
-    let out = r.cli(&["failover", "app01", "--planned", "--output", "json"]);
-    let job = json_out(&out);
-    assert_eq!(out.status.code(), Some(0), "{job}");
+    // The configuration server is killed right after the job is asked for, and started
+    // again: the job goes on from the step it was at.
+    let out = r.cli(&[
+        "failover",
+        "app01",
+        "--planned",
+        "--no-wait",
+        "--output",
+        "json",
+    ]);
+    let id = json_out(&out)["id"].as_i64().unwrap().to_string();
+    r.restart_server(d);
+    let job = wait_for("the failover never ended after the restart", 60, || {
+        let job = json_out(&r.cli(&["job", "show", &id, "--output", "json"]));
+        (job["state"] != "running").then_some(job)
+    });
+    assert_eq!(job["state"], "succeeded", "{job}");
     let result = &job["result"];
     assert_eq!(result["planned"], true, "{job}");
     let address = result["address"].as_str().unwrap();

@@ -479,6 +479,10 @@ fn a_failover_changes_point_until_it_is_committed() {
         JobState::Succeeded
     );
     assert_eq!(served(&db)["committed"], true);
+    let twice = run(new(JobKind::Commit, None));
+    let twice = db.get_job(twice).unwrap().unwrap();
+    assert_eq!(twice.state, JobState::Failed, "committing twice");
+    assert!(twice.message.unwrap().contains("committed"));
     let late = run(NewJob {
         point: Some("9".into()),
         ..new(JobKind::ChangePoint, None)
