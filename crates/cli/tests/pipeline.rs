@@ -1108,3 +1108,148 @@ fn instant_recovery_serves_a_point_at_once_and_hydrates_its_target_across_a_kill
     let err = String::from_utf8_lossy(&other.stderr);
     assert!(err.contains("not a recovery target"), "{err}");
 }
+
+/// Reprotect to the original location, by hand (the job comes next): after a failover, the
+/// failed-over disk at site B becomes the source, and site A's master target keeps web01's
+/// replica in the machine's original disk. The agent at B copies its disk against the digest
+/// of that replica: only the blocks the machine wrote at B travel.
+#[test]
+fn reprotect_to_the_original_disk_moves_only_the_blocks_the_failed_over_machine_wrote() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = site(d);
+    let ca_str = ca.to_str().unwrap();
+    // The way back: a master target at site A, a process server at site B.
+    for (name, role) in [("mta", "master-target"), ("psb", "process-server")] {
+        boomerang(&[
+            "pki",
+            "issue",
+            ca_str,
+            "--name",
+            name,
+            "--role",
+            role,
+            "--host",
+            "127.0.0.1",
+        ]);
+    }
+    // Site A: web01's 8 MiB disk, all data, protected to site B.
+    let disk = blank(d, "disk.img", 2048);
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    use std::os::unix::fs::FileExt;
+    for i in 0..2048u64 {
+        f.write_all_at(&block(i, 3), i * 4096).unwrap();
+    }
+    drop(f);
+    let retention_b = d.join("retention-b");
+    let point = d.join("point.img");
+    {
+        let mt = master_target(&ca, &retention_b, "127.0.0.1:0");
+        let ps = process_server(&ca, &d.join("cache-a"), "127.0.0.1:0", Some(&mt.addr), &[]);
+        let _agent = agent(
+            &ca,
+            &disk,
+            &d.join("log-a"),
+            &ps.addr,
+            &["--mark-interval", "0.1"],
+        );
+        wait_for_point(
+            &retention_b.join("replicas/web01/store"),
+            "latest",
+            &point,
+            Some(&std::fs::read(&disk).unwrap()),
+        );
+    }
+
+    // Failover: site A is down; web01's disk is served at site B at its latest point, and the
+    // machine writes there: five 64 KiB blocks.
+    let failed_over = d.join("failed-over.img");
+    let recovery = daemon(&[
+        "master-target",
+        "recover",
+        retention_b.to_str().unwrap(),
+        "--machine",
+        "web01",
+        "--disk",
+        "d0",
+        "--target",
+        failed_over.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let changed_at = [0u64, 1 << 20, (2 << 20) + 65536, 5 << 20, (8 << 20) - 65536];
+    let mut io = vec!["-f".to_string(), "raw".into()];
+    for (k, at) in changed_at.iter().enumerate() {
+        io.extend(["-c".into(), format!("write -P {} {at} 65536", 0x41 + k)]);
+    }
+    io.push(format!("nbd://{}/d0", recovery.addr));
+    run(
+        "qemu-io",
+        &io.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let state = PathBuf::from(format!("{}.recovery", failed_over.display()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&state).is_ok_and(|s| s.contains("\"hydrated\":true")) {
+        assert!(Instant::now() < deadline, "never hydrated");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(recovery);
+    let now_at_b = std::fs::read(&failed_over).unwrap();
+
+    // Reprotect: site A's master target keeps web01's replica in the original disk; an agent
+    // at site B serves the failed-over disk and ships to the process server at B.
+    let retention_a = d.join("retention-a");
+    std::fs::create_dir_all(retention_a.join("replicas/web01")).unwrap();
+    std::os::unix::fs::symlink(&disk, retention_a.join("replicas/web01/d0.img")).unwrap();
+    let mta = daemon(&[
+        "master-target",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        ca.join("issued/mta").to_str().unwrap(),
+        "--retention",
+        retention_a.to_str().unwrap(),
+        "--block-size",
+        "4KiB",
+        "--point-every",
+        "0",
+    ]);
+    let psb = daemon(&[
+        "process-server",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        ca.join("issued/psb").to_str().unwrap(),
+        "--cache",
+        d.join("cache-b").to_str().unwrap(),
+        "--master-target",
+        &mta.addr,
+    ]);
+    let _agent_b = agent(
+        &ca,
+        &failed_over,
+        &d.join("log-b"),
+        &psb.addr,
+        &["--mark-interval", "0.1"],
+    );
+    wait_for_point(
+        &retention_a.join("replicas/web01/store"),
+        "latest",
+        &point,
+        Some(&now_at_b),
+    );
+    assert!(
+        std::fs::read(&disk).unwrap() == now_at_b,
+        "the original disk is the failed-over one"
+    );
+    let moved = received_write_bytes(&retention_a);
+    let changed = changed_at.len() as u64 * 65536;
+    let size = 2048 * 4096;
+    assert!(
+        (changed..=changed * 11 / 10 + size / 1000).contains(&moved),
+        "reprotect moved {moved} bytes for {changed} changed of a {size}-byte disk"
+    );
+}
