@@ -304,6 +304,22 @@ impl LogDir {
                 (w, next, next_mark)
             }
         };
+        // A planned failover's marker that cannot be read still means failed over: the log
+        // must not take writes the failed-over copy will never have.
+        let failed_over = match std::fs::read_to_string(dir.join(FAILED_OVER)) {
+            Ok(text) => Some(Seq(text.trim().parse().map_err(|_| LogDirError::Io {
+                dir: dir.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "the planned-failover marker {} is damaged ({text:?}): the machine was failed over from here; if it was reprotected back, remove the file",
+                    dir.join(FAILED_OVER).display()
+                )),
+            })?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => return Err(LogDirError::Io {
+                dir: dir.to_path_buf(),
+                source,
+            }),
+        };
         let mut marker = File::create(&running).map_err(io)?;
         std::io::Write::write_all(&mut marker, now.as_bytes()).map_err(io)?;
         marker.sync_all().map_err(io)?;
@@ -335,10 +351,7 @@ impl LogDir {
             syncing: false,
             synced_through: Seq(0),
             acked: Seq(0),
-            failed_over: std::fs::read_to_string(dir.join(FAILED_OVER))
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .map(Seq),
+            failed_over,
             release_floor: Seq(0),
             issued: 0,
             turnstile: Arc::default(),

@@ -1173,7 +1173,16 @@ pub fn start_commands(reporting: &Reporting, handler: Handler) -> anyhow::Result
             Default::default();
         let mut failing = false;
         loop {
-            let command = match api.get("/api/commands?wait=20").await {
+            let busy: Vec<String> = working
+                .lock()
+                .map(|w| w.iter().map(|id| id.to_string()).collect())
+                .unwrap_or_default();
+            let path = if busy.is_empty() {
+                "/api/commands?wait=20".to_string()
+            } else {
+                format!("/api/commands?wait=20&busy={}", busy.join(","))
+            };
+            let command = match api.get(&path).await {
                 Ok(c) => {
                     failing = false;
                     c

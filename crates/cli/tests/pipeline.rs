@@ -1083,6 +1083,32 @@ fn instant_recovery_serves_a_point_at_once_and_hydrates_its_target_across_a_kill
         "the target alone is the disk, with the machine's writes"
     );
 
+    // A damaged held-block map: refused, not resumed as if nothing were held (that would copy
+    // the checkpoint over what the machine wrote).
+    let held = PathBuf::from(format!("{}.held", target.display()));
+    let map = std::fs::read(&held).unwrap();
+    std::fs::write(&held, &map[..map.len() / 2]).unwrap();
+    let damaged = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args(["master-target", "recover", retention.to_str().unwrap()])
+        .args(["--machine", "web01", "--disk", "d0", "--target"])
+        .arg(&target)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!damaged.status.success());
+    let err = String::from_utf8_lossy(&damaged.stderr);
+    assert!(
+        err.contains("cannot resume") && err.contains("damaged"),
+        "{err}"
+    );
+    std::fs::write(&held, &map).unwrap();
+    // A target left half made by a crash (before its state was saved) is made again.
+    let fresh = dir.path().join("fresh.img");
+    std::fs::write(format!("{}.creating", fresh.display()), b"half made").unwrap();
+    let again = recover(&retention, seq, &fresh, &[]);
+    assert!(read_served(&again.addr, dir.path(), "served-4.img") == at_marks[1].1);
+    drop(again);
+
     // The same target for another point, and a file a recovery did not make, are refused.
     let other = Command::new(env!("CARGO_BIN_EXE_boomerang"))
         .args(["master-target", "recover", retention.to_str().unwrap()])

@@ -1462,6 +1462,8 @@ struct Replicating {
     url: String,
     ca: std::path::PathBuf,
     _mt: Daemon,
+    /// How the master target was started, to start it again.
+    mt_args: Vec<String>,
     _ps: Daemon,
     agent: Daemon,
     link: boomerang_testkit::FaultProxy,
@@ -1521,6 +1523,7 @@ impl Replicating {
         .map(String::from)
         .to_vec();
         args.extend(control(&mt1));
+        let mt_args = args.clone();
         let mt = start(args);
         let link = boomerang_testkit::FaultProxy::start(&mt.addr);
         let mut args: Vec<String> = [
@@ -1569,6 +1572,7 @@ impl Replicating {
             url,
             ca,
             _mt: mt,
+            mt_args,
             _ps: ps,
             agent,
             link,
@@ -1590,6 +1594,17 @@ impl Replicating {
                 "--listen",
                 &listen,
             ],
+        );
+    }
+
+    /// Kills the master target (`kill -9`) and starts it again on the same retention volume
+    /// (on another port: the process server reaches it through `link`, which is not moved,
+    /// so only recoveries are looked at after this).
+    fn restart_mt(&mut self) {
+        self._mt.signal("-KILL");
+        self._mt = Daemon::start(
+            env!("CARGO_BIN_EXE_boomerang"),
+            &self.mt_args.iter().map(String::as_str).collect::<Vec<_>>(),
         );
     }
 
@@ -1905,7 +1920,7 @@ fn a_test_failover_serves_the_disks_at_a_point_isolated_and_its_cleanup_removes_
 
 #[test]
 fn a_planned_failover_stops_the_source_and_serves_its_disks_with_nothing_lost() {
-    if !have("curl") || !have("qemu-img") || !have("qemu-io") {
+    if !have("curl") || !have("qemu-img") || !have("qemu-io") || !have("nbdinfo") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -1989,6 +2004,41 @@ fn a_planned_failover_stops_the_source_and_serves_its_disks_with_nothing_lost() 
     );
     assert_eq!(status["state"], "failed-over", "{status}");
     assert_eq!(status["failover"]["address"], address);
+
+    // The master target is killed and started again: it serves the failed-over disks again
+    // (at a new address, which the status follows), with what the machine wrote there.
+    r.restart_mt();
+    // The old process is gone: an address that answers is the new one's.
+    let again = wait_for(
+        "the failover was not served again after a restart",
+        20,
+        || {
+            let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+            let url = format!("nbd://{}/d0", s["failover"]["address"].as_str()?);
+            let answers = Command::new("nbdinfo")
+                .args(["--size", &url])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            answers.then_some(Value::String(url))
+        },
+    );
+    let again = again.as_str().unwrap().to_string();
+    boomerang_testkit::run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &again,
+            served.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&served).unwrap() == want,
+        "served again, as written"
+    );
     // Once failed over, not again.
     let out = r.cli(&["failover", "app01", "--output", "json"]);
     assert_eq!(out.status.code(), Some(3));

@@ -132,7 +132,7 @@ pub(crate) fn prune_index(retention: &Path, stream: &str) -> Result<(), PointsEr
     std::fs::rename(&tmp, &path).map_err(io)
 }
 
-async fn open_store(retention: &Path, stream: &str) -> Result<Store, PointsError> {
+pub(crate) async fn open_store(retention: &Path, stream: &str) -> Result<Store, PointsError> {
     let location = replica_store(retention, stream);
     if !location.exists() {
         return Err(PointsError::NoStore {

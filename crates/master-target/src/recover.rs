@@ -70,14 +70,19 @@ pub enum RecoverError {
     )]
     TargetExists { target: PathBuf },
     #[error(
-        "{} is the recovery of {was}, not of {asked}: give another target, or remove {} and its .recovery and .held files to start over",
-        target.display(), target.display()
+        "{} is the recovery of {was}, not of {asked}: give another target (it holds what the machine wrote there; remove it and its .recovery and .held files only if that is not needed)",
+        target.display()
     )]
     OtherRecovery {
         target: PathBuf,
         was: String,
         asked: String,
     },
+    #[error(
+        "the recovery into {} cannot resume: {why}; its target may hold writes made since the failover: keep it, and recover into a new target",
+        target.display()
+    )]
+    BadState { target: PathBuf, why: String },
     #[error("{what} {}: {source}", path.display())]
     Io {
         what: &'static str,
@@ -174,6 +179,11 @@ pub struct Recovery {
     state: State,
     /// Bytes the store served (reads and hydration).
     fetched: AtomicU64,
+    /// One save of the held-block map at a time: a later snapshot must not be overwritten by
+    /// an earlier one.
+    saving: Mutex<()>,
+    /// Stopped: every read and write fails (the target may be deleted).
+    closed: AtomicBool,
 }
 
 fn held_path(target: &Path) -> PathBuf {
@@ -188,6 +198,44 @@ fn state_path(target: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Where a new target is made before it is put in place.
+fn creating_path(target: &Path) -> PathBuf {
+    let mut p = target.as_os_str().to_owned();
+    p.push(".creating");
+    PathBuf::from(p)
+}
+
+/// The saved state of the recovery into `target`, if there is one.
+fn read_state(target: &Path) -> Result<Option<State>, RecoverError> {
+    let path = state_path(target);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| RecoverError::BadState {
+                target: target.to_path_buf(),
+                why: format!("its state {} is damaged: {e}", path.display()),
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(RecoverError::Io {
+            what: "could not read the recovery state of",
+            path: target.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The point the recovery into `target` was made at, if it was.
+pub fn saved_seq(target: &Path) -> Option<u64> {
+    read_state(target).ok().flatten().map(|s| s.seq)
+}
+
+fn sync_dir(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
+        _ => File::open(".")?.sync_all(),
+    }
+}
+
 /// Writes `bytes` to `path` whole or not at all (a temporary file, synced, renamed).
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
@@ -197,20 +245,45 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.write_all_at(bytes, 0)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        })?
-        .sync_all()?;
-    }
-    Ok(())
+    sync_dir(path)
 }
 
 impl Recovery {
     /// Opens (or resumes) the recovery `config` asks for. Call from a Tokio runtime.
+    ///
+    /// A target with a saved state is resumed from it (with `at` none, whatever point it was
+    /// made at); a new one is made under `TARGET.creating` and renamed once the log's records
+    /// are in and the state is saved, so a crash in between leaves nothing half made.
     pub async fn open(config: &RecoveryConfig) -> Result<Arc<Recovery>, RecoverError> {
+        let target = &config.target;
+        let saved = read_state(target)?;
+        if let Some(state) = saved {
+            if state.stream != config.stream
+                || state.disk != config.disk.as_str()
+                || config.at.is_some_and(|s| s != state.seq)
+            {
+                let asked = format!(
+                    "disk {} of {} at seq {}",
+                    config.disk,
+                    config.stream,
+                    config.at.map_or("latest".to_string(), |s| s.to_string())
+                );
+                return Err(RecoverError::OtherRecovery {
+                    target: target.clone(),
+                    was: state.what(),
+                    asked,
+                });
+            }
+            return Self::resume(config, state).await;
+        }
+        let creating = creating_path(target);
+        if target.exists() {
+            return Err(RecoverError::TargetExists {
+                target: target.clone(),
+            });
+        }
+        // Left by a crash before the state was saved: made again.
+        let _ = std::fs::remove_file(&creating);
         let seq = match config.at {
             Some(s) => s,
             None => points::list(&config.retention, &config.stream, &config.disk)
@@ -224,8 +297,7 @@ impl Recovery {
         };
         let (store, base) =
             points::base_of(&config.retention, &config.stream, &config.disk, seq).await?;
-        let target = &config.target;
-        let asked = State {
+        let state = State {
             stream: config.stream.clone(),
             disk: config.disk.to_string(),
             seq,
@@ -233,89 +305,123 @@ impl Recovery {
             size: base.size,
             hydrated: false,
         };
-        let saved: Option<State> = std::fs::read(state_path(target))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let shape = base.shape();
-        let block = base.block_size;
-        let make = |file: File, state: State, held: Held| Recovery {
-            store: store.clone(),
-            base: base.clone(),
-            shape,
-            block,
-            size: state.size,
-            target: file,
-            path: target.clone(),
-            held: Mutex::new(held),
-            groups: Mutex::default(),
-            tree: tokio::sync::Mutex::new(TreeReader::new(store.clone(), base.tree())),
-            runtime: tokio::runtime::Handle::current(),
-            state,
-            fetched: AtomicU64::new(0),
-        };
-        if let Some(state) = saved {
-            // A restart: the log was applied before the state was written.
-            if (&state.stream, &state.disk, state.seq) != (&asked.stream, &asked.disk, asked.seq) {
-                return Err(RecoverError::OtherRecovery {
-                    target: target.clone(),
-                    was: state.what(),
-                    asked: asked.what(),
-                });
-            }
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(target)
-                .map_err(io_err("could not open the recovery target", target))?;
-            let blocks = state.size.div_ceil(block);
-            let bytes = std::fs::read(held_path(target)).unwrap_or_default();
-            let held = Held::load(&bytes, blocks).unwrap_or_else(|| {
-                tracing::warn!(target = %target.display(), "the held-block map is missing or damaged: every block is copied again");
-                Held::new(blocks)
-            });
-            return Ok(Arc::new(make(file, state, held)));
-        }
-        if target.exists() {
-            return Err(RecoverError::TargetExists {
-                target: target.clone(),
-            });
-        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(target)
-            .map_err(io_err("could not create the recovery target", target))?;
+            .open(&creating)
+            .map_err(io_err("could not create the recovery target", &creating))?;
         file.set_len(base.size)
-            .map_err(io_err("could not size the recovery target", target))?;
-        let recovery = make(file, asked, Held::new(base.size.div_ceil(block)));
+            .map_err(io_err("could not size the recovery target", &creating))?;
+        let held = Held::new(base.size.div_ceil(base.block_size));
+        let recovery = Self::make(store, base, file, target, state, held);
         let recovery = recovery.apply_log(config, seq).await?;
-        let recovery = Arc::new(recovery);
         recovery
             .persist()
             .map_err(io_err("could not save the held-block map of", target))?;
         let state = serde_json::to_vec(&recovery.state).unwrap_or_default();
         write_atomic(&state_path(target), &state)
             .map_err(io_err("could not write the recovery state of", target))?;
-        Ok(recovery)
+        std::fs::rename(&creating, target)
+            .map_err(io_err("could not put in place the recovery target", target))?;
+        sync_dir(target).map_err(io_err("could not sync the directory of", target))?;
+        Ok(Arc::new(recovery))
+    }
+
+    /// Resumes the recovery whose state `state` was saved beside `config.target`.
+    async fn resume(config: &RecoveryConfig, state: State) -> Result<Arc<Recovery>, RecoverError> {
+        let target = &config.target;
+        // A crash between the state's save and the target's rename: finish the rename.
+        let creating = creating_path(target);
+        if !target.exists() && creating.exists() {
+            std::fs::rename(&creating, target)
+                .map_err(io_err("could not put in place the recovery target", target))?;
+        }
+        let store = points::open_store(&config.retention, &config.stream).await?;
+        let id = state.base.parse().map_err(|_| RecoverError::BadState {
+            target: target.clone(),
+            why: format!("{:?} is not a point id", state.base),
+        })?;
+        let base = store.point(&config.disk, Some(id)).await?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(target)
+            .map_err(io_err("could not open the recovery target", target))?;
+        let blocks = state.size.div_ceil(base.block_size);
+        let bytes = std::fs::read(held_path(target))
+            .map_err(io_err("could not read the held-block map of", target))?;
+        // Without the map, the target's blocks cannot be told from the checkpoint's: copying
+        // the checkpoint over them would lose what the machine wrote.
+        let held = Held::load(&bytes, blocks).ok_or_else(|| RecoverError::BadState {
+            target: target.clone(),
+            why: format!(
+                "its held-block map {} is damaged",
+                held_path(target).display()
+            ),
+        })?;
+        Ok(Arc::new(Self::make(store, base, file, target, state, held)))
+    }
+
+    fn make(
+        store: Store,
+        base: PointManifest,
+        file: File,
+        target: &Path,
+        state: State,
+        held: Held,
+    ) -> Recovery {
+        Recovery {
+            shape: base.shape(),
+            block: base.block_size,
+            size: state.size,
+            target: file,
+            path: target.to_path_buf(),
+            held: Mutex::new(held),
+            groups: Mutex::default(),
+            tree: tokio::sync::Mutex::new(TreeReader::new(store.clone(), base.tree())),
+            runtime: tokio::runtime::Handle::current(),
+            state,
+            fetched: AtomicU64::new(0),
+            saving: Mutex::new(()),
+            closed: AtomicBool::new(false),
+            store,
+            base,
+        }
     }
 
     /// Writes the log's records between the checkpoint and the point into the target.
     async fn apply_log(mut self, config: &RecoveryConfig, seq: u64) -> Result<Self, RecoverError> {
         let from = self.base.seq.map_or(0, |s| s.0) + 1;
-        let mut ops = Vec::new();
-        points::each_op(
-            &config.retention,
-            &config.stream,
-            &config.disk,
-            from,
-            seq,
-            |op| {
-                ops.push(op.clone());
+        // The log is read on a blocking thread and its changes applied here, a few at a time:
+        // a day of log never sits in memory.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Op>(16);
+        let (retention, stream, disk) = (
+            config.retention.clone(),
+            config.stream.clone(),
+            config.disk.clone(),
+        );
+        let reading = tokio::task::spawn_blocking(move || {
+            points::each_op(&retention, &stream, &disk, from, seq, |op| {
+                // The receiver stopped: it failed, and says why.
+                let _ = tx.blocking_send(op.clone());
                 Ok(())
-            },
-        )?;
-        for op in ops {
+            })
+        });
+        while let Some(op) = rx.recv().await {
+            if let Op::Write { offset, data, .. } = &op
+                && offset.saturating_add(data.len() as u64) > self.size
+            {
+                return Err(RecoverError::Points(PointsError::Log {
+                    stream: config.stream.clone(),
+                    why: format!(
+                        "a write of {} bytes at offset {offset} passes the end of disk {} ({} bytes)",
+                        data.len(),
+                        config.disk,
+                        self.size
+                    ),
+                }));
+            }
             match op {
                 Op::Resize { size, .. } => {
                     self.target
@@ -348,6 +454,12 @@ impl Recovery {
                 Op::Mark { .. } => {}
             }
         }
+        reading.await.map_err(|e| {
+            RecoverError::Points(PointsError::Log {
+                stream: config.stream.clone(),
+                why: e.to_string(),
+            })
+        })??;
         Ok(self)
     }
 
@@ -442,9 +554,27 @@ impl Recovery {
 
     /// Syncs the target, then saves which blocks it holds.
     fn persist(&self) -> io::Result<()> {
+        let _one_at_a_time = self.saving.lock().unwrap_or_else(|e| e.into_inner());
         let bytes = self.held().bytes();
         self.target.sync_data()?;
         write_atomic(&held_path(&self.path), &bytes)
+    }
+
+    /// Stops the device: every later read and write fails, so that no client writes into a
+    /// target about to be deleted. What was written is saved first.
+    pub fn close(&self) -> io::Result<()> {
+        self.closed.store(true, Ordering::Relaxed);
+        self.persist()
+    }
+
+    fn open_for_io(&self) -> io::Result<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(io::Error::other(format!(
+                "the recovery into {} was stopped",
+                self.path.display()
+            )));
+        }
+        Ok(())
     }
 
     /// Blocks held, of all.
@@ -495,10 +625,20 @@ impl Recovery {
             if self.held().get(i) {
                 continue;
             }
-            let base = self
-                .runtime
-                .block_on(self.base_block(i))
-                .map_err(io::Error::other)?;
+            // A store that fails for a while (a timeout, a 5xx) is waited for: the copy goes
+            // on once it answers.
+            let mut wait = Duration::from_millis(500);
+            let base = loop {
+                match self.runtime.block_on(self.base_block(i)) {
+                    Ok(b) => break b,
+                    Err(e) if !stop.load(Ordering::Relaxed) => {
+                        tracing::warn!(target = %self.path.display(), block = i, error = %boomerang_core::chain(&e), "could not read the replica store; the copy retries");
+                        std::thread::sleep(wait);
+                        wait = (wait * 2).min(Duration::from_secs(30));
+                    }
+                    Err(e) => return Err(io::Error::other(e)),
+                }
+            };
             {
                 let mut held = self.held();
                 if !held.get(i) {
@@ -549,6 +689,7 @@ impl BlockDevice for Recovery {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.open_for_io()?;
         let end = offset + buf.len() as u64;
         let mut at = offset;
         while at < end {
@@ -568,6 +709,7 @@ impl BlockDevice for Recovery {
     }
 
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.open_for_io()?;
         self.io(self.runtime.block_on(self.write_async(data, offset)))?;
         if fua {
             self.persist()?;
@@ -576,6 +718,7 @@ impl BlockDevice for Recovery {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool, fua: bool) -> io::Result<()> {
+        self.open_for_io()?;
         let mut at = offset;
         let end = offset + len;
         while at < end {
@@ -596,6 +739,7 @@ impl BlockDevice for Recovery {
     }
 
     fn flush(&self) -> io::Result<()> {
+        self.open_for_io()?;
         self.persist()
     }
 

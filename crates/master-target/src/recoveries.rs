@@ -33,6 +33,8 @@ pub struct Progress {
     pub disk: String,
     pub copied_bytes: u64,
     pub size_bytes: u64,
+    /// Where it is served (NBD).
+    pub address: String,
 }
 
 /// The point to serve.
@@ -151,17 +153,32 @@ impl Recoveries {
     ) -> Result<Served, String> {
         let mut running = self.running.lock().await;
         if let Some(r) = running.get(key) {
-            return Ok(r.served.clone());
+            return match at {
+                At::Seq(s) if s != r.served.seq => Err(format!(
+                    "{key} serves seq {} already, not {s}: stop it first",
+                    r.served.seq
+                )),
+                _ => Ok(r.served.clone()),
+            };
         }
         if disks.is_empty() {
             return Err(format!("no disk of {machine} was named"));
         }
-        let seq = match at {
-            At::Seq(s) => s,
-            At::Latest => self.latest_common(machine, disks, false).await?,
-            At::LatestAppConsistent => self.latest_common(machine, disks, true).await?,
-        };
         let dir = self.dir(key);
+        // Targets made before a restart: resumed at their point, whatever `at` says now.
+        let saved = disks
+            .iter()
+            .find_map(|d| crate::recover::saved_seq(&dir.join(format!("{d}.img"))));
+        let seq = match (saved, at) {
+            (Some(s), At::Seq(asked)) if s != asked => {
+                return Err(format!(
+                    "{key} was made at seq {s}, not {asked}: stop it first"
+                ));
+            }
+            (Some(s), _) | (None, At::Seq(s)) => s,
+            (None, At::Latest) => self.latest_common(machine, disks, false).await?,
+            (None, At::LatestAppConsistent) => self.latest_common(machine, disks, true).await?,
+        };
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("could not create {}: {e}", dir.display()))?;
         let mut exports = Vec::new();
@@ -229,7 +246,10 @@ impl Recoveries {
     /// How far each disk served is copied into its target: key, machine, disk, bytes copied,
     /// bytes in all.
     pub async fn progress(&self) -> Vec<Progress> {
-        let running = self.running.lock().await;
+        // A start in progress holds the map: the next heartbeat reports.
+        let Ok(running) = self.running.try_lock() else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for (key, r) in running.iter() {
             for (disk, recovery) in r.served.exports.iter().zip(&r.disks) {
@@ -240,6 +260,7 @@ impl Recoveries {
                     disk: disk.clone(),
                     copied_bytes: copied,
                     size_bytes: size,
+                    address: r.served.address.clone(),
                 });
             }
         }
@@ -247,10 +268,52 @@ impl Recoveries {
         out
     }
 
+    /// Serves again the failovers whose targets are on the retention volume (after a restart
+    /// of the master target): a failed-over machine's disks are its disks now.
+    pub async fn resume_failovers(&self) {
+        let Ok(machines) = std::fs::read_dir(self.retention.join("failovers")) else {
+            return;
+        };
+        for entry in machines.flatten() {
+            let Some(machine) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let mut disks: Vec<DiskName> = std::fs::read_dir(entry.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|f| {
+                    let name = f.file_name().to_str()?.to_string();
+                    let disk = name.strip_suffix(".img.recovery")?;
+                    DiskName::new(disk).ok()
+                })
+                .collect();
+            disks.sort();
+            if disks.is_empty() {
+                continue;
+            }
+            let key = failover(&machine);
+            match self.start(&key, &machine, &disks, At::Latest).await {
+                Ok(served) => {
+                    tracing::warn!(%machine, address = %served.address, "serving a failed-over machine's disks again")
+                }
+                Err(e) => {
+                    tracing::error!(%machine, error = %e, "could not serve a failed-over machine's disks again")
+                }
+            }
+        }
+    }
+
     /// Stops serving `key` and deletes its targets.
     pub async fn stop(&self, key: &str) -> Result<(), String> {
         let gone = self.running.lock().await.remove(key);
         if let Some(r) = gone {
+            // Clients still connected get errors from now on, not a deleted file.
+            for d in &r.disks {
+                if let Err(e) = d.close() {
+                    tracing::warn!(target = %d.target().display(), error = %e, "could not save a recovery before stopping it");
+                }
+            }
             let _ = r.stop_serving.send(true);
             r.stop_copying.store(true, Ordering::Relaxed);
             let threads = r.threads;

@@ -1353,6 +1353,11 @@ pub struct WaitQuery {
     #[param(minimum = 0, maximum = 30)]
     #[serde(default, deserialize_with = "crate::policy::whole_opt")]
     pub wait: Option<u32>,
+    /// The ids of the commands the component is carrying out, comma-separated: not given
+    /// again meanwhile, so that one slow command does not hold up the others.
+    #[param(max_length = 2000, pattern = "^[0-9]{1,16}(,[0-9]{1,16})*$")]
+    #[serde(default)]
+    pub busy: Option<String>,
 }
 
 /// A component fetches its next command (with its component token): 200 and the command, or
@@ -1375,10 +1380,27 @@ async fn next_command(
             )));
         }
     };
+    let busy: Vec<i64> = match q.busy.as_deref() {
+        None | Some("") => Vec::new(),
+        Some(list) if list.len() <= 2000 => list
+            .split(',')
+            .map(|id| id.parse::<i64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| {
+                ApiError::bad_request(format!(
+                    "busy {list:?} is not a list of command ids: give them comma-separated"
+                ))
+            })?,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "busy is longer than 2000 characters: a component carries out fewer commands at once",
+            ));
+        }
+    };
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait as u64);
     loop {
-        let name = caller.name.clone();
-        if let Some(command) = db(&state, move |db| db.next_command(&name)).await? {
+        let (name, busy) = (caller.name.clone(), busy.clone());
+        if let Some(command) = db(&state, move |db| db.next_command(&name, &busy)).await? {
             return Ok(Json(command).into_response());
         }
         if tokio::time::Instant::now() >= deadline {

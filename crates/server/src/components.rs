@@ -183,6 +183,10 @@ pub struct RecoveryReport {
     pub copied_bytes: u64,
     #[schema(minimum = 0, maximum = 9007199254740991_i64)]
     pub size_bytes: u64,
+    /// Where it is served (NBD, `host:port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 256)]
+    pub address: Option<String>,
 }
 
 /// The most items a heartbeat's lists may hold.

@@ -358,13 +358,32 @@ impl Db {
             data.insert("planned".into(), json!(true));
         }
         let id = {
-            let conn = self.conn();
-            conn.execute(
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            // One job at a time per machine: two would act on the same disks.
+            let running: Option<(i64, String)> = {
+                use rusqlite::OptionalExtension;
+                tx.query_row(
+                    "SELECT id, kind FROM jobs WHERE machine = ?1 AND state = 'running' LIMIT 1",
+                    [&new.machine],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?
+            };
+            if let Some((other, kind)) = running {
+                return Err(DbError::Conflict(format!(
+                    "job {other} ({kind}) of machine {:?} is running: wait for it to end (boomerang job show {other})",
+                    new.machine
+                )));
+            }
+            tx.execute(
                 "INSERT INTO jobs (kind, machine, state, step, result, requested_by, created_ms, updated_ms, data)
                  VALUES (?1, ?2, 'running', 0, 'null', ?3, ?4, ?4, ?5)",
                 rusqlite::params![new.kind.as_str(), new.machine, actor, now, Value::Object(data).to_string()],
             )?;
-            conn.last_insert_rowid()
+            let id = tx.last_insert_rowid();
+            tx.commit()?;
+            id
         };
         self.get_job(id)?
             .ok_or_else(|| DbError::NotFound(format!("job {id} vanished")))
@@ -466,18 +485,18 @@ impl Db {
                 "job {id} is at step {:?}, where a component is at work: it cannot be cancelled safely there; wait for it to end{}",
                 row.job.step,
                 if row.job.kind == JobKind::TestFailover {
-                    ", then run test-failover-cleanup"
+                    ", then run test-failover-cleanup if it succeeded"
                 } else {
                     ""
                 }
             )));
         }
-        if !self.end_job(
-            id,
-            JobState::Cancelled,
-            "cancelled before it started",
-            &Value::Null,
-        )? {
+        // Only while it is still at its first step: the engine may move it on meanwhile.
+        let cancelled = self.conn().execute(
+            "UPDATE jobs SET state = 'cancelled', message = 'cancelled before it started', updated_ms = ?2 WHERE id = ?1 AND state = 'running' AND step = 0",
+            rusqlite::params![id, crate::db::now()],
+        )?;
+        if cancelled != 1 {
             return Err(DbError::Conflict(format!(
                 "job {id} moved on meanwhile: look at it again"
             )));
@@ -518,14 +537,19 @@ impl Db {
         Ok(out)
     }
 
-    /// The next command for `component` not answered yet (given again until it is).
-    pub fn next_command(&self, component: &str) -> Result<Option<Command>, DbError> {
+    /// The next command for `component` not answered yet, of a running job, other than those
+    /// in `busy` (the ones it is carrying out).
+    pub fn next_command(&self, component: &str, busy: &[i64]) -> Result<Option<Command>, DbError> {
         use rusqlite::OptionalExtension;
+        let busy = serde_json::to_string(busy).unwrap_or_else(|_| "[]".into());
         Ok(self
             .conn()
             .query_row(
-                "SELECT id, job, kind, params FROM commands WHERE component = ?1 AND state = 'pending' ORDER BY id LIMIT 1",
-                [component],
+                "SELECT c.id, c.job, c.kind, c.params FROM commands c JOIN jobs j ON j.id = c.job
+                 WHERE c.component = ?1 AND c.state = 'pending' AND j.state = 'running'
+                   AND c.id NOT IN (SELECT value FROM json_each(?2))
+                 ORDER BY c.id LIMIT 1",
+                rusqlite::params![component, busy],
                 |r| {
                     let params: String = r.get(3)?;
                     Ok(Command {
@@ -792,11 +816,15 @@ impl Engine<'_> {
                 };
                 let Some(seq) = answer["result"]["seq"].as_u64().filter(|_| answer["ok"] == true)
                 else {
+                    let why = if answer["ok"] == true {
+                        "its answer names no final mark (upgrade the agent)"
+                    } else {
+                        answer["error"].as_str().unwrap_or("no reason given")
+                    };
                     return self.fail(
                         id,
                         format!(
-                            "the agent of {machine:?} could not stop the machine for a planned failover: {}",
-                            answer["error"].as_str().unwrap_or("no reason given")
+                            "the planned failover of {machine:?} stopped at the drain: {why}. The agent may refuse writes already (a failed-over marker in its log directory): fail over unplanned to the latest point, or, to run the machine here again, remove the marker and restart the agent"
                         ),
                     );
                 };

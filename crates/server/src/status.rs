@@ -236,15 +236,20 @@ pub fn of(id: i64, machine: &Machine, inputs: &Inputs<'_>) -> MachineStatus {
     // How far the failed-over disks are copied into whole disks, from the master target.
     if let Some(serde_json::Value::Object(f)) = &mut failover {
         let key = format!("failovers/{name}");
-        let (copied, size) = inputs
+        let reported: Vec<_> = inputs
             .components
             .iter()
             .filter_map(|c| c.last.as_ref())
             .flat_map(|b| b.recoveries.iter().flatten())
             .filter(|r| r.key == key)
-            .fold((0u64, 0u64), |(c, s), r| {
-                (c + r.copied_bytes, s + r.size_bytes)
-            });
+            .collect();
+        let (copied, size) = reported.iter().fold((0u64, 0u64), |(c, s), r| {
+            (c + r.copied_bytes, s + r.size_bytes)
+        });
+        // Where the master target serves the disks now (after a restart, maybe elsewhere).
+        if let Some(address) = reported.iter().find_map(|r| r.address.clone()) {
+            f.insert("address".into(), serde_json::json!(address));
+        }
         if size > 0 {
             let percent = (copied as f64 * 1000.0 / size as f64).floor() / 10.0;
             f.insert("hydrated_percent".into(), serde_json::json!(percent));

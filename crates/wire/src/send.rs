@@ -173,6 +173,14 @@ async fn stream<S: Source>(
             here: Seq(log_next.0.saturating_sub(1)),
         });
     }
+    // What the receiver resumes after, it holds durable: as good as an ack.
+    if next.0 > 1 {
+        log.release_through(Seq(next.0 - 1))
+            .map_err(|why| ShipError::Log {
+                dir: dir.clone(),
+                why,
+            })?;
+    }
     tracing::info!(to = %config.addr, stream = %config.stream, next_seq = %next, "sending the log");
     let mut tail = LogTail::open(&dir, next)?;
     let wake = log.wake();

@@ -109,7 +109,7 @@ fn new(kind: JobKind, point: Option<&str>) -> NewJob {
 }
 
 fn answer(db: &Db, component: &str, ok: bool, result: Value) -> Command {
-    let command = db.next_command(component).unwrap().expect("a command");
+    let command = db.next_command(component, &[]).unwrap().expect("a command");
     db.answer_command(
         component,
         command.id,
@@ -134,7 +134,7 @@ fn a_test_failover_of_a_machine_that_is_not_protected_fails_and_says_why() {
     assert_eq!(job.state, JobState::Failed);
     assert!(job.message.unwrap().contains("not protected"));
     assert!(
-        db.next_command("mt1").unwrap().is_none(),
+        db.next_command("mt1", &[]).unwrap().is_none(),
         "nothing was given to a component"
     );
 }
@@ -153,20 +153,20 @@ fn a_test_failover_gives_its_master_target_a_command_and_ends_with_its_answer() 
     // At work: no cancelling now.
     assert!(matches!(db.cancel_job(job.id), Err(DbError::Conflict(_))));
     // The command comes again until it is answered.
-    let first = db.next_command("mt1").unwrap().unwrap();
-    assert_eq!(db.next_command("mt1").unwrap().unwrap().id, first.id);
+    let first = db.next_command("mt1", &[]).unwrap().unwrap();
+    assert_eq!(db.next_command("mt1", &[]).unwrap().unwrap().id, first.id);
     assert_eq!(first.kind, "recovery-start");
     assert_eq!(first.params["machine"], "app01");
     assert_eq!(first.params["disks"], json!(["d0"]));
     assert_eq!(first.params["at"], 9);
-    assert!(db.next_command("ps1").unwrap().is_none());
+    assert!(db.next_command("ps1", &[]).unwrap().is_none());
     engine(&db).step_all().unwrap();
     assert_eq!(
         db.get_job(job.id).unwrap().unwrap().state,
         JobState::Running
     );
     answer(&db, "mt1", true, json!({"address": "127.0.0.1:10810"}));
-    assert!(db.next_command("mt1").unwrap().is_none());
+    assert!(db.next_command("mt1", &[]).unwrap().is_none());
     engine(&db).step_all().unwrap();
     let done = db.get_job(job.id).unwrap().unwrap();
     assert_eq!(done.state, JobState::Succeeded, "{done:?}");
@@ -331,7 +331,7 @@ fn a_planned_failover_stops_the_machine_waits_for_its_final_mark_and_serves_it()
     // Not at the master target yet (its newest point is 9): the job waits.
     engine(&db).step_all().unwrap();
     assert_eq!(db.get_job(job.id).unwrap().unwrap().step, "catch-up");
-    assert!(db.next_command("mt1").unwrap().is_none());
+    assert!(db.next_command("mt1", &[]).unwrap().is_none());
     mt_point(&db, 12);
     engine(&db).step_all().unwrap();
     assert_eq!(db.get_job(job.id).unwrap().unwrap().step, "recover");
@@ -375,7 +375,7 @@ fn an_unplanned_failover_goes_to_the_point_asked_for_without_the_agent() {
     engine(&db).step_all().unwrap();
     assert_eq!(db.get_job(job.id).unwrap().unwrap().step, "recover");
     assert!(
-        db.next_command("app01").unwrap().is_none(),
+        db.next_command("app01", &[]).unwrap().is_none(),
         "the agent is not asked"
     );
     let start = answer(&db, "mt1", true, json!({"address": "a", "seq": 7}));
@@ -490,7 +490,7 @@ fn a_failover_changes_point_until_it_is_committed() {
     let late = db.get_job(late).unwrap().unwrap();
     assert_eq!(late.state, JobState::Failed);
     assert!(late.message.unwrap().contains("committed"));
-    assert!(db.next_command("mt1").unwrap().is_none());
+    assert!(db.next_command("mt1", &[]).unwrap().is_none());
 }
 
 /// ps1's report of app01's stream with `backlog` bytes not yet at the master target.
@@ -523,7 +523,7 @@ fn an_unplanned_failover_to_latest_waits_for_the_process_servers_backlog_first()
     engine(&db).step_all().unwrap();
     assert_eq!(db.get_job(job.id).unwrap().unwrap().step, "catch-up");
     assert!(
-        db.next_command("mt1").unwrap().is_none(),
+        db.next_command("mt1", &[]).unwrap().is_none(),
         "not before the backlog is in"
     );
     ps_backlog(&db, 0);
@@ -551,4 +551,28 @@ fn an_unplanned_failover_to_latest_waits_for_the_process_servers_backlog_first()
         engine(&db).step_all().unwrap();
         assert_eq!(db.get_job(job.id).unwrap().unwrap().state, JobState::Failed);
     }
+}
+
+#[test]
+fn one_job_at_a_time_per_machine_and_no_command_of_an_ended_job_or_one_at_work() {
+    let (_dir, db) = db();
+    protect(&db);
+    let first = db
+        .create_job(&new(JobKind::TestFailover, None), "ops")
+        .unwrap();
+    assert!(matches!(
+        db.create_job(&new(JobKind::Failover, None), "ops"),
+        Err(DbError::Conflict(why)) if why.contains(&format!("job {}", first.id))
+    ));
+    engine(&db).step_all().unwrap();
+    let command = db.next_command("mt1", &[]).unwrap().unwrap();
+    // At work on it: not given again.
+    assert!(db.next_command("mt1", &[command.id]).unwrap().is_none());
+    // The job ends another way (here by hand): its command is not given any more.
+    db.end_job(first.id, JobState::Failed, "gone", &Value::Null)
+        .unwrap();
+    assert!(db.next_command("mt1", &[]).unwrap().is_none());
+    // The machine is free for the next job.
+    db.create_job(&new(JobKind::TestFailover, None), "ops")
+        .unwrap();
 }
