@@ -508,19 +508,33 @@ impl Db {
     /// The machines failed over, with what their last failover serves.
     pub fn failed_over(&self) -> Result<Vec<(String, Value)>, DbError> {
         let conn = self.conn();
+        // A change of point that failed after its stop step stopped the failover's serving.
         let mut stmt = conn.prepare(
-            "SELECT machine, kind, result FROM jobs WHERE kind IN ('failover', 'change-point', 'commit') AND state = 'succeeded' ORDER BY id",
+            "SELECT machine, kind, result, state FROM jobs
+             WHERE kind IN ('failover', 'change-point', 'commit')
+               AND (state = 'succeeded' OR (kind = 'change-point' AND state = 'failed' AND step >= 2))
+             ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
             ))
         })?;
         let mut out: Vec<(String, Value)> = Vec::new();
         for row in rows {
-            let (machine, kind, result) = row?;
+            let (machine, kind, result, state) = row?;
+            if state == "failed" {
+                if let Some((_, r)) = out.iter_mut().find(|(m, _)| *m == machine)
+                    && let Value::Object(o) = r
+                {
+                    o.insert("serving".into(), json!(false));
+                    o.remove("address");
+                }
+                continue;
+            }
             if kind == "commit" {
                 // The failover stays; its point is final now.
                 if let Some((_, r)) = out.iter_mut().find(|(m, _)| *m == machine)
@@ -908,6 +922,14 @@ impl Engine<'_> {
                         format!("machine {machine:?} is not failed over: there is nothing to {}", job.kind.as_str()),
                     );
                 };
+                if failover["serving"] == false && job.kind == JobKind::Commit {
+                    return self.fail(
+                        id,
+                        format!(
+                            "the disks of {machine:?} are not served (a change of point failed after stopping them): run change-point again, then commit"
+                        ),
+                    );
+                }
                 if failover["committed"] == true {
                     return self.fail(
                         id,

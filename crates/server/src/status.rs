@@ -275,6 +275,18 @@ pub fn of(id: i64, machine: &Machine, inputs: &Inputs<'_>) -> MachineStatus {
     let latest_point_unix_ms = last_mark.and_then(|(_, t)| t);
     let rpo_seconds = latest_point_unix_ms.map(|t| (inputs.now_ms - t).max(0) as f64 / 1000.0);
 
+    if failover
+        .as_ref()
+        .is_some_and(|f| f["serving"] == serde_json::json!(false))
+    {
+        worse(
+            StatusHealth::Critical,
+            format!(
+                "the failed-over disks of {name:?} are not served: a change of point failed after stopping them; run change-point again"
+            ),
+            &mut notes,
+        );
+    }
     match agent {
         // Failed over: the source's agent is expected to be stopped or gone.
         _ if failover.is_some() => {}

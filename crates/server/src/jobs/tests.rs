@@ -576,3 +576,82 @@ fn one_job_at_a_time_per_machine_and_no_command_of_an_ended_job_or_one_at_work()
     db.create_job(&new(JobKind::TestFailover, None), "ops")
         .unwrap();
 }
+
+#[test]
+fn a_change_of_point_that_fails_after_its_stop_leaves_the_machine_shown_unserved() {
+    let (_dir, db) = db();
+    protect(&db);
+    let failover = db
+        .create_job(&new(JobKind::Failover, Some("9")), "ops")
+        .unwrap();
+    engine(&db).step_all().unwrap();
+    answer(
+        &db,
+        "mt1",
+        true,
+        json!({"address": "a:1", "exports": ["d0"], "seq": 9}),
+    );
+    engine(&db).step_all().unwrap();
+    assert_eq!(
+        db.get_job(failover.id).unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+    let change = db
+        .create_job(
+            &NewJob {
+                point: Some("5".into()),
+                ..new(JobKind::ChangePoint, None)
+            },
+            "ops",
+        )
+        .unwrap();
+    engine(&db).step_all().unwrap();
+    answer(&db, "mt1", true, json!({}));
+    engine(&db).step_all().unwrap();
+    answer(&db, "mt1", false, Value::Null);
+    engine(&db).step_all().unwrap();
+    assert_eq!(
+        db.get_job(change.id).unwrap().unwrap().state,
+        JobState::Failed
+    );
+    let status = crate::api::statuses(&db, 60_000)
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "app01")
+        .unwrap();
+    let f = status.failover.clone().unwrap();
+    assert_eq!(f["serving"], false);
+    assert!(f.get("address").is_none(), "{f}");
+    assert_eq!(status.health, crate::status::StatusHealth::Critical);
+    // Not committed in that state.
+    let commit = db.create_job(&new(JobKind::Commit, None), "ops").unwrap();
+    engine(&db).step_all().unwrap();
+    let commit = db.get_job(commit.id).unwrap().unwrap();
+    assert_eq!(commit.state, JobState::Failed);
+    assert!(commit.message.unwrap().contains("change-point again"));
+    // Another change of point serves it again.
+    let again = db
+        .create_job(
+            &NewJob {
+                point: Some("5".into()),
+                ..new(JobKind::ChangePoint, None)
+            },
+            "ops",
+        )
+        .unwrap();
+    engine(&db).step_all().unwrap();
+    answer(&db, "mt1", true, json!({}));
+    engine(&db).step_all().unwrap();
+    answer(
+        &db,
+        "mt1",
+        true,
+        json!({"address": "a:2", "exports": ["d0"], "seq": 5}),
+    );
+    engine(&db).step_all().unwrap();
+    assert_eq!(
+        db.get_job(again.id).unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+    assert_eq!(db.failed_over().unwrap()[0].1["address"], "a:2");
+}
