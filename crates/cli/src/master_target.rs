@@ -323,13 +323,13 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         std::sync::Arc::new(move || metrics.render()),
     )
     .await?;
-    // The configuration server's jobs: test failovers and failovers; the failovers of an
-    // earlier run are served again.
+    // The configuration server's jobs: test failovers and failovers; those of an earlier run
+    // are served again.
     let recoveries = std::sync::Arc::new(Recoveries::new(
         &retention_dir,
         args.recovery_listen.clone(),
     ));
-    recoveries.resume_failovers().await;
+    recoveries.resume().await;
     // Heartbeats: the disks attached (the replica images on the retention volume), the
     // points of each, and how far the disks served at a point are copied.
     let (retention, reported) = (retention_dir.clone(), recoveries.clone());

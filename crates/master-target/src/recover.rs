@@ -229,6 +229,11 @@ pub fn saved_seq(target: &Path) -> Option<u64> {
     read_state(target).ok().flatten().map(|s| s.seq)
 }
 
+/// The machine the recovery into `target` is of, if there is one.
+pub fn saved_machine(target: &Path) -> Option<String> {
+    read_state(target).ok().flatten().map(|s| s.stream)
+}
+
 fn sync_dir(path: &Path) -> io::Result<()> {
     match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),

@@ -268,37 +268,41 @@ impl Recoveries {
         out
     }
 
-    /// Serves again the failovers whose targets are on the retention volume (after a restart
-    /// of the master target): a failed-over machine's disks are its disks now.
-    pub async fn resume_failovers(&self) {
-        let Ok(machines) = std::fs::read_dir(self.retention.join("failovers")) else {
-            return;
-        };
-        for entry in machines.flatten() {
-            let Some(machine) = entry.file_name().to_str().map(str::to_string) else {
+    /// Serves again the failovers and test failovers whose targets are on the retention
+    /// volume (after a restart of the master target): a failed-over machine's disks are its
+    /// disks now, and a test machine's scratch disks stay until its cleanup.
+    pub async fn resume(&self) {
+        for kind in ["failovers", "test-failovers"] {
+            let Ok(entries) = std::fs::read_dir(self.retention.join(kind)) else {
                 continue;
             };
-            let mut disks: Vec<DiskName> = std::fs::read_dir(entry.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter_map(|f| {
-                    let name = f.file_name().to_str()?.to_string();
-                    let disk = name.strip_suffix(".img.recovery")?;
-                    DiskName::new(disk).ok()
-                })
-                .collect();
-            disks.sort();
-            if disks.is_empty() {
-                continue;
-            }
-            let key = failover(&machine);
-            match self.start(&key, &machine, &disks, At::Latest).await {
-                Ok(served) => {
-                    tracing::warn!(%machine, address = %served.address, "serving a failed-over machine's disks again")
-                }
-                Err(e) => {
-                    tracing::error!(%machine, error = %e, "could not serve a failed-over machine's disks again")
+            for entry in entries.flatten() {
+                let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                let mut disks: Vec<DiskName> = std::fs::read_dir(entry.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|f| {
+                        let file = f.file_name().to_str()?.to_string();
+                        DiskName::new(file.strip_suffix(".img.recovery")?).ok()
+                    })
+                    .collect();
+                disks.sort();
+                let Some(machine) = disks.first().and_then(|d| {
+                    crate::recover::saved_machine(&entry.path().join(format!("{d}.img")))
+                }) else {
+                    continue;
+                };
+                let key = format!("{kind}/{name}");
+                match self.start(&key, &machine, &disks, At::Latest).await {
+                    Ok(served) => {
+                        tracing::warn!(%key, %machine, address = %served.address, "serving recovered disks again")
+                    }
+                    Err(e) => {
+                        tracing::error!(%key, %machine, error = %e, "could not serve recovered disks again")
+                    }
                 }
             }
         }
