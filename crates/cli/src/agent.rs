@@ -269,14 +269,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     let shipping = match (&args.process_server, &args.tls) {
         (Some(addr), Some(tls_dir)) => {
             let tls = TlsIdentity::load(tls_dir)?;
-            let name = match &args.name {
-                Some(n) => n.clone(),
-                None => tls_dir
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .map(str::to_string)
-                    .context("give the protected machine's name with --name")?,
-            };
+            let name = crate::daemon::name_or_dir(args.name.clone(), tls_dir, "protected machine")?;
             let digests = sync::Digests {
                 tls: tls.clone(),
                 addr: addr.clone(),

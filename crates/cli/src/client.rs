@@ -1012,6 +1012,12 @@ pub async fn component(cmd: ComponentCommand, output: Output) -> anyhow::Result<
             for (file, field) in files {
                 write_private(&out.join(file), got[field].as_str().unwrap_or_default())?;
             }
+            // The name the component is started with, when no --name is given.
+            std::fs::write(
+                out.join(boomerang_wire::pki::NAME_FILE),
+                got["name"].as_str().unwrap_or_default(),
+            )
+            .with_context(|| format!("could not write the name into {}", out.display()))?;
             if output == Output::Json {
                 print_json(&json!({"name": got["name"], "role": got["role"], "dir": out}))?;
             } else {

@@ -7,14 +7,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use boomerang_wire::receive::Receiver;
 
-/// The component's name: `--name`, or the name of its certificate directory.
+/// The component's name: `--name`, or the name its certificate directory says it was issued
+/// to (`boomerang pki issue` and `component enroll` write it), or that directory's name.
 pub fn name_or_dir(name: Option<String>, tls: &Path, what: &str) -> anyhow::Result<String> {
     match name {
         Some(n) => Ok(n),
-        None => tls
-            .file_name()
-            .and_then(|n| n.to_str())
-            .map(str::to_string)
+        None => boomerang_wire::pki::identity_name(tls)
+            .or_else(|| tls.file_name().and_then(|n| n.to_str()).map(str::to_string))
             .with_context(|| format!("give the {what}'s name with --name")),
     }
 }

@@ -895,6 +895,11 @@ fn the_cli_verbs_talk_to_the_api() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_eq!(
+        std::fs::read_to_string(identity.join("name")).unwrap(),
+        "ps1",
+        "the name it is started with when no --name is given"
+    );
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(identity.join("key.pem"))
         .unwrap()

@@ -24,6 +24,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::frame::Role;
 
+/// In an identity directory: the name its certificate is issued to.
+pub const NAME_FILE: &str = "name";
+
+/// The name of the identity in `dir`: its `name` file (written with the certificate).
+pub fn identity_name(dir: &Path) -> Option<String> {
+    fs::read_to_string(dir.join(NAME_FILE))
+        .ok()
+        .map(|n| n.trim().to_string())
+        .filter(|n| valid_name(n))
+}
+
 /// The domain under which certificates name roles: `<name>.<role>.boomerang.internal`.
 pub const IDENTITY_DOMAIN: &str = "boomerang.internal";
 
@@ -270,6 +281,8 @@ pub fn issue(
     let ca_cert = ca_dir.join("ca.crt");
     let ca_pem = fs::read(&ca_cert).map_err(io("read", &ca_cert))?;
     write_new(&out.join("ca.crt"), &ca_pem, 0o644)?;
+    // The name the component is started with, read by `boomerang` when no --name is given.
+    write_new(&out.join(NAME_FILE), name.as_bytes(), 0o644)?;
     Ok(Issued {
         dir: out,
         identity,

@@ -98,6 +98,13 @@ fn the_ca_is_created_once_and_issues_named_certificates() {
     for file in ["cert.pem", "key.pem", "ca.crt"] {
         assert!(issued.dir.join(file).is_file(), "{file}");
     }
+    assert_eq!(pki::identity_name(&issued.dir).as_deref(), Some("web01"));
+    std::fs::write(issued.dir.join("name"), "Not A Name").unwrap();
+    assert_eq!(
+        pki::identity_name(&issued.dir),
+        None,
+        "an invalid name is not taken"
+    );
     let mode = std::fs::metadata(issued.dir.join("key.pem"))
         .unwrap()
         .permissions()
