@@ -400,7 +400,14 @@ async fn command(
     match kind {
         "recovery-start" => start(test_failover(job)).await,
         "recovery-stop" => {
-            recoveries.stop(&test_failover(job)).await?;
+            // The test failovers to stop (one, in older servers' commands).
+            let jobs: Vec<i64> = match params["jobs"].as_array() {
+                Some(list) => list.iter().filter_map(|j| j.as_i64()).collect(),
+                None => vec![job],
+            };
+            for j in jobs {
+                recoveries.stop(&test_failover(j)).await?;
+            }
             Ok(serde_json::json!({}))
         }
         "failover-start" => start(failover(machine()?)).await,

@@ -480,21 +480,26 @@ impl Db {
                 row.job.state.as_str()
             )));
         }
-        if row.step > 0 {
-            return Err(DbError::Conflict(format!(
-                "job {id} is at step {:?}, where a component is at work: it cannot be cancelled safely there; wait for it to end{}",
-                row.job.step,
-                if row.job.kind == JobKind::TestFailover {
-                    ", then run test-failover-cleanup if it succeeded"
-                } else {
-                    ""
-                }
-            )));
-        }
-        // Only while it is still at its first step: the engine may move it on meanwhile.
+        // Where a job may stop, and what is left to do then.
+        let message = match (row.job.kind, row.step) {
+            (_, 0) => "cancelled before it started".to_string(),
+            (JobKind::TestFailover, 2) => "cancelled while its master target may be starting it: run test-failover-cleanup, which stops it if it started".to_string(),
+            (JobKind::Failover, 2) if row.data.get("planned") == Some(&json!(true)) => format!(
+                "cancelled while waiting for the final mark at the master target: the machine is stopped at its source (its agent refuses writes); fail over unplanned, or remove the failed-over marker in its agent's log directory and restart the agent to run it there again ({:?})",
+                row.job.machine
+            ),
+            (JobKind::Failover, 2) => "cancelled while waiting for the process server's backlog; nothing was failed over".to_string(),
+            _ => {
+                return Err(DbError::Conflict(format!(
+                    "job {id} is at step {:?}, where a component is at work: it cannot be cancelled safely there; wait for it to end",
+                    row.job.step
+                )));
+            }
+        };
+        // Only while it is still at that step: the engine may move it on meanwhile.
         let cancelled = self.conn().execute(
-            "UPDATE jobs SET state = 'cancelled', message = 'cancelled before it started', updated_ms = ?2 WHERE id = ?1 AND state = 'running' AND step = 0",
-            rusqlite::params![id, crate::db::now()],
+            "UPDATE jobs SET state = 'cancelled', message = ?3, updated_ms = ?4 WHERE id = ?1 AND state = 'running' AND step = ?2",
+            rusqlite::params![id, row.step as i64, message, crate::db::now()],
         )?;
         if cancelled != 1 {
             return Err(DbError::Conflict(format!(
@@ -503,6 +508,16 @@ impl Db {
         }
         self.get_job(id)?
             .ok_or_else(|| DbError::NotFound(format!("job {id} vanished")))
+    }
+
+    /// The master target job `id` gave work to, if it did.
+    fn job_master_target(&self, id: i64) -> Result<Option<String>, DbError> {
+        Ok(self.job_row(id)?.and_then(|r| {
+            r.data
+                .get("master_target")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        }))
     }
 
     /// The machines failed over, with what their last failover serves.
@@ -994,43 +1009,51 @@ impl Engine<'_> {
                 "serve the disks at that point",
             )?,
             (JobKind::TestFailoverCleanup, 0) => {
-                // The last test failover of the machine that succeeded.
-                let tests: Vec<Job> = self
-                    .db
-                    .list_jobs(0, u32::MAX)?
-                    .into_iter()
+                // Every test failover of the machine since its last cleanup that got as far as
+                // its master target (succeeded, or failed or cancelled on the way).
+                let jobs = self.db.list_jobs(0, u32::MAX)?;
+                let since = jobs
+                    .iter()
                     .filter(|j| {
                         j.machine == machine
                             && j.id < id
-                            && matches!(
-                                j.kind,
-                                JobKind::TestFailover | JobKind::TestFailoverCleanup
-                            )
+                            && j.kind == JobKind::TestFailoverCleanup
                             && j.state == JobState::Succeeded
                     })
+                    .map(|j| j.id)
+                    .max()
+                    .unwrap_or(0);
+                let tests: Vec<&Job> = jobs
+                    .iter()
+                    .filter(|j| {
+                        j.machine == machine
+                            && j.id > since
+                            && j.id < id
+                            && j.kind == JobKind::TestFailover
+                            && j.step != "check"
+                    })
                     .collect();
-                let Some(last) = tests.last().filter(|j| j.kind == JobKind::TestFailover) else {
+                let mt = tests
+                    .iter()
+                    .rev()
+                    .find_map(|j| self.db.job_master_target(j.id).ok().flatten());
+                let (Some(mt), false) = (mt, tests.is_empty()) else {
                     return self.fail(
                         id,
                         format!("machine {machine:?} has no test failover to clean up"),
                     );
                 };
-                let mt = last
-                    .result
-                    .as_ref()
-                    .and_then(|r| r["master_target"].as_str())
-                    .unwrap_or("")
-                    .to_string();
+                let ids: Vec<i64> = tests.iter().map(|j| j.id).collect();
                 data.insert("master_target".into(), json!(mt));
-                data.insert("test".into(), json!(last.id));
-                let params = json!({"job": last.id});
+                data.insert("tests".into(), json!(ids));
+                let params = json!({"job": id, "jobs": ids});
                 self.db
                     .advance(id, 0, 2, &data, Some((&mt, "recovery-stop", params)))?;
             }
             (JobKind::TestFailoverCleanup, 2) => self.finish(
                 &job,
                 &data,
-                |_| format!("the test failover of {machine:?} is stopped and its scratch targets deleted"),
+                |_| format!("the test failovers of {machine:?} are stopped and their scratch targets deleted"),
                 "stop the test failover",
             )?,
             (_, step) => {

@@ -150,8 +150,6 @@ fn a_test_failover_gives_its_master_target_a_command_and_ends_with_its_answer() 
     engine(&db).step_all().unwrap();
     let waiting = db.get_job(job.id).unwrap().unwrap();
     assert_eq!(waiting.step, "serve");
-    // At work: no cancelling now.
-    assert!(matches!(db.cancel_job(job.id), Err(DbError::Conflict(_))));
     // The command comes again until it is answered.
     let first = db.next_command("mt1", &[]).unwrap().unwrap();
     assert_eq!(db.next_command("mt1", &[]).unwrap().unwrap().id, first.id);
@@ -182,7 +180,7 @@ fn a_test_failover_gives_its_master_target_a_command_and_ends_with_its_answer() 
     engine(&db).step_all().unwrap();
     let stop = answer(&db, "mt1", true, json!({}));
     assert_eq!(stop.kind, "recovery-stop");
-    assert_eq!(stop.params["job"], job.id);
+    assert_eq!(stop.params["jobs"], json!([job.id]));
     engine(&db).step_all().unwrap();
     assert_eq!(
         db.get_job(cleanup.id).unwrap().unwrap().state,
@@ -654,4 +652,56 @@ fn a_change_of_point_that_fails_after_its_stop_leaves_the_machine_shown_unserved
         JobState::Succeeded
     );
     assert_eq!(db.failed_over().unwrap()[0].1["address"], "a:2");
+}
+
+#[test]
+fn a_job_waiting_on_a_component_is_cancelled_where_that_is_safe_and_says_what_is_left() {
+    let (_dir, db) = db();
+    protect(&db);
+    // A test failover whose master target does not answer: cancelled, then cleaned up (its
+    // master target stops it if it started).
+    let test = db
+        .create_job(&new(JobKind::TestFailover, None), "ops")
+        .unwrap();
+    engine(&db).step_all().unwrap();
+    let cancelled = db.cancel_job(test.id).unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert!(cancelled.message.unwrap().contains("test-failover-cleanup"));
+    assert!(
+        db.next_command("mt1", &[]).unwrap().is_none(),
+        "not given any more"
+    );
+    let cleanup = db
+        .create_job(&new(JobKind::TestFailoverCleanup, None), "ops")
+        .unwrap();
+    engine(&db).step_all().unwrap();
+    let stop = answer(&db, "mt1", true, json!({}));
+    assert_eq!(stop.params["jobs"], json!([test.id]));
+    engine(&db).step_all().unwrap();
+    assert_eq!(
+        db.get_job(cleanup.id).unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+
+    // A planned failover waiting for its final mark: cancelled, saying the source is stopped.
+    let planned = db
+        .create_job(
+            &NewJob {
+                planned: true,
+                ..new(JobKind::Failover, None)
+            },
+            "ops",
+        )
+        .unwrap();
+    engine(&db).step_all().unwrap();
+    // Draining: a component at work, no cancel.
+    assert!(matches!(
+        db.cancel_job(planned.id),
+        Err(DbError::Conflict(_))
+    ));
+    answer(&db, "app01", true, json!({"seq": 50}));
+    engine(&db).step_all().unwrap();
+    assert_eq!(db.get_job(planned.id).unwrap().unwrap().step, "catch-up");
+    let cancelled = db.cancel_job(planned.id).unwrap();
+    assert!(cancelled.message.unwrap().contains("refuses writes"));
 }
