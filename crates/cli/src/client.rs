@@ -568,6 +568,26 @@ pub async fn failover(args: FailoverArgs, output: Output) -> anyhow::Result<i32>
 }
 
 #[derive(Args, Debug)]
+pub struct ProtectArgs {
+    /// The machine.
+    machine: String,
+    /// The replication policy to protect it with.
+    #[arg(long)]
+    policy: String,
+    /// Return once the job is asked for, without following the initial sync.
+    #[arg(long)]
+    no_wait: bool,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// `boomerang protect`: gives the machine its policy and follows its initial sync.
+pub async fn protect(args: ProtectArgs, output: Output) -> anyhow::Result<i32> {
+    let body = json!({"kind": "protect", "machine": args.machine, "policy": args.policy});
+    run_job(&args.connection, body, args.no_wait, output).await
+}
+
+#[derive(Args, Debug)]
 pub struct ChangePointArgs {
     /// The failed-over machine.
     machine: String,
@@ -614,11 +634,19 @@ async fn run_job(
         .as_i64()
         .context("the server's answer names no job")?;
     if !no_wait {
-        let mut step = String::new();
+        let mut shown = String::new();
         while job["state"] == "running" {
-            if output != Output::Json && job["step"].as_str() != Some(step.as_str()) {
-                step = text(&job["step"]);
-                eprintln!("job {id}: {step}");
+            // The step, and how far it is when the job says (bytes, percent, ETA).
+            let mut line = format!("job {id}: {}", text(&job["step"]));
+            if let Some(p) = job["result"]["percent"].as_f64() {
+                line.push_str(&format!(" {p:.1}%"));
+                if let Some(eta) = job["result"]["eta_seconds"].as_u64() {
+                    line.push_str(&format!(" (ETA {})", seconds(eta as f64)));
+                }
+            }
+            if output != Output::Json && line != shown {
+                eprintln!("{line}");
+                shown = line;
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             job = api.get(&format!("/api/jobs/{id}")).await?;

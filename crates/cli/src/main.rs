@@ -48,6 +48,8 @@ enum Command {
     Status(client::StatusArgs),
     /// Serve a machine's disks at a point, isolated (its replication goes on); --cleanup ends it.
     TestFailover(client::TestFailoverArgs),
+    /// Protect a machine with a replication policy and follow its initial sync.
+    Protect(client::ProtectArgs),
     /// Fail a machine over to its recovery site: --planned stops it first and loses nothing.
     Failover(client::FailoverArgs),
     /// Serve a failed-over machine at another point instead (before commit).
@@ -110,6 +112,7 @@ fn main() {
             Command::TestFailover(args) => client::test_failover(args, cli.output).await,
             Command::Job(cmd) => client::job(cmd, cli.output).await,
             Command::Failover(args) => client::failover(args, cli.output).await,
+            Command::Protect(args) => client::protect(args, cli.output).await,
             Command::ChangePoint(args) => client::change_point(args, cli.output).await,
             Command::Commit(args) => client::commit(args, cli.output).await,
             Command::Machine(cmd) => client::machine(cmd, cli.output).await,

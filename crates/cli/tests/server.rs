@@ -1817,13 +1817,29 @@ fn a_test_failover_serves_the_disks_at_a_point_isolated_and_its_cleanup_removes_
         "{job}"
     );
 
-    // app01 writes, and is protected.
+    // app01 writes, and is protected: the protect job gives it its policy and follows its
+    // initial sync to the end.
     let mut client = boomerang_testkit::RawNbd::connect(&r.agent.addr, "d0").unwrap();
     assert_eq!(client.write(1, 8192, &[0x77; 8192]).unwrap(), 0);
-    wait_for("app01 never became protected", 60, || {
-        let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
-        (s["state"] == "protected").then_some(s)
-    });
+    let out = r.cli(&[
+        "policy",
+        "create",
+        "gold",
+        "--rpo-threshold",
+        "30",
+        "--retention",
+        "3600",
+    ]);
+    assert!(out.status.success());
+    let out = r.cli(&["protect", "app01", "--policy", "gold", "--output", "json"]);
+    let protected = json_out(&out);
+    assert_eq!(out.status.code(), Some(0), "{protected}");
+    assert_eq!(protected["result"]["percent"], 100.0);
+    let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+    assert_eq!(
+        (&s["state"], &s["policy"]),
+        (&json!("protected"), &json!("gold"))
+    );
 
     let out = r.cli(&["test-failover", "app01", "--output", "json"]);
     let job = json_out(&out);
@@ -1913,6 +1929,7 @@ fn a_test_failover_serves_the_disks_at_a_point_isolated_and_its_cleanup_removes_
         states,
         [
             ("test-failover", "failed"),
+            ("protect", "succeeded"),
             ("test-failover", "succeeded"),
             ("test-failover-cleanup", "succeeded")
         ]

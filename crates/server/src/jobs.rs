@@ -19,7 +19,9 @@
 //! them from the master target's failover targets, hydrated into whole disks; planned: the
 //! agent stops the machine at a final mark first, and the job waits for that mark at the
 //! master target, so nothing is lost), `change-point` (serve a failed-over machine at another
-//! point, dropping what it wrote since) and `commit` (make the failover's point final).
+//! point, dropping what it wrote since), `commit` (make the failover's point final) and
+//! `protect` (give the machine its policy and follow its initial sync, with progress, until it
+//! is protected).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -37,6 +39,7 @@ pub enum JobKind {
     Failover,
     ChangePoint,
     Commit,
+    Protect,
 }
 
 impl JobKind {
@@ -47,6 +50,7 @@ impl JobKind {
             JobKind::Failover => "failover",
             JobKind::ChangePoint => "change-point",
             JobKind::Commit => "commit",
+            JobKind::Protect => "protect",
         }
     }
 
@@ -57,6 +61,7 @@ impl JobKind {
             "failover" => Some(JobKind::Failover),
             "change-point" => Some(JobKind::ChangePoint),
             "commit" => Some(JobKind::Commit),
+            "protect" => Some(JobKind::Protect),
             _ => None,
         }
     }
@@ -69,6 +74,7 @@ impl JobKind {
             JobKind::Failover => &["check", "drain", "catch-up", "recover"],
             JobKind::ChangePoint => &["check", "stop", "recover"],
             JobKind::Commit => &["check"],
+            JobKind::Protect => &["policy", "sync"],
         }
     }
 }
@@ -159,6 +165,23 @@ pub enum JobRequest {
         #[schema(pattern = "^(latest|latest-processed|latest-app-consistent|[0-9]{1,19})$")]
         point: String,
     },
+    /// Protect a machine with a replication policy, and follow its initial sync until it is
+    /// protected (its agent copies the disks; the job reports how far).
+    Protect {
+        #[schema(
+            pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            min_length = 1,
+            max_length = 63
+        )]
+        machine: String,
+        /// A replication policy's name.
+        #[schema(
+            pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            min_length = 1,
+            max_length = 63
+        )]
+        policy: String,
+    },
     /// Make a failover final: its point can no longer change.
     Commit {
         #[schema(
@@ -196,6 +219,7 @@ impl JobRequest {
                     machine,
                     point,
                     planned: false,
+                    policy: None,
                 }
             }
             JobRequest::TestFailoverCleanup { machine } => NewJob {
@@ -203,6 +227,7 @@ impl JobRequest {
                 machine,
                 point: None,
                 planned: false,
+                policy: None,
             },
             JobRequest::Failover { machine, point } => {
                 check(&point, true)?;
@@ -212,6 +237,7 @@ impl JobRequest {
                     machine,
                     point: point.filter(|_| !planned),
                     planned,
+                    policy: None,
                 }
             }
             JobRequest::ChangePoint { machine, point } => {
@@ -222,6 +248,7 @@ impl JobRequest {
                     machine,
                     point,
                     planned: false,
+                    policy: None,
                 }
             }
             JobRequest::Commit { machine } => NewJob {
@@ -229,6 +256,14 @@ impl JobRequest {
                 machine,
                 point: None,
                 planned: false,
+                policy: None,
+            },
+            JobRequest::Protect { machine, policy } => NewJob {
+                kind: JobKind::Protect,
+                machine,
+                point: None,
+                planned: false,
+                policy: Some(policy),
             },
         })
     }
@@ -239,7 +274,8 @@ impl JobRequest {
             | JobRequest::TestFailoverCleanup { machine }
             | JobRequest::Failover { machine, .. }
             | JobRequest::ChangePoint { machine, .. }
-            | JobRequest::Commit { machine } => machine,
+            | JobRequest::Commit { machine }
+            | JobRequest::Protect { machine, .. } => machine,
         }
     }
 }
@@ -253,6 +289,8 @@ pub struct NewJob {
     pub point: Option<String>,
     /// A planned failover: the source stops at a final mark first.
     pub planned: bool,
+    /// The replication policy to protect with.
+    pub policy: Option<String>,
 }
 
 /// A job as stored.
@@ -356,6 +394,9 @@ impl Db {
         }
         if new.planned {
             data.insert("planned".into(), json!(true));
+        }
+        if let Some(p) = &new.policy {
+            data.insert("policy".into(), json!(p));
         }
         let id = {
             let mut conn = self.conn();
@@ -467,6 +508,15 @@ impl Db {
         Ok(changed == 1)
     }
 
+    /// Records how far running job `id` is (in its result, until it ends).
+    fn set_progress(&self, id: i64, progress: &Value) -> Result<(), DbError> {
+        self.conn().execute(
+            "UPDATE jobs SET result = ?2 WHERE id = ?1 AND state = 'running'",
+            rusqlite::params![id, progress.to_string()],
+        )?;
+        Ok(())
+    }
+
     /// Cancels job `id` if it is at a step where nothing was given to a component yet.
     pub fn cancel_job(&self, id: i64) -> Result<Job, DbError> {
         let row = self.job_row(id)?.ok_or_else(|| {
@@ -489,6 +539,10 @@ impl Db {
                 row.job.machine
             ),
             (JobKind::Failover, 2) => "cancelled while waiting for the process server's backlog; nothing was failed over".to_string(),
+            (JobKind::Protect, 1) => format!(
+                "cancelled while following the initial sync; machine {:?} keeps its policy and its agent goes on copying (boomerang status follows it)",
+                row.job.machine
+            ),
             _ => {
                 return Err(DbError::Conflict(format!(
                     "job {id} is at step {:?}, where a component is at work: it cannot be cancelled safely there; wait for it to end",
@@ -1008,6 +1062,69 @@ impl Engine<'_> {
                 },
                 "serve the disks at that point",
             )?,
+            (JobKind::Protect, 0) => {
+                let policy = data
+                    .get("policy")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                match self.db.set_protection(&machine, &policy) {
+                    Ok(_) => {
+                        data.insert("started_ms".into(), json!(crate::db::now()));
+                        self.db.advance(id, 0, 1, &data, None)?;
+                    }
+                    Err(DbError::NotFound(why) | DbError::Conflict(why)) => {
+                        return self.fail(id, why);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            (JobKind::Protect, 1) => {
+                let statuses = crate::api::statuses(self.db, self.heartbeat_timeout_ms)?;
+                let Some(status) = statuses.into_iter().find(|s| s.name == machine) else {
+                    return self.fail(id, format!("machine {machine:?} left the inventory"));
+                };
+                if status.state == ProtectionState::Protected {
+                    let message = format!(
+                        "machine {machine:?} is protected with policy {}: its disks are whole at master target {}, the newest point at seq {}",
+                        data.get("policy").unwrap_or(&Value::Null),
+                        status.master_targets.join(", "),
+                        status.latest_point_seq.unwrap_or(0)
+                    );
+                    let result = json!({
+                        "percent": 100.0,
+                        "master_targets": status.master_targets,
+                        "latest_point_seq": status.latest_point_seq,
+                        "rpo_seconds": status.rpo_seconds,
+                    });
+                    self.db.end_job(id, JobState::Succeeded, &message, &result)?;
+                    return Ok(());
+                }
+                // How far the copy is: disks in sync count whole, a copying one by its percent.
+                let total: u64 = status.disks.iter().map(|d| d.size_bytes).sum();
+                let copied: u64 = status
+                    .disks
+                    .iter()
+                    .map(|d| match d.sync_percent {
+                        Some(p) => (d.size_bytes as f64 * p / 100.0) as u64,
+                        None if d.sync == crate::components::DiskSync::InSync => d.size_bytes,
+                        None => 0,
+                    })
+                    .sum();
+                let started = data.get("started_ms").and_then(Value::as_i64).unwrap_or(0);
+                let elapsed = (crate::db::now() - started).max(1) as f64 / 1000.0;
+                let rate = copied as f64 / elapsed;
+                let eta = (rate > 0.0 && total > copied)
+                    .then(|| ((total - copied) as f64 / rate).ceil() as u64);
+                let progress = json!({
+                    "state": status.state,
+                    "copied_bytes": copied,
+                    "total_bytes": total,
+                    "percent": if total == 0 { 0.0 } else { (copied as f64 * 1000.0 / total as f64).floor() / 10.0 },
+                    "eta_seconds": eta,
+                });
+                self.db.set_progress(id, &progress)?;
+            }
             (JobKind::TestFailoverCleanup, 0) => {
                 // Every test failover of the machine since its last cleanup that got as far as
                 // its master target (succeeded, or failed or cancelled on the way).

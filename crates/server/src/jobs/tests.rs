@@ -105,6 +105,7 @@ fn new(kind: JobKind, point: Option<&str>) -> NewJob {
         machine: "app01".into(),
         point: point.map(str::to_string),
         planned: false,
+        policy: None,
     }
 }
 
@@ -704,4 +705,62 @@ fn a_job_waiting_on_a_component_is_cancelled_where_that_is_safe_and_says_what_is
     assert_eq!(db.get_job(planned.id).unwrap().unwrap().step, "catch-up");
     let cancelled = db.cancel_job(planned.id).unwrap();
     assert!(cancelled.message.unwrap().contains("refuses writes"));
+}
+
+#[test]
+fn protect_gives_the_policy_and_follows_the_initial_sync_to_protected() {
+    let (_dir, db) = db();
+    let protect_job = |policy: &str| NewJob {
+        policy: Some(policy.into()),
+        ..new(JobKind::Protect, None)
+    };
+    let job = db.create_job(&protect_job("gold"), "ops").unwrap();
+    engine(&db).step_all().unwrap();
+    let failed = db.get_job(job.id).unwrap().unwrap();
+    assert_eq!(failed.state, JobState::Failed);
+    assert!(failed.message.unwrap().contains("no policy \"gold\""));
+
+    db.create_policy(
+        "gold",
+        &crate::policy::PolicySettings {
+            rpo_threshold_seconds: 30,
+            retention_seconds: 3600,
+            app_consistent_seconds: 0,
+        },
+    )
+    .unwrap();
+    let job = db.create_job(&protect_job("gold"), "ops").unwrap();
+    // Half the disk copied.
+    db.heartbeat(
+        "app01",
+        &Heartbeat {
+            healthy: true,
+            version: "0".into(),
+            disks: Some(vec![DiskReport {
+                name: "d0".into(),
+                size_bytes: 4096,
+                sync: DiskSync::InitialSync,
+                copied_bytes: Some(2048),
+            }]),
+            ..Heartbeat::default()
+        },
+    )
+    .unwrap();
+    engine(&db).step_all().unwrap();
+    engine(&db).step_all().unwrap();
+    let syncing = db.get_job(job.id).unwrap().unwrap();
+    assert_eq!(
+        (syncing.state, syncing.step.as_str()),
+        (JobState::Running, "sync")
+    );
+    let progress = syncing.result.unwrap();
+    assert_eq!(progress["percent"], 50.0, "{progress}");
+    assert_eq!(progress["copied_bytes"], 2048);
+    assert_eq!(db.protections().unwrap()[0].1.name, "gold");
+    // The copy ends and a mark after it reaches the master target.
+    protect(&db);
+    engine(&db).step_all().unwrap();
+    let done = db.get_job(job.id).unwrap().unwrap();
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    assert!(done.message.unwrap().contains("protected with policy"));
 }
