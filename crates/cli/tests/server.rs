@@ -1841,11 +1841,33 @@ fn a_test_failover_serves_the_disks_at_a_point_isolated_and_its_cleanup_removes_
         (&json!("protected"), &json!("gold"))
     );
 
-    let out = r.cli(&["test-failover", "app01", "--output", "json"]);
+    // One app-consistent mark among the crash marks (every 0.3 s): the point asked for.
+    let mark = json_out(
+        &Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(["agent", "mark", "--app", "--log-dir"])
+            .arg(d.join("log"))
+            .args(["--output", "json"])
+            .output()
+            .unwrap(),
+    );
+    let app_seq = mark["seq"].as_u64().unwrap();
+    wait_for("the app-consistent mark never became a point", 30, || {
+        let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+        (s["disks"][0]["latest_point_seq"].as_u64()? > app_seq).then_some(s)
+    });
+    let out = r.cli(&[
+        "test-failover",
+        "app01",
+        "--at",
+        "latest-app-consistent",
+        "--output",
+        "json",
+    ]);
     let job = json_out(&out);
     assert_eq!(out.status.code(), Some(0), "{job}");
     assert_eq!(job["state"], "succeeded");
     let result = &job["result"];
+    assert_eq!(result["seq"], app_seq, "not a later crash-consistent point");
     assert_eq!(result["master_target"], "mt1");
     assert_eq!(result["exports"], json!(["d0"]));
     let (address, seq) = (
