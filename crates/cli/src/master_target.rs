@@ -49,6 +49,10 @@ enum PointsCommand {
         at: String,
         #[arg(long)]
         out: PathBuf,
+        /// raw, or vhd (fixed, as Azure boots: padded to a whole MiB). For qcow2 or vmdk,
+        /// serve the point (`recover`) and `qemu-img convert -O qcow2 nbd://ADDR/DISK OUT`.
+        #[arg(long, default_value = "raw", value_parser = ["raw", "vhd"])]
+        format: String,
     },
     /// Instant recovery: serve a disk at a point over NBD at once (reads from the replica
     /// store until the target holds them, writes into the target), while it is copied into
@@ -157,6 +161,7 @@ async fn points(command: PointsCommand, output: Output) -> anyhow::Result<i32> {
             disk,
             at,
             out,
+            format,
         } => {
             let seq = match parse_at(&at)? {
                 Some(seq) => seq,
@@ -168,15 +173,25 @@ async fn points(command: PointsCommand, output: Output) -> anyhow::Result<i32> {
                 }
             };
             let (base, records) = points::export_at(&retention, &machine, &disk, seq, &out).await?;
+            let vhd_size = if format == "vhd" {
+                Some(
+                    boomerang_master_target::vhd::finish(&out)
+                        .with_context(|| format!("could not make {} a VHD", out.display()))?,
+                )
+            } else {
+                None
+            };
             if output == Output::Json {
                 print_json(&serde_json::json!({
                     "disk": disk, "seq": seq, "checkpoint": base.to_string(),
-                    "records_applied": records, "out": out,
+                    "records_applied": records, "out": out, "format": format,
+                    "vhd_size": vhd_size,
                 }))?;
             } else {
                 println!(
-                    "wrote {} as disk {disk} of {machine} was at seq {seq}: checkpoint {base} and {records} records of the incoming log",
-                    out.display()
+                    "wrote {} as disk {disk} of {machine} was at seq {seq}: checkpoint {base} and {records} records of the incoming log{}",
+                    out.display(),
+                    vhd_size.map_or(String::new(), |s| format!("; a fixed VHD of {s} bytes"))
                 );
             }
         }

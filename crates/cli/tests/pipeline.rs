@@ -1109,6 +1109,61 @@ fn instant_recovery_serves_a_point_at_once_and_hydrates_its_target_across_a_kill
     assert!(read_served(&again.addr, dir.path(), "served-4.img") == at_marks[1].1);
     drop(again);
 
+    // Materialized as a fixed VHD (what Azure boots): the disk, then its footer; qemu reads
+    // it as the same disk.
+    let raw = dir.path().join("point.raw");
+    let vhd = dir.path().join("point.vhd");
+    for (out, format) in [(&raw, "raw"), (&vhd, "vhd")] {
+        boomerang(&[
+            "master-target",
+            "export",
+            retention.to_str().unwrap(),
+            "--machine",
+            "web01",
+            "--disk",
+            "d0",
+            "--at",
+            &seq.to_string(),
+            "--format",
+            format,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+    }
+    let bytes = std::fs::read(&vhd).unwrap();
+    assert_eq!(bytes.len() as u64, BLOCKS * 4096 + 512);
+    assert_eq!(&bytes[bytes.len() - 512..][..8], b"conectix");
+    let info = run(
+        "qemu-img",
+        &[
+            "info",
+            "--output",
+            "json",
+            "--image-opts",
+            &format!(
+                "driver=vpc,force_size_calc=current_size,file.filename={}",
+                vhd.display()
+            ),
+        ],
+    );
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(
+        (info["format"].as_str(), info["virtual-size"].as_u64()),
+        (Some("vpc"), Some(BLOCKS * 4096))
+    );
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "--image-opts",
+            &format!(
+                "driver=vpc,force_size_calc=current_size,file.filename={}",
+                vhd.display()
+            ),
+            &format!("driver=raw,file.filename={}", raw.display()),
+        ],
+    );
+
     // The same target for another point, and a file a recovery did not make, are refused.
     let other = Command::new(env!("CARGO_BIN_EXE_boomerang"))
         .args(["master-target", "recover", retention.to_str().unwrap()])
