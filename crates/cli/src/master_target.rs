@@ -120,6 +120,10 @@ struct RunArgs {
     /// The master target's name (default: the certificate directory's name).
     #[arg(long)]
     name: Option<String>,
+    /// Seconds between passes that drop the points past each machine's policy retention (a
+    /// `protect` job sets it).
+    #[arg(long, default_value_t = 300.0)]
+    prune_every: f64,
     /// Where test failovers serve their disks over NBD (a port of 0: any free one, which the
     /// job reports).
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -345,6 +349,22 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         args.recovery_listen.clone(),
     ));
     recoveries.resume().await;
+    if !(0.1..=1e6).contains(&args.prune_every) {
+        anyhow::bail!(
+            "--prune-every {} is not a number of seconds from 0.1: use a value such as 300",
+            args.prune_every
+        );
+    }
+    let (pruned, every) = (
+        retention_dir.clone(),
+        std::time::Duration::from_secs_f64(args.prune_every),
+    );
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            boomerang_master_target::retention::prune_all(&pruned).await;
+        }
+    });
     // Heartbeats: the disks attached (the replica images on the retention volume), the
     // points of each, and how far the disks served at a point are copied.
     let (retention, reported) = (retention_dir.clone(), recoveries.clone());
@@ -373,9 +393,23 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         })
     });
     crate::client::start_heartbeats(&args.reporting, retention_dir.clone(), report)?;
+    let retention_for = retention_dir.clone();
     let handler: crate::client::Handler = std::sync::Arc::new(move |kind, params| {
-        let recoveries = recoveries.clone();
-        Box::pin(async move { command(&recoveries, &kind, &params).await })
+        let (recoveries, retention) = (recoveries.clone(), retention_for.clone());
+        Box::pin(async move {
+            if kind == "replica-policy" {
+                let machine = params["machine"]
+                    .as_str()
+                    .ok_or("replica-policy names no machine")?;
+                let seconds = params["retention_seconds"]
+                    .as_u64()
+                    .ok_or("replica-policy names no retention_seconds")?;
+                boomerang_master_target::retention::set(&retention, machine, seconds)
+                    .map_err(|e| format!("could not keep the retention of {machine}: {e}"))?;
+                return Ok(serde_json::json!({"retention_seconds": seconds}));
+            }
+            command(&recoveries, &kind, &params).await
+        })
     });
     crate::client::start_commands(&args.reporting, handler)?;
     crate::daemon::serve(server, &args.listen, "master target").await

@@ -1334,3 +1334,87 @@ fn reprotect_to_the_original_disk_moves_only_the_blocks_the_failed_over_machine_
         "reprotect moved {moved} bytes for {changed} changed of a {size}-byte disk"
     );
 }
+
+/// The points in `store` (`store points --output json`); none before the store exists.
+fn store_points(store: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args([
+            "store",
+            "points",
+            store.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_master_target_drops_points_past_the_policys_retention_and_keeps_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = site(dir.path());
+    let disk = blank(dir.path(), "disk.img", BLOCKS);
+    let retention = dir.path().join("retention");
+    let mt = daemon(&[
+        "master-target",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        ca.join("issued/mt1").to_str().unwrap(),
+        "--retention",
+        retention.to_str().unwrap(),
+        "--point-every",
+        "0",
+        "--prune-every",
+        "0.2",
+    ]);
+    let ps = process_server(
+        &ca,
+        &dir.path().join("cache"),
+        "127.0.0.1:0",
+        Some(&mt.addr),
+        &[],
+    );
+    let log = dir.path().join("log");
+    let agent = agent(&ca, &disk, &log, &ps.addr, &["--mark-interval", "0.1"]);
+    let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
+    let mut cookie = 0;
+    write_round(&mut client, &mut cookie, 1, 3, BLOCKS);
+    let store = retention.join("replicas/web01/store");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store_points(&store).len() < 3 {
+        assert!(Instant::now() < deadline, "no points");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Until a policy says, nothing is dropped.
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(store_points(&store).len() >= 3);
+    // A retention of 0 s (as a policy would set it through its protect job): only the newest
+    // point stays, and it is still the disk.
+    drop(agent);
+    std::fs::write(retention.join("replicas/web01/retention"), "0").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store_points(&store).len() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "points past the retention stayed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = dir.path().join("newest.img");
+    wait_for_point(&store, "latest", &out, Some(&std::fs::read(&disk).unwrap()));
+    let verify = boomerang(&[
+        "store",
+        "verify",
+        store.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    let verify: serde_json::Value = serde_json::from_str(&verify).unwrap();
+    assert_eq!(verify["bad"], serde_json::json!([]), "{verify}");
+    assert_eq!(verify["points"], 1);
+}

@@ -1834,7 +1834,15 @@ fn a_test_failover_serves_the_disks_at_a_point_isolated_and_its_cleanup_removes_
     let out = r.cli(&["protect", "app01", "--policy", "gold", "--output", "json"]);
     let protected = json_out(&out);
     assert_eq!(out.status.code(), Some(0), "{protected}");
-    assert_eq!(protected["result"]["percent"], 100.0);
+    assert_eq!(
+        protected["result"]["retention_seconds"], 3600,
+        "{protected}"
+    );
+    let kept = std::fs::read_to_string(d.join("retention/replicas/app01/retention")).unwrap();
+    assert_eq!(
+        kept, "3600",
+        "the master target keeps the points as the policy says"
+    );
     let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
     assert_eq!(
         (&s["state"], &s["policy"]),

@@ -23,6 +23,7 @@ mod digest;
 pub mod points;
 pub mod recover;
 pub mod recoveries;
+pub mod retention;
 pub mod vhd;
 
 use std::collections::{BTreeMap, HashMap};

@@ -229,6 +229,48 @@ pub fn saved_seq(target: &Path) -> Option<u64> {
     read_state(target).ok().flatten().map(|s| s.seq)
 }
 
+/// In [`copying_machines`]: a recovery whose state cannot be read, so every machine counts.
+pub const ALL: &str = "*";
+
+/// The machines with a recovery on the retention volume still copying its disks (not
+/// hydrated): their checkpoints must stay.
+pub fn copying_machines(retention: &Path) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for kind in ["failovers", "test-failovers"] {
+        for dir in std::fs::read_dir(retention.join(kind))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for file in std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let path = file.path();
+                let Some(target) = path
+                    .to_str()
+                    .and_then(|p| p.strip_suffix(".recovery"))
+                    .map(PathBuf::from)
+                else {
+                    continue;
+                };
+                match read_state(&target) {
+                    Ok(Some(state)) if !state.hydrated => {
+                        out.insert(state.stream);
+                    }
+                    Ok(_) => {}
+                    // Unreadable: whose it is cannot be told; every checkpoint stays.
+                    Err(_) => {
+                        out.insert(ALL.to_string());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The machine the recovery into `target` is of, if there is one.
 pub fn saved_machine(target: &Path) -> Option<String> {
     read_state(target).ok().flatten().map(|s| s.stream)

@@ -74,7 +74,7 @@ impl JobKind {
             JobKind::Failover => &["check", "drain", "catch-up", "recover"],
             JobKind::ChangePoint => &["check", "stop", "recover"],
             JobKind::Commit => &["check"],
-            JobKind::Protect => &["policy", "sync"],
+            JobKind::Protect => &["policy", "sync", "retention"],
         }
     }
 }
@@ -1085,19 +1085,34 @@ impl Engine<'_> {
                     return self.fail(id, format!("machine {machine:?} left the inventory"));
                 };
                 if status.state == ProtectionState::Protected {
-                    let message = format!(
-                        "machine {machine:?} is protected with policy {}: its disks are whole at master target {}, the newest point at seq {}",
-                        data.get("policy").unwrap_or(&Value::Null),
-                        status.master_targets.join(", "),
-                        status.latest_point_seq.unwrap_or(0)
-                    );
-                    let result = json!({
-                        "percent": 100.0,
-                        "master_targets": status.master_targets,
-                        "latest_point_seq": status.latest_point_seq,
-                        "rpo_seconds": status.rpo_seconds,
-                    });
-                    self.db.end_job(id, JobState::Succeeded, &message, &result)?;
+                    // The master target keeps the points as long as the policy says.
+                    let policy = data
+                        .get("policy")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    let Some(policy) = self.db.get_policy(&policy)? else {
+                        return self.fail(id, format!("policy {policy:?} was deleted meanwhile"));
+                    };
+                    let [mt] = status.master_targets.as_slice() else {
+                        return self.fail(
+                            id,
+                            format!(
+                                "machine {machine:?} has replicas at {} master targets ({}): its retention cannot be set at exactly one",
+                                status.master_targets.len(),
+                                status.master_targets.join(", ")
+                            ),
+                        );
+                    };
+                    data.insert("master_target".into(), json!(mt));
+                    data.insert("latest_point_seq".into(), json!(status.latest_point_seq));
+                    self.db.set_progress(
+                        id,
+                        &json!({"percent": 100.0, "copied_bytes": status.disks.iter().map(|d| d.size_bytes).sum::<u64>()}),
+                    )?;
+                    let params = json!({"job": id, "machine": machine, "retention_seconds": policy.retention_seconds});
+                    self.db
+                        .advance(id, 1, 2, &data, Some((mt, "replica-policy", params)))?;
                     return Ok(());
                 }
                 // How far the copy is: disks in sync count whole, a copying one by its percent.
@@ -1124,6 +1139,21 @@ impl Engine<'_> {
                     "eta_seconds": eta,
                 });
                 self.db.set_progress(id, &progress)?;
+            }
+            (JobKind::Protect, 2) => {
+                let policy = data.get("policy").cloned().unwrap_or(Value::Null);
+                let seq = data.get("latest_point_seq").cloned().unwrap_or(Value::Null);
+                self.finish(
+                    &job,
+                    &data,
+                    |r| {
+                        format!(
+                            "machine {machine:?} is protected with policy {policy}: its disks are whole at master target {}, the newest point at seq {seq}; points are kept {} s",
+                            r["master_target"], r["retention_seconds"]
+                        )
+                    },
+                    "keep the points as the policy says",
+                )?;
             }
             (JobKind::TestFailoverCleanup, 0) => {
                 // Every test failover of the machine since its last cleanup that got as far as

@@ -757,8 +757,17 @@ fn protect_gives_the_policy_and_follows_the_initial_sync_to_protected() {
     assert_eq!(progress["percent"], 50.0, "{progress}");
     assert_eq!(progress["copied_bytes"], 2048);
     assert_eq!(db.protections().unwrap()[0].1.name, "gold");
-    // The copy ends and a mark after it reaches the master target.
+    // The copy ends and a mark after it reaches the master target, which is told how long to
+    // keep the points.
     protect(&db);
+    engine(&db).step_all().unwrap();
+    assert_eq!(db.get_job(job.id).unwrap().unwrap().step, "retention");
+    let told = answer(&db, "mt1", true, json!({"retention_seconds": 3600}));
+    assert_eq!(told.kind, "replica-policy");
+    assert_eq!(
+        (&told.params["machine"], &told.params["retention_seconds"]),
+        (&json!("app01"), &json!(3600))
+    );
     engine(&db).step_all().unwrap();
     let done = db.get_job(job.id).unwrap().unwrap();
     assert_eq!(done.state, JobState::Succeeded, "{done:?}");
