@@ -303,20 +303,54 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         }
         _ => None,
     };
-    for (every, kind) in [
-        (args.mark_interval, MarkKind::Crash),
-        (args.app_mark_interval, MarkKind::App),
+    // Crash-consistent marks on --mark-interval; app-consistent ones on --app-mark-interval,
+    // or on what the machine's policy says once the configuration server told it (kept in the
+    // log directory, and taken over the flag at the next start).
+    let app_every = match std::fs::read_to_string(log_dir.join(APP_MARK_FILE)) {
+        Ok(text) => match text.trim().parse::<f64>() {
+            Ok(v) if (0.0..=1e9).contains(&v) => {
+                if v != args.app_mark_interval {
+                    tracing::warn!(
+                        policy = v,
+                        flag = args.app_mark_interval,
+                        "app-consistent marks follow the machine's policy (from the configuration server), not --app-mark-interval"
+                    );
+                }
+                v
+            }
+            _ => args.app_mark_interval,
+        },
+        Err(_) => args.app_mark_interval,
+    };
+    let (app_schedule, app_changes) = tokio::sync::watch::channel(app_every);
+    let app_schedule = Arc::new(app_schedule);
+    for (kind, mut every) in [
+        (
+            MarkKind::Crash,
+            tokio::sync::watch::channel(args.mark_interval).1,
+        ),
+        (MarkKind::App, app_changes),
     ] {
-        if every <= 0.0 {
-            continue;
-        }
         let (log, hooks) = (log.clone(), hooks.clone());
         background.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(every));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
             loop {
-                tick.tick().await;
+                let seconds = *every.borrow_and_update();
+                if seconds <= 0.0 {
+                    // None on this schedule, until it changes.
+                    if every.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                    continue;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs_f64(seconds)) => {}
+                    changed = every.changed() => {
+                        if changed.is_ok() {
+                            continue;
+                        }
+                        tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+                    }
+                }
                 if log.lock().is_ok_and(|l| l.is_syncing()) {
                     continue;
                 }
@@ -375,11 +409,29 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         })
     });
     crate::client::start_heartbeats(&args.reporting, log_dir.clone(), report)?;
-    // The configuration server's jobs: the drain of a planned failover.
-    let commanded = log.clone();
-    let handler: crate::client::Handler = Arc::new(move |kind, _params| {
-        let log = commanded.clone();
-        Box::pin(async move { command(&log, &kind).await })
+    // The configuration server's jobs: the drain of a planned failover, the policy's
+    // app-consistent schedule.
+    let (commanded, schedule, dir) = (log.clone(), app_schedule.clone(), log_dir.clone());
+    let handler: crate::client::Handler = Arc::new(move |kind, params| {
+        let (log, schedule, dir) = (commanded.clone(), schedule.clone(), dir.clone());
+        Box::pin(async move {
+            if kind == "app-mark-interval" {
+                let seconds = params["seconds"]
+                    .as_f64()
+                    .filter(|s| (0.0..=1e9).contains(s))
+                    .ok_or("app-mark-interval names no number of seconds")?;
+                let path = dir.join(APP_MARK_FILE);
+                let tmp = dir.join(format!(".{APP_MARK_FILE}.tmp"));
+                std::fs::write(&tmp, seconds.to_string())
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .map_err(|e| {
+                        format!("could not keep the schedule in {}: {e}", path.display())
+                    })?;
+                let _ = schedule.send(seconds);
+                return Ok(serde_json::json!({"seconds": seconds}));
+            }
+            command(&log, &kind).await
+        })
     });
     crate::client::start_commands(&args.reporting, handler)?;
     let shutdown = shutdown_signal()?;
@@ -543,6 +595,9 @@ fn os() -> serde_json::Value {
         .unwrap_or_else(|| "0".to_string());
     serde_json::json!({"family": family, "version": version})
 }
+
+/// In the log directory: the app-consistent schedule the machine's policy set (seconds).
+const APP_MARK_FILE: &str = "app-mark-interval";
 
 /// How long a planned failover's drain waits for the process server to hold the final mark.
 const DRAIN_WAIT: Duration = Duration::from_secs(120);

@@ -1788,6 +1788,46 @@ fn status_follows_a_machine_from_its_agents_report_to_protected_and_an_rpo_over_
                 .then_some(Value::Null)
         }),
     );
+    // Protected anew with a policy that wants an app-consistent mark every second: the
+    // agent takes them from then on, with no --app-mark-interval.
+    let out = cli(&[
+        "policy",
+        "create",
+        "silver",
+        "--rpo-threshold",
+        "60",
+        "--retention",
+        "3600",
+        "--app-consistent",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&["protect", "app01", "--policy", "silver", "--output", "json"]);
+    let job = json_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{job}");
+    assert_eq!(job["result"]["app_consistent_seconds"], 1.0, "{job}");
+    wait(
+        "the policy's app-consistent marks never came",
+        30,
+        Box::new(|| {
+            let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+                .args(["master-target", "points"])
+                .arg(d.join("retention"))
+                .args(["--machine", "app01", "--disk", "d0", "--output", "json"])
+                .output()
+                .ok()?;
+            let points: Value = serde_json::from_slice(&out.stdout).ok()?;
+            points
+                .as_array()?
+                .iter()
+                .any(|p| p["kind"] == "app")
+                .then_some(Value::Null)
+        }),
+    );
     let out = cli(&["machine", "clear-policy", "app01"]);
     assert!(
         out.status.success(),
@@ -1837,6 +1877,11 @@ fn a_test_failover_serves_the_disks_at_a_point_isolated_and_its_cleanup_removes_
     assert_eq!(
         protected["result"]["retention_seconds"], 3600,
         "{protected}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("log/app-mark-interval")).unwrap(),
+        "0",
+        "the agent keeps the policy's app-consistent schedule (none)"
     );
     let kept = std::fs::read_to_string(d.join("retention/replicas/app01/retention")).unwrap();
     assert_eq!(

@@ -74,7 +74,7 @@ impl JobKind {
             JobKind::Failover => &["check", "drain", "catch-up", "recover"],
             JobKind::ChangePoint => &["check", "stop", "recover"],
             JobKind::Commit => &["check"],
-            JobKind::Protect => &["policy", "sync", "retention"],
+            JobKind::Protect => &["policy", "sync", "retention", "app-marks"],
         }
     }
 }
@@ -1141,19 +1141,67 @@ impl Engine<'_> {
                 self.db.set_progress(id, &progress)?;
             }
             (JobKind::Protect, 2) => {
-                let policy = data.get("policy").cloned().unwrap_or(Value::Null);
-                let seq = data.get("latest_point_seq").cloned().unwrap_or(Value::Null);
-                self.finish(
-                    &job,
-                    &data,
-                    |r| {
+                let Some(answer) = self.db.command_answer(id)? else {
+                    return Ok(());
+                };
+                if answer["ok"] != true {
+                    return self.fail(
+                        id,
                         format!(
-                            "machine {machine:?} is protected with policy {policy}: its disks are whole at master target {}, the newest point at seq {seq}; points are kept {} s",
-                            r["master_target"], r["retention_seconds"]
-                        )
-                    },
-                    "keep the points as the policy says",
+                            "the master target could not keep the points of {machine:?} as the policy says: {}",
+                            answer["error"].as_str().unwrap_or("no reason given")
+                        ),
+                    );
+                }
+                // The agent takes app-consistent marks as often as the policy says.
+                let policy = data
+                    .get("policy")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                let Some(policy) = self.db.get_policy(&policy)? else {
+                    return self.fail(id, format!("policy {policy:?} was deleted meanwhile"));
+                };
+                data.insert("retention_seconds".into(), json!(policy.retention_seconds));
+                let params = json!({"job": id, "seconds": policy.app_consistent_seconds});
+                self.db.advance(
+                    id,
+                    2,
+                    3,
+                    &data,
+                    Some((&machine, "app-mark-interval", params)),
                 )?;
+            }
+            (JobKind::Protect, 3) => {
+                let Some(answer) = self.db.command_answer(id)? else {
+                    return Ok(());
+                };
+                if answer["ok"] != true {
+                    return self.fail(
+                        id,
+                        format!(
+                            "the agent of {machine:?} could not take the policy's app-consistent schedule: {}",
+                            answer["error"].as_str().unwrap_or("no reason given")
+                        ),
+                    );
+                }
+                let get = |k: &str| data.get(k).cloned().unwrap_or(Value::Null);
+                let result = json!({
+                    "percent": 100.0,
+                    "master_target": get("master_target"),
+                    "latest_point_seq": get("latest_point_seq"),
+                    "retention_seconds": get("retention_seconds"),
+                    "app_consistent_seconds": answer["result"]["seconds"],
+                });
+                let message = format!(
+                    "machine {machine:?} is protected with policy {}: its disks are whole at master target {}, the newest point at seq {}; points are kept {} s, app-consistent marks every {} s",
+                    get("policy"),
+                    get("master_target"),
+                    get("latest_point_seq"),
+                    get("retention_seconds"),
+                    answer["result"]["seconds"]
+                );
+                self.db.end_job(id, JobState::Succeeded, &message, &result)?;
             }
             (JobKind::TestFailoverCleanup, 0) => {
                 // Every test failover of the machine since its last cleanup that got as far as

@@ -769,7 +769,15 @@ fn protect_gives_the_policy_and_follows_the_initial_sync_to_protected() {
         (&json!("app01"), &json!(3600))
     );
     engine(&db).step_all().unwrap();
+    // And the agent, how often to take app-consistent marks.
+    let app = answer(&db, "app01", true, json!({"seconds": 0.0}));
+    assert_eq!(
+        (app.kind.as_str(), &app.params["seconds"]),
+        ("app-mark-interval", &json!(0))
+    );
+    engine(&db).step_all().unwrap();
     let done = db.get_job(job.id).unwrap().unwrap();
     assert_eq!(done.state, JobState::Succeeded, "{done:?}");
     assert!(done.message.unwrap().contains("protected with policy"));
+    assert_eq!(done.result.unwrap()["retention_seconds"], 3600);
 }
