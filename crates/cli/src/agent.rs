@@ -422,11 +422,15 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                     .ok_or("app-mark-interval names no number of seconds")?;
                 let path = dir.join(APP_MARK_FILE);
                 let tmp = dir.join(format!(".{APP_MARK_FILE}.tmp"));
-                std::fs::write(&tmp, seconds.to_string())
-                    .and_then(|()| std::fs::rename(&tmp, &path))
-                    .map_err(|e| {
-                        format!("could not keep the schedule in {}: {e}", path.display())
-                    })?;
+                let kept = (|| {
+                    std::fs::write(&tmp, seconds.to_string())?;
+                    std::fs::File::open(&tmp)?.sync_all()?;
+                    std::fs::rename(&tmp, &path)?;
+                    std::fs::File::open(&dir)?.sync_all()
+                })();
+                kept.map_err(|e| {
+                    format!("could not keep the schedule in {}: {e}", path.display())
+                })?;
                 let _ = schedule.send(seconds);
                 return Ok(serde_json::json!({"seconds": seconds}));
             }

@@ -229,12 +229,13 @@ pub fn saved_seq(target: &Path) -> Option<u64> {
     read_state(target).ok().flatten().map(|s| s.seq)
 }
 
-/// In [`copying_machines`]: a recovery whose state cannot be read, so every machine counts.
+/// In [`recovering_machines`]: a recovery being made, or whose state cannot be read: every
+/// machine counts.
 pub const ALL: &str = "*";
 
-/// The machines with a recovery on the retention volume still copying its disks (not
-/// hydrated): their checkpoints must stay.
-pub fn copying_machines(retention: &Path) -> std::collections::BTreeSet<String> {
+/// The machines with a recovery (failover or test failover) on the retention volume: their
+/// checkpoints stay, since a recovery reads, or resumes from, the one it started at.
+pub fn recovering_machines(retention: &Path) -> std::collections::BTreeSet<String> {
     let mut out = std::collections::BTreeSet::new();
     for kind in ["failovers", "test-failovers"] {
         for dir in std::fs::read_dir(retention.join(kind))
@@ -248,20 +249,21 @@ pub fn copying_machines(retention: &Path) -> std::collections::BTreeSet<String> 
                 .flatten()
             {
                 let path = file.path();
-                let Some(target) = path
-                    .to_str()
-                    .and_then(|p| p.strip_suffix(".recovery"))
-                    .map(PathBuf::from)
-                else {
+                let name = path.to_string_lossy().to_string();
+                if name.ends_with(".creating") {
+                    out.insert(ALL.to_string());
+                    continue;
+                }
+                let Some(target) = name.strip_suffix(".recovery").map(PathBuf::from) else {
                     continue;
                 };
                 match read_state(&target) {
-                    Ok(Some(state)) if !state.hydrated => {
+                    Ok(Some(state)) => {
                         out.insert(state.stream);
                     }
-                    Ok(_) => {}
-                    // Unreadable: whose it is cannot be told; every checkpoint stays.
-                    Err(_) => {
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(state = %path.display(), error = %boomerang_core::chain(&e), "a recovery's state is unreadable: no checkpoint of any machine is dropped until it is fixed or removed");
                         out.insert(ALL.to_string());
                     }
                 }
@@ -331,6 +333,25 @@ impl Recovery {
         }
         // Left by a crash before the state was saved: made again.
         let _ = std::fs::remove_file(&creating);
+        // The file first: while it exists the master target drops no checkpoint (see
+        // `recovering_machines`), so the one this recovery starts from stays.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&creating)
+            .map_err(io_err("could not create the recovery target", &creating))?;
+        let made = Self::create(config, file).await;
+        if made.is_err() {
+            let _ = std::fs::remove_file(&creating);
+        }
+        made
+    }
+
+    /// Makes a new recovery into `file` (the target's `.creating` file).
+    async fn create(config: &RecoveryConfig, file: File) -> Result<Arc<Recovery>, RecoverError> {
+        let target = &config.target;
+        let creating = creating_path(target);
         let seq = match config.at {
             Some(s) => s,
             None => points::list(&config.retention, &config.stream, &config.disk)
@@ -352,12 +373,6 @@ impl Recovery {
             size: base.size,
             hydrated: false,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&creating)
-            .map_err(io_err("could not create the recovery target", &creating))?;
         file.set_len(base.size)
             .map_err(io_err("could not size the recovery target", &creating))?;
         let held = Held::new(base.size.div_ceil(base.block_size));

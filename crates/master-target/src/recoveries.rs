@@ -153,6 +153,16 @@ impl Recoveries {
     ) -> Result<Served, String> {
         let mut running = self.running.lock().await;
         if let Some(r) = running.get(key) {
+            // Asked again: for the same disks, or it is another request.
+            if let Some(missing) = disks
+                .iter()
+                .find(|d| !r.served.exports.contains(&d.to_string()))
+            {
+                return Err(format!(
+                    "{key} serves {} already, not disk {missing}: stop it first",
+                    r.served.exports.join(", ")
+                ));
+            }
             return match at {
                 At::Seq(s) if s != r.served.seq => Err(format!(
                     "{key} serves seq {} already, not {s}: stop it first",
@@ -290,6 +300,16 @@ impl Recoveries {
                     })
                     .collect();
                 disks.sort();
+                // A start cut short (a disk still being made): the command that asked for it
+                // comes again and makes it whole.
+                let unfinished = std::fs::read_dir(entry.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|f| f.file_name().to_string_lossy().ends_with(".creating"));
+                if unfinished {
+                    continue;
+                }
                 let Some(machine) = disks.first().and_then(|d| {
                     crate::recover::saved_machine(&entry.path().join(format!("{d}.img")))
                 }) else {

@@ -5,8 +5,8 @@
 //! stays) and frees what no point uses any more (GC, kept apart from commits by the store's
 //! leases).
 //!
-//! A machine with a recovery still copying its disks (a failover or test failover not yet
-//! hydrated) is not pruned: its recovery reads the checkpoint it started from.
+//! A machine with a recovery on the volume (a failover or a test failover, until it is cleaned
+//! up) is not pruned: its recovery reads, or resumes from, the checkpoint it started at.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -53,7 +53,6 @@ pub struct Pruned {
 /// Prunes every machine whose policy set a retention, except those with a recovery still
 /// copying. Failures are logged, and tried again at the next pass.
 pub async fn prune_all(retention: &Path) -> Vec<Pruned> {
-    let busy = crate::recover::copying_machines(retention);
     let mut out = Vec::new();
     let Ok(machines) = std::fs::read_dir(retention.join("replicas")) else {
         return out;
@@ -68,6 +67,8 @@ pub async fn prune_all(retention: &Path) -> Vec<Pruned> {
         let Some(keep) = get(retention, &machine) else {
             continue;
         };
+        // Looked at just before each machine: a recovery may have started meanwhile.
+        let busy = crate::recover::recovering_machines(retention);
         if busy.contains(&machine) || busy.contains(crate::recover::ALL) {
             continue;
         }

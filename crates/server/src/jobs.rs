@@ -543,6 +543,10 @@ impl Db {
                 "cancelled while following the initial sync; machine {:?} keeps its policy and its agent goes on copying (boomerang status follows it)",
                 row.job.machine
             ),
+            (JobKind::Protect, 2 | 3) => format!(
+                "cancelled while telling the master target or the agent the policy's settings; machine {:?} is protected and keeps its policy: run protect again to send them",
+                row.job.machine
+            ),
             _ => {
                 return Err(DbError::Conflict(format!(
                     "job {id} is at step {:?}, where a component is at work: it cannot be cancelled safely there; wait for it to end",
@@ -1094,6 +1098,19 @@ impl Engine<'_> {
                     let Some(policy) = self.db.get_policy(&policy)? else {
                         return self.fail(id, format!("policy {policy:?} was deleted meanwhile"));
                     };
+                    // The master target's report may trail the process server's: wait for
+                    // it, up to a heartbeat timeout from when the machine was seen protected.
+                    let seen = data
+                        .entry("protected_ms")
+                        .or_insert_with(|| json!(crate::db::now()))
+                        .as_i64()
+                        .unwrap_or(0);
+                    if status.master_targets.is_empty()
+                        && crate::db::now() - seen < self.heartbeat_timeout_ms
+                    {
+                        self.db.advance(id, 1, 1, &data, None)?;
+                        return Ok(());
+                    }
                     let [mt] = status.master_targets.as_slice() else {
                         return self.fail(
                             id,

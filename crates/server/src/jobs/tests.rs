@@ -781,3 +781,35 @@ fn protect_gives_the_policy_and_follows_the_initial_sync_to_protected() {
     assert!(done.message.unwrap().contains("protected with policy"));
     assert_eq!(done.result.unwrap()["retention_seconds"], 3600);
 }
+
+#[test]
+fn a_protect_job_waiting_on_its_master_target_is_cancelled_and_says_the_machine_is_protected() {
+    let (_dir, db) = db();
+    db.create_policy(
+        "gold",
+        &crate::policy::PolicySettings {
+            rpo_threshold_seconds: 30,
+            retention_seconds: 3600,
+            app_consistent_seconds: 0,
+        },
+    )
+    .unwrap();
+    protect(&db);
+    let job = db
+        .create_job(
+            &NewJob {
+                policy: Some("gold".into()),
+                ..new(JobKind::Protect, None)
+            },
+            "ops",
+        )
+        .unwrap();
+    engine(&db).step_all().unwrap();
+    engine(&db).step_all().unwrap();
+    assert_eq!(db.get_job(job.id).unwrap().unwrap().step, "retention");
+    let cancelled = db.cancel_job(job.id).unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert!(cancelled.message.unwrap().contains("run protect again"));
+    // The machine is free for another job, such as a failover.
+    db.create_job(&new(JobKind::Failover, None), "ops").unwrap();
+}
