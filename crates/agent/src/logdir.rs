@@ -594,12 +594,10 @@ impl LogDir {
     }
 
     fn persist_next_mark(&self) -> std::io::Result<()> {
-        let path = self.dir.join(NEXT_MARK);
-        let tmp = self.dir.join(format!(".{NEXT_MARK}.tmp"));
-        let mut f = File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, self.next_mark.to_string().as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
+        boomerang_core::write_atomic(
+            &self.dir.join(NEXT_MARK),
+            self.next_mark.to_string().as_bytes(),
+        )
     }
 
     /// Appends a consistency mark; returns its id and sequence number.
@@ -638,14 +636,7 @@ impl LogDir {
             dir: self.dir.clone(),
             source,
         };
-        let path = self.dir.join(FAILED_OVER);
-        let tmp = self.dir.join(format!(".{FAILED_OVER}.tmp"));
-        let mut f = File::create(&tmp).map_err(io)?;
-        std::io::Write::write_all(&mut f, seq.0.to_string().as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
+        boomerang_core::write_atomic(&self.dir.join(FAILED_OVER), seq.0.to_string().as_bytes())
             .map_err(io)?;
         self.failed_over = Some(seq);
         Ok(seq)

@@ -411,31 +411,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     crate::client::start_heartbeats(&args.reporting, log_dir.clone(), report)?;
     // The configuration server's jobs: the drain of a planned failover, the policy's
     // app-consistent schedule.
-    let (commanded, schedule, dir) = (log.clone(), app_schedule.clone(), log_dir.clone());
+    let (commanded, schedule) = (log.clone(), app_schedule.clone());
     let handler: crate::client::Handler = Arc::new(move |kind, params| {
-        let (log, schedule, dir) = (commanded.clone(), schedule.clone(), dir.clone());
-        Box::pin(async move {
-            if kind == "app-mark-interval" {
-                let seconds = params["seconds"]
-                    .as_f64()
-                    .filter(|s| (0.0..=1e9).contains(s))
-                    .ok_or("app-mark-interval names no number of seconds")?;
-                let path = dir.join(APP_MARK_FILE);
-                let tmp = dir.join(format!(".{APP_MARK_FILE}.tmp"));
-                let kept = (|| {
-                    std::fs::write(&tmp, seconds.to_string())?;
-                    std::fs::File::open(&tmp)?.sync_all()?;
-                    std::fs::rename(&tmp, &path)?;
-                    std::fs::File::open(&dir)?.sync_all()
-                })();
-                kept.map_err(|e| {
-                    format!("could not keep the schedule in {}: {e}", path.display())
-                })?;
-                let _ = schedule.send(seconds);
-                return Ok(serde_json::json!({"seconds": seconds}));
-            }
-            command(&log, &kind).await
-        })
+        let (log, schedule) = (commanded.clone(), schedule.clone());
+        Box::pin(async move { command(&log, &schedule, &kind, &params).await })
     });
     crate::client::start_commands(&args.reporting, handler)?;
     let shutdown = shutdown_signal()?;
@@ -607,8 +586,29 @@ const APP_MARK_FILE: &str = "app-mark-interval";
 const DRAIN_WAIT: Duration = Duration::from_secs(120);
 
 /// Carries out one command of the configuration server.
-async fn command(log: &Arc<Mutex<LogDir>>, kind: &str) -> Result<serde_json::Value, String> {
+async fn command(
+    log: &Arc<Mutex<LogDir>>,
+    app_schedule: &tokio::sync::watch::Sender<f64>,
+    kind: &str,
+    params: &serde_json::Value,
+) -> Result<serde_json::Value, String> {
     match kind {
+        // The policy's app-consistent schedule, kept in the log directory for the next start.
+        "app-mark-interval" => {
+            let seconds = params["seconds"]
+                .as_f64()
+                .filter(|s| (0.0..=1e9).contains(s))
+                .ok_or("app-mark-interval names no number of seconds")?;
+            let path = log
+                .lock()
+                .map_err(|_| "the write log lock is poisoned".to_string())?
+                .dir()
+                .join(APP_MARK_FILE);
+            boomerang_core::write_atomic(&path, seconds.to_string().as_bytes())
+                .map_err(|e| format!("could not keep the schedule in {}: {e}", path.display()))?;
+            let _ = app_schedule.send(seconds);
+            Ok(serde_json::json!({"seconds": seconds}))
+        }
         // A planned failover: a final mark, no write after it, and the final mark durable at
         // the process server before the answer.
         "drain" => {

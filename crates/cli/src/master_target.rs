@@ -393,23 +393,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         })
     });
     crate::client::start_heartbeats(&args.reporting, retention_dir.clone(), report)?;
-    let retention_for = retention_dir.clone();
     let handler: crate::client::Handler = std::sync::Arc::new(move |kind, params| {
-        let (recoveries, retention) = (recoveries.clone(), retention_for.clone());
-        Box::pin(async move {
-            if kind == "replica-policy" {
-                let machine = params["machine"]
-                    .as_str()
-                    .ok_or("replica-policy names no machine")?;
-                let seconds = params["retention_seconds"]
-                    .as_u64()
-                    .ok_or("replica-policy names no retention_seconds")?;
-                boomerang_master_target::retention::set(&retention, machine, seconds)
-                    .map_err(|e| format!("could not keep the retention of {machine}: {e}"))?;
-                return Ok(serde_json::json!({"retention_seconds": seconds}));
-            }
-            command(&recoveries, &kind, &params).await
-        })
+        let recoveries = recoveries.clone();
+        Box::pin(async move { command(&recoveries, &kind, &params).await })
     });
     crate::client::start_commands(&args.reporting, handler)?;
     crate::daemon::serve(server, &args.listen, "master target").await
@@ -463,6 +449,15 @@ async fn command(
         "failover-stop" => {
             recoveries.stop(&failover(machine()?)).await?;
             Ok(serde_json::json!({}))
+        }
+        "replica-policy" => {
+            let machine = machine()?;
+            let seconds = params["retention_seconds"]
+                .as_u64()
+                .ok_or("replica-policy names no retention_seconds")?;
+            boomerang_master_target::retention::set(recoveries.retention(), machine, seconds)
+                .map_err(|e| format!("could not keep the retention of {machine}: {e}"))?;
+            Ok(serde_json::json!({"retention_seconds": seconds}))
         }
         other => Err(format!(
             "this master target does not know command {other:?}: upgrade it"

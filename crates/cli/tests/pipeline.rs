@@ -42,19 +42,33 @@ fn site(dir: &Path) -> PathBuf {
 }
 
 fn master_target(ca: &Path, retention: &Path, listen: &str) -> Daemon {
-    daemon(&[
+    mt_daemon(
+        ca,
+        "mt1",
+        retention,
+        &[
+            "--listen",
+            listen,
+            "--block-size",
+            "4KiB",
+            "--point-every",
+            "0",
+        ],
+    )
+}
+
+/// A master target with the certificate of `identity`, on `retention`, started with `args`.
+fn mt_daemon(ca: &Path, identity: &str, retention: &Path, args: &[&str]) -> Daemon {
+    let tls = ca.join("issued").join(identity);
+    let mut all = vec![
         "master-target",
-        "--listen",
-        listen,
         "--tls",
-        ca.join("issued/mt1").to_str().unwrap(),
+        tls.to_str().unwrap(),
         "--retention",
         retention.to_str().unwrap(),
-        "--block-size",
-        "4KiB",
-        "--point-every",
-        "0",
-    ])
+    ];
+    all.extend(args);
+    daemon(&all)
 }
 
 /// A process server; it forwards to `master_target` when given.
@@ -505,79 +519,22 @@ fn after_a_machine_crash_only_the_blocks_that_differ_from_the_replica_travel() {
 #[test]
 fn marks_between_checkpoints_are_points_the_incoming_log_brings_a_checkpoint_to() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = site(dir.path());
-    let disk = blank(dir.path(), "disk.img", BLOCKS);
-    let retention = dir.path().join("retention");
     // Checkpoints thinned to one an hour: after the first, marks are points only through the
     // incoming log.
-    let mt = daemon(&[
-        "master-target",
-        "--listen",
-        "127.0.0.1:0",
-        "--tls",
-        ca.join("issued/mt1").to_str().unwrap(),
-        "--retention",
-        retention.to_str().unwrap(),
-        "--point-every",
-        "3600",
-    ]);
-    let ps = process_server(
-        &ca,
-        &dir.path().join("cache"),
-        "127.0.0.1:0",
-        Some(&mt.addr),
-        &[],
-    );
-    let log = dir.path().join("log");
-    let agent = agent(&ca, &disk, &log, &ps.addr, &["--mark-interval", "0"]);
-    let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
-    let mut cookie = 0;
+    let (retention, at_marks) = three_points(dir.path());
     let ret = retention.to_str().unwrap();
-    let mark = || -> u64 {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            // Refused while the initial copy runs.
-            let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
-                .args(["agent", "mark", "--log-dir", log.to_str().unwrap()])
-                .args(["--output", "json"])
-                .output()
-                .unwrap();
-            if out.status.success() {
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                return v["seq"].as_u64().unwrap();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    let mut at_marks = Vec::new();
-    for round in 1..=3 {
-        write_round(&mut client, &mut cookie, round, 3, BLOCKS);
-        let seq = mark();
-        at_marks.push((seq, std::fs::read(&disk).unwrap()));
-    }
-    let listed = loop {
-        let text = boomerang(&[
-            "master-target",
-            "points",
-            ret,
-            "--machine",
-            "web01",
-            "--disk",
-            "d0",
-            "--output",
-            "json",
-        ]);
-        let listed: serde_json::Value = serde_json::from_str(&text).unwrap();
-        if listed.as_array().unwrap().len() >= 3 {
-            break listed;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let listed: serde_json::Value = serde_json::from_str(&boomerang(&[
+        "master-target",
+        "points",
+        ret,
+        "--machine",
+        "web01",
+        "--disk",
+        "d0",
+        "--output",
+        "json",
+    ]))
+    .unwrap();
     let seqs: Vec<u64> = listed
         .as_array()
         .unwrap()
@@ -920,17 +877,12 @@ fn three_points(dir: &Path) -> (PathBuf, Vec<(u64, Vec<u8>)>) {
     let ca = site(dir);
     let disk = blank(dir, "disk.img", BLOCKS);
     let retention = dir.join("retention");
-    let _mt = daemon(&[
-        "master-target",
-        "--listen",
-        "127.0.0.1:0",
-        "--tls",
-        ca.join("issued/mt1").to_str().unwrap(),
-        "--retention",
-        retention.to_str().unwrap(),
-        "--point-every",
-        "3600",
-    ]);
+    let _mt = mt_daemon(
+        &ca,
+        "mt1",
+        &retention,
+        &["--listen", "127.0.0.1:0", "--point-every", "3600"],
+    );
     let _ps = process_server(&ca, &dir.join("cache"), "127.0.0.1:0", Some(&_mt.addr), &[]);
     let log = dir.join("log");
     let agent = agent(&ca, &disk, &log, &_ps.addr, &["--mark-interval", "0"]);
@@ -1285,19 +1237,19 @@ fn reprotect_to_the_original_disk_moves_only_the_blocks_the_failed_over_machine_
     let retention_a = d.join("retention-a");
     std::fs::create_dir_all(retention_a.join("replicas/web01")).unwrap();
     std::os::unix::fs::symlink(&disk, retention_a.join("replicas/web01/d0.img")).unwrap();
-    let mta = daemon(&[
-        "master-target",
-        "--listen",
-        "127.0.0.1:0",
-        "--tls",
-        ca.join("issued/mta").to_str().unwrap(),
-        "--retention",
-        retention_a.to_str().unwrap(),
-        "--block-size",
-        "4KiB",
-        "--point-every",
-        "0",
-    ]);
+    let mta = mt_daemon(
+        &ca,
+        "mta",
+        &retention_a,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--block-size",
+            "4KiB",
+            "--point-every",
+            "0",
+        ],
+    );
     let psb = daemon(&[
         "process-server",
         "--listen",
@@ -1359,19 +1311,19 @@ fn the_master_target_drops_points_past_the_policys_retention_and_keeps_the_newes
     let ca = site(dir.path());
     let disk = blank(dir.path(), "disk.img", BLOCKS);
     let retention = dir.path().join("retention");
-    let mt = daemon(&[
-        "master-target",
-        "--listen",
-        "127.0.0.1:0",
-        "--tls",
-        ca.join("issued/mt1").to_str().unwrap(),
-        "--retention",
-        retention.to_str().unwrap(),
-        "--point-every",
-        "0",
-        "--prune-every",
-        "0.2",
-    ]);
+    let mt = mt_daemon(
+        &ca,
+        "mt1",
+        &retention,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--point-every",
+            "0",
+            "--prune-every",
+            "0.2",
+        ],
+    );
     let ps = process_server(
         &ca,
         &dir.path().join("cache"),

@@ -26,6 +26,24 @@ pub fn is_zero(data: &[u8]) -> bool {
         && words.remainder().iter().all(|&b| b == 0)
 }
 
+/// Writes `bytes` to `path` whole or not at all: a temporary file beside it (`PATH.tmp`),
+/// synced, renamed over `path`, then the directory synced. After a crash `path` holds the old
+/// bytes or the new, never a part.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// An error and its causes on one line, `outer: cause: root cause`, for logs and messages
 /// that would otherwise show only the outermost sentence (and lose, say, the OS error).
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {

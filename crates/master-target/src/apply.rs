@@ -404,13 +404,5 @@ fn read_applied(path: &Path) -> Seq {
 }
 
 fn write_applied(path: &Path, seq: Seq) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(seq.0.to_string().as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    boomerang_core::write_atomic(path, seq.0.to_string().as_bytes())
 }

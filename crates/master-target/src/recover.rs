@@ -285,18 +285,6 @@ fn sync_dir(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Writes `bytes` to `path` whole or not at all (a temporary file, synced, renamed).
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let f = File::create(&tmp)?;
-    f.write_all_at(bytes, 0)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    sync_dir(path)
-}
-
 impl Recovery {
     /// Opens (or resumes) the recovery `config` asks for. Call from a Tokio runtime.
     ///
@@ -382,7 +370,7 @@ impl Recovery {
             .persist()
             .map_err(io_err("could not save the held-block map of", target))?;
         let state = serde_json::to_vec(&recovery.state).unwrap_or_default();
-        write_atomic(&state_path(target), &state)
+        boomerang_core::write_atomic(&state_path(target), &state)
             .map_err(io_err("could not write the recovery state of", target))?;
         std::fs::rename(&creating, target)
             .map_err(io_err("could not put in place the recovery target", target))?;
@@ -619,7 +607,7 @@ impl Recovery {
         let _one_at_a_time = self.saving.lock().unwrap_or_else(|e| e.into_inner());
         let bytes = self.held().bytes();
         self.target.sync_data()?;
-        write_atomic(&held_path(&self.path), &bytes)
+        boomerang_core::write_atomic(&held_path(&self.path), &bytes)
     }
 
     /// Stops the device: every later read and write fails, so that no client writes into a
@@ -729,7 +717,7 @@ impl Recovery {
                 hydrated: true,
                 ..self.state.clone()
             };
-            write_atomic(
+            boomerang_core::write_atomic(
                 &state_path(&self.path),
                 &serde_json::to_vec(&state).unwrap_or_default(),
             )?;

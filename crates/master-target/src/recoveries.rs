@@ -110,6 +110,11 @@ impl Recoveries {
         }
     }
 
+    /// The retention volume.
+    pub fn retention(&self) -> &Path {
+        &self.retention
+    }
+
     fn dir(&self, key: &str) -> PathBuf {
         self.retention.join(key)
     }

@@ -26,10 +26,7 @@ pub fn set(retention: &Path, machine: &str, seconds: u64) -> std::io::Result<()>
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, seconds.to_string())?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &path)
+    boomerang_core::write_atomic(&path, seconds.to_string().as_bytes())
 }
 
 /// How long `machine`'s points are kept, if its policy said.

@@ -852,30 +852,7 @@ async fn heartbeat(
     // inventory from it (at the agent's site, a physical machine as ASR discovers them).
     let reported = match (&beat.disks, &beat.os) {
         (Some(disks), Some(os)) if caller.role == components::ComponentRole::Agent => {
-            Some(Machine {
-                name: caller.name.clone(),
-                site: caller.site.clone(),
-                host: None,
-                datastore: None,
-                physical: true,
-                os: os.clone(),
-                disks: disks
-                    .iter()
-                    .map(|d| crate::inventory::Disk {
-                        name: d.name.clone(),
-                        size_bytes: d.size_bytes,
-                        uuid: None,
-                        controller: None,
-                    })
-                    .collect(),
-                controllers: Vec::new(),
-                nics: Vec::new(),
-                config: Default::default(),
-                snapshots: 0,
-                tools: crate::inventory::ToolsStatus::NotInstalled,
-                storage_moved_from: None,
-                source: crate::inventory::MachineSource::Agent,
-            })
+            Some(Machine::reported(&caller.name, &caller.site, os, disks))
         }
         _ => None,
     };
@@ -1238,11 +1215,7 @@ pub async fn run_jobs(state: Arc<AppState>) {
     loop {
         let timeout = state.heartbeat_timeout_ms;
         let stepped = db(&state, move |db| {
-            crate::jobs::Engine {
-                db,
-                heartbeat_timeout_ms: timeout,
-            }
-            .step_all()
+            crate::jobs::Engine::new(db, timeout).step_all()
         })
         .await;
         if let Err(e) = stepped {

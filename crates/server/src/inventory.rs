@@ -192,6 +192,42 @@ pub struct Machine {
     pub source: MachineSource,
 }
 
+impl Machine {
+    /// A machine as its agent reports it: its OS and disks, at the agent's site, physical (as
+    /// ASR discovers a server by its mobility agent); nothing else is known.
+    pub fn reported(
+        name: &str,
+        site: &str,
+        os: &Os,
+        disks: &[crate::components::DiskReport],
+    ) -> Machine {
+        Machine {
+            name: name.to_string(),
+            site: site.to_string(),
+            host: None,
+            datastore: None,
+            physical: true,
+            os: os.clone(),
+            disks: disks
+                .iter()
+                .map(|d| Disk {
+                    name: d.name.clone(),
+                    size_bytes: d.size_bytes,
+                    uuid: None,
+                    controller: None,
+                })
+                .collect(),
+            controllers: Vec::new(),
+            nics: Vec::new(),
+            config: BTreeMap::new(),
+            snapshots: 0,
+            tools: ToolsStatus::NotInstalled,
+            storage_moved_from: None,
+            source: MachineSource::Agent,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum MachineSource {

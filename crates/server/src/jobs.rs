@@ -698,13 +698,33 @@ impl Db {
 
 /// What the engine needs besides the database.
 pub struct Engine<'a> {
-    pub db: &'a Db,
-    pub heartbeat_timeout_ms: i64,
+    db: &'a Db,
+    heartbeat_timeout_ms: i64,
+    /// The machines' status, worked out once per pass (each job is about one machine).
+    statuses: std::cell::RefCell<Option<Vec<MachineStatus>>>,
 }
 
-impl Engine<'_> {
+impl<'a> Engine<'a> {
+    pub fn new(db: &'a Db, heartbeat_timeout_ms: i64) -> Self {
+        Engine {
+            db,
+            heartbeat_timeout_ms,
+            statuses: Default::default(),
+        }
+    }
+
+    /// The status of `machine` as this pass sees it.
+    fn status_of(&self, machine: &str) -> Result<Option<MachineStatus>, DbError> {
+        let mut cached = self.statuses.borrow_mut();
+        if cached.is_none() {
+            *cached = Some(crate::api::statuses(self.db, self.heartbeat_timeout_ms)?);
+        }
+        Ok(cached.iter().flatten().find(|s| s.name == machine).cloned())
+    }
+
     /// Moves every running job as far as it can go now.
     pub fn step_all(&self) -> Result<(), DbError> {
+        self.statuses.replace(None);
         for row in self.db.running_jobs()? {
             let id = row.job.id;
             if let Err(e) = self.step(row) {
@@ -712,6 +732,27 @@ impl Engine<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The result of job `id`'s last command once it is answered. `None` while it is not, or
+    /// when the component could not carry it out: then the job fails, with `could_not` given
+    /// the component's reason.
+    fn answer(
+        &self,
+        id: i64,
+        could_not: impl FnOnce(&str) -> String,
+    ) -> Result<Option<Value>, DbError> {
+        match self.db.command_answer(id)? {
+            None => Ok(None),
+            Some(a) if a["ok"] == true => Ok(Some(a["result"].clone())),
+            Some(a) => {
+                self.fail(
+                    id,
+                    could_not(a["error"].as_str().unwrap_or("no reason given")),
+                )?;
+                Ok(None)
+            }
+        }
     }
 
     fn fail(&self, id: i64, message: String) -> Result<(), DbError> {
@@ -727,8 +768,7 @@ impl Engine<'_> {
     /// timeout).
     fn source(&self, job: &Job) -> Result<Option<(MachineStatus, String)>, DbError> {
         let id = job.id;
-        let statuses = crate::api::statuses(self.db, self.heartbeat_timeout_ms)?;
-        let Some(status) = statuses.into_iter().find(|s| s.name == job.machine) else {
+        let Some(status) = self.status_of(&job.machine)? else {
             self.fail(
                 id,
                 format!("machine {:?} is not in the inventory", job.machine),
@@ -797,35 +837,27 @@ impl Engine<'_> {
         done: impl FnOnce(&Value) -> String,
         could_not: &str,
     ) -> Result<(), DbError> {
-        let Some(answer) = self.db.command_answer(job.id)? else {
-            return Ok(());
-        };
         let mt = data
             .get("master_target")
             .and_then(Value::as_str)
             .unwrap_or("?")
             .to_string();
-        if answer["ok"] == true {
-            let mut result = answer["result"].clone();
-            if let Value::Object(o) = &mut result {
-                o.insert("master_target".into(), json!(mt));
-                if let Some(planned) = data.get("planned") {
-                    o.insert("planned".into(), planned.clone());
-                }
+        let Some(mut result) = self.answer(job.id, |why| {
+            format!("master target {mt:?} could not {could_not}: {why}")
+        })?
+        else {
+            return Ok(());
+        };
+        if let Value::Object(o) = &mut result {
+            o.insert("master_target".into(), json!(mt));
+            if let Some(planned) = data.get("planned") {
+                o.insert("planned".into(), planned.clone());
             }
-            let message = done(&result);
-            self.db
-                .end_job(job.id, JobState::Succeeded, &message, &result)?;
-            Ok(())
-        } else {
-            self.fail(
-                job.id,
-                format!(
-                    "master target {mt:?} could not {could_not}: {}",
-                    answer["error"].as_str().unwrap_or("no reason given")
-                ),
-            )
         }
+        let message = done(&result);
+        self.db
+            .end_job(job.id, JobState::Succeeded, &message, &result)?;
+        Ok(())
     }
 
     fn step(&self, row: Row) -> Result<(), DbError> {
@@ -921,10 +953,8 @@ impl Engine<'_> {
             (JobKind::Failover, 2) if data.get("drain_backlog") == Some(&json!(true)) => {
                 // Until no healthy process server holds records of the machine that the master
                 // target lacks, for at most two heartbeat timeouts.
-                let statuses = crate::api::statuses(self.db, self.heartbeat_timeout_ms)?;
-                let backlog = statuses
-                    .iter()
-                    .find(|s| s.name == machine)
+                let backlog = self
+                    .status_of(&machine)?
                     .and_then(|s| s.backlog_bytes)
                     .unwrap_or(0);
                 let waited = crate::db::now() - job.created_unix_ms;
@@ -946,9 +976,8 @@ impl Engine<'_> {
             (JobKind::Failover, 2) => {
                 // Until the final mark is durable at the master target.
                 let final_seq = data.get("final_seq").and_then(Value::as_u64).unwrap_or(0);
-                let statuses = crate::api::statuses(self.db, self.heartbeat_timeout_ms)?;
                 // Listed as a point at the master target, for every disk.
-                let arrived = statuses.iter().find(|s| s.name == machine).is_some_and(|s| {
+                let arrived = self.status_of(&machine)?.is_some_and(|s| {
                     !s.disks.is_empty()
                         && s.disks
                             .iter()
@@ -984,11 +1013,7 @@ impl Engine<'_> {
                 "serve the disks",
             )?,
             (JobKind::ChangePoint | JobKind::Commit, 0) => {
-                let statuses = crate::api::statuses(self.db, self.heartbeat_timeout_ms)?;
-                let failover = statuses
-                    .into_iter()
-                    .find(|s| s.name == machine)
-                    .and_then(|s| s.failover);
+                let failover = self.status_of(&machine)?.and_then(|s| s.failover);
                 let Some(failover) = failover else {
                     return self.fail(
                         id,
@@ -1029,17 +1054,13 @@ impl Engine<'_> {
                     .advance(id, 0, 1, &data, Some((&mt, "failover-stop", params)))?;
             }
             (JobKind::ChangePoint, 1) => {
-                let Some(answer) = self.db.command_answer(id)? else {
+                let stopped = self.answer(id, |why| {
+                    format!(
+                        "the master target could not stop serving the disks of {machine:?}: {why}"
+                    )
+                })?;
+                if stopped.is_none() {
                     return Ok(());
-                };
-                if answer["ok"] != true {
-                    return self.fail(
-                        id,
-                        format!(
-                            "the master target could not stop serving the disks of {machine:?}: {}",
-                            answer["error"].as_str().unwrap_or("no reason given")
-                        ),
-                    );
                 }
                 let point = match point(&data) {
                     Ok(p) => p,
@@ -1084,8 +1105,7 @@ impl Engine<'_> {
                 }
             }
             (JobKind::Protect, 1) => {
-                let statuses = crate::api::statuses(self.db, self.heartbeat_timeout_ms)?;
-                let Some(status) = statuses.into_iter().find(|s| s.name == machine) else {
+                let Some(status) = self.status_of(&machine)? else {
                     return self.fail(id, format!("machine {machine:?} left the inventory"));
                 };
                 if status.state == ProtectionState::Protected {
@@ -1158,17 +1178,13 @@ impl Engine<'_> {
                 self.db.set_progress(id, &progress)?;
             }
             (JobKind::Protect, 2) => {
-                let Some(answer) = self.db.command_answer(id)? else {
+                let kept = self.answer(id, |why| {
+                    format!(
+                        "the master target could not keep the points of {machine:?} as the policy says: {why}"
+                    )
+                })?;
+                if kept.is_none() {
                     return Ok(());
-                };
-                if answer["ok"] != true {
-                    return self.fail(
-                        id,
-                        format!(
-                            "the master target could not keep the points of {machine:?} as the policy says: {}",
-                            answer["error"].as_str().unwrap_or("no reason given")
-                        ),
-                    );
                 }
                 // The agent takes app-consistent marks as often as the policy says.
                 let policy = data
@@ -1190,25 +1206,21 @@ impl Engine<'_> {
                 )?;
             }
             (JobKind::Protect, 3) => {
-                let Some(answer) = self.db.command_answer(id)? else {
+                let Some(taken) = self.answer(id, |why| {
+                    format!(
+                        "the agent of {machine:?} could not take the policy's app-consistent schedule: {why}"
+                    )
+                })?
+                else {
                     return Ok(());
                 };
-                if answer["ok"] != true {
-                    return self.fail(
-                        id,
-                        format!(
-                            "the agent of {machine:?} could not take the policy's app-consistent schedule: {}",
-                            answer["error"].as_str().unwrap_or("no reason given")
-                        ),
-                    );
-                }
                 let get = |k: &str| data.get(k).cloned().unwrap_or(Value::Null);
                 let result = json!({
                     "percent": 100.0,
                     "master_target": get("master_target"),
                     "latest_point_seq": get("latest_point_seq"),
                     "retention_seconds": get("retention_seconds"),
-                    "app_consistent_seconds": answer["result"]["seconds"],
+                    "app_consistent_seconds": taken["seconds"],
                 });
                 let message = format!(
                     "machine {machine:?} is protected with policy {}: its disks are whole at master target {}, the newest point at seq {}; points are kept {} s, app-consistent marks every {} s",
@@ -1216,7 +1228,7 @@ impl Engine<'_> {
                     get("master_target"),
                     get("latest_point_seq"),
                     get("retention_seconds"),
-                    answer["result"]["seconds"]
+                    taken["seconds"]
                 );
                 self.db.end_job(id, JobState::Succeeded, &message, &result)?;
             }

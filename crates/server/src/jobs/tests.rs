@@ -43,60 +43,33 @@ fn db() -> (tempfile::TempDir, Db) {
 
 /// The reports of a protected app01: in sync, a mark durable at mt1, a point there.
 fn protect(db: &Db) {
-    let beat = |more: Heartbeat| Heartbeat {
-        healthy: true,
-        version: "0".into(),
-        ..more
-    };
+    agent_reports(db, DiskSync::InSync, None);
+    ps_backlog(db, 0);
+    mt_point(db, 9);
+}
+
+/// app01's agent's report of d0 (4 KiB), in state `sync`, `copied` bytes copied.
+fn agent_reports(db: &Db, sync: DiskSync, copied: Option<u64>) {
     db.heartbeat(
         "app01",
-        &beat(Heartbeat {
+        &Heartbeat {
+            healthy: true,
+            version: "0".into(),
             disks: Some(vec![DiskReport {
                 name: "d0".into(),
                 size_bytes: 4096,
-                sync: DiskSync::InSync,
-                copied_bytes: None,
+                sync,
+                copied_bytes: copied,
             }]),
             synced_through_seq: Some(0),
             ..Heartbeat::default()
-        }),
-    )
-    .unwrap();
-    db.heartbeat(
-        "ps1",
-        &beat(Heartbeat {
-            streams: Some(vec![StreamReport {
-                machine: "app01".into(),
-                backlog_bytes: 0,
-                lag_ms: 0,
-                last_mark_seq: Some(9),
-                last_mark_unix_ms: Some(crate::db::now()),
-            }]),
-            ..Heartbeat::default()
-        }),
-    )
-    .unwrap();
-    db.heartbeat(
-        "mt1",
-        &beat(Heartbeat {
-            replicas: Some(vec![ReplicaReport {
-                machine: "app01".into(),
-                disk: "d0".into(),
-                points: 2,
-                latest_point_seq: Some(9),
-                latest_point_unix_ms: Some(crate::db::now()),
-            }]),
-            ..Heartbeat::default()
-        }),
+        },
     )
     .unwrap();
 }
 
 fn engine(db: &Db) -> Engine<'_> {
-    Engine {
-        db,
-        heartbeat_timeout_ms: 60_000,
-    }
+    Engine::new(db, 60_000)
 }
 
 fn new(kind: JobKind, point: Option<&str>) -> NewJob {
@@ -277,12 +250,7 @@ fn a_test_failover_waits_for_the_master_targets_report_when_the_process_server_s
         (JobState::Running, "check")
     );
     // Past a heartbeat timeout without it, the job fails.
-    Engine {
-        db: &db,
-        heartbeat_timeout_ms: 0,
-    }
-    .step_all()
-    .unwrap();
+    Engine::new(&db, 0).step_all().unwrap();
     let failed = db.get_job(job.id).unwrap().unwrap();
     assert_eq!(failed.state, JobState::Failed, "{failed:?}");
 }
@@ -403,12 +371,7 @@ fn a_planned_failover_needs_a_healthy_agent_and_an_agent_that_cannot_drain_fails
     assert!(failed.message.unwrap().contains("the disk is gone"));
     // A silent agent: refused before anything is asked of it.
     let job = db.create_job(&planned, "ops").unwrap();
-    Engine {
-        db: &db,
-        heartbeat_timeout_ms: -1,
-    }
-    .step_all()
-    .unwrap();
+    Engine::new(&db, -1).step_all().unwrap();
     let failed = db.get_job(job.id).unwrap().unwrap();
     assert_eq!(failed.state, JobState::Failed, "{failed:?}");
     assert!(failed.message.unwrap().contains("not healthy"));
@@ -731,21 +694,7 @@ fn protect_gives_the_policy_and_follows_the_initial_sync_to_protected() {
     .unwrap();
     let job = db.create_job(&protect_job("gold"), "ops").unwrap();
     // Half the disk copied.
-    db.heartbeat(
-        "app01",
-        &Heartbeat {
-            healthy: true,
-            version: "0".into(),
-            disks: Some(vec![DiskReport {
-                name: "d0".into(),
-                size_bytes: 4096,
-                sync: DiskSync::InitialSync,
-                copied_bytes: Some(2048),
-            }]),
-            ..Heartbeat::default()
-        },
-    )
-    .unwrap();
+    agent_reports(&db, DiskSync::InitialSync, Some(2048));
     engine(&db).step_all().unwrap();
     engine(&db).step_all().unwrap();
     let syncing = db.get_job(job.id).unwrap().unwrap();
