@@ -91,6 +91,14 @@ pub struct LogDir {
     _lock: Flock<File>,
 }
 
+/// See [`LogDir::changes_after`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Changes {
+    pub records: u64,
+    pub bytes: u64,
+    pub complete: bool,
+}
+
 /// Write-behind of the newest segment: the log is written once and read back rarely, so its
 /// pages are handed to write-back early and dropped from the page cache once clean. Without
 /// it, each appended byte takes a fresh page-cache page, dirty pages pile up by gigabytes, and
@@ -645,6 +653,73 @@ impl LogDir {
     /// The final mark of a planned failover, if the machine was failed over from here.
     pub fn failed_over(&self) -> Option<Seq> {
         self.failed_over
+    }
+
+    /// What the machine changed here after `point` (a failover's point elsewhere): the change
+    /// records (writes, zeroes, trims) past it, and their bytes. `complete` is false when
+    /// records past `point` were already released, so more may have been changed than the
+    /// log still shows.
+    pub fn changes_after(&self, point: Seq) -> Result<Changes, LogDirError> {
+        let mut changes = Changes {
+            records: 0,
+            bytes: 0,
+            complete: true,
+        };
+        let mut first = true;
+        for record in read_all(&self.dir)? {
+            let record = record?;
+            if first {
+                // Records between the point and the oldest one kept are gone.
+                changes.complete = record.seq.0 <= point.0.saturating_add(1);
+                first = false;
+            }
+            if record.seq <= point {
+                continue;
+            }
+            let len = match &record.op {
+                Op::Write { data, .. } => data.len() as u64,
+                Op::Zero { len, .. } | Op::Trim { len, .. } => *len,
+                _ => continue,
+            };
+            changes.records += 1;
+            changes.bytes += len;
+        }
+        if first {
+            changes.complete = self.next_seq.0 <= point.0.saturating_add(1);
+        }
+        Ok(changes)
+    }
+
+    /// A new start for the machine's disks here (the configuration server attached them after
+    /// a failover): every record so far is dropped, as their replica starts again from a
+    /// comparison of the disks, and a planned failover's marker goes. Sequence numbers and
+    /// mark ids go on from where they were, so that a process server that took the old
+    /// records takes the new ones too. Call it before anything reads or appends.
+    pub fn new_generation(&mut self) -> Result<(), LogDirError> {
+        let io = |source| LogDirError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        self.persist_next_mark().map_err(io)?;
+        let old = segments(&self.dir).map_err(io)?;
+        if self.writer.size() > SEGMENT_HEADER_LEN as u64 {
+            self.writer.sync()?;
+            self.writer = create_segment(&self.dir, self.next_seq, self.max_segment)?;
+        }
+        for path in old.iter().filter(|p| p.as_path() != self.writer.path()) {
+            std::fs::remove_file(path).map_err(io)?;
+        }
+        match std::fs::remove_file(self.dir.join(FAILED_OVER)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        self.failed_over = None;
+        self.total = self.writer.size();
+        self.release_floor = Seq(0);
+        Ok(())
     }
 
     /// While a disk's initial copy runs, marks are refused: no recovery point may show a disk

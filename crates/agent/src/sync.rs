@@ -38,6 +38,22 @@ pub fn copied(dir: &Path, disk: &str) -> bool {
     done_path(dir, disk).exists()
 }
 
+/// Forgets where the copy of `disk` stood, and its changed blocks: its next copy starts from a
+/// comparison with its replica (a new generation, see [`crate::LogDir::new_generation`]).
+pub fn forget(dir: &Path, disk: &boomerang_core::DiskName) -> std::io::Result<()> {
+    for path in [
+        progress_path(dir, disk.as_str()),
+        done_path(dir, disk.as_str()),
+        crate::capture::bitmap_path(dir, disk),
+    ] {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Holds marks back at once if a disk is not copied yet or its bitmap holds changes: call it
 /// before marks start, so that none slips in before [`keep_in_sync`] runs.
 pub fn hold_marks(log: &Mutex<LogDir>, disks: &[Arc<CaptureDevice>]) {

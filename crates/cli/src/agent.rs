@@ -79,6 +79,11 @@ struct RunArgs {
     /// asynchronously with an alert until it catches up.
     #[arg(long, default_value = "async")]
     sync_fallback: Fallback,
+    /// Start with no disk, for a machine failed over to this site: the configuration server
+    /// attaches its disks here when it is reprotected (the attachment is kept in the log
+    /// directory and takes over --disk from then on).
+    #[arg(long)]
+    standby: bool,
     #[command(flatten)]
     reporting: crate::client::Reporting,
 }
@@ -179,8 +184,28 @@ pub async fn run(args: AgentArgs, output: Output) -> anyhow::Result<i32> {
 }
 
 async fn serve(args: RunArgs) -> anyhow::Result<i32> {
-    if args.disks.is_empty() {
-        anyhow::bail!("give at least one protected disk with --disk NAME=PATH");
+    let log_dir = args
+        .log_dir
+        .clone()
+        .context("give the agent a write log directory with --log-dir DIR")?;
+    // What the configuration server attached here, if it did, rules over --disk.
+    let attachment = Attachment::read(&log_dir)?;
+    let (disks, replicate) = match &attachment {
+        Some(a) => {
+            if !args.disks.is_empty() && a.disks != args.disks {
+                tracing::warn!(
+                    file = %log_dir.join(ATTACHMENT_FILE).display(),
+                    "the disks the configuration server attached (or released) are served, not --disk"
+                );
+            }
+            (a.disks.clone(), a.replicate)
+        }
+        None => (args.disks.clone(), true),
+    };
+    if disks.is_empty() && attachment.is_none() && !args.standby {
+        anyhow::bail!(
+            "give at least one protected disk with --disk NAME=PATH, or start with --standby to wait for the disks of a failed-over machine"
+        );
     }
     for (flag, value) in [
         ("--mark-interval", args.mark_interval),
@@ -194,12 +219,25 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             );
         }
     }
-    let log_dir = args
-        .log_dir
-        .context("give the agent a write log directory with --log-dir DIR")?;
     let log = Arc::new(Mutex::new(
         LogDir::open(&log_dir, args.segment_size)?.with_cap(Some(args.log_max)),
     ));
+    if let Some(a) = attachment.as_ref().filter(|a| a.new_generation) {
+        // Newly attached: the disks' replica starts again from a comparison with them.
+        log.lock()
+            .map_err(|_| anyhow::anyhow!("log lock poisoned"))?
+            .new_generation()?;
+        for (disk, _) in &a.disks {
+            boomerang_agent::sync::forget(&log_dir, disk).with_context(|| {
+                format!("could not reset the copy state of disk {disk} in {}", log_dir.display())
+            })?;
+        }
+        Attachment {
+            new_generation: false,
+            ..a.clone()
+        }
+        .write(&log_dir)?;
+    }
     let sync_link = args.sync.then(|| {
         Arc::new(SyncLink::new(
             Duration::from_secs_f64(args.sync_timeout.max(0.01)),
@@ -208,7 +246,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     });
     let mut exports = Vec::new();
     let mut devices = Vec::new();
-    for (name, path) in &args.disks {
+    for (name, path) in &disks {
         let dev = FileDevice::open(path, false).with_context(|| {
             format!(
                 "could not open disk {name} at {}: check the path and permissions",
@@ -267,7 +305,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     ))];
     let (stop_shipping, shipping_stopped) = tokio::sync::watch::channel(false);
     let shipping = match (&args.process_server, &args.tls) {
-        (Some(addr), Some(tls_dir)) => {
+        (Some(addr), Some(tls_dir)) if replicate && !disks.is_empty() => {
             let tls = TlsIdentity::load(tls_dir)?;
             let name = crate::daemon::name_or_dir(args.name.clone(), tls_dir, "protected machine")?;
             let digests = sync::Digests {
@@ -285,7 +323,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                 max_rate: None,
                 role: Role::Agent,
                 to: Role::ProcessServer,
-                disks: args.disks.iter().map(|(d, _)| d.clone()).collect(),
+                disks: disks.iter().map(|(d, _)| d.clone()).collect(),
             };
             let source = Arc::new(logdir::Shipped {
                 log: log.clone(),
@@ -324,13 +362,19 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     };
     let (app_schedule, app_changes) = tokio::sync::watch::channel(app_every);
     let app_schedule = Arc::new(app_schedule);
-    for (kind, mut every) in [
-        (
-            MarkKind::Crash,
-            tokio::sync::watch::channel(args.mark_interval).1,
-        ),
-        (MarkKind::App, app_changes),
-    ] {
+    // None while standing by: there is nothing to mark.
+    let schedules = if disks.is_empty() {
+        Vec::new()
+    } else {
+        vec![
+            (
+                MarkKind::Crash,
+                tokio::sync::watch::channel(args.mark_interval).1,
+            ),
+            (MarkKind::App, app_changes),
+        ]
+    };
+    for (kind, mut every) in schedules {
         let (log, hooks) = (log.clone(), hooks.clone());
         background.push(tokio::spawn(async move {
             loop {
@@ -365,6 +409,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     // Heartbeats describe the machine: its OS, its disks and how far their copy is.
     // The write rate is the average since the previous heartbeat.
     let (reported_log, reported_disks) = (log.clone(), devices.clone());
+    let machine = match (&args.name, &args.tls) {
+        (Some(n), _) => Some(n.clone()),
+        (None, Some(dir)) => crate::daemon::name_or_dir(None, dir, "protected machine").ok(),
+        _ => None,
+    };
     let previous = Mutex::new(None::<(u64, std::time::Instant)>);
     let report: crate::client::Report = Box::new(move || {
         let (states, through) = boomerang_agent::sync::states(&reported_log, &reported_disks);
@@ -381,8 +430,14 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             }
             Err(_) => None,
         };
+        let machine = machine.clone();
         Box::pin(async move {
             let mut beat = serde_json::Map::new();
+            if let Some(m) = machine {
+                beat.insert("machine".into(), m.into());
+            }
+            beat.insert("standby".into(), states.is_empty().into());
+            beat.insert("replicating".into(), replicate.into());
             if let Some(rate) = rate {
                 beat.insert("write_bytes_per_second".into(), rate.into());
             }
@@ -403,25 +458,38 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                     })
                 })
                 .collect();
-            beat.insert("disks".into(), disks.into());
-            beat.insert("synced_through_seq".into(), through.0.into());
+            // Disks not replicated are not protected: the machine shows as such.
+            if replicate {
+                beat.insert("disks".into(), disks.into());
+                beat.insert("synced_through_seq".into(), through.0.into());
+            }
             beat
         })
     });
     crate::client::start_heartbeats(&args.reporting, log_dir.clone(), report)?;
     // The configuration server's jobs: the drain of a planned failover, the policy's
     // app-consistent schedule.
-    let (commanded, schedule) = (log.clone(), app_schedule.clone());
+    let (restart, mut restarting) = tokio::sync::watch::channel(false);
+    let here = Arc::new(Here {
+        log: log.clone(),
+        app_schedule: app_schedule.clone(),
+        disks: disks.clone(),
+        replicate,
+        restart,
+    });
     let handler: crate::client::Handler = Arc::new(move |kind, params| {
-        let (log, schedule) = (commanded.clone(), schedule.clone());
-        Box::pin(async move { command(&log, &schedule, &kind, &params).await })
+        let here = here.clone();
+        Box::pin(async move { command(&here, &kind, &params).await })
     });
     crate::client::start_commands(&args.reporting, handler)?;
     let shutdown = shutdown_signal()?;
     println!("listening on {}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let serving = tokio::spawn(async move { server.serve(listener, stopped).await });
-    shutdown.await;
+    let restart = tokio::select! {
+        _ = shutdown => false,
+        _ = restarting.changed() => true,
+    };
     let _ = stop.send(true);
     let _ = serving.await;
     let _ = stop_shipping.send(true);
@@ -443,8 +511,25 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         .lock()
         .map_err(|_| anyhow::anyhow!("log lock poisoned"))?;
     log.close_clean()?;
+    if restart {
+        drop(log);
+        eprintln!("agent restarting with the disks the configuration server attached");
+        return Err(reexec());
+    }
     eprintln!("agent stopped; write log synced in {}", log.dir().display());
     Ok(0)
+}
+
+/// Runs this agent again, in place (same process id), with the same arguments: it starts
+/// with what the attachment file says now.
+fn reexec() -> anyhow::Error {
+    use std::io::Write as _;
+    use std::os::unix::process::CommandExt;
+    let _ = std::io::stdout().flush();
+    let err = std::process::Command::new("/proc/self/exe")
+        .args(std::env::args_os().skip(1))
+        .exec();
+    anyhow::anyhow!("could not restart the agent with its new disks: {err}; start it again")
 }
 
 /// Waits for SIGTERM or SIGINT. Install it before announcing the service, so that a signal
@@ -585,14 +670,224 @@ const APP_MARK_FILE: &str = "app-mark-interval";
 /// How long a planned failover's drain waits for the process server to hold the final mark.
 const DRAIN_WAIT: Duration = Duration::from_secs(120);
 
+/// The disks the configuration server attached to this agent (reprotect, failback), kept in
+/// the log directory: they take over --disk. No disk: standing by.
+const ATTACHMENT_FILE: &str = "attached.json";
+
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Attachment {
+    #[serde(with = "disk_list")]
+    disks: Vec<(DiskName, PathBuf)>,
+    /// Whether the disks' writes are shipped to the process server.
+    replicate: bool,
+    /// Set until the agent started a new generation of its log for them.
+    #[serde(default)]
+    new_generation: bool,
+    /// The disks given back at the last release, and what the machine had changed here after
+    /// the failover's point (dropped), for the answer to a repeated release.
+    #[serde(default, with = "disk_list")]
+    released: Vec<(DiskName, PathBuf)>,
+    #[serde(default)]
+    discarded: Option<boomerang_agent::logdir::Changes>,
+}
+
+mod disk_list {
+    use std::path::PathBuf;
+
+    use boomerang_core::DiskName;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Disk {
+        name: String,
+        path: PathBuf,
+    }
+
+    pub fn serialize<S: Serializer>(v: &[(DiskName, PathBuf)], s: S) -> Result<S::Ok, S::Error> {
+        v.iter()
+            .map(|(n, p)| Disk {
+                name: n.to_string(),
+                path: p.clone(),
+            })
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<(DiskName, PathBuf)>, D::Error> {
+        Vec::<Disk>::deserialize(d)?
+            .into_iter()
+            .map(|disk| {
+                DiskName::new(&disk.name)
+                    .map(|n| (n, disk.path))
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
+    }
+}
+
+impl Attachment {
+    fn read(dir: &std::path::Path) -> anyhow::Result<Option<Self>> {
+        let path = dir.join(ATTACHMENT_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).with_context(|| {
+                format!(
+                    "the attachment file {} is damaged: it says which disks the configuration server attached here; restore it, or remove it to serve the --disk disks",
+                    path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("could not read {}", path.display())),
+        }
+    }
+
+    fn write(&self, dir: &std::path::Path) -> anyhow::Result<()> {
+        let path = dir.join(ATTACHMENT_FILE);
+        let bytes = serde_json::to_vec_pretty(self)?;
+        boomerang_core::write_atomic(&path, &bytes)
+            .with_context(|| format!("could not write {}", path.display()))
+    }
+}
+
+/// What a command of the configuration server works on.
+struct Here {
+    log: Arc<Mutex<LogDir>>,
+    app_schedule: Arc<tokio::sync::watch::Sender<f64>>,
+    /// The disks served, and whether they are replicated, as this run started.
+    disks: Vec<(DiskName, PathBuf)>,
+    replicate: bool,
+    /// Asks for a restart with the attachment file's disks.
+    restart: tokio::sync::watch::Sender<bool>,
+}
+
+fn disks_json(disks: &[(DiskName, PathBuf)]) -> serde_json::Value {
+    disks
+        .iter()
+        .map(|(n, p)| serde_json::json!({"name": n.as_str(), "path": p}))
+        .collect()
+}
+
 /// Carries out one command of the configuration server.
 async fn command(
-    log: &Arc<Mutex<LogDir>>,
-    app_schedule: &tokio::sync::watch::Sender<f64>,
+    here: &Here,
     kind: &str,
     params: &serde_json::Value,
 ) -> Result<serde_json::Value, String> {
+    let (log, app_schedule) = (&here.log, &here.app_schedule);
+    let dir = log
+        .lock()
+        .map_err(|_| "the write log lock is poisoned".to_string())?
+        .dir()
+        .to_path_buf();
     match kind {
+        // Reprotect or failback: serve these disks here, captured, and replicate them or not.
+        "attach" => {
+            let wanted: Vec<(DiskName, PathBuf)> = serde_json::from_value::<Vec<serde_json::Value>>(
+                params["disks"].clone(),
+            )
+            .map_err(|e| format!("attach names no disks: {e}"))?
+            .iter()
+            .map(|d| {
+                let name = d["name"].as_str().unwrap_or_default();
+                let path = d["path"].as_str().ok_or("attach names a disk without a path")?;
+                DiskName::new(name)
+                    .map(|n| (n, PathBuf::from(path)))
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<_, String>>()?;
+            if wanted.is_empty() {
+                return Err("attach names no disks".into());
+            }
+            let replicate = params["replicate"].as_bool().unwrap_or(true);
+            let answer = serde_json::json!({"disks": disks_json(&wanted), "replicate": replicate});
+            if here.disks == wanted && here.replicate == replicate {
+                return Ok(answer);
+            }
+            if !here.disks.is_empty() && here.disks != wanted {
+                return Err(format!(
+                    "this agent serves other disks ({}): release them first",
+                    here.disks
+                        .iter()
+                        .map(|(n, p)| format!("{n}={}", p.display()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            for (name, path) in &wanted {
+                if let Err(e) = std::fs::metadata(path) {
+                    return Err(format!(
+                        "disk {name} at {} cannot be attached: {e}",
+                        path.display()
+                    ));
+                }
+            }
+            Attachment {
+                disks: wanted,
+                replicate,
+                // The same disks, now replicated: the log goes on.
+                new_generation: here.disks.is_empty(),
+                ..Default::default()
+            }
+            .write(&dir)
+            .map_err(|e| format!("{e:#}"))?;
+            let _ = here.restart.send(true);
+            Ok(answer)
+        }
+        // Reprotect: the machine runs elsewhere now, and its disks here are about to take its
+        // writes from there. What it changed here after the failover's point is lost then:
+        // refused unless the operator said to discard it.
+        "release" => {
+            if here.disks.is_empty() {
+                let a = Attachment::read(&dir)
+                    .map_err(|e| format!("{e:#}"))?
+                    .unwrap_or_default();
+                return Ok(serde_json::json!({"disks": disks_json(&a.released), "discarded": a.discarded}));
+            }
+            let discard = params["discard_unreplicated"].as_bool().unwrap_or(false);
+            let changes = match params["point"].as_u64() {
+                Some(point) => {
+                    let held = log.clone();
+                    let changes = tokio::task::spawn_blocking(move || {
+                        held.lock()
+                            .map_err(|_| "the write log lock is poisoned".to_string())?
+                            .changes_after(boomerang_core::Seq(point))
+                            .map_err(|e| boomerang_core::chain(&e))
+                    })
+                    .await
+                    .map_err(|e| e.to_string())??;
+                    Some((point, changes))
+                }
+                None => None,
+            };
+            if let Some((point, c)) = changes
+                && (c.records > 0 || !c.complete)
+                && !discard
+            {
+                return Err(format!(
+                    "the machine wrote here after the failover's point (seq {point}): {} change(s), {} byte(s){}, never replicated; the failed-over copy has written since too, so both sides changed since the split. Reprotecting overwrites these disks with the failed-over copy: to drop what was written here, reprotect with --discard-unreplicated",
+                    c.records,
+                    c.bytes,
+                    if c.complete {
+                        ""
+                    } else {
+                        " at least (older records were released)"
+                    }
+                ));
+            }
+            let discarded = changes.map(|(_, c)| c);
+            Attachment {
+                disks: Vec::new(),
+                replicate: false,
+                new_generation: false,
+                released: here.disks.clone(),
+                discarded,
+            }
+            .write(&dir)
+            .map_err(|e| format!("{e:#}"))?;
+            let _ = here.restart.send(true);
+            Ok(serde_json::json!({"disks": disks_json(&here.disks), "discarded": discarded}))
+        }
         // The policy's app-consistent schedule, kept in the log directory for the next start.
         "app-mark-interval" => {
             let seconds = params["seconds"]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use boomerang_core::DiskName;
 use boomerang_master_target::recoveries::Recoveries;
-use boomerang_master_target::{Config, receiver};
+use boomerang_master_target::{Config, receiver_with_replicas};
 use boomerang_wire::MAX_DISKS;
 use boomerang_wire::tls::TlsIdentity;
 use clap::{Args, Subcommand};
@@ -328,7 +328,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         )
     })?;
     let retention_dir = retention.clone();
-    let (server, metrics) = receiver(Config {
+    let (server, metrics, replicas) = receiver_with_replicas(Config {
         name,
         tls,
         retention,
@@ -394,8 +394,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     });
     crate::client::start_heartbeats(&args.reporting, retention_dir.clone(), report)?;
     let handler: crate::client::Handler = std::sync::Arc::new(move |kind, params| {
-        let recoveries = recoveries.clone();
-        Box::pin(async move { command(&recoveries, &kind, &params).await })
+        let (recoveries, replicas) = (recoveries.clone(), replicas.clone());
+        Box::pin(async move { command(&recoveries, &replicas, &kind, &params).await })
     });
     crate::client::start_commands(&args.reporting, handler)?;
     crate::daemon::serve(server, &args.listen, "master target").await
@@ -404,6 +404,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
 /// Carries out one command of the configuration server.
 async fn command(
     recoveries: &Recoveries,
+    replicas: &boomerang_master_target::Replicas,
     kind: &str,
     params: &serde_json::Value,
 ) -> Result<serde_json::Value, String> {
@@ -449,6 +450,36 @@ async fn command(
         "failover-stop" => {
             recoveries.stop(&failover(machine()?)).await?;
             Ok(serde_json::json!({}))
+        }
+        // Reprotect, at the failed-over site: the failed-over disks are whole; an agent serves
+        // them from now on. The machine's replica here ends with its lineage.
+        "failover-release" => {
+            let machine = machine()?;
+            let disks = recoveries.release(&failover(machine)).await?;
+            replicas.release_lineage(machine).await?;
+            Ok(serde_json::json!({"disks": disks.iter().map(|(d, p)| serde_json::json!({"name": d, "path": p})).collect::<Vec<_>>()}))
+        }
+        // Reprotect, at the original site: the machine's own disks are its replica here.
+        "replica-adopt" => {
+            let machine = machine()?;
+            let disks = params["disks"]
+                .as_array()
+                .ok_or("replica-adopt names no disks")?
+                .iter()
+                .map(|d| {
+                    let name = DiskName::new(d["name"].as_str().unwrap_or_default())
+                        .map_err(|e| e.to_string())?;
+                    let path = d["path"].as_str().ok_or("replica-adopt names a disk without a path")?;
+                    Ok((name, std::path::PathBuf::from(path)))
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            replicas.adopt(machine, &disks).await?;
+            Ok(serde_json::json!({"disks": params["disks"]}))
+        }
+        // Failback: the final mark is applied; the machine's own disks go back to it.
+        "replica-release" => {
+            let disks = replicas.release(machine()?).await?;
+            Ok(serde_json::json!({"disks": disks.iter().map(|(d, p)| serde_json::json!({"name": d, "path": p})).collect::<Vec<_>>()}))
         }
         "replica-policy" => {
             let machine = machine()?;

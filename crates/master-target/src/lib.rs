@@ -169,6 +169,13 @@ fn incoming_streams(incoming: &std::path::Path) -> Vec<(String, Seq)> {
 /// streams the incoming log already holds (what arrived before a restart is applied without
 /// waiting for the next record, and digests can be answered), and for new ones as they arrive.
 pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartError> {
+    receiver_with_replicas(config).map(|(r, m, _)| (r, m))
+}
+
+/// [`receiver`], and the handle that changes its replicas from outside their streams.
+pub fn receiver_with_replicas(
+    config: Config,
+) -> Result<(Arc<Receiver>, Arc<Metrics>, Arc<Replicas>), StartError> {
     if config.max_disks > MAX_DISKS {
         return Err(StartError::TooManyDisks(config.max_disks));
     }
@@ -204,6 +211,11 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartEr
             .unwrap_or_else(|e| e.into_inner())
             .insert(stream, tx);
     }
+    let replicas = Arc::new(Replicas {
+        retention: config.retention.clone(),
+        appliers: appliers.clone(),
+        positions: positions.clone(),
+    });
     let known = positions.clone();
     let on_durable = Arc::new(
         move |stream: &str, _disks: &[DiskName], records: &Records| {
@@ -254,5 +266,163 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartEr
         on_open: None,
         on_digest: Some(on_digest),
     })?;
-    Ok((receiver, metrics))
+    Ok((receiver, metrics, replicas))
 }
+
+/// What changes a machine's replica from outside its stream: a reprotect makes the machine's
+/// own disks at this site its replica images (original location: only the blocks that differ
+/// travel), and a failback hands them back.
+pub struct Replicas {
+    retention: PathBuf,
+    appliers: Arc<Mutex<HashMap<String, watch::Sender<Seq>>>>,
+    positions: digest::Positions,
+}
+
+impl Replicas {
+    /// Stops the applier of `stream`, if one runs, and waits until it has ended. The next
+    /// record of the stream starts a new one.
+    async fn stop_applier(&self, stream: &str) {
+        let sender = self
+            .appliers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(stream);
+        let position = self
+            .positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(stream);
+        drop(sender);
+        if let Some(mut rx) = position {
+            while rx.changed().await.is_ok() {}
+        }
+    }
+
+    fn dir(&self, stream: &str) -> PathBuf {
+        self.retention.join("replicas").join(stream)
+    }
+
+    /// Makes `disks` (name, path of an existing disk image at this site) the replica images
+    /// of `stream`, in place of whatever replica it had here (its points are of a lineage
+    /// that ended at a failover). The records of the stream received so far are not applied
+    /// to them. Called again with the same disks, nothing changes.
+    pub async fn adopt(&self, stream: &str, disks: &[(DiskName, PathBuf)]) -> Result<(), String> {
+        let dir = self.dir(stream);
+        let adopted = |disk: &DiskName, path: &std::path::Path| {
+            std::fs::read_link(dir.join(format!("{disk}.img"))).is_ok_and(|p| p == path)
+        };
+        if dir.join(ADOPTED).exists() && disks.iter().all(|(d, p)| adopted(d, p)) {
+            return Ok(());
+        }
+        for (disk, path) in disks {
+            if !path.is_absolute() {
+                return Err(format!(
+                    "disk {disk} of {stream} is at a relative path ({}): give an absolute one",
+                    path.display()
+                ));
+            }
+            std::fs::metadata(path).map_err(|e| {
+                format!(
+                    "disk {disk} of {stream} at {} cannot be the replica here: {e}",
+                    path.display()
+                )
+            })?;
+        }
+        if crate::recover::recovering_machines(&self.retention)
+            .iter()
+            .any(|m| m == stream || m == crate::recover::ALL)
+        {
+            return Err(format!(
+                "{stream} has a recovery (failover or test failover) on this master target: clean it up or release it first"
+            ));
+        }
+        self.stop_applier(stream).await;
+        let io = |what: &str, path: &std::path::Path, e: std::io::Error| {
+            format!("could not {what} {}: {e}", path.display())
+        };
+        // What the incoming log holds of the stream is of the old lineage: not applied.
+        let received = incoming_streams(&self.retention.join("incoming"))
+            .into_iter()
+            .find(|(s, _)| s == stream)
+            .map_or(Seq(0), |(_, last)| last);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io("remove the old replica", &dir, e));
+            }
+            _ => {}
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
+        let _ = std::fs::remove_file(dir.with_extension("released.json"));
+        for (disk, path) in disks {
+            let link = dir.join(format!("{disk}.img"));
+            std::os::unix::fs::symlink(path, &link).map_err(|e| io("link", &link, e))?;
+        }
+        let applied = dir.join("applied");
+        boomerang_core::write_atomic(&applied, received.0.to_string().as_bytes())
+            .map_err(|e| io("write", &applied, e))?;
+        let marker = dir.join(ADOPTED);
+        boomerang_core::write_atomic(&marker, b"").map_err(|e| io("write", &marker, e))?;
+        tracing::warn!(%stream, disks = disks.len(), "the machine's own disks here are its replica now");
+        Ok(())
+    }
+
+    /// Ends the replica of `stream` here (reprotect from this site, once the failed-over
+    /// disks are released): its points are of a lineage that ended at the failover, and
+    /// would only confuse the machine's recovery points with those of its new replica. Its
+    /// applier stops; links to the machine's own disks go, never the disks.
+    pub async fn release_lineage(&self, stream: &str) -> Result<(), String> {
+        self.stop_applier(stream).await;
+        let dir = self.dir(stream);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(format!("could not remove {}: {e}", dir.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Hands the replica images of `stream` back (failback, once its final mark is applied):
+    /// its applier stops and its replica here is removed; disks adopted by [`Replicas::adopt`]
+    /// stay where they are. Returns the disks and where they are.
+    pub async fn release(&self, stream: &str) -> Result<Vec<(String, PathBuf)>, String> {
+        let dir = self.dir(stream);
+        let released = dir.with_extension("released.json");
+        if !dir.exists() {
+            // Released before: the same answer.
+            let text = std::fs::read_to_string(&released)
+                .map_err(|_| format!("there is no replica of {stream} here"))?;
+            return serde_json::from_str::<Vec<(String, PathBuf)>>(&text)
+                .map_err(|e| format!("{} is damaged: {e}", released.display()));
+        }
+        self.stop_applier(stream).await;
+        let mut disks = Vec::new();
+        for entry in std::fs::read_dir(&dir)
+            .map_err(|e| format!("could not list {}: {e}", dir.display()))?
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let Some(disk) = name.strip_suffix(".img") else {
+                continue;
+            };
+            let path = std::fs::read_link(entry.path()).unwrap_or_else(|_| entry.path());
+            disks.push((disk.to_string(), path));
+        }
+        disks.sort();
+        if disks.iter().any(|(d, p)| *p == dir.join(format!("{d}.img"))) {
+            return Err(format!(
+                "the replica of {stream} here is not the machine's own disks (not adopted at a reprotect): fail over to it instead"
+            ));
+        }
+        let text = serde_json::to_string(&disks).map_err(|e| e.to_string())?;
+        boomerang_core::write_atomic(&released, text.as_bytes())
+            .map_err(|e| format!("could not write {}: {e}", released.display()))?;
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| format!("could not remove {}: {e}", dir.display()))?;
+        tracing::warn!(%stream, "the replica here is handed back to the machine");
+        Ok(disks)
+    }
+}
+
+/// In a replica directory: its images are the machine's own disks (links), adopted at a
+/// reprotect.
+const ADOPTED: &str = "adopted";

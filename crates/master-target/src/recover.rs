@@ -186,6 +186,21 @@ pub struct Recovery {
     closed: AtomicBool,
 }
 
+/// Makes the whole target of a hydrated recovery a plain disk: its state files go (call it
+/// once the recovery is closed).
+pub fn finish(target: &Path) -> io::Result<()> {
+    for path in [state_path(target), held_path(target)] {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    if let Some(dir) = target.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 fn held_path(target: &Path) -> PathBuf {
     let mut p = target.as_os_str().to_owned();
     p.push(".held");

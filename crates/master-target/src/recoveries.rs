@@ -333,6 +333,68 @@ impl Recoveries {
         }
     }
 
+    /// Hands the whole disks of `key` over (reprotect: an agent serves them from now on): stops
+    /// serving them and leaves the targets as plain disk images, once every disk is hydrated.
+    /// Returns each disk's target. Called again, the same.
+    pub async fn release(&self, key: &str) -> Result<Vec<(String, PathBuf)>, String> {
+        let mut running = self.running.lock().await;
+        if let Some(r) = running.get(key) {
+            for (disk, d) in r.served.exports.iter().zip(&r.disks) {
+                if !d.hydrated() {
+                    let (copied, size) = d.progress_bytes();
+                    return Err(format!(
+                        "disk {disk} of {key} is not copied whole yet ({copied} of {size} bytes): wait for its hydration to finish"
+                    ));
+                }
+            }
+            let Some(r) = running.remove(key) else {
+                return Err(format!("{key} vanished"));
+            };
+            drop(running);
+            for d in &r.disks {
+                d.close()
+                    .map_err(|e| format!("could not save {}: {e}", d.target().display()))?;
+            }
+            let _ = r.stop_serving.send(true);
+            r.stop_copying.store(true, Ordering::Relaxed);
+            let threads = r.threads;
+            let _ = tokio::task::spawn_blocking(move || {
+                for t in threads {
+                    let _ = t.join();
+                }
+            })
+            .await;
+            for d in &r.disks {
+                crate::recover::finish(d.target())
+                    .map_err(|e| format!("could not finish {}: {e}", d.target().display()))?;
+            }
+        } else {
+            drop(running);
+        }
+        // What is on the volume: plain images only once released.
+        let dir = self.dir(key);
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir)
+            .map_err(|e| format!("{key} has no disks here ({}): {e}", dir.display()))?
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.ends_with(".recovery") || name.ends_with(".creating") {
+                return Err(format!(
+                    "{key} is not served, and its disks are not whole ({name}): fail over again"
+                ));
+            }
+            if let Some(disk) = name.strip_suffix(".img") {
+                out.push((disk.to_string(), entry.path()));
+            }
+        }
+        out.sort();
+        if out.is_empty() {
+            return Err(format!("{key} has no disks here ({})", dir.display()));
+        }
+        Ok(out)
+    }
+
     /// Stops serving `key` and deletes its targets.
     pub async fn stop(&self, key: &str) -> Result<(), String> {
         let gone = self.running.lock().await.remove(key);
