@@ -618,6 +618,62 @@ pub async fn commit(args: CommitArgs, output: Output) -> anyhow::Result<i32> {
     run_job(&args.connection, body, false, output).await
 }
 
+#[derive(Args, Debug)]
+pub struct ReprotectArgs {
+    /// The machine: failed over and committed, or failed back.
+    machine: String,
+    /// The master target that keeps the replica (default: the one at the site of the disks
+    /// that become the replica).
+    #[arg(long)]
+    master_target: Option<String>,
+    /// The agent that serves the failed-over disks (default: the machine's one agent
+    /// standing by, `boomerang agent --standby --name MACHINE`).
+    #[arg(long)]
+    agent: Option<String>,
+    /// Drop what the machine wrote at its old site after the failover's point (never
+    /// replicated, recorded in the job); without it such writes make the reprotect fail.
+    #[arg(long)]
+    discard_unreplicated: bool,
+    /// Return once the job is asked for, without following its copy.
+    #[arg(long)]
+    no_wait: bool,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// `boomerang reprotect`: replicates a failed-over machine back, into its own disks.
+pub async fn reprotect(args: ReprotectArgs, output: Output) -> anyhow::Result<i32> {
+    let mut body = json!({
+        "kind": "reprotect",
+        "machine": args.machine,
+        "discard_unreplicated": args.discard_unreplicated,
+    });
+    if let Some(mt) = args.master_target {
+        body["master_target"] = json!(mt);
+    }
+    if let Some(agent) = args.agent {
+        body["agent"] = json!(agent);
+    }
+    run_job(&args.connection, body, args.no_wait, output).await
+}
+
+#[derive(Args, Debug)]
+pub struct FailbackArgs {
+    /// The reprotected machine.
+    machine: String,
+    /// Return once the job is asked for, without waiting for it to end.
+    #[arg(long)]
+    no_wait: bool,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// `boomerang failback`: brings a reprotected machine home, losing nothing.
+pub async fn failback(args: FailbackArgs, output: Output) -> anyhow::Result<i32> {
+    let body = json!({"kind": "failback", "machine": args.machine});
+    run_job(&args.connection, body, args.no_wait, output).await
+}
+
 /// Asks for the job `body` describes and, unless `no_wait`, follows it to its end, showing
 /// its steps (exit 0 when it succeeded, 3 otherwise).
 async fn run_job(

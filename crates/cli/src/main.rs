@@ -56,6 +56,11 @@ enum Command {
     ChangePoint(client::ChangePointArgs),
     /// Make a failover final: its point can no longer change.
     Commit(client::CommitArgs),
+    /// Replicate a failed-over machine back into its own disks at its original site (only
+    /// the blocks that differ travel); after a failback, to the recovery site again.
+    Reprotect(client::ReprotectArgs),
+    /// Bring a reprotected machine home (a planned failover back): nothing is lost.
+    Failback(client::FailbackArgs),
     /// The configuration server's jobs.
     #[command(subcommand)]
     Job(client::JobCommand),
@@ -115,6 +120,8 @@ fn main() {
             Command::Protect(args) => client::protect(args, cli.output).await,
             Command::ChangePoint(args) => client::change_point(args, cli.output).await,
             Command::Commit(args) => client::commit(args, cli.output).await,
+            Command::Reprotect(args) => client::reprotect(args, cli.output).await,
+            Command::Failback(args) => client::failback(args, cli.output).await,
             Command::Machine(cmd) => client::machine(cmd, cli.output).await,
             Command::Site(cmd) => client::site(cmd, cli.output).await,
             Command::Policy(cmd) => client::policy(cmd, cli.output).await,

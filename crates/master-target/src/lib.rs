@@ -304,16 +304,35 @@ impl Replicas {
 
     /// Makes `disks` (name, path of an existing disk image at this site) the replica images
     /// of `stream`, in place of whatever replica it had here (its points are of a lineage
-    /// that ended at a failover). The records of the stream received so far are not applied
-    /// to them. Called again with the same disks, nothing changes.
+    /// that ended at a failover). A disk outside the retention volume (the machine's own disk
+    /// at its original location) is linked; one on it (a failed-over disk this master target
+    /// made) is moved into the replica, so that a later failover makes new targets. The
+    /// records of the stream received so far are not applied to them. Called again with the
+    /// same disks, after a crash or not, it ends the same.
     pub async fn adopt(&self, stream: &str, disks: &[(DiskName, PathBuf)]) -> Result<(), String> {
         let dir = self.dir(stream);
-        let adopted = |disk: &DiskName, path: &std::path::Path| {
-            std::fs::read_link(dir.join(format!("{disk}.img"))).is_ok_and(|p| p == path)
-        };
-        if dir.join(ADOPTED).exists() && disks.iter().all(|(d, p)| adopted(d, p)) {
+        let staging = self.retention.join("adopting").join(stream);
+        let image = |d: &std::path::Path, disk: &DiskName| d.join(format!("{disk}.img"));
+        let done = dir.join(ADOPTED).exists()
+            && !staging.exists()
+            && disks.iter().all(|(disk, path)| {
+                let at = image(&dir, disk);
+                match std::fs::read_link(&at) {
+                    Ok(link) => link == *path,
+                    Err(_) => at.is_file() && !path.exists(),
+                }
+            });
+        if done {
             return Ok(());
         }
+        let io = |what: &str, path: &std::path::Path, e: std::io::Error| {
+            format!("could not {what} {}: {e}", path.display())
+        };
+        let retention = self
+            .retention
+            .canonicalize()
+            .map_err(|e| io("resolve", &self.retention, e))?;
+        let mut moves = Vec::new();
         for (disk, path) in disks {
             if !path.is_absolute() {
                 return Err(format!(
@@ -321,12 +340,16 @@ impl Replicas {
                     path.display()
                 ));
             }
-            std::fs::metadata(path).map_err(|e| {
+            if std::fs::symlink_metadata(image(&staging, disk)).is_ok() {
+                continue;
+            }
+            let real = path.canonicalize().map_err(|e| {
                 format!(
                     "disk {disk} of {stream} at {} cannot be the replica here: {e}",
                     path.display()
                 )
             })?;
+            moves.push((disk.clone(), path.clone(), real.starts_with(&retention)));
         }
         if crate::recover::recovering_machines(&self.retention)
             .iter()
@@ -337,31 +360,39 @@ impl Replicas {
             ));
         }
         self.stop_applier(stream).await;
-        let io = |what: &str, path: &std::path::Path, e: std::io::Error| {
-            format!("could not {what} {}: {e}", path.display())
-        };
+        // Made aside, then put in place of the old replica in one rename.
+        std::fs::create_dir_all(&staging).map_err(|e| io("create", &staging, e))?;
+        for (disk, path, own) in moves {
+            let at = image(&staging, &disk);
+            if own {
+                std::fs::rename(&path, &at).map_err(|e| io("move", &path, e))?;
+            } else {
+                std::os::unix::fs::symlink(&path, &at).map_err(|e| io("link", &at, e))?;
+            }
+        }
         // What the incoming log holds of the stream is of the old lineage: not applied.
         let received = incoming_streams(&self.retention.join("incoming"))
             .into_iter()
             .find(|(s, _)| s == stream)
             .map_or(Seq(0), |(_, last)| last);
+        let applied = staging.join("applied");
+        boomerang_core::write_atomic(&applied, received.0.to_string().as_bytes())
+            .map_err(|e| io("write", &applied, e))?;
+        let marker = staging.join(ADOPTED);
+        boomerang_core::write_atomic(&marker, b"").map_err(|e| io("write", &marker, e))?;
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(io("remove the old replica", &dir, e));
             }
             _ => {}
         }
-        std::fs::create_dir_all(&dir).map_err(|e| io("create", &dir, e))?;
+        let replicas = self.retention.join("replicas");
+        std::fs::create_dir_all(&replicas).map_err(|e| io("create", &replicas, e))?;
+        std::fs::rename(&staging, &dir).map_err(|e| io("move", &staging, e))?;
+        std::fs::File::open(&replicas)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("sync", &replicas, e))?;
         let _ = std::fs::remove_file(dir.with_extension("released.json"));
-        for (disk, path) in disks {
-            let link = dir.join(format!("{disk}.img"));
-            std::os::unix::fs::symlink(path, &link).map_err(|e| io("link", &link, e))?;
-        }
-        let applied = dir.join("applied");
-        boomerang_core::write_atomic(&applied, received.0.to_string().as_bytes())
-            .map_err(|e| io("write", &applied, e))?;
-        let marker = dir.join(ADOPTED);
-        boomerang_core::write_atomic(&marker, b"").map_err(|e| io("write", &marker, e))?;
         tracing::warn!(%stream, disks = disks.len(), "the machine's own disks here are its replica now");
         Ok(())
     }

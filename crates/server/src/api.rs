@@ -684,7 +684,7 @@ async fn delete_policy(
 /// How long an enrolment token is good for.
 const ENROLL_VALID_MS: i64 = 24 * 3600 * 1000;
 
-fn info(row: crate::db::ComponentRow, now: i64, timeout: i64) -> ComponentInfo {
+pub(crate) fn info(row: crate::db::ComponentRow, now: i64, timeout: i64) -> ComponentInfo {
     let healthy = row.last.as_ref().is_none_or(|l| l.healthy);
     ComponentInfo {
         health: components::health(
@@ -852,7 +852,8 @@ async fn heartbeat(
     // inventory from it (at the agent's site, a physical machine as ASR discovers them).
     let reported = match (&beat.disks, &beat.os) {
         (Some(disks), Some(os)) if caller.role == components::ComponentRole::Agent => {
-            Some(Machine::reported(&caller.name, &caller.site, os, disks))
+            let machine = beat.machine.as_deref().unwrap_or(&caller.name);
+            Some(Machine::reported(machine, &caller.site, os, disks))
         }
         _ => None,
     };

@@ -166,6 +166,18 @@ pub struct Heartbeat {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_items = 1024)]
     pub recoveries: Option<Vec<RecoveryReport>>,
+    /// The machine it is the agent of (agent): an agent at the recovery site, standing by for
+    /// a reprotect, is the machine's too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", min_length = 1, max_length = 63)]
+    pub machine: Option<String>,
+    /// It serves no disk: it waits for the configuration server to attach some (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<bool>,
+    /// Whether it ships its disks' writes to a process server (agent); disks served but not
+    /// replicated (after a failback, until the reprotect) are not reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicating: Option<bool>,
 }
 
 /// A disk a master target serves at a recovery point (a failover or a test failover).
@@ -278,6 +290,9 @@ impl Heartbeat {
             }
         };
         own("os", self.os.is_some(), ComponentRole::Agent)?;
+        own("machine", self.machine.is_some(), ComponentRole::Agent)?;
+        own("standby", self.standby.is_some(), ComponentRole::Agent)?;
+        own("replicating", self.replicating.is_some(), ComponentRole::Agent)?;
         own("disks", self.disks.is_some(), ComponentRole::Agent)?;
         own(
             "synced_through_seq",

@@ -40,6 +40,8 @@ pub enum JobKind {
     ChangePoint,
     Commit,
     Protect,
+    Reprotect,
+    Failback,
 }
 
 impl JobKind {
@@ -51,6 +53,8 @@ impl JobKind {
             JobKind::ChangePoint => "change-point",
             JobKind::Commit => "commit",
             JobKind::Protect => "protect",
+            JobKind::Reprotect => "reprotect",
+            JobKind::Failback => "failback",
         }
     }
 
@@ -62,6 +66,8 @@ impl JobKind {
             "change-point" => Some(JobKind::ChangePoint),
             "commit" => Some(JobKind::Commit),
             "protect" => Some(JobKind::Protect),
+            "reprotect" => Some(JobKind::Reprotect),
+            "failback" => Some(JobKind::Failback),
             _ => None,
         }
     }
@@ -75,6 +81,15 @@ impl JobKind {
             JobKind::ChangePoint => &["check", "stop", "recover"],
             JobKind::Commit => &["check"],
             JobKind::Protect => &["policy", "sync", "retention", "app-marks"],
+            JobKind::Reprotect => &[
+                "check",
+                "release-source",
+                "release-failover",
+                "adopt",
+                "attach",
+                "sync",
+            ],
+            JobKind::Failback => &["check", "drain", "catch-up", "release-replica", "attach"],
         }
     }
 }
@@ -191,6 +206,49 @@ pub enum JobRequest {
         )]
         machine: String,
     },
+    /// Replicate a failed-over (committed) machine back to its original site, into its own
+    /// disks there (only the blocks that differ travel); or, after a failback, to the
+    /// recovery site again.
+    Reprotect {
+        #[schema(
+            pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            min_length = 1,
+            max_length = 63
+        )]
+        machine: String,
+        /// The master target that keeps the replica (default: the one at the site of the
+        /// disks that become the replica).
+        #[serde(default)]
+        #[schema(
+            pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            min_length = 1,
+            max_length = 63
+        )]
+        master_target: Option<String>,
+        /// The agent that serves the failed-over disks (default: the machine's one agent
+        /// standing by).
+        #[serde(default)]
+        #[schema(
+            pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            min_length = 1,
+            max_length = 63
+        )]
+        agent: Option<String>,
+        /// Drop what the machine wrote at its old site after the failover's point (never
+        /// replicated): without it, such writes make the reprotect fail.
+        #[serde(default)]
+        discard_unreplicated: bool,
+    },
+    /// Bring a reprotected machine home: a planned failover back to its original site, into
+    /// its own disks there (nothing is lost).
+    Failback {
+        #[schema(
+            pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            min_length = 1,
+            max_length = 63
+        )]
+        machine: String,
+    },
 }
 
 impl JobRequest {
@@ -220,6 +278,7 @@ impl JobRequest {
                     point,
                     planned: false,
                     policy: None,
+                    options: Data::new(),
                 }
             }
             JobRequest::TestFailoverCleanup { machine } => NewJob {
@@ -228,6 +287,7 @@ impl JobRequest {
                 point: None,
                 planned: false,
                 policy: None,
+                options: Data::new(),
             },
             JobRequest::Failover { machine, point } => {
                 check(&point, true)?;
@@ -238,6 +298,7 @@ impl JobRequest {
                     point: point.filter(|_| !planned),
                     planned,
                     policy: None,
+                    options: Data::new(),
                 }
             }
             JobRequest::ChangePoint { machine, point } => {
@@ -249,6 +310,7 @@ impl JobRequest {
                     point,
                     planned: false,
                     policy: None,
+                    options: Data::new(),
                 }
             }
             JobRequest::Commit { machine } => NewJob {
@@ -257,6 +319,7 @@ impl JobRequest {
                 point: None,
                 planned: false,
                 policy: None,
+                options: Data::new(),
             },
             JobRequest::Protect { machine, policy } => NewJob {
                 kind: JobKind::Protect,
@@ -264,6 +327,38 @@ impl JobRequest {
                 point: None,
                 planned: false,
                 policy: Some(policy),
+                options: Data::new(),
+            },
+            JobRequest::Reprotect {
+                machine,
+                master_target,
+                agent,
+                discard_unreplicated,
+            } => {
+                let mut options = Data::new();
+                if let Some(mt) = master_target {
+                    options.insert("master_target".into(), json!(mt));
+                }
+                if let Some(a) = agent {
+                    options.insert("agent".into(), json!(a));
+                }
+                options.insert("discard_unreplicated".into(), json!(discard_unreplicated));
+                NewJob {
+                    kind: JobKind::Reprotect,
+                    machine,
+                    point: None,
+                    planned: false,
+                    policy: None,
+                    options,
+                }
+            }
+            JobRequest::Failback { machine } => NewJob {
+                kind: JobKind::Failback,
+                machine,
+                point: None,
+                planned: true,
+                policy: None,
+                options: Data::new(),
             },
         })
     }
@@ -275,7 +370,9 @@ impl JobRequest {
             | JobRequest::Failover { machine, .. }
             | JobRequest::ChangePoint { machine, .. }
             | JobRequest::Commit { machine }
-            | JobRequest::Protect { machine, .. } => machine,
+            | JobRequest::Protect { machine, .. }
+            | JobRequest::Reprotect { machine, .. }
+            | JobRequest::Failback { machine } => machine,
         }
     }
 }
@@ -291,6 +388,8 @@ pub struct NewJob {
     pub planned: bool,
     /// The replication policy to protect with.
     pub policy: Option<String>,
+    /// What else the job was asked with (a reprotect's master target, ...).
+    pub options: Data,
 }
 
 /// A job as stored.
@@ -341,7 +440,7 @@ pub struct CommandResult {
 }
 
 /// The inner state of a job between steps (not shown).
-type Data = serde_json::Map<String, Value>;
+pub type Data = serde_json::Map<String, Value>;
 
 struct Row {
     job: Job,
@@ -397,6 +496,9 @@ impl Db {
         }
         if let Some(p) = &new.policy {
             data.insert("policy".into(), json!(p));
+        }
+        for (k, v) in &new.options {
+            data.insert(k.clone(), v.clone());
         }
         let id = {
             let mut conn = self.conn();
@@ -543,6 +645,14 @@ impl Db {
                 "cancelled while following the initial sync; machine {:?} keeps its policy and its agent goes on copying (boomerang status follows it)",
                 row.job.machine
             ),
+            (JobKind::Reprotect, 1) => format!(
+                "cancelled while waiting for the agent at the old source to let go of the disks of {:?}; nothing else was changed: run reprotect again once it is reachable",
+                row.job.machine
+            ),
+            (JobKind::Failback, 2) => format!(
+                "cancelled while waiting for the final mark at the master target: machine {:?} is stopped at the recovery site (its agent there refuses writes); remove the failed-over marker in that agent's log directory and restart it to run the machine there again",
+                row.job.machine
+            ),
             (JobKind::Protect, 2 | 3) => format!(
                 "cancelled while telling the master target or the agent the policy's settings; machine {:?} is protected and keeps its policy: run protect again to send them",
                 row.job.machine
@@ -584,8 +694,10 @@ impl Db {
         // A change of point that failed after its stop step stopped the failover's serving.
         let mut stmt = conn.prepare(
             "SELECT machine, kind, result, state FROM jobs
-             WHERE kind IN ('failover', 'change-point', 'commit')
-               AND (state = 'succeeded' OR (kind = 'change-point' AND state = 'failed' AND step >= 2))
+             WHERE kind IN ('failover', 'change-point', 'commit', 'reprotect')
+               AND (state = 'succeeded'
+                    OR (kind = 'change-point' AND state = 'failed' AND step >= 2)
+                    OR (kind = 'reprotect' AND state IN ('failed', 'cancelled') AND step >= 3))
              ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -599,6 +711,21 @@ impl Db {
         let mut out: Vec<(String, Value)> = Vec::new();
         for row in rows {
             let (machine, kind, result, state) = row?;
+            if kind == "reprotect" {
+                if state == "succeeded" {
+                    // Its failed-over disks are replicated back: not failed over any more.
+                    out.retain(|(m, _)| *m != machine);
+                } else if let Some((_, r)) = out.iter_mut().find(|(m, _)| *m == machine)
+                    && let Value::Object(o) = r
+                {
+                    // Stopped after the master target let go of the disks, before an agent
+                    // served them.
+                    o.insert("serving".into(), json!(false));
+                    o.insert("released".into(), json!(true));
+                    o.remove("address");
+                }
+                continue;
+            }
             if state == "failed" {
                 if let Some((_, r)) = out.iter_mut().find(|(m, _)| *m == machine)
                     && let Value::Object(o) = r
@@ -702,6 +829,8 @@ pub struct Engine<'a> {
     heartbeat_timeout_ms: i64,
     /// The machines' status, worked out once per pass (each job is about one machine).
     statuses: std::cell::RefCell<Option<Vec<MachineStatus>>>,
+    /// The components as this pass sees them.
+    components: std::cell::RefCell<Option<Vec<crate::components::ComponentInfo>>>,
 }
 
 impl<'a> Engine<'a> {
@@ -710,7 +839,43 @@ impl<'a> Engine<'a> {
             db,
             heartbeat_timeout_ms,
             statuses: Default::default(),
+            components: Default::default(),
         }
+    }
+
+    /// Every component, with its health and last report, as this pass sees them.
+    fn components(&self) -> Result<Vec<crate::components::ComponentInfo>, DbError> {
+        let mut cached = self.components.borrow_mut();
+        if cached.is_none() {
+            let now = crate::db::now();
+            *cached = Some(
+                self.db
+                    .list_components(0, u32::MAX)?
+                    .into_iter()
+                    .map(|r| crate::api::info(r, now, self.heartbeat_timeout_ms))
+                    .collect(),
+            );
+        }
+        Ok(cached.clone().unwrap_or_default())
+    }
+
+    /// The last failover, reprotect or failback of `machine` that succeeded before job
+    /// `before`: where the machine is in its circle.
+    fn last_move(&self, machine: &str, before: i64) -> Result<Option<Job>, DbError> {
+        Ok(self
+            .db
+            .list_jobs(0, u32::MAX)?
+            .into_iter()
+            .filter(|j| {
+                j.machine == machine
+                    && j.id < before
+                    && j.state == JobState::Succeeded
+                    && matches!(
+                        j.kind,
+                        JobKind::Failover | JobKind::Reprotect | JobKind::Failback
+                    )
+            })
+            .next_back())
     }
 
     /// The status of `machine` as this pass sees it.
@@ -725,6 +890,7 @@ impl<'a> Engine<'a> {
     /// Moves every running job as far as it can go now.
     pub fn step_all(&self) -> Result<(), DbError> {
         self.statuses.replace(None);
+        self.components.replace(None);
         for row in self.db.running_jobs()? {
             let id = row.job.id;
             if let Err(e) = self.step(row) {
@@ -850,8 +1016,10 @@ impl<'a> Engine<'a> {
         };
         if let Value::Object(o) = &mut result {
             o.insert("master_target".into(), json!(mt));
-            if let Some(planned) = data.get("planned") {
-                o.insert("planned".into(), planned.clone());
+            for key in ["planned", "source_agent"] {
+                if let Some(v) = data.get(key) {
+                    o.insert(key.into(), v.clone());
+                }
             }
         }
         let message = done(&result);
@@ -879,6 +1047,10 @@ impl<'a> Engine<'a> {
                 };
                 let disks: Vec<String> = status.disks.iter().map(|d| d.name.clone()).collect();
                 data.insert("master_target".into(), json!(mt));
+                if let Some(agent) = &status.agent {
+                    // Where the machine ran: a reprotect takes its disks there back.
+                    data.insert("source_agent".into(), json!(agent));
+                }
                 data.insert("disks".into(), json!(disks));
                 let start = |kind: &str, at: &Value| {
                     (
@@ -1152,29 +1324,8 @@ impl<'a> Engine<'a> {
                         .advance(id, 1, 2, &data, Some((mt, "replica-policy", params)))?;
                     return Ok(());
                 }
-                // How far the copy is: disks in sync count whole, a copying one by its percent.
-                let total: u64 = status.disks.iter().map(|d| d.size_bytes).sum();
-                let copied: u64 = status
-                    .disks
-                    .iter()
-                    .map(|d| match d.sync_percent {
-                        Some(p) => (d.size_bytes as f64 * p / 100.0) as u64,
-                        None if d.sync == crate::components::DiskSync::InSync => d.size_bytes,
-                        None => 0,
-                    })
-                    .sum();
                 let started = data.get("started_ms").and_then(Value::as_i64).unwrap_or(0);
-                let elapsed = (crate::db::now() - started).max(1) as f64 / 1000.0;
-                let rate = copied as f64 / elapsed;
-                let eta = (rate > 0.0 && total > copied)
-                    .then(|| ((total - copied) as f64 / rate).ceil() as u64);
-                let progress = json!({
-                    "state": status.state,
-                    "copied_bytes": copied,
-                    "total_bytes": total,
-                    "percent": if total == 0 { 0.0 } else { (copied as f64 * 1000.0 / total as f64).floor() / 10.0 },
-                    "eta_seconds": eta,
-                });
+                let progress = sync_progress(&status, started);
                 self.db.set_progress(id, &progress)?;
             }
             (JobKind::Protect, 2) => {
@@ -1232,6 +1383,8 @@ impl<'a> Engine<'a> {
                 );
                 self.db.end_job(id, JobState::Succeeded, &message, &result)?;
             }
+            (JobKind::Reprotect, _) => self.reprotect(&job, step, data)?,
+            (JobKind::Failback, _) => self.failback(&job, step, data)?,
             (JobKind::TestFailoverCleanup, 0) => {
                 // Every test failover of the machine since its last cleanup that got as far as
                 // its master target (succeeded, or failed or cancelled on the way).
@@ -1289,6 +1442,383 @@ impl<'a> Engine<'a> {
         }
         Ok(())
     }
+}
+
+impl Engine<'_> {
+    /// A string `key` of `data` (empty if absent).
+    fn text(data: &Data, key: &str) -> String {
+        data.get(key)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Reprotect (DESIGN 3.4): after a failover, the failed-over disks become the source and
+    /// the machine's own disks at its original site the replica, so only the blocks that
+    /// differ travel; after a failback, the same the other way. Steps:
+    ///
+    /// 1. `release-source`: the agent that served the disks that become the replica lets go
+    ///    of them (it refuses if the machine wrote there after the failover's point, unless
+    ///    the operator discards that), and says where they are;
+    /// 2. `release-failover` (after a failover): the master target that serves the
+    ///    failed-over disks stops, once they are whole, and says where they are;
+    /// 3. `adopt`: the replica's master target takes the old source's disks as the replica;
+    /// 4. `attach`: the agent at the new source serves and replicates the failed-over disks;
+    /// 5. `sync`: its copy (blocks that differ) runs until the machine is protected.
+    fn reprotect(&self, job: &Job, step: usize, mut data: Data) -> Result<(), DbError> {
+        let (id, machine) = (job.id, job.machine.as_str());
+        let text = |d: &Data, k: &str| Self::text(d, k);
+        match step {
+            0 => {
+                let Some(last) = self.last_move(machine, id)? else {
+                    return self.fail(
+                        id,
+                        format!("machine {machine:?} is neither failed over nor failed back: there is nothing to reprotect"),
+                    );
+                };
+                let Some(status) = self.status_of(machine)? else {
+                    return self.fail(id, format!("machine {machine:?} is not in the inventory"));
+                };
+                let result = last.result.clone().unwrap_or(Value::Null);
+                let components = self.components()?;
+                let named = |name: &str| components.iter().find(|c| c.name == name);
+                let (old_agent, point, new_agent, failover_mt, new_disks) = match last.kind {
+                    JobKind::Failover => {
+                        let failover = status.failover.clone().unwrap_or(Value::Null);
+                        if failover["committed"] != true {
+                            return self.fail(
+                                id,
+                                format!("the failover of {machine:?} is not committed: commit it first (or change its point, then commit)"),
+                            );
+                        }
+                        let old = result["source_agent"].as_str().unwrap_or(machine).to_string();
+                        let new = match data.get("agent").and_then(Value::as_str) {
+                            Some(a) => a.to_string(),
+                            None => {
+                                let standing: Vec<&str> = crate::status::machine_agents(&components, machine)
+                                    .filter(|c| c.name != old && c.last.as_ref().is_some_and(|b| b.standby == Some(true)))
+                                    .map(|c| c.name.as_str())
+                                    .collect();
+                                match standing.as_slice() {
+                                    [one] => one.to_string(),
+                                    [] => return self.fail(
+                                        id,
+                                        format!("no agent of {machine:?} stands by to serve its failed-over disks: start one at the recovery site (boomerang agent --standby --name {machine} ...), or name one with --agent"),
+                                    ),
+                                    many => return self.fail(
+                                        id,
+                                        format!("several agents of {machine:?} stand by ({}): name one with --agent", many.join(", ")),
+                                    ),
+                                }
+                            }
+                        };
+                        (old, failover["seq"].clone(), new, failover["master_target"].as_str().map(str::to_string), Value::Null)
+                    }
+                    JobKind::Failback => (
+                        result["drained_agent"].as_str().unwrap_or_default().to_string(),
+                        result["final_seq"].clone(),
+                        result["agent"].as_str().unwrap_or_default().to_string(),
+                        None,
+                        result["disks"].clone(),
+                    ),
+                    _ => {
+                        return self.fail(
+                            id,
+                            format!("machine {machine:?} is reprotected already (job {}): fail it back, or fail it over, first", last.id),
+                        );
+                    }
+                };
+                let Some(old) = named(&old_agent) else {
+                    return self.fail(id, format!("there is no agent {old_agent:?} (where {machine:?} ran before): enrol and start it"));
+                };
+                let Some(new) = named(&new_agent) else {
+                    return self.fail(id, format!("there is no agent {new_agent:?}: enrol it, and start it at the site where {machine:?} runs now"));
+                };
+                if new.role != crate::components::ComponentRole::Agent {
+                    return self.fail(id, format!("{new_agent:?} is a {}, not an agent", new.role.as_str()));
+                }
+                // The replica is kept where the old source's disks are.
+                let target = match data.get("master_target").and_then(Value::as_str) {
+                    Some(mt) => mt.to_string(),
+                    None if last.kind == JobKind::Failback => result["other_master_target"].as_str().unwrap_or_default().to_string(),
+                    None => {
+                        let there: Vec<&str> = components
+                            .iter()
+                            .filter(|c| c.role == crate::components::ComponentRole::MasterTarget && c.site == old.site)
+                            .map(|c| c.name.as_str())
+                            .collect();
+                        match there.as_slice() {
+                            [one] => one.to_string(),
+                            [] => return self.fail(id, format!("site {:?} (where {machine:?} ran before) has no master target: enrol one there, or name one with --master-target", old.site)),
+                            many => return self.fail(id, format!("site {:?} has several master targets ({}): name one with --master-target", old.site, many.join(", "))),
+                        }
+                    }
+                };
+                match named(&target) {
+                    Some(c) if c.role == crate::components::ComponentRole::MasterTarget => {}
+                    _ => return self.fail(id, format!("there is no master target {target:?}")),
+                }
+                if !point.is_u64() {
+                    return self.fail(id, format!("the {} of {machine:?} (job {}) names no point", last.kind.as_str(), last.id));
+                }
+                data.insert("old_agent".into(), json!(old_agent));
+                data.insert("new_agent".into(), json!(new_agent));
+                data.insert("point".into(), point.clone());
+                data.insert("master_target".into(), json!(target));
+                data.insert("after".into(), json!(last.kind.as_str()));
+                if let Some(mt) = &failover_mt {
+                    data.insert("failover_master_target".into(), json!(mt));
+                }
+                data.insert("new_disks".into(), new_disks);
+                let params = json!({
+                    "job": id,
+                    "point": point,
+                    "discard_unreplicated": data.get("discard_unreplicated").cloned().unwrap_or(json!(false)),
+                });
+                self.db.advance(id, 0, 1, &data, Some((&old_agent, "release", params)))?;
+            }
+            1 => {
+                let old = text(&data, "old_agent");
+                let Some(released) = self.answer(id, |why| {
+                    format!("agent {old:?} could not let go of the disks of {machine:?}: {why}")
+                })?
+                else {
+                    return Ok(());
+                };
+                data.insert("replica_disks".into(), released["disks"].clone());
+                if !released["discarded"].is_null() {
+                    // Recorded: what the operator chose to drop.
+                    data.insert("discarded".into(), released["discarded"].clone());
+                }
+                if let Some(mt) = data.get("failover_master_target").and_then(Value::as_str).map(str::to_string) {
+                    let params = json!({"job": id, "machine": machine});
+                    self.db.advance(id, 1, 2, &data, Some((&mt, "failover-release", params)))?;
+                } else {
+                    let params = json!({"job": id, "machine": machine, "disks": released["disks"]});
+                    let mt = text(&data, "master_target");
+                    self.db.advance(id, 1, 3, &data, Some((&mt, "replica-adopt", params)))?;
+                }
+            }
+            2 => {
+                let mt = text(&data, "failover_master_target");
+                let Some(released) = self.answer(id, |why| {
+                    format!("master target {mt:?} could not hand over the failed-over disks of {machine:?}: {why}")
+                })?
+                else {
+                    return Ok(());
+                };
+                data.insert("new_disks".into(), released["disks"].clone());
+                let params = json!({"job": id, "machine": machine, "disks": data.get("replica_disks")});
+                let target = text(&data, "master_target");
+                self.db.advance(id, 2, 3, &data, Some((&target, "replica-adopt", params)))?;
+            }
+            3 => {
+                let mt = text(&data, "master_target");
+                if self.answer(id, |why| {
+                    format!("master target {mt:?} could not take the disks of {machine:?} as its replica: {why}")
+                })?
+                .is_none()
+                {
+                    return Ok(());
+                }
+                let params = json!({"job": id, "disks": data.get("new_disks"), "replicate": true});
+                let agent = text(&data, "new_agent");
+                self.db.advance(id, 3, 4, &data, Some((&agent, "attach", params)))?;
+            }
+            4 => {
+                let agent = text(&data, "new_agent");
+                if self.answer(id, |why| {
+                    format!("agent {agent:?} could not serve the disks of {machine:?}: {why}")
+                })?
+                .is_none()
+                {
+                    return Ok(());
+                }
+                data.insert("started_ms".into(), json!(crate::db::now()));
+                self.db.advance(id, 4, 5, &data, None)?;
+            }
+            5 => {
+                let Some(status) = self.status_of(machine)? else {
+                    return self.fail(id, format!("machine {machine:?} left the inventory"));
+                };
+                let target = text(&data, "master_target");
+                let agent = text(&data, "new_agent");
+                let whole = status.state == ProtectionState::Protected
+                    && status.agent.as_deref() == Some(agent.as_str())
+                    && status.master_targets == [target.clone()];
+                if !whole {
+                    let started = data.get("started_ms").and_then(Value::as_i64).unwrap_or(0);
+                    let progress = sync_progress(&status, started);
+                    self.db.set_progress(id, &progress)?;
+                    return Ok(());
+                }
+                let get = |k: &str| data.get(k).cloned().unwrap_or(Value::Null);
+                let result = json!({
+                    "percent": 100.0,
+                    "agent": agent,
+                    "released_agent": get("old_agent"),
+                    "master_target": target,
+                    "other_master_target": get("failover_master_target"),
+                    "point": get("point"),
+                    "latest_point_seq": status.latest_point_seq,
+                    "discarded": get("discarded"),
+                });
+                let message = format!(
+                    "machine {machine:?} is reprotected: agent {agent:?} replicates it to master target {target:?}, into the disks it ran on before{}; the newest point is at seq {}",
+                    match data.get("discarded") {
+                        Some(d) if d["records"].as_u64().is_some_and(|r| r > 0) => format!(
+                            " ({} change(s), {} byte(s), written there after the failover's point were discarded)",
+                            d["records"], d["bytes"]
+                        ),
+                        _ => String::new(),
+                    },
+                    status.latest_point_seq.map_or("-".into(), |s| s.to_string())
+                );
+                self.db.end_job(id, JobState::Succeeded, &message, &result)?;
+            }
+            _ => self.fail(id, format!("job {id} is at step {step}, which a reprotect does not have"))?,
+        }
+        Ok(())
+    }
+
+    /// Failback: a planned failover of a reprotected machine back to its original site, into
+    /// its own disks there. The agent at the recovery site stops the machine at a final mark
+    /// (`drain`); once that mark is a point at the master target (`catch-up`), the master
+    /// target hands the disks back (`release-replica`) and the agent at home serves them
+    /// (`attach`), not replicated until the next reprotect.
+    fn failback(&self, job: &Job, step: usize, mut data: Data) -> Result<(), DbError> {
+        let (id, machine) = (job.id, job.machine.as_str());
+        let text = |d: &Data, k: &str| Self::text(d, k);
+        match step {
+            0 => {
+                let last = self.last_move(machine, id)?;
+                let Some(reprotect) = last.filter(|j| j.kind == JobKind::Reprotect) else {
+                    return self.fail(
+                        id,
+                        format!("machine {machine:?} is not reprotected: a failback brings a machine home once it replicates back there (fail over, commit, reprotect first)"),
+                    );
+                };
+                let result = reprotect.result.clone().unwrap_or(Value::Null);
+                if result["other_master_target"].is_null() {
+                    return self.fail(
+                        id,
+                        format!("machine {machine:?} is home already (it was failed back and reprotected): fail it over to fail it back"),
+                    );
+                }
+                let Some(status) = self.status_of(machine)? else {
+                    return self.fail(id, format!("machine {machine:?} is not in the inventory"));
+                };
+                let agent = result["agent"].as_str().unwrap_or_default().to_string();
+                let mt = result["master_target"].as_str().unwrap_or_default().to_string();
+                if !matches!(status.state, ProtectionState::Protected | ProtectionState::Resync)
+                    || status.master_targets != [mt.clone()]
+                {
+                    return self.fail(
+                        id,
+                        format!("machine {machine:?} is not protected at master target {mt:?} (its replica at home): wait for its reprotect's copy to finish"),
+                    );
+                }
+                if status.agent.as_deref() != Some(agent.as_str())
+                    || status.agent_health != Some(ComponentHealth::Healthy)
+                {
+                    return self.fail(
+                        id,
+                        format!("agent {agent:?}, which serves {machine:?} now, is not healthy: a failback stops the machine through it; start it"),
+                    );
+                }
+                data.insert("agent".into(), json!(agent));
+                data.insert("master_target".into(), json!(mt));
+                data.insert("home_agent".into(), result["released_agent"].clone());
+                data.insert("other_master_target".into(), result["other_master_target"].clone());
+                self.db.advance(id, 0, 1, &data, Some((&agent, "drain", json!({"job": id}))))?;
+            }
+            1 => {
+                let agent = text(&data, "agent");
+                let Some(drained) = self.answer(id, |why| {
+                    format!("the failback of {machine:?} stopped at the drain: {why}. Agent {agent:?} may refuse writes already (a failed-over marker in its log directory): to run the machine there again, remove the marker and restart the agent")
+                })?
+                else {
+                    return Ok(());
+                };
+                let Some(seq) = drained["seq"].as_u64() else {
+                    return self.fail(id, format!("agent {agent:?} named no final mark (upgrade it)"));
+                };
+                data.insert("final_seq".into(), json!(seq));
+                self.db.advance(id, 1, 2, &data, None)?;
+            }
+            2 => {
+                let final_seq = data.get("final_seq").and_then(Value::as_u64).unwrap_or(u64::MAX);
+                let arrived = self.status_of(machine)?.is_some_and(|s| {
+                    !s.disks.is_empty()
+                        && s.disks.iter().all(|d| d.latest_point_seq.is_some_and(|seq| seq >= final_seq))
+                });
+                if arrived {
+                    let mt = text(&data, "master_target");
+                    self.db.advance(id, 2, 3, &data, Some((&mt, "replica-release", json!({"job": id, "machine": machine}))))?;
+                }
+            }
+            3 => {
+                let mt = text(&data, "master_target");
+                let Some(released) = self.answer(id, |why| {
+                    format!("master target {mt:?} could not hand the disks of {machine:?} back: {why}")
+                })?
+                else {
+                    return Ok(());
+                };
+                data.insert("disks".into(), released["disks"].clone());
+                let home = text(&data, "home_agent");
+                let params = json!({"job": id, "disks": released["disks"], "replicate": false});
+                self.db.advance(id, 3, 4, &data, Some((&home, "attach", params)))?;
+            }
+            4 => {
+                let home = text(&data, "home_agent");
+                if self.answer(id, |why| format!("agent {home:?} could not serve the disks of {machine:?}: {why}"))?.is_none() {
+                    return Ok(());
+                }
+                let get = |k: &str| data.get(k).cloned().unwrap_or(Value::Null);
+                let result = json!({
+                    "agent": home,
+                    "drained_agent": get("agent"),
+                    "final_seq": get("final_seq"),
+                    "disks": get("disks"),
+                    "master_target": get("master_target"),
+                    "other_master_target": get("other_master_target"),
+                });
+                let message = format!(
+                    "machine {machine:?} is home: agent {home:?} serves its disks at the final mark (seq {}), nothing was lost; it is not replicated until you reprotect it",
+                    get("final_seq")
+                );
+                self.db.end_job(id, JobState::Succeeded, &message, &result)?;
+            }
+            _ => self.fail(id, format!("job {id} is at step {step}, which a failback does not have"))?,
+        }
+        Ok(())
+    }
+}
+
+/// How far a machine's copy is: disks in sync count whole, a copying one by its percent; with
+/// the rate since `started_ms`, an ETA.
+fn sync_progress(status: &MachineStatus, started_ms: i64) -> Value {
+    let total: u64 = status.disks.iter().map(|d| d.size_bytes).sum();
+    let copied: u64 = status
+        .disks
+        .iter()
+        .map(|d| match d.sync_percent {
+            Some(p) => (d.size_bytes as f64 * p / 100.0) as u64,
+            None if d.sync == crate::components::DiskSync::InSync => d.size_bytes,
+            None => 0,
+        })
+        .sum();
+    let elapsed = (crate::db::now() - started_ms).max(1) as f64 / 1000.0;
+    let rate = copied as f64 / elapsed;
+    let eta = (rate > 0.0 && total > copied).then(|| ((total - copied) as f64 / rate).ceil() as u64);
+    json!({
+        "state": status.state,
+        "copied_bytes": copied,
+        "total_bytes": total,
+        "percent": if total == 0 { 0.0 } else { (copied as f64 * 1000.0 / total as f64).floor() / 10.0 },
+        "eta_seconds": eta,
+    })
 }
 
 /// The point a job asks for, as its master target's command takes it: a sequence number,

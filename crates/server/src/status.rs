@@ -124,6 +124,31 @@ pub struct Inputs<'a> {
     pub now_ms: i64,
 }
 
+/// The agents of machine `name`: the one named after it, and those that say they are its
+/// (an agent at the recovery site, for a reprotect).
+pub fn machine_agents<'a>(
+    components: &'a [ComponentInfo],
+    name: &'a str,
+) -> impl Iterator<Item = &'a ComponentInfo> + 'a {
+    components.iter().filter(move |c| {
+        c.role == ComponentRole::Agent
+            && match c.last.as_ref().and_then(|b| b.machine.as_deref()) {
+                Some(m) => m == name,
+                None => c.name == name,
+            }
+    })
+}
+
+/// The agent that serves machine `name`'s disks: of its agents, one that is not standing by
+/// (the healthy one first), or else any.
+pub fn machine_agent<'a>(components: &'a [ComponentInfo], name: &'a str) -> Option<&'a ComponentInfo> {
+    let serving = |c: &&ComponentInfo| c.last.as_ref().is_some_and(|b| b.standby != Some(true));
+    machine_agents(components, name)
+        .filter(serving)
+        .min_by_key(|c| c.health != ComponentHealth::Healthy)
+        .or_else(|| machine_agents(components, name).next())
+}
+
 /// The status of machine `machine` (with inventory id `id`).
 pub fn of(id: i64, machine: &Machine, inputs: &Inputs<'_>) -> MachineStatus {
     let name = machine.name.as_str();
@@ -138,10 +163,7 @@ pub fn of(id: i64, machine: &Machine, inputs: &Inputs<'_>) -> MachineStatus {
         .iter()
         .find(|(p, _)| p.machine == name)
         .map(|(_, policy)| policy);
-    let agent = inputs
-        .components
-        .iter()
-        .find(|c| c.role == ComponentRole::Agent && c.name == name);
+    let agent = machine_agent(inputs.components, name);
     let reported = agent.and_then(|a| a.last.as_ref());
     let reported_disks = reported.and_then(|b| b.disks.clone()).unwrap_or_default();
     let synced_through = reported.and_then(|b| b.synced_through_seq).unwrap_or(0);
@@ -276,6 +298,17 @@ pub fn of(id: i64, machine: &Machine, inputs: &Inputs<'_>) -> MachineStatus {
     let rpo_seconds = latest_point_unix_ms.map(|t| (inputs.now_ms - t).max(0) as f64 / 1000.0);
 
     if failover
+        .as_ref()
+        .is_some_and(|f| f["released"] == serde_json::json!(true))
+    {
+        worse(
+            StatusHealth::Critical,
+            format!(
+                "the failed-over disks of {name:?} are not served: a reprotect stopped after the master target handed them over; run reprotect again"
+            ),
+            &mut notes,
+        );
+    } else if failover
         .as_ref()
         .is_some_and(|f| f["serving"] == serde_json::json!(false))
     {

@@ -79,6 +79,7 @@ fn new(kind: JobKind, point: Option<&str>) -> NewJob {
         point: point.map(str::to_string),
         planned: false,
         policy: None,
+        options: Default::default(),
     }
 }
 
