@@ -229,7 +229,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             .new_generation()?;
         for (disk, _) in &a.disks {
             boomerang_agent::sync::forget(&log_dir, disk).with_context(|| {
-                format!("could not reset the copy state of disk {disk} in {}", log_dir.display())
+                format!(
+                    "could not reset the copy state of disk {disk} in {}",
+                    log_dir.display()
+                )
             })?;
         }
         Attachment {
@@ -275,7 +278,16 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         });
     }
     let server = Server::new(exports, 64);
-    if let ListenAddr::Unix(path) = &args.listen {
+    // Restarted with new disks: where the machine reached the agent before (with port 0,
+    // the port it got), so that clients reconnect to the same address.
+    let listen = match std::env::var(REEXEC_LISTEN)
+        .ok()
+        .map(|a| a.parse::<ListenAddr>())
+    {
+        Some(Ok(addr)) => addr,
+        _ => args.listen.clone(),
+    };
+    if let ListenAddr::Unix(path) = &listen {
         // Our own socket from an earlier run: we hold the log directory's lock.
         if std::fs::symlink_metadata(path).is_ok_and(|m| {
             use std::os::unix::fs::FileTypeExt;
@@ -284,9 +296,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             let _ = std::fs::remove_file(path);
         }
     }
-    let listener = Listener::bind(&args.listen)
+    let listener = Listener::bind(&listen)
         .await
-        .with_context(|| format!("could not listen on {:?}: is the port in use?", args.listen))?;
+        .with_context(|| format!("could not listen on {listen:?}: is the port in use?"))?;
     let hooks = Hooks {
         freeze: args.freeze_hook.clone(),
         thaw: args.thaw_hook.clone(),
@@ -395,7 +407,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                         tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
                     }
                 }
-                if log.lock().is_ok_and(|l| l.is_syncing()) {
+                // No marks while a copy runs, nor once the machine was failed over from here.
+                if log
+                    .lock()
+                    .is_ok_and(|l| l.is_syncing() || l.failed_over().is_some())
+                {
                     continue;
                 }
                 if let Err(e) = marks::mark(&log, kind, &hooks).await {
@@ -483,7 +499,13 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     });
     crate::client::start_commands(&args.reporting, handler)?;
     let shutdown = shutdown_signal()?;
-    println!("listening on {}", listener.local_addr()?);
+    let address = listener.local_addr()?;
+    {
+        // After a restart with new disks nobody may read stdout any more: not an error.
+        use std::io::Write as _;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "listening on {address}").and_then(|()| out.flush());
+    }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let serving = tokio::spawn(async move { server.serve(listener, stopped).await });
     let restart = tokio::select! {
@@ -504,7 +526,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         }
     }
     let _ = std::fs::remove_file(&sock);
-    if let ListenAddr::Unix(path) = &args.listen {
+    if let ListenAddr::Unix(path) = &listen {
         let _ = std::fs::remove_file(path);
     }
     let mut log = log
@@ -513,8 +535,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     log.close_clean()?;
     if restart {
         drop(log);
-        eprintln!("agent restarting with the disks the configuration server attached");
-        return Err(reexec());
+        eprintln!("agent restarting: the configuration server attached or released its disks");
+        return Err(reexec(&address));
     }
     eprintln!("agent stopped; write log synced in {}", log.dir().display());
     Ok(0)
@@ -522,12 +544,13 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
 
 /// Runs this agent again, in place (same process id), with the same arguments: it starts
 /// with what the attachment file says now.
-fn reexec() -> anyhow::Error {
+fn reexec(address: &str) -> anyhow::Error {
     use std::io::Write as _;
     use std::os::unix::process::CommandExt;
     let _ = std::io::stdout().flush();
     let err = std::process::Command::new("/proc/self/exe")
         .args(std::env::args_os().skip(1))
+        .env(REEXEC_LISTEN, address)
         .exec();
     anyhow::anyhow!("could not restart the agent with its new disks: {err}; start it again")
 }
@@ -768,6 +791,17 @@ fn disks_json(disks: &[(DiskName, PathBuf)]) -> serde_json::Value {
         .collect()
 }
 
+/// Set for the agent restarted with new disks: the address it listened on.
+const REEXEC_LISTEN: &str = "BOOMERANG_AGENT_LISTEN";
+
+/// Restarts the agent with the attachment file's disks. The command is not answered from
+/// here: this process stops serving the disks first, and the agent restarted answers it
+/// (given again, as every command not answered) from what it serves then.
+async fn restart_then_answer(here: &Here) -> Result<serde_json::Value, String> {
+    let _ = here.restart.send(true);
+    std::future::pending().await
+}
+
 /// Carries out one command of the configuration server.
 async fn command(
     here: &Here,
@@ -783,26 +817,28 @@ async fn command(
     match kind {
         // Reprotect or failback: serve these disks here, captured, and replicate them or not.
         "attach" => {
-            let wanted: Vec<(DiskName, PathBuf)> = serde_json::from_value::<Vec<serde_json::Value>>(
-                params["disks"].clone(),
-            )
-            .map_err(|e| format!("attach names no disks: {e}"))?
-            .iter()
-            .map(|d| {
-                let name = d["name"].as_str().unwrap_or_default();
-                let path = d["path"].as_str().ok_or("attach names a disk without a path")?;
-                DiskName::new(name)
-                    .map(|n| (n, PathBuf::from(path)))
-                    .map_err(|e| e.to_string())
-            })
-            .collect::<Result<_, String>>()?;
+            let wanted: Vec<(DiskName, PathBuf)> =
+                serde_json::from_value::<Vec<serde_json::Value>>(params["disks"].clone())
+                    .map_err(|e| format!("attach names no disks: {e}"))?
+                    .iter()
+                    .map(|d| {
+                        let name = d["name"].as_str().unwrap_or_default();
+                        let path = d["path"]
+                            .as_str()
+                            .ok_or("attach names a disk without a path")?;
+                        DiskName::new(name)
+                            .map(|n| (n, PathBuf::from(path)))
+                            .map_err(|e| e.to_string())
+                    })
+                    .collect::<Result<_, String>>()?;
             if wanted.is_empty() {
                 return Err("attach names no disks".into());
             }
             let replicate = params["replicate"].as_bool().unwrap_or(true);
-            let answer = serde_json::json!({"disks": disks_json(&wanted), "replicate": replicate});
             if here.disks == wanted && here.replicate == replicate {
-                return Ok(answer);
+                return Ok(
+                    serde_json::json!({"disks": disks_json(&wanted), "replicate": replicate}),
+                );
             }
             if !here.disks.is_empty() && here.disks != wanted {
                 return Err(format!(
@@ -831,8 +867,7 @@ async fn command(
             }
             .write(&dir)
             .map_err(|e| format!("{e:#}"))?;
-            let _ = here.restart.send(true);
-            Ok(answer)
+            restart_then_answer(here).await
         }
         // Reprotect: the machine runs elsewhere now, and its disks here are about to take its
         // writes from there. What it changed here after the failover's point is lost then:
@@ -842,7 +877,9 @@ async fn command(
                 let a = Attachment::read(&dir)
                     .map_err(|e| format!("{e:#}"))?
                     .unwrap_or_default();
-                return Ok(serde_json::json!({"disks": disks_json(&a.released), "discarded": a.discarded}));
+                return Ok(
+                    serde_json::json!({"disks": disks_json(&a.released), "discarded": a.discarded}),
+                );
             }
             let discard = params["discard_unreplicated"].as_bool().unwrap_or(false);
             let changes = match params["point"].as_u64() {
@@ -885,8 +922,7 @@ async fn command(
             }
             .write(&dir)
             .map_err(|e| format!("{e:#}"))?;
-            let _ = here.restart.send(true);
-            Ok(serde_json::json!({"disks": disks_json(&here.disks), "discarded": discarded}))
+            restart_then_answer(here).await
         }
         // The policy's app-consistent schedule, kept in the log directory for the next start.
         "app-mark-interval" => {

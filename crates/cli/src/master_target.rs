@@ -457,7 +457,9 @@ async fn command(
             let machine = machine()?;
             let disks = recoveries.release(&failover(machine)).await?;
             replicas.release_lineage(machine).await?;
-            Ok(serde_json::json!({"disks": disks.iter().map(|(d, p)| serde_json::json!({"name": d, "path": p})).collect::<Vec<_>>()}))
+            Ok(
+                serde_json::json!({"disks": disks.iter().map(|(d, p)| serde_json::json!({"name": d, "path": p})).collect::<Vec<_>>()}),
+            )
         }
         // Reprotect, at the original site: the machine's own disks are its replica here.
         "replica-adopt" => {
@@ -469,7 +471,9 @@ async fn command(
                 .map(|d| {
                     let name = DiskName::new(d["name"].as_str().unwrap_or_default())
                         .map_err(|e| e.to_string())?;
-                    let path = d["path"].as_str().ok_or("replica-adopt names a disk without a path")?;
+                    let path = d["path"]
+                        .as_str()
+                        .ok_or("replica-adopt names a disk without a path")?;
                     Ok((name, std::path::PathBuf::from(path)))
                 })
                 .collect::<Result<Vec<_>, String>>()?;
@@ -479,7 +483,9 @@ async fn command(
         // Failback: the final mark is applied; the machine's own disks go back to it.
         "replica-release" => {
             let disks = replicas.release(machine()?).await?;
-            Ok(serde_json::json!({"disks": disks.iter().map(|(d, p)| serde_json::json!({"name": d, "path": p})).collect::<Vec<_>>()}))
+            Ok(
+                serde_json::json!({"disks": disks.iter().map(|(d, p)| serde_json::json!({"name": d, "path": p})).collect::<Vec<_>>()}),
+            )
         }
         "replica-policy" => {
             let machine = machine()?;

@@ -26,6 +26,10 @@ pub enum PkiCommand {
         /// A host name or IP address the component is reached at (servers); repeat for more.
         #[arg(long = "host")]
         hosts: Vec<String>,
+        /// For an agent standing by at a recovery site (`agent --standby`): the machine it
+        /// serves once reprotected; its certificate names it that machine's agent too.
+        #[arg(long, requires = "role")]
+        machine: Option<String>,
         /// Days of validity.
         #[arg(long, default_value_t = 825)]
         days: u32,
@@ -52,9 +56,11 @@ pub fn run(cmd: PkiCommand, output: Output) -> anyhow::Result<i32> {
             name,
             role,
             hosts,
+            machine,
             days,
         } => {
-            let issued = pki::issue(&dir, &name, role, &hosts, days)
+            let also: Vec<String> = machine.into_iter().collect();
+            let issued = pki::issue_also(&dir, &name, &also, role, &hosts, days)
                 .with_context(|| format!("could not issue a certificate for {name}"))?;
             match output {
                 Output::Json => print_json(&issued)?,

@@ -64,8 +64,10 @@ pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
     .await?;
     // Heartbeats say whether the master target answers, and how each stream stands.
     let (master_target, max_rate) = (args.master_target.clone(), args.max_rate);
+    let receiving = server.clone();
     let report: crate::client::Report = Box::new(move || {
         let (metrics, master_target) = (metrics.clone(), master_target.clone());
+        let receiving = receiving.clone();
         Box::pin(async move {
             let mut beat = serde_json::Map::new();
             if let Some(rate) = max_rate {
@@ -85,6 +87,7 @@ pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
                         "lag_ms": s.lag.as_millis() as u64,
                         "last_mark_seq": s.last_mark.map(|(seq, _)| seq),
                         "last_mark_unix_ms": s.last_mark.map(|(_, ns)| ns / 1_000_000),
+                        "connected": receiving.connected(&s.stream),
                     })
                 })
                 .collect();

@@ -1423,6 +1423,17 @@ fn enrol(
     role: &str,
     site: &str,
 ) -> std::path::PathBuf {
+    enrol_with(
+        dir,
+        port,
+        admin,
+        json!({"name": name, "role": role, "site": site, "hosts": ["127.0.0.1"]}),
+    )
+}
+
+/// Enrols the component `body` describes; its identity directory.
+fn enrol_with(dir: &Path, port: &str, admin: &str, body: Value) -> std::path::PathBuf {
+    let name = body["name"].as_str().unwrap().to_string();
     let (status, made) = call(
         dir,
         "127.0.0.1",
@@ -1430,7 +1441,7 @@ fn enrol(
         "POST",
         "/api/components",
         Some(admin),
-        Some(&json!({"name": name, "role": role, "site": site, "hosts": ["127.0.0.1"]})),
+        Some(&body),
     );
     assert_eq!(status, 201, "{made}");
     let (status, got) = call(
@@ -1611,6 +1622,30 @@ impl Replicating {
             env!("CARGO_BIN_EXE_boomerang"),
             &self.mt_args.iter().map(String::as_str).collect::<Vec<_>>(),
         );
+    }
+
+    /// The flags that connect a component with identity `identity` to this server.
+    fn control(&self, identity: &Path) -> Vec<String> {
+        vec![
+            "--control-server".into(),
+            self.url.clone(),
+            "--control-ca".into(),
+            self.ca.display().to_string(),
+            "--component-token-file".into(),
+            identity.join("component.token").display().to_string(),
+            "--heartbeat-interval".into(),
+            "0.2".into(),
+        ]
+    }
+
+    /// Starts `boomerang` with `args`, then the flags that connect `identity` to this server.
+    fn component(&self, args: &[&str], identity: &Path) -> Daemon {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend(self.control(identity));
+        Daemon::start(
+            env!("CARGO_BIN_EXE_boomerang"),
+            &all.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
     }
 
     /// Runs the CLI with this server and the admin token.
@@ -2225,4 +2260,236 @@ fn a_planned_failover_stops_the_source_and_serves_its_disks_with_nothing_lost() 
     );
     let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
     assert_eq!(status["failover"]["committed"], true, "{status}");
+}
+
+/// Bytes of write data the master target with retention volume `retention` has received of
+/// `machine` (its incoming log keeps every record for a day); 0 before any.
+fn received_write_bytes(retention: &Path, machine: &str) -> u64 {
+    let log = retention.join("incoming").join(machine);
+    if !log.exists() {
+        return 0;
+    }
+    let state: Value = serde_json::from_str(&boomerang(&[
+        "agent",
+        "log",
+        "inspect",
+        log.to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    state["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["bytes_written"].as_u64().unwrap())
+        .sum()
+}
+
+/// A TCP address on loopback that nothing listens on now.
+fn free_address() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+impl Replicating {
+    /// Runs a job through the CLI (`args`, with JSON output) and checks that it succeeded.
+    fn job_ok(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let out = self.cli(&all);
+        let job = json_out(&out);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {job}");
+        assert_eq!(job["state"], "succeeded", "{job}");
+        job
+    }
+
+    /// Runs a job through the CLI and checks that it failed with a message holding `why`.
+    fn job_fails(&self, args: &[&str], why: &str) {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let out = self.cli(&all);
+        let job = json_out(&out);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {job}");
+        assert!(job["message"].as_str().unwrap().contains(why), "{job}");
+    }
+}
+
+/// Writes `pattern` at each of `offsets` (64 KiB each) through the NBD export at `url`.
+fn write_64k(url: &str, offsets: &[u64], pattern: u8) {
+    let mut args = vec!["-f".to_string(), "raw".into()];
+    for at in offsets {
+        args.extend(["-c".into(), format!("write -P {pattern} {at} 65536")]);
+    }
+    args.push(url.to_string());
+    run(
+        "qemu-io",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+}
+
+#[test]
+fn the_circle_failover_commit_reprotect_failback_reprotect_moves_only_the_blocks_that_differ() {
+    if !have("curl") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r = Replicating::start(d);
+    // The way back: a master target at site A, a process server at site B toward it, and an
+    // agent of app01 standing by at site B.
+    let mta = enrol(d, &r.port, &r.admin, "mta", "master-target", "site-a");
+    let ps2 = enrol(d, &r.port, &r.admin, "ps2", "process-server", "site-b");
+    let app01b = enrol_with(
+        d,
+        &r.port,
+        &r.admin,
+        json!({"name": "app01-b", "role": "agent", "site": "site-b", "machine": "app01"}),
+    );
+    let retention_a = d.join("retention-a");
+    let mta_daemon = r.component(
+        &[
+            "master-target",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls",
+            mta.to_str().unwrap(),
+            "--name",
+            "mta",
+            "--retention",
+            retention_a.to_str().unwrap(),
+            "--block-size",
+            "4KiB",
+            "--point-every",
+            "0",
+        ],
+        &mta,
+    );
+    let ps2_daemon = r.component(
+        &[
+            "process-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls",
+            ps2.to_str().unwrap(),
+            "--name",
+            "ps2",
+            "--cache",
+            d.join("cache-b").to_str().unwrap(),
+            "--master-target",
+            &mta_daemon.addr,
+        ],
+        &ps2,
+    );
+    let at_b = free_address();
+    let agent_b = r.component(
+        &[
+            "agent",
+            "--standby",
+            "--listen",
+            &at_b,
+            "--log-dir",
+            d.join("log-b").to_str().unwrap(),
+            "--process-server",
+            &ps2_daemon.addr,
+            "--tls",
+            app01b.to_str().unwrap(),
+            "--name",
+            "app01",
+            "--mark-interval",
+            "0.3",
+        ],
+        &app01b,
+    );
+    assert_eq!(agent_b.addr, at_b);
+    let size = 4u64 << 20;
+    wait_for("app01 never became protected", 60, || {
+        let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+        (s["state"] == "protected").then_some(s)
+    });
+    let at_a = format!("nbd://{}/d0", r.agent.addr);
+    write_64k(&at_a, &[0, 1 << 20], 0x11);
+    r.job_fails(
+        &["reprotect", "app01"],
+        "neither failed over nor failed back",
+    );
+    r.job_fails(&["failback", "app01"], "not reprotected");
+
+    // Failover (planned): the machine runs at site B and writes there.
+    let job = r.job_ok(&["failover", "app01", "--planned"]);
+    assert_eq!(job["result"]["source_agent"], "app01", "{job}");
+    let served = format!("nbd://{}/d0", job["result"]["address"].as_str().unwrap());
+    let changed_at = [0u64, 1 << 20, (2 << 20) + 65536, 3 << 20, size - 65536];
+    write_64k(&served, &changed_at, 0x22);
+    r.job_fails(&["reprotect", "app01"], "not committed");
+    r.job_ok(&["commit", "app01"]);
+
+    // Reprotect: site A's disk becomes the replica; only what the machine wrote at B travels.
+    let job = r.job_ok(&["reprotect", "app01"]);
+    let result = &job["result"];
+    assert_eq!(result["agent"], "app01-b", "{job}");
+    assert_eq!(result["released_agent"], "app01", "{job}");
+    assert_eq!(result["master_target"], "mta", "{job}");
+    assert_eq!(result["other_master_target"], "mt1", "{job}");
+    let moved = received_write_bytes(&retention_a, "app01");
+    let changed = changed_at.len() as u64 * 65536;
+    assert!(
+        (changed..=changed * 11 / 10 + size / 1000).contains(&moved),
+        "reprotect moved {moved} bytes for {changed} changed of a {size}-byte disk"
+    );
+    let disk_a = d.join("disk.img");
+    let disk_b = d.join("retention/failovers/app01/d0.img");
+    assert!(
+        std::fs::read(&disk_a).unwrap() == std::fs::read(&disk_b).unwrap(),
+        "site A's disk is the failed-over one"
+    );
+    let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+    assert_eq!(status["state"], "protected", "{status}");
+    assert_eq!(status["agent"], "app01-b", "{status}");
+    assert_eq!(status["master_targets"], json!(["mta"]), "{status}");
+    // The machine at B is served by its agent there now, and replicated home.
+    let at_b_url = format!("nbd://{at_b}/d0");
+    write_64k(&at_b_url, &[65536, 2 << 20], 0x33);
+    r.job_fails(&["reprotect", "app01"], "reprotected already");
+
+    // Failback: the machine stops at B at a final mark and runs at home on its own disk.
+    let job = r.job_ok(&["failback", "app01"]);
+    assert_eq!(job["result"]["agent"], "app01", "{job}");
+    assert_eq!(job["result"]["drained_agent"], "app01-b", "{job}");
+    let stopped_at_b = std::fs::read(&disk_b).unwrap();
+    assert!(
+        std::fs::read(&disk_a).unwrap() == stopped_at_b,
+        "home holds every write made at B"
+    );
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x33 65536 65536", &at_a],
+    );
+    let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+    assert_eq!(status["state"], "unprotected", "{status}");
+    assert_eq!(status["agent"], "app01", "{status}");
+    // The machine writes at home before it is protected again.
+    let home_at = [3u64 << 20, (3 << 20) + 65536, 512 << 10];
+    write_64k(&at_a, &home_at, 0x44);
+
+    // Reprotect again: site B's disk becomes the replica at mt1; only what differs travels.
+    let before = received_write_bytes(&d.join("retention"), "app01");
+    let job = r.job_ok(&["reprotect", "app01"]);
+    assert_eq!(job["result"]["agent"], "app01", "{job}");
+    assert_eq!(job["result"]["master_target"], "mt1", "{job}");
+    let moved = received_write_bytes(&d.join("retention"), "app01") - before;
+    let changed = home_at.len() as u64 * 65536;
+    assert!(
+        (changed..=changed * 11 / 10 + size / 1000).contains(&moved),
+        "the second reprotect moved {moved} bytes for {changed} changed"
+    );
+    let replica = d.join("retention/replicas/app01/d0.img");
+    assert!(
+        std::fs::read(&replica).unwrap() == std::fs::read(&disk_a).unwrap(),
+        "the replica at site B is the machine's disk"
+    );
+    let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+    assert_eq!(status["state"], "protected", "{status}");
+    assert_eq!(status["master_targets"], json!(["mt1"]), "{status}");
+    drop(agent_b);
 }

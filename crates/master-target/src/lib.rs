@@ -439,7 +439,10 @@ impl Replicas {
             disks.push((disk.to_string(), path));
         }
         disks.sort();
-        if disks.iter().any(|(d, p)| *p == dir.join(format!("{d}.img"))) {
+        if disks
+            .iter()
+            .any(|(d, p)| *p == dir.join(format!("{d}.img")))
+        {
             return Err(format!(
                 "the replica of {stream} here is not the machine's own disks (not adopted at a reprotect): fail over to it instead"
             ));

@@ -733,10 +733,26 @@ async fn create_component(
             bad.0
         )));
     }
+    if let Some(machine) = &new.machine {
+        check_name("machine", machine)?;
+        if new.role != components::ComponentRole::Agent {
+            return Err(ApiError::bad_request(format!(
+                "only an agent serves a machine: a {} takes no machine",
+                new.role.as_str()
+            )));
+        }
+    }
     let hosts: Vec<String> = new.hosts.iter().map(|h| h.0.clone()).collect();
     let (name, role) = (new.name.clone(), new.role);
     let (token, expires) = db(&state, move |db| {
-        db.create_component(&new.name, new.role, &new.site, &hosts, ENROLL_VALID_MS)
+        db.create_component(
+            &new.name,
+            new.role,
+            &new.site,
+            &hosts,
+            new.machine.as_deref(),
+            ENROLL_VALID_MS,
+        )
     })
     .await?;
     Ok((
@@ -796,12 +812,20 @@ async fn enroll(
     // enrolment as it was, for another try.
     let dir = state.dir.clone();
     let (name, role, hosts) = (row.name.clone(), row.role, row.hosts.clone());
+    let also: Vec<String> = row.machine.clone().into_iter().collect();
     let issued =
         tokio::task::spawn_blocking(move || -> Result<(String, String, String), String> {
             let out = dir.join("issued").join(&name);
             let _ = std::fs::remove_dir_all(&out);
-            boomerang_wire::pki::issue(&dir, &name, CertRole::Wire(role.wire()), &hosts, 825)
-                .map_err(|e| e.to_string())?;
+            boomerang_wire::pki::issue_also(
+                &dir,
+                &name,
+                &also,
+                CertRole::Wire(role.wire()),
+                &hosts,
+                825,
+            )
+            .map_err(|e| e.to_string())?;
             let read = |f: &str| std::fs::read_to_string(out.join(f)).map_err(|e| e.to_string());
             let files: Result<_, String> =
                 (|| Ok((read("cert.pem")?, read("key.pem")?, read("ca.crt")?)))();
@@ -846,6 +870,16 @@ async fn heartbeat(
     Body(beat): Body<Heartbeat>,
 ) -> Result<StatusCode, ApiError> {
     beat.check(caller.role).map_err(ApiError::bad_request)?;
+    // An agent speaks for the machine it is named after, or the one it was enrolled for.
+    if let Some(m) = &beat.machine
+        && *m != caller.name
+        && caller.machine.as_deref() != Some(m.as_str())
+    {
+        return Err(ApiError::bad_request(format!(
+            "agent {:?} reports for machine {m:?}, which it was not enrolled for: enrol it with that machine",
+            caller.name
+        )));
+    }
     let name = caller.name.clone();
     let healthy = beat.healthy;
     // An agent's report describes its machine: one no inventory file lists joins the

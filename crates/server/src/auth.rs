@@ -125,6 +125,7 @@ async fn component(
         name: component.name,
         role: component.role,
         site: component.site,
+        machine: component.machine,
     });
     next.run(request).await
 }
@@ -135,6 +136,8 @@ pub struct ComponentCaller {
     pub name: String,
     pub role: crate::components::ComponentRole,
     pub site: String,
+    /// The machine it was enrolled for (an agent standing by at a recovery site).
+    pub machine: Option<String>,
 }
 
 /// Who is calling: the token's name and role, for handlers.

@@ -64,6 +64,15 @@ pub struct NewComponent {
     /// Addresses (DNS names or IPs) its certificate is also good for, for a server.
     #[serde(default)]
     pub hosts: Vec<HostName>,
+    /// For an agent standing by at a recovery site: the machine whose failed-over disks it
+    /// serves once reprotected (its certificate names it that machine's agent too).
+    #[serde(default)]
+    #[schema(
+        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
+    pub machine: Option<String>,
 }
 
 /// A DNS name or an IP address.
@@ -169,7 +178,11 @@ pub struct Heartbeat {
     /// The machine it is the agent of (agent): an agent at the recovery site, standing by for
     /// a reprotect, is the machine's too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", min_length = 1, max_length = 63)]
+    #[schema(
+        pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub machine: Option<String>,
     /// It serves no disk: it waits for the configuration server to attach some (agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -251,6 +264,11 @@ pub struct StreamReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0, maximum = 9007199254740991_i64)]
     pub last_mark_unix_ms: Option<i64>,
+    /// Whether the machine's agent is connected and streaming now. The marks of a stream
+    /// no agent sends any more (the machine moved to another site) say nothing of its
+    /// replica now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected: Option<bool>,
 }
 
 /// A disk replica at a master target.
@@ -292,7 +310,11 @@ impl Heartbeat {
         own("os", self.os.is_some(), ComponentRole::Agent)?;
         own("machine", self.machine.is_some(), ComponentRole::Agent)?;
         own("standby", self.standby.is_some(), ComponentRole::Agent)?;
-        own("replicating", self.replicating.is_some(), ComponentRole::Agent)?;
+        own(
+            "replicating",
+            self.replicating.is_some(),
+            ComponentRole::Agent,
+        )?;
         own("disks", self.disks.is_some(), ComponentRole::Agent)?;
         own(
             "synced_through_seq",

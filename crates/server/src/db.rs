@@ -108,6 +108,8 @@ const MIGRATIONS: &[&str] = &[
         done_ms INTEGER
     );
     CREATE INDEX commands_pending ON commands (component, state);",
+    // 8: the machine an agent standing by at a recovery site serves once reprotected.
+    "ALTER TABLE components ADD COLUMN machine TEXT;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -598,9 +600,12 @@ pub struct ComponentRow {
     pub enrolled_ms: Option<i64>,
     pub last_heartbeat_ms: Option<i64>,
     pub last: Option<Heartbeat>,
+    /// The machine it is the agent of, when not the one it is named after.
+    pub machine: Option<String>,
 }
 
-const COMPONENT_COLUMNS: &str = "id, name, role, site, hosts, enrolled_ms, last_heartbeat_ms, last";
+const COMPONENT_COLUMNS: &str =
+    "id, name, role, site, hosts, enrolled_ms, last_heartbeat_ms, last, machine";
 
 fn row_component(r: &rusqlite::Row<'_>) -> rusqlite::Result<ComponentRow> {
     let hosts: String = r.get(4)?;
@@ -614,6 +619,7 @@ fn row_component(r: &rusqlite::Row<'_>) -> rusqlite::Result<ComponentRow> {
         enrolled_ms: r.get(5)?,
         last_heartbeat_ms: r.get(6)?,
         last: last.and_then(|l| serde_json::from_str(&l).ok()),
+        machine: r.get(8)?,
     })
 }
 
@@ -635,19 +641,20 @@ impl Db {
         role: ComponentRole,
         site: &str,
         hosts: &[String],
+        machine: Option<&str>,
         valid_ms: i64,
     ) -> Result<(String, i64), DbError> {
         let token = secret("bme");
         let expires = now_ms() + valid_ms;
         let hosts = serde_json::to_string(hosts).unwrap_or_else(|_| "[]".into());
         self.conn().execute(
-            "INSERT INTO components (name, role, site, hosts, enroll_hash, enroll_expires_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO components (name, role, site, hosts, enroll_hash, enroll_expires_ms, machine)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (name) DO UPDATE SET role = excluded.role, site = excluded.site,
-               hosts = excluded.hosts, enroll_hash = excluded.enroll_hash,
+               hosts = excluded.hosts, machine = excluded.machine, enroll_hash = excluded.enroll_hash,
                enroll_expires_ms = excluded.enroll_expires_ms, token_hash = NULL,
                enrolled_ms = NULL, last_heartbeat_ms = NULL, last = NULL",
-            params![name, role.as_str(), site, hosts, hash(&token), expires],
+            params![name, role.as_str(), site, hosts, hash(&token), expires, machine],
         )?;
         Ok((token, expires))
     }

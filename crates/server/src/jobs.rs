@@ -693,11 +693,11 @@ impl Db {
         let conn = self.conn();
         // A change of point that failed after its stop step stopped the failover's serving.
         let mut stmt = conn.prepare(
-            "SELECT machine, kind, result, state FROM jobs
+            "SELECT machine, kind, result, state, step FROM jobs
              WHERE kind IN ('failover', 'change-point', 'commit', 'reprotect')
                AND (state = 'succeeded'
                     OR (kind = 'change-point' AND state = 'failed' AND step >= 2)
-                    OR (kind = 'reprotect' AND state IN ('failed', 'cancelled') AND step >= 3))
+                    OR (kind = 'reprotect' AND step >= 3))
              ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -706,20 +706,21 @@ impl Db {
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
             ))
         })?;
         let mut out: Vec<(String, Value)> = Vec::new();
         for row in rows {
-            let (machine, kind, result, state) = row?;
+            let (machine, kind, result, state, step) = row?;
             if kind == "reprotect" {
-                if state == "succeeded" {
-                    // Its failed-over disks are replicated back: not failed over any more.
+                // Its agent at the new source serves the failed-over disks (step 5 is the
+                // copy back): not failed over any more.
+                if state == "succeeded" || step >= 5 {
                     out.retain(|(m, _)| *m != machine);
                 } else if let Some((_, r)) = out.iter_mut().find(|(m, _)| *m == machine)
                     && let Value::Object(o) = r
                 {
-                    // Stopped after the master target let go of the disks, before an agent
-                    // served them.
+                    // The master target let go of the disks, and no agent serves them yet.
                     o.insert("serving".into(), json!(false));
                     o.insert("released".into(), json!(true));
                     o.remove("address");
@@ -1491,14 +1492,23 @@ impl Engine<'_> {
                                 format!("the failover of {machine:?} is not committed: commit it first (or change its point, then commit)"),
                             );
                         }
-                        let old = result["source_agent"].as_str().unwrap_or(machine).to_string();
+                        let old = result["source_agent"]
+                            .as_str()
+                            .unwrap_or(machine)
+                            .to_string();
                         let new = match data.get("agent").and_then(Value::as_str) {
                             Some(a) => a.to_string(),
                             None => {
-                                let standing: Vec<&str> = crate::status::machine_agents(&components, machine)
-                                    .filter(|c| c.name != old && c.last.as_ref().is_some_and(|b| b.standby == Some(true)))
-                                    .map(|c| c.name.as_str())
-                                    .collect();
+                                let standing: Vec<&str> =
+                                    crate::status::machine_agents(&components, machine)
+                                        .filter(|c| {
+                                            c.name != old
+                                                && c.last
+                                                    .as_ref()
+                                                    .is_some_and(|b| b.standby == Some(true))
+                                        })
+                                        .map(|c| c.name.as_str())
+                                        .collect();
                                 match standing.as_slice() {
                                     [one] => one.to_string(),
                                     [] => return self.fail(
@@ -1512,10 +1522,19 @@ impl Engine<'_> {
                                 }
                             }
                         };
-                        (old, failover["seq"].clone(), new, failover["master_target"].as_str().map(str::to_string), Value::Null)
+                        (
+                            old,
+                            failover["seq"].clone(),
+                            new,
+                            failover["master_target"].as_str().map(str::to_string),
+                            Value::Null,
+                        )
                     }
                     JobKind::Failback => (
-                        result["drained_agent"].as_str().unwrap_or_default().to_string(),
+                        result["drained_agent"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
                         result["final_seq"].clone(),
                         result["agent"].as_str().unwrap_or_default().to_string(),
                         None,
@@ -1535,16 +1554,25 @@ impl Engine<'_> {
                     return self.fail(id, format!("there is no agent {new_agent:?}: enrol it, and start it at the site where {machine:?} runs now"));
                 };
                 if new.role != crate::components::ComponentRole::Agent {
-                    return self.fail(id, format!("{new_agent:?} is a {}, not an agent", new.role.as_str()));
+                    return self.fail(
+                        id,
+                        format!("{new_agent:?} is a {}, not an agent", new.role.as_str()),
+                    );
                 }
                 // The replica is kept where the old source's disks are.
                 let target = match data.get("master_target").and_then(Value::as_str) {
                     Some(mt) => mt.to_string(),
-                    None if last.kind == JobKind::Failback => result["other_master_target"].as_str().unwrap_or_default().to_string(),
+                    None if last.kind == JobKind::Failback => result["other_master_target"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
                     None => {
                         let there: Vec<&str> = components
                             .iter()
-                            .filter(|c| c.role == crate::components::ComponentRole::MasterTarget && c.site == old.site)
+                            .filter(|c| {
+                                c.role == crate::components::ComponentRole::MasterTarget
+                                    && c.site == old.site
+                            })
                             .map(|c| c.name.as_str())
                             .collect();
                         match there.as_slice() {
@@ -1559,7 +1587,14 @@ impl Engine<'_> {
                     _ => return self.fail(id, format!("there is no master target {target:?}")),
                 }
                 if !point.is_u64() {
-                    return self.fail(id, format!("the {} of {machine:?} (job {}) names no point", last.kind.as_str(), last.id));
+                    return self.fail(
+                        id,
+                        format!(
+                            "the {} of {machine:?} (job {}) names no point",
+                            last.kind.as_str(),
+                            last.id
+                        ),
+                    );
                 }
                 data.insert("old_agent".into(), json!(old_agent));
                 data.insert("new_agent".into(), json!(new_agent));
@@ -1575,7 +1610,8 @@ impl Engine<'_> {
                     "point": point,
                     "discard_unreplicated": data.get("discard_unreplicated").cloned().unwrap_or(json!(false)),
                 });
-                self.db.advance(id, 0, 1, &data, Some((&old_agent, "release", params)))?;
+                self.db
+                    .advance(id, 0, 1, &data, Some((&old_agent, "release", params)))?;
             }
             1 => {
                 let old = text(&data, "old_agent");
@@ -1585,18 +1621,44 @@ impl Engine<'_> {
                 else {
                     return Ok(());
                 };
+                if released["disks"].as_array().is_none_or(|d| d.is_empty()) {
+                    return self.fail(
+                        id,
+                        format!("agent {old:?} served no disk of {machine:?}: there is nothing to take as the replica; name the master target and disks by hand, or protect the machine again"),
+                    );
+                }
+                // The failed-over disks must be whole before their master target lets go.
+                if data.contains_key("failover_master_target") {
+                    let hydrated = self
+                        .status_of(machine)?
+                        .and_then(|s| s.failover)
+                        .and_then(|f| f["hydrated_percent"].as_f64());
+                    if hydrated.is_none_or(|p| p < 100.0) {
+                        self.db.set_progress(
+                            id,
+                            &json!({"waiting_for": "hydration", "hydrated_percent": hydrated}),
+                        )?;
+                        return Ok(());
+                    }
+                }
                 data.insert("replica_disks".into(), released["disks"].clone());
                 if !released["discarded"].is_null() {
                     // Recorded: what the operator chose to drop.
                     data.insert("discarded".into(), released["discarded"].clone());
                 }
-                if let Some(mt) = data.get("failover_master_target").and_then(Value::as_str).map(str::to_string) {
+                if let Some(mt) = data
+                    .get("failover_master_target")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                {
                     let params = json!({"job": id, "machine": machine});
-                    self.db.advance(id, 1, 2, &data, Some((&mt, "failover-release", params)))?;
+                    self.db
+                        .advance(id, 1, 2, &data, Some((&mt, "failover-release", params)))?;
                 } else {
                     let params = json!({"job": id, "machine": machine, "disks": released["disks"]});
                     let mt = text(&data, "master_target");
-                    self.db.advance(id, 1, 3, &data, Some((&mt, "replica-adopt", params)))?;
+                    self.db
+                        .advance(id, 1, 3, &data, Some((&mt, "replica-adopt", params)))?;
                 }
             }
             2 => {
@@ -1608,9 +1670,11 @@ impl Engine<'_> {
                     return Ok(());
                 };
                 data.insert("new_disks".into(), released["disks"].clone());
-                let params = json!({"job": id, "machine": machine, "disks": data.get("replica_disks")});
+                let params =
+                    json!({"job": id, "machine": machine, "disks": data.get("replica_disks")});
                 let target = text(&data, "master_target");
-                self.db.advance(id, 2, 3, &data, Some((&target, "replica-adopt", params)))?;
+                self.db
+                    .advance(id, 2, 3, &data, Some((&target, "replica-adopt", params)))?;
             }
             3 => {
                 let mt = text(&data, "master_target");
@@ -1623,14 +1687,16 @@ impl Engine<'_> {
                 }
                 let params = json!({"job": id, "disks": data.get("new_disks"), "replicate": true});
                 let agent = text(&data, "new_agent");
-                self.db.advance(id, 3, 4, &data, Some((&agent, "attach", params)))?;
+                self.db
+                    .advance(id, 3, 4, &data, Some((&agent, "attach", params)))?;
             }
             4 => {
                 let agent = text(&data, "new_agent");
-                if self.answer(id, |why| {
-                    format!("agent {agent:?} could not serve the disks of {machine:?}: {why}")
-                })?
-                .is_none()
+                if self
+                    .answer(id, |why| {
+                        format!("agent {agent:?} could not serve the disks of {machine:?}: {why}")
+                    })?
+                    .is_none()
                 {
                     return Ok(());
                 }
@@ -1643,11 +1709,23 @@ impl Engine<'_> {
                 };
                 let target = text(&data, "master_target");
                 let agent = text(&data, "new_agent");
-                let whole = status.state == ProtectionState::Protected
+                let started = data.get("started_ms").and_then(Value::as_i64).unwrap_or(0);
+                // Every process server that carries the machine's log has reported since the
+                // attach: a report from before may still show the old source's stream as
+                // connected, and its marks as this replica's.
+                let fresh = self.components()?.iter().all(|c| {
+                    c.role != crate::components::ComponentRole::ProcessServer
+                        || c.health != ComponentHealth::Healthy
+                        || !c.last.as_ref().is_some_and(|b| {
+                            b.streams.iter().flatten().any(|s| s.machine == machine)
+                        })
+                        || c.last_heartbeat_unix_ms.is_some_and(|t| t > started)
+                });
+                let whole = fresh
+                    && status.state == ProtectionState::Protected
                     && status.agent.as_deref() == Some(agent.as_str())
                     && status.master_targets == [target.clone()];
                 if !whole {
-                    let started = data.get("started_ms").and_then(Value::as_i64).unwrap_or(0);
                     let progress = sync_progress(&status, started);
                     self.db.set_progress(id, &progress)?;
                     return Ok(());
@@ -1672,11 +1750,17 @@ impl Engine<'_> {
                         ),
                         _ => String::new(),
                     },
-                    status.latest_point_seq.map_or("-".into(), |s| s.to_string())
+                    status
+                        .latest_point_seq
+                        .map_or("-".into(), |s| s.to_string())
                 );
-                self.db.end_job(id, JobState::Succeeded, &message, &result)?;
+                self.db
+                    .end_job(id, JobState::Succeeded, &message, &result)?;
             }
-            _ => self.fail(id, format!("job {id} is at step {step}, which a reprotect does not have"))?,
+            _ => self.fail(
+                id,
+                format!("job {id} is at step {step}, which a reprotect does not have"),
+            )?,
         }
         Ok(())
     }
@@ -1709,9 +1793,14 @@ impl Engine<'_> {
                     return self.fail(id, format!("machine {machine:?} is not in the inventory"));
                 };
                 let agent = result["agent"].as_str().unwrap_or_default().to_string();
-                let mt = result["master_target"].as_str().unwrap_or_default().to_string();
-                if !matches!(status.state, ProtectionState::Protected | ProtectionState::Resync)
-                    || status.master_targets != [mt.clone()]
+                let mt = result["master_target"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if !matches!(
+                    status.state,
+                    ProtectionState::Protected | ProtectionState::Resync
+                ) || status.master_targets != [mt.clone()]
                 {
                     return self.fail(
                         id,
@@ -1729,8 +1818,12 @@ impl Engine<'_> {
                 data.insert("agent".into(), json!(agent));
                 data.insert("master_target".into(), json!(mt));
                 data.insert("home_agent".into(), result["released_agent"].clone());
-                data.insert("other_master_target".into(), result["other_master_target"].clone());
-                self.db.advance(id, 0, 1, &data, Some((&agent, "drain", json!({"job": id}))))?;
+                data.insert(
+                    "other_master_target".into(),
+                    result["other_master_target"].clone(),
+                );
+                self.db
+                    .advance(id, 0, 1, &data, Some((&agent, "drain", json!({"job": id}))))?;
             }
             1 => {
                 let agent = text(&data, "agent");
@@ -1741,26 +1834,46 @@ impl Engine<'_> {
                     return Ok(());
                 };
                 let Some(seq) = drained["seq"].as_u64() else {
-                    return self.fail(id, format!("agent {agent:?} named no final mark (upgrade it)"));
+                    return self.fail(
+                        id,
+                        format!("agent {agent:?} named no final mark (upgrade it)"),
+                    );
                 };
                 data.insert("final_seq".into(), json!(seq));
                 self.db.advance(id, 1, 2, &data, None)?;
             }
             2 => {
-                let final_seq = data.get("final_seq").and_then(Value::as_u64).unwrap_or(u64::MAX);
+                let final_seq = data
+                    .get("final_seq")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(u64::MAX);
                 let arrived = self.status_of(machine)?.is_some_and(|s| {
                     !s.disks.is_empty()
-                        && s.disks.iter().all(|d| d.latest_point_seq.is_some_and(|seq| seq >= final_seq))
+                        && s.disks
+                            .iter()
+                            .all(|d| d.latest_point_seq.is_some_and(|seq| seq >= final_seq))
                 });
                 if arrived {
                     let mt = text(&data, "master_target");
-                    self.db.advance(id, 2, 3, &data, Some((&mt, "replica-release", json!({"job": id, "machine": machine}))))?;
+                    self.db.advance(
+                        id,
+                        2,
+                        3,
+                        &data,
+                        Some((
+                            &mt,
+                            "replica-release",
+                            json!({"job": id, "machine": machine}),
+                        )),
+                    )?;
                 }
             }
             3 => {
                 let mt = text(&data, "master_target");
                 let Some(released) = self.answer(id, |why| {
-                    format!("master target {mt:?} could not hand the disks of {machine:?} back: {why}")
+                    format!(
+                        "master target {mt:?} could not hand the disks of {machine:?} back: {why}"
+                    )
                 })?
                 else {
                     return Ok(());
@@ -1768,11 +1881,17 @@ impl Engine<'_> {
                 data.insert("disks".into(), released["disks"].clone());
                 let home = text(&data, "home_agent");
                 let params = json!({"job": id, "disks": released["disks"], "replicate": false});
-                self.db.advance(id, 3, 4, &data, Some((&home, "attach", params)))?;
+                self.db
+                    .advance(id, 3, 4, &data, Some((&home, "attach", params)))?;
             }
             4 => {
                 let home = text(&data, "home_agent");
-                if self.answer(id, |why| format!("agent {home:?} could not serve the disks of {machine:?}: {why}"))?.is_none() {
+                if self
+                    .answer(id, |why| {
+                        format!("agent {home:?} could not serve the disks of {machine:?}: {why}")
+                    })?
+                    .is_none()
+                {
                     return Ok(());
                 }
                 let get = |k: &str| data.get(k).cloned().unwrap_or(Value::Null);
@@ -1788,9 +1907,13 @@ impl Engine<'_> {
                     "machine {machine:?} is home: agent {home:?} serves its disks at the final mark (seq {}), nothing was lost; it is not replicated until you reprotect it",
                     get("final_seq")
                 );
-                self.db.end_job(id, JobState::Succeeded, &message, &result)?;
+                self.db
+                    .end_job(id, JobState::Succeeded, &message, &result)?;
             }
-            _ => self.fail(id, format!("job {id} is at step {step}, which a failback does not have"))?,
+            _ => self.fail(
+                id,
+                format!("job {id} is at step {step}, which a failback does not have"),
+            )?,
         }
         Ok(())
     }
@@ -1811,7 +1934,8 @@ fn sync_progress(status: &MachineStatus, started_ms: i64) -> Value {
         .sum();
     let elapsed = (crate::db::now() - started_ms).max(1) as f64 / 1000.0;
     let rate = copied as f64 / elapsed;
-    let eta = (rate > 0.0 && total > copied).then(|| ((total - copied) as f64 / rate).ceil() as u64);
+    let eta =
+        (rate > 0.0 && total > copied).then(|| ((total - copied) as f64 / rate).ceil() as u64);
     json!({
         "state": status.state,
         "copied_bytes": copied,

@@ -141,7 +141,10 @@ pub fn machine_agents<'a>(
 
 /// The agent that serves machine `name`'s disks: of its agents, one that is not standing by
 /// (the healthy one first), or else any.
-pub fn machine_agent<'a>(components: &'a [ComponentInfo], name: &'a str) -> Option<&'a ComponentInfo> {
+pub fn machine_agent<'a>(
+    components: &'a [ComponentInfo],
+    name: &'a str,
+) -> Option<&'a ComponentInfo> {
     let serving = |c: &&ComponentInfo| c.last.as_ref().is_some_and(|b| b.standby != Some(true));
     machine_agents(components, name)
         .filter(serving)
@@ -192,6 +195,7 @@ pub fn of(id: i64, machine: &Machine, inputs: &Inputs<'_>) -> MachineStatus {
                 *backlog.get_or_insert(0) += s.backlog_bytes;
             }
             if let Some(seq) = s.last_mark_seq
+                && s.connected != Some(false)
                 && last_mark.is_none_or(|(l, _)| seq > l)
             {
                 last_mark = Some((seq, s.last_mark_unix_ms));
@@ -304,7 +308,7 @@ pub fn of(id: i64, machine: &Machine, inputs: &Inputs<'_>) -> MachineStatus {
         worse(
             StatusHealth::Critical,
             format!(
-                "the failed-over disks of {name:?} are not served: a reprotect stopped after the master target handed them over; run reprotect again"
+                "the failed-over disks of {name:?} are not served: a reprotect took them from the master target and no agent serves them yet; if it ended, run reprotect again"
             ),
             &mut notes,
         );

@@ -213,6 +213,23 @@ pub fn issue(
     hosts: &[String],
     days: u32,
 ) -> Result<Issued, PkiError> {
+    issue_also(ca_dir, name, &[], role, hosts, days)
+}
+
+/// [`issue`], with a certificate that also names its holder `also` in the same role: an
+/// agent standing by at a recovery site for machine M is also M's agent (it streams M's log
+/// once M's disks are attached to it).
+pub fn issue_also(
+    ca_dir: &Path,
+    name: &str,
+    also: &[String],
+    role: CertRole,
+    hosts: &[String],
+    days: u32,
+) -> Result<Issued, PkiError> {
+    if let Some(bad) = also.iter().find(|n| !valid_name(n)) {
+        return Err(PkiError::BadName(bad.clone()));
+    }
     if !valid_name(name) {
         return Err(PkiError::BadName(name.to_string()));
     }
@@ -241,6 +258,13 @@ pub fn issue(
             .try_into()
             .map_err(|_| PkiError::BadName(name.to_string()))?,
     )];
+    for other in also {
+        sans.push(SanType::DnsName(
+            self::identity(role, other)
+                .try_into()
+                .map_err(|_| PkiError::BadName(other.clone()))?,
+        ));
+    }
     for host in hosts {
         // A host may not pose as another component's identity, nor cover many names.
         if host.contains('*') || host.trim_end_matches('.').ends_with(IDENTITY_DOMAIN) {

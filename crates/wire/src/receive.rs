@@ -85,6 +85,14 @@ pub enum ServeError {
 }
 
 impl Receiver {
+    /// Whether a sender's connection holds `stream` now.
+    pub fn connected(&self, stream: &str) -> bool {
+        self.busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(stream)
+    }
+
     pub fn new(config: Config) -> Result<Arc<Self>, ServeError> {
         let tls = config.tls.server_config()?;
         Ok(Arc::new(Receiver {

@@ -30,7 +30,7 @@ fn db() -> (tempfile::TempDir, Db) {
         ("mt1", ComponentRole::MasterTarget),
     ] {
         let (token, _) = db
-            .create_component(name, role, "site-a", &[], 60_000)
+            .create_component(name, role, "site-a", &[], None, 60_000)
             .unwrap();
         let row = db.pending_enrollment(&token).unwrap().unwrap();
         assert!(
