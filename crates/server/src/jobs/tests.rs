@@ -469,6 +469,7 @@ fn ps_backlog(db: &Db, backlog: u64) {
                 lag_ms: 0,
                 last_mark_seq: Some(9),
                 last_mark_unix_ms: Some(crate::db::now()),
+                connected: Some(true),
             }]),
             ..Heartbeat::default()
         },

@@ -428,6 +428,7 @@ fn the_site_link_must_carry_what_the_machines_write() {
         lag_ms: 0,
         last_mark_seq: None,
         last_mark_unix_ms: None,
+        connected: None,
     }]);
     assert!(run_with(&shared, &enrolled()).passed);
     let c = run_with(&shared, &components);

@@ -98,6 +98,7 @@ fn ps(seq: Option<u64>, at: i64, health: ComponentHealth) -> ComponentInfo {
                 lag_ms: 10,
                 last_mark_seq: seq,
                 last_mark_unix_ms: seq.map(|_| at),
+                connected: Some(true),
             }]),
             ..beat()
         },
