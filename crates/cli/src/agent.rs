@@ -508,9 +508,15 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let serving = tokio::spawn(async move { server.serve(listener, stopped).await });
+    // A restart only once asked: without a configuration server nobody holds the sender.
+    let asked = async move {
+        if restarting.wait_for(|r| *r).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
     let restart = tokio::select! {
         _ = shutdown => false,
-        _ = restarting.changed() => true,
+        _ = asked => true,
     };
     let _ = stop.send(true);
     let _ = serving.await;

@@ -967,6 +967,10 @@ pub enum ComponentCommand {
         /// An address its certificate is also good for (a server's). Repeat for more.
         #[arg(long = "host")]
         hosts: Vec<String>,
+        /// For an agent standing by at a recovery site (`agent --standby`): the machine
+        /// whose failed-over disks it serves once reprotected.
+        #[arg(long)]
+        machine: Option<String>,
         #[command(flatten)]
         connection: Connection,
     },
@@ -1018,9 +1022,13 @@ pub async fn component(cmd: ComponentCommand, output: Output) -> anyhow::Result<
             role,
             site,
             hosts,
+            machine,
             connection,
         } => {
-            let body = json!({"name": name, "role": role, "site": site, "hosts": hosts});
+            let mut body = json!({"name": name, "role": role, "site": site, "hosts": hosts});
+            if let Some(m) = machine {
+                body["machine"] = json!(m);
+            }
             let made = Api::new(&connection)?
                 .call(reqwest::Method::POST, "/api/components", Some(body))
                 .await?;
