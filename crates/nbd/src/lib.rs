@@ -18,6 +18,7 @@
 //!   it arrives, so it covers every write replied to before it.
 //! - One connection's failure never touches another's.
 
+pub mod client;
 pub mod device;
 pub mod handshake;
 pub mod proto;
