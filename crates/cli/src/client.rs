@@ -128,7 +128,7 @@ impl Connection {
 }
 
 /// A connection to the API.
-struct Api {
+pub(crate) struct Api {
     base: String,
     token: String,
     http: reqwest::Client,
@@ -140,7 +140,7 @@ impl Api {
         Self::open(&server, &ca, token)
     }
 
-    fn open(server: &str, ca: &std::path::Path, token: String) -> anyhow::Result<Api> {
+    pub(crate) fn open(server: &str, ca: &std::path::Path, token: String) -> anyhow::Result<Api> {
         let pem = std::fs::read(ca).with_context(|| {
             format!(
                 "could not read the CA certificate {}: give the server's ca.crt with --ca",
@@ -168,7 +168,7 @@ impl Api {
     }
 
     /// One request; the JSON answer, or the server's error as a message.
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: reqwest::Method,
         path: &str,

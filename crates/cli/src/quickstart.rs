@@ -1,216 +1,972 @@
-//! `boomerang quickstart`: a sample disk under a write workload, committed point after point
-//! into a local store, then an older point exported and checked byte for byte.
-//!
-//! First version of the all-in-one tour: later issues add the agent, the process server and
-//! master target, failover, reprotect and failback.
+//! `boomerang quickstart`: the whole lifecycle on this machine. Two directories are the two
+//! sites; every component is a process of its own on loopback, as in production: the
+//! configuration server, at site A the machine's agent, a process server and a master target,
+//! at site B the same, with an agent of the machine standing by. A sample machine (one disk)
+//! is protected from A to B, written by Boomerang's own verifying writer through its agent,
+//! failed over (planned), committed, reprotected back into its own disk at A, failed back,
+//! and reprotected to B again. The disk is checked against what the writer wrote at every
+//! step, and the summary gives the RPO seen, the RTO of failover and failback, and the bytes
+//! each reprotect moved against the disk's size.
 
-use std::fs::{File, OpenOptions};
-use std::io::Read;
+use std::fs::File;
+use std::io::BufRead;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use boomerang_core::DiskName;
+use boomerang_core::log::Op;
 use boomerang_core::sample::XorShift as Rng;
-use boomerang_store::{CommitOptions, MarkKind, NoProgress, Store};
+use boomerang_nbd::client::Client;
 use serde::Serialize;
+use serde_json::{Value, json};
 
-use crate::output::{Bar, Output, bytes, print_json};
+use crate::client::Api;
+use crate::output::{Output, Table, bytes, print_json};
 
 #[derive(clap::Args, Debug)]
 pub struct QuickstartArgs {
-    /// Work in this directory (kept afterwards) instead of a temporary one.
+    /// Work in this directory (kept afterwards, with every component's log in logs/) instead
+    /// of a temporary one.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Size of the sample disk.
-    #[arg(long, default_value = "256MiB", value_parser = crate::output::parse_size)]
+    /// Size of the sample machine's disk.
+    #[arg(long, default_value = "64MiB", value_parser = crate::output::parse_size)]
     disk_size: u64,
-    /// Recovery points to commit while the workload runs.
-    #[arg(long, default_value_t = 6)]
-    points: u32,
+    /// Seconds the machine writes at site A before its failover.
+    #[arg(long, default_value_t = 3.0)]
+    workload_seconds: f64,
 }
 
 #[derive(Serialize)]
+struct StepReport {
+    name: String,
+    ok: bool,
+    seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Serialize, Default)]
 struct Summary {
+    ok: bool,
     dir: PathBuf,
-    disk_size: u64,
-    points: u32,
+    steps: Vec<StepReport>,
+    /// The highest RPO the configuration server showed while the machine wrote at site A.
+    rpo_seconds: Option<f64>,
+    /// From the failover's request to the first read served at site B.
+    failover_rto_seconds: Option<f64>,
+    /// From the failback's request to the first read served at site A again.
+    failback_rto_seconds: Option<f64>,
+    /// Write data the reprotect sent to site A (only blocks that differ should travel).
+    reprotect_bytes_moved: Option<u64>,
+    /// What the machine changed at site B before the reprotect (4 KiB blocks, once each).
+    reprotect_bytes_changed: Option<u64>,
+    /// The same for the reprotect back to site B after the failback.
+    reprotect_again_bytes_moved: Option<u64>,
+    reprotect_again_bytes_changed: Option<u64>,
+    disk_size_bytes: u64,
     bytes_written_by_workload: u64,
-    bytes_changed: u64,
-    bytes_stored: u64,
-    verified_point: u64,
-    verified: bool,
-    store_intact: bool,
-    elapsed_ms: u64,
 }
 
 const BLOCK: u64 = 4096;
+const MACHINE: &str = "web01";
+const DISK: &str = "d0";
 
 pub async fn run(args: QuickstartArgs, output: Output) -> anyhow::Result<i32> {
-    let started = Instant::now();
-    if args.disk_size < 1 << 20 || args.disk_size % BLOCK != 0 {
-        bail!("--disk-size must be at least 1MiB and a multiple of 4KiB");
+    if args.disk_size < 1 << 20 || args.disk_size % (1 << 20) != 0 {
+        bail!("--disk-size must be a whole number of MiB, at least 1MiB");
+    }
+    if !(0.0..=3600.0).contains(&args.workload_seconds) {
+        bail!("--workload-seconds must be between 0 and 3600");
     }
     let temp;
     let dir = match &args.dir {
         Some(d) => {
             std::fs::create_dir_all(d)
                 .with_context(|| format!("could not create {}", d.display()))?;
-            d.clone()
+            let used = std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some());
+            if used {
+                bail!(
+                    "{} is not empty: give a new directory to --dir",
+                    d.display()
+                );
+            }
+            d.canonicalize()?
         }
         None => {
             temp = TempDir::new()?;
             temp.0.clone()
         }
     };
-    let human = output == Output::Human;
-    let say = |s: String| {
-        if human {
-            println!("{s}");
+    let mut tour = Tour::new(dir.clone(), args.disk_size, output);
+    let mut world = None;
+    let outcome = tour.run(&args, &mut world).await;
+    drop(world);
+    tour.summary.ok = outcome.is_ok() && tour.summary.steps.iter().all(|s| s.ok);
+    if let Err(e) = &outcome {
+        tour.say(format!("stopped: {e:#}"));
+        if args.dir.is_none() {
+            tour.say("(run with --dir DIR to keep the components' logs)".into());
         }
-    };
-    let site_a = dir.join("site-a");
-    let site_b = dir.join("site-b");
-    std::fs::create_dir_all(&site_a).context("could not create the site A directory")?;
-    let image = site_a.join("web-01-disk0.img");
-    let store_dir = site_b.join("replica-store");
-    let disk = DiskName::new("web-01-disk0")?;
+    }
+    tour.print_summary(output)?;
+    Ok(if tour.summary.ok { 0 } else { 3 })
+}
 
-    say(format!("Boomerang quickstart in {}", dir.display()));
-    say(format!(
-        "  site A (protected machine): {}",
-        site_a.display()
-    ));
-    say(format!(
-        "  site B (replica store):     {}",
-        store_dir.display()
-    ));
-    let mut rng = Rng::new(0x2545_f491_4f6c_dd1d);
-    make_sample_disk(&image, args.disk_size, &mut rng)?;
-    say(format!(
-        "[1/4] created sample disk {} ({})",
-        image.display(),
-        bytes(args.disk_size)
-    ));
+/// The components, stopped when dropped.
+struct World {
+    api: Api,
+    agent_a: Proc,
+    agent_b_addr: String,
+    procs: Vec<Proc>,
+}
 
-    let store = Store::init(
-        store_dir
-            .to_str()
-            .context("the directory path is not UTF-8")?,
-        64 * 1024,
-    )
-    .await?;
-    let bar = Bar::new(output);
-    let verify_at = (args.points / 2).max(1);
-    let copy = dir.join("copy-at-point.img");
-    let mut summary = Summary {
-        dir: dir.clone(),
-        disk_size: args.disk_size,
-        points: args.points,
-        bytes_written_by_workload: 0,
-        bytes_changed: 0,
-        bytes_stored: 0,
-        verified_point: 0,
-        verified: false,
-        store_intact: false,
-        elapsed_ms: 0,
-    };
-    say(format!(
-        "[2/4] replicating: {} points, the workload writes between them (frozen while a point is cut)",
-        args.points
-    ));
-    for n in 1..=args.points {
-        if n > 1 {
-            summary.bytes_written_by_workload += workload(&image, args.disk_size, &mut rng)?;
+struct Tour {
+    dir: PathBuf,
+    human: bool,
+    summary: Summary,
+    spinner: Option<indicatif::ProgressBar>,
+    /// The machine's disk as its writer left it: what every check compares with.
+    model: Vec<u8>,
+    rng: Rng,
+}
+
+const STEPS: usize = 10;
+
+impl Tour {
+    fn new(dir: PathBuf, disk_size: u64, output: Output) -> Tour {
+        use std::io::IsTerminal;
+        let human = output == Output::Human;
+        Tour {
+            summary: Summary {
+                dir: dir.clone(),
+                disk_size_bytes: disk_size,
+                ..Default::default()
+            },
+            dir,
+            human,
+            spinner: (human && std::io::stderr().is_terminal()).then(|| {
+                let bar = indicatif::ProgressBar::new_spinner();
+                bar.enable_steady_tick(Duration::from_millis(120));
+                bar
+            }),
+            model: Vec::new(),
+            rng: Rng::new(0x2545_f491_4f6c_dd1d),
         }
-        let mark = if n % 3 == 0 {
-            MarkKind::App
-        } else {
-            MarkKind::Crash
-        };
-        let r = store
-            .commit_image(&disk, &image, CommitOptions { mark, seq: None }, &bar)
-            .await?;
-        summary.bytes_changed += r.stats.bytes_changed;
-        summary.bytes_stored += r.stats.bytes_stored;
-        if n == verify_at {
-            std::fs::copy(&image, &copy).context("could not copy the sample disk")?;
-            summary.verified_point = r.point.0;
-        }
-        say(format!(
-            "      point {} ({}): {} blocks changed, {} changed, {} stored",
-            r.point,
-            mark,
-            r.stats.blocks_changed,
-            bytes(r.stats.bytes_changed),
-            bytes(r.stats.bytes_stored)
-        ));
     }
 
-    let point = store
-        .point(&disk, Some(boomerang_core::PointId(summary.verified_point)))
+    fn say(&self, line: String) {
+        if !self.human {
+            return;
+        }
+        match &self.spinner {
+            Some(s) => s.println(line),
+            None => println!("{line}"),
+        }
+    }
+
+    fn progress(&self, what: String) {
+        if let Some(s) = &self.spinner {
+            s.set_message(what);
+        }
+    }
+
+    /// Runs one step: its name, time and outcome go into the summary.
+    async fn step<T>(
+        &mut self,
+        name: &str,
+        work: impl AsyncFnOnce(&mut Tour) -> anyhow::Result<(T, String)>,
+    ) -> anyhow::Result<T> {
+        let n = self.summary.steps.len() + 1;
+        self.progress(format!("[{n}/{STEPS}] {name}"));
+        let started = Instant::now();
+        let outcome = work(self).await;
+        let seconds = started.elapsed().as_secs_f64();
+        self.progress(String::new());
+        match outcome {
+            Ok((value, detail)) => {
+                self.say(format!("[{n}/{STEPS}] {name} ({seconds:.1} s): {detail}"));
+                self.summary.steps.push(StepReport {
+                    name: name.into(),
+                    ok: true,
+                    seconds,
+                    error: None,
+                });
+                Ok(value)
+            }
+            Err(e) => {
+                self.say(format!("[{n}/{STEPS}] {name} FAILED after {seconds:.1} s"));
+                self.summary.steps.push(StepReport {
+                    name: name.into(),
+                    ok: false,
+                    seconds,
+                    error: Some(format!("{e:#}")),
+                });
+                Err(e.context(format!("step {name:?}")))
+            }
+        }
+    }
+
+    async fn run(
+        &mut self,
+        args: &QuickstartArgs,
+        world: &mut Option<World>,
+    ) -> anyhow::Result<()> {
+        self.say(format!("Boomerang quickstart in {}", self.dir.display()));
+        self.say(format!(
+            "  site A: {}   site B: {}",
+            self.dir.join("site-a").display(),
+            self.dir.join("site-b").display()
+        ));
+        let size = args.disk_size;
+        let w = self
+            .step("start the components", async |t: &mut Tour| {
+                let w = t.start(size).await?;
+                Ok((
+                    w,
+                    "configuration server; agent, process server and master target at each site; an agent of web01 standing by at B".into(),
+                ))
+            })
+            .await?;
+        let w = world.insert(w);
+        self.step("protect", async |t: &mut Tour| {
+            t.job(
+                &w.api,
+                json!({"kind": "protect", "machine": MACHINE, "policy": "quickstart"}),
+            )
+            .await?;
+            Ok((
+                (),
+                format!(
+                    "{MACHINE} is protected: its {} disk is whole at site B",
+                    bytes(size)
+                ),
+            ))
+        })
         .await?;
-    let exported = dir.join("exported-point.img");
-    store.export_raw(&point, &exported, &bar).await?;
-    summary.verified = same_content(&exported, &copy)?;
-    say(format!(
-        "[3/4] exported point {} and compared it with the copy taken then: {}",
-        point.id,
-        if summary.verified {
-            "identical"
-        } else {
-            "DIFFERENT"
-        }
-    ));
+        let seconds = args.workload_seconds;
+        self.step("write at site A", async |t: &mut Tour| {
+            let (written, rpo) = t.write_for(&w.api, &w.agent_a.addr, seconds).await?;
+            t.summary.bytes_written_by_workload = written;
+            t.summary.rpo_seconds = rpo;
+            Ok((
+                (),
+                format!(
+                    "{} in random 4 KiB writes through its agent; highest RPO seen {}",
+                    bytes(written),
+                    rpo.map_or("-".into(), |r| format!("{r:.1} s"))
+                ),
+            ))
+        })
+        .await?;
+        let served = self
+            .step("fail over (planned)", async |t: &mut Tour| {
+                let asked = Instant::now();
+                let job = t
+                    .job(&w.api, json!({"kind": "failover", "machine": MACHINE, "point": "final"}))
+                    .await?;
+                let address = job["result"]["address"]
+                    .as_str()
+                    .context("the failover's result names no address")?
+                    .to_string();
+                let rto = first_read(&address)?.duration_since(asked).as_secs_f64();
+                t.summary.failover_rto_seconds = Some(rto);
+                t.verify(&address, "the failed-over disk")?;
+                Ok((
+                    address.clone(),
+                    format!("served at site B at {address} {rto:.2} s after the request (instant recovery), equal to the source: nothing lost"),
+                ))
+            })
+            .await?;
+        self.step("commit, write at site B", async |t: &mut Tour| {
+            t.job(&w.api, json!({"kind": "commit", "machine": MACHINE}))
+                .await?;
+            let changed = t.write_blocks(&served, 64)?;
+            t.summary.reprotect_bytes_changed = Some(changed);
+            Ok((
+                (),
+                format!("committed; the machine wrote {} at site B", bytes(changed)),
+            ))
+        })
+        .await?;
+        let mt_a_incoming = self.dir.join("site-a/retention/incoming").join(MACHINE);
+        self.step("reprotect to site A", async |t: &mut Tour| {
+            let job = t.job(&w.api, json!({"kind": "reprotect", "machine": MACHINE})).await?;
+            let moved = received_write_bytes(&mt_a_incoming)?;
+            t.summary.reprotect_bytes_moved = Some(moved);
+            t.same_file(&t.dir.join("site-a/web01-d0.img"), "site A's disk")?;
+            Ok((
+                (),
+                format!(
+                    "agent {} at site B replicates into the original disk at site A; {} moved for a {} disk",
+                    job["result"]["agent"].as_str().unwrap_or("?"),
+                    bytes(moved),
+                    bytes(size)
+                ),
+            ))
+        })
+        .await?;
+        let agent_b = w.agent_b_addr.clone();
+        self.step("write at site B, fail back", async |t: &mut Tour| {
+            t.write_blocks(&agent_b, 32)?;
+            let asked = Instant::now();
+            t.job(&w.api, json!({"kind": "failback", "machine": MACHINE}))
+                .await?;
+            let rto = first_read(&w.agent_a.addr)?
+                .duration_since(asked)
+                .as_secs_f64();
+            t.summary.failback_rto_seconds = Some(rto);
+            t.verify(&w.agent_a.addr, "the disk at home")?;
+            Ok((
+                (),
+                format!("home at site A {rto:.2} s after the request, every write made at B there"),
+            ))
+        })
+        .await?;
+        let mt_b_incoming = self.dir.join("site-b/retention/incoming").join(MACHINE);
+        self.step(
+            "write at site A, reprotect to site B",
+            async |t: &mut Tour| {
+                let before = received_write_bytes(&mt_b_incoming)?;
+                let changed = t.write_blocks(&w.agent_a.addr, 48)?;
+                t.summary.reprotect_again_bytes_changed = Some(changed);
+                t.job(&w.api, json!({"kind": "reprotect", "machine": MACHINE}))
+                    .await?;
+                let moved = received_write_bytes(&mt_b_incoming)? - before;
+                t.summary.reprotect_again_bytes_moved = Some(moved);
+                let replica = t
+                    .dir
+                    .join("site-b/retention/replicas")
+                    .join(MACHINE)
+                    .join(format!("{DISK}.img"));
+                t.same_file(&replica, "the replica at site B")?;
+                Ok((
+                    (),
+                    format!(
+                        "protected to site B again: {} moved; the circle is closed",
+                        bytes(moved)
+                    ),
+                ))
+            },
+        )
+        .await?;
+        self.step("check the status", async |t: &mut Tour| {
+            let status = w
+                .api
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/api/machines/{MACHINE}/status"),
+                    None,
+                )
+                .await?;
+            if status["state"] != "protected" {
+                bail!(
+                    "{MACHINE} is {} at the end, not protected: {status}",
+                    status["state"]
+                );
+            }
+            let _ = t;
+            Ok((
+                (),
+                format!(
+                    "{MACHINE} is protected, health {}",
+                    status["health"].as_str().unwrap_or("?")
+                ),
+            ))
+        })
+        .await?;
+        self.step("stop the components", async |t: &mut Tour| {
+            let w = world.take().context("the components are gone")?;
+            let count = w.procs.len() + 1;
+            drop(w);
+            let _ = t;
+            Ok(((), format!("{count} processes stopped")))
+        })
+        .await?;
+        Ok(())
+    }
 
-    let report = store.verify(&NoProgress).await?;
-    summary.store_intact = report.bad.is_empty();
-    say(format!(
-        "[4/4] verified the store: {} chunks and {} nodes checked, {}",
-        report.chunks_checked,
-        report.nodes_checked,
-        if summary.store_intact {
-            "all intact"
-        } else {
-            "DAMAGE FOUND"
+    /// Creates the two sites and the configuration server, enrols every component and starts
+    /// them, each a process of its own.
+    async fn start(&mut self, size: u64) -> anyhow::Result<World> {
+        let dir = self.dir.clone();
+        for sub in ["site-a", "site-b", "logs", "identities"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("could not create {}", dir.join(sub).display()))?;
         }
-    ));
-    summary.elapsed_ms = started.elapsed().as_millis() as u64;
+        let disk = dir.join("site-a/web01-d0.img");
+        make_sample_disk(&disk, size, &mut self.rng)?;
+        self.model = std::fs::read(&disk)?;
+        // The configuration server, with the two sites in its inventory.
+        let state = dir.join("cs");
+        let made = {
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || boomerang_server::init(&state)).await??
+        };
+        std::fs::write(
+            state.join("inventory.toml"),
+            "[[site]]\nname = \"site-a\"\nkind = \"local\"\n\n[[site]]\nname = \"site-b\"\nkind = \"local\"\n",
+        )?;
+        let config = std::fs::read_to_string(&made.config)?
+            .replace("inventory = []", "inventory = [\"inventory.toml\"]")
+            .replace(
+                "heartbeat_timeout_seconds = 90",
+                "heartbeat_timeout_seconds = 5",
+            );
+        std::fs::write(&made.config, config)?;
+        let logs = dir.join("logs");
+        let server = Proc::start(
+            &logs,
+            "server",
+            &[
+                "server",
+                "--config",
+                path(&made.config)?,
+                "--listen",
+                "127.0.0.1:0",
+            ],
+        )?;
+        let url = format!("https://{}", server.addr);
+        let api = Api::open(&url, &made.ca, made.admin_token.clone())?;
+        api.call(
+            reqwest::Method::POST,
+            "/api/policies",
+            Some(json!({"name": "quickstart", "rpo_threshold_seconds": 60, "retention_seconds": 86400, "app_consistent_seconds": 0})),
+        )
+        .await?;
+        let mut identities = Vec::new();
+        for (name, role, site, machine) in [
+            ("mt-b", "master-target", "site-b", None),
+            ("ps-a", "process-server", "site-a", None),
+            ("mt-a", "master-target", "site-a", None),
+            ("ps-b", "process-server", "site-b", None),
+            (MACHINE, "agent", "site-a", None),
+            ("web01-b", "agent", "site-b", Some(MACHINE)),
+        ] {
+            identities.push(
+                enrol(
+                    &api,
+                    &url,
+                    &made.ca,
+                    &dir.join("identities"),
+                    name,
+                    role,
+                    site,
+                    machine,
+                )
+                .await?,
+            );
+        }
+        let control = |identity: &Path| -> anyhow::Result<Vec<String>> {
+            Ok(vec![
+                "--control-server".into(),
+                url.clone(),
+                "--control-ca".into(),
+                path(&made.ca)?.into(),
+                "--component-token-file".into(),
+                path(&identity.join("component.token"))?.into(),
+                "--heartbeat-interval".into(),
+                "0.5".into(),
+            ])
+        };
+        let start = |name: &str, args: Vec<String>, identity: &Path| -> anyhow::Result<Proc> {
+            let mut all = args;
+            all.extend(["--tls".into(), path(identity)?.into()]);
+            all.extend(control(identity)?);
+            Proc::start(
+                &logs,
+                name,
+                &all.iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+        };
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let site = |s: &str, what: &str| -> anyhow::Result<String> {
+            Ok(path(&dir.join(s).join(what))?.to_string())
+        };
+        let mut procs = vec![server];
+        let master_target = |name: &str, at: &str, identity: &Path| {
+            start(
+                name,
+                s(&[
+                    "master-target",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--name",
+                    name,
+                    "--retention",
+                    &site(at, "retention")?,
+                    "--block-size",
+                    "4KiB",
+                    "--point-every",
+                    "0",
+                    "--prune-every",
+                    "60",
+                ]),
+                identity,
+            )
+        };
+        let mt_b = master_target("mt-b", "site-b", &identities[0])?;
+        let ps_a = start(
+            "ps-a",
+            s(&[
+                "process-server",
+                "--listen",
+                "127.0.0.1:0",
+                "--name",
+                "ps-a",
+                "--cache",
+                &site("site-a", "cache")?,
+                "--master-target",
+                &mt_b.addr,
+            ]),
+            &identities[1],
+        )?;
+        let mt_a = master_target("mt-a", "site-a", &identities[2])?;
+        let ps_b = start(
+            "ps-b",
+            s(&[
+                "process-server",
+                "--listen",
+                "127.0.0.1:0",
+                "--name",
+                "ps-b",
+                "--cache",
+                &site("site-b", "cache")?,
+                "--master-target",
+                &mt_a.addr,
+            ]),
+            &identities[3],
+        )?;
+        let agent_a = start(
+            "agent-a",
+            s(&[
+                "agent",
+                "--name",
+                MACHINE,
+                "--disk",
+                &format!("{DISK}={}", path(&disk)?),
+                "--listen",
+                "127.0.0.1:0",
+                "--log-dir",
+                &site("site-a", "agent-log")?,
+                "--process-server",
+                &ps_a.addr,
+                "--mark-interval",
+                "0.5",
+            ]),
+            &identities[4],
+        )?;
+        let agent_b_addr = free_address()?;
+        let agent_b = start(
+            "agent-b",
+            s(&[
+                "agent",
+                "--standby",
+                "--name",
+                MACHINE,
+                "--listen",
+                &agent_b_addr,
+                "--log-dir",
+                &site("site-b", "agent-log")?,
+                "--process-server",
+                &ps_b.addr,
+                "--mark-interval",
+                "0.5",
+            ]),
+            &identities[5],
+        )?;
+        procs.extend([mt_b, ps_a, mt_a, ps_b, agent_b]);
+        // The machine joins the inventory from its agent's first report.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while api
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/machines/{MACHINE}/status"),
+                None,
+            )
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!(
+                    "{MACHINE}'s agent never reported to the configuration server: see logs/agent-a.log"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(World {
+            api,
+            agent_a,
+            agent_b_addr,
+            procs,
+        })
+    }
 
-    if output == Output::Json {
-        print_json(&summary)?;
-    } else {
+    /// Asks for a job and follows it to its end, showing its step and progress.
+    async fn job(&self, api: &Api, body: Value) -> anyhow::Result<Value> {
+        let kind = body["kind"].as_str().unwrap_or("job").to_string();
+        let mut job = api
+            .call(reqwest::Method::POST, "/api/jobs", Some(body))
+            .await?;
+        let id = job["id"]
+            .as_i64()
+            .context("the server's answer names no job")?;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while job["state"] == "running" {
+            if Instant::now() > deadline {
+                bail!(
+                    "{kind} job {id} did not end within 10 minutes (at step {})",
+                    job["step"]
+                );
+            }
+            let mut line = format!("{kind}: {}", job["step"].as_str().unwrap_or("?"));
+            if let Some(p) = job["result"]["percent"].as_f64() {
+                line.push_str(&format!(" {p:.0}%"));
+            }
+            self.progress(line);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            job = api
+                .call(reqwest::Method::GET, &format!("/api/jobs/{id}"), None)
+                .await?;
+        }
+        if job["state"] != "succeeded" {
+            bail!(
+                "{kind} job {id} {}: {}",
+                job["state"].as_str().unwrap_or("ended"),
+                job["message"].as_str().unwrap_or("no reason given")
+            );
+        }
+        Ok(job)
+    }
+
+    /// The machine writes random 4 KiB blocks through `addr` for `seconds`, while the RPO the
+    /// configuration server shows is sampled; the bytes written, and the highest RPO seen.
+    async fn write_for(
+        &mut self,
+        api: &Api,
+        addr: &str,
+        seconds: f64,
+    ) -> anyhow::Result<(u64, Option<f64>)> {
+        let (addr, mut model, mut rng) = (
+            addr.to_string(),
+            std::mem::take(&mut self.model),
+            self.rng.clone(),
+        );
+        let until = Instant::now() + Duration::from_secs_f64(seconds);
+        let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<u8>, Rng, u64)> {
+            let mut client = Client::connect(&addr, DISK)
+                .with_context(|| format!("could not reach the machine's disk at {addr}"))?;
+            let blocks = model.len() as u64 / BLOCK;
+            let mut buf = vec![0u8; BLOCK as usize];
+            let mut written = 0;
+            while Instant::now() < until {
+                rng.fill(&mut buf);
+                let at = (rng.next_u64() % blocks) * BLOCK;
+                client
+                    .write(at, &buf, false)
+                    .context("a write of the workload failed")?;
+                model[at as usize..(at + BLOCK) as usize].copy_from_slice(&buf);
+                written += BLOCK;
+                // A machine's pace, not a benchmark's: about 4 MiB/s.
+                std::thread::sleep(Duration::from_micros(900));
+            }
+            client.flush()?;
+            let _ = client.disconnect();
+            Ok((model, rng, written))
+        });
+        let mut rpo: Option<f64> = None;
+        while !writer.is_finished() {
+            if let Ok(s) = api
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/api/machines/{MACHINE}/status"),
+                    None,
+                )
+                .await
+                && let Some(r) = s["rpo_seconds"].as_f64()
+            {
+                rpo = Some(rpo.map_or(r, |m| m.max(r)));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let (model, rng, written) = writer.await??;
+        self.model = model;
+        self.rng = rng;
+        Ok((written, rpo))
+    }
+
+    /// The machine writes `count` distinct random 4 KiB blocks through `addr`; the bytes.
+    fn write_blocks(&mut self, addr: &str, count: u64) -> anyhow::Result<u64> {
+        let mut client = Client::connect(addr, DISK)
+            .with_context(|| format!("could not reach the machine's disk at {addr}"))?;
+        let blocks = self.model.len() as u64 / BLOCK;
+        let mut chosen = std::collections::BTreeSet::new();
+        while (chosen.len() as u64) < count.min(blocks) {
+            chosen.insert(self.rng.next_u64() % blocks);
+        }
+        let mut buf = vec![0u8; BLOCK as usize];
+        for block in &chosen {
+            self.rng.fill(&mut buf);
+            let at = block * BLOCK;
+            client
+                .write(at, &buf, false)
+                .with_context(|| format!("a write at {addr} failed"))?;
+            self.model[at as usize..(at + BLOCK) as usize].copy_from_slice(&buf);
+        }
+        client.flush()?;
+        let _ = client.disconnect();
+        Ok(chosen.len() as u64 * BLOCK)
+    }
+
+    /// Reads the whole disk through `addr` and compares it with what the machine wrote.
+    fn verify(&self, addr: &str, what: &str) -> anyhow::Result<()> {
+        let mut client = Client::connect(addr, DISK)
+            .with_context(|| format!("could not reach {what} at {addr}"))?;
+        if client.size() != self.model.len() as u64 {
+            bail!(
+                "{what} is {} bytes, not {}",
+                client.size(),
+                self.model.len()
+            );
+        }
+        let step = 1u64 << 20;
+        for at in (0..client.size()).step_by(step as usize) {
+            let data = client.read(at, step as u32)?;
+            if data[..] != self.model[at as usize..(at + step) as usize] {
+                bail!("{what} differs from what the machine wrote, in the MiB at {at}");
+            }
+        }
+        let _ = client.disconnect();
+        Ok(())
+    }
+
+    /// Checks that the disk image at `file` is what the machine wrote.
+    fn same_file(&self, file: &Path, what: &str) -> anyhow::Result<()> {
+        let f = File::open(file)
+            .with_context(|| format!("could not open {what} at {}", file.display()))?;
+        let mut buf = vec![0u8; 1 << 20];
+        for at in (0..self.model.len()).step_by(buf.len()) {
+            f.read_exact_at(&mut buf, at as u64)
+                .with_context(|| format!("could not read {what} at {}", file.display()))?;
+            if buf[..] != self.model[at..at + buf.len()] {
+                bail!(
+                    "{what} ({}) differs from what the machine wrote, in the MiB at {at}",
+                    file.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn print_summary(&self, output: Output) -> anyhow::Result<()> {
+        if let Some(s) = &self.spinner {
+            s.finish_and_clear();
+        }
+        let s = &self.summary;
+        if output == Output::Json {
+            return print_json(s);
+        }
+        let mut t = Table::new(&["STEP", "OK", "SECONDS"]);
+        for step in &s.steps {
+            t.row(vec![
+                step.name.clone(),
+                if step.ok { "yes".into() } else { "NO".into() },
+                format!("{:.1}", step.seconds),
+            ]);
+        }
         println!();
-        println!("Summary");
-        println!("  points committed:        {}", summary.points);
+        t.print();
+        let secs = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2} s"));
+        let moved = |m: Option<u64>, c: Option<u64>| match (m, c) {
+            (Some(m), Some(c)) => format!(
+                "{} moved for {} changed, of a {} disk ({:.2}%)",
+                bytes(m),
+                bytes(c),
+                bytes(s.disk_size_bytes),
+                m as f64 * 100.0 / s.disk_size_bytes as f64
+            ),
+            _ => "-".into(),
+        };
+        println!();
+        println!("  RPO seen while writing:  {}", secs(s.rpo_seconds));
         println!(
-            "  written by the workload: {}",
-            bytes(summary.bytes_written_by_workload)
+            "  failover RTO:            {}",
+            secs(s.failover_rto_seconds)
         );
         println!(
-            "  changed blocks (total):  {}",
-            bytes(summary.bytes_changed)
+            "  failback RTO:            {}",
+            secs(s.failback_rto_seconds)
         );
-        println!("  stored (compressed):     {}", bytes(summary.bytes_stored));
         println!(
-            "  verification:            {}",
-            if summary.verified && summary.store_intact {
-                "PASSED"
+            "  reprotect to site A:     {}",
+            moved(s.reprotect_bytes_moved, s.reprotect_bytes_changed)
+        );
+        println!(
+            "  reprotect to site B:     {}",
+            moved(
+                s.reprotect_again_bytes_moved,
+                s.reprotect_again_bytes_changed
+            )
+        );
+        println!(
+            "  result:                  {}",
+            if s.ok {
+                "every step verified"
             } else {
                 "FAILED"
             }
         );
-        println!(
-            "  time:                    {:.1} s",
-            summary.elapsed_ms as f64 / 1000.0
-        );
+        Ok(())
     }
-    Ok(if summary.verified && summary.store_intact {
-        0
-    } else {
-        4
-    })
+}
+
+/// A component started for the tour; stopped (SIGTERM, then killed) when dropped.
+struct Proc {
+    child: Child,
+    addr: String,
+}
+
+impl Proc {
+    /// Starts `boomerang ARGS` with its log in `logs/NAME.log`, and waits for its address.
+    fn start(logs: &Path, name: &str, args: &[&str]) -> anyhow::Result<Proc> {
+        let log = logs.join(format!("{name}.log"));
+        let file =
+            File::create(&log).with_context(|| format!("could not create {}", log.display()))?;
+        let exe = std::env::current_exe().context("could not find the boomerang executable")?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("could not start {name}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{name} did not start: see its log {}", log.display());
+        };
+        Ok(Proc {
+            addr: addr.to_string(),
+            child,
+        })
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Enrols component `name` with the server at `url`; its identity directory.
+#[allow(clippy::too_many_arguments)]
+async fn enrol(
+    api: &Api,
+    url: &str,
+    ca: &Path,
+    identities: &Path,
+    name: &str,
+    role: &str,
+    site: &str,
+    machine: Option<&str>,
+) -> anyhow::Result<PathBuf> {
+    let mut body = json!({"name": name, "role": role, "site": site, "hosts": ["127.0.0.1"]});
+    if let Some(m) = machine {
+        body["machine"] = json!(m);
+    }
+    let made = api
+        .call(reqwest::Method::POST, "/api/components", Some(body))
+        .await?;
+    let token = made["enrollment_token"]
+        .as_str()
+        .context("no enrolment token")?;
+    let got = Api::open(url, ca, String::new())?
+        .call(
+            reqwest::Method::POST,
+            "/api/enroll",
+            Some(json!({"enrollment_token": token})),
+        )
+        .await?;
+    let out = identities.join(name);
+    std::fs::create_dir_all(&out)?;
+    for (file, field) in [
+        ("cert.pem", "certificate"),
+        ("key.pem", "key"),
+        ("ca.crt", "ca"),
+        ("component.token", "component_token"),
+    ] {
+        let text = got[field]
+            .as_str()
+            .with_context(|| format!("the enrolment gave no {field}"))?;
+        boomerang_core::write_atomic(&out.join(file), text.as_bytes())?;
+    }
+    Ok(out)
+}
+
+/// When the first 4 KiB of the disk at `addr` were read, trying until they can be.
+fn first_read(addr: &str) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let read = Client::connect(addr, DISK).and_then(|mut c| {
+            c.read(0, BLOCK as u32)?;
+            let _ = c.disconnect();
+            Ok(())
+        });
+        match read {
+            Ok(()) => return Ok(Instant::now()),
+            Err(e) if Instant::now() > deadline => {
+                return Err(e).with_context(|| format!("the disk at {addr} never answered a read"));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Write data in the incoming log of one machine at a master target (0 before any).
+fn received_write_bytes(incoming: &Path) -> anyhow::Result<u64> {
+    if !incoming.exists() {
+        return Ok(0);
+    }
+    let mut total = 0;
+    for record in boomerang_agent::logdir::read_all(incoming)? {
+        if let Op::Write { data, .. } = record?.op {
+            total += data.len() as u64;
+        }
+    }
+    Ok(total)
+}
+
+fn path(p: &Path) -> anyhow::Result<&str> {
+    p.to_str()
+        .with_context(|| format!("{} is not UTF-8: use another --dir", p.display()))
+}
+
+/// A TCP address on loopback that nothing listens on now.
+fn free_address() -> anyhow::Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
 }
 
 /// A disk that looks used: a third of it data (half compressible), the rest never written.
@@ -240,51 +996,13 @@ fn make_sample_disk(path: &Path, size: u64, rng: &mut Rng) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Random 4 KiB writes (some repeated on hot blocks); returns the bytes written.
-fn workload(path: &Path, size: u64, rng: &mut Rng) -> anyhow::Result<u64> {
-    let file = OpenOptions::new().write(true).open(path)?;
-    let mut buf = vec![0u8; BLOCK as usize];
-    let writes = 400;
-    let hot = size / BLOCK / 100;
-    for i in 0..writes {
-        rng.fill(&mut buf);
-        let block = if i % 4 == 0 {
-            rng.next_u64() % hot.max(1)
-        } else {
-            rng.next_u64() % (size / BLOCK)
-        };
-        file.write_all_at(&buf, block * BLOCK)?;
-    }
-    file.sync_all()?;
-    Ok(writes * BLOCK)
-}
-
-fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
-    let mut fa = File::open(a).with_context(|| format!("could not open {}", a.display()))?;
-    let mut fb = File::open(b).with_context(|| format!("could not open {}", b.display()))?;
-    if fa.metadata()?.len() != fb.metadata()?.len() {
-        return Ok(false);
-    }
-    let mut ba = vec![0u8; 1 << 20];
-    let mut bb = vec![0u8; 1 << 20];
-    loop {
-        let n = fa.read(&mut ba)?;
-        if n == 0 {
-            return Ok(true);
-        }
-        fb.read_exact(&mut bb[..n])?;
-        if ba[..n] != bb[..n] {
-            return Ok(false);
-        }
-    }
-}
-
 /// A temporary directory removed on drop.
 struct TempDir(PathBuf);
 impl TempDir {
     fn new() -> anyhow::Result<Self> {
         let base =
             std::env::temp_dir().join(format!("boomerang-quickstart-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base)
             .with_context(|| format!("could not create {}", base.display()))?;
         Ok(TempDir(base))

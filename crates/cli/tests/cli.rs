@@ -334,21 +334,53 @@ fn azure_credentials_and_reachability_errors() {
 }
 
 #[test]
-fn quickstart_verifies_an_older_point() {
+fn quickstart_runs_the_whole_circle_and_verifies_every_step() {
     let dir = tempfile::tempdir().unwrap();
     let v = json(&[
         "quickstart",
         "--dir",
-        dir.path().to_str().unwrap(),
+        dir.path().join("tour").to_str().unwrap(),
         "--disk-size",
-        "16MiB",
-        "--points",
-        "4",
+        "8MiB",
+        "--workload-seconds",
+        "1",
     ]);
-    assert_eq!(v["verified"], true, "{v}");
-    assert_eq!(v["store_intact"], true, "{v}");
-    assert_eq!(v["verified_point"], 2);
-    assert!(v["bytes_stored"].as_u64().unwrap() > 0);
+    assert_eq!(v["ok"], true, "{v}");
+    let steps = v["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 10, "{v}");
+    assert!(
+        steps
+            .iter()
+            .all(|s| s["ok"] == true && s["seconds"].is_f64()),
+        "{v}"
+    );
+    assert_eq!(v["disk_size_bytes"], 8 << 20);
+    for key in [
+        "rpo_seconds",
+        "failover_rto_seconds",
+        "failback_rto_seconds",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|s| s > 0.0), "{key}: {v}");
+    }
+    // Each reprotect moved what changed, not the disk.
+    for (moved, changed) in [
+        ("reprotect_bytes_moved", "reprotect_bytes_changed"),
+        (
+            "reprotect_again_bytes_moved",
+            "reprotect_again_bytes_changed",
+        ),
+    ] {
+        let (m, c) = (v[moved].as_u64().unwrap(), v[changed].as_u64().unwrap());
+        assert!(m >= c && m < 8 << 20, "{moved} {m} for {c} changed: {v}");
+    }
+    // A used directory is refused before anything starts.
+    let out = boomerang(&[
+        "quickstart",
+        "--dir",
+        dir.path().join("tour").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
 }
 
 #[test]

@@ -36,9 +36,7 @@ impl Client {
         let opt = u64::from_be_bytes(greeting[8..16].try_into().unwrap_or_default());
         let flags = u16::from_be_bytes([greeting[16], greeting[17]]);
         if magic != NBDMAGIC || opt != IHAVEOPT || flags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(bad(format!(
-                "{addr} is not a fixed-newstyle NBD server"
-            )));
+            return Err(bad(format!("{addr} is not a fixed-newstyle NBD server")));
         }
         let no_zeroes = flags & FLAG_NO_ZEROES != 0;
         let mut client_flags = FLAG_C_FIXED_NEWSTYLE;
