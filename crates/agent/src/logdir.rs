@@ -719,6 +719,8 @@ impl LogDir {
         self.failed_over = None;
         self.total = self.writer.size();
         self.release_floor = Seq(0);
+        // Nothing is owed from before: the disks are copied again from here.
+        self.capped = false;
         Ok(())
     }
 

@@ -54,6 +54,43 @@ pub fn forget(dir: &Path, disk: &boomerang_core::DiskName) -> std::io::Result<()
     Ok(())
 }
 
+/// Copies exactly `ranges` of `device` into the log (a reprotect's resync set: what the
+/// machine wrote since the failover's point, while the replica holds the disk as it was at
+/// that point), then marks the disk copied: no comparison with the replica is needed. Returns
+/// the bytes logged. On an error the disk stays not copied, and [`keep_in_sync`] compares it
+/// whole.
+pub async fn copy_ranges(
+    log: &Arc<Mutex<LogDir>>,
+    device: Arc<CaptureDevice>,
+    ranges: &[(u64, u64)],
+    cap: u64,
+) -> Result<u64, String> {
+    let dir = log
+        .lock()
+        .map_err(|_| "the write log lock is poisoned".to_string())?
+        .dir()
+        .to_path_buf();
+    let name = device.disk().to_string();
+    let mut total = 0;
+    for &(offset, len) in ranges {
+        let end = offset.saturating_add(len);
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(CHUNK);
+            wait_for_room(log, cap).await;
+            let d = device.clone();
+            total += blocking(move || d.copy_chunk(at, n, Target::Unknown))
+                .await?
+                .logged;
+            at += n;
+        }
+    }
+    boomerang_core::write_atomic(&done_path(&dir, &name), b"")
+        .map_err(|e| format!("could not mark disk {name} copied: {e}"))?;
+    tracing::info!(disk = %name, sent = total, ranges = ranges.len(), "copied what changed since the failover's point: the disk is protected");
+    Ok(total)
+}
+
 /// Holds marks back at once if a disk is not copied yet or its bitmap holds changes: call it
 /// before marks start, so that none slips in before [`keep_in_sync`] runs.
 pub fn hold_marks(log: &Mutex<LogDir>, disks: &[Arc<CaptureDevice>]) {

@@ -343,12 +343,26 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             });
             // Disks not copied downstream yet are copied first; marks wait for it.
             sync::hold_marks(&log, &devices);
-            background.push(tokio::spawn(sync::keep_in_sync(
-                log.clone(),
-                devices.clone(),
-                args.log_max,
-                Some(digests),
-            )));
+            // A reprotect knows what differs from the replica: exactly that is sent; the rest
+            // (and a disk whose ranges could not be sent) is compared with the replica.
+            let resync = attachment
+                .as_ref()
+                .map(|a| a.resync.clone())
+                .unwrap_or_default();
+            let (synced, all, cap, dir) =
+                (log.clone(), devices.clone(), args.log_max, log_dir.clone());
+            background.push(tokio::spawn(async move {
+                for device in &all {
+                    let disk = device.disk().to_string();
+                    if let Some(ranges) = resync.get(&disk)
+                        && !sync::copied(&dir, &disk)
+                        && let Err(e) = sync::copy_ranges(&synced, device.clone(), ranges, cap).await
+                    {
+                        tracing::warn!(%disk, error = %e, "could not send what changed since the failover's point; the disk is compared with its replica instead");
+                    }
+                }
+                sync::keep_in_sync(synced, all, cap, Some(digests)).await
+            }));
             Some(tokio::spawn(send::ship(source, config, shipping_stopped)))
         }
         _ => None,
@@ -718,6 +732,10 @@ struct Attachment {
     released: Vec<(DiskName, PathBuf)>,
     #[serde(default)]
     discarded: Option<boomerang_agent::logdir::Changes>,
+    /// By disk: the byte ranges that differ from its replica (a reprotect's resync set), when
+    /// known; a disk left out is compared with its replica whole.
+    #[serde(default)]
+    resync: std::collections::BTreeMap<String, Vec<(u64, u64)>>,
 }
 
 mod disk_list {
@@ -841,6 +859,19 @@ async fn command(
                 return Err("attach names no disks".into());
             }
             let replicate = params["replicate"].as_bool().unwrap_or(true);
+            // What differs from the replica, by disk, where the server knows it.
+            let mut resync = std::collections::BTreeMap::new();
+            for d in params["disks"].as_array().into_iter().flatten() {
+                if let (Some(name), Some(ranges)) = (d["name"].as_str(), d["resync"].as_array()) {
+                    let ranges: Option<Vec<(u64, u64)>> = ranges
+                        .iter()
+                        .map(|r| Some((r.get(0)?.as_u64()?, r.get(1)?.as_u64()?)))
+                        .collect();
+                    let ranges = ranges
+                        .ok_or_else(|| format!("attach gives disk {name} bad resync ranges"))?;
+                    resync.insert(name.to_string(), ranges);
+                }
+            }
             if here.disks == wanted && here.replicate == replicate {
                 return Ok(
                     serde_json::json!({"disks": disks_json(&wanted), "replicate": replicate}),
@@ -869,6 +900,7 @@ async fn command(
                 replicate,
                 // The same disks, now replicated: the log goes on.
                 new_generation: here.disks.is_empty(),
+                resync,
                 ..Default::default()
             }
             .write(&dir)
@@ -925,6 +957,7 @@ async fn command(
                 new_generation: false,
                 released: here.disks.clone(),
                 discarded,
+                resync: Default::default(),
             }
             .write(&dir)
             .map_err(|e| format!("{e:#}"))?;

@@ -457,9 +457,12 @@ async fn command(
             let machine = machine()?;
             let disks = recoveries.release(&failover(machine)).await?;
             replicas.release_lineage(machine).await?;
-            Ok(
-                serde_json::json!({"disks": disks.iter().map(|(d, p)| serde_json::json!({"name": d, "path": p})).collect::<Vec<_>>()}),
-            )
+            // With what the machine wrote there since the point: the blocks that differ.
+            let disks: Vec<serde_json::Value> = disks
+                .iter()
+                .map(|d| serde_json::json!({"name": d.disk, "path": d.target, "resync": d.written}))
+                .collect();
+            Ok(serde_json::json!({ "disks": disks }))
         }
         // Reprotect, at the original site: the machine's own disks are its replica here.
         "replica-adopt" => {

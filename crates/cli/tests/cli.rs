@@ -362,7 +362,8 @@ fn quickstart_runs_the_whole_circle_and_verifies_every_step() {
     ] {
         assert!(v[key].as_f64().is_some_and(|s| s > 0.0), "{key}: {v}");
     }
-    // Each reprotect moved what changed, not the disk.
+    // Each reprotect moved what changed (scattered 4 KiB blocks), not the disk: at most 1.1x
+    // the changed bytes plus 0.1% of the disk.
     for (moved, changed) in [
         ("reprotect_bytes_moved", "reprotect_bytes_changed"),
         (
@@ -371,7 +372,10 @@ fn quickstart_runs_the_whole_circle_and_verifies_every_step() {
         ),
     ] {
         let (m, c) = (v[moved].as_u64().unwrap(), v[changed].as_u64().unwrap());
-        assert!(m >= c && m < 8 << 20, "{moved} {m} for {c} changed: {v}");
+        assert!(
+            (c..=c * 11 / 10 + (8 << 20) / 1000).contains(&m),
+            "{moved} {m} for {c} changed: {v}"
+        );
     }
     // A used directory is refused before anything starts.
     let out = boomerang(&[

@@ -184,6 +184,46 @@ pub struct Recovery {
     saving: Mutex<()>,
     /// Stopped: every read and write fails (the target may be deleted).
     closed: AtomicBool,
+    /// The [`WRITE_GRAIN`]s the machine wrote since the recovery started: with the point,
+    /// exactly what differs from the replica (a reprotect's resync set). `None` when not known
+    /// (after a crash of the master target: a write may have reached the target and not the
+    /// map). Saved beside the target (`TARGET.written`) only by a clean close.
+    written: Mutex<Option<Held>>,
+}
+
+/// The unit in which a recovery tracks what the machine wrote.
+pub const WRITE_GRAIN: u64 = 4096;
+
+fn written_path(target: &Path) -> PathBuf {
+    let mut p = target.as_os_str().to_owned();
+    p.push(".written");
+    PathBuf::from(p)
+}
+
+/// The byte ranges the machine wrote into a recovery's target while it was served, as its
+/// last clean close saved them; `None` when not known.
+pub fn saved_written(target: &Path, size: u64) -> Option<Vec<(u64, u64)>> {
+    let bytes = std::fs::read(written_path(target)).ok()?;
+    Some(grain_ranges(
+        &Held::load(&bytes, size.div_ceil(WRITE_GRAIN))?,
+        size,
+    ))
+}
+
+/// The ranges of set grains, adjacent ones merged, clipped to `size`.
+fn grain_ranges(map: &Held, size: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for i in 0..map.blocks {
+        if !map.get(i) {
+            continue;
+        }
+        let (at, len) = (i * WRITE_GRAIN, WRITE_GRAIN.min(size - i * WRITE_GRAIN));
+        match out.last_mut() {
+            Some((start, n)) if *start + *n == at => *n += len,
+            _ => out.push((at, len)),
+        }
+    }
+    out
 }
 
 /// Makes the whole target of a hydrated recovery a plain disk: its state files go (call it
@@ -381,6 +421,9 @@ impl Recovery {
         let held = Held::new(base.size.div_ceil(base.block_size));
         let recovery = Self::make(store, base, file, target, state, held);
         let recovery = recovery.apply_log(config, seq).await?;
+        // From here on, what is written is the machine's.
+        *recovery.written.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Held::new(recovery.size.div_ceil(WRITE_GRAIN)));
         recovery
             .persist()
             .map_err(io_err("could not save the held-block map of", target))?;
@@ -425,7 +468,21 @@ impl Recovery {
                 held_path(target).display()
             ),
         })?;
-        Ok(Arc::new(Self::make(store, base, file, target, state, held)))
+        let recovery = Self::make(store, base, file, target, state, held);
+        // Known only if saved by a clean close; taken back now, so that a crash from here on
+        // leaves it unknown rather than stale.
+        let saved = written_path(target);
+        if let Ok(bytes) = std::fs::read(&saved) {
+            let map = Held::load(&bytes, recovery.size.div_ceil(WRITE_GRAIN));
+            std::fs::remove_file(&saved)
+                .and_then(|()| sync_dir(target))
+                .map_err(io_err(
+                    "could not take back the written-block map of",
+                    target,
+                ))?;
+            *recovery.written.lock().unwrap_or_else(|e| e.into_inner()) = map;
+        }
+        Ok(Arc::new(recovery))
     }
 
     fn make(
@@ -450,6 +507,7 @@ impl Recovery {
             fetched: AtomicU64::new(0),
             saving: Mutex::new(()),
             closed: AtomicBool::new(false),
+            written: Mutex::new(None),
             store,
             base,
         }
@@ -586,6 +644,16 @@ impl Recovery {
     /// first. The held map's lock is taken per block, and a block's base is fetched before it.
     async fn write_async(&self, data: &[u8], offset: u64) -> Result<(), RecoverError> {
         let end = offset + data.len() as u64;
+        if let Some(map) = self
+            .written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            for grain in offset / WRITE_GRAIN..end.div_ceil(WRITE_GRAIN) {
+                map.set(grain);
+            }
+        }
         let mut at = offset;
         while at < end {
             let i = at / self.block;
@@ -629,7 +697,23 @@ impl Recovery {
     /// target about to be deleted. What was written is saved first.
     pub fn close(&self) -> io::Result<()> {
         self.closed.store(true, Ordering::Relaxed);
-        self.persist()
+        self.persist()?;
+        let written = self
+            .written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(Held::bytes);
+        if let Some(bytes) = written {
+            boomerang_core::write_atomic(&written_path(&self.path), &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The byte ranges the machine wrote since the recovery started; `None` when not known.
+    pub fn written_ranges(&self) -> Option<Vec<(u64, u64)>> {
+        let map = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        map.as_ref().map(|m| grain_ranges(m, self.size))
     }
 
     fn open_for_io(&self) -> io::Result<()> {

@@ -91,6 +91,15 @@ pub struct Recoveries {
     running: tokio::sync::Mutex<HashMap<String, Running>>,
 }
 
+/// A disk a failover handed over.
+#[derive(Clone, Debug, Serialize)]
+pub struct Released {
+    pub disk: String,
+    pub target: PathBuf,
+    /// What the machine wrote there since the point, as (offset, length) ranges.
+    pub written: Option<Vec<(u64, u64)>>,
+}
+
 /// The key of the test failover of job `job`.
 pub fn test_failover(job: i64) -> String {
     format!("test-failovers/job-{job}")
@@ -335,8 +344,9 @@ impl Recoveries {
 
     /// Hands the whole disks of `key` over (reprotect: an agent serves them from now on): stops
     /// serving them and leaves the targets as plain disk images, once every disk is hydrated.
-    /// Returns each disk's target. Called again, the same.
-    pub async fn release(&self, key: &str) -> Result<Vec<(String, PathBuf)>, String> {
+    /// Returns each disk's target, and the byte ranges the machine wrote there since the point
+    /// (`None` where not known). Called again, the same.
+    pub async fn release(&self, key: &str) -> Result<Vec<Released>, String> {
         let mut running = self.running.lock().await;
         if let Some(r) = running.get(key) {
             for (disk, d) in r.served.exports.iter().zip(&r.disks) {
@@ -385,10 +395,15 @@ impl Recoveries {
                 ));
             }
             if let Some(disk) = name.strip_suffix(".img") {
-                out.push((disk.to_string(), entry.path()));
+                let size = entry.metadata().map_err(|e| e.to_string())?.len();
+                out.push(Released {
+                    disk: disk.to_string(),
+                    target: entry.path(),
+                    written: crate::recover::saved_written(&entry.path(), size),
+                });
             }
         }
-        out.sort();
+        out.sort_by(|a, b| a.disk.cmp(&b.disk));
         if out.is_empty() {
             return Err(format!("{key} has no disks here ({})", dir.display()));
         }

@@ -1669,7 +1669,19 @@ impl Engine<'_> {
                 else {
                     return Ok(());
                 };
-                data.insert("new_disks".into(), released["disks"].clone());
+                // What the machine wrote at the recovery site is what differs from the replica,
+                // unless the old source also wrote after the point: then its disks are
+                // compared whole.
+                let mut disks = released["disks"].clone();
+                let old_wrote = data.get("discarded").is_some_and(|d| {
+                    d["records"].as_u64().is_none_or(|r| r > 0) || d["complete"] != true
+                });
+                if old_wrote {
+                    for d in disks.as_array_mut().into_iter().flatten() {
+                        d["resync"] = Value::Null;
+                    }
+                }
+                data.insert("new_disks".into(), disks);
                 let params =
                     json!({"job": id, "machine": machine, "disks": data.get("replica_disks")});
                 let target = text(&data, "master_target");
