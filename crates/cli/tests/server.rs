@@ -2315,6 +2315,93 @@ impl Replicating {
     }
 }
 
+/// The way back of a [`Replicating`] setup: a master target at site A (`mta`, retention
+/// `d/retention-a`), a process server at site B toward it (`ps2`), and an agent of app01
+/// standing by at site B (`app01-b`, at a fixed address).
+struct WayBack {
+    retention_a: std::path::PathBuf,
+    _mta: Daemon,
+    _ps2: Daemon,
+    agent_b: Daemon,
+}
+
+impl WayBack {
+    fn start(r: &Replicating, d: &Path) -> WayBack {
+        // The way back: a master target at site A, a process server at site B toward it, and an
+        // agent of app01 standing by at site B.
+        let mta = enrol(d, &r.port, &r.admin, "mta", "master-target", "site-a");
+        let ps2 = enrol(d, &r.port, &r.admin, "ps2", "process-server", "site-b");
+        let app01b = enrol_with(
+            d,
+            &r.port,
+            &r.admin,
+            json!({"name": "app01-b", "role": "agent", "site": "site-b", "machine": "app01"}),
+        );
+        let retention_a = d.join("retention-a");
+        let mta_daemon = r.component(
+            &[
+                "master-target",
+                "--listen",
+                "127.0.0.1:0",
+                "--tls",
+                mta.to_str().unwrap(),
+                "--name",
+                "mta",
+                "--retention",
+                retention_a.to_str().unwrap(),
+                "--block-size",
+                "4KiB",
+                "--point-every",
+                "0",
+            ],
+            &mta,
+        );
+        let ps2_daemon = r.component(
+            &[
+                "process-server",
+                "--listen",
+                "127.0.0.1:0",
+                "--tls",
+                ps2.to_str().unwrap(),
+                "--name",
+                "ps2",
+                "--cache",
+                d.join("cache-b").to_str().unwrap(),
+                "--master-target",
+                &mta_daemon.addr,
+            ],
+            &ps2,
+        );
+        let at_b = free_address();
+        let agent_b = r.component(
+            &[
+                "agent",
+                "--standby",
+                "--listen",
+                &at_b,
+                "--log-dir",
+                d.join("log-b").to_str().unwrap(),
+                "--process-server",
+                &ps2_daemon.addr,
+                "--tls",
+                app01b.to_str().unwrap(),
+                "--name",
+                "app01",
+                "--mark-interval",
+                "0.3",
+            ],
+            &app01b,
+        );
+        assert_eq!(agent_b.addr, at_b);
+        WayBack {
+            retention_a,
+            _mta: mta_daemon,
+            _ps2: ps2_daemon,
+            agent_b,
+        }
+    }
+}
+
 /// Writes `pattern` at each of `offsets` (64 KiB each) through the NBD export at `url`.
 fn write_64k(url: &str, offsets: &[u64], pattern: u8) {
     let mut args = vec!["-f".to_string(), "raw".into()];
@@ -2335,73 +2422,9 @@ fn the_circle_failover_commit_reprotect_failback_reprotect_moves_only_the_blocks
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let r = Replicating::start(d);
-    // The way back: a master target at site A, a process server at site B toward it, and an
-    // agent of app01 standing by at site B.
-    let mta = enrol(d, &r.port, &r.admin, "mta", "master-target", "site-a");
-    let ps2 = enrol(d, &r.port, &r.admin, "ps2", "process-server", "site-b");
-    let app01b = enrol_with(
-        d,
-        &r.port,
-        &r.admin,
-        json!({"name": "app01-b", "role": "agent", "site": "site-b", "machine": "app01"}),
-    );
-    let retention_a = d.join("retention-a");
-    let mta_daemon = r.component(
-        &[
-            "master-target",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls",
-            mta.to_str().unwrap(),
-            "--name",
-            "mta",
-            "--retention",
-            retention_a.to_str().unwrap(),
-            "--block-size",
-            "4KiB",
-            "--point-every",
-            "0",
-        ],
-        &mta,
-    );
-    let ps2_daemon = r.component(
-        &[
-            "process-server",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls",
-            ps2.to_str().unwrap(),
-            "--name",
-            "ps2",
-            "--cache",
-            d.join("cache-b").to_str().unwrap(),
-            "--master-target",
-            &mta_daemon.addr,
-        ],
-        &ps2,
-    );
-    let at_b = free_address();
-    let agent_b = r.component(
-        &[
-            "agent",
-            "--standby",
-            "--listen",
-            &at_b,
-            "--log-dir",
-            d.join("log-b").to_str().unwrap(),
-            "--process-server",
-            &ps2_daemon.addr,
-            "--tls",
-            app01b.to_str().unwrap(),
-            "--name",
-            "app01",
-            "--mark-interval",
-            "0.3",
-        ],
-        &app01b,
-    );
-    assert_eq!(agent_b.addr, at_b);
+    let mut r = Replicating::start(d);
+    let back = WayBack::start(&r, d);
+    let (retention_a, at_b) = (back.retention_a.clone(), back.agent_b.addr.clone());
     let size = 4u64 << 20;
     wait_for("app01 never became protected", 60, || {
         let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
@@ -2425,7 +2448,17 @@ fn the_circle_failover_commit_reprotect_failback_reprotect_moves_only_the_blocks
     r.job_ok(&["commit", "app01"]);
 
     // Reprotect: site A's disk becomes the replica; only what the machine wrote at B travels.
-    let job = r.job_ok(&["reprotect", "app01"]);
+    // The configuration server is killed right after the job is asked for, and started again:
+    // the job goes on from the step it was at.
+    let out = r.cli(&["reprotect", "app01", "--no-wait", "--output", "json"]);
+    let id = json_out(&out)["id"].as_i64().unwrap().to_string();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    r.restart_server(d);
+    let job = wait_for("the reprotect never ended after the restart", 90, || {
+        let job = json_out(&r.cli(&["job", "show", &id, "--output", "json"]));
+        (job["state"] != "running").then_some(job)
+    });
+    assert_eq!(job["state"], "succeeded", "{job}");
     let result = &job["result"];
     assert_eq!(result["agent"], "app01-b", "{job}");
     assert_eq!(result["released_agent"], "app01", "{job}");
@@ -2491,5 +2524,54 @@ fn the_circle_failover_commit_reprotect_failback_reprotect_moves_only_the_blocks
     let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
     assert_eq!(status["state"], "protected", "{status}");
     assert_eq!(status["master_targets"], json!(["mt1"]), "{status}");
-    drop(agent_b);
+    drop(back);
+}
+
+#[test]
+fn a_reprotect_that_would_drop_writes_made_at_the_source_after_the_point_needs_discard() {
+    if !have("curl") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut r = Replicating::start(d);
+    let back = WayBack::start(&r, d);
+    wait_for("app01 never became protected", 60, || {
+        let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+        (s["state"] == "protected").then_some(s)
+    });
+    // Site A is cut off from site B: its process server is gone, and the machine goes on
+    // writing there; those writes never reach the master target.
+    r._ps.signal("-KILL");
+    let at_a = format!("nbd://{}/d0", r.agent.addr);
+    write_64k(&at_a, &[2 << 20, 3 << 20], 0x55);
+    // Unplanned failover to the newest point site B holds, and the machine writes there too.
+    let job = r.job_ok(&["failover", "app01", "--at", "latest-processed"]);
+    let served = format!("nbd://{}/d0", job["result"]["address"].as_str().unwrap());
+    write_64k(&served, &[0], 0x66);
+    r.job_ok(&["commit", "app01"]);
+    // Both sides wrote since the split: the reprotect says so and changes nothing.
+    r.job_fails(
+        &["reprotect", "app01"],
+        "both sides changed since the split",
+    );
+    let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+    assert_eq!(status["state"], "failed-over", "{status}");
+    let kept = std::fs::read(d.join("disk.img")).unwrap();
+    assert_eq!(kept[2 << 20], 0x55, "site A's writes are still there");
+    // Told to, it drops them, records what it dropped, and site A's disk becomes the
+    // failed-over one (compared whole, since both sides changed).
+    let job = r.job_ok(&["reprotect", "app01", "--discard-unreplicated"]);
+    let discarded = &job["result"]["discarded"];
+    assert!(discarded["records"].as_u64().unwrap() >= 2, "{job}");
+    assert!(
+        job["message"].as_str().unwrap().contains("discarded"),
+        "{job}"
+    );
+    let disk_b = d.join("retention/failovers/app01/d0.img");
+    assert!(
+        std::fs::read(d.join("disk.img")).unwrap() == std::fs::read(&disk_b).unwrap(),
+        "site A's disk is the failed-over one"
+    );
+    drop(back);
 }
