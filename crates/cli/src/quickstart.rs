@@ -37,6 +37,14 @@ pub struct QuickstartArgs {
     /// Seconds the machine writes at site A before its failover.
     #[arg(long, default_value_t = 3.0)]
     workload_seconds: f64,
+    /// Percent of the disk's 4 KiB blocks the machine writes at site B before the reprotect
+    /// (default: 64 blocks).
+    #[arg(long)]
+    changed_percent: Option<f64>,
+    /// Before the reprotect, copy both sites' disks into DIR/images (a.img, b.img), for a
+    /// benchmark to compare another tool's delta transfer on the same pair.
+    #[arg(long, requires = "dir", hide = true)]
+    keep_images: bool,
 }
 
 #[derive(Serialize)]
@@ -80,6 +88,12 @@ pub async fn run(args: QuickstartArgs, output: Output) -> anyhow::Result<i32> {
     }
     if !(0.0..=3600.0).contains(&args.workload_seconds) {
         bail!("--workload-seconds must be between 0 and 3600");
+    }
+    if args
+        .changed_percent
+        .is_some_and(|p| !(0.0..=100.0).contains(&p))
+    {
+        bail!("--changed-percent must be between 0 and 100");
     }
     let temp;
     let dir = match &args.dir {
@@ -280,10 +294,18 @@ impl Tour {
                 ))
             })
             .await?;
+        let at_b = match args.changed_percent {
+            Some(p) => ((size / BLOCK) as f64 * p / 100.0).round() as u64,
+            None => 64,
+        };
+        let keep = args.keep_images;
         self.step("commit, write at site B", async |t: &mut Tour| {
             t.job(&w.api, json!({"kind": "commit", "machine": MACHINE}))
                 .await?;
-            let changed = t.write_blocks(&served, 64)?;
+            let changed = t.write_blocks(&served, at_b)?;
+            if keep {
+                t.keep_images(&w.api).await?;
+            }
             t.summary.reprotect_bytes_changed = Some(changed);
             Ok((
                 (),
@@ -718,6 +740,52 @@ impl Tour {
         client.flush()?;
         let _ = client.disconnect();
         Ok(chosen.len() as u64 * BLOCK)
+    }
+
+    /// Copies both sites' disks, as they are before the reprotect, into DIR/images (once the
+    /// failed-over disk is whole at site B).
+    async fn keep_images(&self, api: &Api) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let s = api
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/api/machines/{MACHINE}/status"),
+                    None,
+                )
+                .await?;
+            if s["failover"]["hydrated_percent"].as_f64() == Some(100.0) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the failed-over disk was not whole within 10 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let images = self.dir.join("images");
+        std::fs::create_dir_all(&images)?;
+        for (from, to) in [
+            (self.dir.join("site-a/web01-d0.img"), images.join("a.img")),
+            (
+                self.dir
+                    .join("site-b/retention/failovers")
+                    .join(MACHINE)
+                    .join(format!("{DISK}.img")),
+                images.join("b.img"),
+            ),
+        ] {
+            let ok = Command::new("cp")
+                .arg("--sparse=always")
+                .arg(&from)
+                .arg(&to)
+                .status()
+                .with_context(|| format!("could not run cp for {}", from.display()))?
+                .success();
+            if !ok {
+                bail!("cp {} {} failed", from.display(), to.display());
+            }
+        }
+        Ok(())
     }
 
     /// Reads the whole disk through `addr` and compares it with what the machine wrote.

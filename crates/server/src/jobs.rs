@@ -824,6 +824,9 @@ impl Db {
     }
 }
 
+/// How long a job waits for the first recovery point of a machine that is protected.
+const FIRST_POINT_WAIT_MS: i64 = 10 * 60 * 1000;
+
 /// What the engine needs besides the database.
 pub struct Engine<'a> {
     db: &'a Db,
@@ -957,8 +960,15 @@ impl<'a> Engine<'a> {
             ProtectionState::Protected | ProtectionState::Resync
         );
         let has_points = status.disks.iter().any(|d| d.points > 0);
-        let young = crate::db::now() - job.created_unix_ms < self.heartbeat_timeout_ms;
-        if replicated && !has_points && young {
+        // The master target's report may trail, and its first point of a large disk (a
+        // checkpoint hashes the whole image) may take a while after the copy ended.
+        let waited = crate::db::now() - job.created_unix_ms;
+        if replicated && !has_points && waited < FIRST_POINT_WAIT_MS.max(self.heartbeat_timeout_ms)
+        {
+            self.db.set_progress(
+                id,
+                &json!({"waiting_for": "the master target's first recovery point"}),
+            )?;
             return Ok(None);
         }
         if !(replicated && has_points) {
