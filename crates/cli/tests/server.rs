@@ -2320,7 +2320,9 @@ impl Replicating {
 /// standing by at site B (`app01-b`, at a fixed address).
 struct WayBack {
     retention_a: std::path::PathBuf,
-    _mta: Daemon,
+    mta: Option<Daemon>,
+    mta_args: Vec<String>,
+    mta_identity: std::path::PathBuf,
     _ps2: Daemon,
     agent_b: Daemon,
 }
@@ -2338,22 +2340,26 @@ impl WayBack {
             json!({"name": "app01-b", "role": "agent", "site": "site-b", "machine": "app01"}),
         );
         let retention_a = d.join("retention-a");
+        // At a fixed address, so that it can be started again where ps2 reaches it.
+        let mta_args: Vec<String> = [
+            "master-target",
+            "--listen",
+            &free_address(),
+            "--tls",
+            mta.to_str().unwrap(),
+            "--name",
+            "mta",
+            "--retention",
+            retention_a.to_str().unwrap(),
+            "--block-size",
+            "4KiB",
+            "--point-every",
+            "0",
+        ]
+        .map(String::from)
+        .to_vec();
         let mta_daemon = r.component(
-            &[
-                "master-target",
-                "--listen",
-                "127.0.0.1:0",
-                "--tls",
-                mta.to_str().unwrap(),
-                "--name",
-                "mta",
-                "--retention",
-                retention_a.to_str().unwrap(),
-                "--block-size",
-                "4KiB",
-                "--point-every",
-                "0",
-            ],
+            &mta_args.iter().map(String::as_str).collect::<Vec<_>>(),
             &mta,
         );
         let ps2_daemon = r.component(
@@ -2395,10 +2401,25 @@ impl WayBack {
         assert_eq!(agent_b.addr, at_b);
         WayBack {
             retention_a,
-            _mta: mta_daemon,
+            mta: Some(mta_daemon),
+            mta_args,
+            mta_identity: mta,
             _ps2: ps2_daemon,
             agent_b,
         }
+    }
+
+    /// Kills site A's master target (`kill -9`).
+    fn kill_mt_a(&mut self) {
+        if let Some(mut mt) = self.mta.take() {
+            mt.signal("-KILL");
+        }
+    }
+
+    /// Starts site A's master target again, at the same address, on the same volume.
+    fn start_mt_a(&mut self, r: &Replicating) {
+        let args: Vec<&str> = self.mta_args.iter().map(String::as_str).collect();
+        self.mta = Some(r.component(&args, &self.mta_identity));
     }
 }
 
@@ -2423,7 +2444,7 @@ fn the_circle_failover_commit_reprotect_failback_reprotect_moves_only_the_blocks
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut r = Replicating::start(d);
-    let back = WayBack::start(&r, d);
+    let mut back = WayBack::start(&r, d);
     let (retention_a, at_b) = (back.retention_a.clone(), back.agent_b.addr.clone());
     let size = 4u64 << 20;
     wait_for("app01 never became protected", 60, || {
@@ -2448,13 +2469,27 @@ fn the_circle_failover_commit_reprotect_failback_reprotect_moves_only_the_blocks
     r.job_ok(&["commit", "app01"]);
 
     // Reprotect: site A's disk becomes the replica; only what the machine wrote at B travels.
-    // The configuration server is killed right after the job is asked for, and started again:
-    // the job goes on from the step it was at.
+    // Site A's master target is lost; the configuration server is killed right after the job
+    // is asked for, and started again: the job goes on from the step it was at, and waits
+    // for the master target to take the replica.
+    back.kill_mt_a();
     let out = r.cli(&["reprotect", "app01", "--no-wait", "--output", "json"]);
     let id = json_out(&out)["id"].as_i64().unwrap().to_string();
     std::thread::sleep(std::time::Duration::from_millis(300));
     r.restart_server(d);
-    let job = wait_for("the reprotect never ended after the restart", 90, || {
+    wait_for("the reprotect never reached adopt", 60, || {
+        let job = json_out(&r.cli(&["job", "show", &id, "--output", "json"]));
+        (job["step"] == "adopt").then_some(job)
+    });
+    let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+    assert!(
+        status["notes"]
+            .to_string()
+            .contains("no agent serves them yet"),
+        "{status}"
+    );
+    back.start_mt_a(&r);
+    let job = wait_for("the reprotect never ended after the restarts", 90, || {
         let job = json_out(&r.cli(&["job", "show", &id, "--output", "json"]));
         (job["state"] != "running").then_some(job)
     });

@@ -12,6 +12,8 @@ use std::time::Duration;
 use boomerang_core::log::{LogTail, MarkKind as LogMark, Op, Record, decode_frame};
 use boomerang_core::{DiskName, Seq};
 use boomerang_store::{CommitOptions, MarkKind, Store, StoreError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
 
 use crate::digest::Position;
@@ -59,6 +61,7 @@ pub(crate) fn spawn(
     durable: watch::Receiver<Seq>,
     position: watch::Sender<Position>,
     before: Seq,
+    abandon: Arc<AtomicBool>,
 ) {
     let name = format!("apply-{stream}");
     let started = std::thread::Builder::new().name(name).spawn(move || {
@@ -85,7 +88,7 @@ pub(crate) fn spawn(
             };
             // A run after an error may have applied anything durable by now.
             let bound = if run == 1 { before } else { *durable.borrow() };
-            match runtime.block_on(applier.run(durable.clone(), &position, run, bound)) {
+            match runtime.block_on(applier.run(durable.clone(), &position, run, bound, &abandon)) {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::error!(%stream, error = %boomerang_core::chain(&e), retry_in = ?backoff, "applying the incoming log stopped; retrying");
@@ -146,6 +149,7 @@ impl Applier {
         position: &watch::Sender<Position>,
         run: u64,
         bound: Seq,
+        abandon: &AtomicBool,
     ) -> Result<(), ApplyError> {
         let dir = self.dir();
         std::fs::create_dir_all(&dir).map_err(Self::io("create", &dir))?;
@@ -181,6 +185,11 @@ impl Applier {
         let mut tail = LogTail::open(&incoming, Seq(applied.0 + 1))?;
         position.send_replace(Position { run, applied });
         loop {
+            // The replica's lineage ended (a reprotect took the machine away from it): what is
+            // left to apply is of no use.
+            if abandon.load(Ordering::Relaxed) {
+                return Ok(());
+            }
             let Some(batch) = tail.next_batch(4 << 20)? else {
                 // Wait for more durable records, or look again in a while.
                 let changed = tokio::time::timeout(Duration::from_secs(1), durable.changed()).await;

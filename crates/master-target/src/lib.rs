@@ -28,6 +28,7 @@ pub mod vhd;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use boomerang_core::log::{UnixNanos, mark_of};
@@ -179,7 +180,7 @@ pub fn receiver_with_replicas(
     if config.max_disks > MAX_DISKS {
         return Err(StartError::TooManyDisks(config.max_disks));
     }
-    let appliers: Arc<Mutex<HashMap<String, watch::Sender<Seq>>>> = Arc::default();
+    let appliers: Arc<Mutex<HashMap<String, Applier>>> = Arc::default();
     let retention = config.retention.clone();
     let block_size = config.block_size;
     let every = config.point_every;
@@ -196,6 +197,7 @@ pub fn receiver_with_replicas(
             .insert(stream.clone(), position);
         // Everything the log holds was durable before this process: an earlier one may have
         // applied it.
+        let abandon = Arc::new(AtomicBool::new(false));
         apply::spawn(
             retention.clone(),
             stream.clone(),
@@ -205,11 +207,15 @@ pub fn receiver_with_replicas(
             rx,
             at,
             last,
+            abandon.clone(),
         );
-        appliers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(stream, tx);
+        appliers.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            stream,
+            Applier {
+                durable: tx,
+                abandon,
+            },
+        );
     }
     let replicas = Arc::new(Replicas {
         retention: config.retention.clone(),
@@ -222,8 +228,8 @@ pub fn receiver_with_replicas(
             seen.durable(stream, records);
             let seq = records.last_seq();
             let mut all = appliers.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(tx) = all.get(stream) {
-                let _ = tx.send(seq);
+            if let Some(applier) = all.get(stream) {
+                let _ = applier.durable.send(seq);
                 return;
             }
             let (tx, rx) = watch::channel(seq);
@@ -232,6 +238,7 @@ pub fn receiver_with_replicas(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(stream.to_string(), position);
+            let abandon = Arc::new(AtomicBool::new(false));
             apply::spawn(
                 retention.clone(),
                 stream.to_string(),
@@ -241,8 +248,15 @@ pub fn receiver_with_replicas(
                 rx,
                 at,
                 Seq(records.first_seq().0.saturating_sub(1)),
+                abandon.clone(),
             );
-            all.insert(stream.to_string(), tx);
+            all.insert(
+                stream.to_string(),
+                Applier {
+                    durable: tx,
+                    abandon,
+                },
+            );
         },
     );
     let retention = config.retention.clone();
@@ -274,14 +288,15 @@ pub fn receiver_with_replicas(
 /// travel), and a failback hands them back.
 pub struct Replicas {
     retention: PathBuf,
-    appliers: Arc<Mutex<HashMap<String, watch::Sender<Seq>>>>,
+    appliers: Arc<Mutex<HashMap<String, Applier>>>,
     positions: digest::Positions,
 }
 
 impl Replicas {
-    /// Stops the applier of `stream`, if one runs, and waits until it has ended. The next
-    /// record of the stream starts a new one.
-    async fn stop_applier(&self, stream: &str) {
+    /// Stops the applier of `stream`, if one runs, and waits until it has ended: once it has
+    /// applied every record received, or at once if `abandon` (what is left to apply is of
+    /// no use). The next record of the stream starts a new one.
+    async fn stop_applier(&self, stream: &str, abandon: bool) {
         let sender = self
             .appliers
             .lock()
@@ -292,7 +307,9 @@ impl Replicas {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(stream);
-        drop(sender);
+        if let Some(applier) = sender {
+            applier.abandon.store(abandon, Ordering::Relaxed);
+        }
         if let Some(mut rx) = position {
             while rx.changed().await.is_ok() {}
         }
@@ -359,7 +376,7 @@ impl Replicas {
                 "{stream} has a recovery (failover or test failover) on this master target: clean it up or release it first"
             ));
         }
-        self.stop_applier(stream).await;
+        self.stop_applier(stream, true).await;
         // Made aside, then put in place of the old replica in one rename.
         std::fs::create_dir_all(&staging).map_err(|e| io("create", &staging, e))?;
         for (disk, path, own) in moves {
@@ -402,7 +419,7 @@ impl Replicas {
     /// would only confuse the machine's recovery points with those of its new replica. Its
     /// applier stops; links to the machine's own disks go, never the disks.
     pub async fn release_lineage(&self, stream: &str) -> Result<(), String> {
-        self.stop_applier(stream).await;
+        self.stop_applier(stream, true).await;
         let dir = self.dir(stream);
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -425,7 +442,7 @@ impl Replicas {
             return serde_json::from_str::<Vec<(String, PathBuf)>>(&text)
                 .map_err(|e| format!("{} is damaged: {e}", released.display()));
         }
-        self.stop_applier(stream).await;
+        self.stop_applier(stream, false).await;
         let mut disks = Vec::new();
         for entry in std::fs::read_dir(&dir)
             .map_err(|e| format!("could not list {}: {e}", dir.display()))?
@@ -455,6 +472,14 @@ impl Replicas {
         tracing::warn!(%stream, "the replica here is handed back to the machine");
         Ok(disks)
     }
+}
+
+/// A stream's applier, as the receiver and [`Replicas`] reach it.
+struct Applier {
+    /// The last record durable; the applier ends once this is dropped.
+    durable: watch::Sender<Seq>,
+    /// Set: the applier ends at once, leaving records unapplied.
+    abandon: Arc<AtomicBool>,
 }
 
 /// In a replica directory: its images are the machine's own disks (links), adopted at a
