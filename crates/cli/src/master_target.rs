@@ -348,6 +348,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         &retention_dir,
         args.recovery_listen.clone(),
     ));
+    boomerang_master_target::clear_retired(&retention_dir);
     recoveries.resume().await;
     if !(0.1..=1e6).contains(&args.prune_every) {
         anyhow::bail!(

@@ -251,10 +251,30 @@ impl Tour {
                 json!({"kind": "protect", "machine": MACHINE, "policy": "quickstart"}),
             )
             .await?;
+            // The master target's first checkpoint hashes the whole disk: a failover before
+            // it would wait for it.
+            t.progress("protect: the first recovery point".into());
+            let deadline = Instant::now() + Duration::from_secs(600);
+            loop {
+                let s = w
+                    .api
+                    .call(reqwest::Method::GET, &format!("/api/machines/{MACHINE}/status"), None)
+                    .await?;
+                let cut = s["disks"]
+                    .as_array()
+                    .is_some_and(|d| !d.is_empty() && d.iter().all(|d| d["points"].as_u64() > Some(0)));
+                if cut {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("the master target cut no recovery point within 10 minutes: see logs/mt-b.log");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             Ok((
                 (),
                 format!(
-                    "{MACHINE} is protected: its {} disk is whole at site B",
+                    "{MACHINE} is protected: its {} disk is whole at site B, with a first recovery point",
                     bytes(size)
                 ),
             ))
@@ -811,7 +831,25 @@ impl Tour {
     }
 
     /// Checks that the disk image at `file` is what the machine wrote.
+    /// A replica's image takes the records its master target holds as the applier gets to
+    /// them (a protected machine's writes are durable there, not yet applied): the check
+    /// looks again for up to a minute before it fails.
     fn same_file(&self, file: &Path, what: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.differs(file, what)? {
+                None => return Ok(()),
+                Some(at) if Instant::now() > deadline => bail!(
+                    "{what} ({}) differs from what the machine wrote, in the MiB at {at}",
+                    file.display()
+                ),
+                Some(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// Where the image at `file` first differs from what the machine wrote, by MiB.
+    fn differs(&self, file: &Path, what: &str) -> anyhow::Result<Option<usize>> {
         let f = File::open(file)
             .with_context(|| format!("could not open {what} at {}", file.display()))?;
         let mut buf = vec![0u8; 1 << 20];
@@ -819,13 +857,10 @@ impl Tour {
             f.read_exact_at(&mut buf, at as u64)
                 .with_context(|| format!("could not read {what} at {}", file.display()))?;
             if buf[..] != self.model[at..at + buf.len()] {
-                bail!(
-                    "{what} ({}) differs from what the machine wrote, in the MiB at {at}",
-                    file.display()
-                );
+                return Ok(Some(at));
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     fn print_summary(&self, output: Output) -> anyhow::Result<()> {

@@ -397,12 +397,7 @@ impl Replicas {
             .map_err(|e| io("write", &applied, e))?;
         let marker = staging.join(ADOPTED);
         boomerang_core::write_atomic(&marker, b"").map_err(|e| io("write", &marker, e))?;
-        match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io("remove the old replica", &dir, e));
-            }
-            _ => {}
-        }
+        retire(&self.retention, &dir).map_err(|e| io("remove the old replica", &dir, e))?;
         let replicas = self.retention.join("replicas");
         std::fs::create_dir_all(&replicas).map_err(|e| io("create", &replicas, e))?;
         std::fs::rename(&staging, &dir).map_err(|e| io("move", &staging, e))?;
@@ -421,12 +416,8 @@ impl Replicas {
     pub async fn release_lineage(&self, stream: &str) -> Result<(), String> {
         self.stop_applier(stream, true).await;
         let dir = self.dir(stream);
-        match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(format!("could not remove {}: {e}", dir.display()))
-            }
-            _ => Ok(()),
-        }
+        retire(&self.retention, &dir)
+            .map_err(|e| format!("could not remove {}: {e}", dir.display()))
     }
 
     /// Hands the replica images of `stream` back (failback, once its final mark is applied):
@@ -467,11 +458,54 @@ impl Replicas {
         let text = serde_json::to_string(&disks).map_err(|e| e.to_string())?;
         boomerang_core::write_atomic(&released, text.as_bytes())
             .map_err(|e| format!("could not write {}: {e}", released.display()))?;
-        std::fs::remove_dir_all(&dir)
+        retire(&self.retention, &dir)
             .map_err(|e| format!("could not remove {}: {e}", dir.display()))?;
         tracing::warn!(%stream, "the replica here is handed back to the machine");
         Ok(disks)
     }
+}
+
+/// Where directories of the retention volume go to be deleted.
+const RETIRED: &str = "retired";
+
+/// Takes `dir` (on the retention volume) out of the way at once and deletes it in the
+/// background: deleting a replica's image and store takes seconds per GiB where freed blocks
+/// are discarded as they go. Whatever a crash leaves in `RETENTION/retired/` is deleted at the
+/// next [`clear_retired`]. A `dir` that does not exist is no error.
+pub fn retire(retention: &std::path::Path, dir: &std::path::Path) -> std::io::Result<()> {
+    let retired = retention.join(RETIRED);
+    std::fs::create_dir_all(&retired)?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let to = retired.join(format!("{name}-{}", UnixNanos::now().0));
+    match std::fs::rename(dir, &to) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    }
+    std::fs::File::open(retention.join(RETIRED))?.sync_all()?;
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    std::thread::spawn(move || {
+        if let Err(e) = std::fs::remove_dir_all(&to) {
+            tracing::warn!(dir = %to.display(), error = %e, "could not delete a retired directory; it is tried again at the next start");
+        }
+    });
+    Ok(())
+}
+
+/// Deletes, in the background, what [`retire`] left on the retention volume.
+pub fn clear_retired(retention: &std::path::Path) {
+    let retired = retention.join(RETIRED);
+    std::thread::spawn(move || {
+        for entry in std::fs::read_dir(&retired).into_iter().flatten().flatten() {
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(dir = %entry.path().display(), error = %e, "could not delete a retired directory");
+            }
+        }
+    });
 }
 
 /// A stream's applier, as the receiver and [`Replicas`] reach it.

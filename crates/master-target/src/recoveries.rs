@@ -431,10 +431,7 @@ impl Recoveries {
             .await;
         }
         let dir = self.dir(key);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("could not delete {}: {e}", dir.display())),
-        }
+        crate::retire(&self.retention, &dir)
+            .map_err(|e| format!("could not delete {}: {e}", dir.display()))
     }
 }

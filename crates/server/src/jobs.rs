@@ -1548,7 +1548,15 @@ impl Engine<'_> {
                         result["final_seq"].clone(),
                         result["agent"].as_str().unwrap_or_default().to_string(),
                         None,
-                        result["disks"].clone(),
+                        // The failback left both sites' disks equal at its final mark, and
+                        // the home agent has logged every write since: nothing else differs.
+                        {
+                            let mut disks = result["disks"].clone();
+                            for d in disks.as_array_mut().into_iter().flatten() {
+                                d["resync"] = json!([]);
+                            }
+                            disks
+                        },
                     ),
                     _ => {
                         return self.fail(
@@ -1869,12 +1877,12 @@ impl Engine<'_> {
                     .get("final_seq")
                     .and_then(Value::as_u64)
                     .unwrap_or(u64::MAX);
-                let arrived = self.status_of(machine)?.is_some_and(|s| {
-                    !s.disks.is_empty()
-                        && s.disks
-                            .iter()
-                            .all(|d| d.latest_point_seq.is_some_and(|seq| seq >= final_seq))
-                });
+                // Durable at the master target at home: its replica-release then waits until
+                // every record is in the disks (a point, which may take a checkpoint of the
+                // whole disk first, is not needed).
+                let arrived = self
+                    .status_of(machine)?
+                    .is_some_and(|s| s.latest_point_seq.is_some_and(|seq| seq >= final_seq));
                 if arrived {
                     let mt = text(&data, "master_target");
                     self.db.advance(
