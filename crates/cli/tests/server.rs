@@ -2286,6 +2286,14 @@ fn received_write_bytes(retention: &Path, machine: &str) -> u64 {
         .sum()
 }
 
+/// Waits (30 s at most) until the files `a` and `b` hold the same bytes: a replica's applier
+/// puts what is durable at its master target into its image a little later.
+fn same_soon(a: &Path, b: &Path, what: &str) {
+    wait_for(what, 30, || {
+        (std::fs::read(a).unwrap() == std::fs::read(b).unwrap()).then_some(Value::Null)
+    });
+}
+
 /// A TCP address on loopback that nothing listens on now.
 fn free_address() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -2507,10 +2515,8 @@ fn the_circle_failover_commit_reprotect_failback_reprotect_moves_only_the_blocks
     );
     let disk_a = d.join("disk.img");
     let disk_b = d.join("retention/failovers/app01/d0.img");
-    assert!(
-        std::fs::read(&disk_a).unwrap() == std::fs::read(&disk_b).unwrap(),
-        "site A's disk is the failed-over one"
-    );
+    // Protected means durable at the master target; its applier puts it in the disk.
+    same_soon(&disk_a, &disk_b, "site A's disk is the failed-over one");
     let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
     assert_eq!(status["state"], "protected", "{status}");
     assert_eq!(status["agent"], "app01-b", "{status}");
@@ -2552,9 +2558,10 @@ fn the_circle_failover_commit_reprotect_failback_reprotect_moves_only_the_blocks
         "the second reprotect moved {moved} bytes for {changed} changed"
     );
     let replica = d.join("retention/replicas/app01/d0.img");
-    assert!(
-        std::fs::read(&replica).unwrap() == std::fs::read(&disk_a).unwrap(),
-        "the replica at site B is the machine's disk"
+    same_soon(
+        &replica,
+        &disk_a,
+        "the replica at site B is the machine's disk",
     );
     let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
     assert_eq!(status["state"], "protected", "{status}");
@@ -2604,9 +2611,10 @@ fn a_reprotect_that_would_drop_writes_made_at_the_source_after_the_point_needs_d
         "{job}"
     );
     let disk_b = d.join("retention/failovers/app01/d0.img");
-    assert!(
-        std::fs::read(d.join("disk.img")).unwrap() == std::fs::read(&disk_b).unwrap(),
-        "site A's disk is the failed-over one"
+    same_soon(
+        &d.join("disk.img"),
+        &disk_b,
+        "site A's disk is the failed-over one",
     );
     drop(back);
 }
