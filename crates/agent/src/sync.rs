@@ -274,7 +274,16 @@ pub async fn keep_in_sync(
         match pass(&log, &dir, &disks, cap, digests.as_ref()).await {
             Ok(true) => {
                 if let Ok(mut l) = log.lock() {
+                    let was = l.is_syncing();
                     l.set_syncing(false);
+                    // The copy is whole: a mark now makes it a recovery point at once, rather
+                    // than at the next mark on the schedule.
+                    if was
+                        && l.failed_over().is_none()
+                        && let Err(e) = l.mark(boomerang_core::log::MarkKind::Crash)
+                    {
+                        tracing::warn!(error = %e, "could not mark the end of the copy");
+                    }
                 }
             }
             Ok(false) => {}

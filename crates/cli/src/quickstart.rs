@@ -69,6 +69,8 @@ struct Summary {
     failback_rto_seconds: Option<f64>,
     /// Write data the reprotect sent to site A (only blocks that differ should travel).
     reprotect_bytes_moved: Option<u64>,
+    /// From the reprotect's request to the machine protected at site A.
+    reprotect_seconds: Option<f64>,
     /// What the machine changed at site B before the reprotect (4 KiB blocks, once each).
     reprotect_bytes_changed: Option<u64>,
     /// The same for the reprotect back to site B after the failback.
@@ -335,7 +337,9 @@ impl Tour {
         .await?;
         let mt_a_incoming = self.dir.join("site-a/retention/incoming").join(MACHINE);
         self.step("reprotect to site A", async |t: &mut Tour| {
+            let asked = Instant::now();
             let job = t.job(&w.api, json!({"kind": "reprotect", "machine": MACHINE})).await?;
+            t.summary.reprotect_seconds = Some(asked.elapsed().as_secs_f64());
             let moved = received_write_bytes(&mt_a_incoming)?;
             t.summary.reprotect_bytes_moved = Some(moved);
             t.same_file(&t.dir.join("site-a/web01-d0.img"), "site A's disk")?;

@@ -902,6 +902,8 @@ async fn heartbeat(
         Ok(())
     })
     .await?;
+    // A job may be waiting on what the component reports.
+    state.jobs_changed.notify_one();
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -764,3 +764,38 @@ fn a_protect_job_waiting_on_its_master_target_is_cancelled_and_says_the_machine_
     // The machine is free for another job, such as a failover.
     db.create_job(&new(JobKind::Failover, None), "ops").unwrap();
 }
+
+#[test]
+fn reprotect_and_failback_are_cancelled_only_where_nothing_is_left_half_done() {
+    let (_dir, db) = db();
+    for (kind, step, safe, says) in [
+        (JobKind::Reprotect, 0, true, "before it started"),
+        (JobKind::Reprotect, 1, true, "run reprotect again"),
+        (JobKind::Reprotect, 2, false, "cannot be cancelled safely"),
+        (JobKind::Reprotect, 3, false, "cannot be cancelled safely"),
+        (JobKind::Reprotect, 4, false, "cannot be cancelled safely"),
+        (JobKind::Reprotect, 5, false, "cannot be cancelled safely"),
+        (JobKind::Failback, 1, false, "cannot be cancelled safely"),
+        (JobKind::Failback, 2, true, "refuses writes"),
+        (JobKind::Failback, 3, false, "cannot be cancelled safely"),
+        (JobKind::Failback, 4, false, "cannot be cancelled safely"),
+    ] {
+        let job = db.create_job(&new(kind, None), "ops").unwrap();
+        if step > 0 {
+            assert!(db.advance(job.id, 0, step, &Data::new(), None).unwrap());
+        }
+        match db.cancel_job(job.id) {
+            Ok(cancelled) => {
+                assert!(safe, "{kind:?} at step {step} was cancelled");
+                assert!(cancelled.message.unwrap().contains(says), "{kind:?} {step}");
+            }
+            Err(DbError::Conflict(why)) => {
+                assert!(!safe, "{kind:?} at step {step}: {why}");
+                assert!(why.contains(says), "{why}");
+                db.end_job(job.id, JobState::Failed, "test", &Value::Null)
+                    .unwrap();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
