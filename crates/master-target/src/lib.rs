@@ -173,10 +173,11 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), StartEr
     receiver_with_replicas(config).map(|(r, m, _)| (r, m))
 }
 
+/// A master target's receiver, its metrics, and the handle on its replicas.
+pub type Started = (Arc<Receiver>, Arc<Metrics>, Arc<Replicas>);
+
 /// [`receiver`], and the handle that changes its replicas from outside their streams.
-pub fn receiver_with_replicas(
-    config: Config,
-) -> Result<(Arc<Receiver>, Arc<Metrics>, Arc<Replicas>), StartError> {
+pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
     if config.max_disks > MAX_DISKS {
         return Err(StartError::TooManyDisks(config.max_disks));
     }

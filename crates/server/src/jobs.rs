@@ -866,20 +866,15 @@ impl<'a> Engine<'a> {
     /// The last failover, reprotect or failback of `machine` that succeeded before job
     /// `before`: where the machine is in its circle.
     fn last_move(&self, machine: &str, before: i64) -> Result<Option<Job>, DbError> {
-        Ok(self
-            .db
-            .list_jobs(0, u32::MAX)?
-            .into_iter()
-            .filter(|j| {
-                j.machine == machine
-                    && j.id < before
-                    && j.state == JobState::Succeeded
-                    && matches!(
-                        j.kind,
-                        JobKind::Failover | JobKind::Reprotect | JobKind::Failback
-                    )
-            })
-            .next_back())
+        Ok(self.db.list_jobs(0, u32::MAX)?.into_iter().rfind(|j| {
+            j.machine == machine
+                && j.id < before
+                && j.state == JobState::Succeeded
+                && matches!(
+                    j.kind,
+                    JobKind::Failover | JobKind::Reprotect | JobKind::Failback
+                )
+        }))
     }
 
     /// The status of `machine` as this pass sees it.
