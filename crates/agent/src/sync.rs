@@ -260,12 +260,13 @@ impl Digester<'_> {
 /// Runs for the life of the agent: copies the disks not copied yet, and resends what the
 /// bitmaps hold once a capped log has drained below half its cap, in both cases leaving out
 /// the blocks the replica holds already (`digests`). Marks are held back while either is
-/// unfinished.
+/// unfinished; with `mark_when_whole`, a mark follows the end of each at once.
 pub async fn keep_in_sync(
     log: Arc<Mutex<LogDir>>,
     disks: Vec<Arc<CaptureDevice>>,
     cap: u64,
     digests: Option<Digests>,
+    mark_when_whole: bool,
 ) {
     let Ok(dir) = log.lock().map(|l| l.dir().to_path_buf()) else {
         return;
@@ -279,6 +280,7 @@ pub async fn keep_in_sync(
                     // The copy is whole: a mark now makes it a recovery point at once, rather
                     // than at the next mark on the schedule.
                     if was
+                        && mark_when_whole
                         && l.failed_over().is_none()
                         && let Err(e) = l.mark(boomerang_core::log::MarkKind::Crash)
                     {

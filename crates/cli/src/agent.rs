@@ -351,6 +351,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                 .unwrap_or_default();
             let (synced, all, cap, dir) =
                 (log.clone(), devices.clone(), args.log_max, log_dir.clone());
+            let marks_on_schedule = args.mark_interval > 0.0;
             background.push(tokio::spawn(async move {
                 for device in &all {
                     let disk = device.disk().to_string();
@@ -361,7 +362,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                         tracing::warn!(%disk, error = %e, "could not send what changed since the failover's point; the disk is compared with its replica instead");
                     }
                 }
-                sync::keep_in_sync(synced, all, cap, Some(digests)).await
+                // Marks on a schedule: the end of a copy gets one at once too.
+                sync::keep_in_sync(synced, all, cap, Some(digests), marks_on_schedule).await
             }));
             Some(tokio::spawn(send::ship(source, config, shipping_stopped)))
         }

@@ -82,6 +82,23 @@ struct Running {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+impl Running {
+    /// Stops serving and copying (once its disks are closed), and waits for the copies to
+    /// end; its disks.
+    async fn halt(self) -> Vec<Arc<Recovery>> {
+        let _ = self.stop_serving.send(true);
+        self.stop_copying.store(true, Ordering::Relaxed);
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        self.disks
+    }
+}
+
 /// The recoveries one master target serves, by key: the directory of their targets under the
 /// retention volume.
 pub struct Recoveries {
@@ -365,16 +382,7 @@ impl Recoveries {
                 d.close()
                     .map_err(|e| format!("could not save {}: {e}", d.target().display()))?;
             }
-            let _ = r.stop_serving.send(true);
-            r.stop_copying.store(true, Ordering::Relaxed);
-            let threads = r.threads;
-            let _ = tokio::task::spawn_blocking(move || {
-                for t in threads {
-                    let _ = t.join();
-                }
-            })
-            .await;
-            for d in &r.disks {
+            for d in &r.halt().await {
                 crate::recover::finish(d.target())
                     .map_err(|e| format!("could not finish {}: {e}", d.target().display()))?;
             }
@@ -420,15 +428,7 @@ impl Recoveries {
                     tracing::warn!(target = %d.target().display(), error = %e, "could not save a recovery before stopping it");
                 }
             }
-            let _ = r.stop_serving.send(true);
-            r.stop_copying.store(true, Ordering::Relaxed);
-            let threads = r.threads;
-            let _ = tokio::task::spawn_blocking(move || {
-                for t in threads {
-                    let _ = t.join();
-                }
-            })
-            .await;
+            r.halt().await;
         }
         let dir = self.dir(key);
         crate::retire(&self.retention, &dir)

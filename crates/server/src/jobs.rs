@@ -957,9 +957,14 @@ impl<'a> Engine<'a> {
         let has_points = status.disks.iter().any(|d| d.points > 0);
         // The master target's report may trail, and its first point of a large disk (a
         // checkpoint hashes the whole image) may take a while after the copy ended.
+        // Once a master target reports the replica, its first point is waited for longer.
         let waited = crate::db::now() - job.created_unix_ms;
-        if replicated && !has_points && waited < FIRST_POINT_WAIT_MS.max(self.heartbeat_timeout_ms)
-        {
+        let limit = if status.master_targets.is_empty() {
+            self.heartbeat_timeout_ms
+        } else {
+            FIRST_POINT_WAIT_MS.max(self.heartbeat_timeout_ms)
+        };
+        if replicated && !has_points && waited < limit {
             self.db.set_progress(
                 id,
                 &json!({"waiting_for": "the master target's first recovery point"}),
