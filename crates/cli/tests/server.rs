@@ -2526,15 +2526,47 @@ fn the_circle_failover_commit_reprotect_failback_reprotect_moves_only_the_blocks
     write_64k(&at_b_url, &[65536, 2 << 20], 0x33);
     r.job_fails(&["reprotect", "app01"], "reprotected already");
 
-    // Failback: the machine stops at B at a final mark and runs at home on its own disk.
+    // Failback: the machine stops at B at a final mark and runs at home on its own disk. It
+    // goes on writing at B during the failback: every write acknowledged there is at home,
+    // and once stopped, B acknowledges none.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, at_b) = (stop.clone(), at_b.clone());
+        std::thread::spawn(move || {
+            let mut client = boomerang_testkit::RawNbd::connect(&at_b, "d0").unwrap();
+            let mut acked = std::collections::BTreeMap::new();
+            for i in 0..100_000u64 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let (at, value) = ((i % 32) * 131072 + 8192, (i % 250) as u8 + 1);
+                match client.write(i + 1, at, &[value; 4096]) {
+                    Ok(0) => {
+                        acked.insert(at, value);
+                    }
+                    // Refused: the machine is stopped here.
+                    _ => break,
+                }
+            }
+            acked
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
     let job = r.job_ok(&["failback", "app01"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.join().unwrap();
+    assert!(
+        !acked.is_empty(),
+        "the machine wrote at B during the failback"
+    );
     assert_eq!(job["result"]["agent"], "app01", "{job}");
     assert_eq!(job["result"]["drained_agent"], "app01-b", "{job}");
     let stopped_at_b = std::fs::read(&disk_b).unwrap();
-    assert!(
-        std::fs::read(&disk_a).unwrap() == stopped_at_b,
-        "home holds every write made at B"
-    );
+    let home = std::fs::read(&disk_a).unwrap();
+    assert!(home == stopped_at_b, "home holds every write made at B");
+    for (at, value) in &acked {
+        assert_eq!(home[*at as usize], *value, "the write acknowledged at {at}");
+    }
     run(
         "qemu-io",
         &["-f", "raw", "-c", "read -P 0x33 65536 65536", &at_a],
