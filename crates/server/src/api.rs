@@ -885,7 +885,10 @@ async fn heartbeat(
     // An agent's report describes its machine: one no inventory file lists joins the
     // inventory from it (at the agent's site, a physical machine as ASR discovers them).
     let reported = match (&beat.disks, &beat.os) {
-        (Some(disks), Some(os)) if caller.role == components::ComponentRole::Agent => {
+        // Only from an agent that serves the machine's disks (not one standing by for it).
+        (Some(disks), Some(os))
+            if caller.role == components::ComponentRole::Agent && !disks.is_empty() =>
+        {
             let machine = beat.machine.as_deref().unwrap_or(&caller.name);
             Some(Machine::reported(machine, &caller.site, os, disks))
         }

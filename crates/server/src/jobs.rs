@@ -646,7 +646,11 @@ impl Db {
                 row.job.machine
             ),
             (JobKind::Reprotect, 1) => format!(
-                "cancelled while waiting for the agent at the old source to let go of the disks of {:?}; nothing else was changed: run reprotect again once it is reachable",
+                "cancelled while waiting for the agent at the old source to let go of the disks of {:?}, or for the failed-over disks to be whole; that agent may have let go of them already (it stands by then, and what the machine wrote there after the failover's point was refused or dropped as asked), and the failover still serves the disks: run reprotect again to go on",
+                row.job.machine
+            ),
+            (JobKind::Reprotect, 5) => format!(
+                "cancelled while following the copy back; machine {:?} is served by the agent that attached its disks, which goes on copying (boomerang status follows it)",
                 row.job.machine
             ),
             (JobKind::Failback, 2) => format!(
@@ -1577,6 +1581,20 @@ impl Engine<'_> {
                         format!("{new_agent:?} is a {}, not an agent", new.role.as_str()),
                     );
                 }
+                // The machine's own agent, and (after a failover) one standing by: another
+                // machine's agent would replicate these disks as that machine's.
+                let its = crate::status::machine_agents(&components, machine)
+                    .any(|c| c.name == new_agent);
+                // Standing by, or serving them already (a reprotect run again).
+                let free = new.last.as_ref().is_some_and(|b| {
+                    b.standby == Some(true) || b.disks.as_ref().is_some_and(|d| !d.is_empty())
+                });
+                if !its || new_agent == old_agent || (last.kind == JobKind::Failover && !free) {
+                    return self.fail(
+                        id,
+                        format!("agent {new_agent:?} is not an agent of {machine:?} standing by at the recovery site: enrol one with --machine {machine} and start it with --standby, or name another with --agent"),
+                    );
+                }
                 // The replica is kept where the old source's disks are.
                 let target = match data.get("master_target").and_then(Value::as_str) {
                     Some(mt) => mt.to_string(),
@@ -1646,11 +1664,11 @@ impl Engine<'_> {
                     );
                 }
                 // The failed-over disks must be whole before their master target lets go.
-                if data.contains_key("failover_master_target") {
-                    let hydrated = self
-                        .status_of(machine)?
-                        .and_then(|s| s.failover)
-                        .and_then(|f| f["hydrated_percent"].as_f64());
+                // (Handed over already by an earlier reprotect that stopped later on: whole.)
+                let failover = self.status_of(machine)?.and_then(|s| s.failover);
+                let handed_over = failover.as_ref().is_some_and(|f| f["released"] == true);
+                if data.contains_key("failover_master_target") && !handed_over {
+                    let hydrated = failover.and_then(|f| f["hydrated_percent"].as_f64());
                     if hydrated.is_none_or(|p| p < 100.0) {
                         self.db.set_progress(
                             id,
@@ -1847,7 +1865,30 @@ impl Engine<'_> {
                 }
                 data.insert("agent".into(), json!(agent));
                 data.insert("master_target".into(), json!(mt));
-                data.insert("home_agent".into(), result["released_agent"].clone());
+                // The agent at home takes the disks back at the end: it must be there, before
+                // the machine is stopped here.
+                let Some(home) = result["released_agent"].as_str().map(str::to_string) else {
+                    return self.fail(
+                        id,
+                        format!(
+                            "the reprotect of {machine:?} (job {}) names no agent at home",
+                            reprotect.id
+                        ),
+                    );
+                };
+                let components = self.components()?;
+                let ready = components.iter().any(|c| {
+                    c.name == home
+                        && c.health == ComponentHealth::Healthy
+                        && c.last.as_ref().is_some_and(|b| b.standby == Some(true))
+                });
+                if !ready {
+                    return self.fail(
+                        id,
+                        format!("agent {home:?} at home is not healthy and standing by: start it (it takes {machine:?}'s disks back at the end of the failback) before the machine is stopped where it runs"),
+                    );
+                }
+                data.insert("home_agent".into(), json!(home));
                 data.insert(
                     "other_master_target".into(),
                     result["other_master_target"].clone(),

@@ -194,7 +194,9 @@ pub fn of(id: i64, machine: &Machine, inputs: &Inputs<'_>) -> MachineStatus {
             } else {
                 *backlog.get_or_insert(0) += s.backlog_bytes;
             }
+            // A silent process server's last word may be from before the machine moved.
             if let Some(seq) = s.last_mark_seq
+                && !silent
                 && s.connected != Some(false)
                 && last_mark.is_none_or(|(l, _)| seq > l)
             {

@@ -774,7 +774,7 @@ fn reprotect_and_failback_are_cancelled_only_where_nothing_is_left_half_done() {
         (JobKind::Reprotect, 2, false, "cannot be cancelled safely"),
         (JobKind::Reprotect, 3, false, "cannot be cancelled safely"),
         (JobKind::Reprotect, 4, false, "cannot be cancelled safely"),
-        (JobKind::Reprotect, 5, false, "cannot be cancelled safely"),
+        (JobKind::Reprotect, 5, true, "goes on copying"),
         (JobKind::Failback, 1, false, "cannot be cancelled safely"),
         (JobKind::Failback, 2, true, "refuses writes"),
         (JobKind::Failback, 3, false, "cannot be cancelled safely"),
