@@ -687,7 +687,29 @@ impl LogDir {
         if first {
             changes.complete = self.next_seq.0 <= point.0.saturating_add(1);
         }
+        // Changes the log did not take (capped, or lost with a machine crash) are in the
+        // bitmaps, or nowhere: how many there are is not known.
+        if self.capped || self.machine_crashed || any_dirty_bitmap(&self.dir) {
+            changes.complete = false;
+        }
         Ok(changes)
+    }
+
+    /// Refuses every record from now on, as [`LogDir::fail_over`] does, without a mark (a
+    /// release after an unplanned failover: the machine runs elsewhere). Persisted.
+    pub fn fence(&mut self) -> Result<(), LogDirError> {
+        if self.failed_over.is_some() {
+            return Ok(());
+        }
+        let last = Seq(self.next_seq.0.saturating_sub(1));
+        self.writer.sync()?;
+        boomerang_core::write_atomic(&self.dir.join(FAILED_OVER), last.0.to_string().as_bytes())
+            .map_err(|source| LogDirError::Io {
+                dir: self.dir.clone(),
+                source,
+            })?;
+        self.failed_over = Some(last);
+        Ok(())
     }
 
     /// A new start for the machine's disks here (the configuration server attached them after

@@ -926,9 +926,13 @@ async fn command(
                 Some(point) => {
                     let held = log.clone();
                     let changes = tokio::task::spawn_blocking(move || {
-                        held.lock()
-                            .map_err(|_| "the write log lock is poisoned".to_string())?
-                            .changes_after(boomerang_core::Seq(point))
+                        let mut log = held
+                            .lock()
+                            .map_err(|_| "the write log lock is poisoned".to_string())?;
+                        // No write is taken from here on: what is counted is all there is.
+                        log.fence().map_err(|e| boomerang_core::chain(&e))?;
+                        log.wait_applied();
+                        log.changes_after(boomerang_core::Seq(point))
                             .map_err(|e| boomerang_core::chain(&e))
                     })
                     .await
@@ -942,7 +946,7 @@ async fn command(
                 && !discard
             {
                 return Err(format!(
-                    "the machine wrote here after the failover's point (seq {point}): {} change(s), {} byte(s){}, never replicated; the failed-over copy has written since too, so both sides changed since the split. Reprotecting overwrites these disks with the failed-over copy: to drop what was written here, reprotect with --discard-unreplicated",
+                    "the machine wrote here after the failover's point (seq {point}): {} change(s), {} byte(s){}, never replicated; the failed-over copy has written since too, so both sides changed since the split. Reprotecting overwrites these disks with the failed-over copy: to drop what was written here, reprotect with --discard-unreplicated. These disks take no more writes from now on",
                     c.records,
                     c.bytes,
                     if c.complete {
@@ -957,7 +961,12 @@ async fn command(
                 disks: Vec::new(),
                 replicate: false,
                 new_generation: false,
-                released: here.disks.clone(),
+                // Absolute, for the master target that takes them.
+                released: here
+                    .disks
+                    .iter()
+                    .map(|(n, p)| (n.clone(), p.canonicalize().unwrap_or_else(|_| p.clone())))
+                    .collect(),
                 discarded,
                 resync: Default::default(),
             }

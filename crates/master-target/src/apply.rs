@@ -90,6 +90,10 @@ pub(crate) fn spawn(
             let bound = if run == 1 { before } else { *durable.borrow() };
             match runtime.block_on(applier.run(durable.clone(), &position, run, bound, &abandon)) {
                 Ok(()) => return,
+                // Stopped from outside (a release, an adoption): no retry.
+                Err(_) if abandon.load(Ordering::Relaxed) || durable.has_changed().is_err() => {
+                    return;
+                }
                 Err(e) => {
                     tracing::error!(%stream, error = %boomerang_core::chain(&e), retry_in = ?backoff, "applying the incoming log stopped; retrying");
                     std::thread::sleep(backoff);

@@ -190,6 +190,9 @@ pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
     let seen = metrics.clone();
     let positions: digest::Positions = Arc::default();
     for (stream, last) in incoming_streams(&config.retention.join("incoming")) {
+        if ended(&config.retention, &stream) {
+            continue;
+        }
         let (tx, rx) = watch::channel(last);
         let (at, position) = watch::channel(digest::Position::default());
         positions
@@ -231,6 +234,11 @@ pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
             let mut all = appliers.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(applier) = all.get(stream) {
                 let _ = applier.durable.send(seq);
+                return;
+            }
+            // Records of a replica handed back or ended here: kept in the incoming log, not
+            // applied to anything.
+            if ended(&retention, stream) {
                 return;
             }
             let (tx, rx) = watch::channel(seq);
@@ -405,7 +413,9 @@ impl Replicas {
         std::fs::File::open(&replicas)
             .and_then(|d| d.sync_all())
             .map_err(|e| io("sync", &replicas, e))?;
-        let _ = std::fs::remove_file(dir.with_extension("released.json"));
+        for tombstone in [RELEASED, ENDED] {
+            let _ = std::fs::remove_file(dir.with_extension(tombstone));
+        }
         tracing::warn!(%stream, disks = disks.len(), "the machine's own disks here are its replica now");
         Ok(())
     }
@@ -415,8 +425,12 @@ impl Replicas {
     /// would only confuse the machine's recovery points with those of its new replica. Its
     /// applier stops; links to the machine's own disks go, never the disks.
     pub async fn release_lineage(&self, stream: &str) -> Result<(), String> {
-        self.stop_applier(stream, true).await;
         let dir = self.dir(stream);
+        // First: no applier starts for the stream again (a restart, a late record).
+        let tombstone = dir.with_extension(ENDED);
+        boomerang_core::write_atomic(&tombstone, b"")
+            .map_err(|e| format!("could not write {}: {e}", tombstone.display()))?;
+        self.stop_applier(stream, true).await;
         retire(&self.retention, &dir)
             .map_err(|e| format!("could not remove {}: {e}", dir.display()))
     }
@@ -426,7 +440,7 @@ impl Replicas {
     /// stay where they are. Returns the disks and where they are.
     pub async fn release(&self, stream: &str) -> Result<Vec<(String, PathBuf)>, String> {
         let dir = self.dir(stream);
-        let released = dir.with_extension("released.json");
+        let released = dir.with_extension(RELEASED);
         if !dir.exists() {
             // Released before: the same answer.
             let text = std::fs::read_to_string(&released)
@@ -456,6 +470,14 @@ impl Replicas {
                 "the replica of {stream} here is not the machine's own disks (not adopted at a reprotect): fail over to it instead"
             ));
         }
+        // What was applied is on the disks before they are handed back.
+        for (_, path) in &disks {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| format!("could not sync {}: {e}", path.display()))?;
+        }
         let text = serde_json::to_string(&disks).map_err(|e| e.to_string())?;
         boomerang_core::write_atomic(&released, text.as_bytes())
             .map_err(|e| format!("could not write {}: {e}", released.display()))?;
@@ -464,6 +486,19 @@ impl Replicas {
         tracing::warn!(%stream, "the replica here is handed back to the machine");
         Ok(disks)
     }
+}
+
+/// Beside `replicas/<stream>`: the disks a failback handed back (and no applier starts for
+/// the stream until a reprotect adopts disks again).
+const RELEASED: &str = "released.json";
+/// Beside `replicas/<stream>`: the replica's lineage ended here (a reprotect took the machine
+/// away); no applier starts for the stream until a reprotect adopts disks again.
+const ENDED: &str = "ended";
+
+/// Whether the replica of `stream` was handed back or ended here.
+fn ended(retention: &std::path::Path, stream: &str) -> bool {
+    let dir = retention.join("replicas").join(stream);
+    dir.with_extension(RELEASED).exists() || dir.with_extension(ENDED).exists()
 }
 
 /// Where directories of the retention volume go to be deleted.

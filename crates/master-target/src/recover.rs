@@ -427,6 +427,17 @@ impl Recovery {
         recovery
             .persist()
             .map_err(io_err("could not save the held-block map of", target))?;
+        // A map an earlier recovery into this target left (a released failover) is not this
+        // one's.
+        match std::fs::remove_file(written_path(target)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err(
+                    "could not remove the old written-block map of",
+                    target,
+                )(e));
+            }
+            _ => {}
+        }
         let state = serde_json::to_vec(&recovery.state).unwrap_or_default();
         boomerang_core::write_atomic(&state_path(target), &state)
             .map_err(io_err("could not write the recovery state of", target))?;

@@ -378,11 +378,17 @@ impl Recoveries {
                 return Err(format!("{key} vanished"));
             };
             drop(running);
-            for d in &r.disks {
-                d.close()
-                    .map_err(|e| format!("could not save {}: {e}", d.target().display()))?;
-            }
-            for d in &r.halt().await {
+            let closed: Result<Vec<()>, String> = r
+                .disks
+                .iter()
+                .map(|d| {
+                    d.close()
+                        .map_err(|e| format!("could not save {}: {e}", d.target().display()))
+                })
+                .collect();
+            let disks = r.halt().await;
+            closed?;
+            for d in &disks {
                 crate::recover::finish(d.target())
                     .map_err(|e| format!("could not finish {}: {e}", d.target().display()))?;
             }
