@@ -189,6 +189,10 @@ pub struct Recovery {
     /// (after a crash of the master target: a write may have reached the target and not the
     /// map). Saved beside the target (`TARGET.written`) only by a clean close.
     written: Mutex<Option<Held>>,
+    /// Held (shared) by every read and write from its check that the device is open to its
+    /// end, and (exclusively) by [`Recovery::close`]: nothing is written after the close has
+    /// saved what was written.
+    gate: std::sync::RwLock<()>,
 }
 
 /// The unit in which a recovery tracks what the machine wrote.
@@ -519,6 +523,7 @@ impl Recovery {
             saving: Mutex::new(()),
             closed: AtomicBool::new(false),
             written: Mutex::new(None),
+            gate: std::sync::RwLock::new(()),
             store,
             base,
         }
@@ -707,6 +712,7 @@ impl Recovery {
     /// Stops the device: every later read and write fails, so that no client writes into a
     /// target about to be deleted. What was written is saved first.
     pub fn close(&self) -> io::Result<()> {
+        let _no_io = self.gate.write().unwrap_or_else(|e| e.into_inner());
         self.closed.store(true, Ordering::Relaxed);
         self.persist()?;
         let written = self
@@ -849,6 +855,7 @@ impl BlockDevice for Recovery {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let _io = self.gate.read().unwrap_or_else(|e| e.into_inner());
         self.open_for_io()?;
         let end = offset + buf.len() as u64;
         let mut at = offset;
@@ -869,6 +876,7 @@ impl BlockDevice for Recovery {
     }
 
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        let _io = self.gate.read().unwrap_or_else(|e| e.into_inner());
         self.open_for_io()?;
         self.io(self.runtime.block_on(self.write_async(data, offset)))?;
         if fua {
@@ -878,6 +886,7 @@ impl BlockDevice for Recovery {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool, fua: bool) -> io::Result<()> {
+        let _io = self.gate.read().unwrap_or_else(|e| e.into_inner());
         self.open_for_io()?;
         let mut at = offset;
         let end = offset + len;
@@ -899,6 +908,7 @@ impl BlockDevice for Recovery {
     }
 
     fn flush(&self) -> io::Result<()> {
+        let _io = self.gate.read().unwrap_or_else(|e| e.into_inner());
         self.open_for_io()?;
         self.persist()
     }
