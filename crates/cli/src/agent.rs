@@ -449,6 +449,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     let previous = Mutex::new(None::<(u64, std::time::Instant)>);
     let report: crate::client::Report = Box::new(move || {
         let (states, through) = boomerang_agent::sync::states(&reported_log, &reported_disks);
+        let drained = reported_log.lock().is_ok_and(|l| l.failed_over().is_some());
         let written: u64 = reported_disks.iter().map(|d| d.written_bytes()).sum();
         let now = std::time::Instant::now();
         let rate = match previous.lock() {
@@ -469,6 +470,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                 beat.insert("machine".into(), m.into());
             }
             beat.insert("standby".into(), states.is_empty().into());
+            if drained {
+                beat.insert("drained".into(), true.into());
+            }
             beat.insert("replicating".into(), replicate.into());
             if let Some(rate) = rate {
                 beat.insert("write_bytes_per_second".into(), rate.into());

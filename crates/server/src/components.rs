@@ -187,6 +187,10 @@ pub struct Heartbeat {
     /// It serves no disk: it waits for the configuration server to attach some (agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standby: Option<bool>,
+    /// Its disks take no more writes: the machine was failed over (or back) from there
+    /// (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained: Option<bool>,
     /// Whether it ships its disks' writes to a process server (agent); disks served but not
     /// replicated (after a failback, until the reprotect) are not reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -310,6 +314,7 @@ impl Heartbeat {
         own("os", self.os.is_some(), ComponentRole::Agent)?;
         own("machine", self.machine.is_some(), ComponentRole::Agent)?;
         own("standby", self.standby.is_some(), ComponentRole::Agent)?;
+        own("drained", self.drained.is_some(), ComponentRole::Agent)?;
         own(
             "replicating",
             self.replicating.is_some(),

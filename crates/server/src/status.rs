@@ -140,7 +140,7 @@ pub fn machine_agents<'a>(
 }
 
 /// The agent that serves machine `name`'s disks: of its agents, one that is not standing by
-/// (the healthy one first), or else any.
+/// (one whose disks still take writes first, then a healthy one), or else any.
 pub fn machine_agent<'a>(
     components: &'a [ComponentInfo],
     name: &'a str,
@@ -148,7 +148,10 @@ pub fn machine_agent<'a>(
     let serving = |c: &&ComponentInfo| c.last.as_ref().is_some_and(|b| b.standby != Some(true));
     machine_agents(components, name)
         .filter(serving)
-        .min_by_key(|c| c.health != ComponentHealth::Healthy)
+        .min_by_key(|c| {
+            let drained = c.last.as_ref().is_some_and(|b| b.drained == Some(true));
+            (drained, c.health != ComponentHealth::Healthy)
+        })
         .or_else(|| machine_agents(components, name).next())
 }
 

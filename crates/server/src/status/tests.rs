@@ -280,3 +280,36 @@ fn an_active_alert_about_the_machine_is_a_warning() {
     assert_eq!(s.health, StatusHealth::Warning);
     assert!(s.notes[0].contains("not ready"));
 }
+
+#[test]
+fn the_agent_whose_disks_take_writes_serves_the_machine_before_a_drained_one() {
+    let agent = |name: &str, health: ComponentHealth, drained: bool| ComponentInfo {
+        name: name.into(),
+        role: ComponentRole::Agent,
+        site: "site-a".into(),
+        health,
+        last_heartbeat_unix_ms: Some(0),
+        last: Some(Heartbeat {
+            healthy: true,
+            version: "0".into(),
+            machine: Some("web01".into()),
+            standby: Some(false),
+            drained: drained.then_some(true),
+            ..Heartbeat::default()
+        }),
+    };
+    // After a failback: the recovery site's agent is drained, the one at home restarting.
+    let both = [
+        agent("web01-b", ComponentHealth::Healthy, true),
+        agent("web01", ComponentHealth::Unhealthy, false),
+    ];
+    assert_eq!(machine_agent(&both, "web01").unwrap().name, "web01");
+    // Two that take writes: the healthy one.
+    let both = [
+        agent("web01-b", ComponentHealth::Unhealthy, false),
+        agent("web01", ComponentHealth::Healthy, false),
+    ];
+    assert_eq!(machine_agent(&both, "web01").unwrap().name, "web01");
+    // Another machine's agent is none of web01's.
+    assert!(machine_agent(&both, "db01").is_none());
+}
