@@ -634,6 +634,11 @@ pub struct ReprotectArgs {
     /// replicated, recorded in the job); without it such writes make the reprotect fail.
     #[arg(long)]
     discard_unreplicated: bool,
+    /// Alternate location: new disks in this directory at the original site (an absolute path
+    /// on its master target's host), a full copy; the disks the machine ran on there stay as
+    /// they are.
+    #[arg(long)]
+    alternate_dir: Option<String>,
     /// Return once the job is asked for, without following its copy.
     #[arg(long)]
     no_wait: bool,
@@ -653,6 +658,9 @@ pub async fn reprotect(args: ReprotectArgs, output: Output) -> anyhow::Result<i3
     }
     if let Some(agent) = args.agent {
         body["agent"] = json!(agent);
+    }
+    if let Some(dir) = args.alternate_dir {
+        body["alternate_dir"] = json!(dir);
     }
     run_job(&args.connection, body, args.no_wait, output).await
 }

@@ -402,6 +402,41 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     crate::daemon::serve(server, &args.listen, "master target").await
 }
 
+/// Creates the empty disk image `path` of `size` bytes (sparse), for a machine recovered to
+/// an alternate location; one already there of that size is taken as it is (a command given
+/// again).
+fn new_disk(path: &std::path::Path, size: u64) -> Result<(), String> {
+    if !path.is_absolute() {
+        return Err(format!(
+            "{} is not an absolute path: give the alternate location as one",
+            path.display()
+        ));
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() == size => return Ok(()),
+        Ok(m) => {
+            return Err(format!(
+                "{} exists already, of {} bytes, not {size}: give an alternate location without it",
+                path.display(),
+                m.len()
+            ));
+        }
+        Err(_) => {}
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("could not create {}: {e}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| format!("could not create {}: {e}", path.display()))?;
+    file.set_len(size)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| format!("could not size {}: {e}", path.display()))
+}
+
 /// Carries out one command of the configuration server.
 async fn command(
     recoveries: &Recoveries,
@@ -461,7 +496,7 @@ async fn command(
             // With what the machine wrote there since the point: the blocks that differ.
             let disks: Vec<serde_json::Value> = disks
                 .iter()
-                .map(|d| serde_json::json!({"name": d.disk, "path": d.target, "resync": d.written}))
+                .map(|d| serde_json::json!({"name": d.disk, "path": d.target, "size": d.size, "resync": d.written}))
                 .collect();
             Ok(serde_json::json!({ "disks": disks }))
         }
@@ -478,7 +513,12 @@ async fn command(
                     let path = d["path"]
                         .as_str()
                         .ok_or("replica-adopt names a disk without a path")?;
-                    Ok((name, std::path::PathBuf::from(path)))
+                    let path = std::path::PathBuf::from(path);
+                    // Alternate location: a new disk, empty, of the machine's disk's size.
+                    if let Some(size) = d["create_size"].as_u64() {
+                        new_disk(&path, size)?;
+                    }
+                    Ok((name, path))
                 })
                 .collect::<Result<Vec<_>, String>>()?;
             replicas.adopt(machine, &disks).await?;

@@ -2650,3 +2650,73 @@ fn a_reprotect_that_would_drop_writes_made_at_the_source_after_the_point_needs_d
     );
     drop(back);
 }
+
+#[test]
+fn a_reprotect_to_an_alternate_location_copies_into_new_disks_and_keeps_the_old_ones() {
+    if !have("curl") || !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r = Replicating::start(d);
+    let back = WayBack::start(&r, d);
+    wait_for("app01 never became protected", 60, || {
+        let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+        (s["state"] == "protected").then_some(s)
+    });
+    let job = r.job_ok(&["failover", "app01", "--planned"]);
+    let served = format!("nbd://{}/d0", job["result"]["address"].as_str().unwrap());
+    write_64k(&served, &[0, 1 << 20], 0x77);
+    r.job_ok(&["commit", "app01"]);
+    let old = std::fs::read(d.join("disk.img")).unwrap();
+    // A relative directory is refused before anything happens.
+    let out = r.cli(&[
+        "reprotect",
+        "app01",
+        "--alternate-dir",
+        "datastore",
+        "--output",
+        "json",
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    // New disks at site A: a full copy; the disks the machine ran on there stay as they were.
+    let alternate = d.join("datastore-a");
+    let job = r.job_ok(&[
+        "reprotect",
+        "app01",
+        "--alternate-dir",
+        alternate.to_str().unwrap(),
+    ]);
+    assert!(
+        job["message"]
+            .as_str()
+            .unwrap()
+            .contains("alternate location"),
+        "{job}"
+    );
+    let new_disk = alternate.join("app01-d0.img");
+    let disk_b = d.join("retention/failovers/app01/d0.img");
+    same_soon(&new_disk, &disk_b, "the new disk is the failed-over one");
+    assert!(
+        std::fs::read(d.join("disk.img")).unwrap() == old,
+        "the old disk is kept"
+    );
+    let moved = received_write_bytes(&back.retention_a, "app01");
+    assert!(
+        moved >= 4 << 20,
+        "a full copy of the 4 MiB disk of data: {moved}"
+    );
+    // Failback: the machine runs at home on its new disk.
+    r.job_ok(&["failback", "app01"]);
+    let at_a = format!("nbd://{}/d0", r.agent.addr);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x77 0 65536", &at_a],
+    );
+    assert!(std::fs::read(&new_disk).unwrap() == std::fs::read(&disk_b).unwrap());
+    assert!(
+        std::fs::read(d.join("disk.img")).unwrap() == old,
+        "the old disk is kept"
+    );
+    drop(back);
+}

@@ -113,6 +113,7 @@ pub struct Recoveries {
 pub struct Released {
     pub disk: String,
     pub target: PathBuf,
+    pub size: u64,
     /// What the machine wrote there since the point, as (offset, length) ranges.
     pub written: Option<Vec<(u64, u64)>>,
 }
@@ -413,6 +414,7 @@ impl Recoveries {
                 out.push(Released {
                     disk: disk.to_string(),
                     target: entry.path(),
+                    size,
                     written: crate::recover::saved_written(&entry.path(), size),
                 });
             }

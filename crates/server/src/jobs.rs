@@ -238,6 +238,12 @@ pub enum JobRequest {
         /// replicated): without it, such writes make the reprotect fail.
         #[serde(default)]
         discard_unreplicated: bool,
+        /// Alternate location: new disks in this directory at the old site (an absolute path
+        /// on the master target's host), a full copy; the machine's old disks stay as they
+        /// are. Only after a failover.
+        #[serde(default)]
+        #[schema(min_length = 1, max_length = 4096, pattern = "^/")]
+        alternate_dir: Option<String>,
     },
     /// Bring a reprotected machine home: a planned failover back to its original site, into
     /// its own disks there (nothing is lost).
@@ -334,8 +340,17 @@ impl JobRequest {
                 master_target,
                 agent,
                 discard_unreplicated,
+                alternate_dir,
             } => {
                 let mut options = Data::new();
+                if let Some(dir) = alternate_dir {
+                    if !dir.starts_with('/') {
+                        return Err(format!(
+                            "alternate_dir {dir:?} is not an absolute path on the master target's host"
+                        ));
+                    }
+                    options.insert("alternate_dir".into(), json!(dir));
+                }
                 if let Some(mt) = master_target {
                     options.insert("master_target".into(), json!(mt));
                 }
@@ -1641,10 +1656,19 @@ impl Engine<'_> {
                     data.insert("failover_master_target".into(), json!(mt));
                 }
                 data.insert("new_disks".into(), new_disks);
+                let alternate = data.contains_key("alternate_dir");
+                if alternate && last.kind != JobKind::Failover {
+                    return self.fail(
+                        id,
+                        format!("machine {machine:?} was failed back: it is reprotected into the disks it ran on at the recovery site; --alternate-dir is for a reprotect after a failover"),
+                    );
+                }
+                // At an alternate location the old disks stay as they are: what the machine
+                // wrote there after the point is kept in them, not lost.
                 let params = json!({
                     "job": id,
                     "point": point,
-                    "discard_unreplicated": data.get("discard_unreplicated").cloned().unwrap_or(json!(false)),
+                    "discard_unreplicated": alternate || data.get("discard_unreplicated") == Some(&json!(true)),
                 });
                 self.db
                     .advance(id, 0, 1, &data, Some((&old_agent, "release", params)))?;
@@ -1712,10 +1736,31 @@ impl Engine<'_> {
                 let old_wrote = data.get("discarded").is_some_and(|d| {
                     d["records"].as_u64().is_none_or(|r| r > 0) || d["complete"] != true
                 });
-                if old_wrote {
+                // At an alternate location the replica is new, empty disks: everything is
+                // copied (the blocks of zeros excepted).
+                let alternate = data
+                    .get("alternate_dir")
+                    .and_then(Value::as_str)
+                    .map(|d| d.trim_end_matches('/').to_string());
+                if old_wrote || alternate.is_some() {
                     for d in disks.as_array_mut().into_iter().flatten() {
                         d["resync"] = Value::Null;
                     }
+                }
+                if let Some(dir) = &alternate {
+                    let new: Vec<Value> = disks
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|d| {
+                            json!({
+                                "name": d["name"],
+                                "path": format!("{dir}/{machine}-{}.img", d["name"].as_str().unwrap_or("disk")),
+                                "create_size": d["size"],
+                            })
+                        })
+                        .collect();
+                    data.insert("replica_disks".into(), json!(new));
                 }
                 data.insert("new_disks".into(), disks);
                 let params =
@@ -1787,16 +1832,21 @@ impl Engine<'_> {
                     "other_master_target": get("failover_master_target"),
                     "point": get("point"),
                     "latest_point_seq": status.latest_point_seq,
-                    "discarded": get("discarded"),
+                    "discarded": if data.contains_key("alternate_dir") { Value::Null } else { get("discarded") },
+                    "alternate_dir": get("alternate_dir"),
                 });
                 let message = format!(
-                    "machine {machine:?} is reprotected: agent {agent:?} replicates it to master target {target:?}, into the disks it ran on before{}; the newest point is at seq {}",
-                    match data.get("discarded") {
-                        Some(d) if d["records"].as_u64().is_some_and(|r| r > 0) => format!(
-                            " ({} change(s), {} byte(s), written there after the failover's point were discarded)",
+                    "machine {machine:?} is reprotected: agent {agent:?} replicates it to master target {target:?}, into {}; the newest point is at seq {}",
+                    match (data.get("alternate_dir"), data.get("discarded")) {
+                        (Some(dir), _) => format!(
+                            "new disks in {} (an alternate location; the disks it ran on before are kept as they were)",
+                            dir.as_str().unwrap_or("?")
+                        ),
+                        (None, Some(d)) if d["records"].as_u64().is_some_and(|r| r > 0) => format!(
+                            "the disks it ran on before ({} change(s), {} byte(s), written there after the failover's point were discarded)",
                             d["records"], d["bytes"]
                         ),
-                        _ => String::new(),
+                        _ => "the disks it ran on before".to_string(),
                     },
                     status
                         .latest_point_seq
