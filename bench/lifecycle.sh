@@ -17,21 +17,8 @@ percent=${2:-1}
 for tool in rsync python3; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install $tool" >&2; exit 1; }
 done
-cargo build --release -q
-bin=$PWD/target/release/boomerang
-work=$(mktemp -d /var/tmp/boomerang-lifecycle-bench.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-now() { date +%s.%N; }
-elapsed() { awk -v a="$(now)" -v b="$1" 'BEGIN { printf "%.3f\n", a - b }'; }
-log() { printf '== %s\n' "$*" >&2; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "nothing listens on $1" >&2; exit 1; }
+source bench/common.sh
+bench_start lifecycle
 
 log "quickstart: a $size disk, $percent% of its blocks written at the failed-over site"
 "$bin" --output json quickstart --dir "$work/qs" --disk-size "$size" --workload-seconds 2 \

@@ -18,20 +18,8 @@ copy_mib=${3:-4096}
 for tool in fio curl python3 rsync nbdkit nbdcopy; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install fio curl python3 rsync nbdkit libnbd-bin" >&2; exit 1; }
 done
-cargo build --release -q
-bin=$PWD/target/release/boomerang
-work=$(mktemp -d /var/tmp/boomerang-pipeline-bench.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-elapsed() { awk -v a="$(date +%s.%N)" -v b="$1" 'BEGIN { printf "%.3f\n", a - b }'; }
-log() { printf '== %s\n' "$*" >&2; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "nothing listens on $1" >&2; exit 1; }
+source bench/common.sh
+bench_start pipeline
 
 "$bin" pki init "$work/ca" >/dev/null
 "$bin" pki issue "$work/ca" --name ps1 --role process-server --host 127.0.0.1 >/dev/null

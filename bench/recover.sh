@@ -15,22 +15,8 @@ rounds=${2:-5}
 for tool in qemu-io python3; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install qemu-utils python3" >&2; exit 1; }
 done
-cargo build --release -q
-bin=$PWD/target/release/boomerang
-work=$(mktemp -d /var/tmp/boomerang-recover-bench.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-now() { date +%s.%N; }
-elapsed() { awk -v a="$(now)" -v b="$1" 'BEGIN { printf "%.3f\n", a - b }'; }
-log() { printf '== %s\n' "$*" >&2; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "nothing listens on $1" >&2; exit 1; }
-median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+source bench/common.sh
+bench_start recover
 
 "$bin" pki init "$work/ca" >/dev/null
 "$bin" pki issue "$work/ca" --name ps1 --role process-server --host 127.0.0.1 >/dev/null

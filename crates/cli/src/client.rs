@@ -691,17 +691,14 @@ async fn run_job(
     output: Output,
 ) -> anyhow::Result<i32> {
     let api = Api::new(connection)?;
-    let mut job = api
-        .call(reqwest::Method::POST, "/api/jobs", Some(body))
-        .await?;
-    let id = job["id"]
-        .as_i64()
-        .context("the server's answer names no job")?;
-    if !no_wait {
+    let job = if no_wait {
+        api.call(reqwest::Method::POST, "/api/jobs", Some(body))
+            .await?
+    } else {
         let mut shown = String::new();
-        while job["state"] == "running" {
+        follow_job(&api, body, |job| {
             // The step, and how far it is when the job says (bytes, percent, ETA).
-            let mut line = format!("job {id}: {}", text(&job["step"]));
+            let mut line = format!("job {}: {}", job["id"], text(&job["step"]));
             if let Some(p) = job["result"]["percent"].as_f64() {
                 line.push_str(&format!(" {p:.1}%"));
                 if let Some(eta) = job["result"]["eta_seconds"].as_u64() {
@@ -712,10 +709,10 @@ async fn run_job(
                 eprintln!("{line}");
                 shown = line;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            job = api.get(&format!("/api/jobs/{id}")).await?;
-        }
-    }
+            Ok(())
+        })
+        .await?
+    };
     print_job(&job, output)?;
     Ok(if no_wait { 0 } else { job_code(&job) })
 }
@@ -1074,50 +1071,8 @@ pub async fn component(cmd: ComponentCommand, output: Output) -> anyhow::Result<
                     "no enrolment token: give --token-file, or set BOOMERANG_ENROLLMENT_TOKEN",
                 )?,
             };
-            // The directory first: what the server gives, it gives once.
-            let used =
-                out.exists() && std::fs::read_dir(&out).map_or(true, |mut d| d.next().is_some());
-            if used {
-                bail!(
-                    "{} is not an empty directory: enrol into a new one",
-                    out.display()
-                );
-            }
-            std::fs::create_dir_all(&out)
-                .with_context(|| format!("could not create {}", out.display()))?;
-            // Enrolment has no bearer token of its own: the one-time token is in the body.
             let (server, ca, _) = connection.resolve(false)?;
-            let api = Api::open(&server, &ca, String::new())?;
-            let got = api
-                .call(
-                    reqwest::Method::POST,
-                    "/api/enroll",
-                    Some(json!({"enrollment_token": token})),
-                )
-                .await?;
-            let files = [
-                ("cert.pem", "certificate"),
-                ("key.pem", "key"),
-                ("ca.crt", "ca"),
-                ("component.token", "component_token"),
-            ];
-            if let Some((_, missing)) = files
-                .iter()
-                .find(|(_, f)| got[*f].as_str().is_none_or(str::is_empty))
-            {
-                bail!(
-                    "the configuration server's answer lacks {missing}: enrol again with a new token"
-                );
-            }
-            for (file, field) in files {
-                write_private(&out.join(file), got[field].as_str().unwrap_or_default())?;
-            }
-            // The name the component is started with, when no --name is given.
-            std::fs::write(
-                out.join(boomerang_wire::pki::NAME_FILE),
-                got["name"].as_str().unwrap_or_default(),
-            )
-            .with_context(|| format!("could not write the name into {}", out.display()))?;
+            let got = enroll_into(&server, &ca, &token, &out).await?;
             if output == Output::Json {
                 print_json(&json!({"name": got["name"], "role": got["role"], "dir": out}))?;
             } else {
@@ -1131,6 +1086,77 @@ pub async fn component(cmd: ComponentCommand, output: Output) -> anyhow::Result<
         }
     }
     Ok(0)
+}
+
+/// Trades the one-time enrolment `token` with the server at `server` (verified with `ca`) for
+/// a certificate, written into the new, empty directory `out` as `--tls` wants it (cert.pem,
+/// key.pem, ca.crt, owner-only), with the component token and the name file; the answer.
+pub(crate) async fn enroll_into(
+    server: &str,
+    ca: &std::path::Path,
+    token: &str,
+    out: &std::path::Path,
+) -> anyhow::Result<Value> {
+    // The directory first: what the server gives, it gives once.
+    let used = out.exists() && std::fs::read_dir(out).map_or(true, |mut d| d.next().is_some());
+    if used {
+        bail!(
+            "{} is not an empty directory: enrol into a new one",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("could not create {}", out.display()))?;
+    // Enrolment has no bearer token of its own: the one-time token is in the body.
+    let got = Api::open(server, ca, String::new())?
+        .call(
+            reqwest::Method::POST,
+            "/api/enroll",
+            Some(json!({"enrollment_token": token})),
+        )
+        .await?;
+    let files = [
+        ("cert.pem", "certificate"),
+        ("key.pem", "key"),
+        ("ca.crt", "ca"),
+        ("component.token", "component_token"),
+    ];
+    if let Some((_, missing)) = files
+        .iter()
+        .find(|(_, f)| got[*f].as_str().is_none_or(str::is_empty))
+    {
+        bail!("the configuration server's answer lacks {missing}: enrol again with a new token");
+    }
+    for (file, field) in files {
+        write_private(&out.join(file), got[field].as_str().unwrap_or_default())?;
+    }
+    // The name the component is started with, when no --name is given.
+    std::fs::write(
+        out.join(boomerang_wire::pki::NAME_FILE),
+        got["name"].as_str().unwrap_or_default(),
+    )
+    .with_context(|| format!("could not write the name into {}", out.display()))?;
+    Ok(got)
+}
+
+/// Asks for the job `body` describes and follows it until it ends, calling `each` with the
+/// job as it stands every 200 ms while it runs; the job at its end.
+pub(crate) async fn follow_job(
+    api: &Api,
+    body: Value,
+    mut each: impl FnMut(&Value) -> anyhow::Result<()>,
+) -> anyhow::Result<Value> {
+    let mut job = api
+        .call(reqwest::Method::POST, "/api/jobs", Some(body))
+        .await?;
+    let id = job["id"]
+        .as_i64()
+        .context("the server's answer names no job")?;
+    while job["state"] == "running" {
+        each(&job)?;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        job = api.get(&format!("/api/jobs/{id}")).await?;
+    }
+    Ok(job)
 }
 
 /// Writes a file only its owner may read (keys, tokens).

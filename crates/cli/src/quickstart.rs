@@ -653,17 +653,12 @@ impl Tour {
     /// Asks for a job and follows it to its end, showing its step and progress.
     async fn job(&self, api: &Api, body: Value) -> anyhow::Result<Value> {
         let kind = body["kind"].as_str().unwrap_or("job").to_string();
-        let mut job = api
-            .call(reqwest::Method::POST, "/api/jobs", Some(body))
-            .await?;
-        let id = job["id"]
-            .as_i64()
-            .context("the server's answer names no job")?;
         let deadline = Instant::now() + Duration::from_secs(600);
-        while job["state"] == "running" {
+        let job = crate::client::follow_job(api, body, |job| {
             if Instant::now() > deadline {
                 bail!(
-                    "{kind} job {id} did not end within 10 minutes (at step {})",
+                    "{kind} job {} did not end within 10 minutes (at step {})",
+                    job["id"],
                     job["step"]
                 );
             }
@@ -672,14 +667,13 @@ impl Tour {
                 line.push_str(&format!(" {p:.0}%"));
             }
             self.progress(line);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            job = api
-                .call(reqwest::Method::GET, &format!("/api/jobs/{id}"), None)
-                .await?;
-        }
+            Ok(())
+        })
+        .await?;
         if job["state"] != "succeeded" {
             bail!(
-                "{kind} job {id} {}: {}",
+                "{kind} job {} {}: {}",
+                job["id"],
                 job["state"].as_str().unwrap_or("ended"),
                 job["message"].as_str().unwrap_or("no reason given")
             );
@@ -1009,26 +1003,8 @@ async fn enrol(
     let token = made["enrollment_token"]
         .as_str()
         .context("no enrolment token")?;
-    let got = Api::open(url, ca, String::new())?
-        .call(
-            reqwest::Method::POST,
-            "/api/enroll",
-            Some(json!({"enrollment_token": token})),
-        )
-        .await?;
     let out = identities.join(name);
-    std::fs::create_dir_all(&out)?;
-    for (file, field) in [
-        ("cert.pem", "certificate"),
-        ("key.pem", "key"),
-        ("ca.crt", "ca"),
-        ("component.token", "component_token"),
-    ] {
-        let text = got[field]
-            .as_str()
-            .with_context(|| format!("the enrolment gave no {field}"))?;
-        boomerang_core::write_atomic(&out.join(file), text.as_bytes())?;
-    }
+    crate::client::enroll_into(url, ca, token, &out).await?;
     Ok(out)
 }
 
