@@ -316,7 +316,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         hooks.clone(),
     ))];
     let (stop_shipping, shipping_stopped) = tokio::sync::watch::channel(false);
-    let shipping = match (&args.process_server, &args.tls) {
+    let process_server = attachment
+        .as_ref()
+        .and_then(|a| a.process_server.clone())
+        .or(args.process_server.clone());
+    let shipping = match (&process_server, &args.tls) {
         (Some(addr), Some(tls_dir)) if replicate && !disks.is_empty() => {
             let tls = TlsIdentity::load(tls_dir)?;
             let name = crate::daemon::name_or_dir(args.name.clone(), tls_dir, "protected machine")?;
@@ -511,6 +515,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         app_schedule: app_schedule.clone(),
         disks: disks.clone(),
         replicate,
+        process_server: process_server.clone(),
         restart,
     });
     let handler: crate::client::Handler = Arc::new(move |kind, params| {
@@ -742,6 +747,10 @@ struct Attachment {
     /// known; a disk left out is compared with its replica whole.
     #[serde(default)]
     resync: std::collections::BTreeMap<String, Vec<(u64, u64)>>,
+    /// The process server the disks' writes go to, when the configuration server chose one:
+    /// it takes over --process-server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    process_server: Option<String>,
 }
 
 mod disk_list {
@@ -810,6 +819,8 @@ struct Here {
     /// The disks served, and whether they are replicated, as this run started.
     disks: Vec<(DiskName, PathBuf)>,
     replicate: bool,
+    /// The process server their writes go to.
+    process_server: Option<String>,
     /// Asks for a restart with the attachment file's disks.
     restart: tokio::sync::watch::Sender<bool>,
 }
@@ -878,7 +889,11 @@ async fn command(
                     resync.insert(name.to_string(), ranges);
                 }
             }
-            if here.disks == wanted && here.replicate == replicate {
+            let process_server = params["process_server"].as_str().map(str::to_string);
+            if here.disks == wanted
+                && here.replicate == replicate
+                && (process_server.is_none() || here.process_server == process_server)
+            {
                 return Ok(
                     serde_json::json!({"disks": disks_json(&wanted), "replicate": replicate}),
                 );
@@ -907,6 +922,7 @@ async fn command(
                 // The same disks, now replicated: the log goes on.
                 new_generation: here.disks.is_empty(),
                 resync,
+                process_server,
                 ..Default::default()
             }
             .write(&dir)
@@ -973,6 +989,7 @@ async fn command(
                     .collect(),
                 discarded,
                 resync: Default::default(),
+                process_server: None,
             }
             .write(&dir)
             .map_err(|e| format!("{e:#}"))?;

@@ -637,8 +637,20 @@ pub struct ReprotectArgs {
     /// Alternate location: new disks in this directory at the original site (an absolute path
     /// on its master target's host), a full copy; the disks the machine ran on there stay as
     /// they are.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "alternate")]
     alternate_dir: Option<String>,
+    /// Alternate location in an inventory datastore (with `--datastore`): as `--alternate-dir`
+    /// in the datastore's directory, and the preflight checks that the master target's host
+    /// reaches the datastore.
+    #[arg(long, requires = "datastore")]
+    alternate: bool,
+    /// The datastore of an alternate-location reprotect.
+    #[arg(long, requires = "alternate")]
+    datastore: Option<String>,
+    /// The process server the failed-over disks' writes go through (default: the one the
+    /// agent was started with).
+    #[arg(long)]
+    process_server: Option<String>,
     /// Return once the job is asked for, without following its copy.
     #[arg(long)]
     no_wait: bool,
@@ -661,6 +673,12 @@ pub async fn reprotect(args: ReprotectArgs, output: Output) -> anyhow::Result<i3
     }
     if let Some(dir) = args.alternate_dir {
         body["alternate_dir"] = json!(dir);
+    }
+    if let Some(ds) = args.datastore {
+        body["datastore"] = json!(ds);
+    }
+    if let Some(ps) = args.process_server {
+        body["process_server"] = json!(ps);
     }
     run_job(&args.connection, body, args.no_wait, output).await
 }

@@ -82,6 +82,71 @@ struct Summary {
 
 const BLOCK: u64 = 4096;
 const MACHINE: &str = "web01";
+
+/// The inventory of the quickstart's two sites (`site-a` and `site-b`, each a host with a
+/// datastore in its directory): the sample machine with its disk of `size` bytes at site A,
+/// and at each site (A, B) a master target (address, on a machine of its own) and a process
+/// server (address).
+fn sample_inventory(dir: &Path, size: u64, at: [(&str, &str); 2]) -> anyhow::Result<String> {
+    let mut text = String::new();
+    for (i, site) in ["a", "b"].into_iter().enumerate() {
+        let (mt, ps) = at[i];
+        let retention = path(&dir.join(format!("site-{site}/retention")))?.to_string();
+        let datastore = path(&dir.join(format!("site-{site}")))?.to_string();
+        text.push_str(&format!(
+            r#"[[site]]
+name = "site-{site}"
+kind = "local"
+
+[[host]]
+name = "host-{site}"
+site = "site-{site}"
+
+[[datastore]]
+name = "ds-{site}"
+host = "host-{site}"
+type = "VMFS"
+path = "{datastore}"
+
+[[machine]]
+name = "mt-{site}-vm"
+site = "site-{site}"
+host = "host-{site}"
+os = {{ family = "linux", version = "12" }}
+tools = "running"
+config = {{ "disk.EnableUUID" = "true" }}
+controllers = [{{ name = "scsi0", kind = "lsi-logic" }}]
+
+[[master_target]]
+name = "mt-{site}"
+site = "site-{site}"
+machine = "mt-{site}-vm"
+address = "{mt}"
+retention = {{ path = "{retention}", filesystem = "ext4", capacity_bytes = 10737418240 }}
+
+[[process_server]]
+name = "ps-{site}"
+site = "site-{site}"
+address = "{ps}"
+
+"#
+        ));
+    }
+    text.push_str(&format!(
+        r#"[[machine]]
+name = "{MACHINE}"
+site = "site-a"
+host = "host-a"
+datastore = "ds-a"
+os = {{ family = "linux", version = "12" }}
+tools = "running"
+config = {{ "disk.EnableUUID" = "true" }}
+controllers = [{{ name = "scsi0", kind = "lsi-logic" }}]
+disks = [{{ name = "{DISK}", size_bytes = {size}, uuid = "quickstart-{MACHINE}-{DISK}", controller = "scsi0" }}]
+"#
+    ));
+    Ok(text)
+}
 const DISK: &str = "d0";
 
 pub async fn run(args: QuickstartArgs, output: Output) -> anyhow::Result<i32> {
@@ -623,6 +688,18 @@ impl Tour {
             ]),
             &identities[5],
         )?;
+        // The two sites as the inventory describes them: the sample machine, the machines the
+        // master targets run on, the master targets and the process servers, for the
+        // preflight of reprotect and failback.
+        let inventory = sample_inventory(
+            &dir,
+            size,
+            [(&mt_a.addr, &ps_a.addr), (&mt_b.addr, &ps_b.addr)],
+        )?;
+        std::fs::write(state.join("inventory.toml"), inventory)?;
+        api.call(reqwest::Method::POST, "/api/inventory/refresh", None)
+            .await
+            .context("the configuration server refused the quickstart's inventory")?;
         procs.extend([mt_b, ps_a, mt_a, ps_b, agent_b]);
         // The machine joins the inventory from its agent's first report.
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -2407,6 +2407,89 @@ impl WayBack {
             &app01b,
         );
         assert_eq!(agent_b.addr, at_b);
+        // The two sites as the inventory describes them, for the preflight of reprotect and
+        // failback: the machine and the master targets' machines, the master targets, and
+        // the process servers where they answer.
+        let inventory = format!(
+            r#"
+[[site]]
+name = "site-a"
+kind = "local"
+[[site]]
+name = "site-b"
+kind = "local"
+[[host]]
+name = "host-a"
+site = "site-a"
+[[host]]
+name = "host-b"
+site = "site-b"
+[[datastore]]
+name = "ds-a"
+host = "host-a"
+type = "VMFS"
+path = "{datastore_a}"
+[[datastore]]
+name = "ds-b"
+host = "host-b"
+type = "VMFS"
+path = "/srv/ds-b"
+[[machine]]
+name = "app01"
+site = "site-a"
+host = "host-a"
+datastore = "ds-a"
+os = {{ family = "linux", version = "9.2" }}
+tools = "running"
+config = {{ "disk.EnableUUID" = "true" }}
+controllers = [{{ name = "scsi0", kind = "lsi-logic" }}]
+disks = [{{ name = "d0", size_bytes = 4194304, uuid = "6000c2-app01-d0", controller = "scsi0" }}]
+{mt_vms}
+[[master_target]]
+name = "mta"
+site = "site-a"
+machine = "mta-vm"
+address = "{mta_addr}"
+retention = {{ path = "{retention_a}", filesystem = "ext4", capacity_bytes = 10737418240 }}
+[[master_target]]
+name = "mt1"
+site = "site-b"
+machine = "mt1-vm"
+address = "{mt1_addr}"
+retention = {{ path = "{retention_b}", filesystem = "ext4", capacity_bytes = 10737418240 }}
+[[process_server]]
+name = "ps1"
+site = "site-a"
+address = "{ps1_addr}"
+[[process_server]]
+name = "ps2"
+site = "site-b"
+address = "{ps2_addr}"
+"#,
+            datastore_a = d.join("datastore-a").display(),
+            mt_vms = [("mta-vm", "site-a", "host-a"), ("mt1-vm", "site-b", "host-b")]
+                .map(|(name, site, host)| format!(
+                    "[[machine]]\nname = \"{name}\"\nsite = \"{site}\"\nhost = \"{host}\"\nos = {{ family = \"linux\", version = \"9.4\" }}\ntools = \"running\"\nconfig = {{ \"disk.EnableUUID\" = \"true\" }}\ncontrollers = [{{ name = \"scsi0\", kind = \"lsi-logic\" }}]\n"
+                ))
+                .join(""),
+            mta_addr = mta_daemon.addr,
+            retention_a = retention_a.display(),
+            mt1_addr = r._mt.addr,
+            retention_b = d.join("retention").display(),
+            ps1_addr = r._ps.addr,
+            ps2_addr = ps2_daemon.addr,
+        );
+        std::fs::write(d.join("state/inventory.toml"), inventory).unwrap();
+        let (status, refreshed) = call(
+            d,
+            "127.0.0.1",
+            &r.port,
+            "POST",
+            "/api/inventory/refresh",
+            Some(&r.admin),
+            None,
+        );
+        assert_eq!(status, 200, "{refreshed}");
         WayBack {
             retention_a,
             mta: Some(mta_daemon),
@@ -2477,25 +2560,44 @@ fn the_circle_failover_commit_reprotect_failback_reprotect_moves_only_the_blocks
     r.job_ok(&["commit", "app01"]);
 
     // Reprotect: site A's disk becomes the replica; only what the machine wrote at B travels.
-    // Site A's master target is lost; the configuration server is killed right after the job
-    // is asked for, and started again: the job goes on from the step it was at, and waits
-    // for the master target to take the replica.
-    back.kill_mt_a();
+    // Once its preflight passed, site A's master target is lost, and the configuration
+    // server is killed and started again: the job goes on from the step it was at, and
+    // waits for the master target (to take the replica, or to hold the copy).
     let out = r.cli(&["reprotect", "app01", "--no-wait", "--output", "json"]);
     let id = json_out(&out)["id"].as_i64().unwrap().to_string();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    r.restart_server(d);
-    wait_for("the reprotect never reached adopt", 60, || {
-        let job = json_out(&r.cli(&["job", "show", &id, "--output", "json"]));
-        (job["step"] == "adopt").then_some(job)
+    let show = |r: &Replicating| json_out(&r.cli(&["job", "show", &id, "--output", "json"]));
+    let job = wait_for("the reprotect never passed its preflight", 60, || {
+        let job = show(&r);
+        (job["step"] != "check" || job["state"] != "running").then_some(job)
     });
-    let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
-    assert!(
-        status["notes"]
-            .to_string()
-            .contains("no agent serves them yet"),
-        "{status}"
+    assert_eq!(job["state"], "running", "{job}");
+    back.kill_mt_a();
+    r.restart_server(d);
+    let job = wait_for(
+        "the reprotect never waited for the master target",
+        60,
+        || {
+            let job = show(&r);
+            ["adopt", "sync"]
+                .contains(&job["step"].as_str().unwrap())
+                .then_some(job)
+        },
     );
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let waiting = show(&r);
+    assert_eq!(
+        waiting["state"], "running",
+        "no master target, no reprotect: {job}"
+    );
+    if waiting["step"] == "adopt" {
+        let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+        assert!(
+            status["notes"]
+                .to_string()
+                .contains("no agent serves them yet"),
+            "{status}"
+        );
+    }
     back.start_mt_a(&r);
     let job = wait_for("the reprotect never ended after the restarts", 90, || {
         let job = json_out(&r.cli(&["job", "show", &id, "--output", "json"]));
@@ -2679,13 +2781,27 @@ fn a_reprotect_to_an_alternate_location_copies_into_new_disks_and_keeps_the_old_
         "json",
     ]);
     assert_ne!(out.status.code(), Some(0));
-    // New disks at site A: a full copy; the disks the machine ran on there stay as they were.
+    // A datastore that site A's master target does not reach: the preflight fails, and the
+    // job changes nothing.
+    r.job_fails(
+        &["reprotect", "app01", "--alternate", "--datastore", "ds-b"],
+        "ALTERNATE_DATASTORE_UNREACHABLE",
+    );
+    let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+    assert_eq!(status["state"], "failed-over", "{status}");
+    assert!(std::fs::read(d.join("disk.img")).unwrap() == old);
+    // New disks in site A's datastore: a full copy; the disks the machine ran on there stay
+    // as they were.
     let alternate = d.join("datastore-a");
+    // Through process server ps2, named: the agent at B keeps that choice.
     let job = r.job_ok(&[
         "reprotect",
         "app01",
-        "--alternate-dir",
-        alternate.to_str().unwrap(),
+        "--alternate",
+        "--datastore",
+        "ds-a",
+        "--process-server",
+        "ps2",
     ]);
     assert!(
         job["message"]
@@ -2693,6 +2809,13 @@ fn a_reprotect_to_an_alternate_location_copies_into_new_disks_and_keeps_the_old_
             .unwrap()
             .contains("alternate location"),
         "{job}"
+    );
+    let attached: Value =
+        serde_json::from_slice(&std::fs::read(d.join("log-b/attached.json")).unwrap()).unwrap();
+    assert_eq!(
+        attached["process_server"],
+        back._ps2.addr.as_str(),
+        "{attached}"
     );
     let new_disk = alternate.join("app01-d0.img");
     let disk_b = d.join("retention/failovers/app01/d0.img");

@@ -1140,15 +1140,17 @@ async fn list_groups(
 }
 
 /// What a preflight asks about.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[derive(Clone, Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct PreflightQuery {
     /// `reprotect` or `failback`.
     #[serde(rename = "for")]
     pub purpose: Purpose,
-    /// The master target to check against (default: the only one at the other site).
+    /// The master target to check against (default: the only one at another site than the
+    /// machine runs at now).
     pub master_target: Option<String>,
-    /// The process server to check against (default: the only one at the machine's site).
+    /// The process server to check against (default: the only one at the site the machine
+    /// runs at now).
     pub process_server: Option<String>,
     /// Alternate-location recovery into this datastore (default: the original location).
     pub datastore: Option<String>,
@@ -1166,18 +1168,68 @@ async fn preflight(
     Path(name): Path<String>,
     Query(q): Query<PreflightQuery>,
 ) -> Result<Json<Report>, ApiError> {
+    Ok(Json(preflight_report(&state, &name, &q).await?))
+}
+
+/// The site where `machine` runs now: while failed over, the site of the master target
+/// that serves its disks; otherwise that of the agent that serves them. `None` when no
+/// component says (the inventory's site holds then).
+pub(crate) fn running_site(
+    db: &Db,
+    timeout: i64,
+    machine: &str,
+) -> Result<Option<String>, DbError> {
+    let Some(status) = statuses(db, timeout)?
+        .into_iter()
+        .find(|s| s.name == machine)
+    else {
+        return Ok(None);
+    };
+    let serving = status
+        .failover
+        .as_ref()
+        .filter(|f| f["released"] != true)
+        .and_then(|f| f["master_target"].as_str().map(str::to_string))
+        .or(status.agent);
+    let Some(serving) = serving else {
+        return Ok(None);
+    };
+    Ok(db
+        .list_components(0, u32::MAX)?
+        .into_iter()
+        .find(|c| c.name == serving)
+        .map(|c| c.site))
+}
+
+/// Runs the preflight rules for machine `name`, as it is now (at the site it runs at now,
+/// which a failover changes), and keeps its alert: a failed preflight is an alert until one
+/// for the same machine and purpose passes. The API's preflight and the reprotect and
+/// failback jobs' first step both run it.
+pub(crate) async fn preflight_report(
+    state: &Arc<AppState>,
+    name: &str,
+    q: &PreflightQuery,
+) -> Result<Report, ApiError> {
+    let name = name.to_string();
     let key = name.clone();
     let group_key = name.clone();
-    let group = db(&state, move |db| db.group_of(&group_key)).await?;
+    let group = db(state, move |db| db.group_of(&group_key)).await?;
     let (now, timeout) = (crate::db::now(), state.heartbeat_timeout_ms);
-    let components: Vec<ComponentInfo> = db(&state, |db| db.list_components(0, u32::MAX))
+    let components: Vec<ComponentInfo> = db(state, |db| db.list_components(0, u32::MAX))
         .await?
         .into_iter()
         .map(|r| info(r, now, timeout))
         .collect();
-    let (machine, machines, datastores, master_targets, process_servers) = db(&state, move |db| {
+    let (machine, machines, datastores, master_targets, process_servers) = db(state, move |db| {
+        let site = running_site(db, timeout, &key)?;
+        let machine = db.get_inventory::<Machine>("machine", &key)?.map(|mut m| {
+            if let Some(site) = site {
+                m.site = site;
+            }
+            m
+        });
         Ok((
-            db.get_inventory::<Machine>("machine", &key)?,
+            machine,
             db.all_inventory::<Machine>("machine")?,
             db.all_inventory::<Datastore>("datastore")?,
             db.all_inventory::<MasterTarget>("master-target")?,
@@ -1213,8 +1265,7 @@ async fn preflight(
         group: group.as_ref(),
         components: &components,
     });
-    // A failed preflight is an alert until one for the same machine and purpose passes; only
-    // the default choice of components counts (another choice is a what-if).
+    // Only the default choice of components counts for the alert (another is a what-if).
     let default = q.master_target.is_none() && q.process_server.is_none() && q.datastore.is_none();
     if machine.is_some() && default {
         let object = format!(
@@ -1225,19 +1276,17 @@ async fn preflight(
                 "reprotect"
             }
         );
-        let failed: Vec<&str> = report
-            .checks
-            .iter()
-            .filter(|c| !c.passed && c.severity == Severity::Error)
-            .map(|c| c.code)
-            .collect();
         let message = format!(
             "machine {name:?} is not ready for {}: {} failed; see its preflight",
             object.rsplit('/').next().unwrap_or(""),
-            failed.join(", ")
+            report
+                .failed()
+                .map(|c| c.code)
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         let ok = report.ok;
-        db(&state, move |db| {
+        db(state, move |db| {
             if ok {
                 db.resolve(PREFLIGHT_FAILED, &object)
             } else {
@@ -1246,13 +1295,28 @@ async fn preflight(
         })
         .await?;
     }
-    Ok(Json(report))
+    Ok(report)
+}
+
+/// Runs the preflight of every reprotect and failback job that waits for one at its first
+/// step, and gives each job its report.
+async fn preflight_jobs(state: &Arc<AppState>) -> Result<(), ApiError> {
+    let waiting = db(state, |db| db.awaiting_preflight()).await?;
+    for (id, machine, q) in waiting {
+        let report = preflight_report(state, &machine, &q).await?;
+        let report = serde_json::to_value(&report).unwrap_or_default();
+        db(state, move |db| db.record_preflight(id, report)).await?;
+    }
+    Ok(())
 }
 
 /// Runs for the life of the server: moves the running jobs along, at once when one is made
 /// or a command answered, and at least every half second.
 pub async fn run_jobs(state: Arc<AppState>) {
     loop {
+        if let Err(e) = preflight_jobs(&state).await {
+            tracing::error!(error = %e.message, "could not run the preflight of a job");
+        }
         let timeout = state.heartbeat_timeout_ms;
         let stepped = db(&state, move |db| {
             crate::jobs::Engine::new(db, timeout).step_all()

@@ -17,6 +17,7 @@
 //! name = "ds-a1"
 //! host = "esx-a1"
 //! type = "VMFS"             # VMFS, NFS or vSAN
+//! path = "/srv/ds-a1"       # where its disks are, as its host sees it (alternate location)
 //!
 //! [[machine]]
 //! name = "web01"
@@ -93,6 +94,11 @@ pub struct Datastore {
     pub kind: DatastoreKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity_bytes: Option<u64>,
+    /// Where its disks are, as its host sees the datastore: a directory (an absolute path).
+    /// An alternate-location reprotect into the datastore creates the new disks there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 4096, pattern = "^/")]
+    pub path: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -244,6 +244,24 @@ pub enum JobRequest {
         #[serde(default)]
         #[schema(min_length = 1, max_length = 4096, pattern = "^/")]
         alternate_dir: Option<String>,
+        /// Alternate location in this inventory datastore (at its `path`): as
+        /// `alternate_dir`, and the preflight checks that the master target's host reaches it.
+        #[serde(default)]
+        #[schema(
+            pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            min_length = 1,
+            max_length = 63
+        )]
+        datastore: Option<String>,
+        /// The process server the failed-over disks' writes go through (an inventory process
+        /// server at the site the machine runs at; default: the agent's own).
+        #[serde(default)]
+        #[schema(
+            pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+            min_length = 1,
+            max_length = 63
+        )]
+        process_server: Option<String>,
     },
     /// Bring a reprotected machine home: a planned failover back to its original site, into
     /// its own disks there (nothing is lost).
@@ -341,8 +359,21 @@ impl JobRequest {
                 agent,
                 discard_unreplicated,
                 alternate_dir,
+                datastore,
+                process_server,
             } => {
                 let mut options = Data::new();
+                if alternate_dir.is_some() && datastore.is_some() {
+                    return Err(
+                        "give the alternate location once: a datastore or a directory".into(),
+                    );
+                }
+                if let Some(ds) = datastore {
+                    options.insert("datastore".into(), json!(ds));
+                }
+                if let Some(ps) = process_server {
+                    options.insert("process_server".into(), json!(ps));
+                }
                 if let Some(dir) = alternate_dir {
                     if !dir.starts_with('/') {
                         return Err(format!(
@@ -579,6 +610,59 @@ impl Db {
         ))?;
         let rows = stmt.query_map([], row_job)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The reprotect and failback jobs waiting at their first step for their preflight (the
+    /// server runs it, since it probes the network), with what to check against.
+    pub fn awaiting_preflight(
+        &self,
+    ) -> Result<Vec<(i64, String, crate::api::PreflightQuery)>, DbError> {
+        let text = |d: &Data, k: &str| d.get(k).and_then(Value::as_str).map(str::to_string);
+        Ok(self
+            .running_jobs()?
+            .into_iter()
+            .filter(|r| r.step == 0 && !r.data.contains_key("preflight"))
+            .filter_map(|r| {
+                let purpose = match r.job.kind {
+                    JobKind::Reprotect => crate::preflight::Purpose::Reprotect,
+                    JobKind::Failback => crate::preflight::Purpose::Failback,
+                    _ => return None,
+                };
+                // A failback goes home through the master target that keeps the replica.
+                let master_target = match r.job.kind {
+                    JobKind::Failback => self
+                        .list_jobs(0, u32::MAX)
+                        .ok()?
+                        .into_iter()
+                        .rfind(|j| {
+                            j.machine == r.job.machine
+                                && j.kind == JobKind::Reprotect
+                                && j.state == JobState::Succeeded
+                        })
+                        .and_then(|j| j.result?["master_target"].as_str().map(str::to_string)),
+                    _ => text(&r.data, "master_target"),
+                };
+                let query = crate::api::PreflightQuery {
+                    purpose,
+                    master_target,
+                    process_server: text(&r.data, "process_server"),
+                    datastore: text(&r.data, "datastore"),
+                };
+                Some((r.job.id, r.job.machine, query))
+            })
+            .collect())
+    }
+
+    /// Gives job `id`, still at its first step, its preflight `report`.
+    pub fn record_preflight(&self, id: i64, report: Value) -> Result<(), DbError> {
+        let Some(mut row) = self.job_row(id)? else {
+            return Ok(());
+        };
+        if row.step == 0 && row.job.state == JobState::Running {
+            row.data.insert("preflight".into(), report);
+            self.advance(id, 0, 0, &row.data, None)?;
+        }
+        Ok(())
     }
 
     /// Moves job `id` from step `from` to `to` (with `data`), giving `command` to its
@@ -937,6 +1021,61 @@ impl<'a> Engine<'a> {
                 Ok(None)
             }
         }
+    }
+
+    /// Whether job `id` may go past its first step by its preflight (DESIGN 4): `None` while
+    /// the server runs it; `Some(false)` when an error failed (the job fails, naming each
+    /// one and its fix).
+    fn preflight_passed(&self, id: i64, data: &Data, what: &str) -> Result<Option<bool>, DbError> {
+        let Some(report) = data.get("preflight") else {
+            self.db
+                .set_progress(id, &json!({"waiting_for": "preflight"}))?;
+            return Ok(None);
+        };
+        if report["ok"] == true {
+            return Ok(Some(true));
+        }
+        let failed: Vec<String> = report["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["passed"] == false && c["severity"] == "error")
+            .map(|c| {
+                format!(
+                    "{}: {}",
+                    c["code"].as_str().unwrap_or("?"),
+                    c["message"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        self.fail(
+            id,
+            format!(
+                "the preflight for {what} failed, nothing was changed: {}",
+                failed.join("; ")
+            ),
+        )?;
+        Ok(Some(false))
+    }
+
+    /// Fails job `id` if its preflight checked another master target than `target`, the one
+    /// it would use: what was checked must be what runs.
+    fn preflight_checked(&self, id: i64, data: &Data, target: &str) -> Result<bool, DbError> {
+        let checked = data
+            .get("preflight")
+            .and_then(|r| r["master_target"].as_str());
+        if let Some(checked) = checked
+            && checked != target
+        {
+            self.fail(
+                id,
+                format!(
+                    "the preflight checked master target {checked:?}, but the job would use {target:?}: name the master target with --master-target"
+                ),
+            )?;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     fn fail(&self, id: i64, message: String) -> Result<(), DbError> {
@@ -1506,6 +1645,9 @@ impl Engine<'_> {
                         format!("machine {machine:?} is neither failed over nor failed back: there is nothing to reprotect"),
                     );
                 };
+                if self.preflight_passed(id, &data, "reprotect")? != Some(true) {
+                    return Ok(());
+                }
                 let Some(status) = self.status_of(machine)? else {
                     return self.fail(id, format!("machine {machine:?} is not in the inventory"));
                 };
@@ -1637,6 +1779,9 @@ impl Engine<'_> {
                     Some(c) if c.role == crate::components::ComponentRole::MasterTarget => {}
                     _ => return self.fail(id, format!("there is no master target {target:?}")),
                 }
+                if !self.preflight_checked(id, &data, &target)? {
+                    return Ok(());
+                }
                 if !point.is_u64() {
                     return self.fail(
                         id,
@@ -1656,6 +1801,30 @@ impl Engine<'_> {
                     data.insert("failover_master_target".into(), json!(mt));
                 }
                 data.insert("new_disks".into(), new_disks);
+                if let Some(ds) = data.get("datastore").and_then(Value::as_str) {
+                    let found = self
+                        .db
+                        .get_inventory::<crate::inventory::Datastore>("datastore", ds)?;
+                    match found.and_then(|d| d.path) {
+                        Some(path) if path.starts_with('/') => {
+                            data.insert("alternate_dir".into(), json!(path));
+                        }
+                        _ => return self.fail(
+                            id,
+                            format!("datastore {ds:?} has no path in the inventory: declare where its disks are (path = \"/...\", as the master target's host sees it), or give --alternate-dir"),
+                        ),
+                    }
+                }
+                if let Some(ps) = data.get("process_server").and_then(Value::as_str) {
+                    let found = self
+                        .db
+                        .get_inventory::<crate::inventory::ProcessServer>("process-server", ps)?;
+                    let Some(found) = found else {
+                        return self
+                            .fail(id, format!("process server {ps:?} is not in the inventory"));
+                    };
+                    data.insert("process_server_address".into(), json!(found.address));
+                }
                 let alternate = data.contains_key("alternate_dir");
                 if alternate && last.kind != JobKind::Failover {
                     return self.fail(
@@ -1778,7 +1947,11 @@ impl Engine<'_> {
                 {
                     return Ok(());
                 }
-                let params = json!({"job": id, "disks": data.get("new_disks"), "replicate": true});
+                let mut params =
+                    json!({"job": id, "disks": data.get("new_disks"), "replicate": true});
+                if let Some(ps) = data.get("process_server_address") {
+                    params["process_server"] = ps.clone();
+                }
                 let agent = text(&data, "new_agent");
                 self.db
                     .advance(id, 3, 4, &data, Some((&agent, "attach", params)))?;
@@ -1887,6 +2060,9 @@ impl Engine<'_> {
                         format!("machine {machine:?} is home already (it was failed back and reprotected): fail it over to fail it back"),
                     );
                 }
+                if self.preflight_passed(id, &data, "failback")? != Some(true) {
+                    return Ok(());
+                }
                 let Some(status) = self.status_of(machine)? else {
                     return self.fail(id, format!("machine {machine:?} is not in the inventory"));
                 };
@@ -1895,6 +2071,9 @@ impl Engine<'_> {
                     .as_str()
                     .unwrap_or_default()
                     .to_string();
+                if !self.preflight_checked(id, &data, &mt)? {
+                    return Ok(());
+                }
                 if !matches!(
                     status.state,
                     ProtectionState::Protected | ProtectionState::Resync

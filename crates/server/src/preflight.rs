@@ -53,6 +53,15 @@ pub struct Report {
     pub checks: Vec<Check>,
 }
 
+impl Report {
+    /// The errors that failed: what blocks the job.
+    pub fn failed(&self) -> impl Iterator<Item = &Check> {
+        self.checks
+            .iter()
+            .filter(|c| !c.passed && c.severity == Severity::Error)
+    }
+}
+
 /// What the rules look at.
 pub struct Context<'a> {
     pub purpose: Purpose,

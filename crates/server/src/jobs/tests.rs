@@ -799,3 +799,59 @@ fn reprotect_and_failback_are_cancelled_only_where_nothing_is_left_half_done() {
         }
     }
 }
+
+#[test]
+fn a_reprotect_waits_for_its_preflight_and_a_failed_one_fails_it_with_each_error() {
+    let (_dir, db) = db();
+    let failover = db.create_job(&new(JobKind::Failover, None), "ops").unwrap();
+    db.end_job(
+        failover.id,
+        JobState::Succeeded,
+        "failed over",
+        &json!({"master_target": "mt1", "seq": 9}),
+    )
+    .unwrap();
+    let mut asked = new(JobKind::Reprotect, None);
+    asked
+        .options
+        .insert("master_target".into(), json!("mt-other"));
+    let job = db.create_job(&asked, "ops").unwrap();
+    // The server runs the preflight (it probes the network): it is asked for with the job's
+    // choice of master target, and the job waits at its first step until it has it.
+    let waiting = db.awaiting_preflight().unwrap();
+    assert_eq!(waiting.len(), 1);
+    let (id, machine, query) = &waiting[0];
+    assert_eq!((*id, machine.as_str()), (job.id, "app01"));
+    assert_eq!(query.purpose, crate::preflight::Purpose::Reprotect);
+    assert_eq!(query.master_target.as_deref(), Some("mt-other"));
+    let engine = Engine::new(&db, 60_000);
+    engine.step_all().unwrap();
+    let now = db.get_job(job.id).unwrap().unwrap();
+    assert_eq!((now.state, now.step.as_str()), (JobState::Running, "check"));
+    assert_eq!(now.result.unwrap()["waiting_for"], "preflight");
+    db.record_preflight(
+        job.id,
+        json!({"ok": false, "master_target": "mt-other", "checks": [
+            {"code": "PS_UNREACHABLE", "severity": "error", "passed": false, "message": "process server \"ps1\" does not answer"},
+            {"code": "PS_LINK_BANDWIDTH", "severity": "warning", "passed": false, "message": "slow"},
+            {"code": "MT_MISSING", "severity": "error", "passed": true, "message": "fine"},
+        ]}),
+    )
+    .unwrap();
+    assert!(db.awaiting_preflight().unwrap().is_empty());
+    engine.step_all().unwrap();
+    let failed = db.get_job(job.id).unwrap().unwrap();
+    assert_eq!(failed.state, JobState::Failed);
+    let message = failed.message.unwrap();
+    assert!(
+        message.contains("preflight for reprotect failed, nothing was changed")
+            && message.contains("PS_UNREACHABLE: process server \"ps1\" does not answer")
+            && !message.contains("PS_LINK_BANDWIDTH")
+            && !message.contains("MT_MISSING"),
+        "{message}"
+    );
+    // Nothing was given to any component.
+    for c in ["app01", "ps1", "mt1"] {
+        assert!(db.next_command(c, &[]).unwrap().is_none());
+    }
+}
