@@ -822,6 +822,9 @@ pub fn read_all(dir: &Path) -> Result<impl Iterator<Item = Result<Record, LogErr
 pub struct Shipped {
     pub log: std::sync::Arc<std::sync::Mutex<LogDir>>,
     pub link: Option<std::sync::Arc<crate::replica::SyncLink>>,
+    /// The lineage of the disks' replica the records are for (fixed for the agent's run: an
+    /// attach restarts it).
+    pub lineage: boomerang_wire::cache::Lineage,
 }
 
 impl Shipped {
@@ -841,6 +844,10 @@ impl boomerang_wire::send::Source for Shipped {
 
     fn next_seq(&self) -> Result<Seq, String> {
         Ok(self.lock()?.next_seq())
+    }
+
+    fn lineage(&self) -> Result<boomerang_wire::cache::Lineage, String> {
+        Ok(self.lineage)
     }
 
     fn release_through(&self, durable: Seq) -> Result<(), String> {

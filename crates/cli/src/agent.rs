@@ -235,12 +235,22 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                 )
             })?;
         }
+        // The new lineage starts with the generation's first record.
+        let since = log
+            .lock()
+            .map_err(|_| anyhow::anyhow!("log lock poisoned"))?
+            .next_seq();
         Attachment {
             new_generation: false,
+            since: Some(since.0),
             ..a.clone()
         }
         .write(&log_dir)?;
     }
+    // Read again: the new generation above recorded where the lineage starts.
+    let lineage = Attachment::read(&log_dir)?
+        .map(|a| a.lineage())
+        .unwrap_or(boomerang_wire::cache::Lineage::FIRST);
     let sync_link = args.sync.then(|| {
         Arc::new(SyncLink::new(
             Duration::from_secs_f64(args.sync_timeout.max(0.01)),
@@ -344,6 +354,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             let source = Arc::new(logdir::Shipped {
                 log: log.clone(),
                 link: sync_link.clone(),
+                lineage,
             });
             // Disks not copied downstream yet are copied first; marks wait for it.
             sync::hold_marks(&log, &devices);
@@ -516,6 +527,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         disks: disks.clone(),
         replicate,
         process_server: process_server.clone(),
+        lineage,
         restart,
     });
     let handler: crate::client::Handler = Arc::new(move |kind, params| {
@@ -751,6 +763,22 @@ struct Attachment {
     /// it takes over --process-server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     process_server: Option<String>,
+    /// The lineage of the disks' replica (the attaching job's number; 0: the first), and its
+    /// first sequence number in the log, once the agent has started its new generation.
+    #[serde(default)]
+    lineage: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    since: Option<u64>,
+}
+
+impl Attachment {
+    /// The lineage the disks' records are of.
+    fn lineage(&self) -> boomerang_wire::cache::Lineage {
+        boomerang_wire::cache::Lineage {
+            id: self.lineage,
+            since: boomerang_core::Seq(self.since.unwrap_or(1).max(1)),
+        }
+    }
 }
 
 mod disk_list {
@@ -821,6 +849,8 @@ struct Here {
     replicate: bool,
     /// The process server their writes go to.
     process_server: Option<String>,
+    /// The lineage their records are of.
+    lineage: boomerang_wire::cache::Lineage,
     /// Asks for a restart with the attachment file's disks.
     restart: tokio::sync::watch::Sender<bool>,
 }
@@ -890,6 +920,16 @@ async fn command(
                 }
             }
             let process_server = params["process_server"].as_str().map(str::to_string);
+            let lineage = params["lineage"]
+                .as_u64()
+                .ok_or("attach names no lineage: upgrade the configuration server")?;
+            // The disks served here already: their log goes on, in the lineage it is of.
+            if here.disks == wanted && lineage != here.lineage.id {
+                return Err(format!(
+                    "attach names lineage {lineage}, and the disks served here are of {}: their records cannot change lineage without a new generation; release them first",
+                    here.lineage
+                ));
+            }
             if here.disks == wanted
                 && here.replicate == replicate
                 && (process_server.is_none() || here.process_server == process_server)
@@ -923,6 +963,9 @@ async fn command(
                 new_generation: here.disks.is_empty(),
                 resync,
                 process_server,
+                lineage,
+                // Set at the restart, where a new generation starts; else the log goes on.
+                since: (!here.disks.is_empty()).then_some(here.lineage.since.0),
                 ..Default::default()
             }
             .write(&dir)
@@ -990,6 +1033,9 @@ async fn command(
                 discarded,
                 resync: Default::default(),
                 process_server: None,
+                // Not shipped any more; kept, for what the log holds.
+                lineage: here.lineage.id,
+                since: Some(here.lineage.since.0),
             }
             .write(&dir)
             .map_err(|e| format!("{e:#}"))?;

@@ -521,7 +521,10 @@ async fn command(
                     Ok((name, path))
                 })
                 .collect::<Result<Vec<_>, String>>()?;
-            replicas.adopt(machine, &disks).await?;
+            let lineage = params["lineage"]
+                .as_u64()
+                .ok_or("replica-adopt names no lineage: upgrade the configuration server")?;
+            replicas.adopt(machine, &disks, lineage).await?;
             Ok(serde_json::json!({"disks": params["disks"]}))
         }
         // Failback: the final mark is applied; the machine's own disks go back to it.

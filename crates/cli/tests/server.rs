@@ -1481,6 +1481,8 @@ struct Replicating {
     /// How the master target was started, to start it again.
     mt_args: Vec<String>,
     _ps: Daemon,
+    /// How the process server was started, to start it again.
+    ps_args: Vec<String>,
     agent: Daemon,
     link: boomerang_testkit::FaultProxy,
 }
@@ -1558,7 +1560,10 @@ impl Replicating {
         .map(String::from)
         .to_vec();
         args.extend(control(&ps1));
+        let mut ps_args = args.clone();
         let ps = start(args);
+        // Started again, it listens where the agent reaches it.
+        ps_args[2] = ps.addr.clone();
         // A disk with content, so that there is a copy to make.
         let disk = d.join("disk.img");
         std::fs::write(&disk, vec![0x5a; 4 << 20]).unwrap();
@@ -1590,9 +1595,18 @@ impl Replicating {
             _mt: mt,
             mt_args,
             _ps: ps,
+            ps_args,
             agent,
             link,
         }
+    }
+
+    /// Starts the process server again (after a kill), at the same address, on its cache.
+    fn restart_ps(&mut self) {
+        self._ps = Daemon::start(
+            env!("CARGO_BIN_EXE_boomerang"),
+            &self.ps_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
     }
 
     /// Kills the configuration server (`kill -9`) and starts it again on the same state and
@@ -2655,6 +2669,7 @@ fn the_circle_failover_commit_reprotect_failback_reprotect_moves_only_the_blocks
     };
     std::thread::sleep(std::time::Duration::from_millis(200));
     let job = r.job_ok(&["failback", "app01"]);
+    let home_lineage = job["result"]["lineage"].as_u64().unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let acked = writer.join().unwrap();
     assert!(
@@ -2681,11 +2696,18 @@ fn the_circle_failover_commit_reprotect_failback_reprotect_moves_only_the_blocks
     write_64k(&at_a, &home_at, 0x44);
 
     // Reprotect again: site B's disk becomes the replica at mt1; only what differs travels.
-    let before = received_write_bytes(&d.join("retention"), "app01");
+    // It is of the lineage the failback started at home: mt1 dropped what its incoming log
+    // held of the first one, and holds only records of this one.
     let job = r.job_ok(&["reprotect", "app01"]);
     assert_eq!(job["result"]["agent"], "app01", "{job}");
     assert_eq!(job["result"]["master_target"], "mt1", "{job}");
-    let moved = received_write_bytes(&d.join("retention"), "app01") - before;
+    assert_eq!(job["result"]["lineage"], home_lineage, "{job}");
+    let incoming = std::fs::read_to_string(d.join("retention/incoming/app01/lineage")).unwrap();
+    assert!(
+        incoming.starts_with(&format!("{home_lineage} ")),
+        "{incoming}"
+    );
+    let moved = received_write_bytes(&d.join("retention"), "app01");
     let changed = home_at.len() as u64 * 65536;
     assert!(
         (changed..=changed * 11 / 10 + size / 1000).contains(&moved),
@@ -2749,6 +2771,20 @@ fn a_reprotect_that_would_drop_writes_made_at_the_source_after_the_point_needs_d
         &d.join("disk.img"),
         &disk_b,
         "site A's disk is the failed-over one",
+    );
+    // Site A's process server is back. Home again, the machine's log there goes on after the
+    // records it dropped: a new lineage, from where the log is now, which the process server
+    // and site B's master target take in place of what they held; reprotected again, the
+    // replica at B is the machine's disk.
+    r.restart_ps();
+    r.job_ok(&["failback", "app01"]);
+    let at_a = format!("nbd://{}/d0", r.agent.addr);
+    write_64k(&at_a, &[1 << 20], 0x67);
+    r.job_ok(&["reprotect", "app01"]);
+    same_soon(
+        &d.join("retention/replicas/app01/d0.img"),
+        &d.join("disk.img"),
+        "the replica at site B is the machine's disk",
     );
     drop(back);
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use boomerang_core::log::{LogTail, MarkKind as LogMark, Op, Record, decode_frame};
 use boomerang_core::{DiskName, Seq};
 use boomerang_store::{CommitOptions, MarkKind, Store, StoreError};
+use boomerang_wire::cache::Lineage;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
@@ -178,14 +179,48 @@ impl Applier {
                 self.replica(&disk)?;
             }
         }
-        let applied = read_applied(&dir.join("applied"));
+        // Only records of the replica's lineage are applied to it: until the incoming log is of
+        // it (a process server's stale cache may still send an ended one), nothing is.
+        let incoming = self.retention.join("incoming").join(&self.stream);
+        let mut waited = false;
+        let lineage = loop {
+            let offered = Lineage::read(&incoming).map_err(Self::io("read", &incoming))?;
+            match crate::replica_lineage(&dir).map_err(|why| ApplyError::Record {
+                stream: self.stream.clone(),
+                why,
+            })? {
+                Some(id) if id == offered.id => break offered,
+                None => {
+                    // A replica made by its first records: of their lineage.
+                    let path = dir.join(crate::LINEAGE);
+                    boomerang_core::write_atomic(&path, offered.id.to_string().as_bytes())
+                        .map_err(Self::io("write", &path))?;
+                    break offered;
+                }
+                Some(id) => {
+                    if !waited {
+                        tracing::info!(stream = %self.stream, replica = id, incoming = %offered, "the incoming log is of another lineage than the replica: nothing is applied until records of the replica's own arrive");
+                        waited = true;
+                    }
+                    if abandon.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    let changed =
+                        tokio::time::timeout(Duration::from_secs(1), durable.changed()).await;
+                    if let Ok(Err(_)) = changed {
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        // Nothing before the lineage's first record is of it.
+        let applied = read_applied(&dir.join("applied")).max(Seq(lineage.since.0 - 1));
         // An earlier run applied records, perhaps past `applied`, but none past `bound`.
         let earlier = dir.join("applied").exists() || has_images(&dir);
         self.replay_until = if earlier { bound } else { Seq(0) };
         if self.replay_until > applied {
             tracing::info!(stream = %self.stream, from = %Seq(applied.0 + 1), to = %self.replay_until, "applying records again after a restart: their marks are points through the incoming log, checkpoints resume after them");
         }
-        let incoming = self.retention.join("incoming").join(&self.stream);
         let mut tail = LogTail::open(&incoming, Seq(applied.0 + 1))?;
         position.send_replace(Position { run, applied });
         loop {

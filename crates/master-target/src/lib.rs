@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use boomerang_core::log::{UnixNanos, mark_of};
 use boomerang_core::{DiskName, Seq};
+use boomerang_wire::cache::Lineage;
 use boomerang_wire::receive::{Config as ReceiverConfig, Receiver, ServeError};
 use boomerang_wire::tls::TlsIdentity;
 use boomerang_wire::{MAX_DISKS, Records, Role};
@@ -268,6 +269,29 @@ pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
             );
         },
     );
+    // A replica takes the records of its own lineage only: never those of one that ended
+    // (a process server's stale cache), nor of a newer one before a reprotect adopted it.
+    let replicas_dir = config.retention.join("replicas");
+    let on_lineage = Arc::new(move |stream: &str, offered: Lineage| {
+        let dir = replicas_dir.join(stream);
+        if !dir.exists() {
+            // No replica (yet, or any more): the records are kept, applied by none but a new one.
+            return Ok(());
+        }
+        let held = replica_lineage(&dir)?;
+        match held {
+            Some(id) if id != offered.id => Err(if offered.id < id {
+                format!(
+                    "the replica of {stream} on this master target is of lineage {id}, and the records sent are of {offered}, which ended: they are not applied (the process server's cache is from before a reprotect or failback; it drops them once the machine's agent sends the new lineage)"
+                )
+            } else {
+                format!(
+                    "the replica of {stream} on this master target is of lineage {id}, and the records sent are of {offered}, a newer one: a reprotect must make this master target's disks the replica of that lineage first (boomerang reprotect)"
+                )
+            }),
+            _ => Ok(()),
+        }
+    });
     let retention = config.retention.clone();
     let on_digest = Arc::new(move |request| {
         Box::pin(digest::answer(
@@ -287,6 +311,7 @@ pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
         segment_len: boomerang_wire::cache::SEGMENT_LEN,
         on_durable: Some(on_durable),
         on_open: None,
+        on_lineage: Some(on_lineage),
         on_digest: Some(on_digest),
     })?;
     Ok((receiver, metrics, replicas))
@@ -335,12 +360,18 @@ impl Replicas {
     /// made) is moved into the replica, so that a later failover makes new targets. The
     /// records of the stream received so far are not applied to them. Called again with the
     /// same disks, after a crash or not, it ends the same.
-    pub async fn adopt(&self, stream: &str, disks: &[(DiskName, PathBuf)]) -> Result<(), String> {
+    pub async fn adopt(
+        &self,
+        stream: &str,
+        disks: &[(DiskName, PathBuf)],
+        lineage: u64,
+    ) -> Result<(), String> {
         let dir = self.dir(stream);
         let staging = self.retention.join("adopting").join(stream);
         let image = |d: &std::path::Path, disk: &DiskName| d.join(format!("{disk}.img"));
         let done = dir.join(ADOPTED).exists()
             && !staging.exists()
+            && replica_lineage(&dir)? == Some(lineage)
             && disks.iter().all(|(disk, path)| {
                 let at = image(&dir, disk);
                 match std::fs::read_link(&at) {
@@ -396,14 +427,14 @@ impl Replicas {
                 std::os::unix::fs::symlink(&path, &at).map_err(|e| io("link", &at, e))?;
             }
         }
-        // What the incoming log holds of the stream is of the old lineage: not applied.
-        let received = incoming_streams(&self.retention.join("incoming"))
-            .into_iter()
-            .find(|(s, _)| s == stream)
-            .map_or(Seq(0), |(_, last)| last);
+        // The replica takes records of `lineage` only: what the incoming log holds of the
+        // stream now is of the old one, and is never applied to it. Nothing of the new one is
+        // applied yet: the applier starts at the lineage's first record.
+        let lineage_file = staging.join(LINEAGE);
+        boomerang_core::write_atomic(&lineage_file, lineage.to_string().as_bytes())
+            .map_err(|e| io("write", &lineage_file, e))?;
         let applied = staging.join("applied");
-        boomerang_core::write_atomic(&applied, received.0.to_string().as_bytes())
-            .map_err(|e| io("write", &applied, e))?;
+        boomerang_core::write_atomic(&applied, b"0").map_err(|e| io("write", &applied, e))?;
         let marker = staging.join(ADOPTED);
         boomerang_core::write_atomic(&marker, b"").map_err(|e| io("write", &marker, e))?;
         retire(&self.retention, &dir).map_err(|e| io("remove the old replica", &dir, e))?;
@@ -494,6 +525,26 @@ const RELEASED: &str = "released.json";
 /// Beside `replicas/<stream>`: the replica's lineage ended here (a reprotect took the machine
 /// away); no applier starts for the stream until a reprotect adopts disks again.
 const ENDED: &str = "ended";
+
+/// In `replicas/<stream>`: the lineage of the replica (text, the number), which records must
+/// be of to be applied to it. Absent: the replica takes the lineage of the first records it
+/// gets (a machine protected here from the start).
+pub(crate) const LINEAGE: &str = "lineage";
+
+/// The lineage of the replica in `dir`, if it has one yet.
+pub(crate) fn replica_lineage(dir: &std::path::Path) -> Result<Option<u64>, String> {
+    let path = dir.join(LINEAGE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map(Some).map_err(|_| {
+            format!(
+                "{} is damaged ({text:?}): it should hold the replica's lineage, a number; restore it, or reprotect the machine",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("could not read {}: {e}", path.display())),
+    }
+}
 
 /// Whether the replica of `stream` was handed back or ended here.
 fn ended(retention: &std::path::Path, stream: &str) -> bool {

@@ -27,6 +27,17 @@ struct Client {
 }
 
 async fn open(addr: &str, ca: &Path, disks: Vec<DiskName>) -> Result<(Client, Seq), WireError> {
+    open_lineage(addr, ca, disks, 0, Seq(1)).await
+}
+
+/// As [`open`], for records of lineage `lineage` from `since` on.
+async fn open_lineage(
+    addr: &str,
+    ca: &Path,
+    disks: Vec<DiskName>,
+    lineage: u64,
+    since: Seq,
+) -> Result<(Client, Seq), WireError> {
     let id = TlsIdentity::load(&ca.join("issued/ps1")).unwrap();
     let (rd, mut wr, _) = tls::dial(&id, addr, Role::ProcessServer, "ps1", Role::MasterTarget)
         .await
@@ -38,6 +49,8 @@ async fn open(addr: &str, ca: &Path, disks: Vec<DiskName>) -> Result<(Client, Se
     wr.send(&Frame::Open {
         stream: "web01".into(),
         disks,
+        lineage,
+        since,
     })
     .await?;
     match rd.read().await? {
@@ -496,4 +509,99 @@ async fn after_a_restart_a_digest_is_answered_without_new_records() {
         .map(|b| boomerang_store::chunk::hash(b).0)
         .collect();
     assert_eq!(digest.hashes, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_replica_takes_records_of_its_own_lineage_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = site(dir.path());
+    let retention = dir.path().join("retention");
+    let (server, _metrics, replicas) = boomerang_master_target::receiver_with_replicas(Config {
+        name: "mt1".into(),
+        tls: TlsIdentity::load(&ca.join("issued/mt1")).unwrap(),
+        retention: retention.clone(),
+        max_disks: 60,
+        block_size: 4096,
+        point_every: Duration::ZERO,
+        log_window: Duration::from_secs(3600),
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(Arc::clone(&server).serve(listener, stopped));
+    let write = |seq: u64, byte: u8| Record {
+        seq: Seq(seq),
+        op: Op::Write {
+            disk: sda(),
+            offset: 0,
+            data: vec![byte; 4096],
+        },
+    };
+    // The first lineage: a replica made by its records.
+    let (mut client, next) = open(&addr, &ca, vec![sda()]).await.unwrap();
+    assert_eq!(next, Seq(1));
+    client.send(&[write(1, 0x11), write(2, 0x12)]).await;
+    drop(client);
+    // A reprotect makes the machine's own disk the replica, of lineage 9.
+    let own = dir.path().join("own.img");
+    std::fs::write(&own, vec![0x55u8; SIZE as usize]).unwrap();
+    replicas
+        .adopt("web01", &[(sda(), own.clone())], 9)
+        .await
+        .unwrap();
+    // A process server's stale cache (lineage 0) is refused, and nothing reaches the disk.
+    let stale = reopen_refused(&addr, &ca).await;
+    assert!(
+        matches!(&stale, WireError::Refused { code: ErrorCode::Lineage, message } if message.contains("lineage 9") && message.contains("ended")),
+        "{stale}"
+    );
+    // The new lineage starts at 500 in its agent's log: the incoming log drops lineage 0 and
+    // resumes there; its records go into the adopted disk.
+    let (mut client, next) = open_lineage(&addr, &ca, vec![sda()], 9, Seq(500))
+        .await
+        .unwrap();
+    assert_eq!(next, Seq(500));
+    client.send(&[write(500, 0x77)]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let disk = std::fs::read(&own).unwrap();
+        if disk[0] == 0x77 {
+            assert!(
+                disk[4096..].iter().all(|b| *b == 0x55),
+                "nothing else changed"
+            );
+            break;
+        }
+        assert_eq!(disk[0], 0x55, "no record of lineage 0 is applied");
+        assert!(
+            Instant::now() < deadline,
+            "the record of lineage 9 never reached the disk"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(client);
+    // A newer lineage than the replica's is refused too: it needs a reprotect first.
+    let newer = open_lineage(&addr, &ca, vec![sda()], 12, Seq(900))
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(&newer, WireError::Refused { code: ErrorCode::Lineage, message } if message.contains("reprotect")),
+        "{newer}"
+    );
+}
+
+/// Opens lineage 0, waiting while the stream is busy; the refusal.
+async fn reopen_refused(addr: &str, ca: &Path) -> WireError {
+    loop {
+        match open(addr, ca, vec![sda()]).await {
+            Ok(_) => panic!("lineage 0 was taken"),
+            Err(WireError::Refused {
+                code: ErrorCode::StreamBusy,
+                ..
+            }) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => return e,
+        }
+    }
 }

@@ -122,6 +122,8 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), ServeEr
         segment_len: config.cache_segment,
         on_durable: Some(on_durable),
         on_open: Some(on_open),
+        // A newer lineage from the agent replaces what the cache holds; an older is refused.
+        on_lineage: None,
         on_digest: relay,
     })?;
     Ok((receiver, metrics))
@@ -143,6 +145,10 @@ impl Source for Cached {
     /// hold more than the cache did: no divergence to detect.
     fn next_seq(&self) -> Result<Seq, String> {
         Ok(Seq(u64::MAX))
+    }
+
+    fn lineage(&self) -> Result<boomerang_wire::cache::Lineage, String> {
+        boomerang_wire::cache::Lineage::read(&self.dir).map_err(|e| e.to_string())
     }
 
     fn release_through(&self, durable: Seq) -> Result<(), String> {

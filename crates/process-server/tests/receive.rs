@@ -46,6 +46,18 @@ struct Client {
 /// Connects as agent `cert` (a directory under the CA) and opens `stream`; returns the
 /// client and the server's Resume.
 async fn open(addr: &str, ca: &Path, cert: &str, stream: &str) -> Result<(Client, Seq), WireError> {
+    open_lineage(addr, ca, cert, stream, 0, Seq(1)).await
+}
+
+/// As [`open`], with records of lineage `lineage`, from `since` on.
+async fn open_lineage(
+    addr: &str,
+    ca: &Path,
+    cert: &str,
+    stream: &str,
+    lineage: u64,
+    since: Seq,
+) -> Result<(Client, Seq), WireError> {
     let id = TlsIdentity::load(&ca.join("issued").join(cert)).unwrap();
     let (rd, mut wr, _) = tls::dial(&id, addr, Role::Agent, cert, Role::ProcessServer)
         .await
@@ -57,6 +69,8 @@ async fn open(addr: &str, ca: &Path, cert: &str, stream: &str) -> Result<(Client
     wr.send(&Frame::Open {
         stream: stream.into(),
         disks: vec![DiskName::new("sda").unwrap()],
+        lineage,
+        since,
     })
     .await?;
     match rd.read().await? {
@@ -87,12 +101,8 @@ impl Client {
 }
 
 fn cached(cache: &Path, stream: &str) -> Vec<Record> {
-    let mut paths: Vec<_> = std::fs::read_dir(cache.join(stream))
+    boomerang_core::log::segment_files(&cache.join(stream))
         .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    paths.sort();
-    paths
         .iter()
         .flat_map(|p| SegmentReader::open(p).unwrap().map(|r| r.unwrap()))
         .collect()
@@ -310,4 +320,57 @@ fn the_last_mark_is_reported_only_once_the_master_target_holds_it() {
     let r = report(&metrics);
     assert_eq!(r.last_mark, Some((14, 14)));
     assert_eq!(r.backlog_bytes, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_lineage_replaces_the_cached_records_and_an_ended_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    pki::init_ca(&ca).unwrap();
+    pki::issue(
+        &ca,
+        "ps1",
+        CertRole::Wire(Role::ProcessServer),
+        &["127.0.0.1".into()],
+        30,
+    )
+    .unwrap();
+    pki::issue(&ca, "web01", CertRole::Wire(Role::Agent), &[], 30).unwrap();
+    let cache = dir.path().join("cache");
+    let (addr, _stop) = start(&ca, &cache).await;
+    // The first lineage: records 1 to 10, never forwarded (no master target).
+    let (mut client, next) = open(&addr, &ca, "web01", "web01").await.unwrap();
+    assert_eq!(next, Seq(1));
+    client.send(1, 10).await.unwrap();
+    drop(client);
+    // A reprotect gave the machine's disks a new lineage (7), whose log starts at 40 (the
+    // agent dropped 11 to 39, never replicated): the cache drops lineage 0 and resumes at 40.
+    let (mut client, next) = open_lineage(&addr, &ca, "web01", "web01", 7, Seq(40))
+        .await
+        .unwrap();
+    assert_eq!(next, Seq(40), "the new lineage starts where it says");
+    assert!(cached(&cache, "web01").is_empty(), "lineage 0 is dropped");
+    client.send(40, 45).await.unwrap();
+    assert_eq!(
+        cached(&cache, "web01"),
+        (40..=45).map(record).collect::<Vec<_>>()
+    );
+    drop(client);
+    // The lineage is kept across a restart of the stream; the old one is refused with its code.
+    let refused = open(&addr, &ca, "web01", "web01")
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(&refused, WireError::Refused { code: ErrorCode::Lineage, message } if message.contains("lineage 7") && message.contains("ended")),
+        "{refused}"
+    );
+    let (_client, next) = open_lineage(&addr, &ca, "web01", "web01", 7, Seq(40))
+        .await
+        .unwrap();
+    assert_eq!(next, Seq(46));
+    assert_eq!(
+        std::fs::read_to_string(cache.join("web01/lineage")).unwrap(),
+        "7 40\n"
+    );
 }

@@ -1792,6 +1792,22 @@ impl Engine<'_> {
                         ),
                     );
                 }
+                // The lineage of the new replica: a reprotect after a failover starts one (this
+                // job's number: higher than any before); after a failback, the home agent's log
+                // goes on in the one the failback started.
+                let lineage = match last.kind {
+                    JobKind::Failback => match result["lineage"].as_u64() {
+                        Some(l) => l,
+                        None => {
+                            return self.fail(
+                                id,
+                                format!("the failback of {machine:?} (job {}) names no lineage: it is from an older server; fail the machine over and reprotect it", last.id),
+                            );
+                        }
+                    },
+                    _ => id as u64,
+                };
+                data.insert("lineage".into(), json!(lineage));
                 data.insert("old_agent".into(), json!(old_agent));
                 data.insert("new_agent".into(), json!(new_agent));
                 data.insert("point".into(), point.clone());
@@ -1884,7 +1900,7 @@ impl Engine<'_> {
                     self.db
                         .advance(id, 1, 2, &data, Some((&mt, "failover-release", params)))?;
                 } else {
-                    let params = json!({"job": id, "machine": machine, "disks": released["disks"]});
+                    let params = json!({"job": id, "machine": machine, "disks": released["disks"], "lineage": data.get("lineage")});
                     let mt = text(&data, "master_target");
                     self.db
                         .advance(id, 1, 3, &data, Some((&mt, "replica-adopt", params)))?;
@@ -1932,8 +1948,7 @@ impl Engine<'_> {
                     data.insert("replica_disks".into(), json!(new));
                 }
                 data.insert("new_disks".into(), disks);
-                let params =
-                    json!({"job": id, "machine": machine, "disks": data.get("replica_disks")});
+                let params = json!({"job": id, "machine": machine, "disks": data.get("replica_disks"), "lineage": data.get("lineage")});
                 let target = text(&data, "master_target");
                 self.db
                     .advance(id, 2, 3, &data, Some((&target, "replica-adopt", params)))?;
@@ -1947,8 +1962,7 @@ impl Engine<'_> {
                 {
                     return Ok(());
                 }
-                let mut params =
-                    json!({"job": id, "disks": data.get("new_disks"), "replicate": true});
+                let mut params = json!({"job": id, "disks": data.get("new_disks"), "replicate": true, "lineage": data.get("lineage")});
                 if let Some(ps) = data.get("process_server_address") {
                     params["process_server"] = ps.clone();
                 }
@@ -2007,6 +2021,7 @@ impl Engine<'_> {
                     "latest_point_seq": status.latest_point_seq,
                     "discarded": if data.contains_key("alternate_dir") { Value::Null } else { get("discarded") },
                     "alternate_dir": get("alternate_dir"),
+                    "lineage": get("lineage"),
                 });
                 let message = format!(
                     "machine {machine:?} is reprotected: agent {agent:?} replicates it to master target {target:?}, into {}; the newest point is at seq {}",
@@ -2180,7 +2195,9 @@ impl Engine<'_> {
                 };
                 data.insert("disks".into(), released["disks"].clone());
                 let home = text(&data, "home_agent");
-                let params = json!({"job": id, "disks": released["disks"], "replicate": false});
+                // At home the disks start a new lineage (this job's number), which the next
+                // reprotect's replica takes.
+                let params = json!({"job": id, "disks": released["disks"], "replicate": false, "lineage": id});
                 self.db
                     .advance(id, 3, 4, &data, Some((&home, "attach", params)))?;
             }
@@ -2202,6 +2219,7 @@ impl Engine<'_> {
                     "disks": get("disks"),
                     "master_target": get("master_target"),
                     "other_master_target": get("other_master_target"),
+                    "lineage": id,
                 });
                 let message = format!(
                     "machine {machine:?} is home: agent {home:?} serves its disks at the final mark (seq {}), nothing was lost; it is not replicated until you reprotect it",

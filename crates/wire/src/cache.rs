@@ -39,6 +39,65 @@ impl CacheError {
     }
 }
 
+/// In a stream's cache directory: the lineage its records are of, as `LINEAGE SINCE` (text;
+/// absent: lineage 0 since 1).
+pub const LINEAGE_FILE: &str = "lineage";
+
+/// The lineage of a stream's records: which replica they are for, and its first sequence
+/// number. A reprotect or failback starts a new one, with a higher number; a receiver never
+/// takes records of an older lineage than it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lineage {
+    pub id: u64,
+    pub since: Seq,
+}
+
+impl Lineage {
+    /// A stream's first lineage: what a machine protected from the start writes.
+    pub const FIRST: Lineage = Lineage {
+        id: 0,
+        since: Seq(1),
+    };
+
+    /// The lineage of the records in the stream directory `dir`.
+    pub fn read(dir: &Path) -> std::io::Result<Lineage> {
+        let path = dir.join(LINEAGE_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Lineage::FIRST),
+            Err(e) => return Err(e),
+        };
+        let mut parts = text.split_whitespace().map(str::parse::<u64>);
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(Ok(id)), Some(Ok(since)), None) if since > 0 => Ok(Lineage {
+                id,
+                since: Seq(since),
+            }),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} is damaged ({text:?}): it should hold the lineage and its first sequence number, as \"3 1201\"",
+                    path.display()
+                ),
+            )),
+        }
+    }
+
+    /// Records `self` as the lineage of the stream directory `dir`, durably.
+    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        boomerang_core::write_atomic(
+            &dir.join(LINEAGE_FILE),
+            format!("{} {}\n", self.id, self.since.0).as_bytes(),
+        )
+    }
+}
+
+impl std::fmt::Display for Lineage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "lineage {} (from seq {})", self.id, self.since.0)
+    }
+}
+
 /// One stream's cached records.
 pub struct StreamCache {
     dir: PathBuf,
@@ -102,6 +161,34 @@ impl StreamCache {
                 })?;
         }
         Ok(cache)
+    }
+
+    /// The lineage of the records held.
+    pub fn lineage(&self) -> Result<Lineage, CacheError> {
+        Lineage::read(&self.dir).map_err(|source| CacheError::Io {
+            dir: self.dir.clone(),
+            source,
+        })
+    }
+
+    /// Drops every record held (they are of an ended lineage) and takes `lineage` from its
+    /// first sequence number on. Crash-safe: the lineage is recorded last, so a cut reset is
+    /// done again by the next open of the new lineage.
+    pub fn reset(&mut self, lineage: Lineage) -> Result<(), CacheError> {
+        let io = |dir: &Path, source| CacheError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        self.writer = None;
+        for old in segment_files(&self.dir).map_err(|e| io(&self.dir, e))? {
+            std::fs::remove_file(&old).map_err(|e| io(&self.dir, e))?;
+        }
+        self.last = lineage.since.0.checked_sub(1).filter(|s| *s > 0).map(Seq);
+        self.writer = Some(self.new_segment(lineage.since, 0)?);
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(&self.dir, e))?;
+        lineage.write(&self.dir).map_err(|e| io(&self.dir, e))
     }
 
     /// The sequence number the next record must have: one past the last durable record.

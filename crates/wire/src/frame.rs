@@ -18,8 +18,8 @@ pub const MAX_PAYLOAD: usize = boomerang_core::log::MAX_FRAME_LEN + 4096;
 /// The largest payload of any frame but records.
 pub const MAX_CONTROL_PAYLOAD: usize = 64 * 1024;
 /// The protocol versions this build speaks.
-pub const MIN_VERSION: u16 = 1;
-pub const MAX_VERSION: u16 = 1;
+pub const MIN_VERSION: u16 = 2;
+pub const MAX_VERSION: u16 = 2;
 /// The most disks one stream may carry (the master target's hard limit, DESIGN 2).
 pub const MAX_DISKS: usize = 60;
 /// The longest peer or stream name, in bytes.
@@ -139,6 +139,8 @@ pub enum ErrorCode {
     StreamBusy,
     /// The receiver could not persist or forward: try again later.
     Unavailable,
+    /// The stream's records are of another lineage than the receiver takes (an ended one).
+    Lineage,
     /// A code this build does not know (kept as sent).
     Other(u16),
 }
@@ -155,6 +157,7 @@ impl ErrorCode {
             ErrorCode::Credit => 7,
             ErrorCode::StreamBusy => 8,
             ErrorCode::Unavailable => 9,
+            ErrorCode::Lineage => 10,
             ErrorCode::Other(c) => c,
         }
     }
@@ -170,6 +173,7 @@ impl ErrorCode {
             7 => ErrorCode::Credit,
             8 => ErrorCode::StreamBusy,
             9 => ErrorCode::Unavailable,
+            10 => ErrorCode::Lineage,
             c => ErrorCode::Other(c),
         }
     }
@@ -304,10 +308,15 @@ pub enum Frame {
         role: Role,
         name: String,
     },
-    /// Client → server: the write-log stream this connection carries, and its disks.
+    /// Client → server: the write-log stream this connection carries, its disks, and its
+    /// lineage: `lineage` names the replica the records are for (a reprotect or failback
+    /// starts a new one, a higher number), and `since` is the lineage's first sequence number
+    /// (nothing before it belongs to the lineage).
     Open {
         stream: String,
         disks: Vec<DiskName>,
+        lineage: u64,
+        since: Seq,
     },
     /// Server → client: send records from `next_seq` on (everything before it is durable
     /// here); `credit` bytes of record frames may be sent before the next grant.
@@ -467,7 +476,17 @@ pub fn decode_payload(kind: u8, payload: Bytes) -> Result<Frame, DecodeError> {
                 }
                 disks.push(disk);
             }
-            Frame::Open { stream, disks }
+            let lineage = p.u64()?;
+            let since = Seq(p.u64()?);
+            if since.0 == 0 {
+                return Err(p.bad("a lineage starts at sequence number 1 or later"));
+            }
+            Frame::Open {
+                stream,
+                disks,
+                lineage,
+                since,
+            }
         }
         T_RESUME => Frame::Resume {
             next_seq: Seq(p.u64()?),
@@ -674,7 +693,12 @@ impl Frame {
                 put_str8(out, name)?;
                 T_WELCOME
             }
-            Frame::Open { stream, disks } => {
+            Frame::Open {
+                stream,
+                disks,
+                lineage,
+                since,
+            } => {
                 put_str8(out, stream)?;
                 if disks.len() > MAX_DISKS {
                     return Err(EncodeError::TooManyDisks(disks.len()));
@@ -684,6 +708,8 @@ impl Frame {
                     // A DiskName is at most 64 bytes.
                     put_str8(out, disk.as_str())?;
                 }
+                out.extend_from_slice(&lineage.to_le_bytes());
+                out.extend_from_slice(&since.0.to_le_bytes());
                 T_OPEN
             }
             Frame::Resume { next_seq, credit } => {

@@ -25,7 +25,7 @@ use crate::{ErrorCode, Frame, FrameReader, FrameWriter, Inbound, Role, WireError
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::cache::{CacheError, StreamCache};
+use crate::cache::{CacheError, Lineage, StreamCache};
 
 /// The most a TLS handshake, a hello or an open may take.
 pub const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -41,6 +41,11 @@ pub type OnDurable = Arc<dyn Fn(&str, &[DiskName], &crate::Records) + Send + Syn
 /// Called when a stream is opened (its cache ready, before the first record), with its name
 /// and disks.
 pub type OnOpen = Arc<dyn Fn(&str, &[DiskName]) + Send + Sync>;
+
+/// Asked when a stream opens, with its name and the lineage its records are of: an error
+/// refuses the stream (`Lineage`) with that sentence. A master target takes only the lineage
+/// of its replica.
+pub type OnLineage = Arc<dyn Fn(&str, Lineage) -> Result<(), String> + Send + Sync>;
 
 /// A receiver's settings.
 pub struct Config {
@@ -60,6 +65,7 @@ pub struct Config {
     pub segment_len: u64,
     pub on_durable: Option<OnDurable>,
     pub on_open: Option<OnOpen>,
+    pub on_lineage: Option<OnLineage>,
     /// Answers digest requests; none refuses them.
     pub on_digest: Option<crate::digest::OnDigest>,
 }
@@ -250,8 +256,13 @@ impl Receiver {
                     "{client} opened no stream within {SETUP_TIMEOUT:?}"
                 ))
             })??;
-        let (stream, disks) = match opened {
-            Frame::Open { stream, disks } => (stream, disks),
+        let (stream, disks, offered) = match opened {
+            Frame::Open {
+                stream,
+                disks,
+                lineage,
+                since,
+            } => (stream, disks, Lineage { id: lineage, since }),
             Frame::DigestRequest(request) => return self.digest(wr, client, request).await,
             other => {
                 let why = format!("{client} sent {other:?} where an open was expected");
@@ -299,6 +310,42 @@ impl Receiver {
                 return Err(e.into());
             }
         };
+        // Records of an ended lineage are never taken; a newer lineage replaces what is held.
+        if let Some(veto) = &self.config.on_lineage
+            && let Err(why) = veto(&stream, offered)
+        {
+            wr.refuse(ErrorCode::Lineage, &why).await;
+            return Err(WireError::Protocol(why).into());
+        }
+        let held = match cache.lineage() {
+            Ok(l) => l,
+            Err(e) => {
+                wr.refuse(ErrorCode::Unavailable, &e.to_string()).await;
+                return Err(e.into());
+            }
+        };
+        if offered.id < held.id {
+            let why = format!(
+                "stream {stream} is at {held} on this {}, and {client} sends records of {offered}, which ended: they are not taken. The sender is from before a reprotect or failback of {stream}; if its disks are to replicate again, reprotect the machine",
+                self.config.role
+            );
+            wr.refuse(ErrorCode::Lineage, &why).await;
+            return Err(WireError::Protocol(why).into());
+        }
+        if offered.id > held.id {
+            let (back, reset) = tokio::task::spawn_blocking(move || {
+                let reset = cache.reset(offered);
+                (cache, reset)
+            })
+            .await
+            .map_err(|e| WireError::Protocol(e.to_string()))?;
+            cache = back;
+            if let Err(e) = reset {
+                wr.refuse(ErrorCode::Unavailable, &e.to_string()).await;
+                return Err(e.into());
+            }
+            tracing::warn!(%stream, %held, new = %offered, "a new lineage of the stream: the records of the old one are dropped");
+        }
         if let Some(opened) = &self.config.on_open {
             opened(&stream, &disks);
         }

@@ -24,6 +24,9 @@ pub trait Source: Send + Sync + 'static {
     fn next_seq(&self) -> Result<Seq, String>;
     /// Drops what the receiver holds durable, up to `durable` (whole segments only).
     fn release_through(&self, durable: Seq) -> Result<(), String>;
+    /// The lineage of the records: each connection opens the stream with it, and ends when
+    /// it changes (records read after the change are of the new one).
+    fn lineage(&self) -> Result<crate::cache::Lineage, String>;
     /// Notified when records were appended, to send them at once rather than at the next
     /// poll (synchronous replication).
     fn wake(&self) -> Option<Arc<tokio::sync::Notify>> {
@@ -59,6 +62,8 @@ const BYE_WAIT: Duration = Duration::from_secs(3);
 const POLL: Duration = Duration::from_millis(10);
 /// The most a connection, its handshakes and the opening of the stream may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often an idle session checks that the log's lineage did not change.
+const LINEAGE_CHECK: Duration = Duration::from_secs(1);
 /// A ping goes out when nothing was sent for this long.
 const PING_EVERY: Duration = Duration::from_secs(10);
 /// The session ends when the process server says nothing for this long.
@@ -82,6 +87,11 @@ pub enum ShipError {
     Diverged { downstream: Seq, here: Seq },
     #[error("reading the log to send: {0}")]
     Tail(#[from] TailError),
+    #[error("the log's records are of {now} now, not of {was}: the stream opens again with it")]
+    NewLineage {
+        was: crate::cache::Lineage,
+        now: crate::cache::Lineage,
+    },
 }
 
 /// Ships until `stop` turns true, reconnecting after failures.
@@ -122,15 +132,22 @@ async fn session<S: Source>(
     stop: watch::Receiver<bool>,
     progressed: &mut bool,
 ) -> Result<(), ShipError> {
-    let opened = tokio::time::timeout(SETUP_TIMEOUT, open(config))
+    let lineage = log.lineage().map_err(|why| ShipError::Log {
+        dir: log.dir(),
+        why,
+    })?;
+    let opened = tokio::time::timeout(SETUP_TIMEOUT, open(config, lineage))
         .await
         .unwrap_or(Err(ShipError::Stalled(SETUP_TIMEOUT)))?;
-    stream(log, config, stop, opened, progressed).await
+    stream(log, config, stop, opened, lineage, progressed).await
 }
 
 /// Connects, runs both handshakes and opens the stream: the sequence number and credit the
 /// process server resumes with.
-async fn open(config: &ShipConfig) -> Result<(Reader, Writer, Seq, u64), ShipError> {
+async fn open(
+    config: &ShipConfig,
+    lineage: crate::cache::Lineage,
+) -> Result<(Reader, Writer, Seq, u64), ShipError> {
     let (mut rd, mut wr, _) = tls::dial(
         &config.tls,
         &config.addr,
@@ -142,6 +159,8 @@ async fn open(config: &ShipConfig) -> Result<(Reader, Writer, Seq, u64), ShipErr
     wr.send(&Frame::Open {
         stream: config.stream.clone(),
         disks: config.disks.clone(),
+        lineage: lineage.id,
+        since: lineage.since,
     })
     .await?;
     match rd.read().await? {
@@ -158,9 +177,23 @@ async fn stream<S: Source>(
     config: &ShipConfig,
     mut stop: watch::Receiver<bool>,
     (mut rd, mut wr, next, credit): (Reader, Writer, Seq, u64),
+    lineage: crate::cache::Lineage,
     progressed: &mut bool,
 ) -> Result<(), ShipError> {
     let dir = log.dir();
+    // The records sent must be of the lineage the stream was opened with.
+    let same_lineage = || -> Result<(), ShipError> {
+        let now = log.lineage().map_err(|why| ShipError::Log {
+            dir: dir.clone(),
+            why,
+        })?;
+        if now == lineage {
+            Ok(())
+        } else {
+            Err(ShipError::NewLineage { was: lineage, now })
+        }
+    };
+    let mut lineage_checked = Instant::now();
     let log_next = log.next_seq().map_err(|why| ShipError::Log {
         dir: dir.clone(),
         why,
@@ -211,6 +244,8 @@ async fn stream<S: Source>(
             let Some(batch) = tail.next_batch(budget)? else {
                 break;
             };
+            same_lineage()?;
+            lineage_checked = Instant::now();
             let records = Records::new(Bytes::from(batch.bytes)).map_err(|e| ShipError::Log {
                 dir: dir.clone(),
                 why: format!("records {} to {}: {e}", batch.first, batch.last),
@@ -237,6 +272,10 @@ async fn stream<S: Source>(
         }
         if heard.elapsed() >= SILENCE {
             return Err(ShipError::Stalled(SILENCE));
+        }
+        if lineage_checked.elapsed() >= LINEAGE_CHECK {
+            same_lineage()?;
+            lineage_checked = Instant::now();
         }
         let first = tokio::select! {
             frame = frames.recv() => frame,

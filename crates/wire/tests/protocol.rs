@@ -76,11 +76,15 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         }),
         (
             name,
-            proptest::collection::btree_set("[a-z][a-z0-9]{0,10}", 0..8)
+            proptest::collection::btree_set("[a-z][a-z0-9]{0,10}", 0..8),
+            any::<u64>(),
+            1..u64::MAX,
         )
-            .prop_map(|(stream, disks)| Frame::Open {
+            .prop_map(|(stream, disks, lineage, since)| Frame::Open {
                 stream,
-                disks: disks.into_iter().map(|d| disk(&d)).collect()
+                disks: disks.into_iter().map(|d| disk(&d)).collect(),
+                lineage,
+                since: Seq(since),
             }),
         (any::<u64>(), any::<u64>()).prop_map(|(s, c)| Frame::Resume {
             next_seq: Seq(s),
@@ -193,7 +197,9 @@ fn malformed_frames_are_named() {
     assert_eq!(
         Frame::Open {
             stream: "s".into(),
-            disks: many
+            disks: many,
+            lineage: 0,
+            since: Seq(1),
         }
         .encode(&mut Vec::new()),
         Err(EncodeError::TooManyDisks(61))
@@ -201,8 +207,11 @@ fn malformed_frames_are_named() {
     let mut twice = encoded(&Frame::Open {
         stream: "s".into(),
         disks: vec![disk("aa"), disk("ab")],
+        lineage: 0,
+        since: Seq(1),
     });
-    let end = twice.len();
+    // The last disk name's last byte, before the lineage and its first sequence number.
+    let end = twice.len() - 16;
     twice[end - 1] = b'a';
     assert!(matches!(
         decode(&twice),
@@ -269,7 +278,7 @@ async fn handshake_agrees_on_a_version_and_refuses_with_reasons() {
     assert_eq!(
         peer,
         Peer {
-            version: 1,
+            version: boomerang_wire::frame::MAX_VERSION,
             role: Role::ProcessServer,
             name: "ps1".into()
         }
@@ -491,6 +500,8 @@ async fn send_stream(addr: std::net::SocketAddr, log: &[Record], budget: usize) 
     wr.send(&Frame::Open {
         stream: "web01".into(),
         disks: vec![disk("sda")],
+        lineage: 0,
+        since: Seq(1),
     })
     .await
     .unwrap();
