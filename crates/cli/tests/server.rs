@@ -2879,3 +2879,102 @@ fn a_reprotect_to_an_alternate_location_copies_into_new_disks_and_keeps_the_old_
     );
     drop(back);
 }
+
+/// fio's random 4 KiB writes, each with a crc32c verify header, over the MiB at `offset` of
+/// the disk at `target` (an NBD URI, or an image file), with random seed `seed`; or, with
+/// `verify_only`, the check that those blocks still hold what that run wrote.
+fn fio_mib(target: &str, offset: u64, seed: u32, verify_only: bool) {
+    let mut args = vec![
+        "--name=circle".to_string(),
+        "--rw=randwrite".into(),
+        "--bs=4k".into(),
+        "--iodepth=8".into(),
+        format!("--offset={offset}"),
+        "--size=1M".into(),
+        "--verify=crc32c".into(),
+        format!("--randseed={seed}"),
+    ];
+    if target.starts_with("nbd://") {
+        args.extend(["--ioengine=nbd".into(), format!("--uri={target}")]);
+    } else {
+        args.extend(["--ioengine=psync".into(), format!("--filename={target}")]);
+    }
+    if verify_only {
+        args.push("--verify_only".into());
+    }
+    run("fio", &args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+#[test]
+fn the_whole_circle_under_a_fio_verify_workload_keeps_every_write_at_every_step() {
+    if !have("curl") || !have("fio") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let r = Replicating::start(d);
+    let back = WayBack::start(&r, d);
+    let at_a = format!("nbd://{}/d0", r.agent.addr);
+    let at_b = format!("nbd://{}/d0", back.agent_b.addr);
+    // Each run of fio writes (and verifies) a MiB of its own: (offset, seed).
+    let mut written: Vec<(u64, u32)> = Vec::new();
+    let verify_all = |target: &str, written: &[(u64, u32)]| {
+        for (offset, seed) in written {
+            fio_mib(target, *offset, *seed, true);
+        }
+    };
+
+    // Protect: the protect job follows the initial copy to its end.
+    let out = r.cli(&[
+        "policy",
+        "create",
+        "gold",
+        "--rpo-threshold",
+        "30",
+        "--retention",
+        "3600",
+    ]);
+    assert!(out.status.success());
+    r.job_ok(&["protect", "app01", "--policy", "gold"]);
+    fio_mib(&at_a, 0, 1, false);
+    written.push((0, 1));
+
+    // Test failover at the latest point: fio's writes are all there; then its cleanup.
+    let job = r.job_ok(&["test-failover", "app01"]);
+    let tested = format!("nbd://{}/d0", job["result"]["address"].as_str().unwrap());
+    verify_all(&tested, &written);
+    r.job_ok(&["test-failover", "app01", "--cleanup"]);
+
+    // Planned failover: everything acknowledged at site A is served at site B.
+    fio_mib(&at_a, 1 << 20, 2, false);
+    written.push((1 << 20, 2));
+    let job = r.job_ok(&["failover", "app01", "--planned"]);
+    let served = format!("nbd://{}/d0", job["result"]["address"].as_str().unwrap());
+    verify_all(&served, &written);
+    fio_mib(&served, 2 << 20, 3, false);
+    written.push((2 << 20, 3));
+    r.job_ok(&["commit", "app01"]);
+
+    // Reprotect: the agent at B serves the disk; the machine writes there.
+    r.job_ok(&["reprotect", "app01"]);
+    verify_all(&at_b, &written);
+    fio_mib(&at_b, 3 << 20, 4, false);
+    written.push((3 << 20, 4));
+
+    // Failback: home, with every write of both sites.
+    r.job_ok(&["failback", "app01"]);
+    verify_all(&at_a, &written);
+
+    // Reprotect again: the replica at site B is the machine's disk, every write in it.
+    r.job_ok(&["reprotect", "app01"]);
+    let replica = d.join("retention/replicas/app01/d0.img");
+    same_soon(
+        &replica,
+        &d.join("disk.img"),
+        "the replica at B is the disk",
+    );
+    verify_all(replica.to_str().unwrap(), &written);
+    let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+    assert_eq!(status["state"], "protected", "{status}");
+    drop(back);
+}

@@ -363,11 +363,6 @@ impl JobRequest {
                 process_server,
             } => {
                 let mut options = Data::new();
-                if alternate_dir.is_some() && datastore.is_some() {
-                    return Err(
-                        "give the alternate location once: a datastore or a directory".into(),
-                    );
-                }
                 if let Some(ds) = datastore {
                     options.insert("datastore".into(), json!(ds));
                 }
@@ -1817,6 +1812,12 @@ impl Engine<'_> {
                     data.insert("failover_master_target".into(), json!(mt));
                 }
                 data.insert("new_disks".into(), new_disks);
+                if data.contains_key("datastore") && data.contains_key("alternate_dir") {
+                    return self.fail(
+                        id,
+                        "give the alternate location once: a datastore (--alternate --datastore) or a directory (--alternate-dir)".into(),
+                    );
+                }
                 if let Some(ds) = data.get("datastore").and_then(Value::as_str) {
                     let found = self
                         .db
