@@ -549,6 +549,12 @@ pub struct FailoverArgs {
     /// or a sequence number.
     #[arg(long)]
     at: Option<String>,
+    /// Also materialize the disks at the point as image files at the master target
+    /// (`RETENTION/materialized/MACHINE/DISK-at-SEQ.FORMAT`); vhd is fixed, as Azure boots
+    /// (the default when the master target's site is an Azure one). qcow2 and vmdk need
+    /// qemu-img on its host.
+    #[arg(long, value_parser = ["raw", "vhd", "qcow2", "vmdk"])]
+    format: Option<String>,
     /// Return once the job is asked for, without waiting for it to end.
     #[arg(long)]
     no_wait: bool,
@@ -563,7 +569,10 @@ pub async fn failover(args: FailoverArgs, output: Output) -> anyhow::Result<i32>
     } else {
         args.at.unwrap_or_else(|| "latest".into())
     };
-    let body = json!({"kind": "failover", "machine": args.machine, "point": point});
+    let mut body = json!({"kind": "failover", "machine": args.machine, "point": point});
+    if let Some(format) = args.format {
+        body["format"] = json!(format);
+    }
     run_job(&args.connection, body, args.no_wait, output).await
 }
 

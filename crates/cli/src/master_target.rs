@@ -437,6 +437,74 @@ fn new_disk(path: &std::path::Path, size: u64) -> Result<(), String> {
         .map_err(|e| format!("could not size {}: {e}", path.display()))
 }
 
+/// Writes each of `disks` of `machine` as it was at point `seq` to
+/// `RETENTION/materialized/<machine>/<disk>-at-<seq>.<format>`: raw, a fixed VHD (what Azure
+/// boots), or, through qemu-img, qcow2 or vmdk. Returns each disk's file.
+async fn materialize(
+    retention: &std::path::Path,
+    machine: &str,
+    disks: &[DiskName],
+    seq: u64,
+    format: &str,
+) -> Result<Vec<serde_json::Value>, String> {
+    if !["raw", "vhd", "qcow2", "vmdk"].contains(&format) {
+        return Err(format!(
+            "{format:?} is not a disk format this master target writes: use raw, vhd, qcow2 or vmdk"
+        ));
+    }
+    let dir = retention.join("materialized").join(machine);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("could not create {}: {e}", dir.display()))?;
+    let mut files = Vec::new();
+    for disk in disks {
+        let out = dir.join(format!("{disk}-at-{seq}.{format}"));
+        let raw = match format {
+            "raw" | "vhd" => out.clone(),
+            _ => dir.join(format!("{disk}-at-{seq}.raw.part")),
+        };
+        let _ = std::fs::remove_file(&raw);
+        boomerang_master_target::points::export_at(retention, machine, disk, seq, &raw)
+            .await
+            .map_err(|e| format!("could not write disk {disk} at seq {seq}: {e}"))?;
+        match format {
+            "vhd" => {
+                boomerang_master_target::vhd::finish(&out)
+                    .map_err(|e| format!("could not make {} a VHD: {e}", out.display()))?;
+            }
+            "qcow2" | "vmdk" => {
+                let (from, to, to_format) = (raw.clone(), out.clone(), format.to_string());
+                let converted = tokio::task::spawn_blocking(move || {
+                    std::process::Command::new("qemu-img")
+                        .args(["convert", "-f", "raw", "-O", &to_format])
+                        .arg(&from)
+                        .arg(&to)
+                        .output()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                let _ = std::fs::remove_file(&raw);
+                match converted {
+                    Ok(o) if o.status.success() => {}
+                    Ok(o) => {
+                        return Err(format!(
+                            "qemu-img could not convert disk {disk} to {format}: {}",
+                            String::from_utf8_lossy(&o.stderr).trim()
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(format!(
+                            "could not run qemu-img to write disk {disk} as {format} ({e}): install qemu-utils on this master target's host, or fail over with --format raw or vhd"
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+        files.push(serde_json::json!({"disk": disk, "path": out, "format": format}));
+    }
+    Ok(files)
+}
+
 /// Carries out one command of the configuration server.
 async fn command(
     recoveries: &Recoveries,
@@ -467,7 +535,13 @@ async fn command(
             .collect::<Result<Vec<_>, _>>()?;
         let at = boomerang_master_target::recoveries::At::from_json(&params["at"])?;
         let served = recoveries.start(&key, machine, &disks, at).await?;
-        serde_json::to_value(served).map_err(|e| e.to_string())
+        let mut answer = serde_json::to_value(served).map_err(|e| e.to_string())?;
+        // Materialized too: each disk at the point as an image file of that format.
+        if let (Some(format), Some(seq)) = (params["format"].as_str(), answer["seq"].as_u64()) {
+            let files = materialize(recoveries.retention(), machine, &disks, seq, format).await?;
+            answer["materialized"] = serde_json::json!(files);
+        }
+        Ok(answer)
     };
     match kind {
         "recovery-start" => start(test_failover(job)).await,

@@ -2907,7 +2907,7 @@ fn fio_mib(target: &str, offset: u64, seed: u32, verify_only: bool) {
 
 #[test]
 fn the_whole_circle_under_a_fio_verify_workload_keeps_every_write_at_every_step() {
-    if !have("curl") || !have("fio") {
+    if !have("curl") || !have("fio") || !have("qemu-img") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -2939,7 +2939,21 @@ fn the_whole_circle_under_a_fio_verify_workload_keeps_every_write_at_every_step(
     fio_mib(&at_a, 0, 1, false);
     written.push((0, 1));
 
-    // Test failover at the latest point: fio's writes are all there; then its cleanup.
+    // Test failover at the latest point, once a mark after fio's writes is one: they are all
+    // there; then its cleanup.
+    let mark = json_out(
+        &Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(["agent", "mark", "--log-dir"])
+            .arg(d.join("log"))
+            .args(["--output", "json"])
+            .output()
+            .unwrap(),
+    );
+    let after_fio = mark["seq"].as_u64().unwrap();
+    wait_for("the mark after fio never became a point", 30, || {
+        let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+        (s["latest_point_seq"].as_u64()? >= after_fio).then_some(s)
+    });
     let job = r.job_ok(&["test-failover", "app01"]);
     let tested = format!("nbd://{}/d0", job["result"]["address"].as_str().unwrap());
     verify_all(&tested, &written);
@@ -2948,9 +2962,20 @@ fn the_whole_circle_under_a_fio_verify_workload_keeps_every_write_at_every_step(
     // Planned failover: everything acknowledged at site A is served at site B.
     fio_mib(&at_a, 1 << 20, 2, false);
     written.push((1 << 20, 2));
-    let job = r.job_ok(&["failover", "app01", "--planned"]);
+    // Also materialized there, as qcow2: the disk at the point, as served.
+    let job = r.job_ok(&["failover", "app01", "--planned", "--format", "qcow2"]);
     let served = format!("nbd://{}/d0", job["result"]["address"].as_str().unwrap());
     verify_all(&served, &written);
+    let materialized = &job["result"]["materialized"][0];
+    let file = materialized["path"].as_str().unwrap();
+    assert!(
+        file.ends_with(&format!("d0-at-{}.qcow2", job["result"]["seq"])),
+        "{job}"
+    );
+    run(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", file, &served],
+    );
     fio_mib(&served, 2 << 20, 3, false);
     written.push((2 << 20, 3));
     r.job_ok(&["commit", "app01"]);

@@ -165,6 +165,12 @@ pub enum JobRequest {
         #[serde(default)]
         #[schema(pattern = "^(final|latest|latest-processed|latest-app-consistent|[0-9]{1,19})$")]
         point: Option<String>,
+        /// Also materialize the disks at the point, as image files of this format at the
+        /// master target (`materialized/` on its retention volume): raw, vhd (fixed, as Azure
+        /// boots; the default at an Azure site), qcow2 or vmdk.
+        #[serde(default)]
+        #[schema(pattern = "^(raw|vhd|qcow2|vmdk)$")]
+        format: Option<String>,
     },
     /// Serve a failed-over machine's disks at another point instead (before a commit): what
     /// it wrote since the failover is dropped.
@@ -313,16 +319,29 @@ impl JobRequest {
                 policy: None,
                 options: Data::new(),
             },
-            JobRequest::Failover { machine, point } => {
+            JobRequest::Failover {
+                machine,
+                point,
+                format,
+            } => {
                 check(&point, true)?;
                 let planned = point.as_deref() == Some("final");
+                let mut options = Data::new();
+                if let Some(f) = format {
+                    if !["raw", "vhd", "qcow2", "vmdk"].contains(&f.as_str()) {
+                        return Err(format!(
+                            "format {f:?} is not one a failover writes: use raw, vhd, qcow2 or vmdk"
+                        ));
+                    }
+                    options.insert("format".into(), json!(f));
+                }
                 NewJob {
                     kind: JobKind::Failover,
                     machine,
                     point: point.filter(|_| !planned),
                     planned,
                     policy: None,
-                    options: Data::new(),
+                    options,
                 }
             }
             JobRequest::ChangePoint { machine, point } => {
@@ -1216,12 +1235,32 @@ impl<'a> Engine<'a> {
                     data.insert("source_agent".into(), json!(agent));
                 }
                 data.insert("disks".into(), json!(disks));
+                if job.kind == JobKind::Failover && !data.contains_key("format") {
+                    // A site in Azure boots fixed VHDs: the disks are materialized as such.
+                    let site = self
+                        .components()?
+                        .into_iter()
+                        .find(|c| c.name == mt)
+                        .map(|c| c.site);
+                    let azure = match site {
+                        Some(site) => self
+                            .db
+                            .get_inventory::<crate::inventory::Site>("site", &site)?
+                            .is_some_and(|s| s.kind == crate::inventory::SiteKind::Azure),
+                        None => false,
+                    };
+                    if azure {
+                        data.insert("format".into(), json!("vhd"));
+                    }
+                }
+                let format = data.get("format").cloned().unwrap_or(Value::Null);
                 let start = |kind: &str, at: &Value| {
-                    (
-                        mt.clone(),
-                        kind.to_string(),
-                        json!({"job": id, "machine": machine, "disks": disks, "at": at}),
-                    )
+                    let mut params =
+                        json!({"job": id, "machine": machine, "disks": disks, "at": at});
+                    if kind == "failover-start" {
+                        params["format"] = format.clone();
+                    }
+                    (mt.clone(), kind.to_string(), params)
                 };
                 let planned = data.get("planned") == Some(&json!(true));
                 let (to, (component, kind, params)) = match job.kind {
@@ -1305,7 +1344,7 @@ impl<'a> Engine<'a> {
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string();
-                let params = json!({"job": id, "machine": machine, "disks": data.get("disks"), "at": Value::Null});
+                let params = json!({"job": id, "machine": machine, "disks": data.get("disks"), "at": Value::Null, "format": data.get("format")});
                 self.db
                     .advance(id, 2, 3, &data, Some((&mt, "failover-start", params)))?;
             }
@@ -1325,7 +1364,7 @@ impl<'a> Engine<'a> {
                         .and_then(Value::as_str)
                         .unwrap_or("")
                         .to_string();
-                    let params = json!({"job": id, "machine": machine, "disks": data.get("disks"), "at": final_seq});
+                    let params = json!({"job": id, "machine": machine, "disks": data.get("disks"), "at": final_seq, "format": data.get("format")});
                     self.db
                         .advance(id, 2, 3, &data, Some((&mt, "failover-start", params)))?;
                 }
@@ -1335,7 +1374,7 @@ impl<'a> Engine<'a> {
                 &data,
                 |r| {
                     format!(
-                        "machine {machine:?} is failed over: its disks are served at {} by master target {} at seq {}{}, and copied into whole disks there",
+                        "machine {machine:?} is failed over: its disks are served at {} by master target {} at seq {}{}, and copied into whole disks there{}",
                         r["address"].as_str().unwrap_or("?"),
                         r["master_target"],
                         r["seq"],
@@ -1343,6 +1382,17 @@ impl<'a> Engine<'a> {
                             " (its final mark: nothing was lost)"
                         } else {
                             ""
+                        },
+                        match r["materialized"].as_array() {
+                            Some(files) if !files.is_empty() => format!(
+                                "; materialized at the point as {}",
+                                files
+                                    .iter()
+                                    .map(|f| f["path"].as_str().unwrap_or("?"))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                            _ => String::new(),
                         }
                     )
                 },
@@ -1407,7 +1457,12 @@ impl<'a> Engine<'a> {
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string();
-                let params = json!({"job": id, "machine": machine, "disks": data.get("disks"), "at": point});
+                // Materialized again at the new point, as the failover was.
+                let format = self
+                    .status_of(&machine)?
+                    .and_then(|s| s.failover)
+                    .and_then(|f| f["materialized"][0]["format"].as_str().map(str::to_string));
+                let params = json!({"job": id, "machine": machine, "disks": data.get("disks"), "at": point, "format": format});
                 self.db
                     .advance(id, 1, 2, &data, Some((&mt, "failover-start", params)))?;
             }
