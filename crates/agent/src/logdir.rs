@@ -850,7 +850,12 @@ impl boomerang_wire::send::Source for Shipped {
         Ok(self.lineage)
     }
 
-    fn release_through(&self, durable: Seq) -> Result<(), String> {
+    fn release_through(
+        &self,
+        _lineage: boomerang_wire::cache::Lineage,
+        durable: Seq,
+    ) -> Result<(), String> {
+        // The log's lineage is fixed for the agent's run.
         if let Some(link) = &self.link {
             link.acked(durable);
         }

@@ -2892,6 +2892,7 @@ fn fio_mib(target: &str, offset: u64, seed: u32, verify_only: bool) {
         format!("--offset={offset}"),
         "--size=1M".into(),
         "--verify=crc32c".into(),
+        "--verify_state_save=0".into(),
         format!("--randseed={seed}"),
     ];
     if target.starts_with("nbd://") {

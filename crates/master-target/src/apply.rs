@@ -215,8 +215,9 @@ impl Applier {
         };
         // Nothing before the lineage's first record is of it.
         let applied = read_applied(&dir.join("applied")).max(Seq(lineage.since.0 - 1));
-        // An earlier run applied records, perhaps past `applied`, but none past `bound`.
-        let earlier = dir.join("applied").exists() || has_images(&dir);
+        // An earlier run applied records, perhaps past `applied`, but none past `bound`; not
+        // of this lineage if this run had to wait for it (`bound` may then be of the old one).
+        let earlier = !waited && (dir.join("applied").exists() || has_images(&dir));
         self.replay_until = if earlier { bound } else { Seq(0) };
         if self.replay_until > applied {
             tracing::info!(stream = %self.stream, from = %Seq(applied.0 + 1), to = %self.replay_until, "applying records again after a restart: their marks are points through the incoming log, checkpoints resume after them");
@@ -230,6 +231,7 @@ impl Applier {
                 return Ok(());
             }
             let Some(batch) = tail.next_batch(4 << 20)? else {
+                // (Checked below for each batch: a reprotect may adopt other disks meanwhile.)
                 // Wait for more durable records, or look again in a while.
                 let changed = tokio::time::timeout(Duration::from_secs(1), durable.changed()).await;
                 if let Ok(Err(_)) = changed {
@@ -237,6 +239,23 @@ impl Applier {
                 }
                 continue;
             };
+            // The replica is still of the lineage this run applies: an adoption replaces the
+            // replica (and its lineage) in one rename, and its records must not reach the new
+            // one. A new run waits for the new lineage.
+            let now = crate::replica_lineage(&dir).map_err(|why| ApplyError::Record {
+                stream: self.stream.clone(),
+                why,
+            })?;
+            if now != Some(lineage.id) {
+                return Err(ApplyError::Record {
+                    stream: self.stream.clone(),
+                    why: format!(
+                        "the replica is of lineage {} now, not {}: applying starts again",
+                        now.map_or("none".to_string(), |l| l.to_string()),
+                        lineage.id
+                    ),
+                });
+            }
             let mut at = 0;
             while at < batch.bytes.len() {
                 let (record, len) =

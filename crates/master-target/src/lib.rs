@@ -238,8 +238,9 @@ pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
                 return;
             }
             // Records of a replica handed back or ended here: kept in the incoming log, not
-            // applied to anything.
-            if ended(&retention, stream) {
+            // applied to anything. Nor while a reprotect adopts disks as its replica: the
+            // next records after it start the applier.
+            if ended(&retention, stream) || retention.join("adopting").join(stream).exists() {
                 return;
             }
             let (tx, rx) = watch::channel(seq);
@@ -312,6 +313,7 @@ pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
         on_durable: Some(on_durable),
         on_open: None,
         on_lineage: Some(on_lineage),
+        on_reset: None,
         on_digest: Some(on_digest),
     })?;
     Ok((receiver, metrics, replicas))
@@ -380,6 +382,10 @@ impl Replicas {
                 }
             });
         if done {
+            // A crash may have come between the rename and the removal of the tombstones.
+            for tombstone in [RELEASED, ENDED] {
+                let _ = std::fs::remove_file(dir.with_extension(tombstone));
+            }
             return Ok(());
         }
         let io = |what: &str, path: &std::path::Path, e: std::io::Error| {
@@ -416,9 +422,11 @@ impl Replicas {
                 "{stream} has a recovery (failover or test failover) on this master target: clean it up or release it first"
             ));
         }
-        self.stop_applier(stream, true).await;
-        // Made aside, then put in place of the old replica in one rename.
+        // Made aside, then put in place of the old replica in one rename. While the staging
+        // directory exists no applier starts for the stream (see `on_durable`), so none
+        // started after the stop below can see the new replica's images.
         std::fs::create_dir_all(&staging).map_err(|e| io("create", &staging, e))?;
+        self.stop_applier(stream, true).await;
         for (disk, path, own) in moves {
             let at = image(&staging, &disk);
             if own {

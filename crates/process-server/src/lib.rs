@@ -55,6 +55,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), ServeEr
     // Senders run as long as the process server does.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let stop = Arc::new(stop);
+    let reset = metrics.clone();
     let seen = metrics.clone();
     let on_durable = Arc::new(move |stream: &str, _: &[DiskName], records: &Records| {
         seen.marks(stream, records);
@@ -124,6 +125,7 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), ServeEr
         on_open: Some(on_open),
         // A newer lineage from the agent replaces what the cache holds; an older is refused.
         on_lineage: None,
+        on_reset: Some(Arc::new(move |stream: &str| reset.reset(stream))),
         on_digest: relay,
     })?;
     Ok((receiver, metrics))
@@ -151,9 +153,17 @@ impl Source for Cached {
         boomerang_wire::cache::Lineage::read(&self.dir).map_err(|e| e.to_string())
     }
 
-    fn release_through(&self, durable: Seq) -> Result<(), String> {
+    fn release_through(
+        &self,
+        lineage: boomerang_wire::cache::Lineage,
+        durable: Seq,
+    ) -> Result<(), String> {
+        // A late ack of an ended lineage says nothing about the records held now.
+        if boomerang_wire::cache::Lineage::read(&self.dir).ok() != Some(lineage) {
+            return Ok(());
+        }
         self.metrics.forwarded(&self.stream, durable);
-        boomerang_wire::cache::release_through(&self.dir, durable)
+        boomerang_wire::cache::release_lineage_through(&self.dir, lineage, durable)
             .map(|_| ())
             .map_err(|e| {
                 format!(

@@ -98,6 +98,18 @@ impl Metrics {
         });
     }
 
+    /// The stream's records were dropped for a newer lineage: what was received, forwarded
+    /// or waiting of the old one says nothing about the new one (whose sequence numbers may
+    /// be lower). The byte counter goes on.
+    pub fn reset(&self, stream: &str) {
+        self.with(stream, |s| {
+            *s = Stream {
+                bytes: s.bytes,
+                ..Stream::default()
+            };
+        });
+    }
+
     /// The master target holds records up to `durable`.
     pub fn forwarded(&self, stream: &str, durable: Seq) {
         self.with(stream, |s| {

@@ -1298,25 +1298,41 @@ pub(crate) async fn preflight_report(
     Ok(report)
 }
 
-/// Runs the preflight of every reprotect and failback job that waits for one at its first
-/// step, and gives each job its report.
-async fn preflight_jobs(state: &Arc<AppState>) -> Result<(), ApiError> {
-    let waiting = db(state, |db| db.awaiting_preflight()).await?;
-    for (id, machine, q) in waiting {
-        let report = preflight_report(state, &machine, &q).await?;
-        let report = serde_json::to_value(&report).unwrap_or_default();
-        db(state, move |db| db.record_preflight(id, report)).await?;
+/// Runs for the life of the server, beside the job engine (a preflight probes the network
+/// for seconds): the preflight of every reprotect and failback job that waits for one at its
+/// first step, against the components the job chose. A preflight that cannot run fails the
+/// job with the reason, as a failed check.
+pub async fn run_preflights(state: Arc<AppState>) {
+    loop {
+        match db(&state, |db| db.awaiting_preflight()).await {
+            Ok(waiting) => {
+                for (id, machine, q, asked) in waiting {
+                    let report = match preflight_report(&state, &machine, &q).await {
+                        Ok(r) => serde_json::to_value(&r).unwrap_or_default(),
+                        Err(e) => serde_json::json!({"ok": false, "checks": [{
+                            "code": "PREFLIGHT_ERROR", "severity": "error", "passed": false,
+                            "message": format!("the preflight could not run: {}", e.message),
+                        }]}),
+                    };
+                    let recorded = db(&state, move |db| db.record_preflight(id, &asked, report));
+                    if let Err(e) = recorded.await {
+                        tracing::error!(job = id, error = %e.message, "could not record a job's preflight");
+                    }
+                    state.jobs_changed.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e.message, "could not list the jobs waiting for a preflight")
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
-    Ok(())
 }
 
 /// Runs for the life of the server: moves the running jobs along, at once when one is made
 /// or a command answered, and at least every half second.
 pub async fn run_jobs(state: Arc<AppState>) {
     loop {
-        if let Err(e) = preflight_jobs(&state).await {
-            tracing::error!(error = %e.message, "could not run the preflight of a job");
-        }
         let timeout = state.heartbeat_timeout_ms;
         let stepped = db(&state, move |db| {
             crate::jobs::Engine::new(db, timeout).step_all()

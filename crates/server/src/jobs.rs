@@ -627,11 +627,12 @@ impl Db {
     }
 
     /// The reprotect and failback jobs waiting at their first step for their preflight (the
-    /// server runs it, since it probes the network), with what to check against.
+    /// server runs it, since it probes the network), with what to check against: the
+    /// components the job chose (`preflight_for`).
     pub fn awaiting_preflight(
         &self,
-    ) -> Result<Vec<(i64, String, crate::api::PreflightQuery)>, DbError> {
-        let text = |d: &Data, k: &str| d.get(k).and_then(Value::as_str).map(str::to_string);
+    ) -> Result<Vec<(i64, String, crate::api::PreflightQuery, Value)>, DbError> {
+        let text = |v: &Value, k: &str| v[k].as_str().map(str::to_string);
         Ok(self
             .running_jobs()?
             .into_iter()
@@ -642,37 +643,42 @@ impl Db {
                     JobKind::Failback => crate::preflight::Purpose::Failback,
                     _ => return None,
                 };
-                // A failback goes home through the master target that keeps the replica.
-                let master_target = match r.job.kind {
-                    JobKind::Failback => self
-                        .list_jobs(0, u32::MAX)
-                        .ok()?
-                        .into_iter()
-                        .rfind(|j| {
-                            j.machine == r.job.machine
-                                && j.kind == JobKind::Reprotect
-                                && j.state == JobState::Succeeded
-                        })
-                        .and_then(|j| j.result?["master_target"].as_str().map(str::to_string)),
-                    _ => text(&r.data, "master_target"),
-                };
+                let asked = r.data.get("preflight_for")?;
                 let query = crate::api::PreflightQuery {
                     purpose,
-                    master_target,
-                    process_server: text(&r.data, "process_server"),
-                    datastore: text(&r.data, "datastore"),
+                    master_target: text(asked, "master_target"),
+                    process_server: text(asked, "process_server"),
+                    datastore: text(asked, "datastore"),
                 };
-                Some((r.job.id, r.job.machine, query))
+                Some((r.job.id, r.job.machine, query, asked.clone()))
             })
             .collect())
     }
 
-    /// Gives job `id`, still at its first step, its preflight `report`.
-    pub fn record_preflight(&self, id: i64, report: Value) -> Result<(), DbError> {
+    /// Asks for job `id`'s preflight against `asked` (the master target, process server and
+    /// datastore it chose), unless it is asked for already.
+    fn ask_preflight(&self, id: i64, asked: &Value) -> Result<(), DbError> {
         let Some(mut row) = self.job_row(id)? else {
             return Ok(());
         };
-        if row.step == 0 && row.job.state == JobState::Running {
+        if row.step == 0 && row.data.get("preflight_for") != Some(asked) {
+            row.data.insert("preflight_for".into(), asked.clone());
+            row.data.remove("preflight");
+            self.advance(id, 0, 0, &row.data, None)?;
+        }
+        Ok(())
+    }
+
+    /// Gives job `id`, still at its first step and still asking for a preflight against
+    /// `asked`, its preflight `report`.
+    pub fn record_preflight(&self, id: i64, asked: &Value, report: Value) -> Result<(), DbError> {
+        let Some(mut row) = self.job_row(id)? else {
+            return Ok(());
+        };
+        if row.step == 0
+            && row.job.state == JobState::Running
+            && row.data.get("preflight_for") == Some(asked)
+        {
             row.data.insert("preflight".into(), report);
             self.advance(id, 0, 0, &row.data, None)?;
         }
@@ -1040,8 +1046,18 @@ impl<'a> Engine<'a> {
     /// Whether job `id` may go past its first step by its preflight (DESIGN 4): `None` while
     /// the server runs it; `Some(false)` when an error failed (the job fails, naming each
     /// one and its fix).
-    fn preflight_passed(&self, id: i64, data: &Data, what: &str) -> Result<Option<bool>, DbError> {
-        let Some(report) = data.get("preflight") else {
+    fn preflight_passed(
+        &self,
+        id: i64,
+        data: &Data,
+        what: &str,
+        asked: Value,
+    ) -> Result<Option<bool>, DbError> {
+        let report = data
+            .get("preflight")
+            .filter(|_| data.get("preflight_for") == Some(&asked));
+        let Some(report) = report else {
+            self.db.ask_preflight(id, &asked)?;
             self.db
                 .set_progress(id, &json!({"waiting_for": "preflight"}))?;
             return Ok(None);
@@ -1070,26 +1086,6 @@ impl<'a> Engine<'a> {
             ),
         )?;
         Ok(Some(false))
-    }
-
-    /// Fails job `id` if its preflight checked another master target than `target`, the one
-    /// it would use: what was checked must be what runs.
-    fn preflight_checked(&self, id: i64, data: &Data, target: &str) -> Result<bool, DbError> {
-        let checked = data
-            .get("preflight")
-            .and_then(|r| r["master_target"].as_str());
-        if let Some(checked) = checked
-            && checked != target
-        {
-            self.fail(
-                id,
-                format!(
-                    "the preflight checked master target {checked:?}, but the job would use {target:?}: name the master target with --master-target"
-                ),
-            )?;
-            return Ok(false);
-        }
-        Ok(true)
     }
 
     fn fail(&self, id: i64, message: String) -> Result<(), DbError> {
@@ -1695,9 +1691,6 @@ impl Engine<'_> {
                         format!("machine {machine:?} is neither failed over nor failed back: there is nothing to reprotect"),
                     );
                 };
-                if self.preflight_passed(id, &data, "reprotect")? != Some(true) {
-                    return Ok(());
-                }
                 let Some(status) = self.status_of(machine)? else {
                     return self.fail(id, format!("machine {machine:?} is not in the inventory"));
                 };
@@ -1829,7 +1822,13 @@ impl Engine<'_> {
                     Some(c) if c.role == crate::components::ComponentRole::MasterTarget => {}
                     _ => return self.fail(id, format!("there is no master target {target:?}")),
                 }
-                if !self.preflight_checked(id, &data, &target)? {
+                // The preflight, against what this job uses, before anything changes.
+                let asked = json!({
+                    "master_target": target,
+                    "process_server": data.get("process_server"),
+                    "datastore": data.get("datastore"),
+                });
+                if self.preflight_passed(id, &data, "reprotect", asked)? != Some(true) {
                     return Ok(());
                 }
                 if !point.is_u64() {
@@ -1842,8 +1841,9 @@ impl Engine<'_> {
                         ),
                     );
                 }
-                // The lineage of the new replica: a reprotect after a failover starts one (this
-                // job's number: higher than any before); after a failback, the home agent's log
+                // The lineage of the new replica: a reprotect after a failover starts one (the
+                // failover's number: higher than any before, and the same for a reprotect run
+                // again after one cancelled or failed); after a failback, the home agent's log
                 // goes on in the one the failback started.
                 let lineage = match last.kind {
                     JobKind::Failback => match result["lineage"].as_u64() {
@@ -1855,7 +1855,7 @@ impl Engine<'_> {
                             );
                         }
                     },
-                    _ => id as u64,
+                    _ => last.id as u64,
                 };
                 data.insert("lineage".into(), json!(lineage));
                 data.insert("old_agent".into(), json!(old_agent));
@@ -2131,9 +2131,6 @@ impl Engine<'_> {
                         format!("machine {machine:?} is home already (it was failed back and reprotected): fail it over to fail it back"),
                     );
                 }
-                if self.preflight_passed(id, &data, "failback")? != Some(true) {
-                    return Ok(());
-                }
                 let Some(status) = self.status_of(machine)? else {
                     return self.fail(id, format!("machine {machine:?} is not in the inventory"));
                 };
@@ -2142,7 +2139,8 @@ impl Engine<'_> {
                     .as_str()
                     .unwrap_or_default()
                     .to_string();
-                if !self.preflight_checked(id, &data, &mt)? {
+                let asked = json!({"master_target": mt, "process_server": null, "datastore": null});
+                if self.preflight_passed(id, &data, "failback", asked)? != Some(true) {
                     return Ok(());
                 }
                 if !matches!(

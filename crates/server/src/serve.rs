@@ -61,6 +61,7 @@ pub async fn serve(
     let Prepared { acceptor, state } = prepared;
     tokio::spawn(crate::api::watch_components(state.clone()));
     tokio::spawn(crate::api::run_jobs(state.clone()));
+    tokio::spawn(crate::api::run_preflights(state.clone()));
     let app = router(state);
     loop {
         let accepted = tokio::select! {

@@ -175,6 +175,7 @@ impl StreamCache {
     /// first sequence number on. Crash-safe: the lineage is recorded last, so a cut reset is
     /// done again by the next open of the new lineage.
     pub fn reset(&mut self, lineage: Lineage) -> Result<(), CacheError> {
+        let _held = LINEAGE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let io = |dir: &Path, source| CacheError::Io {
             dir: dir.to_path_buf(),
             source,
@@ -239,6 +240,20 @@ impl StreamCache {
         }
         Ok(())
     }
+}
+
+/// Held by a reset and by [`release_lineage_through`]: a release decided for one lineage never
+/// deletes records of the next (whose sequence numbers may overlap the old one's).
+static LINEAGE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// As [`release_through`], only while `dir` holds records of `lineage` (a sender's late ack
+/// of an ended lineage releases nothing).
+pub fn release_lineage_through(dir: &Path, lineage: Lineage, durable: Seq) -> std::io::Result<u64> {
+    let _held = LINEAGE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if Lineage::read(dir)? != lineage {
+        return Ok(0);
+    }
+    release_through(dir, durable)
 }
 
 /// Deletes the segments of the cache directory `dir` whose every record is at or below

@@ -47,6 +47,9 @@ pub type OnOpen = Arc<dyn Fn(&str, &[DiskName]) + Send + Sync>;
 /// of its replica.
 pub type OnLineage = Arc<dyn Fn(&str, Lineage) -> Result<(), String> + Send + Sync>;
 
+/// Called when a stream's held records were dropped for a newer lineage, with its name.
+pub type OnReset = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// A receiver's settings.
 pub struct Config {
     /// This component's name and role.
@@ -66,6 +69,7 @@ pub struct Config {
     pub on_durable: Option<OnDurable>,
     pub on_open: Option<OnOpen>,
     pub on_lineage: Option<OnLineage>,
+    pub on_reset: Option<OnReset>,
     /// Answers digest requests; none refuses them.
     pub on_digest: Option<crate::digest::OnDigest>,
 }
@@ -107,6 +111,22 @@ impl Receiver {
             busy: Mutex::default(),
             disks: Mutex::default(),
         }))
+    }
+
+    /// Whether `client` may send records of `offered` on `stream`: not of a lineage older than
+    /// the one held, and what the receiver's own rule (`on_lineage`) allows.
+    fn lineage_allowed(&self, stream: &str, client: &str, offered: Lineage) -> Result<(), String> {
+        if let Some(veto) = &self.config.on_lineage {
+            veto(stream, offered)?;
+        }
+        let held = Lineage::read(&self.config.cache.join(stream)).map_err(|e| e.to_string())?;
+        if offered.id < held.id {
+            return Err(format!(
+                "stream {stream} is at {held} on this {}, and {client} sends records of {offered}, which ended: they are not taken. The sender is from before a reprotect or failback of {stream}; if its disks are to replicate again, reprotect the machine",
+                self.config.role
+            ));
+        }
+        Ok(())
     }
 
     /// Records the disks of `stream`; refuses them if all streams' disks would pass the limit.
@@ -282,6 +302,12 @@ impl Receiver {
             wr.refuse(ErrorCode::BadFrame, &why).await;
             return Err(WireError::Protocol(why).into());
         }
+        // Records of an ended lineage are never taken, and refused before they take the stream
+        // from the connection that carries the live one.
+        if let Err(why) = self.lineage_allowed(&stream, client, offered) {
+            wr.refuse(ErrorCode::Lineage, &why).await;
+            return Err(WireError::Protocol(why).into());
+        }
         // A newer connection of the same, authenticated, sender takes the stream over: the older
         // one is stale (its host rebooted with the connection open, say).
         let Some(busy) = BusyGuard::take(&self.busy, &stream).await else {
@@ -310,10 +336,8 @@ impl Receiver {
                 return Err(e.into());
             }
         };
-        // Records of an ended lineage are never taken; a newer lineage replaces what is held.
-        if let Some(veto) = &self.config.on_lineage
-            && let Err(why) = veto(&stream, offered)
-        {
+        // Checked again now that this connection holds the stream.
+        if let Err(why) = self.lineage_allowed(&stream, client, offered) {
             wr.refuse(ErrorCode::Lineage, &why).await;
             return Err(WireError::Protocol(why).into());
         }
@@ -324,14 +348,6 @@ impl Receiver {
                 return Err(e.into());
             }
         };
-        if offered.id < held.id {
-            let why = format!(
-                "stream {stream} is at {held} on this {}, and {client} sends records of {offered}, which ended: they are not taken. The sender is from before a reprotect or failback of {stream}; if its disks are to replicate again, reprotect the machine",
-                self.config.role
-            );
-            wr.refuse(ErrorCode::Lineage, &why).await;
-            return Err(WireError::Protocol(why).into());
-        }
         if offered.id > held.id {
             let (back, reset) = tokio::task::spawn_blocking(move || {
                 let reset = cache.reset(offered);
@@ -345,6 +361,9 @@ impl Receiver {
                 return Err(e.into());
             }
             tracing::warn!(%stream, %held, new = %offered, "a new lineage of the stream: the records of the old one are dropped");
+            if let Some(reset) = &self.config.on_reset {
+                reset(&stream);
+            }
         }
         if let Some(opened) = &self.config.on_open {
             opened(&stream, &disks);

@@ -22,8 +22,9 @@ pub trait Source: Send + Sync + 'static {
     fn dir(&self) -> PathBuf;
     /// The sequence number the next record written here will have.
     fn next_seq(&self) -> Result<Seq, String>;
-    /// Drops what the receiver holds durable, up to `durable` (whole segments only).
-    fn release_through(&self, durable: Seq) -> Result<(), String>;
+    /// Drops what the receiver holds durable, up to `durable` (whole segments only), of the
+    /// records of `lineage` (the one the stream was opened with).
+    fn release_through(&self, lineage: crate::cache::Lineage, durable: Seq) -> Result<(), String>;
     /// The lineage of the records: each connection opens the stream with it, and ends when
     /// it changes (records read after the change are of the new one).
     fn lineage(&self) -> Result<crate::cache::Lineage, String>;
@@ -208,7 +209,7 @@ async fn stream<S: Source>(
     }
     // What the receiver resumes after, it holds durable: as good as an ack.
     if next.0 > 1 {
-        log.release_through(Seq(next.0 - 1))
+        log.release_through(lineage, Seq(next.0 - 1))
             .map_err(|why| ShipError::Log {
                 dir: dir.clone(),
                 why,
@@ -295,7 +296,7 @@ async fn stream<S: Source>(
                         Ok(Some(Ok(Frame::Ack { durable, credit }))) => {
                             out.acked(durable, credit)
                                 .map_err(|v| WireError::Protocol(v.message))?;
-                            log.release_through(durable).map_err(|why| ShipError::Log {
+                            log.release_through(lineage, durable).map_err(|why| ShipError::Log {
                                 dir: dir.clone(),
                                 why,
                             })?;
@@ -317,10 +318,11 @@ async fn stream<S: Source>(
                     out.acked(durable, credit)
                         .map_err(|v| WireError::Protocol(v.message))?;
                     *progressed = true;
-                    log.release_through(durable).map_err(|why| ShipError::Log {
-                        dir: dir.clone(),
-                        why,
-                    })?;
+                    log.release_through(lineage, durable)
+                        .map_err(|why| ShipError::Log {
+                            dir: dir.clone(),
+                            why,
+                        })?;
                 }
                 Ok(Frame::Ping { nonce }) => wr.send(&Frame::Pong { nonce }).await?,
                 Ok(Frame::Pong { .. }) => {}

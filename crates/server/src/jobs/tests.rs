@@ -803,43 +803,46 @@ fn reprotect_and_failback_are_cancelled_only_where_nothing_is_left_half_done() {
 #[test]
 fn a_reprotect_waits_for_its_preflight_and_a_failed_one_fails_it_with_each_error() {
     let (_dir, db) = db();
-    let failover = db.create_job(&new(JobKind::Failover, None), "ops").unwrap();
-    db.end_job(
-        failover.id,
-        JobState::Succeeded,
-        "failed over",
-        &json!({"master_target": "mt1", "seq": 9}),
-    )
-    .unwrap();
-    let mut asked = new(JobKind::Reprotect, None);
-    asked
-        .options
-        .insert("master_target".into(), json!("mt-other"));
-    let job = db.create_job(&asked, "ops").unwrap();
-    // The server runs the preflight (it probes the network): it is asked for with the job's
-    // choice of master target, and the job waits at its first step until it has it.
-    let waiting = db.awaiting_preflight().unwrap();
-    assert_eq!(waiting.len(), 1);
-    let (id, machine, query) = &waiting[0];
-    assert_eq!((*id, machine.as_str()), (job.id, "app01"));
-    assert_eq!(query.purpose, crate::preflight::Purpose::Reprotect);
-    assert_eq!(query.master_target.as_deref(), Some("mt-other"));
+    let job = db
+        .create_job(&new(JobKind::Reprotect, None), "ops")
+        .unwrap();
     let engine = Engine::new(&db, 60_000);
-    engine.step_all().unwrap();
+    // The job asks for a preflight against the components it chose, and waits for it.
+    let asked = json!({"master_target": "mt-other", "process_server": null, "datastore": null});
+    let data = db.job_row(job.id).unwrap().unwrap().data;
+    assert_eq!(
+        engine
+            .preflight_passed(job.id, &data, "reprotect", asked.clone())
+            .unwrap(),
+        None
+    );
     let now = db.get_job(job.id).unwrap().unwrap();
     assert_eq!((now.state, now.step.as_str()), (JobState::Running, "check"));
     assert_eq!(now.result.unwrap()["waiting_for"], "preflight");
-    db.record_preflight(
-        job.id,
-        json!({"ok": false, "master_target": "mt-other", "checks": [
-            {"code": "PS_UNREACHABLE", "severity": "error", "passed": false, "message": "process server \"ps1\" does not answer"},
-            {"code": "PS_LINK_BANDWIDTH", "severity": "warning", "passed": false, "message": "slow"},
-            {"code": "MT_MISSING", "severity": "error", "passed": true, "message": "fine"},
-        ]}),
-    )
-    .unwrap();
+    let waiting = db.awaiting_preflight().unwrap();
+    assert_eq!(waiting.len(), 1);
+    let (id, machine, query, _) = &waiting[0];
+    assert_eq!((*id, machine.as_str()), (job.id, "app01"));
+    assert_eq!(query.purpose, crate::preflight::Purpose::Reprotect);
+    assert_eq!(query.master_target.as_deref(), Some("mt-other"));
+    // A report against other components than the job asks about now is not taken.
+    let failing = json!({"ok": false, "master_target": "mt-other", "checks": [
+        {"code": "PS_UNREACHABLE", "severity": "error", "passed": false, "message": "process server \"ps1\" does not answer"},
+        {"code": "PS_LINK_BANDWIDTH", "severity": "warning", "passed": false, "message": "slow"},
+        {"code": "MT_MISSING", "severity": "error", "passed": true, "message": "fine"},
+    ]});
+    db.record_preflight(job.id, &json!({"master_target": "mt1"}), failing.clone())
+        .unwrap();
+    assert_eq!(db.awaiting_preflight().unwrap().len(), 1);
+    db.record_preflight(job.id, &asked, failing).unwrap();
     assert!(db.awaiting_preflight().unwrap().is_empty());
-    engine.step_all().unwrap();
+    let data = db.job_row(job.id).unwrap().unwrap().data;
+    assert_eq!(
+        engine
+            .preflight_passed(job.id, &data, "reprotect", asked)
+            .unwrap(),
+        Some(false)
+    );
     let failed = db.get_job(job.id).unwrap().unwrap();
     assert_eq!(failed.state, JobState::Failed);
     let message = failed.message.unwrap();
