@@ -44,6 +44,8 @@ pub struct AppState {
     pub sources: Arc<Vec<Box<dyn InventorySource>>>,
     /// Woken when a job is made or a command answered, so the engine steps at once.
     pub jobs_changed: tokio::sync::Notify,
+    /// Told after each pass of the job engine: a job may be waiting for its preflight.
+    pub preflights_wanted: tokio::sync::Notify,
 }
 
 impl AppState {
@@ -1325,7 +1327,11 @@ pub async fn run_preflights(state: Arc<AppState>) {
                 tracing::error!(error = %e.message, "could not list the jobs waiting for a preflight")
             }
         }
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            state.preflights_wanted.notified(),
+        )
+        .await;
     }
 }
 
@@ -1341,6 +1347,7 @@ pub async fn run_jobs(state: Arc<AppState>) {
         if let Err(e) = stepped {
             tracing::error!(error = %e.message, "could not step the jobs");
         }
+        state.preflights_wanted.notify_one();
         let _ = tokio::time::timeout(
             std::time::Duration::from_millis(500),
             state.jobs_changed.notified(),

@@ -48,6 +48,7 @@ pub fn prepare(config: &ServerConfig) -> Result<Prepared, ServeError> {
         heartbeat_timeout_ms: (config.heartbeat_timeout_seconds.max(1) * 1000) as i64,
         sources: Arc::new(sources),
         jobs_changed: Default::default(),
+        preflights_wanted: Default::default(),
     });
     Ok(Prepared { acceptor, state })
 }
