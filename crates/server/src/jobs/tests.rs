@@ -101,17 +101,19 @@ fn answer(db: &Db, component: &str, ok: bool, result: Value) -> Command {
 #[test]
 fn a_test_failover_of_a_machine_that_is_not_protected_fails_and_says_why() {
     let (_dir, db) = db();
-    let job = db
-        .create_job(&new(JobKind::TestFailover, None), "ops")
-        .unwrap();
-    engine(&db).step_all().unwrap();
-    let job = db.get_job(job.id).unwrap().unwrap();
-    assert_eq!(job.state, JobState::Failed);
-    assert!(job.message.unwrap().contains("not protected"));
-    assert!(
-        db.next_command("mt1", &[]).unwrap().is_none(),
-        "nothing was given to a component"
-    );
+    for kind in [JobKind::TestFailover, JobKind::Failover] {
+        let job = db.create_job(&new(kind, None), "ops").unwrap();
+        engine(&db).step_all().unwrap();
+        let job = db.get_job(job.id).unwrap().unwrap();
+        assert_eq!(job.state, JobState::Failed, "{kind:?}");
+        assert!(job.message.unwrap().contains("not protected"), "{kind:?}");
+        for c in ["mt1", "app01"] {
+            assert!(
+                db.next_command(c, &[]).unwrap().is_none(),
+                "{kind:?}: nothing was given to a component"
+            );
+        }
+    }
 }
 
 #[test]
