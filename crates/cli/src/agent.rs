@@ -454,28 +454,33 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     // Everything a client or script may use is ready: announce it. The first line of stdout is
     // the address, for scripts and tests.
     // Heartbeats describe the machine: its OS, its disks and how far their copy is.
-    // The write rate is the average since the previous heartbeat.
+    // The write rate is the average over the last heartbeat interval (the report is made more
+    // often, to send a heartbeat at once when a copy ends).
     let (reported_log, reported_disks) = (log.clone(), devices.clone());
     let machine = match (&args.name, &args.tls) {
         (Some(n), _) => Some(n.clone()),
         (None, Some(dir)) => crate::daemon::name_or_dir(None, dir, "protected machine").ok(),
         _ => None,
     };
-    let previous = Mutex::new(None::<(u64, std::time::Instant)>);
+    let previous = Mutex::new(None::<(u64, std::time::Instant, Option<u64>)>);
+    let window = Duration::from_secs_f64(args.reporting.heartbeat_interval.clamp(0.1, 3600.0));
     let report: crate::client::Report = Box::new(move || {
         let (states, through) = boomerang_agent::sync::states(&reported_log, &reported_disks);
         let drained = reported_log.lock().is_ok_and(|l| l.failed_over().is_some());
         let written: u64 = reported_disks.iter().map(|d| d.written_bytes()).sum();
         let now = std::time::Instant::now();
         let rate = match previous.lock() {
-            Ok(mut p) => {
-                let rate = p.map(|(before, at)| {
-                    let secs = now.duration_since(at).as_secs_f64().max(1e-3);
-                    (written.saturating_sub(before) as f64 / secs) as u64
-                });
-                *p = Some((written, now));
-                rate
-            }
+            Ok(mut p) => match *p {
+                Some((_, at, rate)) if now.duration_since(at) < window => rate,
+                _ => {
+                    let rate = p.map(|(before, at, _)| {
+                        let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+                        (written.saturating_sub(before) as f64 / secs) as u64
+                    });
+                    *p = Some((written, now, rate));
+                    rate
+                }
+            },
             Err(_) => None,
         };
         let machine = machine.clone();
@@ -517,7 +522,22 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             beat
         })
     });
-    crate::client::start_heartbeats(&args.reporting, log_dir.clone(), report)?;
+    // A disk's copy that ended, a drain, a new position of the last copy: at once.
+    let watched: crate::client::Watched = Arc::new(|beat| {
+        let disks = beat.get("disks").and_then(|d| d.as_array()).cloned();
+        serde_json::json!([
+            disks
+                .unwrap_or_default()
+                .iter()
+                .map(|d| d["sync"].clone())
+                .collect::<Vec<_>>(),
+            beat.get("synced_through_seq"),
+            beat.get("standby"),
+            beat.get("drained"),
+            beat.get("replicating"),
+        ])
+    });
+    crate::client::start_heartbeats(&args.reporting, log_dir.clone(), report, Some(watched))?;
     // The configuration server's jobs: the drain of a planned failover, the policy's
     // app-consistent schedule.
     let (restart, mut restarting) = tokio::sync::watch::channel(false);

@@ -1273,7 +1273,7 @@ pub struct Reporting {
     component_token_file: Option<PathBuf>,
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 30.0)]
-    heartbeat_interval: f64,
+    pub heartbeat_interval: f64,
 }
 
 /// Free bytes of the file system holding `path`.
@@ -1410,12 +1410,21 @@ pub async fn answers(addr: &str) -> bool {
     )
 }
 
+/// What of a heartbeat the configuration server's jobs wait on (a disk's copy ended, a mark
+/// reached the master target): when it changes, the heartbeat goes at once.
+pub type Watched = std::sync::Arc<dyn Fn(&serde_json::Map<String, Value>) -> Value + Send + Sync>;
+
+/// How often a component with a [`Watched`] part looks at it between heartbeats.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Sends heartbeats for the life of the process, if `reporting` names a server: health,
-/// version, the free space of `volume`, and what `report` adds.
+/// version, the free space of `volume`, and what `report` adds; every heartbeat interval, and
+/// also at once (within 0.2 s) when the `watched` part of the report changes.
 pub fn start_heartbeats(
     reporting: &Reporting,
     volume: PathBuf,
     report: Report,
+    watched: Option<Watched>,
 ) -> anyhow::Result<()> {
     let Some(api) = component_api(reporting)? else {
         return Ok(());
@@ -1429,8 +1438,19 @@ pub fn start_heartbeats(
     let every = std::time::Duration::from_secs_f64(reporting.heartbeat_interval);
     tokio::spawn(async move {
         let mut failing = false;
+        let mut sent: Option<(std::time::Instant, Value)> = None;
         loop {
             let mut beat = report().await;
+            let now_watched = watched.as_ref().map(|w| w(&beat)).unwrap_or(Value::Null);
+            let due = match &sent {
+                None => true,
+                Some((at, before)) => at.elapsed() >= every || *before != now_watched,
+            };
+            if !due {
+                tokio::time::sleep(WATCH_EVERY.min(every)).await;
+                continue;
+            }
+            sent = Some((std::time::Instant::now(), now_watched));
             beat.insert("healthy".into(), json!(true));
             beat.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
             beat.insert("free_bytes".into(), json!(free_bytes(&volume)));
@@ -1450,7 +1470,12 @@ pub fn start_heartbeats(
                 }
                 Err(_) => {}
             }
-            tokio::time::sleep(every).await;
+            let pause = if watched.is_some() {
+                WATCH_EVERY.min(every)
+            } else {
+                every
+            };
+            tokio::time::sleep(pause).await;
         }
     });
     Ok(())

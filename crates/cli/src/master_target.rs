@@ -393,7 +393,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             beat
         })
     });
-    crate::client::start_heartbeats(&args.reporting, retention_dir.clone(), report)?;
+    // (Its report reads every point manifest: not looked at more often than it is sent.)
+    crate::client::start_heartbeats(&args.reporting, retention_dir.clone(), report, None)?;
     let handler: crate::client::Handler = std::sync::Arc::new(move |kind, params| {
         let (recoveries, replicas) = (recoveries.clone(), replicas.clone());
         Box::pin(async move { command(&recoveries, &replicas, &kind, &params).await })

@@ -95,6 +95,17 @@ pub async fn run(args: ProcessServerArgs) -> anyhow::Result<i32> {
             beat
         })
     });
-    crate::client::start_heartbeats(&args.reporting, args.cache.clone(), report)?;
+    // A mark that reached the master target, or a stream that came or went: at once.
+    let watched: crate::client::Watched = std::sync::Arc::new(|beat| {
+        let streams = beat.get("streams").and_then(|s| s.as_array()).cloned();
+        serde_json::json!(
+            streams
+                .unwrap_or_default()
+                .iter()
+                .map(|s| { serde_json::json!([s["machine"], s["last_mark_seq"], s["connected"]]) })
+                .collect::<Vec<_>>()
+        )
+    });
+    crate::client::start_heartbeats(&args.reporting, args.cache.clone(), report, Some(watched))?;
     crate::daemon::serve(server, &args.listen, "process server").await
 }
