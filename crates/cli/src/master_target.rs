@@ -535,6 +535,16 @@ async fn command(
             })
             .collect::<Result<Vec<_>, _>>()?;
         let at = boomerang_master_target::recoveries::At::from_json(&params["at"])?;
+        // The latest point: of every record received, once applied (and its marks listed);
+        // `latest-processed` takes the newest listed now.
+        if !matches!(at, boomerang_master_target::recoveries::At::Seq(_))
+            && params["at"] != "latest-processed"
+            && !replicas
+                .caught_up(machine, std::time::Duration::from_secs(60))
+                .await
+        {
+            tracing::warn!(%machine, "the replica's applier has not applied every record received within 60 s: the newest point it lists now is served");
+        }
         let served = recoveries.start(&key, machine, &disks, at).await?;
         let mut answer = serde_json::to_value(served).map_err(|e| e.to_string())?;
         // Materialized too: each disk at the point as an image file of that format.

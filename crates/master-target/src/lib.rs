@@ -355,6 +355,32 @@ impl Replicas {
         self.retention.join("replicas").join(stream)
     }
 
+    /// Waits (up to `within`) until the applier of `stream` has applied every record durable
+    /// here when called, so that the points listed include every mark received: what a
+    /// failover to the latest point serves. False when it did not within `within`.
+    pub async fn caught_up(&self, stream: &str, within: std::time::Duration) -> bool {
+        let durable = self
+            .appliers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(stream)
+            .map(|a| *a.durable.borrow());
+        let position = self
+            .positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(stream)
+            .cloned();
+        let (Some(durable), Some(mut position)) = (durable, position) else {
+            // No applier: nothing received that is not applied (or nothing to apply to).
+            return true;
+        };
+        matches!(
+            tokio::time::timeout(within, position.wait_for(|p| p.applied >= durable)).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Makes `disks` (name, path of an existing disk image at this site) the replica images
     /// of `stream`, in place of whatever replica it had here (its points are of a lineage
     /// that ended at a failover). A disk outside the retention volume (the machine's own disk

@@ -49,10 +49,12 @@ pub enum At {
 }
 
 impl At {
-    /// From a command's `at`: a number, `"latest-app-consistent"`, or null (the latest).
+    /// From a command's `at`: a number, `"latest-app-consistent"`, or null or
+    /// `"latest-processed"` (the latest).
     pub fn from_json(v: &serde_json::Value) -> Result<At, String> {
         match v {
             serde_json::Value::Null => Ok(At::Latest),
+            serde_json::Value::String(s) if s == "latest-processed" => Ok(At::Latest),
             serde_json::Value::String(s) if s == "latest-app-consistent" => {
                 Ok(At::LatestAppConsistent)
             }

@@ -2321,7 +2321,8 @@ fn sync_progress(status: &MachineStatus, started_ms: i64) -> Value {
 /// `latest-app-consistent`, or null for the latest.
 fn point(data: &Data) -> Result<Value, String> {
     match data.get("point").and_then(Value::as_str) {
-        None | Some("latest" | "latest-processed") => Ok(Value::Null),
+        None | Some("latest") => Ok(Value::Null),
+        Some("latest-processed") => Ok(json!("latest-processed")),
         Some("latest-app-consistent") => Ok(json!("latest-app-consistent")),
         Some(p) => p.parse::<u64>().map(|seq| json!(seq)).map_err(|_| {
             format!(

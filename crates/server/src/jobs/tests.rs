@@ -505,7 +505,7 @@ fn an_unplanned_failover_to_latest_waits_for_the_process_servers_backlog_first()
     protect(&db);
     ps_backlog(&db, 65536);
     for (point, at) in [
-        ("latest-processed", Value::Null),
+        ("latest-processed", json!("latest-processed")),
         ("latest-app-consistent", json!("latest-app-consistent")),
     ] {
         let job = db
