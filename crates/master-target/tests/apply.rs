@@ -169,7 +169,22 @@ async fn start(
     tokio::sync::watch::Sender<bool>,
     Arc<boomerang_master_target::Metrics>,
 ) {
-    let (server, metrics) = receiver(Config {
+    let (addr, stop, metrics, _) = start_with_replicas(ca, retention, max_disks).await;
+    (addr, stop, metrics)
+}
+
+/// [`start`], and the handle on the replicas.
+async fn start_with_replicas(
+    ca: &Path,
+    retention: &Path,
+    max_disks: usize,
+) -> (
+    String,
+    tokio::sync::watch::Sender<bool>,
+    Arc<boomerang_master_target::Metrics>,
+    Arc<boomerang_master_target::Replicas>,
+) {
+    let (server, metrics, replicas) = boomerang_master_target::receiver_with_replicas(Config {
         name: "mt1".into(),
         tls: TlsIdentity::load(&ca.join("issued/mt1")).unwrap(),
         retention: retention.to_path_buf(),
@@ -183,7 +198,7 @@ async fn start(
     let addr = listener.local_addr().unwrap().to_string();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(Arc::clone(&server).serve(listener, stopped));
-    (addr, stop, metrics)
+    (addr, stop, metrics, replicas)
 }
 
 /// Waits until the replica store has a point at each expected mark, and checks each.
@@ -516,20 +531,7 @@ async fn an_adopted_replica_takes_records_of_its_own_lineage_only() {
     let dir = tempfile::tempdir().unwrap();
     let ca = site(dir.path());
     let retention = dir.path().join("retention");
-    let (server, _metrics, replicas) = boomerang_master_target::receiver_with_replicas(Config {
-        name: "mt1".into(),
-        tls: TlsIdentity::load(&ca.join("issued/mt1")).unwrap(),
-        retention: retention.clone(),
-        max_disks: 60,
-        block_size: 4096,
-        point_every: Duration::ZERO,
-        log_window: Duration::from_secs(3600),
-    })
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(Arc::clone(&server).serve(listener, stopped));
+    let (addr, _stop, _metrics, replicas) = start_with_replicas(&ca, &retention, 60).await;
     let write = |seq: u64, byte: u8| Record {
         seq: Seq(seq),
         op: Op::Write {

@@ -151,10 +151,9 @@ async fn start_with_metrics(
     ((addr, stop), metrics_addr)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_are_cached_before_the_ack_and_streams_resume() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
+/// A CA under `dir`, with certificates for process server ps1 (at 127.0.0.1) and `agents`.
+fn site(dir: &Path, agents: &[&str]) -> std::path::PathBuf {
+    let ca = dir.join("ca");
     pki::init_ca(&ca).unwrap();
     pki::issue(
         &ca,
@@ -164,9 +163,16 @@ async fn records_are_cached_before_the_ack_and_streams_resume() {
         30,
     )
     .unwrap();
-    for agent in ["web01", "web02"] {
+    for agent in agents {
         pki::issue(&ca, agent, CertRole::Wire(Role::Agent), &[], 30).unwrap();
     }
+    ca
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_cached_before_the_ack_and_streams_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = site(dir.path(), &["web01", "web02"]);
     let cache = dir.path().join("cache");
     let ((addr, stop), metrics) = start_with_metrics(&ca, &cache).await;
 
@@ -325,17 +331,7 @@ fn the_last_mark_is_reported_only_once_the_master_target_holds_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_lineage_replaces_the_cached_records_and_an_ended_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    pki::init_ca(&ca).unwrap();
-    pki::issue(
-        &ca,
-        "ps1",
-        CertRole::Wire(Role::ProcessServer),
-        &["127.0.0.1".into()],
-        30,
-    )
-    .unwrap();
-    pki::issue(&ca, "web01", CertRole::Wire(Role::Agent), &[], 30).unwrap();
+    let ca = site(dir.path(), &["web01"]);
     let cache = dir.path().join("cache");
     let (addr, _stop) = start(&ca, &cache).await;
     // The first lineage: records 1 to 10, never forwarded (no master target).
