@@ -1,6 +1,7 @@
 //! Feeds arbitrary bytes to the replica store's decoders (chunk objects, tree nodes, point
-//! manifests), as a damaged or hostile store would: they must never panic, and a chunk or node
-//! they accept must match the hash it was asked for.
+//! manifests, sealed objects), as a damaged or hostile store would: they must never panic, a
+//! chunk or node they accept must match the hash it was asked for, and no forged bytes open
+//! as a sealed object.
 //!
 //! Run with `cargo +nightly fuzz run store_objects` from the repository root.
 
@@ -9,6 +10,7 @@
 use boomerang_core::ChunkHash;
 use boomerang_store::chunk;
 use boomerang_store::point::PointManifest;
+use boomerang_store::seal::{self, DataKey, Hasher};
 use boomerang_store::tree::decode_node;
 use libfuzzer_sys::fuzz_target;
 
@@ -16,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     // Name the object by its own hash half the time, so that decoding gets past the check.
     let named = chunk::hash(data);
     for expected in [named, ChunkHash([0x5a; 32])] {
-        if let Ok(block) = chunk::decode_any(data, &expected) {
+        if let Ok(block) = chunk::decode_any(data, &expected, Hasher::Plain) {
             assert_eq!(chunk::hash(&block), expected);
         }
         for (level, count) in [(1, 1), (1, 256), (2, 3)] {
@@ -26,4 +28,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = PointManifest::decode(data, "points/fuzz/00000000000000000001.point");
+    // A forgery without the key never opens (the AEAD tag).
+    let key = DataKey::from_bytes([0x42; 32]);
+    assert!(seal::open_with(&key, "chunks/ab/abcd", data).is_err());
 });

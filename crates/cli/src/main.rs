@@ -30,8 +30,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Work on a replica store directly (offline).
-    #[command(subcommand)]
-    Store(store::StoreCommand),
+    Store(store::StoreArgs),
     /// Mobility agent: serve protected disks over NBD, capturing every write.
     Agent(Box<agent::AgentArgs>),
     /// Run the sample lifecycle on local directories and verify the data.

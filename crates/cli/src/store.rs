@@ -5,11 +5,21 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 use boomerang_core::{DiskName, PointId};
-use boomerang_store::{CommitOptions, Keep, MarkKind, PointManifest, Store};
+use boomerang_store::{CommitOptions, DataKey, Keep, MarkKind, PointManifest, Store};
 use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::output::{Bar, Output, Table, bytes, parse_size, print_json};
+
+/// `boomerang store`: the verb, and the key of a sealed store.
+#[derive(clap::Args, Debug)]
+pub struct StoreArgs {
+    /// The key file of a sealed store (made by `store init --sealed`).
+    #[arg(long, global = true, env = "BOOMERANG_STORE_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: StoreCommand,
+}
 
 #[derive(Subcommand, Debug)]
 pub enum StoreCommand {
@@ -19,6 +29,10 @@ pub enum StoreCommand {
         /// Block size: a power of two from 4KiB to 4MiB.
         #[arg(long, default_value = "64KiB", value_parser = parse_size)]
         block_size: u64,
+        /// Seal its chunks and nodes (encryption at rest) under the key in --key-file, which
+        /// is made if it does not exist. The store never holds the key: back the file up.
+        #[arg(long, requires = "key_file")]
+        sealed: bool,
     },
     /// Hash an image and store the blocks that differ from the disk's latest point.
     Commit {
@@ -96,12 +110,31 @@ pub enum Format {
     Vhd,
 }
 
+/// Opens `store` with the key in `key_file`, if one is given.
+async fn open(store: &str, key_file: &Option<PathBuf>) -> anyhow::Result<Store> {
+    let key = key_file.as_deref().map(DataKey::read).transpose()?;
+    Ok(Store::open_with_key(store, key.as_ref()).await?)
+}
+
 /// Runs a verb; returns the exit code.
-pub async fn run(cmd: StoreCommand, output: Output) -> anyhow::Result<i32> {
+pub async fn run(args: StoreArgs, output: Output) -> anyhow::Result<i32> {
     let bar = Bar::new(output);
-    match cmd {
-        StoreCommand::Init { store, block_size } => {
-            let s = Store::init(&store, block_size).await?;
+    let key_file = args.key_file;
+    match args.command {
+        StoreCommand::Init {
+            store,
+            block_size,
+            sealed,
+        } => {
+            let key = match (&key_file, sealed) {
+                (Some(path), true) if path.exists() => Some(DataKey::read(path)?),
+                (Some(path), true) => Some(DataKey::create(path)?),
+                _ => None,
+            };
+            let s = match &key {
+                Some(key) => Store::init_sealed(&store, block_size, key).await?,
+                None => Store::init(&store, block_size).await?,
+            };
             if output == Output::Json {
                 print_json(&serde_json::json!({ "store": s.display(), "config": s.config() }))?;
             } else {
@@ -110,6 +143,13 @@ pub async fn run(cmd: StoreCommand, output: Output) -> anyhow::Result<i32> {
                     s.display(),
                     bytes(block_size)
                 );
+                if let (Some(key), Some(path)) = (&key, &key_file) {
+                    println!(
+                        "sealed under key {} in {}: back that file up; without it the store cannot be read",
+                        key.id(),
+                        path.display()
+                    );
+                }
             }
         }
         StoreCommand::Commit {
@@ -118,7 +158,7 @@ pub async fn run(cmd: StoreCommand, output: Output) -> anyhow::Result<i32> {
             image,
             mark,
         } => {
-            let s = Store::open(&store).await?;
+            let s = open(&store, &key_file).await?;
             let options = CommitOptions { mark, seq: None };
             let r = s.commit_image(&disk, &image, options, &bar).await?;
             if output == Output::Json {
@@ -137,7 +177,7 @@ pub async fn run(cmd: StoreCommand, output: Output) -> anyhow::Result<i32> {
             }
         }
         StoreCommand::Points { store, disk } => {
-            let s = Store::open(&store).await?;
+            let s = open(&store, &key_file).await?;
             let points = s.points(disk.as_ref()).await?;
             if output == Output::Json {
                 print_json(&points)?;
@@ -168,7 +208,7 @@ pub async fn run(cmd: StoreCommand, output: Output) -> anyhow::Result<i32> {
             out,
             format,
         } => {
-            let s = Store::open(&store).await?;
+            let s = open(&store, &key_file).await?;
             let p = s.point(&disk, point.0).await?;
             let r = export(&s, &p, &out, format, &bar).await?;
             if output == Output::Json {
@@ -192,7 +232,7 @@ pub async fn run(cmd: StoreCommand, output: Output) -> anyhow::Result<i32> {
             from,
             to,
         } => {
-            let s = Store::open(&store).await?;
+            let s = open(&store, &key_file).await?;
             let a = s.point(&disk, from.0).await?;
             let b = s.point(&disk, to.0).await?;
             let ranges = s.diff(&a, &b).await?;
@@ -219,7 +259,7 @@ pub async fn run(cmd: StoreCommand, output: Output) -> anyhow::Result<i32> {
             }
         }
         StoreCommand::Verify { store } => {
-            let s = Store::open(&store).await?;
+            let s = open(&store, &key_file).await?;
             let r = s.verify(&bar).await?;
             if output == Output::Json {
                 print_json(&r)?;
@@ -256,7 +296,7 @@ pub async fn run(cmd: StoreCommand, output: Output) -> anyhow::Result<i32> {
             }
         }
         StoreCommand::Prune { store, keep } => {
-            let s = Store::open(&store).await?;
+            let s = open(&store, &key_file).await?;
             let r = s.prune(keep).await?;
             if output == Output::Json {
                 print_json(&r)?;
@@ -272,7 +312,7 @@ pub async fn run(cmd: StoreCommand, output: Output) -> anyhow::Result<i32> {
             }
         }
         StoreCommand::Gc { store } => {
-            let s = Store::open(&store).await?;
+            let s = open(&store, &key_file).await?;
             let r = s.gc(&bar).await?;
             if output == Output::Json {
                 print_json(&r)?;

@@ -437,3 +437,84 @@ fn pki_creates_a_ca_once_and_issues_certificates() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("boomerang pki init"));
 }
+
+#[test]
+fn a_sealed_store_is_made_with_its_key_file_and_read_only_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let store = store.to_str().unwrap();
+    let key = dir.path().join("site-b.key");
+    let key = key.to_str().unwrap();
+    let made = ok(&[
+        "store",
+        "init",
+        store,
+        "--block-size",
+        "4KiB",
+        "--sealed",
+        "--key-file",
+        key,
+    ]);
+    assert!(made.contains("back that file up"), "{made}");
+    let image = dir.path().join("disk.img");
+    let mut rng = Rng::new(9);
+    let data: Vec<u8> = (0..256 * 1024).map(|_| rng.next_u64() as u8).collect();
+    std::fs::write(&image, &data).unwrap();
+    // Without the key, the store says what it needs.
+    let out = boomerang(&["store", "points", store]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sealed") && stderr.contains("--key-file"),
+        "{stderr}"
+    );
+    // With it (here from the environment), the round trip is exact.
+    let with_key = |args: &[&str]| {
+        let out = boomerang_env(args, &[("BOOMERANG_STORE_KEY_FILE", key)]);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    with_key(&[
+        "store",
+        "commit",
+        store,
+        "--disk",
+        "db",
+        "--image",
+        image.to_str().unwrap(),
+    ]);
+    let target = dir.path().join("out.img");
+    with_key(&[
+        "store",
+        "export",
+        store,
+        "--disk",
+        "db",
+        "--out",
+        target.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&target).unwrap() == data);
+    with_key(&["store", "verify", store]);
+    // Another key is not this store's, and an existing key file is never overwritten.
+    let other = dir.path().join("other.key");
+    let other = other.to_str().unwrap();
+    ok(&[
+        "store",
+        "init",
+        &format!("{store}-2"),
+        "--sealed",
+        "--key-file",
+        other,
+    ]);
+    let out = boomerang(&["store", "verify", store, "--key-file", other]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not the key of the store"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(key).unwrap().trim().len(), 64);
+}

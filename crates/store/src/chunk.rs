@@ -62,10 +62,23 @@ pub enum ChunkError {
     Hash,
     #[error("the chunk holds {found} bytes where the block needs {expected}")]
     Length { expected: usize, found: usize },
+    /// A sealed store's object that does not open.
+    #[error("the sealed chunk: {0}")]
+    Sealed(#[from] crate::seal::SealError),
 }
 
 /// Decodes a chunk object and checks it against its name and the expected block length.
 pub fn decode(bytes: &[u8], expected: &ChunkHash, block_len: usize) -> Result<Bytes, ChunkError> {
+    decode_with(bytes, expected, block_len, crate::seal::Hasher::Plain)
+}
+
+/// [`decode`], for a store that names content with `hasher`.
+pub fn decode_with(
+    bytes: &[u8],
+    expected: &ChunkHash,
+    block_len: usize,
+    hasher: crate::seal::Hasher,
+) -> Result<Bytes, ChunkError> {
     if bytes.len() < HEADER_LEN || &bytes[..4] != MAGIC || bytes[6..8] != [0, 0] {
         return Err(ChunkError::Header);
     }
@@ -96,7 +109,7 @@ pub fn decode(bytes: &[u8], expected: &ChunkHash, block_len: usize) -> Result<By
             found: data.len(),
         });
     }
-    if hash(&data) != *expected {
+    if hasher.hash(&data) != *expected {
         return Err(ChunkError::Hash);
     }
     Ok(Bytes::from(data))
@@ -104,12 +117,16 @@ pub fn decode(bytes: &[u8], expected: &ChunkHash, block_len: usize) -> Result<By
 
 /// Decodes a chunk object whose block length is not known (an unreferenced object): the
 /// length comes from its header.
-pub fn decode_any(bytes: &[u8], expected: &ChunkHash) -> Result<Bytes, ChunkError> {
+pub fn decode_any(
+    bytes: &[u8],
+    expected: &ChunkHash,
+    hasher: crate::seal::Hasher,
+) -> Result<Bytes, ChunkError> {
     if bytes.len() < HEADER_LEN {
         return Err(ChunkError::Header);
     }
     let raw_len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
-    decode(bytes, expected, raw_len)
+    decode_with(bytes, expected, raw_len, hasher)
 }
 
 #[cfg(test)]

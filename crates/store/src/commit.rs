@@ -150,9 +150,10 @@ impl Store {
             let file = file.try_clone().map_err(|e| {
                 StoreError::io(format!("could not read image {}", image.display()), e)
             })?;
+            let hasher = self.hasher();
             let reader = std::thread::Builder::new()
                 .name(format!("commit-reader-{n}"))
-                .spawn(move || read_and_hash(&file, shape, n, tx, free_rx))
+                .spawn(move || read_and_hash(&file, shape, n, hasher, tx, free_rx))
                 .map_err(|e| StoreError::io("could not start an image reader thread", e))?;
             batches.push(rx);
             free.push(free_tx);
@@ -162,7 +163,7 @@ impl Store {
 
         progress.start("commit", size);
         let mut stats = CommitStats::default();
-        let mut builder = TreeBuilder::new(shape);
+        let mut builder = TreeBuilder::with_hasher(shape, self.hasher());
         let mut puts: JoinSet<Result<u64>> = JoinSet::new();
         let mut nodes = Vec::new();
         let mut node_bytes = 0u64;
@@ -356,6 +357,7 @@ fn read_and_hash(
     file: &File,
     shape: Shape,
     reader: usize,
+    hasher: crate::seal::Hasher,
     tx: tokio::sync::mpsc::Sender<std::io::Result<Batch>>,
     free: std::sync::mpsc::Receiver<Vec<u8>>,
 ) {
@@ -399,7 +401,7 @@ fn read_and_hash(
         });
         let msg = read.map(|()| Batch {
             first_block: block,
-            hashes: hash_blocks(&data, bs as usize, |k| {
+            hashes: hash_blocks(&data, bs as usize, hasher, |k| {
                 let (a, b) = (start + k as u64 * bs, start + (k as u64 + 1) * bs);
                 extents.iter().any(|&(x, y)| x < b && a < y)
             }),
@@ -444,6 +446,7 @@ fn data_extents(file: &File, start: u64, end: u64) -> Vec<(u64, u64)> {
 pub(crate) fn hash_blocks(
     data: &[u8],
     block_size: usize,
+    hasher: crate::seal::Hasher,
     has_data: impl Fn(usize) -> bool,
 ) -> Vec<ChunkHash> {
     data.chunks(block_size)
@@ -452,7 +455,7 @@ pub(crate) fn hash_blocks(
             if !has_data(k) || chunk::is_zero(b) {
                 ChunkHash::ZERO
             } else {
-                chunk::hash(b)
+                hasher.hash(b)
             }
         })
         .collect()

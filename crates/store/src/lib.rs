@@ -30,6 +30,7 @@ mod lease;
 pub mod point;
 mod read;
 mod retention;
+pub mod seal;
 pub mod tree;
 mod update;
 mod verify;
@@ -52,6 +53,7 @@ pub use gc::GcReport;
 pub use point::{CommitStats, MarkKind, PointManifest};
 pub use read::ExportReport;
 pub use retention::{Keep, PruneReport};
+pub use seal::{DataKey, Hasher};
 pub use verify::{BadObject, VerifyReport};
 
 const CONFIG_PATH: &str = "boomerang-store.json";
@@ -64,10 +66,21 @@ pub const DEFAULT_BLOCK_SIZE: u64 = 64 * 1024;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StoreConfig {
     pub format: String,
+    /// 1, or 2 for a sealed store (which a Boomerang that does not seal refuses).
     pub version: u32,
     pub block_size: u64,
     pub fanout: u64,
     pub created_unix_ms: u64,
+    /// Set for a sealed store (seal.rs): its cipher and its key's id, never the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<SealConfig>,
+}
+
+/// How a sealed store is sealed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SealConfig {
+    pub cipher: String,
+    pub key_id: String,
 }
 
 /// Reports progress of long work (a progress bar in the CLI).
@@ -87,6 +100,8 @@ impl Progress for NoProgress {}
 pub struct Store {
     backend: Backend,
     config: Arc<StoreConfig>,
+    /// A sealed store's keys.
+    sealer: Option<Arc<seal::Sealer>>,
 }
 
 impl Store {
@@ -99,13 +114,34 @@ impl Store {
 
     /// Creates a store on an opened backend.
     pub async fn init_on(backend: Backend, block_size: u64) -> Result<Store> {
+        Self::init_sealed_on(backend, block_size, None).await
+    }
+
+    /// Creates a sealed store at `location`: its chunks and nodes are sealed under `key`,
+    /// which the store never holds.
+    pub async fn init_sealed(location: &str, block_size: u64, key: &DataKey) -> Result<Store> {
+        check_block_size(block_size)?;
+        let backend = Location::parse(location)?.open(true).await?;
+        Self::init_sealed_on(backend, block_size, Some(key)).await
+    }
+
+    /// Creates a store on an opened backend, sealed under `key` if one is given.
+    pub async fn init_sealed_on(
+        backend: Backend,
+        block_size: u64,
+        key: Option<&DataKey>,
+    ) -> Result<Store> {
         check_block_size(block_size)?;
         let config = StoreConfig {
             format: "boomerang-store".into(),
-            version: 1,
+            version: if key.is_some() { 2 } else { 1 },
             block_size,
             fanout: tree::FANOUT,
             created_unix_ms: now_ms(),
+            sealed: key.map(|k| SealConfig {
+                cipher: seal::CIPHER.into(),
+                key_id: k.id(),
+            }),
         };
         let bytes = serde_json::to_vec_pretty(&config).expect("config serializes");
         let put = backend
@@ -133,17 +169,28 @@ impl Store {
         Ok(Store {
             backend,
             config: Arc::new(config),
+            sealer: key.map(|k| Arc::new(seal::Sealer::new(k))),
         })
     }
 
     /// Opens an existing store.
     pub async fn open(location: &str) -> Result<Store> {
+        Self::open_with_key(location, None).await
+    }
+
+    /// Opens an existing store, sealed under `key` if it is a sealed one.
+    pub async fn open_with_key(location: &str, key: Option<&DataKey>) -> Result<Store> {
         let backend = Location::parse(location)?.open(false).await?;
-        Self::open_on(backend).await
+        Self::open_sealed_on(backend, key).await
     }
 
     /// Opens the store on an opened backend.
     pub async fn open_on(backend: Backend) -> Result<Store> {
+        Self::open_sealed_on(backend, None).await
+    }
+
+    /// Opens the store on an opened backend, with `key` if it is a sealed one.
+    pub async fn open_sealed_on(backend: Backend, key: Option<&DataKey>) -> Result<Store> {
         let bytes = match backend.durable.get(&Path::from(CONFIG_PATH)).await {
             Ok(r) => r.bytes().await,
             Err(e) => Err(e),
@@ -168,7 +215,15 @@ impl Store {
                 backend.display()
             ))
         })?;
-        if config.format != "boomerang-store" || config.version != 1 {
+        let known = match config.version {
+            1 => config.sealed.is_none(),
+            2 => config
+                .sealed
+                .as_ref()
+                .is_some_and(|s| s.cipher == seal::CIPHER),
+            _ => false,
+        };
+        if config.format != "boomerang-store" || !known {
             return Err(StoreError::Invalid(format!(
                 "the store at {} has format {:?} version {}, which this Boomerang does not read: upgrade Boomerang",
                 backend.display(),
@@ -184,9 +239,29 @@ impl Store {
                 config.fanout
             )));
         }
+        let sealer = match (&config.sealed, key) {
+            (None, _) => None,
+            (Some(sealed), None) => {
+                return Err(StoreError::Invalid(format!(
+                    "the store at {} is sealed (key {}): give its key file with --key-file",
+                    backend.display(),
+                    sealed.key_id
+                )));
+            }
+            (Some(sealed), Some(key)) if key.id() != sealed.key_id => {
+                return Err(StoreError::Invalid(format!(
+                    "the key file given is not the key of the store at {}: the store is sealed with key {}, the file holds key {}; give the key file made when the store was created",
+                    backend.display(),
+                    sealed.key_id,
+                    key.id()
+                )));
+            }
+            (Some(_), Some(key)) => Some(Arc::new(seal::Sealer::new(key))),
+        };
         Ok(Store {
             backend,
             config: Arc::new(config),
+            sealer,
         })
     }
 
@@ -217,7 +292,28 @@ impl Store {
         format!("nodes/{}/{hex}", &hex[..2])
     }
 
+    /// How the store names content: keyed when it is sealed.
+    pub fn hasher(&self) -> Hasher {
+        self.sealer.as_ref().map_or(Hasher::Plain, |s| s.hasher())
+    }
+
+    /// The name of a block's (or node's) content in this store.
+    pub fn hash(&self, data: &[u8]) -> ChunkHash {
+        self.hasher().hash(data)
+    }
+
+    /// Whether the store is sealed.
+    pub fn sealed(&self) -> bool {
+        self.sealer.is_some()
+    }
+
     pub(crate) async fn get_object(&self, path: &str) -> Result<Bytes> {
+        let bytes = self.get_raw(path).await?;
+        self.unseal(path, bytes)
+    }
+
+    /// Object `path` as stored (sealed, in a sealed store).
+    pub(crate) async fn get_raw(&self, path: &str) -> Result<Bytes> {
         let p = Path::from(path);
         let r = match self.backend.objects.get(&p).await {
             Ok(r) => r.bytes().await,
@@ -228,7 +324,47 @@ impl Store {
         })
     }
 
+    /// The block in chunk object `path` as stored (`bytes`), opened if the store is sealed,
+    /// decoded and checked against its name and length.
+    pub(crate) fn open_chunk(
+        &self,
+        path: &str,
+        bytes: &[u8],
+        expected: &ChunkHash,
+        len: Option<usize>,
+    ) -> std::result::Result<Bytes, chunk::ChunkError> {
+        let opened;
+        let plain = match &self.sealer {
+            None => bytes,
+            Some(sealer) => {
+                opened = sealer.open(path, bytes)?;
+                &opened[..]
+            }
+        };
+        match len {
+            Some(len) => chunk::decode_with(plain, expected, len, self.hasher()),
+            None => chunk::decode_any(plain, expected, self.hasher()),
+        }
+    }
+
+    /// The content of object `path` as read (`bytes`): opened, in a sealed store.
+    pub(crate) fn unseal(&self, path: &str, bytes: Bytes) -> Result<Bytes> {
+        match &self.sealer {
+            None => Ok(bytes),
+            Some(sealer) => sealer.open(path, &bytes).map(Bytes::from).map_err(|why| {
+                StoreError::Corrupt(format!(
+                    "object {path} of the sealed store at {}: {why}. Nothing of it is used; restore the object from a copy, or run `boomerang store verify` to see what it affects",
+                    self.display()
+                ))
+            }),
+        }
+    }
+
     pub(crate) async fn put_object(&self, path: String, bytes: Bytes) -> Result<()> {
+        let bytes = match &self.sealer {
+            None => bytes,
+            Some(sealer) => Bytes::from(sealer.seal(&path, &bytes)?),
+        };
         self.backend
             .objects
             .put(&Path::from(path.as_str()), PutPayload::from(bytes))

@@ -87,16 +87,19 @@ impl Store {
             .map_err(|e| StoreError::io("chunk reader failed", std::io::Error::other(e)))?;
         }
         let decoded = {
-            let bytes = self.get_object(&path).await.map_err(|e| match e {
+            let bytes = self.get_raw(&path).await.map_err(|e| match e {
                 StoreError::Backend {
                     source: object_store::Error::NotFound { .. },
                     ..
                 } => missing_chunk(&path, disk, point, offset),
                 other => other,
             })?;
-            tokio::task::spawn_blocking(move || chunk::decode(&bytes, &expected, len))
-                .await
-                .map_err(|e| StoreError::io("chunk decoder failed", std::io::Error::other(e)))?
+            let (store, name) = (self.clone(), path.clone());
+            tokio::task::spawn_blocking(move || {
+                store.open_chunk(&name, &bytes, &expected, Some(len))
+            })
+            .await
+            .map_err(|e| StoreError::io("chunk decoder failed", std::io::Error::other(e)))?
         };
         decoded.map_err(|e| damaged_chunk(&path, e, disk, point, offset))
     }
@@ -223,7 +226,8 @@ impl Store {
                 )
             }
         })?;
-        chunk::decode(&bytes, hash, len).map_err(|e| damaged_chunk(&path, e, disk, point, offset))
+        self.open_chunk(&path, &bytes, hash, Some(len))
+            .map_err(|e| damaged_chunk(&path, e, disk, point, offset))
     }
 
     /// Writes the point as a sparse raw image at `out` (via `out.partial`, renamed on success).

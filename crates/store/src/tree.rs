@@ -104,7 +104,18 @@ pub fn decode_node(
     level: u32,
     count: usize,
 ) -> Result<Vec<ChunkHash>, NodeError> {
-    if crate::chunk::hash(bytes) != *expected {
+    decode_node_with(bytes, expected, level, count, crate::seal::Hasher::Plain)
+}
+
+/// [`decode_node`], for a store that names content with `hasher`.
+pub fn decode_node_with(
+    bytes: &[u8],
+    expected: &ChunkHash,
+    level: u32,
+    count: usize,
+    hasher: crate::seal::Hasher,
+) -> Result<Vec<ChunkHash>, NodeError> {
+    if hasher.hash(bytes) != *expected {
         return Err(NodeError::Hash);
     }
     if bytes.len() < NODE_HEADER_LEN || &bytes[..4] != NODE_MAGIC || bytes[4] != NODE_VERSION {
@@ -240,7 +251,7 @@ impl TreeReader {
             }
             other => other,
         })?;
-        decode_node(&bytes, hash, level, count).map_err(|e| {
+        decode_node_with(&bytes, hash, level, count, self.store.hasher()).map_err(|e| {
             StoreError::Corrupt(format!(
                 "tree node {} of {} is damaged ({e}): run `boomerang store verify` and restore the store from a copy",
                 Store::node_path(hash),
@@ -272,10 +283,16 @@ pub struct TreeBuilder {
     emitted: Vec<u64>,
     root: Option<ChunkHash>,
     pushed: u64,
+    hasher: crate::seal::Hasher,
 }
 
 impl TreeBuilder {
     pub fn new(shape: Shape) -> Self {
+        Self::with_hasher(shape, crate::seal::Hasher::Plain)
+    }
+
+    /// A builder for a store that names content with `hasher`.
+    pub fn with_hasher(shape: Shape, hasher: crate::seal::Hasher) -> Self {
         let depth = shape.depth as usize;
         TreeBuilder {
             shape,
@@ -283,6 +300,7 @@ impl TreeBuilder {
             emitted: vec![0; depth + 1],
             root: None,
             pushed: 0,
+            hasher,
         }
     }
 
@@ -324,7 +342,7 @@ impl TreeBuilder {
             (ChunkHash::ZERO, None)
         } else {
             let bytes = encode_node(node_level, &children);
-            (crate::chunk::hash(&bytes), Some(Bytes::from(bytes)))
+            (self.hasher.hash(&bytes), Some(Bytes::from(bytes)))
         };
         out.push(NewNode {
             level: node_level,

@@ -78,7 +78,7 @@ impl Store {
                 let hash = if chunk::is_zero(&data) {
                     ChunkHash::ZERO
                 } else {
-                    chunk::hash(&data)
+                    self.hash(&data)
                 };
                 if tree.group(i / FANOUT).await?[(i % FANOUT) as usize] == hash {
                     continue;
@@ -111,7 +111,7 @@ impl Store {
                         ChunkHash::ZERO
                     } else {
                         let bytes = encode_node(level, &children);
-                        let hash = chunk::hash(&bytes);
+                        let hash = self.hash(&bytes);
                         if hash != before {
                             let n = bytes.len() as u64;
                             node_bytes += n;

@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use crate::error::{Result, StoreError};
 use crate::point::PointManifest;
-use crate::tree::{FANOUT, decode_node};
-use crate::{Progress, Store, chunk};
+use crate::tree::{FANOUT, decode_node_with};
+use crate::{Progress, Store};
 
 /// One damaged or missing object, and where it is used.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -119,11 +119,15 @@ impl Store {
             let shape = point.shape();
             let path = Store::node_path(&hash);
             let count = shape.children(level, index);
-            let kids = match self.get_object(&path).await {
+            let kids = match self.get_raw(&path).await {
                 Ok(bytes) => {
                     report.nodes_checked += 1;
                     report.bytes_checked += bytes.len() as u64;
-                    decode_node(&bytes, &hash, level, count).map_err(|e| e.to_string())
+                    match self.unseal(&path, bytes) {
+                        Ok(bytes) => decode_node_with(&bytes, &hash, level, count, self.hasher())
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
                 }
                 Err(StoreError::Backend {
                     source: object_store::Error::NotFound { .. },
@@ -199,7 +203,7 @@ impl Store {
         len: Option<usize>,
     ) -> Result<(u64, Option<String>)> {
         let path = Store::chunk_path(hash);
-        let bytes = match self.get_object(&path).await {
+        let bytes = match self.get_raw(&path).await {
             Ok(b) => b,
             Err(StoreError::Backend {
                 source: object_store::Error::NotFound { .. },
@@ -208,10 +212,9 @@ impl Store {
             Err(e) => return Err(e),
         };
         let size = bytes.len() as u64;
-        let expected = *hash;
-        let problem = tokio::task::spawn_blocking(move || match len {
-            Some(len) => chunk::decode(&bytes, &expected, len).err(),
-            None => chunk::decode_any(&bytes, &expected).err(),
+        let (expected, store) = (*hash, self.clone());
+        let problem = tokio::task::spawn_blocking(move || {
+            store.open_chunk(&path, &bytes, &expected, len).err()
         })
         .await
         .map_err(|e| StoreError::io("a verify task failed", std::io::Error::other(e)))?;
@@ -250,9 +253,12 @@ impl Store {
                     if seen.nodes.contains_key(&hash) {
                         continue;
                     }
-                    let bytes = self.get_object(&object).await?;
-                    (chunk::hash(&bytes) != hash)
-                        .then(|| "the node's content does not match its hash".to_string())
+                    let bytes = self.get_raw(&object).await?;
+                    match self.unseal(&object, bytes) {
+                        Ok(bytes) => (self.hash(&bytes) != hash)
+                            .then(|| "the node's content does not match its hash".to_string()),
+                        Err(e) => Some(e.to_string()),
+                    }
                 };
                 report.unreferenced_checked += 1;
                 if let Some(problem) = problem {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use boomerang_core::sample::XorShift as Rng;
 use boomerang_core::{DiskName, PointId};
-use boomerang_store::{CommitOptions, Keep, NoProgress, Store, StoreError};
+use boomerang_store::{CommitOptions, DataKey, Keep, NoProgress, Store, StoreError};
 use boomerang_testkit::{azurite, unique};
 use bytes::Bytes;
 use object_store::ObjectStoreExt;
@@ -222,7 +222,7 @@ async fn count_objects(store: &Store) -> u64 {
 /// Flips one byte of the chunk holding the block at `offset`; returns the object path.
 async fn flip_first_chunk_of(store: &Store, image: &[u8], offset: usize) -> String {
     let block = &image[offset..offset + BLOCK as usize];
-    let path = Store::chunk_path(&boomerang_store::chunk::hash(block));
+    let path = Store::chunk_path(&store.hash(block));
     let p = ObjPath::from(path.as_str());
     let mut bytes = store
         .backend()
@@ -316,6 +316,107 @@ async fn local_directory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_directory_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DataKey::create(&dir.path().join("store.key")).unwrap();
+    let loc = dir.path().join("store");
+    let store = Store::init_sealed(loc.to_str().unwrap(), BLOCK, &key)
+        .await
+        .unwrap();
+    assert!(store.sealed());
+    suite(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_store_shows_nothing_and_opens_with_its_key_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DataKey::create(&dir.path().join("store.key")).unwrap();
+    let loc = dir.path().join("store");
+    let loc = loc.to_str().unwrap();
+    let store = Store::init_sealed(loc, BLOCK, &key).await.unwrap();
+    // A recognizable image: a text block repeated, and a block of its own.
+    let text = b"the machine's secret ledger, line after line. ".repeat(90)[..4096].to_vec();
+    let mut image = text.repeat(8);
+    image.extend_from_slice(&[0x42; 4096]);
+    let path = dir.path().join("disk.img");
+    std::fs::write(&path, &image).unwrap();
+    commit(&store, &path).await;
+    // Nothing stored holds the text, and no object is named by the content's plain hash.
+    let mut objects = 0;
+    for entry in walk(&dir.path().join("store")) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(32).any(|w| w == &text[..32]),
+            "{} holds the plaintext",
+            entry.display()
+        );
+        objects += 1;
+    }
+    assert!(objects > 2, "chunks and nodes were written");
+    let plain = Store::chunk_path(&boomerang_store::chunk::hash(&text));
+    assert!(!dir.path().join("store").join(&plain).exists());
+    assert!(
+        dir.path()
+            .join("store")
+            .join(Store::chunk_path(&store.hash(&text)))
+            .exists()
+    );
+    // The key is needed, and only this one: each refusal says which and what to do.
+    let err = Store::open(loc).await.unwrap_err().to_string();
+    assert!(
+        err.contains("sealed") && err.contains("--key-file"),
+        "{err}"
+    );
+    let other = DataKey::create(&dir.path().join("other.key")).unwrap();
+    let err = Store::open_with_key(loc, Some(&other))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&key.id()) && err.contains(&other.id()) && err.contains("not the key"),
+        "{err}"
+    );
+    let again = DataKey::read(&dir.path().join("store.key")).unwrap();
+    let store = Store::open_with_key(loc, Some(&again)).await.unwrap();
+    let latest = store.latest(&disk()).await.unwrap().unwrap();
+    assert!(export(&store, dir.path(), latest.id).await.unwrap() == image);
+    // An object put in place of another (both sealed under the key) is refused, by name.
+    let (a, b) = (
+        dir.path()
+            .join("store")
+            .join(Store::chunk_path(&store.hash(&text))),
+        dir.path()
+            .join("store")
+            .join(Store::chunk_path(&store.hash(&[0x42; 4096]))),
+    );
+    std::fs::copy(&b, &a).unwrap();
+    let err = export(&store, dir.path(), latest.id)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&Store::chunk_path(&store.hash(&text))) && err.contains("web-01-disk0"),
+        "{err}"
+    );
+    let report = store.verify(&NoProgress).await.unwrap();
+    assert!(!report.bad.is_empty(), "verify finds the swapped object");
+}
+
+/// Every file under `dir`, recursively, but the store's config.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else if !path.ends_with("boomerang-store.json") {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory() {
     suite(Store::init("memory://", BLOCK).await.unwrap()).await;
     gc_races_commits(Store::init("memory://", BLOCK).await.unwrap()).await;
@@ -337,6 +438,10 @@ async fn azure_blob() {
     drop(store);
     let loc2 = format!("azure://{}", unique("gcrace"));
     gc_races_commits(Store::init(&loc2, BLOCK).await.unwrap()).await;
+    // Sealed, on Azure Blob: the same suite.
+    let key = DataKey::from_bytes([0x5e; 32]);
+    let loc3 = format!("azure://{}/sealed", unique("conformance"));
+    suite(Store::init_sealed(&loc3, BLOCK, &key).await.unwrap()).await;
 }
 
 #[tokio::test]
