@@ -36,7 +36,7 @@ enum Command {
     /// Run the sample lifecycle on local directories and verify the data.
     Quickstart(quickstart::QuickstartArgs),
     /// Master target: apply write logs from process servers into replica stores as recovery points.
-    MasterTarget(master_target::MasterTargetArgs),
+    MasterTarget(Box<master_target::MasterTargetArgs>),
     /// Process server: receive agents' write logs over mutual TLS into a cache volume.
     ProcessServer(process_server::ProcessServerArgs),
     /// Configuration server: the REST API over HTTPS (`server init DIR` creates one).
@@ -109,7 +109,7 @@ fn main() {
             Command::Agent(args) => agent::run(*args, cli.output).await,
             Command::Pki(cmd) => pki::run(cmd, cli.output),
             Command::ProcessServer(args) => process_server::run(args).await,
-            Command::MasterTarget(args) => master_target::run(args, cli.output).await,
+            Command::MasterTarget(args) => master_target::run(*args, cli.output).await,
             Command::Server(args) => server::run(args, cli.output).await,
             Command::Preflight(args) => client::preflight(args, cli.output).await,
             Command::Status(args) => client::status(args, cli.output).await,

@@ -128,6 +128,16 @@ struct RunArgs {
     /// job reports).
     #[arg(long, default_value = "127.0.0.1:0")]
     recovery_listen: boomerang_nbd::server::ListenAddr,
+    /// Keep the replica stores (the recovery points) under this location instead of on the
+    /// retention volume, one per machine: an Azure Blob prefix (`azure://container/prefix`) or
+    /// a directory. Recorded on the volume (`store-root.json`): a volume keeps one. The
+    /// replica images and incoming logs stay on the volume.
+    #[arg(long)]
+    store_root: Option<String>,
+    /// Seal the stores under --store-root with the key in this file (`boomerang store keygen
+    /// FILE` makes one; keep it with the operator, and back it up).
+    #[arg(long, requires = "store_root")]
+    store_key_file: Option<PathBuf>,
     #[command(flatten)]
     reporting: crate::client::Reporting,
 }
@@ -327,6 +337,19 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             retention.display()
         )
     })?;
+    let root = args
+        .store_root
+        .map(|root| boomerang_master_target::StoreRoot {
+            root,
+            key_file: args
+                .store_key_file
+                .map(|k| std::path::absolute(&k).unwrap_or(k)),
+        });
+    if let Some(root) = boomerang_master_target::StoreRoot::keep(&retention, root.as_ref())
+        .map_err(anyhow::Error::msg)?
+    {
+        tracing::info!(root = %root.root, sealed = root.key_file.is_some(), "the replica stores are under the store root");
+    }
     let retention_dir = retention.clone();
     let (server, metrics, replicas) = receiver_with_replicas(Config {
         name,

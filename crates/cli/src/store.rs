@@ -82,6 +82,8 @@ pub enum StoreCommand {
     },
     /// Delete chunks and nodes that no point references.
     Gc { store: String },
+    /// Make a new key file for sealed stores (never overwriting one), and print its id.
+    Keygen { file: PathBuf },
 }
 
 /// `latest` or a point id.
@@ -121,6 +123,18 @@ pub async fn run(args: StoreArgs, output: Output) -> anyhow::Result<i32> {
     let bar = Bar::new(output);
     let key_file = args.key_file;
     match args.command {
+        StoreCommand::Keygen { file } => {
+            let key = DataKey::create(&file)?;
+            if output == Output::Json {
+                print_json(&serde_json::json!({ "key_file": file, "key_id": key.id() }))?;
+            } else {
+                println!(
+                    "made key {} in {}: back that file up; without it, what is sealed under it cannot be read",
+                    key.id(),
+                    file.display()
+                );
+            }
+        }
         StoreCommand::Init {
             store,
             block_size,

@@ -1370,3 +1370,120 @@ fn the_master_target_drops_points_past_the_policys_retention_and_keeps_the_newes
     assert_eq!(verify["bad"], serde_json::json!([]), "{verify}");
     assert_eq!(verify["points"], 1);
 }
+
+#[test]
+fn the_master_target_keeps_sealed_recovery_points_on_azure_blob() {
+    if !boomerang_testkit::azurite() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = site(d);
+    let key = d.join("site-b.key");
+    let made = boomerang(&["store", "keygen", key.to_str().unwrap()]);
+    assert!(made.contains("back that file up"), "{made}");
+    let root = format!("azure://{}/mt1", boomerang_testkit::unique("pipeline"));
+    let retention = d.join("retention");
+    let mt_args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--block-size",
+        "4KiB",
+        "--point-every",
+        "0",
+        "--store-root",
+        &root,
+        "--store-key-file",
+        key.to_str().unwrap(),
+    ];
+    let mt = mt_daemon(&ca, "mt1", &retention, &mt_args);
+    let ps = process_server(&ca, &d.join("cache"), "127.0.0.1:0", Some(&mt.addr), &[]);
+    let disk = blank(d, "disk.img", BLOCKS);
+    let log = d.join("log");
+    let agent = agent(&ca, &disk, &log, &ps.addr, &["--mark-interval", "0"]);
+    let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
+    let mut cookie = 0;
+    let mut at_marks = Vec::new();
+    for (round, step) in [(1, 3), (2, 40)] {
+        write_round(&mut client, &mut cookie, round, step, BLOCKS);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let seq = loop {
+            let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+                .args(["agent", "mark", "--log-dir", log.to_str().unwrap()])
+                .args(["--output", "json"])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                break v["seq"].as_u64().unwrap();
+            }
+            assert!(Instant::now() < deadline, "no mark");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        at_marks.push((seq, std::fs::read(&disk).unwrap()));
+    }
+    // Every mark is a point, read from the store on Azure Blob (the volume says where it is),
+    // and exports exactly the disk as it was then.
+    let retention_s = retention.to_str().unwrap();
+    for (seq, want) in &at_marks {
+        let out = d.join(format!("at-{seq}.img"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let result = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+                .args(["master-target", "export", retention_s, "--machine", "web01"])
+                .args(["--disk", "d0", "--at", &seq.to_string()])
+                .args(["--out", out.to_str().unwrap()])
+                .output()
+                .unwrap();
+            if result.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "point {seq} never came: {}",
+                String::from_utf8_lossy(&result.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(std::fs::read(&out).unwrap() == *want, "point {seq}");
+    }
+    assert!(
+        !retention.join("replicas/web01/store").exists(),
+        "no store on the volume"
+    );
+    // The store is sealed: it opens with its key only, and then verifies.
+    let store = format!("{root}/web01");
+    let points = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(["store", "verify", &store])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let without = points(&[]);
+    assert!(!without.status.success());
+    assert!(String::from_utf8_lossy(&without.stderr).contains("sealed"));
+    let other = d.join("other.key");
+    boomerang(&["store", "keygen", other.to_str().unwrap()]);
+    let wrong = points(&["--key-file", other.to_str().unwrap()]);
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("not the key"));
+    let right = points(&["--key-file", key.to_str().unwrap()]);
+    assert!(
+        right.status.success(),
+        "{}",
+        String::from_utf8_lossy(&right.stderr)
+    );
+    // The volume keeps its store root: started with another, the master target says so.
+    drop((agent, ps, mt));
+    let tls = ca.join("issued/mt1");
+    let moved = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args(["master-target", "--tls", tls.to_str().unwrap()])
+        .args(["--retention", retention_s, "--listen", "127.0.0.1:0"])
+        .args(["--store-root", "azure://elsewhere/mt1"])
+        .output()
+        .unwrap();
+    assert!(!moved.status.success());
+    let said = String::from_utf8_lossy(&moved.stderr);
+    assert!(said.contains(&root) && said.contains("keeps one"), "{said}");
+}

@@ -36,9 +36,125 @@ pub enum ApplyError {
     Record { stream: String, why: String },
 }
 
-/// Where the replica store of `stream` lives on the retention volume.
+/// Where the replica store of `stream` lives on the retention volume (when the volume has no
+/// store root elsewhere: [`StoreRoot`]).
 pub fn replica_store(retention: &Path, stream: &str) -> PathBuf {
     retention.join("replicas").join(stream).join("store")
+}
+
+/// On the retention volume: where its replica stores are when not on it (`--store-root`).
+pub const STORE_ROOT_FILE: &str = "store-root.json";
+
+/// The replica stores of a retention volume kept elsewhere: under `root` (such as
+/// `azure://container/prefix`), one per machine (`root/<machine>`), sealed under the key in
+/// `key_file` when there is one. The replica images and incoming logs stay on the volume.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreRoot {
+    pub root: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl StoreRoot {
+    /// The store root of `retention`, if it has one.
+    pub fn read(retention: &Path) -> Result<Option<StoreRoot>, String> {
+        let path = retention.join(STORE_ROOT_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                format!(
+                    "{} is damaged ({e}): it says where the volume's replica stores are; restore it",
+                    path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("could not read {}: {e}", path.display())),
+        }
+    }
+
+    /// Makes `root` the store root of `retention` (none: keeps what the volume has). A
+    /// volume keeps one root for good: its points are where it says.
+    pub fn keep(retention: &Path, root: Option<&StoreRoot>) -> Result<Option<StoreRoot>, String> {
+        let held = Self::read(retention)?;
+        match (held, root) {
+            (held, None) => Ok(held),
+            (Some(held), Some(root)) if held == *root => Ok(Some(held)),
+            (Some(held), Some(root)) => Err(format!(
+                "the replica stores of retention volume {} are under {}{}, not {}: start the master target with the volume's own store root (a volume keeps one)",
+                retention.display(),
+                held.root,
+                held.key_file
+                    .as_ref()
+                    .map_or(String::new(), |k| format!(" (key file {})", k.display())),
+                root.root
+            )),
+            (None, Some(root)) => {
+                let replicas = retention.join("replicas");
+                let used = std::fs::read_dir(&replicas)
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(false);
+                if used {
+                    return Err(format!(
+                        "retention volume {} keeps replica stores on it already: a store root is for a new volume",
+                        retention.display()
+                    ));
+                }
+                if let Some(key) = &root.key_file {
+                    boomerang_store::DataKey::read(key).map_err(|e| e.to_string())?;
+                }
+                let bytes = serde_json::to_vec_pretty(root).map_err(|e| e.to_string())?;
+                let path = retention.join(STORE_ROOT_FILE);
+                boomerang_core::write_atomic(&path, &bytes)
+                    .map_err(|e| format!("could not write {}: {e}", path.display()))?;
+                Ok(Some(root.clone()))
+            }
+        }
+    }
+}
+
+/// Opens the replica store of `stream` (on the retention volume, or under its store root),
+/// creating it with `create` blocks when it does not exist and `create` is given; `None` when
+/// it does not exist and is not to be created.
+pub async fn open_replica_store(
+    retention: &Path,
+    stream: &str,
+    create: Option<u64>,
+) -> Result<Option<Store>, StoreError> {
+    let root = StoreRoot::read(retention).map_err(StoreError::Invalid)?;
+    let (location, key) = match &root {
+        None => {
+            let path = replica_store(retention, stream);
+            if create.is_none() && !path.exists() {
+                return Ok(None);
+            }
+            if create.is_some() {
+                std::fs::create_dir_all(&path).map_err(|e| StoreError::Io {
+                    context: format!("could not create {}", path.display()),
+                    source: e,
+                })?;
+            }
+            (path.to_string_lossy().to_string(), None)
+        }
+        Some(root) => {
+            let key = root
+                .key_file
+                .as_deref()
+                .map(boomerang_store::DataKey::read)
+                .transpose()?;
+            (format!("{}/{stream}", root.root.trim_end_matches('/')), key)
+        }
+    };
+    match Store::open_with_key(&location, key.as_ref()).await {
+        Ok(s) => Ok(Some(s)),
+        Err(StoreError::Missing { .. }) => match create {
+            None => Ok(None),
+            Some(block_size) => match &key {
+                Some(key) => Ok(Some(Store::init_sealed(&location, block_size, key).await?)),
+                None => Ok(Some(Store::init(&location, block_size).await?)),
+            },
+        },
+        Err(e) => Err(e),
+    }
 }
 
 /// The replica image of `disk` of `stream`.
@@ -158,11 +274,12 @@ impl Applier {
     ) -> Result<(), ApplyError> {
         let dir = self.dir();
         std::fs::create_dir_all(&dir).map_err(Self::io("create", &dir))?;
-        let store = open_store(
-            &replica_store(&self.retention, &self.stream),
-            self.block_size,
-        )
-        .await?;
+        let store = open_replica_store(&self.retention, &self.stream, Some(self.block_size))
+            .await?
+            .ok_or_else(|| ApplyError::Record {
+                stream: self.stream.clone(),
+                why: "its replica store could not be made".into(),
+            })?;
         // Every disk already replicated takes part in every checkpoint from the start, not
         // only once a write reaches it: a quiet disk keeps getting points.
         for entry in std::fs::read_dir(&dir)
@@ -450,16 +567,6 @@ fn grow(file: &File, path: &Path, end: u64) -> Result<(), ApplyError> {
 fn mark(r: &mut Replica, offset: u64, end: u64, block: u64) {
     if end > offset {
         r.changed.extend(offset / block..end.div_ceil(block));
-    }
-}
-
-async fn open_store(path: &Path, block_size: u64) -> Result<Store, ApplyError> {
-    let location = path.to_string_lossy().to_string();
-    std::fs::create_dir_all(path).map_err(Applier::io("create", path))?;
-    match Store::open(&location).await {
-        Ok(s) => Ok(s),
-        Err(StoreError::Missing { .. }) => Ok(Store::init(&location, block_size).await?),
-        Err(e) => Err(e.into()),
     }
 }
 

@@ -39,7 +39,7 @@ use boomerang_wire::tls::TlsIdentity;
 use boomerang_wire::{MAX_DISKS, Records, Role};
 use tokio::sync::watch;
 
-pub use apply::{ApplyError, replica_store};
+pub use apply::{ApplyError, STORE_ROOT_FILE, StoreRoot, open_replica_store, replica_store};
 
 /// A master target's settings.
 pub struct Config {

@@ -13,7 +13,7 @@ use boomerang_core::{DiskName, PointId, Seq};
 use boomerang_store::{NoProgress, Store};
 use serde::Serialize;
 
-use crate::apply::{ApplyError, marks_path, replica_store, write_op};
+use crate::apply::{ApplyError, marks_path, write_op};
 
 /// A point of a disk: a checkpoint, or a mark the log can bring a checkpoint to.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -133,14 +133,12 @@ pub(crate) fn prune_index(retention: &Path, stream: &str) -> Result<(), PointsEr
 }
 
 pub(crate) async fn open_store(retention: &Path, stream: &str) -> Result<Store, PointsError> {
-    let location = replica_store(retention, stream);
-    if !location.exists() {
-        return Err(PointsError::NoStore {
+    crate::apply::open_replica_store(retention, stream, None)
+        .await?
+        .ok_or_else(|| PointsError::NoStore {
             stream: stream.to_string(),
             retention: retention.to_path_buf(),
-        });
-    }
-    Ok(Store::open(&location.to_string_lossy()).await?)
+        })
 }
 
 /// Every point of `disk` of `stream`, oldest first: its checkpoints, and the marks after its

@@ -14,8 +14,6 @@ use std::time::Duration;
 
 use boomerang_store::{Keep, NoProgress};
 
-use crate::apply::replica_store;
-
 fn retention_path(retention: &Path, machine: &str) -> PathBuf {
     retention.join("replicas").join(machine).join("retention")
 }
@@ -69,27 +67,27 @@ pub async fn prune_all(retention: &Path) -> Vec<Pruned> {
         if busy.contains(&machine) || busy.contains(crate::recover::ALL) {
             continue;
         }
-        let location = replica_store(retention, &machine);
-        if !location.exists() {
-            continue;
-        }
         let pruned = async {
-            let store = boomerang_store::Store::open(&location.to_string_lossy()).await?;
+            let Some(store) = crate::apply::open_replica_store(retention, &machine, None).await?
+            else {
+                return Ok(None);
+            };
             let report = store.prune(Keep::Within(keep)).await?;
             let freed = if report.removed.is_empty() {
                 0
             } else {
                 store.gc(&NoProgress).await?.deleted_bytes
             };
-            Ok::<_, boomerang_store::StoreError>(Pruned {
+            Ok::<_, boomerang_store::StoreError>(Some(Pruned {
                 machine: machine.clone(),
                 points_removed: report.removed.len(),
                 bytes_freed: freed,
-            })
+            }))
         }
         .await;
         match pruned {
-            Ok(p) => {
+            Ok(None) => {}
+            Ok(Some(p)) => {
                 if p.points_removed > 0 {
                     tracing::info!(machine = %p.machine, points = p.points_removed, bytes = p.bytes_freed, "dropped points past the policy's retention");
                 }
