@@ -57,6 +57,35 @@ pub struct StoreRoot {
 }
 
 impl StoreRoot {
+    /// Where the store of `stream`'s replica of lineage `lineage` is: a store per lineage, so
+    /// that a new replica never sees the points of an ended one, whatever was left of it.
+    pub fn location(&self, stream: &str, lineage: u64) -> String {
+        format!(
+            "{}/{stream}/lineage-{lineage}",
+            self.root.trim_end_matches('/')
+        )
+    }
+
+    /// Deletes, in the background, the store of `stream`'s replica in `dir` (on the volume,
+    /// about to be retired) under the store root of `retention`, if it has one.
+    pub fn forget(retention: &Path, stream: &str, dir: &Path) {
+        let Ok(Some(root)) = Self::read(retention) else {
+            return;
+        };
+        let lineage = crate::replica_lineage(dir).ok().flatten().unwrap_or(0);
+        let location = root.location(stream, lineage);
+        tokio::spawn(async move {
+            match boomerang_store::Store::destroy(&location).await {
+                Ok(n) => {
+                    tracing::info!(%location, objects = n, "deleted the store of an ended replica")
+                }
+                Err(e) => {
+                    tracing::warn!(%location, error = %e, "could not delete the store of an ended replica; no point of it is ever used again, delete it by hand")
+                }
+            }
+        });
+    }
+
     /// The store root of `retention`, if it has one.
     pub fn read(retention: &Path) -> Result<Option<StoreRoot>, String> {
         let path = retention.join(STORE_ROOT_FILE);
@@ -141,7 +170,11 @@ pub async fn open_replica_store(
                 .as_deref()
                 .map(boomerang_store::DataKey::read)
                 .transpose()?;
-            (format!("{}/{stream}", root.root.trim_end_matches('/')), key)
+            let dir = retention.join("replicas").join(stream);
+            let lineage = crate::replica_lineage(&dir)
+                .map_err(StoreError::Invalid)?
+                .unwrap_or(0);
+            (root.location(stream, lineage), key)
         }
     };
     match Store::open_with_key(&location, key.as_ref()).await {
@@ -274,12 +307,6 @@ impl Applier {
     ) -> Result<(), ApplyError> {
         let dir = self.dir();
         std::fs::create_dir_all(&dir).map_err(Self::io("create", &dir))?;
-        let store = open_replica_store(&self.retention, &self.stream, Some(self.block_size))
-            .await?
-            .ok_or_else(|| ApplyError::Record {
-                stream: self.stream.clone(),
-                why: "its replica store could not be made".into(),
-            })?;
         // Every disk already replicated takes part in every checkpoint from the start, not
         // only once a write reaches it: a quiet disk keeps getting points.
         for entry in std::fs::read_dir(&dir)
@@ -330,6 +357,13 @@ impl Applier {
                 }
             }
         };
+        // The store of the replica's lineage (under a store root, each lineage has its own).
+        let store = open_replica_store(&self.retention, &self.stream, Some(self.block_size))
+            .await?
+            .ok_or_else(|| ApplyError::Record {
+                stream: self.stream.clone(),
+                why: "its replica store could not be made".into(),
+            })?;
         // Nothing before the lineage's first record is of it.
         let applied = read_applied(&dir.join("applied")).max(Seq(lineage.since.0 - 1));
         // An earlier run applied records, perhaps past `applied`, but none past `bound`; not

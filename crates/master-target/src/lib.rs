@@ -471,6 +471,7 @@ impl Replicas {
         boomerang_core::write_atomic(&applied, b"0").map_err(|e| io("write", &applied, e))?;
         let marker = staging.join(ADOPTED);
         boomerang_core::write_atomic(&marker, b"").map_err(|e| io("write", &marker, e))?;
+        StoreRoot::forget(&self.retention, stream, &dir);
         retire(&self.retention, &dir).map_err(|e| io("remove the old replica", &dir, e))?;
         let replicas = self.retention.join("replicas");
         std::fs::create_dir_all(&replicas).map_err(|e| io("create", &replicas, e))?;
@@ -496,6 +497,7 @@ impl Replicas {
         boomerang_core::write_atomic(&tombstone, b"")
             .map_err(|e| format!("could not write {}: {e}", tombstone.display()))?;
         self.stop_applier(stream, true).await;
+        StoreRoot::forget(&self.retention, stream, &dir);
         retire(&self.retention, &dir)
             .map_err(|e| format!("could not remove {}: {e}", dir.display()))
     }
@@ -546,6 +548,7 @@ impl Replicas {
         let text = serde_json::to_string(&disks).map_err(|e| e.to_string())?;
         boomerang_core::write_atomic(&released, text.as_bytes())
             .map_err(|e| format!("could not write {}: {e}", released.display()))?;
+        StoreRoot::forget(&self.retention, stream, &dir);
         retire(&self.retention, &dir)
             .map_err(|e| format!("could not remove {}: {e}", dir.display()))?;
         tracing::warn!(%stream, "the replica here is handed back to the machine");

@@ -292,6 +292,51 @@ impl Store {
         format!("nodes/{}/{hex}", &hex[..2])
     }
 
+    /// Deletes every object of the store at `location`: its points first, then its config,
+    /// then the rest, so that a deletion cut short leaves no store, only objects no point
+    /// names. Returns the objects deleted.
+    pub async fn destroy(location: &str) -> Result<u64> {
+        let backend = Location::parse(location)?.open(false).await?;
+        let mut deleted = 0;
+        let delete = async |store: &Arc<dyn object_store::ObjectStore>, path: &Path| match store
+            .delete(path)
+            .await
+        {
+            Ok(()) => Ok(1),
+            Err(object_store::Error::NotFound { .. }) => Ok(0),
+            Err(e) => Err(StoreError::backend(
+                format!("could not delete {path} in {location}"),
+                e,
+            )),
+        };
+        for (prefix, store) in [
+            (Some("points"), &backend.durable),
+            (None, &backend.durable),
+            (Some("chunks"), &backend.objects),
+            (Some("nodes"), &backend.objects),
+            (Some("leases"), &backend.durable),
+        ] {
+            let Some(prefix) = prefix else {
+                deleted += delete(store, &Path::from(CONFIG_PATH)).await?;
+                continue;
+            };
+            let metas: Vec<_> = match store.list(Some(&Path::from(prefix))).try_collect().await {
+                Ok(m) => m,
+                Err(object_store::Error::NotFound { .. }) => Vec::new(),
+                Err(e) => {
+                    return Err(StoreError::backend(
+                        format!("could not list {prefix}/ in {location}"),
+                        e,
+                    ));
+                }
+            };
+            for meta in metas {
+                deleted += delete(store, &meta.location).await?;
+            }
+        }
+        Ok(deleted)
+    }
+
     /// How the store names content: keyed when it is sealed.
     pub fn hasher(&self) -> Hasher {
         self.sealer.as_ref().map_or(Hasher::Plain, |s| s.hasher())

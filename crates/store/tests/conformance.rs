@@ -400,6 +400,13 @@ async fn a_sealed_store_shows_nothing_and_opens_with_its_key_only() {
     );
     let report = store.verify(&NoProgress).await.unwrap();
     assert!(!report.bad.is_empty(), "verify finds the swapped object");
+    // Destroyed, it is no store, and nothing of it is left.
+    assert!(Store::destroy(loc).await.unwrap() > 2);
+    assert!(matches!(
+        Store::open_with_key(loc, Some(&again)).await,
+        Err(StoreError::Missing { .. })
+    ));
+    assert!(walk(&dir.path().join("store")).is_empty());
 }
 
 /// Every file under `dir`, recursively, but the store's config.
