@@ -3066,3 +3066,127 @@ fn fio_circle(r: &Replicating, d: &Path) {
     assert_eq!(status["state"], "protected", "{status}");
     drop(back);
 }
+
+/// Azurite's well-known development account key.
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+#[test]
+fn preflight_lists_an_azure_sites_container_with_its_credentials() {
+    if !have("curl") || !boomerang_testkit::azurite() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The site's container exists (made through the store, with the emulator's account).
+    let container = boomerang_testkit::unique("preflight");
+    boomerang(&["store", "init", &format!("azure://{container}/probe")]);
+    let url = std::env::var("AZURITE_BLOB_STORAGE_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:10000".into());
+    let key = d.join("azure.key");
+    let inventory = |container: &str| {
+        format!(
+            r#"
+[[site]]
+name = "site-a"
+kind = "local"
+[[site]]
+name = "site-b"
+kind = "azure"
+azure = {{ account = "devstoreaccount1", container = "{container}", endpoint = "{url}/devstoreaccount1", key_file = "{key}" }}
+[[machine]]
+name = "web01"
+site = "site-b"
+os = {{ family = "linux", version = "9.2" }}
+tools = "running"
+disks = [{{ name = "sda", size_bytes = 1024, uuid = "u-1" }}]
+[[machine]]
+name = "mt-vm"
+site = "site-a"
+os = {{ family = "linux", version = "9.4" }}
+tools = "running"
+[[master_target]]
+name = "mt1"
+site = "site-a"
+machine = "mt-vm"
+address = "127.0.0.1:1"
+retention = {{ path = "/mnt/retention", filesystem = "ext4", capacity_bytes = 1000000 }}
+"#,
+            key = key.display()
+        )
+    };
+    let (daemon, admin) = server_with(d, |state| {
+        with_inventory(state, &inventory(&container), &[])
+    });
+    let port = daemon.addr.rsplit_once(':').unwrap().1.to_string();
+    let azure_check = || {
+        let (status, report) = call(
+            d,
+            "127.0.0.1",
+            &port,
+            "GET",
+            "/api/machines/web01/preflight?for=failback",
+            Some(&admin),
+            None,
+        );
+        assert_eq!(status, 200, "{report}");
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["code"] == "AZURE_STORAGE")
+            .cloned()
+            .unwrap_or_else(|| panic!("no AZURE_STORAGE check: {report}"))
+    };
+    // The right key: the container answers.
+    std::fs::write(&key, format!("{AZURITE_KEY}\n")).unwrap();
+    let check = azure_check();
+    assert_eq!(check["passed"], true, "{check}");
+    // A wrong key: refused, and said so (never the key itself).
+    let wrong = "d3Jvbmcga2V5IGZvciB0aGUgYWNjb3VudCwgbm90IGl0cyBvd24ga2V5IGF0IGFsbC4uLi4uLi4uLi4=";
+    std::fs::write(&key, wrong).unwrap();
+    let check = azure_check();
+    let message = check["message"].as_str().unwrap();
+    assert_eq!(check["passed"], false, "{check}");
+    assert_eq!(check["severity"], "error", "{check}");
+    assert!(message.contains("rejected the credentials"), "{message}");
+    assert!(!message.contains(wrong), "{message}");
+    // A container that is not there.
+    std::fs::write(&key, AZURITE_KEY).unwrap();
+    std::fs::write(
+        d.join("state/inventory.toml"),
+        inventory("no-such-container"),
+    )
+    .unwrap();
+    let (status, refreshed) = call(
+        d,
+        "127.0.0.1",
+        &port,
+        "POST",
+        "/api/inventory/refresh",
+        Some(&admin),
+        None,
+    );
+    assert_eq!(status, 200, "{refreshed}");
+    let check = azure_check();
+    assert_eq!(check["passed"], false, "{check}");
+    assert!(
+        check["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist"),
+        "{check}"
+    );
+    // The site's settings show where the key is, never the key.
+    let (_, sites) = call(
+        d,
+        "127.0.0.1",
+        &port,
+        "GET",
+        "/api/sites",
+        Some(&admin),
+        None,
+    );
+    assert!(sites.to_string().contains("key_file"), "{sites}");
+    assert!(!sites.to_string().contains(AZURITE_KEY), "{sites}");
+}

@@ -1252,6 +1252,29 @@ pub(crate) async fn preflight_report(
         }
     });
     let reachable: Vec<String> = futures_join(probes).await.into_iter().flatten().collect();
+    // The Azure sites' storage: listed with its credentials, all at once.
+    let sites = db(state, |db| db.all_inventory::<Site>("site")).await?;
+    let azure_probes = sites
+        .into_iter()
+        .filter(|s| s.kind == crate::inventory::SiteKind::Azure)
+        .map(|site| async move {
+            let (configured, problem) = match &site.azure {
+                None => (false, None),
+                Some(storage) => match storage.access() {
+                    Err(why) => (true, Some(why)),
+                    Ok(access) => (
+                        true,
+                        boomerang_store::backend::probe_azure(&access).await.err(),
+                    ),
+                },
+            };
+            crate::preflight::AzureProbe {
+                site: site.name,
+                configured,
+                problem,
+            }
+        });
+    let azure: Vec<crate::preflight::AzureProbe> = futures_join(azure_probes).await;
     let report = crate::preflight::run(&crate::preflight::Context {
         purpose: q.purpose,
         machine_name: &name,
@@ -1266,6 +1289,7 @@ pub(crate) async fn preflight_report(
         reachable: &reachable,
         group: group.as_ref(),
         components: &components,
+        azure: &azure,
     });
     // Only the default choice of components counts for the alert (another is a what-if).
     let default = q.master_target.is_none() && q.process_server.is_none() && q.datastore.is_none();

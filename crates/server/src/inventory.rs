@@ -7,7 +7,10 @@
 //! ```toml
 //! [[site]]
 //! name = "site-a"
-//! kind = "local"            # or "azure"
+//! kind = "local"            # or "azure", with its storage account:
+//! # azure = { account = "drstore", container = "dr", key_env = "DR_STORAGE_KEY" }
+//! #   (or key_file = "/etc/boomerang/dr.key"; sas = true for a SAS token; endpoint = "https://..."
+//! #   off the public cloud; use_emulator = true for Azurite). The key itself is never here.
 //!
 //! [[host]]
 //! name = "esx-a1"
@@ -66,6 +69,71 @@ pub enum SiteKind {
 pub struct Site {
     pub name: String,
     pub kind: SiteKind,
+    /// For an Azure site: its storage account and container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<AzureStorage>,
+}
+
+/// Where an Azure site keeps its data. The secret itself is never here, in the database or in
+/// any answer: only where the server finds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AzureStorage {
+    pub account: String,
+    pub container: String,
+    /// The Blob endpoint, when not `https://ACCOUNT.blob.core.windows.net` (a sovereign
+    /// cloud, Azure Stack, or Azurite at `http://HOST:PORT/ACCOUNT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Azurite's well-known development account (its address from AZURITE_BLOB_STORAGE_URL).
+    #[serde(default)]
+    pub use_emulator: bool,
+    /// The server's environment variable that holds the account key (or SAS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_env: Option<String>,
+    /// A file that holds the account key (or SAS), readable by the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+    /// The secret is a shared access signature, not the account key.
+    #[serde(default)]
+    pub sas: bool,
+}
+
+impl AzureStorage {
+    /// How to reach the container, with the secret read from where the site says.
+    pub fn access(&self) -> Result<boomerang_store::backend::AzureAccess, String> {
+        use boomerang_store::backend::{AzureAccess, AzureSecret};
+        let secret = if self.use_emulator {
+            AzureSecret::Emulator
+        } else {
+            let text = match (&self.key_env, &self.key_file) {
+                (Some(var), None) => std::env::var(var).map_err(|_| {
+                    format!("the configuration server has no environment variable {var} (the key of storage account {:?}): set it where the server runs", self.account)
+                })?,
+                (None, Some(file)) => std::fs::read_to_string(file).map_err(|e| {
+                    format!("could not read {file} (the key of storage account {:?}): {e}", self.account)
+                })?,
+                _ => {
+                    return Err(format!(
+                        "storage account {:?} needs exactly one of key_env or key_file (or use_emulator)",
+                        self.account
+                    ));
+                }
+            };
+            let text = text.trim().to_string();
+            if self.sas {
+                AzureSecret::Sas(text)
+            } else {
+                AzureSecret::Key(text)
+            }
+        };
+        Ok(AzureAccess {
+            account: self.account.clone(),
+            container: self.container.clone(),
+            endpoint: self.endpoint.clone(),
+            secret,
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -410,6 +478,28 @@ fn refer(
 /// Names valid and unique, references resolved.
 pub fn check(inv: &Inventory) -> Result<(), InventoryError> {
     let sites = unique("site", inv.sites.iter().map(|s| s.name.as_str()))?;
+    for site in &inv.sites {
+        let Some(azure) = &site.azure else { continue };
+        if site.kind != SiteKind::Azure {
+            return Err(InventoryError::Invalid(format!(
+                "site {:?} has Azure storage settings but is of kind local: make it kind = \"azure\", or drop its azure settings",
+                site.name
+            )));
+        }
+        let location = format!("azure://{}", azure.container);
+        if boomerang_store::Location::parse(&location).is_err() {
+            return Err(InventoryError::Invalid(format!(
+                "site {:?} names container {:?}: a container name is 3 to 63 lower-case letters, digits and single hyphens",
+                site.name, azure.container
+            )));
+        }
+        if !azure.use_emulator && azure.key_env.is_some() == azure.key_file.is_some() {
+            return Err(InventoryError::Invalid(format!(
+                "site {:?}: give where the server finds the key of storage account {:?}: exactly one of key_env or key_file (or use_emulator for Azurite)",
+                site.name, azure.account
+            )));
+        }
+    }
     let hosts = unique("host", inv.hosts.iter().map(|h| h.name.as_str()))?;
     let datastores = unique("datastore", inv.datastores.iter().map(|d| d.name.as_str()))?;
     let machines = unique("machine", inv.machines.iter().map(|m| m.name.as_str()))?;

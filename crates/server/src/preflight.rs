@@ -82,6 +82,18 @@ pub struct Context<'a> {
     pub group: Option<&'a crate::db::Group>,
     /// The enrolled components, with their health and last heartbeat.
     pub components: &'a [crate::components::ComponentInfo],
+    /// The Azure sites' storage, as the server found it (measured by the caller).
+    pub azure: &'a [AzureProbe],
+}
+
+/// What the server found probing an Azure site's storage account.
+#[derive(Clone, Debug)]
+pub struct AzureProbe {
+    pub site: String,
+    /// Whether the inventory gives the site a storage account.
+    pub configured: bool,
+    /// Why its container could not be listed with its credentials.
+    pub problem: Option<String>,
 }
 
 fn check(code: &'static str, severity: Severity, passed: bool, message: String) -> Check {
@@ -267,7 +279,48 @@ pub fn run(ctx: &Context<'_>) -> Report {
     mt_rules(ctx, machine, mt, mt_vm, &mut checks);
     retention_rules(mt, &mut checks);
     location_rules(ctx, machine, mt, mt_vm, &mut checks);
+    azure_rules(ctx, machine, mt, &mut checks);
     report(Some(mt.name.clone()), ps_name, checks)
+}
+
+/// The storage of an Azure site the machine runs at or goes back to: its credentials valid
+/// and its container there (the server lists it).
+fn azure_rules(ctx: &Context<'_>, machine: &Machine, mt: &MasterTarget, checks: &mut Vec<Check>) {
+    for probe in ctx
+        .azure
+        .iter()
+        .filter(|p| p.site == machine.site || p.site == mt.site)
+    {
+        checks.push(if !probe.configured {
+            check(
+                "AZURE_STORAGE",
+                Severity::Warning,
+                false,
+                format!(
+                    "site {:?} is an Azure site with no storage account in the inventory, so its storage cannot be checked: give it azure = {{ account, container, key_env or key_file }}",
+                    probe.site
+                ),
+            )
+        } else {
+            match &probe.problem {
+                None => check(
+                    "AZURE_STORAGE",
+                    Severity::Error,
+                    true,
+                    format!(
+                        "the storage of Azure site {:?} answers with its credentials",
+                        probe.site
+                    ),
+                ),
+                Some(why) => check(
+                    "AZURE_STORAGE",
+                    Severity::Error,
+                    false,
+                    format!("Azure site {:?}: {why}", probe.site),
+                ),
+            }
+        });
+    }
 }
 
 /// What the process server's own heartbeats say: that it reaches the configuration server

@@ -213,6 +213,111 @@ impl Backend {
     }
 }
 
+/// How to reach an Azure storage account's container, with its secret (never logged).
+#[derive(Clone)]
+pub struct AzureAccess {
+    pub account: String,
+    pub container: String,
+    /// The Blob endpoint, when not `https://ACCOUNT.blob.core.windows.net` (a sovereign
+    /// cloud, Azure Stack, or Azurite at `http://HOST:PORT/ACCOUNT`).
+    pub endpoint: Option<String>,
+    pub secret: AzureSecret,
+}
+
+/// The credential of an [`AzureAccess`].
+#[derive(Clone)]
+pub enum AzureSecret {
+    /// The storage account key (base64).
+    Key(String),
+    /// A shared access signature (query string, without the leading `?`).
+    Sas(String),
+    /// Azurite's well-known development account (its address from AZURITE_BLOB_STORAGE_URL).
+    Emulator,
+}
+
+impl std::fmt::Debug for AzureAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        write!(f, "AzureAccess({}/{})", self.account, self.container)
+    }
+}
+
+/// Checks that `access` reaches its container: one listing, within 10 s. The error is a
+/// sentence for the operator (never the secret).
+pub async fn probe_azure(access: &AzureAccess) -> std::result::Result<(), String> {
+    use object_store::azure::AzureConfigKey;
+    let place = format!(
+        "container {:?} of storage account {:?}{}",
+        access.container,
+        access.account,
+        access
+            .endpoint
+            .as_ref()
+            .map_or(String::new(), |e| format!(" at {e}"))
+    );
+    let retry = RetryConfig {
+        max_retries: 1,
+        retry_timeout: Duration::from_secs(5),
+        ..RetryConfig::default()
+    };
+    let mut builder = MicrosoftAzureBuilder::new()
+        .with_container_name(&access.container)
+        .with_retry(retry);
+    builder = match &access.secret {
+        AzureSecret::Emulator => builder.with_use_emulator(true),
+        AzureSecret::Key(key) => builder
+            .with_account(&access.account)
+            .with_access_key(key.trim()),
+        AzureSecret::Sas(sas) => builder
+            .with_account(&access.account)
+            .with_config(AzureConfigKey::SasKey, sas.trim().trim_start_matches('?')),
+    };
+    if let (Some(endpoint), false) = (
+        &access.endpoint,
+        matches!(access.secret, AzureSecret::Emulator),
+    ) {
+        builder = builder
+            .with_endpoint(endpoint.clone())
+            .with_allow_http(endpoint.starts_with("http://"));
+    }
+    let store = builder
+        .build()
+        .map_err(|e| format!("the settings of {place} are not usable: {e}"))?;
+    let listed =
+        tokio::time::timeout(Duration::from_secs(10), store.list_with_delimiter(None)).await;
+    match listed {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            let mut text = e.to_string();
+            let mut cause: Option<&(dyn std::error::Error + 'static)> =
+                std::error::Error::source(&e);
+            while let Some(c) = cause {
+                text.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            Err(
+                if text.contains("403")
+                    || text.contains("AuthenticationFailed")
+                    || text.contains("AuthorizationFailure")
+                {
+                    format!(
+                        "the storage account rejected the credentials for {place}: check the site's key or SAS (key_env or key_file)"
+                    )
+                } else if text.contains("ContainerNotFound") || text.contains("404") {
+                    format!("{place} does not exist: create the container, or fix its name")
+                } else {
+                    format!(
+                        "{place} could not be listed ({text}): check the endpoint and the network"
+                    )
+                },
+            )
+        }
+        Err(_) => Err(format!(
+            "{place} did not answer within 10 s: check the endpoint and the network"
+        )),
+    }
+}
+
 mod azure {
     //! Container creation over the Blob REST API with a SharedKey signature.
 

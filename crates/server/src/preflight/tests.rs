@@ -95,6 +95,7 @@ fn context<'a>(
         reachable,
         group: None,
         components,
+        azure: &[],
     }
 }
 
@@ -450,4 +451,54 @@ fn the_site_link_must_carry_what_the_machines_write() {
     components.retain(|c| c.name != "web01");
     let c = run_with(&good_inv, &components);
     assert!(!c.passed && c.message.contains("write rate"), "{c:?}");
+}
+
+#[test]
+fn the_storage_of_an_azure_site_involved_must_answer_with_its_credentials() {
+    let inv = good();
+    let answered = vec!["ps1".to_string()];
+    let components = enrolled();
+    let probe = |site: &str, configured: bool, problem: Option<&str>| AzureProbe {
+        site: site.into(),
+        configured,
+        problem: problem.map(str::to_string),
+    };
+    let with = |probes: &[AzureProbe]| {
+        run(&Context {
+            azure: probes,
+            ..context(&inv, "web01", Purpose::Failback, &answered, &components)
+        })
+    };
+    let azure = |r: &Report| -> Vec<(Severity, bool, String)> {
+        r.checks
+            .iter()
+            .filter(|c| c.code == "AZURE_STORAGE")
+            .map(|c| (c.severity, c.passed, c.message.clone()))
+            .collect()
+    };
+    // The machine runs at site-b; its storage answers: a passed check.
+    let r = with(&[probe("site-b", true, None)]);
+    assert!(r.ok, "{r:?}");
+    assert_eq!(azure(&r).len(), 1);
+    assert!(azure(&r)[0].1);
+    // Its credentials are refused: an error that blocks, with the reason.
+    let r = with(&[probe(
+        "site-b",
+        true,
+        Some("the storage account rejected the credentials"),
+    )]);
+    assert!(!r.ok);
+    let (severity, passed, message) = &azure(&r)[0];
+    assert_eq!((*severity, *passed), (Severity::Error, false));
+    assert!(
+        message.contains("site-b") && message.contains("rejected"),
+        "{message}"
+    );
+    // An Azure site with no storage in the inventory: a warning only.
+    let r = with(&[probe("site-b", false, None)]);
+    assert!(r.ok);
+    assert_eq!(azure(&r)[0].0, Severity::Warning);
+    // A site the machine neither runs at nor goes back to is not checked.
+    let r = with(&[probe("site-z", true, Some("down"))]);
+    assert!(r.ok && azure(&r).is_empty());
 }
