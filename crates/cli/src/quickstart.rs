@@ -45,6 +45,12 @@ pub struct QuickstartArgs {
     /// benchmark to compare another tool's delta transfer on the same pair.
     #[arg(long, requires = "dir", hide = true)]
     keep_images: bool,
+    /// Keep site B's recovery points on Azure Blob under this location
+    /// (`azure://container/prefix`), sealed under a key made in DIR/site-b.key. Credentials
+    /// come from the environment: AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY, or
+    /// AZURE_STORAGE_USE_EMULATOR=true (and AZURITE_BLOB_STORAGE_URL) for Azurite.
+    #[arg(long)]
+    azure: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -78,6 +84,9 @@ struct Summary {
     reprotect_again_bytes_changed: Option<u64>,
     disk_size_bytes: u64,
     bytes_written_by_workload: u64,
+    /// Where site B kept its recovery points, when on Azure Blob (`--azure`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    site_b_store: Option<String>,
 }
 
 const BLOCK: u64 = 4096;
@@ -87,16 +96,42 @@ const MACHINE: &str = "web01";
 /// datastore in its directory): the sample machine with its disk of `size` bytes at site A,
 /// and at each site (A, B) a master target (address, on a machine of its own) and a process
 /// server (address).
-fn sample_inventory(dir: &Path, size: u64, at: [(&str, &str); 2]) -> anyhow::Result<String> {
+fn sample_inventory(
+    dir: &Path,
+    size: u64,
+    at: [(&str, &str); 2],
+    site_b_container: Option<&str>,
+) -> anyhow::Result<String> {
     let mut text = String::new();
     for (i, site) in ["a", "b"].into_iter().enumerate() {
         let (mt, ps) = at[i];
         let retention = path(&dir.join(format!("site-{site}/retention")))?.to_string();
         let datastore = path(&dir.join(format!("site-{site}")))?.to_string();
+        // Site B on Azure Blob: its storage account, as the environment gives it.
+        let kind = match site_b_container.filter(|_| site == "b") {
+            None => "kind = \"local\"".to_string(),
+            Some(container) => {
+                let emulator =
+                    std::env::var("AZURE_STORAGE_USE_EMULATOR").is_ok_and(|v| v == "true");
+                let account = if emulator {
+                    "devstoreaccount1".to_string()
+                } else {
+                    std::env::var("AZURE_STORAGE_ACCOUNT_NAME").unwrap_or_default()
+                };
+                format!(
+                    "kind = \"azure\"\nazure = {{ account = \"{account}\", container = \"{container}\", {} }}",
+                    if emulator {
+                        "use_emulator = true"
+                    } else {
+                        "key_env = \"AZURE_STORAGE_ACCOUNT_KEY\""
+                    }
+                )
+            }
+        };
         text.push_str(&format!(
             r#"[[site]]
 name = "site-{site}"
-kind = "local"
+{kind}
 
 [[host]]
 name = "host-{site}"
@@ -302,13 +337,17 @@ impl Tour {
             self.dir.join("site-b").display()
         ));
         let size = args.disk_size;
+        let azure = args.azure.clone();
         let w = self
             .step("start the components", async |t: &mut Tour| {
-                let w = t.start(size).await?;
-                Ok((
-                    w,
-                    "configuration server; agent, process server and master target at each site; an agent of web01 standing by at B".into(),
-                ))
+                let w = t.start(size, azure.as_deref()).await?;
+                let mut said = "configuration server; agent, process server and master target at each site; an agent of web01 standing by at B".to_string();
+                if let Some(root) = &t.summary.site_b_store {
+                    said.push_str(&format!(
+                        "; site B keeps its recovery points on Azure Blob at {root}, sealed (key in site-b.key)"
+                    ));
+                }
+                Ok((w, said))
             })
             .await?;
         let w = world.insert(w);
@@ -502,7 +541,7 @@ impl Tour {
 
     /// Creates the two sites and the configuration server, enrols every component and starts
     /// them, each a process of its own.
-    async fn start(&mut self, size: u64) -> anyhow::Result<World> {
+    async fn start(&mut self, size: u64, azure: Option<&str>) -> anyhow::Result<World> {
         let dir = self.dir.clone();
         for sub in ["site-a", "site-b", "logs", "identities"] {
             std::fs::create_dir_all(dir.join(sub))
@@ -598,28 +637,53 @@ impl Tour {
             Ok(path(&dir.join(s).join(what))?.to_string())
         };
         let mut procs = vec![server];
-        let master_target = |name: &str, at: &str, identity: &Path| {
-            start(
+        let master_target = |name: &str, at: &str, identity: &Path, extra: &[String]| {
+            let mut args = s(&[
+                "master-target",
+                "--listen",
+                "127.0.0.1:0",
+                "--name",
                 name,
-                s(&[
-                    "master-target",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--name",
-                    name,
-                    "--retention",
-                    &site(at, "retention")?,
-                    "--block-size",
-                    "4KiB",
-                    "--point-every",
-                    "0",
-                    "--prune-every",
-                    "60",
-                ]),
-                identity,
-            )
+                "--retention",
+                &site(at, "retention")?,
+                "--block-size",
+                "4KiB",
+                "--point-every",
+                "0",
+                "--prune-every",
+                "60",
+            ]);
+            args.extend(extra.iter().cloned());
+            start(name, args, identity)
         };
-        let mt_b = master_target("mt-b", "site-b", &identities[0])?;
+        // Site B on Azure Blob: its master target keeps the recovery points there, sealed
+        // under a key made here (one store root per run).
+        let mut mt_b_extra = Vec::new();
+        let mut site_b_container = None;
+        if let Some(location) = azure {
+            let boomerang_store::Location::Azure { container, .. } =
+                boomerang_store::Location::parse(location)?
+            else {
+                bail!(
+                    "--azure {location:?} is not an Azure Blob location: give azure://container/prefix"
+                );
+            };
+            let key = dir.join("site-b.key");
+            boomerang_store::DataKey::create(&key)?;
+            let run = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            let root = format!("{}/quickstart-{run}", location.trim_end_matches('/'));
+            mt_b_extra = vec![
+                "--store-root".to_string(),
+                root.clone(),
+                "--store-key-file".into(),
+                path(&key)?.to_string(),
+            ];
+            site_b_container = Some(container);
+            self.summary.site_b_store = Some(root);
+        }
+        let mt_b = master_target("mt-b", "site-b", &identities[0], &mt_b_extra)?;
         let ps_a = start(
             "ps-a",
             s(&[
@@ -635,7 +699,7 @@ impl Tour {
             ]),
             &identities[1],
         )?;
-        let mt_a = master_target("mt-a", "site-a", &identities[2])?;
+        let mt_a = master_target("mt-a", "site-a", &identities[2], &[])?;
         let ps_b = start(
             "ps-b",
             s(&[
@@ -696,6 +760,7 @@ impl Tour {
             &dir,
             size,
             [(&mt_a.addr, &ps_a.addr), (&mt_b.addr, &ps_b.addr)],
+            site_b_container.as_deref(),
         )?;
         std::fs::write(state.join("inventory.toml"), inventory)?;
         api.call(reqwest::Method::POST, "/api/inventory/refresh", None)
