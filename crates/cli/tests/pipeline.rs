@@ -1458,7 +1458,7 @@ fn the_master_target_keeps_sealed_recovery_points_on_azure_blob() {
         assert!(read_served(&served.addr, d, "served.img") == *want);
     }
     // The store is sealed: it opens with its key only, and then verifies.
-    let store = format!("{root}/web01");
+    let store = format!("{root}/web01/lineage-0");
     let points = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_boomerang"))
             .args(["store", "verify", &store])

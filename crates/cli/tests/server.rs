@@ -686,15 +686,16 @@ address = "{ps_addr}"
             .collect()
     };
     // The master target's machine has a snapshot; everything else holds, the process server
-    // answered. It is not enrolled, so its own links are unknown, and no agent reports how
-    // fast web01 writes: warnings.
+    // answered. It is not enrolled, so its own links are unknown, no agent reports how fast
+    // web01 writes, and Azure site-b names no storage account: warnings.
     assert_eq!(failed("error"), ["MT_HAS_SNAPSHOTS"], "{report}");
     assert_eq!(
         failed("warning"),
         [
             "PS_CS_UNREACHABLE",
             "PS_MT_UNREACHABLE",
-            "PS_LINK_BANDWIDTH"
+            "PS_LINK_BANDWIDTH",
+            "AZURE_STORAGE"
         ],
         "{report}"
     );
