@@ -27,9 +27,48 @@ enum ServerCommand {
     /// Create a server's state directory: server.toml, the database, the CA (DIR/ca.crt), an
     /// HTTPS certificate for localhost and 127.0.0.1, and the first admin token (printed once).
     Init { dir: PathBuf },
+    /// Rebuild a server's state directory from the newest backup at a store location (its
+    /// `[backup]`): the database, server.toml, the CA and the HTTPS certificate. Start it
+    /// with the same address, so that components reach it.
+    Restore {
+        /// Where the server backed itself up: `azure://container/prefix` or a directory.
+        #[arg(long)]
+        from: String,
+        /// The key file the backups are sealed with.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// The new state directory (empty or new).
+        #[arg(long)]
+        state: PathBuf,
+    },
 }
 
 pub async fn run(args: ServerArgs, output: Output) -> anyhow::Result<i32> {
+    if let Some(ServerCommand::Restore {
+        from,
+        key_file,
+        state,
+    }) = args.command
+    {
+        let key = key_file
+            .as_deref()
+            .map(boomerang_store::DataKey::read)
+            .transpose()?;
+        let restored = boomerang_server::backup::restore(&from, key.as_ref(), &state)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let config = state.join("server.toml");
+        if output == Output::Json {
+            print_json(&serde_json::json!({"backup": restored, "config": config}))?;
+        } else {
+            println!("restored {restored} from {from} into {}", state.display());
+            println!(
+                "start it with: boomerang server --config {} (at the address components know)",
+                config.display()
+            );
+        }
+        return Ok(0);
+    }
     if let Some(ServerCommand::Init { dir }) = args.command {
         let made = tokio::task::spawn_blocking(move || init(&dir)).await??;
         if output == Output::Json {

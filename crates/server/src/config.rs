@@ -28,6 +28,9 @@ pub struct ServerConfig {
     /// A component that sent no heartbeat for this long is unhealthy (and alerted on).
     #[serde(default = "default_heartbeat_timeout")]
     pub heartbeat_timeout_seconds: u64,
+    /// Backups of the server's state into a store at the other site (`server restore`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<crate::backup::BackupConfig>,
     /// The state directory (server.toml's own), which is also the CA's.
     #[serde(skip)]
     pub dir: PathBuf,
@@ -108,6 +111,7 @@ pub fn init(dir: &Path) -> Result<Init, ConfigError> {
         tls: default_tls(),
         inventory: Vec::new(),
         heartbeat_timeout_seconds: default_heartbeat_timeout(),
+        backup: None,
         dir: dir.to_path_buf(),
     };
     let db = Db::open(&dir.join(&config.database))?;
@@ -145,6 +149,9 @@ impl ServerConfig {
         config.database = base.join(&config.database);
         config.tls = base.join(&config.tls);
         config.inventory = config.inventory.iter().map(|p| base.join(p)).collect();
+        if let Some(backup) = &mut config.backup {
+            backup.key_file = backup.key_file.as_ref().map(|k| base.join(k));
+        }
         config.dir = base.to_path_buf();
         if !(1..=86400).contains(&config.heartbeat_timeout_seconds) {
             return Err(ConfigError::Invalid {

@@ -224,6 +224,15 @@ impl Db {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Writes a consistent copy of the database to `path` (a new file), while it is in use.
+    pub fn snapshot(&self, path: &std::path::Path) -> Result<(), DbError> {
+        self.conn().execute(
+            "VACUUM INTO ?1",
+            rusqlite::params![path.to_string_lossy().to_string()],
+        )?;
+        Ok(())
+    }
+
     /// Makes a token named `name` with `role`.
     pub fn create_token(&self, name: &str, role: Role) -> Result<CreatedToken, DbError> {
         let token = secret("bmr");

@@ -27,6 +27,7 @@ pub enum ServeError {
 pub struct Prepared {
     acceptor: tokio_rustls::TlsAcceptor,
     state: Arc<AppState>,
+    backup: Option<crate::backup::Plan>,
 }
 
 /// Everything that can fail before the server takes connections, so that it fails before it
@@ -50,7 +51,36 @@ pub fn prepare(config: &ServerConfig) -> Result<Prepared, ServeError> {
         jobs_changed: Default::default(),
         preflights_wanted: Default::default(),
     });
-    Ok(Prepared { acceptor, state })
+    // What a backup takes: server.toml, the CA, the server's certificate and the inventory
+    // files in the state directory (and the database).
+    let backup = config.backup.clone().map(|backup| {
+        let mut files = vec![
+            config.dir.join("server.toml"),
+            config.dir.join("ca.crt"),
+            config.dir.join("ca.key"),
+        ];
+        for entry in std::fs::read_dir(&config.tls)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if entry.path().is_file() {
+                files.push(entry.path());
+            }
+        }
+        files.extend(config.inventory.iter().cloned());
+        crate::backup::Plan {
+            config: backup,
+            dir: config.dir.clone(),
+            database: config.database.clone(),
+            files,
+        }
+    });
+    Ok(Prepared {
+        acceptor,
+        state,
+        backup,
+    })
 }
 
 /// Serves the API on `listener` until `shutdown` turns true.
@@ -59,7 +89,14 @@ pub async fn serve(
     listener: TcpListener,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), ServeError> {
-    let Prepared { acceptor, state } = prepared;
+    let Prepared {
+        acceptor,
+        state,
+        backup,
+    } = prepared;
+    if let Some(plan) = backup {
+        tokio::spawn(crate::backup::run(plan, state.db.clone()));
+    }
     tokio::spawn(crate::api::watch_components(state.clone()));
     tokio::spawn(crate::api::run_jobs(state.clone()));
     tokio::spawn(crate::api::run_preflights(state.clone()));
