@@ -143,7 +143,11 @@ pub async fn run(args: StoreArgs, output: Output) -> anyhow::Result<i32> {
             let key = match (&key_file, sealed) {
                 (Some(path), true) if path.exists() => Some(DataKey::read(path)?),
                 (Some(path), true) => Some(DataKey::create(path)?),
-                _ => None,
+                (Some(path), false) => anyhow::bail!(
+                    "a key file is given ({}): give --sealed to seal the new store under it, or give no key file (--key-file, BOOMERANG_STORE_KEY_FILE) for a store in the clear",
+                    path.display()
+                ),
+                (None, _) => None,
             };
             let s = match &key {
                 Some(key) => Store::init_sealed(&store, block_size, key).await?,

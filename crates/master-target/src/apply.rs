@@ -66,14 +66,21 @@ impl StoreRoot {
         )
     }
 
-    /// Deletes, in the background, the store of `stream`'s replica in `dir` (on the volume,
-    /// about to be retired) under the store root of `retention`, if it has one.
-    pub fn forget(retention: &Path, stream: &str, dir: &Path) {
-        let Ok(Some(root)) = Self::read(retention) else {
+    /// The store of `stream`'s replica in `dir` (on the volume) under the store root of
+    /// `retention`, if it has one and the replica says its lineage (without one, it has no
+    /// store: the applier records the lineage before it makes the store).
+    pub fn store_of(retention: &Path, stream: &str, dir: &Path) -> Option<(String, u64)> {
+        let root = Self::read(retention).ok()??;
+        let lineage = crate::replica_lineage(dir).ok()??;
+        Some((root.location(stream, lineage), lineage))
+    }
+
+    /// Deletes, in the background, the store at `location` (an ended replica's, from
+    /// [`StoreRoot::store_of`], once its directory is retired).
+    pub fn forget(location: Option<(String, u64)>) {
+        let Some((location, _)) = location else {
             return;
         };
-        let lineage = crate::replica_lineage(dir).ok().flatten().unwrap_or(0);
-        let location = root.location(stream, lineage);
         tokio::spawn(async move {
             match boomerang_store::Store::destroy(&location).await {
                 Ok(n) => {
@@ -105,6 +112,24 @@ impl StoreRoot {
     /// volume keeps one root for good: its points are where it says.
     pub fn keep(retention: &Path, root: Option<&StoreRoot>) -> Result<Option<StoreRoot>, String> {
         let held = Self::read(retention)?;
+        // A directory root is kept absolute: offline commands run from elsewhere find it.
+        let root = root.map(|r| StoreRoot {
+            root: if r.root.contains("://") {
+                r.root.clone()
+            } else {
+                std::path::absolute(&r.root)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| r.root.clone())
+            },
+            key_file: r.key_file.clone(),
+        });
+        let root = root.as_ref();
+        if let Some(r) = root
+            && r.key_file.is_none()
+            && r.root.starts_with("azure://")
+        {
+            tracing::warn!(root = %r.root, "the replica stores go to Azure Blob in the clear: give --store-key-file to seal them");
+        }
         match (held, root) {
             (held, None) => Ok(held),
             (Some(held), Some(root)) if held == *root => Ok(Some(held)),
@@ -171,9 +196,12 @@ pub async fn open_replica_store(
                 .map(boomerang_store::DataKey::read)
                 .transpose()?;
             let dir = retention.join("replicas").join(stream);
-            let lineage = crate::replica_lineage(&dir)
-                .map_err(StoreError::Invalid)?
-                .unwrap_or(0);
+            let lineage = match crate::replica_lineage(&dir).map_err(StoreError::Invalid)? {
+                Some(l) => l,
+                // No lineage yet: no store yet (the applier records it first).
+                None if create.is_none() => return Ok(None),
+                None => 0,
+            };
             (root.location(stream, lineage), key)
         }
     };

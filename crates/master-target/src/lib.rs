@@ -471,8 +471,12 @@ impl Replicas {
         boomerang_core::write_atomic(&applied, b"0").map_err(|e| io("write", &applied, e))?;
         let marker = staging.join(ADOPTED);
         boomerang_core::write_atomic(&marker, b"").map_err(|e| io("write", &marker, e))?;
-        StoreRoot::forget(&self.retention, stream, &dir);
+        // The old replica's store goes once its directory is retired; not when it is of the
+        // lineage adopted now (the same store).
+        let old_store =
+            StoreRoot::store_of(&self.retention, stream, &dir).filter(|(_, old)| *old != lineage);
         retire(&self.retention, &dir).map_err(|e| io("remove the old replica", &dir, e))?;
+        StoreRoot::forget(old_store);
         let replicas = self.retention.join("replicas");
         std::fs::create_dir_all(&replicas).map_err(|e| io("create", &replicas, e))?;
         std::fs::rename(&staging, &dir).map_err(|e| io("move", &staging, e))?;
@@ -497,9 +501,11 @@ impl Replicas {
         boomerang_core::write_atomic(&tombstone, b"")
             .map_err(|e| format!("could not write {}: {e}", tombstone.display()))?;
         self.stop_applier(stream, true).await;
-        StoreRoot::forget(&self.retention, stream, &dir);
+        let old_store = StoreRoot::store_of(&self.retention, stream, &dir);
         retire(&self.retention, &dir)
-            .map_err(|e| format!("could not remove {}: {e}", dir.display()))
+            .map_err(|e| format!("could not remove {}: {e}", dir.display()))?;
+        StoreRoot::forget(old_store);
+        Ok(())
     }
 
     /// Hands the replica images of `stream` back (failback, once its final mark is applied):
@@ -548,9 +554,10 @@ impl Replicas {
         let text = serde_json::to_string(&disks).map_err(|e| e.to_string())?;
         boomerang_core::write_atomic(&released, text.as_bytes())
             .map_err(|e| format!("could not write {}: {e}", released.display()))?;
-        StoreRoot::forget(&self.retention, stream, &dir);
+        let old_store = StoreRoot::store_of(&self.retention, stream, &dir);
         retire(&self.retention, &dir)
             .map_err(|e| format!("could not remove {}: {e}", dir.display()))?;
+        StoreRoot::forget(old_store);
         tracing::warn!(%stream, "the replica here is handed back to the machine");
         Ok(disks)
     }

@@ -66,14 +66,54 @@ pub struct Plan {
     pub files: Vec<PathBuf>,
 }
 
-/// Opens the store location `location` as an object store.
-async fn objects(location: &str) -> Result<Arc<dyn ObjectStore>, String> {
+impl Plan {
+    /// What can be wrong before the first backup: the key file, the location, a file it
+    /// takes outside the state directory (a restore could not put it back where server.toml
+    /// says), and a backup in the clear to another site's object store.
+    pub fn check(&self) -> Result<(), String> {
+        let location =
+            boomerang_store::Location::parse(&self.config.location).map_err(|e| e.to_string())?;
+        match &self.config.key_file {
+            Some(key) => {
+                DataKey::read(key).map_err(|e| e.to_string())?;
+            }
+            None if matches!(location, boomerang_store::Location::Azure { .. }) => {
+                return Err(format!(
+                    "backups to {} would hold the CA's key in the clear: give key_file (boomerang store keygen FILE)",
+                    self.config.location
+                ));
+            }
+            None => {}
+        }
+        for path in std::iter::once(&self.database).chain(&self.files) {
+            if !path.starts_with(&self.dir) {
+                return Err(format!(
+                    "{} is outside the state directory {}, so a restore could not put it back: keep the database, certificate and inventory files in the state directory",
+                    path.display(),
+                    self.dir.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens the store location `location` as an object store (made, with `create`).
+async fn objects(location: &str, create: bool) -> Result<Arc<dyn ObjectStore>, String> {
     let backend = boomerang_store::Location::parse(location)
         .map_err(|e| e.to_string())?
-        .open(true)
+        .open(create)
         .await
         .map_err(|e| e.to_string())?;
     Ok(backend.durable.clone())
+}
+
+/// Whether `object` is a backup's name: `server-backups/<20 digits>.backup`.
+fn is_backup(object: &ObjPath) -> bool {
+    let name = object.as_ref();
+    name.strip_prefix(&format!("{PREFIX}/"))
+        .and_then(|n| n.strip_suffix(".backup"))
+        .is_some_and(|n| n.len() == 20 && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The backups at `store`, oldest first.
@@ -82,7 +122,7 @@ async fn list(store: &Arc<dyn ObjectStore>, location: &str) -> Result<Vec<ObjPat
     let mut out = Vec::new();
     while let Some(meta) = stream.next().await {
         match meta {
-            Ok(m) if m.location.as_ref().ends_with(".backup") => out.push(m.location),
+            Ok(m) if is_backup(&m.location) => out.push(m.location),
             Ok(_) => {}
             Err(object_store::Error::NotFound { .. }) => break,
             Err(e) => return Err(format!("could not list the backups at {location}: {e}")),
@@ -200,7 +240,7 @@ pub async fn backup_once(plan: &Plan, db: Arc<Db>) -> Result<String, String> {
             .seal(&seal_name(&object), &bytes)
             .map_err(|e| e.to_string())?;
     }
-    let store = objects(&plan.config.location).await?;
+    let store = objects(&plan.config.location, true).await?;
     store
         .put(&object, bytes.into())
         .await
@@ -219,8 +259,12 @@ pub async fn backup_once(plan: &Plan, db: Arc<Db>) -> Result<String, String> {
 pub async fn run(plan: Plan, db: Arc<Db>) {
     const ALERT: &str = "server-backup-failed";
     let every = Duration::from_secs(plan.config.every_seconds.max(1));
+    // The first soon after the start: a server restarted more often than every interval
+    // still gets backups.
+    let mut wait = every.min(Duration::from_secs(5));
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(wait).await;
+        wait = every;
         let object = format!("backup/{}", plan.config.location);
         match backup_once(&plan, db.clone()).await {
             Ok(name) => {
@@ -245,13 +289,18 @@ pub async fn run(plan: Plan, db: Arc<Db>) {
 /// Rebuilds a server's state directory `state` from the newest backup at `from` (opened with
 /// `key` when sealed); returns the backup's name.
 pub async fn restore(from: &str, key: Option<&DataKey>, state: &Path) -> Result<String, String> {
-    if state.join("server.toml").exists() {
+    if std::fs::read_dir(state).is_ok_and(|mut d| d.next().is_some()) {
         return Err(format!(
-            "{} holds a configuration server already: restore into an empty directory",
-            state.display()
+            "{} is not empty{}: restore into a new or empty directory",
+            state.display(),
+            if state.join("server.toml").exists() {
+                " (it holds a configuration server already)"
+            } else {
+                ""
+            }
         ));
     }
-    let store = objects(from).await?;
+    let store = objects(from, false).await?;
     let all = list(&store, from).await?;
     let Some(newest) = all.last() else {
         return Err(format!(
@@ -265,17 +314,26 @@ pub async fn restore(from: &str, key: Option<&DataKey>, state: &Path) -> Result<
         .bytes()
         .await
         .map_err(|e| format!("could not read {newest} at {from}: {e}"))?;
-    let bytes = if bytes.starts_with(boomerang_store::seal::MAGIC) {
-        let key = key.ok_or_else(|| {
-            format!("the backup {newest} at {from} is sealed: give its key file with --key-file")
-        })?;
-        Sealer::new(key)
+    // With a key, only a sealed backup is taken: one in the clear may have been put there by
+    // anyone who can write to the location, with a CA key of their own.
+    let sealed = bytes.starts_with(boomerang_store::seal::MAGIC);
+    let bytes = match (key, sealed) {
+        (Some(key), true) => Sealer::new(key)
             .open(&seal_name(newest), &bytes)
             .map_err(|e| {
                 format!("the backup {newest} at {from}: {e} (or the key file is another's)")
-            })?
-    } else {
-        bytes.to_vec()
+            })?,
+        (Some(_), false) => {
+            return Err(format!(
+                "the backup {newest} at {from} is not sealed, and a key file was given: it is not taken (anyone who can write there could have made it); restore it without --key-file only if you trust it"
+            ));
+        }
+        (None, true) => {
+            return Err(format!(
+                "the backup {newest} at {from} is sealed: give its key file with --key-file"
+            ));
+        }
+        (None, false) => bytes.to_vec(),
     };
     let files = decode(&bytes)?;
     if !files.iter().any(|(n, _)| n == "server.toml") {
@@ -289,12 +347,16 @@ pub async fn restore(from: &str, key: Option<&DataKey>, state: &Path) -> Result<
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("could not create {}: {e}", parent.display()))?;
         }
-        std::fs::write(&path, bytes)
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Owner-only from the start: keys and the database among them.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
             .map_err(|e| format!("could not write {}: {e}", path.display()))?;
-        if name.ends_with(".key") || name.ends_with("key.pem") {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-        }
     }
     Ok(newest.to_string())
 }

@@ -151,6 +151,10 @@ impl ServerConfig {
         config.inventory = config.inventory.iter().map(|p| base.join(p)).collect();
         if let Some(backup) = &mut config.backup {
             backup.key_file = backup.key_file.as_ref().map(|k| base.join(k));
+            // A directory, relative to the state directory as the other paths are.
+            if !backup.location.contains("://") && !backup.location.starts_with('/') {
+                backup.location = base.join(&backup.location).display().to_string();
+            }
         }
         config.dir = base.to_path_buf();
         if !(1..=86400).contains(&config.heartbeat_timeout_seconds) {

@@ -21,6 +21,8 @@ pub enum ServeError {
     Db(#[from] DbError),
     #[error(transparent)]
     Inventory(#[from] crate::inventory::InventoryError),
+    #[error("[backup] in server.toml: {0}")]
+    Backup(String),
 }
 
 /// A server ready to serve: its certificate loaded, its database open, its inventory read.
@@ -53,29 +55,35 @@ pub fn prepare(config: &ServerConfig) -> Result<Prepared, ServeError> {
     });
     // What a backup takes: server.toml, the CA, the server's certificate and the inventory
     // files in the state directory (and the database).
-    let backup = config.backup.clone().map(|backup| {
-        let mut files = vec![
-            config.dir.join("server.toml"),
-            config.dir.join("ca.crt"),
-            config.dir.join("ca.key"),
-        ];
-        for entry in std::fs::read_dir(&config.tls)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if entry.path().is_file() {
-                files.push(entry.path());
+    let backup = match config.backup.clone() {
+        None => None,
+        Some(backup) => {
+            let mut files = vec![
+                config.dir.join("server.toml"),
+                config.dir.join("ca.crt"),
+                config.dir.join("ca.key"),
+                config.dir.join("ca.json"),
+            ];
+            for entry in std::fs::read_dir(&config.tls)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if entry.path().is_file() {
+                    files.push(entry.path());
+                }
             }
+            files.extend(config.inventory.iter().cloned());
+            let plan = crate::backup::Plan {
+                config: backup,
+                dir: config.dir.clone(),
+                database: config.database.clone(),
+                files,
+            };
+            plan.check().map_err(ServeError::Backup)?;
+            Some(plan)
         }
-        files.extend(config.inventory.iter().cloned());
-        crate::backup::Plan {
-            config: backup,
-            dir: config.dir.clone(),
-            database: config.database.clone(),
-            files,
-        }
-    });
+    };
     Ok(Prepared {
         acceptor,
         state,

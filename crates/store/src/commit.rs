@@ -277,7 +277,7 @@ impl Store {
             .durable
             .put_opts(
                 &Path::from(path.as_str()),
-                PutPayload::from(manifest.encode()),
+                PutPayload::from(manifest.encode_with(self.manifest_key())),
                 PutOptions::from(PutMode::Create),
             )
             .await

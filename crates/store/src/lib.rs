@@ -240,7 +240,13 @@ impl Store {
             )));
         }
         let sealer = match (&config.sealed, key) {
-            (None, _) => None,
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(StoreError::Invalid(format!(
+                    "the store at {} is not sealed, but a key file was given: it would be read and written in the clear. Use a sealed store (store init --sealed), or give no key file for this one",
+                    backend.display()
+                )));
+            }
             (Some(sealed), None) => {
                 return Err(StoreError::Invalid(format!(
                     "the store at {} is sealed (key {}): give its key file with --key-file",
@@ -345,6 +351,11 @@ impl Store {
     /// The name of a block's (or node's) content in this store.
     pub fn hash(&self, data: &[u8]) -> ChunkHash {
         self.hasher().hash(data)
+    }
+
+    /// The key of a sealed store's manifest checksums.
+    pub(crate) fn manifest_key(&self) -> Option<&[u8; 32]> {
+        self.sealer.as_ref().map(|s| s.manifest_key())
     }
 
     /// Whether the store is sealed.
@@ -464,7 +475,7 @@ impl Store {
         };
         let bytes = bytes
             .map_err(|e| StoreError::backend(format!("could not read point manifest {path}"), e))?;
-        PointManifest::decode(&bytes, path).map_err(StoreError::Corrupt)
+        PointManifest::decode_with(&bytes, path, self.manifest_key()).map_err(StoreError::Corrupt)
     }
 
     /// The newest point of `disk`, if it has any.

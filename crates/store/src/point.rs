@@ -102,8 +102,16 @@ impl PointManifest {
     }
 
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_with(None)
+    }
+
+    /// The manifest, its checksum keyed by `tag` (a sealed store's manifest key) over its
+    /// path and body when given: then only the key's holder makes a manifest that reads.
+    pub fn encode_with(&self, tag: Option<&[u8; 32]>) -> Vec<u8> {
         let body = serde_json::to_vec_pretty(self).expect("manifests always serialize");
-        let mut out = format!("{HEADER}{}\n", blake3::hash(&body).to_hex()).into_bytes();
+        let path = Self::path(&self.disk, self.id);
+        let sum = checksum(tag, &path, &body);
+        let mut out = format!("{HEADER}{sum}\n").into_bytes();
         out.extend_from_slice(&body);
         out.push(b'\n');
         out
@@ -111,6 +119,12 @@ impl PointManifest {
 
     /// Parses and checks a manifest read from `path`.
     pub fn decode(bytes: &[u8], path: &str) -> Result<Self, String> {
+        Self::decode_with(bytes, path, None)
+    }
+
+    /// [`PointManifest::decode`], for a store whose manifests are keyed by `tag`; the
+    /// manifest must also be the one its path names.
+    pub fn decode_with(bytes: &[u8], path: &str, tag: Option<&[u8; 32]>) -> Result<Self, String> {
         let fix = "restore the file from a copy, or remove it to drop the point";
         let newline = bytes
             .iter()
@@ -124,19 +138,50 @@ impl PointManifest {
         if body.last() == Some(&b'\n') {
             body = &body[..body.len() - 1];
         }
-        if blake3::hash(body).to_hex().as_str() != header {
-            return Err(format!(
-                "point manifest {path} is corrupt or truncated (checksum mismatch): {fix}"
-            ));
-        }
-        let m: PointManifest = serde_json::from_slice(body)
-            .map_err(|e| format!("point manifest {path} does not parse ({e}): {fix}"))?;
+        let m: PointManifest = match tag {
+            None => {
+                if blake3::hash(body).to_hex().as_str() != header {
+                    return Err(format!(
+                        "point manifest {path} is corrupt or truncated (checksum mismatch): {fix}"
+                    ));
+                }
+                serde_json::from_slice(body)
+                    .map_err(|e| format!("point manifest {path} does not parse ({e}): {fix}"))?
+            }
+            Some(_) => {
+                // Keyed over the path the manifest says it is at: a manifest altered, made
+                // without the key, or moved to another point's place does not read.
+                let m: PointManifest = serde_json::from_slice(body)
+                    .map_err(|e| format!("point manifest {path} does not parse ({e}): {fix}"))?;
+                let own = Self::path(&m.disk, m.id);
+                if own != path || checksum(tag, &own, body) != header {
+                    return Err(format!(
+                        "point manifest {path} of this sealed store was altered, or made without its key, or is another point's: {fix}"
+                    ));
+                }
+                m
+            }
+        };
         if !m.block_size.is_power_of_two() || m.shape().depth != m.depth {
             return Err(format!(
                 "point manifest {path} describes an impossible tree: {fix}"
             ));
         }
         Ok(m)
+    }
+}
+
+/// A manifest's checksum: BLAKE3 of its body, or keyed by `tag` over its path and body.
+fn checksum(tag: Option<&[u8; 32]>, path: &str, body: &[u8]) -> String {
+    match tag {
+        None => blake3::hash(body).to_hex().to_string(),
+        Some(key) => {
+            let mut h = blake3::Hasher::new_keyed(key);
+            h.update(path.as_bytes());
+            h.update(&[0]);
+            h.update(body);
+            h.finalize().to_hex().to_string()
+        }
     }
 }
 
@@ -176,5 +221,25 @@ mod tests {
         flipped[n] ^= 0x04;
         let err = PointManifest::decode(&flipped, "points/sda/3.point").unwrap_err();
         assert!(err.contains("points/sda/3.point"), "{err}");
+    }
+
+    #[test]
+    fn a_keyed_manifest_reads_only_with_its_key_at_its_own_path() {
+        let (key, other) = ([5u8; 32], [6u8; 32]);
+        let m = sample();
+        let path = PointManifest::path(&m.disk, m.id);
+        let bytes = m.encode_with(Some(&key));
+        assert_eq!(
+            PointManifest::decode_with(&bytes, &path, Some(&key)).unwrap(),
+            m
+        );
+        // Another key, none, or another point's place: refused.
+        assert!(PointManifest::decode_with(&bytes, &path, Some(&other)).is_err());
+        assert!(PointManifest::decode(&bytes, &path).is_err());
+        let elsewhere = PointManifest::path(&m.disk, PointId(4));
+        assert!(PointManifest::decode_with(&bytes, &elsewhere, Some(&key)).is_err());
+        // A manifest made without the key (a plain checksum) does not read in a sealed store.
+        let forged = m.encode();
+        assert!(PointManifest::decode_with(&forged, &path, Some(&key)).is_err());
     }
 }

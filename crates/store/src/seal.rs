@@ -144,6 +144,7 @@ impl Hasher {
 pub struct Sealer {
     hasher: Hasher,
     aead: LessSafeKey,
+    manifest: [u8; 32],
 }
 
 impl std::fmt::Debug for Sealer {
@@ -175,11 +176,17 @@ impl Sealer {
         Sealer {
             hasher: Hasher::Keyed(address),
             aead,
+            manifest: blake3::derive_key("boomerang-store manifest key v1", &key.0),
         }
     }
 
     pub fn hasher(&self) -> Hasher {
         self.hasher
+    }
+
+    /// The key of point manifests' checksums.
+    pub fn manifest_key(&self) -> &[u8; 32] {
+        &self.manifest
     }
 
     /// `plain`, sealed as the object named `name`.

@@ -400,6 +400,15 @@ async fn a_sealed_store_shows_nothing_and_opens_with_its_key_only() {
     );
     let report = store.verify(&NoProgress).await.unwrap();
     assert!(!report.bad.is_empty(), "verify finds the swapped object");
+    // A key given for a store in the clear is refused: it would be written in the clear.
+    let plain = dir.path().join("plain");
+    let plain = plain.to_str().unwrap();
+    Store::init(plain, BLOCK).await.unwrap();
+    let err = Store::open_with_key(plain, Some(&again))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not sealed"), "{err}");
     // Destroyed, it is no store, and nothing of it is left.
     assert!(Store::destroy(loc).await.unwrap() > 2);
     assert!(matches!(
