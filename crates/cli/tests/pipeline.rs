@@ -873,6 +873,25 @@ fn the_process_server_holds_its_forwarding_to_max_rate() {
 
 /// A replica with three points of d0 (the first a checkpoint, the others marks the incoming
 /// log holds: `--point-every 3600`), and the disk at each; the processes are stopped after.
+/// Inserts a mark in the agent's log at `log` (`agent mark`, retried while the agent starts);
+/// its sequence number.
+fn mark_now(log: &Path) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(["agent", "mark", "--log-dir", log.to_str().unwrap()])
+            .args(["--output", "json"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            return v["seq"].as_u64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no mark");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn three_points(dir: &Path) -> (PathBuf, Vec<(u64, Vec<u8>)>) {
     let ca = site(dir);
     let disk = blank(dir, "disk.img", BLOCKS);
@@ -892,20 +911,7 @@ fn three_points(dir: &Path) -> (PathBuf, Vec<(u64, Vec<u8>)>) {
     // Later rounds touch few blocks: the log's records do not cover the disk.
     for (round, step) in [(1, 3), (2, 40), (3, 40)] {
         write_round(&mut client, &mut cookie, round, step, BLOCKS);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let seq = loop {
-            let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
-                .args(["agent", "mark", "--log-dir", log.to_str().unwrap()])
-                .args(["--output", "json"])
-                .output()
-                .unwrap();
-            if out.status.success() {
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                break v["seq"].as_u64().unwrap();
-            }
-            assert!(Instant::now() < deadline, "no mark");
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let seq = mark_now(&log);
         at_marks.push((seq, std::fs::read(&disk).unwrap()));
     }
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1406,20 +1412,7 @@ fn the_master_target_keeps_sealed_recovery_points_on_azure_blob() {
     let mut at_marks = Vec::new();
     for (round, step) in [(1, 3), (2, 40)] {
         write_round(&mut client, &mut cookie, round, step, BLOCKS);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let seq = loop {
-            let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
-                .args(["agent", "mark", "--log-dir", log.to_str().unwrap()])
-                .args(["--output", "json"])
-                .output()
-                .unwrap();
-            if out.status.success() {
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                break v["seq"].as_u64().unwrap();
-            }
-            assert!(Instant::now() < deadline, "no mark");
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let seq = mark_now(&log);
         at_marks.push((seq, std::fs::read(&disk).unwrap()));
     }
     // Every mark is a point, read from the store on Azure Blob (the volume says where it is),
