@@ -3245,6 +3245,8 @@ fn a_server_backed_up_to_the_other_site_is_restored_with_its_sites_machines_and_
     wait_for("no backup after the policy was made", 30, || {
         (listed().len() >= 2).then_some(Value::Null)
     });
+    // Both kept backups are from after the policy (one a second).
+    std::thread::sleep(std::time::Duration::from_millis(2500));
     // The site is lost; a server is rebuilt at the other site from its backups.
     drop(daemon);
     assert!(listed().len() <= 2, "{:?}", listed());
@@ -3262,7 +3264,12 @@ fn a_server_backed_up_to_the_other_site_is_restored_with_its_sites_machines_and_
         .unwrap();
     assert!(!out.status.success(), "a sealed backup needs its key");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--key-file"));
-    boomerang(&[
+    // The newest backup is damaged: the one before it is restored.
+    let mut damaged = bytes.clone();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x40;
+    std::fs::write(&newest, damaged).unwrap();
+    let out: Value = serde_json::from_str(&boomerang(&[
         "server",
         "restore",
         "--from",
@@ -3271,7 +3278,15 @@ fn a_server_backed_up_to_the_other_site_is_restored_with_its_sites_machines_and_
         key.to_str().unwrap(),
         "--state",
         restored.to_str().unwrap(),
-    ]);
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let name = newest.file_name().unwrap().to_str().unwrap();
+    assert!(
+        !out["backup"].as_str().unwrap().ends_with(name),
+        "the damaged backup was passed over: {out}"
+    );
     let again = Daemon::start(
         env!("CARGO_BIN_EXE_boomerang"),
         &[

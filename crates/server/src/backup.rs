@@ -205,7 +205,13 @@ fn seal_name(object: &ObjPath) -> String {
 
 /// Makes one backup of `plan` from `db`; returns its object's name.
 pub async fn backup_once(plan: &Plan, db: Arc<Db>) -> Result<String, String> {
-    let snapshot = plan.dir.join(".backup.db.tmp");
+    // In a directory only the owner reads: the copy holds the tokens' hashes and the rest.
+    let scratch = plan.dir.join(".backup");
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        let _ = std::fs::DirBuilder::new().mode(0o700).create(&scratch);
+    }
+    let snapshot = scratch.join("db.tmp");
     let _ = std::fs::remove_file(&snapshot);
     {
         let snapshot = snapshot.clone();
@@ -302,44 +308,32 @@ pub async fn restore(from: &str, key: Option<&DataKey>, state: &Path) -> Result<
     }
     let store = objects(from, false).await?;
     let all = list(&store, from).await?;
-    let Some(newest) = all.last() else {
+    if all.is_empty() {
         return Err(format!(
             "there is no server backup at {from} (nothing under {PREFIX}/): check the location, and that the server's [backup] writes there"
         ));
-    };
-    let bytes = store
-        .get(newest)
-        .await
-        .map_err(|e| format!("could not read {newest} at {from}: {e}"))?
-        .bytes()
-        .await
-        .map_err(|e| format!("could not read {newest} at {from}: {e}"))?;
-    // With a key, only a sealed backup is taken: one in the clear may have been put there by
-    // anyone who can write to the location, with a CA key of their own.
-    let sealed = bytes.starts_with(boomerang_store::seal::MAGIC);
-    let bytes = match (key, sealed) {
-        (Some(key), true) => Sealer::new(key)
-            .open(&seal_name(newest), &bytes)
-            .map_err(|e| {
-                format!("the backup {newest} at {from}: {e} (or the key file is another's)")
-            })?,
-        (Some(_), false) => {
-            return Err(format!(
-                "the backup {newest} at {from} is not sealed, and a key file was given: it is not taken (anyone who can write there could have made it); restore it without --key-file only if you trust it"
-            ));
+    }
+    // The newest that opens; a damaged one (or one under another key) is passed over, and
+    // said so.
+    let mut refused = Vec::new();
+    let mut chosen = None;
+    for object in all.iter().rev() {
+        match open_backup(&store, from, object, key).await {
+            Ok(files) => {
+                chosen = Some((object.clone(), files));
+                break;
+            }
+            Err(why) => refused.push(why),
         }
-        (None, true) => {
-            return Err(format!(
-                "the backup {newest} at {from} is sealed: give its key file with --key-file"
-            ));
-        }
-        (None, false) => bytes.to_vec(),
-    };
-    let files = decode(&bytes)?;
-    if !files.iter().any(|(n, _)| n == "server.toml") {
+    }
+    let Some((newest, files)) = chosen else {
         return Err(format!(
-            "the backup {newest} at {from} holds no server.toml"
+            "no backup at {from} could be restored: {}",
+            refused.join("; ")
         ));
+    };
+    for why in &refused {
+        tracing::warn!(%why, "a newer backup was passed over");
     }
     for (name, bytes) in &files {
         let path = state.join(name);
@@ -359,6 +353,50 @@ pub async fn restore(from: &str, key: Option<&DataKey>, state: &Path) -> Result<
             .map_err(|e| format!("could not write {}: {e}", path.display()))?;
     }
     Ok(newest.to_string())
+}
+
+/// The files of backup `object` at `from`, opened with `key`.
+async fn open_backup(
+    store: &Arc<dyn ObjectStore>,
+    from: &str,
+    object: &ObjPath,
+    key: Option<&DataKey>,
+) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let bytes = store
+        .get(object)
+        .await
+        .map_err(|e| format!("could not read {object} at {from}: {e}"))?
+        .bytes()
+        .await
+        .map_err(|e| format!("could not read {object} at {from}: {e}"))?;
+    // With a key, only a sealed backup is taken: one in the clear may have been put there by
+    // anyone who can write to the location, with a CA key of their own.
+    let sealed = bytes.starts_with(boomerang_store::seal::MAGIC);
+    let bytes = match (key, sealed) {
+        (Some(key), true) => Sealer::new(key)
+            .open(&seal_name(object), &bytes)
+            .map_err(|e| {
+                format!("the backup {object} at {from}: {e} (or the key file is another's)")
+            })?,
+        (Some(_), false) => {
+            return Err(format!(
+                "the backup {object} at {from} is not sealed, and a key file was given: it is not taken (anyone who can write there could have made it); restore it without --key-file only if you trust it"
+            ));
+        }
+        (None, true) => {
+            return Err(format!(
+                "the backup {object} at {from} is sealed: give its key file with --key-file"
+            ));
+        }
+        (None, false) => bytes.to_vec(),
+    };
+    let files = decode(&bytes).map_err(|e| format!("{object} at {from}: {e}"))?;
+    if !files.iter().any(|(n, _)| n == "server.toml") {
+        return Err(format!(
+            "the backup {object} at {from} holds no server.toml"
+        ));
+    }
+    Ok(files)
 }
 
 #[cfg(test)]
