@@ -2947,6 +2947,30 @@ fn the_whole_circle_with_site_b_on_azure_blob_sealed_keeps_every_write() {
     );
     fio_circle(&r, d);
     assert!(!d.join("retention/replicas/app01/store").exists());
+    // The replica site B had before the reprotect (lineage 0) ended: its store is deleted,
+    // and so is the record of its deletion.
+    let ended = format!("{root}/app01/lineage-0");
+    wait_for("the ended replica's store was not deleted", 60, || {
+        let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args([
+                "store",
+                "points",
+                &ended,
+                "--key-file",
+                key.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let gone = String::from_utf8_lossy(&out.stderr).contains("no Boomerang store");
+        let records = std::fs::read_dir(d.join("retention/retired"))
+            .map(|e| {
+                e.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("store-"))
+                    .count()
+            })
+            .unwrap_or(0);
+        (gone && records == 0).then_some(Value::Null)
+    });
     // What site B holds is sealed: without the key, its store does not open.
     let stored = std::fs::read_to_string(d.join("retention/replicas/app01/lineage")).unwrap();
     let store = format!("{root}/app01/lineage-{}", stored.trim());

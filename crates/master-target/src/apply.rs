@@ -76,18 +76,40 @@ impl StoreRoot {
     }
 
     /// Deletes, in the background, the store at `location` (an ended replica's, from
-    /// [`StoreRoot::store_of`], once its directory is retired).
-    pub fn forget(location: Option<(String, u64)>) {
+    /// [`StoreRoot::store_of`], once its directory is retired). A record of it in
+    /// `RETENTION/retired/` stays until it is gone, so that a restart goes on with it.
+    pub fn forget(retention: &Path, location: Option<(String, u64)>) {
         let Some((location, _)) = location else {
             return;
         };
+        let retired = retention.join("retired");
+        let record = retired.join(format!(
+            "store-{}.json",
+            boomerang_core::log::UnixNanos::now().0
+        ));
+        let written = std::fs::create_dir_all(&retired).and_then(|()| {
+            boomerang_core::write_atomic(
+                &record,
+                &serde_json::to_vec(&serde_json::json!({ "location": location }))
+                    .unwrap_or_default(),
+            )
+        });
+        if let Err(e) = written {
+            tracing::warn!(%location, error = %e, "could not record the deletion of an ended replica's store; it is deleted now, and not again after a restart");
+        }
+        Self::destroy_in_background(location, record);
+    }
+
+    /// Deletes the store at `location`, then its deletion record `record`.
+    pub(crate) fn destroy_in_background(location: String, record: PathBuf) {
         tokio::spawn(async move {
             match boomerang_store::Store::destroy(&location).await {
                 Ok(n) => {
-                    tracing::info!(%location, objects = n, "deleted the store of an ended replica")
+                    tracing::info!(%location, objects = n, "deleted the store of an ended replica");
+                    let _ = std::fs::remove_file(&record);
                 }
                 Err(e) => {
-                    tracing::warn!(%location, error = %e, "could not delete the store of an ended replica; no point of it is ever used again, delete it by hand")
+                    tracing::warn!(%location, error = %e, "could not delete the store of an ended replica; no point of it is used again, and the next start tries again")
                 }
             }
         });
@@ -164,6 +186,16 @@ impl StoreRoot {
             }
         }
     }
+}
+
+/// The location in a store deletion record (`retired/store-*.json`), if `path` is one.
+pub(crate) fn forgotten_store(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    if !(name.starts_with("store-") && name.ends_with(".json")) {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    v["location"].as_str().map(str::to_string)
 }
 
 /// Opens the replica store of `stream` (on the retention volume, or under its store root),

@@ -476,7 +476,7 @@ impl Replicas {
         let old_store =
             StoreRoot::store_of(&self.retention, stream, &dir).filter(|(_, old)| *old != lineage);
         retire(&self.retention, &dir).map_err(|e| io("remove the old replica", &dir, e))?;
-        StoreRoot::forget(old_store);
+        StoreRoot::forget(&self.retention, old_store);
         let replicas = self.retention.join("replicas");
         std::fs::create_dir_all(&replicas).map_err(|e| io("create", &replicas, e))?;
         std::fs::rename(&staging, &dir).map_err(|e| io("move", &staging, e))?;
@@ -504,7 +504,7 @@ impl Replicas {
         let old_store = StoreRoot::store_of(&self.retention, stream, &dir);
         retire(&self.retention, &dir)
             .map_err(|e| format!("could not remove {}: {e}", dir.display()))?;
-        StoreRoot::forget(old_store);
+        StoreRoot::forget(&self.retention, old_store);
         Ok(())
     }
 
@@ -557,7 +557,7 @@ impl Replicas {
         let old_store = StoreRoot::store_of(&self.retention, stream, &dir);
         retire(&self.retention, &dir)
             .map_err(|e| format!("could not remove {}: {e}", dir.display()))?;
-        StoreRoot::forget(old_store);
+        StoreRoot::forget(&self.retention, old_store);
         tracing::warn!(%stream, "the replica here is handed back to the machine");
         Ok(disks)
     }
@@ -630,8 +630,17 @@ pub fn retire(retention: &std::path::Path, dir: &std::path::Path) -> std::io::Re
 /// Deletes, in the background, what [`retire`] left on the retention volume.
 pub fn clear_retired(retention: &std::path::Path) {
     let retired = retention.join(RETIRED);
+    // Stores of ended replicas under a store root whose deletion a restart cut short.
+    for entry in std::fs::read_dir(&retired).into_iter().flatten().flatten() {
+        if let Some(location) = apply::forgotten_store(&entry.path()) {
+            apply::StoreRoot::destroy_in_background(location, entry.path());
+        }
+    }
     std::thread::spawn(move || {
         for entry in std::fs::read_dir(&retired).into_iter().flatten().flatten() {
+            if entry.path().is_file() {
+                continue;
+            }
             if let Err(e) = std::fs::remove_dir_all(entry.path()) {
                 tracing::warn!(dir = %entry.path().display(), error = %e, "could not delete a retired directory");
             }
