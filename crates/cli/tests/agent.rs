@@ -155,6 +155,7 @@ fn writes_through_the_agent_replay_exactly() {
         "--io_size=8M",
         "--verify=crc32c",
         "--randseed=99",
+        "--verify_state_save=0",
     ];
     let mut args: Vec<String> = fio.iter().map(|s| s.to_string()).collect();
     args.push("--ioengine=nbd".into());
