@@ -287,31 +287,15 @@ pub async fn probe_azure(access: &AzureAccess) -> std::result::Result<(), String
         tokio::time::timeout(Duration::from_secs(10), store.list_with_delimiter(None)).await;
     match listed {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => {
-            let mut text = e.to_string();
-            let mut cause: Option<&(dyn std::error::Error + 'static)> =
-                std::error::Error::source(&e);
-            while let Some(c) = cause {
-                text.push_str(&format!(": {c}"));
-                cause = c.source();
+        Ok(Err(e)) => Err(match crate::error::BackendFailure::of(&e) {
+            crate::error::BackendFailure::Credentials => format!(
+                "the storage account rejected the credentials for {place}: check the site's key or SAS (key_env or key_file)"
+            ),
+            crate::error::BackendFailure::NoContainer | crate::error::BackendFailure::NotFound => {
+                format!("{place} does not exist: create the container, or fix its name")
             }
-            Err(
-                if text.contains("403")
-                    || text.contains("AuthenticationFailed")
-                    || text.contains("AuthorizationFailure")
-                {
-                    format!(
-                        "the storage account rejected the credentials for {place}: check the site's key or SAS (key_env or key_file)"
-                    )
-                } else if text.contains("ContainerNotFound") || text.contains("404") {
-                    format!("{place} does not exist: create the container, or fix its name")
-                } else {
-                    format!(
-                        "{place} could not be listed ({text}): check the endpoint and the network"
-                    )
-                },
-            )
-        }
+            _ => format!("{place} could not be listed ({e}): check the endpoint and the network"),
+        }),
         Err(_) => Err(format!(
             "{place} did not answer within 10 s: check the endpoint and the network"
         )),

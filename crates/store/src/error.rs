@@ -68,38 +68,69 @@ impl StoreError {
 
     /// Wraps a backend error with a sentence that says which object and what to do.
     pub(crate) fn backend(what: impl std::fmt::Display, source: object_store::Error) -> Self {
-        use object_store::Error as E;
-        let (hint, retryable) = match &source {
-            E::Unauthenticated { .. } | E::PermissionDenied { .. } => (
+        let (hint, retryable) = match BackendFailure::of(&source) {
+            BackendFailure::Credentials => (
                 "the backend rejected the credentials: check AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or the store's permissions)",
                 false,
             ),
-            E::NotFound { .. } => ("the object does not exist", false),
-            E::Generic { source: inner, .. } => {
-                let text = inner.to_string();
-                if text.contains("403") || text.contains("AuthenticationFailed") {
-                    (
-                        "the backend rejected the credentials: check AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY",
-                        false,
-                    )
-                } else if text.contains("ContainerNotFound") {
-                    (
-                        "the container does not exist: create the store with `boomerang store init`",
-                        false,
-                    )
-                } else {
-                    (
-                        "the backend could not be reached or failed after retries: check the endpoint and network, then retry",
-                        true,
-                    )
-                }
-            }
-            _ => ("the backend failed the request", true),
+            BackendFailure::NotFound => ("the object does not exist", false),
+            BackendFailure::NoContainer => (
+                "the container does not exist: create the store with `boomerang store init`",
+                false,
+            ),
+            BackendFailure::Unreachable => (
+                "the backend could not be reached or failed after retries: check the endpoint and network, then retry",
+                true,
+            ),
+            BackendFailure::Other => ("the backend failed the request", true),
         };
         StoreError::Backend {
             context: format!("{what}: {hint}"),
             retryable,
             source,
+        }
+    }
+}
+
+/// What a backend error means for the operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendFailure {
+    /// The credentials were refused.
+    Credentials,
+    /// The object does not exist.
+    NotFound,
+    /// The container does not exist.
+    NoContainer,
+    /// No answer, or failures after retries.
+    Unreachable,
+    Other,
+}
+
+impl BackendFailure {
+    pub fn of(error: &object_store::Error) -> BackendFailure {
+        use object_store::Error as E;
+        match error {
+            E::Unauthenticated { .. } | E::PermissionDenied { .. } => BackendFailure::Credentials,
+            E::NotFound { .. } => BackendFailure::NotFound,
+            E::Generic { source, .. } => {
+                let mut text = source.to_string();
+                let mut cause = source.source();
+                while let Some(c) = cause {
+                    text.push_str(&c.to_string());
+                    cause = c.source();
+                }
+                if text.contains("403")
+                    || text.contains("AuthenticationFailed")
+                    || text.contains("AuthorizationFailure")
+                {
+                    BackendFailure::Credentials
+                } else if text.contains("ContainerNotFound") {
+                    BackendFailure::NoContainer
+                } else {
+                    BackendFailure::Unreachable
+                }
+            }
+            _ => BackendFailure::Other,
         }
     }
 }
