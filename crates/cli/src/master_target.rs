@@ -391,15 +391,61 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     });
     // Heartbeats: the disks attached (the replica images on the retention volume), the
     // points of each, and how far the disks served at a point are copied.
-    let (retention, reported) = (retention_dir.clone(), recoveries.clone());
+    // A replica whose store does not answer is reported with the points it had at the last
+    // listing that worked, and as a problem, rather than held up or left out.
+    let (retention, reported, failing) =
+        (retention_dir.clone(), recoveries.clone(), replicas.clone());
+    let known: std::sync::Arc<std::sync::Mutex<KnownPoints>> = std::sync::Arc::default();
     let report: crate::client::Report = Box::new(move || {
-        let (retention, reported) = (retention.clone(), reported.clone());
+        let (retention, reported, failing, known) = (
+            retention.clone(),
+            reported.clone(),
+            failing.clone(),
+            known.clone(),
+        );
         Box::pin(async move {
             let progress = serde_json::to_value(reported.progress().await).unwrap_or_default();
-            let replicas = boomerang_master_target::points::summary(&retention).await;
+            let mut summaries =
+                boomerang_master_target::points::summary(&retention, LISTING_TIME).await;
+            let mut problems: std::collections::BTreeMap<String, serde_json::Value> = failing
+                .problems()
+                .into_iter()
+                .map(|p| {
+                    let beat = serde_json::json!({
+                        "machine": p.stream,
+                        "error": p.error,
+                        "since_unix_ms": p.since_unix_ms,
+                    });
+                    (p.stream, beat)
+                })
+                .collect();
+            {
+                let mut known = known.lock().unwrap_or_else(|e| e.into_inner());
+                let now = (boomerang_core::log::UnixNanos::now().0 / 1_000_000) as i64;
+                for r in &mut summaries {
+                    let key = (r.stream.clone(), r.disk.clone());
+                    match &r.error {
+                        None => {
+                            known.insert(key, (r.points, r.latest));
+                        }
+                        Some(error) => {
+                            if let Some(&(points, latest)) = known.get(&key) {
+                                (r.points, r.latest) = (points, latest);
+                            }
+                            problems.entry(r.stream.clone()).or_insert_with(|| {
+                                serde_json::json!({
+                                    "machine": r.stream,
+                                    "error": error,
+                                    "since_unix_ms": now,
+                                })
+                            });
+                        }
+                    }
+                }
+            }
             let mut beat = serde_json::Map::new();
-            beat.insert("attached_disks".into(), (replicas.len() as u32).into());
-            let replicas: Vec<serde_json::Value> = replicas
+            beat.insert("attached_disks".into(), (summaries.len() as u32).into());
+            let replicas: Vec<serde_json::Value> = summaries
                 .into_iter()
                 .map(|r| {
                     serde_json::json!({
@@ -412,6 +458,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                 })
                 .collect();
             beat.insert("replicas".into(), replicas.into());
+            beat.insert(
+                "replica_problems".into(),
+                problems.into_values().collect::<Vec<_>>().into(),
+            );
             beat.insert("recoveries".into(), progress);
             beat
         })
@@ -425,6 +475,15 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     crate::client::start_commands(&args.reporting, handler)?;
     crate::daemon::serve(server, &args.listen, "master target").await
 }
+
+/// The points of each replica (machine, disk) at the last listing that worked: their count
+/// and the newest.
+type KnownPoints =
+    std::collections::HashMap<(String, String), (usize, Option<(u64, Option<u64>)>)>;
+
+/// How long a heartbeat waits for a replica's points to be listed (a store on Azure Blob may
+/// not answer): the heartbeat goes out on time, saying so.
+const LISTING_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Creates the empty disk image `path` of `size` bytes (sparse), for a machine recovered to
 /// an alternate location; one already there of that size is taken as it is (a command given

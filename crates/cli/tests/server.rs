@@ -1481,6 +1481,8 @@ struct Replicating {
     _mt: Daemon,
     /// How the master target was started, to start it again.
     mt_args: Vec<String>,
+    /// What it had added to its environment.
+    mt_env: Vec<(String, String)>,
     _ps: Daemon,
     /// How the process server was started, to start it again.
     ps_args: Vec<String>,
@@ -1495,6 +1497,11 @@ impl Replicating {
 
     /// [`Replicating::start`], with `mt_extra` arguments for the master target.
     fn start_with(d: &Path, mt_extra: &[String]) -> Replicating {
+        Self::start_full(d, mt_extra, &[])
+    }
+
+    /// [`Replicating::start_with`], with `mt_env` added to the master target's environment.
+    fn start_full(d: &Path, mt_extra: &[String], mt_env: &[(&str, &str)]) -> Replicating {
         let (server, admin) = server_with(d, |state| {
             with_inventory(
                 state,
@@ -1549,7 +1556,11 @@ impl Replicating {
         args.extend(control(&mt1));
         args.extend(mt_extra.iter().cloned());
         let mt_args = args.clone();
-        let mt = start(args);
+        let mt = Daemon::start_env(
+            env!("CARGO_BIN_EXE_boomerang"),
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            mt_env,
+        );
         let link = boomerang_testkit::FaultProxy::start(&mt.addr);
         let mut args: Vec<String> = [
             "process-server",
@@ -1601,6 +1612,10 @@ impl Replicating {
             ca,
             _mt: mt,
             mt_args,
+            mt_env: mt_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             _ps: ps,
             ps_args,
             agent,
@@ -1639,9 +1654,14 @@ impl Replicating {
     /// so only recoveries are looked at after this).
     fn restart_mt(&mut self) {
         self._mt.signal("-KILL");
-        self._mt = Daemon::start(
+        self._mt = Daemon::start_env(
             env!("CARGO_BIN_EXE_boomerang"),
             &self.mt_args.iter().map(String::as_str).collect::<Vec<_>>(),
+            &self
+                .mt_env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect::<Vec<_>>(),
         );
     }
 
@@ -2994,6 +3014,111 @@ fn the_whole_circle_with_site_b_on_azure_blob_sealed_keeps_every_write() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn an_azure_store_answering_503_raises_an_alert_then_replication_resumes_with_every_write() {
+    if !have("curl") || !boomerang_testkit::azurite() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Site B's master target reaches Azure Blob (Azurite) through a proxy that can answer
+    // every request with an error, as a storage service does in an outage.
+    let azurite = std::env::var("AZURITE_BLOB_STORAGE_URL").unwrap();
+    let blob = boomerang_testkit::FaultProxy::start(
+        azurite.trim_start_matches("http://").trim_end_matches('/'),
+    );
+    let through = format!("http://{}", blob.addr());
+    let root = format!("azure://{}/site-b", boomerang_testkit::unique("outage"));
+    let r = Replicating::start_full(
+        d,
+        &["--store-root".into(), root.clone()],
+        &[("AZURITE_BLOB_STORAGE_URL", &through)],
+    );
+    wait_for("app01 never became protected", 60, || {
+        let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+        (s["state"] == "protected" && s["latest_point_seq"].is_u64()).then_some(s)
+    });
+    let active = |kind: &str| -> Option<Value> {
+        let alerts = json_out(&r.cli(&["alert", "list", "--output", "json"]));
+        alerts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["kind"] == kind && a.get("resolved_unix_ms").is_none())
+            .cloned()
+    };
+    assert!(active("replica-failing").is_none());
+
+    // The storage service fails every request. The machine writes on: every write is
+    // acknowledged, and the master target says it makes no point.
+    blob.set_http_status(Some(503));
+    let mut client = boomerang_testkit::RawNbd::connect(&r.agent.addr, "d0").unwrap();
+    for i in 0..64u64 {
+        let block = vec![(i % 13) as u8 + 0x21; 4096];
+        assert_eq!(client.write(i + 1, i * 3 * 4096, &block).unwrap(), 0);
+    }
+    let alert = wait_for("no alert while the store answered 503", 90, || {
+        active("replica-failing")
+    });
+    assert_eq!(alert["object"], "machine/app01/replica-on/mt1", "{alert}");
+    let message = alert["message"].as_str().unwrap();
+    assert!(
+        message.contains("mt1") && message.contains(&root) && message.contains("503"),
+        "{alert}"
+    );
+    let status = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+    assert_ne!(status["health"], "healthy", "{status}");
+    assert!(
+        status["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("no recovery point")),
+        "{status}"
+    );
+
+    // The service is back: points resume, the alert resolves, and the newest point holds
+    // every write made during the outage.
+    let mark = json_out(
+        &Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(["agent", "mark", "--log-dir"])
+            .arg(d.join("log"))
+            .args(["--output", "json"])
+            .output()
+            .unwrap(),
+    )["seq"]
+        .as_u64()
+        .unwrap();
+    blob.set_http_status(None);
+    wait_for("the alert did not resolve once the store answered", 90, || {
+        active("replica-failing")
+            .is_none()
+            .then_some(Value::Null)
+    });
+    let status = wait_for("no point after the outage", 60, || {
+        let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+        (s["latest_point_seq"].as_u64()? >= mark).then_some(s)
+    });
+    let seq = status["latest_point_seq"].as_u64().unwrap().to_string();
+    let out = d.join("after.img");
+    let exported = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args(["master-target", "export"])
+        .arg(d.join("retention"))
+        .args(["--machine", "app01", "--disk", "d0", "--at", &seq, "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(d.join("disk.img")).unwrap(),
+        "the point after the outage is not the disk"
     );
 }
 

@@ -272,6 +272,7 @@ pub(crate) fn spawn(
     position: watch::Sender<Position>,
     before: Seq,
     abandon: Arc<AtomicBool>,
+    problems: crate::Problems,
 ) {
     let name = format!("apply-{stream}");
     let started = std::thread::Builder::new().name(name).spawn(move || {
@@ -284,6 +285,12 @@ pub(crate) fn spawn(
         };
         let mut backoff = Duration::from_millis(200);
         let mut run = 0;
+        let solved = |problems: &crate::Problems| {
+            problems
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&stream);
+        };
         loop {
             run += 1;
             let mut applier = Applier {
@@ -295,19 +302,32 @@ pub(crate) fn spawn(
                 log_window,
                 last_point: None,
                 replay_until: Seq(0),
+                problems: problems.clone(),
             };
             // A run after an error may have applied anything durable by now.
             let bound = if run == 1 { before } else { *durable.borrow() };
             match runtime.block_on(applier.run(durable.clone(), &position, run, bound, &abandon)) {
-                Ok(()) => return,
+                Ok(()) => return solved(&problems),
                 // Stopped from outside (a release, an adoption): no retry.
                 Err(_) if abandon.load(Ordering::Relaxed) || durable.has_changed().is_err() => {
-                    return;
+                    return solved(&problems);
                 }
                 Err(e) => {
-                    tracing::error!(%stream, error = %boomerang_core::chain(&e), retry_in = ?backoff, "applying the incoming log stopped; retrying");
+                    let error = boomerang_core::chain(&e).to_string();
+                    tracing::error!(%stream, %error, retry_in = ?backoff, "applying the incoming log stopped; retrying");
+                    // Reported (an alert at the configuration server) until a point is made.
+                    problems
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .entry(stream.clone())
+                        .and_modify(|p| p.error = error.clone())
+                        .or_insert_with(|| crate::ReplicaProblem {
+                            stream: stream.clone(),
+                            error,
+                            since_unix_ms: (boomerang_core::log::UnixNanos::now().0 / 1_000_000) as i64,
+                        });
                     std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }
@@ -338,6 +358,8 @@ struct Applier {
     /// images are not rolled back to the last checkpoint): their marks make no checkpoint,
     /// since an image block may already hold a later write. They stay points through the log.
     replay_until: Seq,
+    /// Where a failed run reported its error; a point made clears it.
+    problems: crate::Problems,
 }
 
 impl Applier {
@@ -575,6 +597,10 @@ impl Applier {
         }
         let path = self.dir().join("applied");
         write_applied(&path, seq).map_err(Self::io("record the applied mark in", &path))?;
+        self.problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.stream);
         // Applied and committed: the incoming log is kept for its window, then dropped.
         let incoming = self.retention.join("incoming").join(&self.stream);
         match boomerang_wire::cache::release_older(&incoming, seq, self.log_window) {

@@ -190,6 +190,7 @@ pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
     let metrics = Arc::new(Metrics::default());
     let seen = metrics.clone();
     let positions: digest::Positions = Arc::default();
+    let problems: Problems = Arc::default();
     for (stream, last) in incoming_streams(&config.retention.join("incoming")) {
         if ended(&config.retention, &stream) {
             continue;
@@ -213,6 +214,7 @@ pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
             at,
             last,
             abandon.clone(),
+            problems.clone(),
         );
         appliers.lock().unwrap_or_else(|e| e.into_inner()).insert(
             stream,
@@ -226,6 +228,7 @@ pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
         retention: config.retention.clone(),
         appliers: appliers.clone(),
         positions: positions.clone(),
+        problems: problems.clone(),
     });
     let known = positions.clone();
     let on_durable = Arc::new(
@@ -260,6 +263,7 @@ pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
                 at,
                 Seq(records.first_seq().0.saturating_sub(1)),
                 abandon.clone(),
+                problems.clone(),
             );
             all.insert(
                 stream.to_string(),
@@ -326,9 +330,34 @@ pub struct Replicas {
     retention: PathBuf,
     appliers: Arc<Mutex<HashMap<String, Applier>>>,
     positions: digest::Positions,
+    problems: Problems,
 }
 
+/// Why a replica makes no recovery point now: its applier failed (its store does not
+/// answer, its volume is full, ...) and retries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaProblem {
+    pub stream: String,
+    /// The last error, as a sentence (it names the object and the store).
+    pub error: String,
+    /// When the applier first failed, since the last point it made.
+    pub since_unix_ms: i64,
+}
+
+/// The problem of each replica that has one.
+pub(crate) type Problems = Arc<Mutex<BTreeMap<String, ReplicaProblem>>>;
+
 impl Replicas {
+    /// The replicas whose applier fails now, and why.
+    pub fn problems(&self) -> Vec<ReplicaProblem> {
+        self.problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// Stops the applier of `stream`, if one runs, and waits until it has ended: once it has
     /// applied every record received, or at once if `abandon` (what is left to apply is of
     /// no use). The next record of the stream starts a new one.

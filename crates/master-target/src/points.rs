@@ -355,11 +355,14 @@ pub struct ReplicaSummary {
     /// The newest: its sequence number, and when its mark was made (nanoseconds since 1970)
     /// when known.
     pub latest: Option<(u64, Option<u64>)>,
+    /// Why its points could not be listed now (its store did not answer within the time
+    /// given, or failed); `points` and `latest` are then unknown.
+    pub error: Option<String>,
 }
 
 /// The points of every disk replica on the retention volume, by machine and disk. A replica
-/// whose points cannot be read is left out (and logged).
-pub async fn summary(retention: &Path) -> Vec<ReplicaSummary> {
+/// whose points cannot be read within `within` says why.
+pub async fn summary(retention: &Path, within: std::time::Duration) -> Vec<ReplicaSummary> {
     let mut out = Vec::new();
     let Ok(machines) = std::fs::read_dir(retention.join("replicas")) else {
         return out;
@@ -385,23 +388,33 @@ pub async fn summary(retention: &Path) -> Vec<ReplicaSummary> {
     }
     found.sort();
     for (stream, disk) in found {
-        match list(retention, &stream, &disk).await {
-            Ok(points) => out.push(ReplicaSummary {
-                latest: points.last().map(|p| (p.seq, p.time_unix_ns)),
-                points: points.len(),
-                stream,
-                disk: disk.to_string(),
-            }),
-            Err(PointsError::NoStore { .. }) => out.push(ReplicaSummary {
-                stream,
-                disk: disk.to_string(),
-                points: 0,
-                latest: None,
-            }),
-            Err(e) => {
-                tracing::warn!(%stream, %disk, error = %boomerang_core::chain(&e), "could not list the points of a replica");
+        let mut entry = ReplicaSummary {
+            stream,
+            disk: disk.to_string(),
+            points: 0,
+            latest: None,
+            error: None,
+        };
+        match tokio::time::timeout(within, list(retention, &entry.stream, &disk)).await {
+            Ok(Ok(points)) => {
+                entry.latest = points.last().map(|p| (p.seq, p.time_unix_ns));
+                entry.points = points.len();
+            }
+            Ok(Err(PointsError::NoStore { .. })) => {}
+            Ok(Err(e)) => {
+                let error = boomerang_core::chain(&e).to_string();
+                tracing::warn!(stream = %entry.stream, %disk, %error, "could not list the points of a replica");
+                entry.error = Some(format!("could not list the points of disk {disk}: {error}"));
+            }
+            Err(_) => {
+                tracing::warn!(stream = %entry.stream, %disk, "listing the points of a replica took too long");
+                entry.error = Some(format!(
+                    "listing the points of disk {disk} took over {} s: its store answers slowly or not at all",
+                    within.as_secs_f64()
+                ));
             }
         }
+        out.push(entry);
     }
     out
 }

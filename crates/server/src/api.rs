@@ -23,7 +23,9 @@ use crate::components::{
     self, Alert, ComponentHealth, ComponentInfo, EnrollRequest, Enrolled, Enrollment, Heartbeat,
     NewComponent,
 };
-use crate::components::{DiskReport, DiskSync, RecoveryReport, ReplicaReport, StreamReport};
+use crate::components::{
+    DiskReport, DiskSync, RecoveryReport, ReplicaProblemReport, ReplicaReport, StreamReport,
+};
 use crate::db::{AuditEntry, CreatedToken, Db, DbError, Group, Protection, TokenInfo};
 use crate::inventory::{Datastore, Host, InventorySource, Machine, MachineSource, Site};
 use crate::inventory::{MasterTarget, ProcessServer};
@@ -884,6 +886,26 @@ async fn heartbeat(
     }
     let name = caller.name.clone();
     let healthy = beat.healthy;
+    // A master target says which replicas make no point now: each is an alert on its
+    // machine until the master target reports it working again.
+    let replica_alerts = (caller.role == components::ComponentRole::MasterTarget).then(|| {
+        let failing: Vec<(String, String)> = beat
+            .replica_problems
+            .iter()
+            .flatten()
+            .map(|p| {
+                let since = (crate::db::now() - p.since_unix_ms).max(0) / 1000;
+                (
+                    p.machine.clone(),
+                    format!(
+                        "master target {:?} has made no recovery point of machine {:?} for {since} s: {}; the records it receives are kept on its retention volume and applied once this is mended",
+                        caller.name, p.machine, p.error
+                    ),
+                )
+            })
+            .collect();
+        failing
+    });
     // An agent's report describes its machine: one no inventory file lists joins the
     // inventory from it (at the agent's site, a physical machine as ASR discovers them).
     let reported = match (&beat.disks, &beat.os) {
@@ -904,6 +926,25 @@ async fn heartbeat(
         if healthy {
             db.resolve(UNHEALTHY, &format!("component/{name}"))?;
         }
+        if let Some(failing) = &replica_alerts {
+            // One alert per machine and master target (the object names both), resolved by
+            // that master target's next report without it.
+            let object = |machine: &str| format!("machine/{machine}/replica-on/{name}");
+            for (machine, message) in failing {
+                if db.raise(REPLICA_FAILING, &object(machine), message)? {
+                    tracing::warn!(%message, "alert");
+                }
+            }
+            let suffix = format!("/replica-on/{name}");
+            for alert in db.active_alerts()? {
+                if alert.kind == REPLICA_FAILING
+                    && alert.object.ends_with(&suffix)
+                    && !failing.iter().any(|(m, _)| alert.object == object(m))
+                {
+                    db.resolve(REPLICA_FAILING, &alert.object)?;
+                }
+            }
+        }
         Ok(())
     })
     .await?;
@@ -917,6 +958,10 @@ const PREFLIGHT_FAILED: &str = "preflight-failed";
 
 /// The kind of alert a silent or failing component raises.
 const UNHEALTHY: &str = "component-unhealthy";
+
+/// The kind of alert a replica whose master target makes no recovery point raises (its
+/// store does not answer, its volume is full, ...).
+pub const REPLICA_FAILING: &str = "replica-failing";
 
 /// The kind of alert a machine whose RPO passes its policy's threshold raises.
 pub const RPO_THRESHOLD: &str = "rpo-threshold";
@@ -1628,6 +1673,7 @@ impl utoipa::Modify for ClosedVariants {
         CreatedPolicy, Report, Check, Purpose, Severity, MasterTarget, ProcessServer,
         NewComponent, Enrollment, EnrollRequest, Enrolled, Heartbeat, ComponentInfo, ComponentHealth,
         Alert, Group, NewGroup, DiskReport, DiskSync, StreamReport, ReplicaReport, RecoveryReport,
+        ReplicaProblemReport,
         MachineSource,
         MachineStatus, DiskStatus, ProtectionState, StatusHealth, SetPolicy, Protection, JobRequest,
         Job, JobKind, JobState, Command, CommandResult)),

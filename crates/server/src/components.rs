@@ -170,6 +170,11 @@ pub struct Heartbeat {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_items = 1024)]
     pub replicas: Option<Vec<ReplicaReport>>,
+    /// The replicas that make no recovery point now, and why (master target): their store
+    /// does not answer, their volume is full, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 1024)]
+    pub replica_problems: Option<Vec<ReplicaProblemReport>>,
     /// The disks it serves at a recovery point, and how far each is copied into its target
     /// (master target).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -296,6 +301,20 @@ pub struct ReplicaReport {
     pub latest_point_unix_ms: Option<i64>,
 }
 
+/// A replica whose master target cannot make recovery points now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaProblemReport {
+    #[schema(min_length = 1, max_length = 63)]
+    pub machine: String,
+    /// What failed, as a sentence.
+    #[schema(max_length = 4096)]
+    pub error: String,
+    /// Since when (milliseconds since 1970).
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
+    pub since_unix_ms: i64,
+}
+
 impl Heartbeat {
     /// Checks what a component of `role` may report: each list belongs to one role, holds at
     /// most [`MAX_REPORTED`] items, and names machines and disks validly.
@@ -351,6 +370,11 @@ impl Heartbeat {
             self.recoveries.is_some(),
             ComponentRole::MasterTarget,
         )?;
+        own(
+            "replica_problems",
+            self.replica_problems.is_some(),
+            ComponentRole::MasterTarget,
+        )?;
         let machine = |m: &str| {
             if crate::inventory::valid_name(m) {
                 Ok(())
@@ -368,6 +392,7 @@ impl Heartbeat {
             self.streams.as_ref().map_or(0, Vec::len),
             self.replicas.as_ref().map_or(0, Vec::len),
             self.recoveries.as_ref().map_or(0, Vec::len),
+            self.replica_problems.as_ref().map_or(0, Vec::len),
         ];
         if lens.iter().any(|&n| n > MAX_REPORTED) {
             return Err(format!(
@@ -387,6 +412,15 @@ impl Heartbeat {
         for r in self.recoveries.iter().flatten() {
             machine(&r.machine)?;
             disk(&r.disk)?;
+        }
+        for p in self.replica_problems.iter().flatten() {
+            machine(&p.machine)?;
+            if p.error.len() > 4096 {
+                return Err(format!(
+                    "the problem reported of {:?} is over 4096 bytes",
+                    p.machine
+                ));
+            }
         }
         Ok(())
     }

@@ -175,7 +175,38 @@ struct Faults {
     delay: std::time::Duration,
     /// Bytes per second, if throttled.
     rate: Option<u64>,
+    /// While set, every new connection gets this HTTP status to each request, and is closed.
+    http_status: Option<u16>,
     conns: Vec<TcpStream>,
+}
+
+/// Reads one HTTP request (its head and a body of `Content-Length` bytes) from `client`,
+/// answers it with `status` and an empty body, and closes the connection.
+fn answer_http(mut client: TcpStream, status: u16) {
+    let _ = client.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+        match client.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return,
+        }
+    }
+    let length = String::from_utf8_lossy(&head)
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<u64>().ok())?
+        })
+        .unwrap_or(0);
+    let _ = std::io::copy(&mut (&client).take(length), &mut std::io::sink());
+    let _ = write!(
+        client,
+        "HTTP/1.1 {status} Fault Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let _ = client.shutdown(std::net::Shutdown::Both);
 }
 
 impl FaultProxy {
@@ -194,6 +225,11 @@ impl FaultProxy {
                     continue;
                 };
                 let _ = client.set_nonblocking(false);
+                let status = f.lock().unwrap_or_else(|e| e.into_inner()).http_status;
+                if let Some(status) = status {
+                    std::thread::spawn(move || answer_http(client, status));
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(&target) else {
                     continue; // the target is down: the client sees a closed connection
                 };
@@ -256,6 +292,13 @@ impl FaultProxy {
         self.faults.lock().unwrap_or_else(|e| e.into_inner()).delay = delay;
     }
 
+    /// For an HTTP service behind the proxy: while `status` is set, every request gets that
+    /// status (such as 503) and nothing reaches the service; connections open now are cut.
+    pub fn set_http_status(&self, status: Option<u16>) {
+        self.faults.lock().unwrap_or_else(|e| e.into_inner()).http_status = status;
+        self.cut();
+    }
+
     /// Limits each direction of each connection to about `rate` bytes per second.
     pub fn set_rate(&self, rate: Option<u64>) {
         self.faults.lock().unwrap_or_else(|e| e.into_inner()).rate = rate;
@@ -279,20 +322,31 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `bin` with `args` and waits for its address.
     pub fn start(bin: &str, args: &[&str]) -> Daemon {
-        Self::start_with(bin, args, std::process::Stdio::inherit())
+        Self::start_with(bin, args, &[], std::process::Stdio::inherit())
+    }
+
+    /// As [`Daemon::start`], with `env` added to the process's environment.
+    pub fn start_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Self::start_with(bin, args, env, std::process::Stdio::inherit())
     }
 
     /// As [`Daemon::start`], with the process's log (stderr) in the file `log`.
     pub fn start_logged(bin: &str, args: &[&str], log: &std::path::Path) -> Daemon {
         let file = std::fs::File::create(log)
             .unwrap_or_else(|e| panic!("could not create {}: {e}", log.display()));
-        Self::start_with(bin, args, file.into())
+        Self::start_with(bin, args, &[], file.into())
     }
 
-    fn start_with(bin: &str, args: &[&str], stderr: std::process::Stdio) -> Daemon {
+    fn start_with(
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stderr: std::process::Stdio,
+    ) -> Daemon {
         use std::io::BufRead;
         let mut child = Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(stderr)
             .spawn()
