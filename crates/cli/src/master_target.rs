@@ -415,6 +415,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                         "machine": p.stream,
                         "error": p.error,
                         "since_unix_ms": p.since_unix_ms,
+                        "lasting": p.lasting,
                     });
                     (p.stream, beat)
                 })
@@ -478,8 +479,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
 
 /// The points of each replica (machine, disk) at the last listing that worked: their count
 /// and the newest.
-type KnownPoints =
-    std::collections::HashMap<(String, String), (usize, Option<(u64, Option<u64>)>)>;
+type KnownPoints = std::collections::HashMap<(String, String), (usize, Option<(u64, Option<u64>)>)>;
 
 /// How long a heartbeat waits for a replica's points to be listed (a store on Azure Blob may
 /// not answer): the heartbeat goes out on time, saying so.

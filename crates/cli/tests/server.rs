@@ -2354,13 +2354,14 @@ impl Replicating {
     }
 
     /// Runs a job through the CLI and checks that it failed with a message holding `why`.
-    fn job_fails(&self, args: &[&str], why: &str) {
+    fn job_fails(&self, args: &[&str], why: &str) -> Value {
         let mut all = args.to_vec();
         all.extend(["--output", "json"]);
         let out = self.cli(&all);
         let job = json_out(&out);
         assert_eq!(out.status.code(), Some(3), "{args:?}: {job}");
         assert!(job["message"].as_str().unwrap().contains(why), "{job}");
+        job
     }
 }
 
@@ -3093,16 +3094,26 @@ fn an_azure_store_answering_503_raises_an_alert_then_replication_resumes_with_ev
         .as_u64()
         .unwrap();
     blob.set_http_status(None);
-    wait_for("the alert did not resolve once the store answered", 90, || {
-        active("replica-failing")
-            .is_none()
-            .then_some(Value::Null)
+    wait_for(
+        "the alert did not resolve once the store answered",
+        90,
+        || active("replica-failing").is_none().then_some(Value::Null),
+    );
+    let point = wait_for("no point after the outage", 60, || {
+        let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(["master-target", "points"])
+            .arg(d.join("retention"))
+            .args(["--machine", "app01", "--disk", "d0", "--output", "json"])
+            .output()
+            .ok()?;
+        let points: Value = serde_json::from_slice(&out.stdout).ok()?;
+        points
+            .as_array()?
+            .iter()
+            .find(|p| p["seq"].as_u64().is_some_and(|s| s >= mark))
+            .cloned()
     });
-    let status = wait_for("no point after the outage", 60, || {
-        let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
-        (s["latest_point_seq"].as_u64()? >= mark).then_some(s)
-    });
-    let seq = status["latest_point_seq"].as_u64().unwrap().to_string();
+    let seq = point["seq"].as_u64().unwrap().to_string();
     let out = d.join("after.img");
     let exported = Command::new(env!("CARGO_BIN_EXE_boomerang"))
         .args(["master-target", "export"])
@@ -3119,6 +3130,61 @@ fn an_azure_store_answering_503_raises_an_alert_then_replication_resumes_with_ev
     assert!(
         std::fs::read(&out).unwrap() == std::fs::read(d.join("disk.img")).unwrap(),
         "the point after the outage is not the disk"
+    );
+}
+
+#[test]
+fn a_protect_to_an_azure_store_that_refuses_the_credentials_fails_and_says_so() {
+    if !have("curl") || !boomerang_testkit::azurite() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Site B's master target holds a key that is not the storage account's.
+    let wrong =
+        "bm90IHRoZSBrZXkgb2YgZGV2c3RvcmVhY2NvdW50MSwgbWFkZSB1cCBmb3IgYSB0ZXN0IG9mIGl0LCA2NCBiIQ==";
+    let root = format!("azure://{}/site-b", boomerang_testkit::unique("refused"));
+    let r = Replicating::start_full(
+        d,
+        &["--store-root".into(), root.clone()],
+        &[("AZURE_STORAGE_ACCOUNT_KEY", wrong)],
+    );
+    let out = r.cli(&[
+        "policy",
+        "create",
+        "gold",
+        "--rpo-threshold",
+        "30",
+        "--retention",
+        "3600",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The protect fails: the copy reaches the master target, but no point can be made.
+    let job = r.job_fails(
+        &["protect", "app01", "--policy", "gold"],
+        "cannot keep the recovery points of \"app01\"",
+    );
+    let message = job["message"].as_str().unwrap();
+    assert!(
+        message.contains("credentials") && message.contains("mt1"),
+        "{message}"
+    );
+    assert!(!message.contains(wrong), "the key is never shown");
+    // And the machine has an alert that says why.
+    let alerts = json_out(&r.cli(&["alert", "list", "--output", "json"]));
+    let alert = alerts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["kind"] == "replica-failing")
+        .unwrap_or_else(|| panic!("no replica-failing alert: {alerts}"));
+    assert!(
+        alert["message"].as_str().unwrap().contains("credentials"),
+        "{alert}"
     );
 }
 

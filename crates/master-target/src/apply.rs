@@ -313,6 +313,7 @@ pub(crate) fn spawn(
                     return solved(&problems);
                 }
                 Err(e) => {
+                    let lasting = matches!(&e, ApplyError::Store(s) if !s.is_retryable());
                     let error = boomerang_core::chain(&e).to_string();
                     tracing::error!(%stream, %error, retry_in = ?backoff, "applying the incoming log stopped; retrying");
                     // Reported (an alert at the configuration server) until a point is made.
@@ -320,11 +321,12 @@ pub(crate) fn spawn(
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .entry(stream.clone())
-                        .and_modify(|p| p.error = error.clone())
+                        .and_modify(|p| (p.error, p.lasting) = (error.clone(), lasting))
                         .or_insert_with(|| crate::ReplicaProblem {
                             stream: stream.clone(),
                             error,
                             since_unix_ms: (boomerang_core::log::UnixNanos::now().0 / 1_000_000) as i64,
+                            lasting,
                         });
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(10));

@@ -34,9 +34,10 @@ const WAIT: Duration = Duration::from_secs(90);
 pub(crate) async fn answer(
     retention: PathBuf,
     positions: Positions,
+    problems: crate::Problems,
     request: DigestRequest,
 ) -> Result<Digest, String> {
-    let position = reach(&positions, &request).await?;
+    let position = reach(&positions, &problems, &request).await?;
     let path = crate::apply::image_path(&retention, &request.stream, &request.disk);
     let (first, count) = (request.first_block, request.count);
     let hashed = tokio::task::spawn_blocking(move || hash_image(&path, first, count))
@@ -73,21 +74,46 @@ fn current(positions: &Positions, stream: &str) -> Option<Position> {
 }
 
 /// Waits until the applier of the stream has applied `after`; its position then (none when
-/// nothing was asked to be applied and no applier runs).
-async fn reach(positions: &Positions, request: &DigestRequest) -> Result<Option<Position>, String> {
+/// nothing was asked to be applied and no applier runs). An applier that fails in a way
+/// retrying does not mend (its store refuses the credentials) gets no wait.
+async fn reach(
+    positions: &Positions,
+    problems: &crate::Problems,
+    request: &DigestRequest,
+) -> Result<Option<Position>, String> {
+    let lasting = || {
+        let all = problems.lock().unwrap_or_else(|e| e.into_inner());
+        all.get(&request.stream).filter(|p| p.lasting).map(|p| {
+            format!(
+                "the replica of {} cannot be kept: {}",
+                request.stream, p.error
+            )
+        })
+    };
     let waited = tokio::time::timeout(WAIT, async {
         loop {
+            if let Some(why) = lasting() {
+                return Err(why);
+            }
             let rx = {
                 let all = positions.lock().unwrap_or_else(|e| e.into_inner());
                 all.get(&request.stream).cloned()
             };
             match rx {
                 Some(mut rx) => {
-                    let p = *rx
-                        .wait_for(|p| p.applied >= request.after)
-                        .await
-                        .map_err(|_| format!("the applier of {} stopped", request.stream))?;
-                    return Ok(Some(p));
+                    let reached = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        rx.wait_for(|p| p.applied >= request.after),
+                    )
+                    .await;
+                    match reached {
+                        Ok(Ok(p)) => return Ok(Some(*p)),
+                        Ok(Err(_)) => {
+                            return Err(format!("the applier of {} stopped", request.stream));
+                        }
+                        // (Looked at again: the applier may have failed meanwhile.)
+                        Err(_) => continue,
+                    }
                 }
                 None if request.after == Seq(0) => return Ok(None),
                 // Records are on their way: their applier starts with the first of them.

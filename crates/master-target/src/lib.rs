@@ -231,6 +231,7 @@ pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
         problems: problems.clone(),
     });
     let known = positions.clone();
+    let failing = problems.clone();
     let on_durable = Arc::new(
         move |stream: &str, _disks: &[DiskName], records: &Records| {
             seen.durable(stream, records);
@@ -263,7 +264,7 @@ pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
                 at,
                 Seq(records.first_seq().0.saturating_sub(1)),
                 abandon.clone(),
-                problems.clone(),
+                failing.clone(),
             );
             all.insert(
                 stream.to_string(),
@@ -302,6 +303,7 @@ pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
         Box::pin(digest::answer(
             retention.clone(),
             positions.clone(),
+            problems.clone(),
             request,
         )) as boomerang_wire::digest::DigestFuture
     }) as boomerang_wire::digest::OnDigest;
@@ -342,6 +344,9 @@ pub struct ReplicaProblem {
     pub error: String,
     /// When the applier first failed, since the last point it made.
     pub since_unix_ms: i64,
+    /// Retrying will not mend it: the store refused the credentials or the key, or its
+    /// data fails its checks. An operator must act.
+    pub lasting: bool,
 }
 
 /// The problem of each replica that has one.

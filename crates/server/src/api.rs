@@ -894,11 +894,10 @@ async fn heartbeat(
             .iter()
             .flatten()
             .map(|p| {
-                let since = (crate::db::now() - p.since_unix_ms).max(0) / 1000;
                 (
                     p.machine.clone(),
                     format!(
-                        "master target {:?} has made no recovery point of machine {:?} for {since} s: {}; the records it receives are kept on its retention volume and applied once this is mended",
+                        "master target {:?} makes no recovery point of machine {:?}: {}; the records it receives are kept on its retention volume and applied once this is mended",
                         caller.name, p.machine, p.error
                     ),
                 )

@@ -313,6 +313,9 @@ pub struct ReplicaProblemReport {
     /// Since when (milliseconds since 1970).
     #[schema(minimum = 0, maximum = 9007199254740991_i64)]
     pub since_unix_ms: i64,
+    /// Retrying will not mend it (refused credentials or key, data failing its checks).
+    #[serde(default)]
+    pub lasting: bool,
 }
 
 impl Heartbeat {

@@ -986,6 +986,26 @@ impl<'a> Engine<'a> {
         Ok(cached.clone().unwrap_or_default())
     }
 
+    /// A master target that makes no recovery point of `machine` now, and what it last
+    /// reported of why. (One that cannot open the replica's store lists no replica of it.)
+    fn replica_problem(
+        &self,
+        machine: &str,
+    ) -> Result<Option<(String, crate::components::ReplicaProblemReport)>, DbError> {
+        Ok(self
+            .components()?
+            .into_iter()
+            .filter(|c| c.role == crate::components::ComponentRole::MasterTarget)
+            .find_map(|c| {
+                let problem = c
+                    .last?
+                    .replica_problems?
+                    .into_iter()
+                    .find(|p| p.machine == machine)?;
+                Some((c.name, problem))
+            }))
+    }
+
     /// The last failover, reprotect or failback of `machine` that succeeded before job
     /// `before`: where the machine is in its circle.
     fn last_move(&self, machine: &str, before: i64) -> Result<Option<Job>, DbError> {
@@ -1512,6 +1532,26 @@ impl<'a> Engine<'a> {
                         .or_insert_with(|| json!(crate::db::now()))
                         .as_i64()
                         .unwrap_or(0);
+                    // Protected means recovery points: a replica its master target cannot
+                    // keep (its store refuses the credentials, say) is not.
+                    if let Some((mt, problem)) = self.replica_problem(&machine)? {
+                        let waited = crate::db::now() - seen;
+                        if problem.lasting || waited >= FIRST_POINT_WAIT_MS {
+                            return self.fail(
+                                id,
+                                format!(
+                                    "master target {mt:?} cannot keep the recovery points of {machine:?}: {}; mend that (for a store on Azure Blob: the storage account's credentials, the container, the key file) and run the protect again",
+                                    problem.error
+                                ),
+                            );
+                        }
+                        self.db.set_progress(
+                            id,
+                            &json!({"percent": 100.0, "waiting_for": format!("master target {mt:?}, which makes no point now: {}", problem.error)}),
+                        )?;
+                        self.db.advance(id, 1, 1, &data, None)?;
+                        return Ok(());
+                    }
                     if status.master_targets.is_empty()
                         && crate::db::now() - seen < self.heartbeat_timeout_ms
                     {

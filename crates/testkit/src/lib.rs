@@ -295,7 +295,10 @@ impl FaultProxy {
     /// For an HTTP service behind the proxy: while `status` is set, every request gets that
     /// status (such as 503) and nothing reaches the service; connections open now are cut.
     pub fn set_http_status(&self, status: Option<u16>) {
-        self.faults.lock().unwrap_or_else(|e| e.into_inner()).http_status = status;
+        self.faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .http_status = status;
         self.cut();
     }
 
