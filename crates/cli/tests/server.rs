@@ -1497,11 +1497,17 @@ impl Replicating {
 
     /// [`Replicating::start`], with `mt_extra` arguments for the master target.
     fn start_with(d: &Path, mt_extra: &[String]) -> Replicating {
-        Self::start_full(d, mt_extra, &[])
+        Self::start_full(d, mt_extra, &[], "")
     }
 
-    /// [`Replicating::start_with`], with `mt_env` added to the master target's environment.
-    fn start_full(d: &Path, mt_extra: &[String], mt_env: &[(&str, &str)]) -> Replicating {
+    /// [`Replicating::start_with`], with `mt_env` added to the master target's environment
+    /// and `server_toml` to the server's configuration.
+    fn start_full(
+        d: &Path,
+        mt_extra: &[String],
+        mt_env: &[(&str, &str)],
+        server_toml: &str,
+    ) -> Replicating {
         let (server, admin) = server_with(d, |state| {
             with_inventory(
                 state,
@@ -1510,7 +1516,10 @@ impl Replicating {
                     "heartbeat_timeout_seconds = 90",
                     "heartbeat_timeout_seconds = 3",
                 )],
-            )
+            );
+            let config = state.join("server.toml");
+            let text = std::fs::read_to_string(&config).unwrap();
+            std::fs::write(&config, text + server_toml).unwrap();
         });
         let port = server.addr.rsplit_once(':').unwrap().1.to_string();
         let url = format!("https://127.0.0.1:{port}");
@@ -3037,6 +3046,7 @@ fn an_azure_store_answering_503_raises_an_alert_then_replication_resumes_with_ev
         d,
         &["--store-root".into(), root.clone()],
         &[("AZURITE_BLOB_STORAGE_URL", &through)],
+        "",
     );
     wait_for("app01 never became protected", 60, || {
         let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
@@ -3148,6 +3158,7 @@ fn a_protect_to_an_azure_store_that_refuses_the_credentials_fails_and_says_so() 
         d,
         &["--store-root".into(), root.clone()],
         &[("AZURE_STORAGE_ACCOUNT_KEY", wrong)],
+        "",
     );
     let out = r.cli(&[
         "policy",
@@ -3405,6 +3416,109 @@ retention = {{ path = "/mnt/retention", filesystem = "ext4", capacity_bytes = 10
     );
     assert!(sites.to_string().contains("key_file"), "{sites}");
     assert!(!sites.to_string().contains(AZURITE_KEY), "{sites}");
+}
+
+#[test]
+fn a_restored_server_lists_the_same_recovery_points_and_its_components_report_to_it() {
+    if !have("curl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = d.join("backup.key");
+    boomerang(&["store", "keygen", key.to_str().unwrap()]);
+    let backups = d.join("site-b-backups");
+    let mut r = Replicating::start_full(
+        d,
+        &[],
+        &[],
+        &format!(
+            "\n[backup]\nlocation = \"{}\"\nkey_file = \"{}\"\nevery_seconds = 1\nkeep = 2\n",
+            backups.display(),
+            key.display()
+        ),
+    );
+    let out = r.cli(&[
+        "policy",
+        "create",
+        "gold",
+        "--rpo-threshold",
+        "30",
+        "--retention",
+        "3600",
+    ]);
+    assert!(out.status.success());
+    r.job_ok(&["protect", "app01", "--policy", "gold"]);
+    wait_for("no point listed", 30, || {
+        let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+        s["latest_point_seq"].as_u64().map(|_| s)
+    });
+    // The machine stops (its agent ends): its points stay as they are.
+    r.agent.signal("-KILL");
+    let points = |r: &Replicating| -> Value {
+        let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
+        json!({
+            "latest_point_seq": s["latest_point_seq"],
+            "disks": s["disks"].as_array().unwrap().iter()
+                .map(|d| json!([d["name"], d["points"]]))
+                .collect::<Vec<_>>(),
+        })
+    };
+    let mut before = points(&r);
+    wait_for("the points never settled", 30, || {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let now = points(&r);
+        let settled = now == before;
+        before = now;
+        settled.then_some(Value::Null)
+    });
+    assert!(before["latest_point_seq"].as_u64().unwrap() > 0, "{before}");
+    assert!(before["disks"][0][1].as_u64().unwrap() > 0, "{before}");
+    let lists = |r: &Replicating| -> Vec<Value> {
+        ["site", "machine", "policy"]
+            .iter()
+            .map(|what| json_out(&r.cli(&[what, "list", "--output", "json"])))
+            .collect()
+    };
+    let listed = lists(&r);
+    // Two backups later (one a second), the site with the server is lost.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    r._server.signal("-KILL");
+    let restored = d.join("restored");
+    boomerang(&[
+        "server",
+        "restore",
+        "--from",
+        backups.to_str().unwrap(),
+        "--key-file",
+        key.to_str().unwrap(),
+        "--state",
+        restored.to_str().unwrap(),
+    ]);
+    // Started where the components reach it, the rebuilt server lists what the lost one did.
+    let listen = format!("127.0.0.1:{}", r.port);
+    r._server = Daemon::start(
+        env!("CARGO_BIN_EXE_boomerang"),
+        &[
+            "server",
+            "--config",
+            restored.join("server.toml").to_str().unwrap(),
+            "--listen",
+            &listen,
+        ],
+    );
+    assert_eq!(points(&r), before);
+    assert_eq!(lists(&r), listed);
+    // The master target reports to it with the credentials it had.
+    let restarted = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    wait_for("the master target never reported to the restored server", 30, || {
+        let c = json_out(&r.cli(&["component", "show", "mt1", "--output", "json"]));
+        (c["last_heartbeat_unix_ms"].as_i64()? > restarted).then_some(c)
+    });
+    assert_eq!(points(&r), before);
 }
 
 #[test]
