@@ -3029,7 +3029,7 @@ fn the_whole_circle_with_site_b_on_azure_blob_sealed_keeps_every_write() {
 
 #[test]
 fn an_azure_store_answering_503_raises_an_alert_then_replication_resumes_with_every_write() {
-    if !have("curl") || !boomerang_testkit::azurite() {
+    if !have("curl") || !have("qemu-img") || !boomerang_testkit::azurite() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -3140,6 +3140,39 @@ fn an_azure_store_answering_503_raises_an_alert_then_replication_resumes_with_ev
     assert!(
         std::fs::read(&out).unwrap() == std::fs::read(d.join("disk.img")).unwrap(),
         "the point after the outage is not the disk"
+    );
+
+    // A failover at this Azure site gives what Azure boots, a fixed VHD, and serves the
+    // disk at once (instant recovery): both are the disk.
+    let job = r.job_ok(&["failover", "app01", "--planned"]);
+    let file = job["result"]["materialized"][0]["path"]
+        .as_str()
+        .unwrap_or_else(|| panic!("nothing materialized: {job}"));
+    assert!(file.ends_with(".vhd"), "{job}");
+    // (A fixed VHD has its footer at the end only: qemu-img is told the format.)
+    let info: Value = serde_json::from_str(&run(
+        "qemu-img",
+        &["info", "-f", "vpc", "--output", "json", file],
+    ))
+    .unwrap();
+    assert_eq!(info["format"], "vpc", "{info}");
+    assert_eq!(info["virtual-size"], 4 << 20, "{info}");
+    let served = format!("nbd://{}/d0", job["result"]["address"].as_str().unwrap());
+    run(
+        "qemu-img",
+        &["compare", "-f", "vpc", "-F", "raw", file, &served],
+    );
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            d.join("disk.img").to_str().unwrap(),
+            &served,
+        ],
     );
 }
 
