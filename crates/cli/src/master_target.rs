@@ -345,11 +345,12 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                 .store_key_file
                 .map(|k| std::path::absolute(&k).unwrap_or(k)),
         });
-    if let Some(root) = boomerang_master_target::StoreRoot::keep(&retention, root.as_ref())
-        .map_err(anyhow::Error::msg)?
-    {
+    let kept = boomerang_master_target::StoreRoot::keep(&retention, root.as_ref())
+        .map_err(anyhow::Error::msg)?;
+    if let Some(root) = &kept {
         tracing::info!(root = %root.root, sealed = root.key_file.is_some(), "the replica stores are under the store root");
     }
+    let store_root = kept.map(|r| r.root);
     let retention_dir = retention.clone();
     let (server, metrics, replicas) = receiver_with_replicas(Config {
         name,
@@ -397,11 +398,12 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         (retention_dir.clone(), recoveries.clone(), replicas.clone());
     let known: std::sync::Arc<std::sync::Mutex<KnownPoints>> = std::sync::Arc::default();
     let report: crate::client::Report = Box::new(move || {
-        let (retention, reported, failing, known) = (
+        let (retention, reported, failing, known, store_root) = (
             retention.clone(),
             reported.clone(),
             failing.clone(),
             known.clone(),
+            store_root.clone(),
         );
         Box::pin(async move {
             let progress = serde_json::to_value(reported.progress().await).unwrap_or_default();
@@ -445,6 +447,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                 }
             }
             let mut beat = serde_json::Map::new();
+            if let Some(root) = &store_root {
+                beat.insert("store_root".into(), root.clone().into());
+            }
             beat.insert("attached_disks".into(), (summaries.len() as u32).into());
             let replicas: Vec<serde_json::Value> = summaries
                 .into_iter()

@@ -687,7 +687,8 @@ address = "{ps_addr}"
     };
     // The master target's machine has a snapshot; everything else holds, the process server
     // answered. It is not enrolled, so its own links are unknown, no agent reports how fast
-    // web01 writes, and Azure site-b names no storage account: warnings.
+    // web01 writes, Azure site-b names no storage account, and the master target has not
+    // reported where its stores are: warnings.
     assert_eq!(failed("error"), ["MT_HAS_SNAPSHOTS"], "{report}");
     assert_eq!(
         failed("warning"),
@@ -695,7 +696,8 @@ address = "{ps_addr}"
             "PS_CS_UNREACHABLE",
             "PS_MT_UNREACHABLE",
             "PS_LINK_BANDWIDTH",
-            "AZURE_STORAGE"
+            "AZURE_STORAGE",
+            "MT_STORE"
         ],
         "{report}"
     );
@@ -2461,6 +2463,20 @@ impl WayBack {
         // The two sites as the inventory describes them, for the preflight of reprotect and
         // failback: the machine and the master targets' machines, the master targets, and
         // the process servers where they answer.
+        // Site B is an Azure site when its master target keeps its stores on Azure Blob.
+        let site_b = match r
+            .mt_args
+            .iter()
+            .skip_while(|a| *a != "--store-root")
+            .nth(1)
+            .and_then(|root| root.strip_prefix("azure://"))
+        {
+            Some(root) => format!(
+                "kind = \"azure\"\nazure = {{ account = \"devstoreaccount1\", container = \"{}\", use_emulator = true }}",
+                root.split('/').next().unwrap()
+            ),
+            None => "kind = \"local\"".to_string(),
+        };
         let inventory = format!(
             r#"
 [[site]]
@@ -2468,7 +2484,7 @@ name = "site-a"
 kind = "local"
 [[site]]
 name = "site-b"
-kind = "local"
+{site_b}
 [[host]]
 name = "host-a"
 site = "site-a"
@@ -3547,10 +3563,14 @@ fn a_restored_server_lists_the_same_recovery_points_and_its_components_report_to
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    wait_for("the master target never reported to the restored server", 30, || {
-        let c = json_out(&r.cli(&["component", "show", "mt1", "--output", "json"]));
-        (c["last_heartbeat_unix_ms"].as_i64()? > restarted).then_some(c)
-    });
+    wait_for(
+        "the master target never reported to the restored server",
+        30,
+        || {
+            let c = json_out(&r.cli(&["component", "show", "mt1", "--output", "json"]));
+            (c["last_heartbeat_unix_ms"].as_i64()? > restarted).then_some(c)
+        },
+    );
     assert_eq!(points(&r), before);
 }
 

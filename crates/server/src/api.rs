@@ -1297,10 +1297,21 @@ pub(crate) async fn preflight_report(
     });
     let reachable: Vec<String> = futures_join(probes).await.into_iter().flatten().collect();
     // The Azure sites' storage: listed with its credentials, all at once.
+    // Only the sites the machine runs at or may go back to are probed.
     let sites = db(state, |db| db.all_inventory::<Site>("site")).await?;
+    let here = machine.as_ref().map(|m| m.site.clone());
+    let relevant = |site: &str| {
+        here.as_deref() == Some(site)
+            || master_targets.iter().any(|mt| {
+                mt.site == site
+                    && q.master_target
+                        .as_deref()
+                        .map_or(here.as_deref() != Some(site), |n| n == mt.name)
+            })
+    };
     let azure_probes = sites
         .into_iter()
-        .filter(|s| s.kind == crate::inventory::SiteKind::Azure)
+        .filter(|s| s.kind == crate::inventory::SiteKind::Azure && relevant(&s.name))
         .map(|site| async move {
             let (configured, problem) = match &site.azure {
                 None => (false, None),
@@ -1316,6 +1327,7 @@ pub(crate) async fn preflight_report(
                 site: site.name,
                 configured,
                 problem,
+                container: site.azure.map(|a| a.container),
             }
         });
     let azure: Vec<crate::preflight::AzureProbe> = futures_join(azure_probes).await;

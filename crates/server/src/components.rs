@@ -175,6 +175,11 @@ pub struct Heartbeat {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_items = 1024)]
     pub replica_problems: Option<Vec<ReplicaProblemReport>>,
+    /// Where it keeps its replica stores, when not on its retention volume (master target):
+    /// `azure://container/prefix` or a directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 1024)]
+    pub store_root: Option<String>,
     /// The disks it serves at a recovery point, and how far each is copied into its target
     /// (master target).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -378,6 +383,14 @@ impl Heartbeat {
             self.replica_problems.is_some(),
             ComponentRole::MasterTarget,
         )?;
+        own(
+            "store_root",
+            self.store_root.is_some(),
+            ComponentRole::MasterTarget,
+        )?;
+        if self.store_root.as_ref().is_some_and(|r| r.len() > 1024) {
+            return Err("a store root is at most 1024 bytes".into());
+        }
         let machine = |m: &str| {
             if crate::inventory::valid_name(m) {
                 Ok(())

@@ -94,6 +94,8 @@ pub struct AzureProbe {
     pub configured: bool,
     /// Why its container could not be listed with its credentials.
     pub problem: Option<String>,
+    /// The container the inventory gives it.
+    pub container: Option<String>,
 }
 
 fn check(code: &'static str, severity: Severity, passed: bool, message: String) -> Check {
@@ -280,6 +282,7 @@ pub fn run(ctx: &Context<'_>) -> Report {
     retention_rules(mt, &mut checks);
     location_rules(ctx, machine, mt, mt_vm, &mut checks);
     azure_rules(ctx, machine, mt, &mut checks);
+    mt_store_rules(ctx, mt, &mut checks);
     report(Some(mt.name.clone()), ps_name, checks)
 }
 
@@ -321,6 +324,102 @@ fn azure_rules(ctx: &Context<'_>, machine: &Machine, mt: &MasterTarget, checks: 
             }
         });
     }
+}
+
+/// What the master target's own heartbeats say of its replica stores: at an Azure site they
+/// are in that site's storage account (an `azure://` store root in its container), and it
+/// can write them with its own credentials (the server's probe uses the server's).
+fn mt_store_rules(ctx: &Context<'_>, mt: &MasterTarget, checks: &mut Vec<Check>) {
+    use crate::components::ComponentRole;
+    let beat = ctx
+        .components
+        .iter()
+        .find(|c| c.name == mt.name && c.role == ComponentRole::MasterTarget)
+        .and_then(|c| c.last.as_ref());
+    let Some(beat) = beat else {
+        checks.push(check(
+            "MT_STORE",
+            Severity::Warning,
+            false,
+            format!(
+                "master target {:?} has not reported to the configuration server, so its replica stores cannot be checked: enrol it and start it with --control-server",
+                mt.name
+            ),
+        ));
+        return;
+    };
+    if let Some(site) = ctx.azure.iter().find(|p| p.site == mt.site) {
+        let root = beat.store_root.as_deref();
+        let container = root
+            .and_then(|r| r.strip_prefix("azure://"))
+            .map(|r| r.split('/').next().unwrap_or(r));
+        let (passed, message) = match (container, site.container.as_deref()) {
+            (None, _) => (
+                false,
+                format!(
+                    "master target {:?} at Azure site {:?} keeps its replica stores {}, not in the site's storage account: start it on a new retention volume with --store-root azure://{}/{}",
+                    mt.name,
+                    mt.site,
+                    root.map_or("on its retention volume".to_string(), |r| format!("at {r}")),
+                    site.container.as_deref().unwrap_or("CONTAINER"),
+                    mt.name
+                ),
+            ),
+            (Some(have), Some(want)) if have != want => (
+                false,
+                format!(
+                    "master target {:?} keeps its replica stores in container {have:?}, not in {want:?}, the container of Azure site {:?}: start it with the site's container, or fix the site's azure settings",
+                    mt.name, mt.site
+                ),
+            ),
+            (Some(_), _) => (
+                true,
+                format!(
+                    "master target {:?} keeps its replica stores at {}, in the storage of Azure site {:?}",
+                    mt.name,
+                    root.unwrap_or_default(),
+                    mt.site
+                ),
+            ),
+        };
+        checks.push(check("MT_STORE", Severity::Error, passed, message));
+    }
+    let problems = beat.replica_problems.as_deref().unwrap_or_default();
+    let worst = problems
+        .iter()
+        .find(|p| p.lasting)
+        .or_else(|| problems.first());
+    checks.push(match worst {
+        None => check(
+            "MT_STORE_FAILING",
+            Severity::Error,
+            true,
+            format!(
+                "master target {:?} makes recovery points of every replica it keeps",
+                mt.name
+            ),
+        ),
+        Some(p) => check(
+            "MT_STORE_FAILING",
+            if p.lasting {
+                Severity::Error
+            } else {
+                Severity::Warning
+            },
+            false,
+            format!(
+                "master target {:?} makes no recovery point of machine {:?}: {}; {}",
+                mt.name,
+                p.machine,
+                p.error,
+                if p.lasting {
+                    "mend its store's credentials, container or key file first"
+                } else {
+                    "it retries; check its store's endpoint and the network"
+                }
+            ),
+        ),
+    });
 }
 
 /// What the process server's own heartbeats say: that it reaches the configuration server

@@ -99,7 +99,8 @@ fn context<'a>(
     }
 }
 
-/// ps1, enrolled, heard from, reaching its master target; web01's agent, reporting 1 MB/s of
+/// ps1, enrolled, heard from, reaching its master target; mt1, heard from, its stores on its
+/// volume and making points; web01's agent, reporting 1 MB/s of
 /// writes.
 fn enrolled() -> Vec<crate::components::ComponentInfo> {
     use crate::components::{ComponentHealth, ComponentInfo, ComponentRole, Heartbeat};
@@ -127,6 +128,19 @@ fn enrolled() -> Vec<crate::components::ComponentInfo> {
                 healthy: true,
                 version: "0".into(),
                 master_target_reachable: Some(true),
+                ..Heartbeat::default()
+            }),
+        },
+        ComponentInfo {
+            name: "mt1".into(),
+            role: ComponentRole::MasterTarget,
+            site: "site-a".into(),
+            health: ComponentHealth::Healthy,
+            last_heartbeat_unix_ms: Some(1),
+            last: Some(Heartbeat {
+                healthy: true,
+                version: "0".into(),
+                replica_problems: Some(Vec::new()),
                 ..Heartbeat::default()
             }),
         },
@@ -370,7 +384,8 @@ fn the_process_servers_own_reports_count() {
         [
             "PS_CS_UNREACHABLE",
             "PS_MT_UNREACHABLE",
-            "PS_LINK_BANDWIDTH"
+            "PS_LINK_BANDWIDTH",
+            "MT_STORE"
         ]
     );
     assert!(r.ok, "warnings do not block");
@@ -462,6 +477,7 @@ fn the_storage_of_an_azure_site_involved_must_answer_with_its_credentials() {
         site: site.into(),
         configured,
         problem: problem.map(str::to_string),
+        container: None,
     };
     let with = |probes: &[AzureProbe]| {
         run(&Context {
@@ -501,4 +517,93 @@ fn the_storage_of_an_azure_site_involved_must_answer_with_its_credentials() {
     // A site the machine neither runs at nor goes back to is not checked.
     let r = with(&[probe("site-z", true, Some("down"))]);
     assert!(r.ok && azure(&r).is_empty());
+}
+
+#[test]
+fn a_master_target_at_an_azure_site_keeps_its_stores_in_the_sites_container_and_can_write_them() {
+    use crate::components::ReplicaProblemReport;
+    let inv = good();
+    let answered = vec!["ps1".to_string()];
+    // The master target (mt1) is at site-a, made an Azure site for this test.
+    let azure = [AzureProbe {
+        site: "site-a".into(),
+        configured: true,
+        problem: None,
+        container: Some("dr".into()),
+    }];
+    let with = |root: Option<&str>, problems: Vec<ReplicaProblemReport>| {
+        let mut components = enrolled();
+        let mt = components.iter_mut().find(|c| c.name == "mt1").unwrap();
+        let beat = mt.last.as_mut().unwrap();
+        beat.store_root = root.map(str::to_string);
+        beat.replica_problems = Some(problems);
+        run(&Context {
+            azure: &azure,
+            ..context(&inv, "web01", Purpose::Reprotect, &answered, &components)
+        })
+    };
+    let code = |r: &Report, code: &str| -> Check {
+        r.checks
+            .iter()
+            .find(|c| c.code == code)
+            .unwrap_or_else(|| panic!("no {code}: {r:?}"))
+            .clone()
+    };
+    // In the site's container: passed.
+    let r = with(Some("azure://dr/mt1"), Vec::new());
+    assert!(r.ok, "{r:?}");
+    assert!(code(&r, "MT_STORE").passed);
+    assert!(code(&r, "MT_STORE_FAILING").passed);
+    // On its retention volume, or in another container: an error naming the fix.
+    let r = with(None, Vec::new());
+    let c = code(&r, "MT_STORE");
+    assert!(!r.ok && !c.passed && c.severity == Severity::Error);
+    assert!(c.message.contains("--store-root azure://dr/"), "{c:?}");
+    let r = with(Some("azure://other/mt1"), Vec::new());
+    let c = code(&r, "MT_STORE");
+    assert!(!r.ok && c.message.contains("\"other\""), "{c:?}");
+    // Its store refuses its credentials: an error; a store that answers 503 now: a warning.
+    let problem = |lasting: bool| ReplicaProblemReport {
+        machine: "db01".into(),
+        error: "the backend rejected the credentials".into(),
+        since_unix_ms: 1,
+        lasting,
+    };
+    let r = with(Some("azure://dr/mt1"), vec![problem(true)]);
+    let c = code(&r, "MT_STORE_FAILING");
+    assert!(!r.ok && !c.passed && c.severity == Severity::Error, "{c:?}");
+    assert!(
+        c.message.contains("db01") && c.message.contains("credentials"),
+        "{c:?}"
+    );
+    let r = with(Some("azure://dr/mt1"), vec![problem(false)]);
+    let c = code(&r, "MT_STORE_FAILING");
+    assert!(
+        r.ok && !c.passed && c.severity == Severity::Warning,
+        "{c:?}"
+    );
+    // A master target at a local site may keep its stores on its volume.
+    let components = enrolled();
+    let r = run(&context(
+        &inv,
+        "web01",
+        Purpose::Reprotect,
+        &answered,
+        &components,
+    ));
+    assert!(
+        r.ok && !r.checks.iter().any(|c| c.code == "MT_STORE"),
+        "{r:?}"
+    );
+    // One that never reported cannot be checked: a warning.
+    let mut components = enrolled();
+    components.retain(|c| c.name != "mt1");
+    let r = run(&context(
+        &inv,
+        "web01",
+        Purpose::Reprotect,
+        &answered,
+        &components,
+    ));
+    assert_eq!(code(&r, "MT_STORE").severity, Severity::Warning);
 }
