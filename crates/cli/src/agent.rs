@@ -464,6 +464,24 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     };
     let previous = Mutex::new(None::<(u64, std::time::Instant, Option<u64>)>);
     let window = Duration::from_secs_f64(args.reporting.heartbeat_interval.clamp(0.1, 3600.0));
+    // Whether the machine's network reaches its process server (a TCP connection, once a
+    // heartbeat interval), for the preflight of the jobs that make it ship there.
+    let reaches: Arc<Mutex<Option<bool>>> = Arc::default();
+    if let Some(addr) = process_server.clone() {
+        let (reaches, every) = (reaches.clone(), window.max(Duration::from_secs(1)));
+        tokio::spawn(async move {
+            loop {
+                let connect = tokio::net::TcpStream::connect(addr.as_str());
+                let answered = matches!(
+                    tokio::time::timeout(Duration::from_secs(3), connect).await,
+                    Ok(Ok(_))
+                );
+                *reaches.lock().unwrap_or_else(|e| e.into_inner()) = Some(answered);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+    let reported_ps = process_server.clone();
     let report: crate::client::Report = Box::new(move || {
         let (states, through) = boomerang_agent::sync::states(&reported_log, &reported_disks);
         let drained = reported_log.lock().is_ok_and(|l| l.failed_over().is_some());
@@ -484,10 +502,18 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
             Err(_) => None,
         };
         let machine = machine.clone();
+        let reached = *reaches.lock().unwrap_or_else(|e| e.into_inner());
+        let ps = reported_ps.clone();
         Box::pin(async move {
             let mut beat = serde_json::Map::new();
             if let Some(m) = machine {
                 beat.insert("machine".into(), m.into());
+            }
+            if let Some(ps) = ps {
+                beat.insert("process_server".into(), ps.into());
+                if let Some(reached) = reached {
+                    beat.insert("process_server_reachable".into(), reached.into());
+                }
             }
             beat.insert("standby".into(), states.is_empty().into());
             if drained {

@@ -695,6 +695,7 @@ address = "{ps_addr}"
         [
             "PS_CS_UNREACHABLE",
             "PS_MT_UNREACHABLE",
+            "PS_MACHINE_NETWORK",
             "PS_LINK_BANDWIDTH",
             "AZURE_STORAGE",
             "MT_STORE"
@@ -3325,6 +3326,27 @@ fn fio_circle(r: &Replicating, d: &Path) {
     fio_mib(&at_b, 3 << 20, 4, false);
     written.push((3 << 20, 4));
 
+    // The machine's agent at B reaches the process server there, as the preflight of the
+    // failback sees it.
+    let network = |r: &Replicating| -> Value {
+        let out = r.cli(&[
+            "preflight",
+            "app01",
+            "--for",
+            "failback",
+            "--output",
+            "json",
+        ]);
+        json_out(&out)["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["code"] == "PS_MACHINE_NETWORK")
+            .cloned()
+            .unwrap()
+    };
+    let check = network(r);
+    assert_eq!(check["passed"], true, "{check}");
     // Failback: home, with every write of both sites.
     r.job_ok(&["failback", "app01"]);
     verify_all(&at_a, &written);

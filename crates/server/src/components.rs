@@ -201,6 +201,14 @@ pub struct Heartbeat {
     /// (agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drained: Option<bool>,
+    /// The address of the process server it ships to, or would once attached (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 256)]
+    pub process_server: Option<String>,
+    /// Whether a TCP connection from the machine to that process server succeeded, probed
+    /// once a heartbeat interval (agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_server_reachable: Option<bool>,
     /// Whether it ships its disks' writes to a process server (agent); disks served but not
     /// replicated (after a failback, until the reprotect) are not reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -342,6 +350,19 @@ impl Heartbeat {
         own("machine", self.machine.is_some(), ComponentRole::Agent)?;
         own("standby", self.standby.is_some(), ComponentRole::Agent)?;
         own("drained", self.drained.is_some(), ComponentRole::Agent)?;
+        own(
+            "process_server",
+            self.process_server.is_some(),
+            ComponentRole::Agent,
+        )?;
+        own(
+            "process_server_reachable",
+            self.process_server_reachable.is_some(),
+            ComponentRole::Agent,
+        )?;
+        if self.process_server.as_ref().is_some_and(|a| a.len() > 256) {
+            return Err("a process server address is at most 256 bytes".into());
+        }
         own(
             "replicating",
             self.replicating.is_some(),

@@ -230,6 +230,7 @@ pub fn run(ctx: &Context<'_>) -> Report {
                 },
             ));
             ps_reports(ctx, p, &mut checks);
+            machine_network_rule(ctx, machine, p, &mut checks);
             bandwidth_rule(ctx, machine, p, &mut checks);
             let reachable = ctx.reachable.contains(&p.name);
             checks.push(check(
@@ -420,6 +421,68 @@ fn mt_store_rules(ctx: &Context<'_>, mt: &MasterTarget, checks: &mut Vec<Check>)
             ),
         ),
     });
+}
+
+/// Whether the machine's network reaches the process server, as the machine's agent at the
+/// site where it runs measured it (a TCP connection once a heartbeat interval).
+fn machine_network_rule(
+    ctx: &Context<'_>,
+    machine: &Machine,
+    ps: &ProcessServer,
+    checks: &mut Vec<Check>,
+) {
+    use crate::components::ComponentRole;
+    let agent = ctx.components.iter().find_map(|c| {
+        let beat = c.last.as_ref()?;
+        let of_machine = beat.machine.as_deref().unwrap_or(&c.name) == machine.name;
+        (c.role == ComponentRole::Agent && of_machine && c.site == machine.site)
+            .then_some((c, beat))
+    });
+    let (passed, severity, message) = match agent {
+        None => (
+            false,
+            Severity::Warning,
+            format!(
+                "no agent of machine {:?} at site {:?} reports to the configuration server, so whether the machine's network reaches process server {:?} is not known: start it with --control-server",
+                machine.name, machine.site, ps.name
+            ),
+        ),
+        Some((c, beat)) => match (
+            beat.process_server.as_deref(),
+            beat.process_server_reachable,
+        ) {
+            (Some(addr), Some(reached)) if addr == ps.address => (
+                reached,
+                Severity::Error,
+                if reached {
+                    format!(
+                        "agent {:?} of machine {:?} reaches process server {:?} at {addr}",
+                        c.name, machine.name, ps.name
+                    )
+                } else {
+                    format!(
+                        "agent {:?} of machine {:?} at site {:?} cannot reach process server {:?} at {addr}: open the port from the machine's network to it, or choose a process server in that network (--process-server)",
+                        c.name, machine.name, machine.site, ps.name
+                    )
+                },
+            ),
+            (addr, _) => (
+                false,
+                Severity::Warning,
+                format!(
+                    "agent {:?} of machine {:?} checks {}, not process server {:?} at {}, so whether the machine's network reaches that one is not known",
+                    c.name,
+                    machine.name,
+                    addr.map_or("no process server".to_string(), |a| format!(
+                        "the process server at {a}"
+                    )),
+                    ps.name,
+                    ps.address
+                ),
+            ),
+        },
+    };
+    checks.push(check("PS_MACHINE_NETWORK", severity, passed, message));
 }
 
 /// What the process server's own heartbeats say: that it reaches the configuration server

@@ -114,6 +114,8 @@ fn enrolled() -> Vec<crate::components::ComponentInfo> {
             healthy: true,
             version: "0".into(),
             write_bytes_per_second: Some(1_000_000),
+            process_server: Some("10.1.0.4:9443".into()),
+            process_server_reachable: Some(true),
             ..Heartbeat::default()
         }),
     };
@@ -384,6 +386,7 @@ fn the_process_servers_own_reports_count() {
         [
             "PS_CS_UNREACHABLE",
             "PS_MT_UNREACHABLE",
+            "PS_MACHINE_NETWORK",
             "PS_LINK_BANDWIDTH",
             "MT_STORE"
         ]
@@ -606,4 +609,68 @@ fn a_master_target_at_an_azure_site_keeps_its_stores_in_the_sites_container_and_
         &components,
     ));
     assert_eq!(code(&r, "MT_STORE").severity, Severity::Warning);
+}
+
+#[test]
+fn the_machines_network_must_reach_the_process_server() {
+    let inv = good();
+    let answered = vec!["ps1".to_string()];
+    let with = |edit: &dyn Fn(&mut crate::components::Heartbeat)| {
+        let mut components = enrolled();
+        let agent = components.iter_mut().find(|c| c.name == "web01").unwrap();
+        edit(agent.last.as_mut().unwrap());
+        let r = run(&context(
+            &inv,
+            "web01",
+            Purpose::Failback,
+            &answered,
+            &components,
+        ));
+        let c = r
+            .checks
+            .iter()
+            .find(|c| c.code == "PS_MACHINE_NETWORK")
+            .unwrap()
+            .clone();
+        (r.ok, c)
+    };
+    // The machine's agent reaches ps1's address: passed.
+    let (ok, c) = with(&|_| {});
+    assert!(ok && c.passed, "{c:?}");
+    // It cannot: an error naming the agent, the process server and the fix.
+    let (ok, c) = with(&|b| b.process_server_reachable = Some(false));
+    assert!(!ok && !c.passed && c.severity == Severity::Error, "{c:?}");
+    assert!(
+        c.message.contains("ps1")
+            && c.message.contains("10.1.0.4:9443")
+            && c.message.contains("open the port"),
+        "{c:?}"
+    );
+    // It checks another process server: not known, a warning.
+    let (ok, c) = with(&|b| b.process_server = Some("10.9.9.9:9443".into()));
+    assert!(ok && !c.passed && c.severity == Severity::Warning, "{c:?}");
+    assert!(c.message.contains("10.9.9.9:9443"), "{c:?}");
+    // An agent of the machine at another site does not count.
+    let mut components = enrolled();
+    components
+        .iter_mut()
+        .find(|c| c.name == "web01")
+        .unwrap()
+        .site = "site-a".into();
+    let r = run(&context(
+        &inv,
+        "web01",
+        Purpose::Failback,
+        &answered,
+        &components,
+    ));
+    let c = r
+        .checks
+        .iter()
+        .find(|c| c.code == "PS_MACHINE_NETWORK")
+        .unwrap();
+    assert!(
+        !c.passed && c.severity == Severity::Warning && c.message.contains("no agent"),
+        "{c:?}"
+    );
 }
