@@ -119,7 +119,11 @@ impl BackendFailure {
                     text.push_str(&c.to_string());
                     cause = c.source();
                 }
-                if text.contains("403")
+                // By the status the service answered (the text also holds the request's
+                // URL, where "403" may be part of an object's name).
+                if text.contains("status code: 403")
+                    || text.contains("status code: 401")
+                    || text.contains("403 Forbidden")
                     || text.contains("AuthenticationFailed")
                     || text.contains("AuthorizationFailure")
                 {

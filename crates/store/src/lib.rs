@@ -40,12 +40,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use boomerang_core::{ChunkHash, DiskName, PointId};
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
 pub use backend::{Backend, Location};
+
+/// Point manifests already read, by store and path, for callers that list the same stores'
+/// points again and again (a master target's heartbeats). Cheap to clone; shared.
+#[derive(Clone, Debug, Default)]
+pub struct ManifestCache(Arc<std::sync::Mutex<std::collections::HashMap<String, PointManifest>>>);
+
+/// How many point manifests are read at once.
+const MANIFEST_READS: usize = 16;
 pub use commit::{CommitOptions, CommitReport};
 pub use diff::ChangedRange;
 pub use error::{Result, StoreError};
@@ -437,12 +445,51 @@ impl Store {
 
     /// All points of `disk` (or of every disk), oldest first per disk.
     pub async fn points(&self, disk: Option<&DiskName>) -> Result<Vec<PointManifest>> {
+        self.points_cached(disk, &ManifestCache::default()).await
+    }
+
+    /// [`Store::points`], reading only the manifests `cache` does not hold yet (manifests
+    /// never change once written): one listing, and a read per new point, several at once.
+    /// Points no longer listed leave the cache.
+    pub async fn points_cached(
+        &self,
+        disk: Option<&DiskName>,
+        cache: &ManifestCache,
+    ) -> Result<Vec<PointManifest>> {
         let mut paths = self.point_paths(disk).await?;
         paths.sort();
-        let mut out = Vec::with_capacity(paths.len());
-        for p in paths {
-            out.push(self.read_manifest(&p).await?);
+        let key = |path: &str| format!("{}\n{path}", self.display());
+        let missing: Vec<String> = {
+            let held = cache.0.lock().unwrap_or_else(|e| e.into_inner());
+            paths
+                .iter()
+                .filter(|p| !held.contains_key(&key(p)))
+                .cloned()
+                .collect()
+        };
+        let read: Vec<(String, PointManifest)> = futures::stream::iter(missing)
+            .map(|path| async move {
+                let manifest = self.read_manifest(&path).await?;
+                Ok::<_, StoreError>((path, manifest))
+            })
+            .buffer_unordered(MANIFEST_READS)
+            .try_collect()
+            .await?;
+        let mut held = cache.0.lock().unwrap_or_else(|e| e.into_inner());
+        for (path, manifest) in read {
+            held.insert(key(&path), manifest);
         }
+        let out: Vec<PointManifest> = paths
+            .iter()
+            .filter_map(|p| held.get(&key(p)).cloned())
+            .collect();
+        // What this listing covered and did not list was deleted (pruned, collected).
+        let scope = key(&match disk {
+            Some(d) => format!("points/{d}/"),
+            None => "points/".to_string(),
+        });
+        let listed: std::collections::HashSet<String> = paths.iter().map(|p| key(p)).collect();
+        held.retain(|k, _| !k.starts_with(&scope) || listed.contains(k));
         Ok(out)
     }
 
