@@ -392,59 +392,61 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     });
     // Heartbeats: the disks attached (the replica images on the retention volume), the
     // points of each, and how far the disks served at a point are copied.
-    // A replica whose store does not answer is reported with the points it had at the last
-    // listing that worked, and as a problem, rather than held up or left out.
+    // A replica whose store does not answer in time is reported with the points it had at
+    // the last listing that worked, rather than held up or left out. (Whether points are
+    // made is the appliers' to say: their failures are the problems reported.)
     let (retention, reported, failing) =
         (retention_dir.clone(), recoveries.clone(), replicas.clone());
     let known: std::sync::Arc<std::sync::Mutex<KnownPoints>> = std::sync::Arc::default();
+    let manifests = boomerang_store::ManifestCache::default();
     let report: crate::client::Report = Box::new(move || {
-        let (retention, reported, failing, known, store_root) = (
+        let (retention, reported, failing, known, store_root, manifests) = (
             retention.clone(),
             reported.clone(),
             failing.clone(),
             known.clone(),
             store_root.clone(),
+            manifests.clone(),
         );
         Box::pin(async move {
             let progress = serde_json::to_value(reported.progress().await).unwrap_or_default();
             let mut summaries =
-                boomerang_master_target::points::summary(&retention, LISTING_TIME).await;
-            let mut problems: std::collections::BTreeMap<String, serde_json::Value> = failing
+                boomerang_master_target::points::summary(&retention, LISTING_TIME, &manifests)
+                    .await;
+            let problems: Vec<serde_json::Value> = failing
                 .problems()
                 .into_iter()
                 .map(|p| {
-                    let beat = serde_json::json!({
+                    serde_json::json!({
                         "machine": p.stream,
                         "error": p.error,
                         "since_unix_ms": p.since_unix_ms,
                         "lasting": p.lasting,
-                    });
-                    (p.stream, beat)
+                        "whole_store": p.whole_store,
+                    })
                 })
                 .collect();
             {
                 let mut known = known.lock().unwrap_or_else(|e| e.into_inner());
-                let now = (boomerang_core::log::UnixNanos::now().0 / 1_000_000) as i64;
                 for r in &mut summaries {
                     let key = (r.stream.clone(), r.disk.clone());
                     match &r.error {
                         None => {
                             known.insert(key, (r.points, r.latest));
                         }
-                        Some(error) => {
+                        Some(_) => {
                             if let Some(&(points, latest)) = known.get(&key) {
                                 (r.points, r.latest) = (points, latest);
                             }
-                            problems.entry(r.stream.clone()).or_insert_with(|| {
-                                serde_json::json!({
-                                    "machine": r.stream,
-                                    "error": error,
-                                    "since_unix_ms": now,
-                                })
-                            });
                         }
                     }
                 }
+                // Replicas ended or handed back are forgotten.
+                known.retain(|(stream, disk), _| {
+                    summaries
+                        .iter()
+                        .any(|r| r.stream == *stream && r.disk == *disk)
+                });
             }
             let mut beat = serde_json::Map::new();
             if let Some(root) = &store_root {
@@ -464,10 +466,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
                 })
                 .collect();
             beat.insert("replicas".into(), replicas.into());
-            beat.insert(
-                "replica_problems".into(),
-                problems.into_values().collect::<Vec<_>>().into(),
-            );
+            beat.insert("replica_problems".into(), problems.into());
             beat.insert("recoveries".into(), progress);
             beat
         })

@@ -313,20 +313,24 @@ pub(crate) fn spawn(
                     return solved(&problems);
                 }
                 Err(e) => {
-                    let lasting = matches!(&e, ApplyError::Store(s) if !s.is_retryable());
-                    let error = boomerang_core::chain(&e).to_string();
+                    let (lasting, whole_store) = lasting(&e);
+                    let error = redact_queries(&boomerang_core::chain(&e).to_string());
                     tracing::error!(%stream, %error, retry_in = ?backoff, "applying the incoming log stopped; retrying");
                     // Reported (an alert at the configuration server) until a point is made.
                     problems
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .entry(stream.clone())
-                        .and_modify(|p| (p.error, p.lasting) = (error.clone(), lasting))
+                        .and_modify(|p| {
+                            (p.error, p.lasting, p.whole_store) =
+                                (error.clone(), lasting, whole_store)
+                        })
                         .or_insert_with(|| crate::ReplicaProblem {
                             stream: stream.clone(),
                             error,
                             since_unix_ms: (boomerang_core::log::UnixNanos::now().0 / 1_000_000) as i64,
                             lasting,
+                            whole_store,
                         });
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -337,6 +341,49 @@ pub(crate) fn spawn(
     if let Err(e) = started {
         tracing::error!(error = %boomerang_core::chain(&e), "could not start an applier thread");
     }
+}
+
+/// Whether retrying cannot mend `e` (an operator must act), and whether it is about every
+/// store under the store root rather than this replica's: refused credentials, a missing
+/// container, a wrong or missing key file are both; data failing its checks is the replica's.
+fn lasting(e: &ApplyError) -> (bool, bool) {
+    use boomerang_store::error::BackendFailure;
+    match e {
+        ApplyError::Store(StoreError::Backend { source, .. }) => match BackendFailure::of(source) {
+            BackendFailure::Credentials | BackendFailure::NoContainer => (true, true),
+            _ => (false, false),
+        },
+        // A store that cannot be opened as configured: its key file, its credentials.
+        ApplyError::Store(StoreError::Invalid(_)) => (true, true),
+        ApplyError::Store(StoreError::Corrupt(_)) => (true, false),
+        _ => (false, false),
+    }
+}
+
+/// `text` with the query string of every URL in it cut out: a store reached with a shared
+/// access signature names the request in its errors, signature included.
+pub(crate) fn redact_queries(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_url = false;
+    let mut in_query = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if !in_url && (rest.starts_with("http://") || rest.starts_with("https://")) {
+            in_url = true;
+        }
+        if c.is_whitespace() {
+            in_url = false;
+            in_query = false;
+        } else if in_url && c == '?' && !in_query {
+            in_query = true;
+            out.push_str("?...");
+        }
+        if !in_query {
+            out.push(c);
+        }
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }
 
 /// A replica image and the blocks changed since the last point.
@@ -448,6 +495,22 @@ impl Applier {
                 stream: self.stream.clone(),
                 why: "its replica store could not be made".into(),
             })?;
+        // A run after a failure: the store answers again (it opened, and each disk's newest
+        // point reads), so what was reported is over, even before the next point is made.
+        let failed_before = self
+            .problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&self.stream);
+        if failed_before {
+            for disk in self.disks.keys() {
+                store.latest(disk).await?;
+            }
+            self.problems
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.stream);
+        }
         // Nothing before the lineage's first record is of it.
         let applied = read_applied(&dir.join("applied")).max(Seq(lineage.since.0 - 1));
         // An earlier run applied records, perhaps past `applied`, but none past `bound`; not
@@ -701,4 +764,25 @@ fn read_applied(path: &Path) -> Seq {
 
 fn write_applied(path: &Path, seq: Seq) -> std::io::Result<()> {
     boomerang_core::write_atomic(path, seq.0.to_string().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_urls_query_string_is_cut_out_of_an_error() {
+        let text = "Error performing PUT https://acct.blob.core.windows.net/c/chunks/ab?sv=2022&sig=SECRET in 5ms - Server returned 503";
+        let redacted = super::redact_queries(text);
+        assert!(
+            !redacted.contains("SECRET") && !redacted.contains("sv="),
+            "{redacted}"
+        );
+        assert!(
+            redacted.contains("https://acct.blob.core.windows.net/c/chunks/ab?... in 5ms"),
+            "{redacted}"
+        );
+        assert_eq!(
+            super::redact_queries("why? no URL here"),
+            "why? no URL here"
+        );
+    }
 }

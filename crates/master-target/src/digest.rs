@@ -92,13 +92,18 @@ async fn reach(
     };
     let waited = tokio::time::timeout(WAIT, async {
         loop {
-            if let Some(why) = lasting() {
-                return Err(why);
-            }
             let rx = {
                 let all = positions.lock().unwrap_or_else(|e| e.into_inner());
                 all.get(&request.stream).cloned()
             };
+            if let Some(p) = rx.as_ref().map(|rx| *rx.borrow())
+                && p.applied >= request.after
+            {
+                return Ok(Some(p));
+            }
+            if let Some(why) = lasting() {
+                return Err(why);
+            }
             match rx {
                 Some(mut rx) => {
                     let reached = tokio::time::timeout(

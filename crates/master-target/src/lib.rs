@@ -347,6 +347,9 @@ pub struct ReplicaProblem {
     /// Retrying will not mend it: the store refused the credentials or the key, or its
     /// data fails its checks. An operator must act.
     pub lasting: bool,
+    /// It is about every store under the master target's store root (credentials, container,
+    /// key file), not this replica's alone.
+    pub whole_store: bool,
 }
 
 /// The problem of each replica that has one.

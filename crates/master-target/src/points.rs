@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use boomerang_core::log::{SegmentReader, first_seq_of, segment_files};
 use boomerang_core::{DiskName, PointId, Seq};
-use boomerang_store::{NoProgress, Store};
+use boomerang_store::{ManifestCache, NoProgress, Store};
 use serde::Serialize;
 
 use crate::apply::{ApplyError, marks_path, write_op};
@@ -148,8 +148,18 @@ pub async fn list(
     stream: &str,
     disk: &DiskName,
 ) -> Result<Vec<ListedPoint>, PointsError> {
+    list_cached(retention, stream, disk, &ManifestCache::default()).await
+}
+
+/// [`list`], with the manifests read before kept in `cache`.
+pub async fn list_cached(
+    retention: &Path,
+    stream: &str,
+    disk: &DiskName,
+    cache: &ManifestCache,
+) -> Result<Vec<ListedPoint>, PointsError> {
     let store = open_store(retention, stream).await?;
-    let checkpoints = store.points(Some(disk)).await?;
+    let checkpoints = store.points_cached(Some(disk), cache).await?;
     let mut points: BTreeMap<u64, ListedPoint> = BTreeMap::new();
     for p in &checkpoints {
         let Some(seq) = p.seq else { continue };
@@ -360,9 +370,15 @@ pub struct ReplicaSummary {
     pub error: Option<String>,
 }
 
-/// The points of every disk replica on the retention volume, by machine and disk. A replica
-/// whose points cannot be read within `within` says why.
-pub async fn summary(retention: &Path, within: std::time::Duration) -> Vec<ReplicaSummary> {
+/// The points of every disk replica on the retention volume, by machine and disk, the
+/// manifests read before kept in `cache`. Replicas whose points cannot be read, or not
+/// within `within` of the call (all replicas together), say why.
+pub async fn summary(
+    retention: &Path,
+    within: std::time::Duration,
+    cache: &ManifestCache,
+) -> Vec<ReplicaSummary> {
+    let deadline = tokio::time::Instant::now() + within;
     let mut out = Vec::new();
     let Ok(machines) = std::fs::read_dir(retention.join("replicas")) else {
         return out;
@@ -395,7 +411,8 @@ pub async fn summary(retention: &Path, within: std::time::Duration) -> Vec<Repli
             latest: None,
             error: None,
         };
-        match tokio::time::timeout(within, list(retention, &entry.stream, &disk)).await {
+        let listed = list_cached(retention, &entry.stream, &disk, cache);
+        match tokio::time::timeout_at(deadline, listed).await {
             Ok(Ok(points)) => {
                 entry.latest = points.last().map(|p| (p.seq, p.time_unix_ns));
                 entry.points = points.len();
