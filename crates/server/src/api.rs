@@ -930,7 +930,7 @@ async fn heartbeat(
             // that master target's next report without it.
             let object = |machine: &str| format!("machine/{machine}/replica-on/{name}");
             for (machine, message) in failing {
-                if db.raise(REPLICA_FAILING, &object(machine), message)? {
+                if db.raise_or_update(REPLICA_FAILING, &object(machine), message)? {
                     tracing::warn!(%message, "alert");
                 }
             }
@@ -1040,6 +1040,16 @@ pub async fn watch_components(state: Arc<AppState>) {
                 let (name, role, site) = (row.name.clone(), row.role, row.site.clone());
                 match info(row, now, timeout).health {
                     components::ComponentHealth::Unhealthy => {
+                        // What a silent master target last said of its replicas is stale: its
+                        // own alert says it is silent.
+                        if role == components::ComponentRole::MasterTarget {
+                            let suffix = format!("/replica-on/{name}");
+                            for alert in db.active_alerts()? {
+                                if alert.kind == REPLICA_FAILING && alert.object.ends_with(&suffix) {
+                                    db.resolve(REPLICA_FAILING, &alert.object)?;
+                                }
+                            }
+                        }
                         let message = format!(
                             "{} {name:?} at site {site:?} is unhealthy: last heartbeat {seen} (timeout {} s), or it reported itself unhealthy; check that it runs and reaches the configuration server",
                             role.as_str(),

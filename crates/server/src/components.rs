@@ -329,6 +329,10 @@ pub struct ReplicaProblemReport {
     /// Retrying will not mend it (refused credentials or key, data failing its checks).
     #[serde(default)]
     pub lasting: bool,
+    /// It is about every store the master target keeps (credentials, container, key file),
+    /// not this replica's alone.
+    #[serde(default)]
+    pub whole_store: bool,
 }
 
 impl Heartbeat {

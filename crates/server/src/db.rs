@@ -748,6 +748,24 @@ impl Db {
         Ok(!active)
     }
 
+    /// [`Db::raise`]; an active alert takes `message` if it says something else now (the
+    /// cause may have changed since it was raised).
+    pub fn raise_or_update(
+        &self,
+        kind: &str,
+        object: &str,
+        message: &str,
+    ) -> Result<bool, DbError> {
+        let raised = self.raise(kind, object, message)?;
+        if !raised {
+            self.conn().execute(
+                "UPDATE alerts SET message = ?3 WHERE kind = ?1 AND object = ?2 AND resolved_ms IS NULL AND message != ?3",
+                params![kind, object, message],
+            )?;
+        }
+        Ok(raised)
+    }
+
     /// Resolves the active alert of `kind` about `object`, if any.
     pub fn resolve(&self, kind: &str, object: &str) -> Result<(), DbError> {
         self.conn().execute(

@@ -986,24 +986,31 @@ impl<'a> Engine<'a> {
         Ok(cached.clone().unwrap_or_default())
     }
 
-    /// A master target that makes no recovery point of `machine` now, and what it last
-    /// reported of why. (One that cannot open the replica's store lists no replica of it.)
+    /// A master target heard from now that makes no recovery point of `machine`, and what
+    /// it reported of why; a problem retrying cannot mend first. (A master target that
+    /// cannot open the replica's store lists no replica of it: all are looked at.)
     fn replica_problem(
         &self,
         machine: &str,
     ) -> Result<Option<(String, crate::components::ReplicaProblemReport)>, DbError> {
-        Ok(self
+        let mut found: Vec<(String, crate::components::ReplicaProblemReport)> = self
             .components()?
             .into_iter()
-            .filter(|c| c.role == crate::components::ComponentRole::MasterTarget)
-            .find_map(|c| {
+            .filter(|c| {
+                c.role == crate::components::ComponentRole::MasterTarget
+                    && c.health == crate::components::ComponentHealth::Healthy
+            })
+            .filter_map(|c| {
                 let problem = c
                     .last?
                     .replica_problems?
                     .into_iter()
                     .find(|p| p.machine == machine)?;
                 Some((c.name, problem))
-            }))
+            })
+            .collect();
+        found.sort_by_key(|(_, p)| !p.lasting);
+        Ok(found.into_iter().next())
     }
 
     /// The last failover, reprotect or failback of `machine` that succeeded before job
@@ -2101,6 +2108,19 @@ impl Engine<'_> {
                     && status.state == ProtectionState::Protected
                     && status.agent.as_deref() == Some(agent.as_str())
                     && status.master_targets == [target.clone()];
+                // Replicated without points is not reprotected.
+                if let Some((mt, problem)) = self.replica_problem(machine)?
+                    && mt == target
+                    && problem.lasting
+                {
+                    return self.fail(
+                        id,
+                        format!(
+                            "agent {agent:?} replicates machine {machine:?} to master target {mt:?}, which cannot keep its recovery points: {}; mend that (for a store on Azure Blob: the storage account's credentials, the container, the key file): the records are kept there, and the machine becomes protected once points are made (boomerang status)",
+                            problem.error
+                        ),
+                    );
+                }
                 if !whole {
                     let progress = sync_progress(&status, started);
                     self.db.set_progress(id, &progress)?;

@@ -283,7 +283,7 @@ pub fn run(ctx: &Context<'_>) -> Report {
     retention_rules(mt, &mut checks);
     location_rules(ctx, machine, mt, mt_vm, &mut checks);
     azure_rules(ctx, machine, mt, &mut checks);
-    mt_store_rules(ctx, mt, &mut checks);
+    mt_store_rules(ctx, machine, mt, &mut checks);
     report(Some(mt.name.clone()), ps_name, checks)
 }
 
@@ -330,20 +330,25 @@ fn azure_rules(ctx: &Context<'_>, machine: &Machine, mt: &MasterTarget, checks: 
 /// What the master target's own heartbeats say of its replica stores: at an Azure site they
 /// are in that site's storage account (an `azure://` store root in its container), and it
 /// can write them with its own credentials (the server's probe uses the server's).
-fn mt_store_rules(ctx: &Context<'_>, mt: &MasterTarget, checks: &mut Vec<Check>) {
-    use crate::components::ComponentRole;
-    let beat = ctx
+fn mt_store_rules(
+    ctx: &Context<'_>,
+    machine: &Machine,
+    mt: &MasterTarget,
+    checks: &mut Vec<Check>,
+) {
+    use crate::components::{ComponentHealth, ComponentRole};
+    let heard = ctx
         .components
         .iter()
         .find(|c| c.name == mt.name && c.role == ComponentRole::MasterTarget)
-        .and_then(|c| c.last.as_ref());
-    let Some(beat) = beat else {
+        .filter(|c| c.health == ComponentHealth::Healthy);
+    let Some(beat) = heard.and_then(|c| c.last.as_ref()) else {
         checks.push(check(
             "MT_STORE",
             Severity::Warning,
             false,
             format!(
-                "master target {:?} has not reported to the configuration server, so its replica stores cannot be checked: enrol it and start it with --control-server",
+                "master target {:?} is not heard from now (not enrolled, not started with --control-server, or silent), so its replica stores cannot be checked",
                 mt.name
             ),
         ));
@@ -373,7 +378,7 @@ fn mt_store_rules(ctx: &Context<'_>, mt: &MasterTarget, checks: &mut Vec<Check>)
                     mt.name, mt.site
                 ),
             ),
-            (Some(_), _) => (
+            (Some(_), Some(_)) => (
                 true,
                 format!(
                     "master target {:?} keeps its replica stores at {}, in the storage of Azure site {:?}",
@@ -382,14 +387,36 @@ fn mt_store_rules(ctx: &Context<'_>, mt: &MasterTarget, checks: &mut Vec<Check>)
                     mt.site
                 ),
             ),
+            (Some(_), None) => (
+                true,
+                format!(
+                    "master target {:?} keeps its replica stores at {}, on Azure Blob (Azure site {:?} names no container to compare with)",
+                    mt.name,
+                    root.unwrap_or_default(),
+                    mt.site
+                ),
+            ),
         };
         checks.push(check("MT_STORE", Severity::Error, passed, message));
     }
-    let problems = beat.replica_problems.as_deref().unwrap_or_default();
-    let worst = problems
-        .iter()
-        .find(|p| p.lasting)
-        .or_else(|| problems.first());
+    let Some(problems) = beat.replica_problems.as_deref() else {
+        checks.push(check(
+            "MT_STORE_FAILING",
+            Severity::Warning,
+            false,
+            format!(
+                "master target {:?} does not report whether it makes its points (an older version?), so that cannot be checked",
+                mt.name
+            ),
+        ));
+        return;
+    };
+    // What blocks: a failure retrying cannot mend, of this machine's replica or of every
+    // store there (credentials, container, key file). Others are worth knowing.
+    let blocking = |p: &&crate::components::ReplicaProblemReport| {
+        p.lasting && (p.whole_store || p.machine == machine.name)
+    };
+    let worst = problems.iter().find(blocking).or_else(|| problems.first());
     checks.push(match worst {
         None => check(
             "MT_STORE_FAILING",
@@ -402,7 +429,7 @@ fn mt_store_rules(ctx: &Context<'_>, mt: &MasterTarget, checks: &mut Vec<Check>)
         ),
         Some(p) => check(
             "MT_STORE_FAILING",
-            if p.lasting {
+            if blocking(&p) {
                 Severity::Error
             } else {
                 Severity::Warning
@@ -414,7 +441,7 @@ fn mt_store_rules(ctx: &Context<'_>, mt: &MasterTarget, checks: &mut Vec<Check>)
                 p.machine,
                 p.error,
                 if p.lasting {
-                    "mend its store's credentials, container or key file first"
+                    "mend its store's credentials, container or key file, or the replica"
                 } else {
                     "it retries; check its store's endpoint and the network"
                 }

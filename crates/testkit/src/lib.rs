@@ -177,7 +177,8 @@ struct Faults {
     rate: Option<u64>,
     /// While set, every new connection gets this HTTP status to each request, and is closed.
     http_status: Option<u16>,
-    conns: Vec<TcpStream>,
+    /// The connections open now, both ends, by number: cut at once by [`FaultProxy::cut`].
+    conns: std::collections::HashMap<u64, Vec<TcpStream>>,
 }
 
 /// Reads one HTTP request (its head and a body of `Content-Length` bytes) from `client`,
@@ -219,33 +220,39 @@ impl FaultProxy {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (f, s, target) = (faults.clone(), stop.clone(), target.to_string());
         std::thread::spawn(move || {
+            let mut next = 0u64;
             while !s.load(Ordering::Relaxed) {
                 let Ok((client, _)) = listener.accept() else {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                     continue;
                 };
                 let _ = client.set_nonblocking(false);
-                let status = f.lock().unwrap_or_else(|e| e.into_inner()).http_status;
-                if let Some(status) = status {
+                // Faults are looked at and the connection registered under one lock: a fault
+                // set meanwhile cuts it.
+                let mut faults = f.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(status) = faults.http_status {
+                    drop(faults);
                     std::thread::spawn(move || answer_http(client, status));
                     continue;
                 }
                 let Ok(server) = TcpStream::connect(&target) else {
                     continue; // the target is down: the client sees a closed connection
                 };
-                {
-                    let mut faults = f.lock().unwrap_or_else(|e| e.into_inner());
-                    for s in [&client, &server] {
-                        if let Ok(c) = s.try_clone() {
-                            faults.conns.push(c);
-                        }
-                    }
-                }
+                let id = next;
+                next += 1;
+                let ends = [&client, &server]
+                    .iter()
+                    .filter_map(|s| s.try_clone().ok())
+                    .collect();
+                faults.conns.insert(id, ends);
+                drop(faults);
+                // The last of the two pumps to end forgets the connection.
+                let pumps = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(2));
                 for (from, to) in [(&client, &server), (&server, &client)] {
                     let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
                         continue;
                     };
-                    let f = f.clone();
+                    let (f, pumps) = (f.clone(), pumps.clone());
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 64 * 1024];
                         loop {
@@ -268,6 +275,12 @@ impl FaultProxy {
                         }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                         let _ = from.shutdown(std::net::Shutdown::Both);
+                        if pumps.fetch_sub(1, Ordering::AcqRel) == 1 {
+                            f.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .conns
+                                .remove(&id);
+                        }
                     });
                 }
             }
@@ -282,8 +295,10 @@ impl FaultProxy {
     /// Cuts every connection open now (new ones go through).
     pub fn cut(&self) {
         let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
-        for c in faults.conns.drain(..) {
-            let _ = c.shutdown(std::net::Shutdown::Both);
+        for (_, ends) in faults.conns.drain() {
+            for c in ends {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
         }
     }
 

@@ -566,25 +566,30 @@ fn a_master_target_at_an_azure_site_keeps_its_stores_in_the_sites_container_and_
     let c = code(&r, "MT_STORE");
     assert!(!r.ok && c.message.contains("\"other\""), "{c:?}");
     // Its store refuses its credentials: an error; a store that answers 503 now: a warning.
-    let problem = |lasting: bool| ReplicaProblemReport {
+    let problem = |lasting: bool, whole_store: bool| ReplicaProblemReport {
         machine: "db01".into(),
         error: "the backend rejected the credentials".into(),
         since_unix_ms: 1,
         lasting,
+        whole_store,
     };
-    let r = with(Some("azure://dr/mt1"), vec![problem(true)]);
+    let r = with(Some("azure://dr/mt1"), vec![problem(true, true)]);
     let c = code(&r, "MT_STORE_FAILING");
     assert!(!r.ok && !c.passed && c.severity == Severity::Error, "{c:?}");
     assert!(
         c.message.contains("db01") && c.message.contains("credentials"),
         "{c:?}"
     );
-    let r = with(Some("azure://dr/mt1"), vec![problem(false)]);
+    let r = with(Some("azure://dr/mt1"), vec![problem(false, false)]);
     let c = code(&r, "MT_STORE_FAILING");
     assert!(
         r.ok && !c.passed && c.severity == Severity::Warning,
         "{c:?}"
     );
+    // Another machine's damaged replica does not block this one.
+    let r = with(Some("azure://dr/mt1"), vec![problem(true, false)]);
+    let c = code(&r, "MT_STORE_FAILING");
+    assert!(r.ok && c.severity == Severity::Warning, "{c:?}");
     // A master target at a local site may keep its stores on its volume.
     let components = enrolled();
     let r = run(&context(
