@@ -1949,16 +1949,7 @@ fn a_test_failover_serves_the_disks_at_a_point_isolated_and_its_cleanup_removes_
     // initial sync to the end.
     let mut client = boomerang_testkit::RawNbd::connect(&r.agent.addr, "d0").unwrap();
     assert_eq!(client.write(1, 8192, &[0x77; 8192]).unwrap(), 0);
-    let out = r.cli(&[
-        "policy",
-        "create",
-        "gold",
-        "--rpo-threshold",
-        "30",
-        "--retention",
-        "3600",
-    ]);
-    assert!(out.status.success());
+    r.gold_policy();
     let out = r.cli(&["protect", "app01", "--policy", "gold", "--output", "json"]);
     let protected = json_out(&out);
     assert_eq!(out.status.code(), Some(0), "{protected}");
@@ -2347,6 +2338,20 @@ fn same_soon(a: &Path, b: &Path, what: &str) {
     });
 }
 
+/// Inserts a crash-consistent mark in the write log in `log`; its seq.
+fn mark_now(log: &Path) -> u64 {
+    json_out(
+        &Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args(["agent", "mark", "--log-dir"])
+            .arg(log)
+            .args(["--output", "json"])
+            .output()
+            .unwrap(),
+    )["seq"]
+        .as_u64()
+        .unwrap()
+}
+
 /// A TCP address on loopback that nothing listens on now.
 fn free_address() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -2354,6 +2359,24 @@ fn free_address() -> String {
 }
 
 impl Replicating {
+    /// Creates policy gold: an RPO threshold of 30 s, points kept an hour.
+    fn gold_policy(&self) {
+        let out = self.cli(&[
+            "policy",
+            "create",
+            "gold",
+            "--rpo-threshold",
+            "30",
+            "--retention",
+            "3600",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Runs a job through the CLI (`args`, with JSON output) and checks that it succeeded.
     fn job_ok(&self, args: &[&str]) -> Value {
         let mut all = args.to_vec();
@@ -3110,16 +3133,7 @@ fn an_azure_store_answering_503_raises_an_alert_then_replication_resumes_with_ev
 
     // The service is back: points resume, the alert resolves, and the newest point holds
     // every write made during the outage.
-    let mark = json_out(
-        &Command::new(env!("CARGO_BIN_EXE_boomerang"))
-            .args(["agent", "mark", "--log-dir"])
-            .arg(d.join("log"))
-            .args(["--output", "json"])
-            .output()
-            .unwrap(),
-    )["seq"]
-        .as_u64()
-        .unwrap();
+    let mark = mark_now(&d.join("log"));
     blob.set_http_status(None);
     wait_for(
         "the alert did not resolve once the store answered",
@@ -3210,20 +3224,7 @@ fn a_protect_to_an_azure_store_that_refuses_the_credentials_fails_and_says_so() 
         &[("AZURE_STORAGE_ACCOUNT_KEY", wrong)],
         "",
     );
-    let out = r.cli(&[
-        "policy",
-        "create",
-        "gold",
-        "--rpo-threshold",
-        "30",
-        "--retention",
-        "3600",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    r.gold_policy();
     // The protect fails: the copy reaches the master target, but no point can be made.
     let job = r.job_fails(
         &["protect", "app01", "--policy", "gold"],
@@ -3265,31 +3266,14 @@ fn fio_circle(r: &Replicating, d: &Path) {
     };
 
     // Protect: the protect job follows the initial copy to its end.
-    let out = r.cli(&[
-        "policy",
-        "create",
-        "gold",
-        "--rpo-threshold",
-        "30",
-        "--retention",
-        "3600",
-    ]);
-    assert!(out.status.success());
+    r.gold_policy();
     r.job_ok(&["protect", "app01", "--policy", "gold"]);
     fio_mib(&at_a, 0, 1, false);
     written.push((0, 1));
 
     // Test failover at the latest point, once a mark after fio's writes is one: they are all
     // there; then its cleanup.
-    let mark = json_out(
-        &Command::new(env!("CARGO_BIN_EXE_boomerang"))
-            .args(["agent", "mark", "--log-dir"])
-            .arg(d.join("log"))
-            .args(["--output", "json"])
-            .output()
-            .unwrap(),
-    );
-    let after_fio = mark["seq"].as_u64().unwrap();
+    let after_fio = mark_now(&d.join("log"));
     wait_for("the mark after fio never became a point", 30, || {
         let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
         (s["latest_point_seq"].as_u64()? >= after_fio).then_some(s)
@@ -3509,16 +3493,7 @@ fn a_restored_server_lists_the_same_recovery_points_and_its_components_report_to
             key.display()
         ),
     );
-    let out = r.cli(&[
-        "policy",
-        "create",
-        "gold",
-        "--rpo-threshold",
-        "30",
-        "--retention",
-        "3600",
-    ]);
-    assert!(out.status.success());
+    r.gold_policy();
     r.job_ok(&["protect", "app01", "--policy", "gold"]);
     wait_for("no point listed", 30, || {
         let s = json_out(&r.cli(&["status", "app01", "--output", "json"]));
