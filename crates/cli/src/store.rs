@@ -82,6 +82,9 @@ pub enum StoreCommand {
     },
     /// Delete chunks and nodes that no point references.
     Gc { store: String },
+    /// Count the objects the store holds and their bytes (for a store in a group, the
+    /// chunks are the group's: blocks its stores hold alike count once).
+    Usage { store: String },
     /// Make a new key file for sealed stores (never overwriting one), and print its id.
     Keygen { file: PathBuf },
 }
@@ -273,6 +276,28 @@ pub async fn run(args: StoreArgs, output: Output) -> anyhow::Result<i32> {
                     a.id,
                     b.id,
                     disk
+                );
+            }
+        }
+        StoreCommand::Usage { store } => {
+            let s = open(&store, &key_file).await?;
+            let u = s.usage().await?;
+            if output == Output::Json {
+                print_json(&u)?;
+            } else {
+                println!(
+                    "{} chunks ({}){}, {} nodes ({}), {} points ({})",
+                    u.chunk_objects,
+                    bytes(u.chunk_bytes),
+                    if u.group {
+                        ", those of the store's whole group"
+                    } else {
+                        ""
+                    },
+                    u.node_objects,
+                    bytes(u.node_bytes),
+                    u.point_objects,
+                    bytes(u.point_bytes)
                 );
             }
         }

@@ -117,6 +117,18 @@ fn blank(dir: &Path, name: &str, blocks: u64) -> PathBuf {
 
 /// The agent of web01 serving `disk` as d0 and shipping to `process_server`.
 fn agent(ca: &Path, disk: &Path, log: &Path, process_server: &str, extra: &[&str]) -> Daemon {
+    agent_of("web01", ca, disk, log, process_server, extra)
+}
+
+/// The agent of `machine` (its identity issued in `ca`), as [`agent`].
+fn agent_of(
+    machine: &str,
+    ca: &Path,
+    disk: &Path,
+    log: &Path,
+    process_server: &str,
+    extra: &[&str],
+) -> Daemon {
     let mut args = vec![
         "agent".to_string(),
         "--disk".into(),
@@ -128,7 +140,7 @@ fn agent(ca: &Path, disk: &Path, log: &Path, process_server: &str, extra: &[&str
         "--process-server".into(),
         process_server.into(),
         "--tls".into(),
-        ca.join("issued/web01").display().to_string(),
+        ca.join("issued").join(machine).display().to_string(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     daemon(&args.iter().map(String::as_str).collect::<Vec<_>>())
@@ -1485,4 +1497,102 @@ fn the_master_target_keeps_sealed_recovery_points_on_azure_blob() {
     assert!(!moved.status.success());
     let said = String::from_utf8_lossy(&moved.stderr);
     assert!(said.contains(&root) && said.contains("keeps one"), "{said}");
+}
+
+#[test]
+fn two_machines_cloned_from_one_template_store_their_common_blocks_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = site(d);
+    boomerang(&[
+        "pki",
+        "issue",
+        ca.to_str().unwrap(),
+        "--name",
+        "web02",
+        "--role",
+        "agent",
+    ]);
+    // The replica stores under one root, as at a site on Azure Blob: one group.
+    let stores = d.join("stores");
+    let mt = mt_daemon(
+        &ca,
+        "mt1",
+        &d.join("retention"),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--block-size",
+            "4KiB",
+            "--point-every",
+            "0",
+            "--store-root",
+            stores.to_str().unwrap(),
+        ],
+    );
+    let ps = process_server(&ca, &d.join("cache"), "127.0.0.1:0", Some(&mt.addr), &[]);
+    // Two machines cloned from one template of random (incompressible) blocks.
+    let mut template = vec![0u8; (BLOCKS * 4096) as usize];
+    boomerang_core::sample::XorShift::new(3).fill(&mut template);
+    let mut agents = Vec::new();
+    for machine in ["web01", "web02"] {
+        let disk = d.join(format!("{machine}.img"));
+        std::fs::write(&disk, &template).unwrap();
+        let log = d.join(format!("log-{machine}"));
+        agents.push(agent_of(
+            machine,
+            &ca,
+            &disk,
+            &log,
+            &ps.addr,
+            &["--mark-interval", "0.2"],
+        ));
+        // Its copy made a point holding the whole template.
+        let out = d.join(format!("{machine}-point.img"));
+        let store = stores.join(machine).join("lineage-0");
+        wait_for_point(&store, "latest", &out, Some(&template));
+    }
+    let bytes = |dir: &Path| -> u64 {
+        walk_files(dir)
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum()
+    };
+    let chunks = bytes(&stores.join(".shared/chunks"));
+    assert!(
+        chunks >= template.len() as u64 && chunks < template.len() as u64 * 5 / 4,
+        "{chunks} bytes of chunks for two clones of a {} byte template",
+        template.len()
+    );
+    for machine in ["web01", "web02"] {
+        assert!(!stores.join(machine).join("lineage-0/chunks").exists());
+    }
+    // The store's usage says so: the chunks counted are the group's, once.
+    let store = stores.join("web02/lineage-0");
+    let usage: serde_json::Value = serde_json::from_str(&boomerang(&[
+        "store",
+        "usage",
+        store.to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(usage["group"], true, "{usage}");
+    assert_eq!(usage["chunk_bytes"], chunks, "{usage}");
+    assert!(usage["point_objects"].as_u64().unwrap() >= 1, "{usage}");
+    drop((agents, ps, mt));
+}
+
+/// Every file under `dir`.
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk_files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }

@@ -207,6 +207,9 @@ pub async fn open_replica_store(
     create: Option<u64>,
 ) -> Result<Option<Store>, StoreError> {
     let root = StoreRoot::read(retention).map_err(StoreError::Invalid)?;
+    // Under a store root, the replicas' stores are one group: blocks that two machines hold
+    // alike (clones of one template) are stored once.
+    let mut group = None;
     let (location, key) = match &root {
         None => {
             let path = replica_store(retention, stream);
@@ -234,6 +237,7 @@ pub async fn open_replica_store(
                 None if create.is_none() => return Ok(None),
                 None => 0,
             };
+            group = Some((root.root.clone(), format!("{stream}/lineage-{lineage}")));
             (root.location(stream, lineage), key)
         }
     };
@@ -241,9 +245,14 @@ pub async fn open_replica_store(
         Ok(s) => Ok(Some(s)),
         Err(StoreError::Missing { .. }) => match create {
             None => Ok(None),
-            Some(block_size) => match &key {
-                Some(key) => Ok(Some(Store::init_sealed(&location, block_size, key).await?)),
-                None => Ok(Some(Store::init(&location, block_size).await?)),
+            Some(block_size) => match (&group, &key) {
+                (Some((root, path)), key) => Ok(Some(
+                    Store::init_in_group(root, path, block_size, key.as_ref()).await?,
+                )),
+                (None, Some(key)) => {
+                    Ok(Some(Store::init_sealed(&location, block_size, key).await?))
+                }
+                (None, None) => Ok(Some(Store::init(&location, block_size).await?)),
             },
         },
         Err(e) => Err(e),

@@ -69,8 +69,96 @@ impl Location {
         Ok(Location::Local(PathBuf::from(path)))
     }
 
+    /// The location `n` levels up (`azure://c/a/b` 1 up is `azure://c/a`); an error past the
+    /// top (a container, a filesystem root).
+    pub fn up(&self, n: usize) -> Result<Location> {
+        let too_far = || {
+            StoreError::Invalid(format!(
+                "{self} has fewer than {n} levels above it: a store in a group must be under the group's root"
+            ))
+        };
+        match self {
+            Location::Local(dir) => {
+                let mut dir = dir.clone();
+                for _ in 0..n {
+                    if !dir.pop() || dir.as_os_str().is_empty() {
+                        return Err(too_far());
+                    }
+                }
+                Ok(Location::Local(dir))
+            }
+            Location::Azure { container, prefix } => {
+                let mut parts: Vec<&str> = prefix.split('/').filter(|p| !p.is_empty()).collect();
+                if parts.len() < n {
+                    return Err(too_far());
+                }
+                parts.truncate(parts.len() - n);
+                Ok(Location::Azure {
+                    container: container.clone(),
+                    prefix: parts.join("/"),
+                })
+            }
+            Location::Memory => Err(StoreError::Invalid(
+                "a memory:// store has no place above it: stores in a group are directories or on Azure Blob".into(),
+            )),
+        }
+    }
+
+    /// The last `n` names of the location's path, joined by `/` (its path under the place
+    /// `n` levels up).
+    pub fn tail(&self, n: usize) -> String {
+        let parts: Vec<String> = match self {
+            Location::Local(dir) => dir
+                .components()
+                .filter_map(|c| match c {
+                    std::path::Component::Normal(p) => Some(p.to_string_lossy().to_string()),
+                    _ => None,
+                })
+                .collect(),
+            Location::Azure { prefix, .. } => prefix
+                .split('/')
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect(),
+            Location::Memory => Vec::new(),
+        };
+        parts[parts.len().saturating_sub(n)..].join("/")
+    }
+
+    /// The location `rel` (plain names separated by `/`) under this one.
+    pub fn join(&self, rel: &str) -> Result<Location> {
+        let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+        if parts.iter().any(|p| *p == "." || *p == "..") {
+            return Err(StoreError::Invalid(format!(
+                "{rel:?} is not a path under a store root: use plain names"
+            )));
+        }
+        match self {
+            Location::Local(dir) => Ok(Location::Local(
+                parts.iter().fold(dir.clone(), |d, p| d.join(p)),
+            )),
+            Location::Azure { container, prefix } => {
+                let mut all: Vec<&str> = prefix.split('/').filter(|p| !p.is_empty()).collect();
+                all.extend(parts);
+                Ok(Location::Azure {
+                    container: container.clone(),
+                    prefix: all.join("/"),
+                })
+            }
+            Location::Memory => Err(StoreError::Invalid(
+                "a memory:// store has no place under it".into(),
+            )),
+        }
+    }
+
     /// Opens the backend. With `create`, a missing directory or container is created.
     pub async fn open(&self, create: bool) -> Result<Backend> {
+        let mut backend = self.open_here(create).await?;
+        backend.location = Some(self.clone());
+        Ok(backend)
+    }
+
+    async fn open_here(&self, create: bool) -> Result<Backend> {
         match self {
             Location::Local(dir) => {
                 if create {
@@ -106,6 +194,8 @@ impl Location {
                     durable: open(true)?,
                     local_dir: Some(dir.clone()),
                     display: dir.display().to_string(),
+                    location: None,
+                    shared: None,
                 })
             }
             Location::Memory => {
@@ -115,6 +205,8 @@ impl Location {
                     durable: mem,
                     local_dir: None,
                     display: "memory://".into(),
+                    location: None,
+                    shared: None,
                 })
             }
             Location::Azure { container, prefix } => {
@@ -153,6 +245,8 @@ impl Location {
                     durable: objects,
                     local_dir: None,
                     display,
+                    location: None,
+                    shared: None,
                 })
             }
         }
@@ -168,6 +262,32 @@ pub struct Backend {
     pub durable: Arc<dyn ObjectStore>,
     local_dir: Option<PathBuf>,
     display: String,
+    /// Where it is, when opened from a location.
+    location: Option<Location>,
+    /// For a store in a group: the group's shared namespace, which holds the chunks of every
+    /// store in the group, and the leases that keep their commits and collections apart.
+    shared: Option<Arc<Backend>>,
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Local(dir) => write!(f, "{}", dir.display()),
+            Location::Azure { container, prefix } if prefix.is_empty() => {
+                write!(f, "azure://{container}")
+            }
+            Location::Azure { container, prefix } => write!(f, "azure://{container}/{prefix}"),
+            Location::Memory => write!(f, "memory://"),
+        }
+    }
+}
+
+/// Whether object `path` lives in a group's shared namespace: chunks and leases.
+pub(crate) fn is_shared_path(path: &str) -> bool {
+    path.starts_with("chunks/")
+        || path == "chunks"
+        || path.starts_with("leases/")
+        || path == "leases"
 }
 
 impl Backend {
@@ -178,6 +298,42 @@ impl Backend {
             durable: objects,
             local_dir: None,
             display: display.into(),
+            location: None,
+            shared: None,
+        }
+    }
+
+    /// Where it is, when it was opened from a location.
+    pub fn location(&self) -> Option<&Location> {
+        self.location.as_ref()
+    }
+
+    /// This backend, with `shared` holding the chunks and leases.
+    pub(crate) fn with_shared(mut self, shared: Backend) -> Backend {
+        self.shared = Some(Arc::new(shared));
+        self
+    }
+
+    /// The group's shared namespace, for a store in a group.
+    pub(crate) fn shared(&self) -> Option<&Backend> {
+        self.shared.as_deref()
+    }
+
+    /// Where object `path` is read and written in bulk: the shared namespace for a chunk of
+    /// a store in a group, the store's own place otherwise.
+    pub fn objects_at(&self, path: &str) -> &Arc<dyn ObjectStore> {
+        match &self.shared {
+            Some(shared) if is_shared_path(path) => &shared.objects,
+            _ => &self.objects,
+        }
+    }
+
+    /// Where object `path` is written durably: the shared namespace for a lease of a store in
+    /// a group, the store's own place otherwise.
+    pub fn durable_at(&self, path: &str) -> &Arc<dyn ObjectStore> {
+        match &self.shared {
+            Some(shared) if is_shared_path(path) => &shared.durable,
+            _ => &self.durable,
         }
     }
 
@@ -189,12 +345,18 @@ impl Backend {
     /// The file that holds object `path`, for stores on a local directory: readers on the hot
     /// path read it in one blocking call instead of through the object-store stream.
     pub fn local_file(&self, path: &str) -> Option<PathBuf> {
-        self.local_dir.as_ref().map(|d| d.join(path))
+        match &self.shared {
+            Some(shared) if is_shared_path(path) => shared.local_file(path),
+            _ => self.local_dir.as_ref().map(|d| d.join(path)),
+        }
     }
 
     /// Makes every object written so far durable. Local stores: one `syncfs`; remote object
     /// stores are durable when a put returns.
     pub async fn flush(&self) -> Result<()> {
+        if let Some(shared) = &self.shared {
+            Box::pin(shared.flush()).await?;
+        }
         let Some(dir) = self.local_dir.clone() else {
             return Ok(());
         };

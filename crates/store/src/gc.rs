@@ -1,5 +1,7 @@
 //! Mark and sweep: every chunk and node reachable from a point manifest is kept, the rest is
-//! deleted. Holds the GC lease, so no commit runs meanwhile (lease.rs).
+//! deleted. Holds the GC lease, so no commit runs meanwhile (lease.rs). For a store in a
+//! group, the lease and the chunks are the group's: the chunks every store of the group
+//! names are kept, and no commit of any of them runs meanwhile.
 
 use std::collections::HashSet;
 
@@ -40,13 +42,22 @@ impl Store {
             progress.advance(1);
         }
         progress.finish();
+        // The chunks the other stores of the group name are live too.
+        for other in self.group_members().await? {
+            let mut theirs = Live::default();
+            for p in other.points(None).await? {
+                mark_tree(&other, &p, &mut theirs).await?;
+            }
+            live.chunks.extend(theirs.chunks);
+        }
         let mut report = GcReport {
             points: points.len() as u64,
             live_objects: (live.nodes.len() + live.chunks.len()) as u64,
             ..GcReport::default()
         };
         for prefix in ["chunks", "nodes"] {
-            let mut listing = self.backend().objects.list(Some(&Path::from(prefix)));
+            let objects = self.backend().objects_at(prefix);
+            let mut listing = objects.list(Some(&Path::from(prefix)));
             let mut doomed = Vec::new();
             while let Some(meta) = listing
                 .try_next()
@@ -68,7 +79,7 @@ impl Store {
             report.deleted_objects += doomed.len() as u64;
             let mut deletes = futures::stream::iter(doomed)
                 .map(|p| async move {
-                    match self.backend().objects.delete(&p).await {
+                    match objects.delete(&p).await {
                         Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                         Err(e) => Err(StoreError::backend(format!("could not delete {p}"), e)),
                     }
@@ -79,6 +90,58 @@ impl Store {
             }
         }
         Ok(report)
+    }
+}
+
+impl Store {
+    /// The other stores of this store's group (none for a store in no group), opened with
+    /// its key. A store whose record remains but which is gone (its deletion was cut short)
+    /// is passed over; one that cannot be read fails the collection, which must not delete
+    /// what it may name.
+    async fn group_members(&self) -> Result<Vec<Store>> {
+        let Some((root, own)) = self.group_place()? else {
+            return Ok(Vec::new());
+        };
+        let Some(shared) = self.backend().shared() else {
+            return Ok(Vec::new());
+        };
+        let records: Vec<_> = shared
+            .durable
+            .list(Some(&Path::from("members")))
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend("could not list the stores of the group", e))?;
+        let mut out = Vec::new();
+        for record in records {
+            let Some(path) = record
+                .location
+                .as_ref()
+                .strip_prefix("members/")
+                .and_then(|p| p.strip_suffix(".member"))
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            if path == own {
+                continue;
+            }
+            let location = root.join(&path)?;
+            let backend = match location.open(false).await {
+                Ok(b) => b,
+                Err(StoreError::Missing { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            match Store::open_sealed_on(backend, self.data_key()).await {
+                Ok(store) => out.push(store),
+                Err(StoreError::Missing { .. }) => continue,
+                Err(e) => {
+                    return Err(StoreError::Invalid(format!(
+                        "the store {location} of this store's group could not be read ({e}): nothing is collected, since its points may name chunks of the group"
+                    )));
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -112,4 +175,50 @@ async fn mark_tree(store: &Store, point: &crate::PointManifest, live: &mut Live)
         }
     }
     Ok(())
+}
+
+/// What a store holds, by kind of object: for a store in a group, the chunks are the group's.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Usage {
+    pub chunk_objects: u64,
+    pub chunk_bytes: u64,
+    pub node_objects: u64,
+    pub node_bytes: u64,
+    pub point_objects: u64,
+    pub point_bytes: u64,
+    /// The chunks counted are those of every store of the store's group.
+    pub group: bool,
+}
+
+impl Store {
+    /// Counts the objects the store holds and their bytes, by listing them.
+    pub async fn usage(&self) -> Result<Usage> {
+        let mut usage = Usage {
+            group: self.backend().shared().is_some(),
+            ..Usage::default()
+        };
+        for prefix in ["chunks", "nodes", "points"] {
+            let objects = if prefix == "points" {
+                &self.backend().durable
+            } else {
+                self.backend().objects_at(prefix)
+            };
+            let mut listing = objects.list(Some(&Path::from(prefix)));
+            let (mut n, mut bytes) = (0u64, 0u64);
+            while let Some(meta) = listing
+                .try_next()
+                .await
+                .map_err(|e| StoreError::backend(format!("could not list {prefix}/"), e))?
+            {
+                n += 1;
+                bytes += meta.size;
+            }
+            match prefix {
+                "chunks" => (usage.chunk_objects, usage.chunk_bytes) = (n, bytes),
+                "nodes" => (usage.node_objects, usage.node_bytes) = (n, bytes),
+                _ => (usage.point_objects, usage.point_bytes) = (n, bytes),
+            }
+        }
+        Ok(usage)
+    }
 }

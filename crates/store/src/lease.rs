@@ -53,7 +53,7 @@ impl Store {
         let bytes = serde_json::to_vec(&body).expect("lease serializes");
         match self
             .backend()
-            .durable
+            .durable_at("leases/")
             .put_opts(
                 &Path::from(path),
                 PutPayload::from(bytes),
@@ -74,7 +74,7 @@ impl Store {
     async fn live_leases(&self, prefix: &str) -> Result<Vec<(String, String)>> {
         let metas: Vec<_> = self
             .backend()
-            .durable
+            .durable_at("leases/")
             .list(Some(&Path::from("leases")))
             .try_collect()
             .await
@@ -85,7 +85,7 @@ impl Store {
             if !path.starts_with(prefix) {
                 continue;
             }
-            let body = match self.backend().durable.get(&m.location).await {
+            let body = match self.backend().durable_at("leases/").get(&m.location).await {
                 Ok(r) => r.bytes().await.ok(),
                 Err(_) => None, // released meanwhile
             };
@@ -146,7 +146,11 @@ impl Store {
                 )));
             }
             // A stale GC lease: replace it.
-            let _ = self.backend().durable.delete(&Path::from(GC_LEASE)).await;
+            let _ = self
+                .backend()
+                .durable_at(GC_LEASE)
+                .delete(&Path::from(GC_LEASE))
+                .await;
             if !self.put_lease(GC_LEASE, "gc").await? {
                 return Err(StoreError::Conflict(format!(
                     "another garbage collection started on {} meanwhile: wait for it to finish",
@@ -176,7 +180,7 @@ impl Lease {
         if let Err(e) = self
             .store
             .backend()
-            .durable
+            .durable_at("leases/")
             .delete(&Path::from(self.path.as_str()))
             .await
         {

@@ -57,7 +57,7 @@ const MANIFEST_READS: usize = 16;
 pub use commit::{CommitOptions, CommitReport};
 pub use diff::ChangedRange;
 pub use error::{Result, StoreError};
-pub use gc::GcReport;
+pub use gc::{GcReport, Usage};
 pub use point::{CommitStats, MarkKind, PointManifest};
 pub use read::ExportReport;
 pub use retention::{Keep, PruneReport};
@@ -82,7 +82,23 @@ pub struct StoreConfig {
     /// Set for a sealed store (seal.rs): its cipher and its key's id, never the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed: Option<SealConfig>,
+    /// Set for a store in a group (version 3): its chunks are in the group's shared
+    /// namespace, so that blocks two stores of the group hold alike are stored once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupConfig>,
 }
+
+/// Where a store in a group finds the group: its root is `up` levels above the store, and the
+/// shared namespace is [`GROUP_DIR`] there.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GroupConfig {
+    pub up: u32,
+}
+
+/// The shared namespace of a group of stores, under the group's root: `chunks/` of every
+/// store of the group, `leases/` of their commits and collections, and `members/`, one record
+/// per store (`members/<path under the root>.member`).
+pub const GROUP_DIR: &str = ".shared";
 
 /// How a sealed store is sealed.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -110,6 +126,8 @@ pub struct Store {
     config: Arc<StoreConfig>,
     /// A sealed store's keys.
     sealer: Option<Arc<seal::Sealer>>,
+    /// Its data key (a store in a group opens the other stores of the group with it).
+    key: Option<DataKey>,
 }
 
 impl Store {
@@ -139,10 +157,23 @@ impl Store {
         block_size: u64,
         key: Option<&DataKey>,
     ) -> Result<Store> {
+        Self::init_configured(backend, block_size, key, None).await
+    }
+
+    async fn init_configured(
+        backend: Backend,
+        block_size: u64,
+        key: Option<&DataKey>,
+        group: Option<GroupConfig>,
+    ) -> Result<Store> {
         check_block_size(block_size)?;
         let config = StoreConfig {
             format: "boomerang-store".into(),
-            version: if key.is_some() { 2 } else { 1 },
+            version: match (&group, key) {
+                (Some(_), _) => 3,
+                (None, Some(_)) => 2,
+                (None, None) => 1,
+            },
             block_size,
             fanout: tree::FANOUT,
             created_unix_ms: now_ms(),
@@ -150,6 +181,7 @@ impl Store {
                 cipher: seal::CIPHER.into(),
                 key_id: k.id(),
             }),
+            group,
         };
         let bytes = serde_json::to_vec_pretty(&config).expect("config serializes");
         let put = backend
@@ -178,7 +210,53 @@ impl Store {
             backend,
             config: Arc::new(config),
             sealer: key.map(|k| Arc::new(seal::Sealer::new(k))),
+            key: key.cloned(),
         })
+    }
+
+    /// Creates a store at `path` under the group root `root` (a directory or
+    /// `azure://container/prefix`), sealed under `key` if one is given: its chunks go to the
+    /// group's shared namespace (`root/.shared`), where blocks that stores of the group hold
+    /// alike (machines cloned from one template) are stored once. Every store of a group is
+    /// sealed under the same key, or none is.
+    pub async fn init_in_group(
+        root: &str,
+        path: &str,
+        block_size: u64,
+        key: Option<&DataKey>,
+    ) -> Result<Store> {
+        check_block_size(block_size)?;
+        let root = Location::parse(root)?;
+        let location = root.join(path)?;
+        let up = path.split('/').filter(|p| !p.is_empty()).count() as u32;
+        if up == 0 {
+            return Err(StoreError::Invalid(
+                "a store in a group has a path under the group's root, such as web01/lineage-0"
+                    .into(),
+            ));
+        }
+        let shared = root.join(GROUP_DIR)?.open(true).await?;
+        // The record first: a collection that sees the store's chunks sees its points.
+        let record = format!("members/{}.member", location.tail(up as usize));
+        let body = serde_json::json!({ "path": location.tail(up as usize) });
+        shared
+            .durable
+            .put(
+                &Path::from(record.as_str()),
+                PutPayload::from(body.to_string()),
+            )
+            .await
+            .map_err(|e| {
+                StoreError::backend(
+                    format!("could not record the store {location} in its group"),
+                    e,
+                )
+            })?;
+        let backend = location.open(true).await?;
+        let mut store =
+            Self::init_configured(backend, block_size, key, Some(GroupConfig { up })).await?;
+        store.backend = store.backend.clone().with_shared(shared);
+        Ok(store)
     }
 
     /// Opens an existing store.
@@ -223,12 +301,12 @@ impl Store {
                 backend.display()
             ))
         })?;
+        let cipher_known =
+            |c: &Option<SealConfig>| c.as_ref().is_none_or(|s| s.cipher == seal::CIPHER);
         let known = match config.version {
-            1 => config.sealed.is_none(),
-            2 => config
-                .sealed
-                .as_ref()
-                .is_some_and(|s| s.cipher == seal::CIPHER),
+            1 => config.sealed.is_none() && config.group.is_none(),
+            2 => config.sealed.is_some() && cipher_known(&config.sealed) && config.group.is_none(),
+            3 => config.group.is_some() && cipher_known(&config.sealed),
             _ => false,
         };
         if config.format != "boomerang-store" || !known {
@@ -272,11 +350,56 @@ impl Store {
             }
             (Some(_), Some(key)) => Some(Arc::new(seal::Sealer::new(key))),
         };
+        let backend = match &config.group {
+            None => backend,
+            Some(group) => {
+                let shared = Self::group_of(&backend, group)?.join(GROUP_DIR)?;
+                let opened = shared.open(false).await.map_err(|e| match e {
+                    StoreError::Missing { location } => StoreError::Corrupt(format!(
+                        "the store at {} is in a group whose shared namespace {location} is missing: its chunks are there; restore it",
+                        backend.display()
+                    )),
+                    other => other,
+                })?;
+                backend.with_shared(opened)
+            }
+        };
         Ok(Store {
             backend,
             config: Arc::new(config),
             sealer,
+            key: key.cloned(),
         })
+    }
+
+    /// The root of the group of the store on `backend`.
+    fn group_of(backend: &Backend, group: &GroupConfig) -> Result<Location> {
+        let location = backend.location().ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "the store at {} is in a group, and was opened without its location: open it by its location",
+                backend.display()
+            ))
+        })?;
+        location.up(group.up as usize)
+    }
+
+    /// For a store in a group: the group's root and this store's path under it.
+    pub(crate) fn group_place(&self) -> Result<Option<(Location, String)>> {
+        let Some(group) = &self.config.group else {
+            return Ok(None);
+        };
+        let root = Self::group_of(&self.backend, group)?;
+        let path = self
+            .backend
+            .location()
+            .map(|l| l.tail(group.up as usize))
+            .unwrap_or_default();
+        Ok(Some((root, path)))
+    }
+
+    /// The data key the store was opened with, if it is sealed.
+    pub(crate) fn data_key(&self) -> Option<&DataKey> {
+        self.key.as_ref()
     }
 
     pub fn config(&self) -> &StoreConfig {
@@ -310,7 +433,19 @@ impl Store {
     /// then the rest, so that a deletion cut short leaves no store, only objects no point
     /// names. Returns the objects deleted.
     pub async fn destroy(location: &str) -> Result<u64> {
-        let backend = Location::parse(location)?.open(false).await?;
+        let place = Location::parse(location)?;
+        let backend = place.open(false).await?;
+        // A store in a group leaves its chunks (other stores may hold them too: the group's
+        // collection deletes those no store names) and the group's leases.
+        let group = match backend.durable.get(&Path::from(CONFIG_PATH)).await {
+            Ok(r) => r
+                .bytes()
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_slice::<StoreConfig>(&b).ok())
+                .and_then(|c| c.group),
+            Err(_) => None,
+        };
         let mut deleted = 0;
         let delete = async |store: &Arc<dyn object_store::ObjectStore>, path: &Path| match store
             .delete(path)
@@ -323,6 +458,7 @@ impl Store {
                 e,
             )),
         };
+        let own_only = group.is_some();
         for (prefix, store) in [
             (Some("points"), &backend.durable),
             (None, &backend.durable),
@@ -330,6 +466,9 @@ impl Store {
             (Some("nodes"), &backend.objects),
             (Some("leases"), &backend.durable),
         ] {
+            if own_only && matches!(prefix, Some("chunks" | "leases")) {
+                continue;
+            }
             let Some(prefix) = prefix else {
                 deleted += delete(store, &Path::from(CONFIG_PATH)).await?;
                 continue;
@@ -347,6 +486,13 @@ impl Store {
             for meta in metas {
                 deleted += delete(store, &meta.location).await?;
             }
+        }
+        // Last, its record in the group: from then on, no collection looks for its points.
+        if let Some(group) = group {
+            let up = group.up as usize;
+            let shared = place.up(up)?.join(GROUP_DIR)?.open(false).await?;
+            let record = Path::from(format!("members/{}.member", place.tail(up)));
+            deleted += delete(&shared.durable, &record).await?;
         }
         Ok(deleted)
     }
@@ -379,7 +525,7 @@ impl Store {
     /// Object `path` as stored (sealed, in a sealed store).
     pub(crate) async fn get_raw(&self, path: &str) -> Result<Bytes> {
         let p = Path::from(path);
-        let r = match self.backend.objects.get(&p).await {
+        let r = match self.backend.objects_at(path).get(&p).await {
             Ok(r) => r.bytes().await,
             Err(e) => Err(e),
         };
@@ -430,7 +576,7 @@ impl Store {
             Some(sealer) => Bytes::from(sealer.seal(&path, &bytes)?),
         };
         self.backend
-            .objects
+            .objects_at(&path)
             .put(&Path::from(path.as_str()), PutPayload::from(bytes))
             .await
             .map(|_| ())

@@ -223,10 +223,16 @@ impl Store {
 
     /// Checks objects that no point references (left by a crash, or awaiting GC).
     async fn verify_unreferenced(&self, seen: &Seen, report: &mut VerifyReport) -> Result<()> {
-        for prefix in ["chunks", "nodes"] {
+        // A store in a group shares its chunks: those it does not name are other stores'.
+        let prefixes: &[&str] = if self.backend().shared().is_some() {
+            &["nodes"]
+        } else {
+            &["chunks", "nodes"]
+        };
+        for &prefix in prefixes {
             let metas: Vec<_> = self
                 .backend()
-                .objects
+                .objects_at(prefix)
                 .list(Some(&Path::from(prefix)))
                 .try_collect()
                 .await

@@ -209,7 +209,7 @@ async fn count_objects(store: &Store) -> u64 {
     for prefix in ["chunks", "nodes"] {
         let v: Vec<_> = store
             .backend()
-            .objects
+            .objects_at(prefix)
             .list(Some(&ObjPath::from(prefix)))
             .try_collect()
             .await
@@ -226,7 +226,7 @@ async fn flip_first_chunk_of(store: &Store, image: &[u8], offset: usize) -> Stri
     let p = ObjPath::from(path.as_str());
     let mut bytes = store
         .backend()
-        .objects
+        .objects_at(&path)
         .get(&p)
         .await
         .unwrap()
@@ -238,7 +238,7 @@ async fn flip_first_chunk_of(store: &Store, image: &[u8], offset: usize) -> Stri
     bytes[mid] ^= 0x10;
     store
         .backend()
-        .objects
+        .objects_at(&path)
         .put(&p, Bytes::from(bytes).into())
         .await
         .unwrap();
@@ -458,6 +458,18 @@ async fn azure_blob() {
     let key = DataKey::from_bytes([0x5e; 32]);
     let loc3 = format!("azure://{}/sealed", unique("conformance"));
     suite(Store::init_sealed(&loc3, BLOCK, &key).await.unwrap()).await;
+    // In a group on Azure Blob: the same suite, its chunks in the group's namespace.
+    let root = format!("azure://{}/site-b", unique("group"));
+    let grouped = Store::init_in_group(&root, "web01/lineage-0", BLOCK, Some(&key))
+        .await
+        .unwrap();
+    suite(
+        Store::open_with_key(&format!("{root}/web01/lineage-0"), Some(&key))
+            .await
+            .unwrap(),
+    )
+    .await;
+    drop(grouped);
 }
 
 #[tokio::test]
@@ -496,4 +508,162 @@ async fn bad_input_gets_clear_errors() {
     assert!(err.to_string().contains("unknown scheme"), "{err}");
     let err = Store::open("azure://A_B").await.unwrap_err();
     assert!(err.to_string().contains("container name"), "{err}");
+}
+
+/// Bytes of the chunk objects in a group's shared namespace under `root` (a directory).
+fn shared_chunk_bytes(root: &Path) -> u64 {
+    walk(&root.join(".shared/chunks"))
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_in_a_group_passes_the_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DataKey::create(&dir.path().join("group.key")).unwrap();
+    let root = dir.path().join("root");
+    let root = root.to_str().unwrap();
+    let store = Store::init_in_group(root, "web01/lineage-0", BLOCK, Some(&key))
+        .await
+        .unwrap();
+    suite(store).await;
+    let plain = dir.path().join("plain");
+    let plain = plain.to_str().unwrap();
+    suite(
+        Store::init_in_group(plain, "web01/lineage-0", BLOCK, None)
+            .await
+            .unwrap(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_in_a_group_keep_common_blocks_once_and_collect_only_what_none_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = DataKey::create(&d.join("group.key")).unwrap();
+    let root_dir = d.join("root");
+    let root = root_dir.to_str().unwrap();
+    let a = Store::init_in_group(root, "web01/lineage-0", BLOCK, Some(&key))
+        .await
+        .unwrap();
+    let b = Store::init_in_group(root, "web02/lineage-0", BLOCK, Some(&key))
+        .await
+        .unwrap();
+    // Two machines cloned from one template: their blocks are stored once.
+    let mut rng = Rng::new(7);
+    let mut template = vec![0u8; 256 * BLOCK as usize];
+    rng.fill(&mut template);
+    let image = d.join("template.img");
+    std::fs::write(&image, &template).unwrap();
+    commit(&a, &image).await;
+    let once = shared_chunk_bytes(&root_dir);
+    assert!(once >= template.len() as u64, "{once}");
+    commit(&b, &image).await;
+    assert_eq!(shared_chunk_bytes(&root_dir), once, "stored twice");
+    // web02 diverges: only what it writes is new.
+    let mut b2 = template.clone();
+    for k in 0..16 {
+        rng.fill(&mut b2[k * 16 * BLOCK as usize..][..BLOCK as usize]);
+    }
+    std::fs::write(&image, &b2).unwrap();
+    commit(&b, &image).await;
+    let grown = shared_chunk_bytes(&root_dir) - once;
+    assert!(
+        (16 * BLOCK..=17 * BLOCK).contains(&grown),
+        "{grown} new bytes for 16 new blocks"
+    );
+    // A collection in web01's store keeps what web02 names, though web01 names none of it.
+    a.gc(&NoProgress).await.unwrap();
+    assert!(export(&b, d, PointId(2)).await.unwrap() == b2);
+    assert!(export(&b, d, PointId(1)).await.unwrap() == template);
+    assert!(export(&a, d, PointId(1)).await.unwrap() == template);
+    // web01's store goes: its points and nodes, and its record; the chunks stay for web02.
+    let gone = root_dir.join("web01/lineage-0");
+    Store::destroy(gone.to_str().unwrap()).await.unwrap();
+    assert!(walk(&gone).is_empty(), "{:?}", walk(&gone));
+    assert!(
+        !root_dir
+            .join(".shared/members/web01/lineage-0.member")
+            .exists()
+    );
+    b.gc(&NoProgress).await.unwrap();
+    assert!(export(&b, d, PointId(1)).await.unwrap() == template);
+    assert_eq!(shared_chunk_bytes(&root_dir), once + grown);
+    // Once web02 keeps only its newest point, the template's versions of the 16 blocks it
+    // rewrote are named by no store: collected.
+    b.prune(Keep::Last(1)).await.unwrap();
+    b.gc(&NoProgress).await.unwrap();
+    assert!(export(&b, d, PointId(2)).await.unwrap() == b2);
+    let left = shared_chunk_bytes(&root_dir);
+    assert!(left < once + grown && left >= once, "{left}");
+    let report = b.verify(&NoProgress).await.unwrap();
+    assert!(report.bad.is_empty(), "{:?}", report.bad);
+    // A store of the group that cannot be read stops a collection, which then deletes
+    // nothing: its points may name any chunk.
+    let c = Store::init_in_group(root, "web03/lineage-0", BLOCK, Some(&key))
+        .await
+        .unwrap();
+    commit(&c, &image).await;
+    std::fs::write(
+        root_dir.join("web03/lineage-0/boomerang-store.json"),
+        b"not json",
+    )
+    .unwrap();
+    b.prune(Keep::Last(1)).await.unwrap();
+    let before = shared_chunk_bytes(&root_dir);
+    let err = b.gc(&NoProgress).await.unwrap_err().to_string();
+    assert!(
+        err.contains("web03") && err.contains("nothing is collected"),
+        "{err}"
+    );
+    assert_eq!(shared_chunk_bytes(&root_dir), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_in_one_store_of_a_group_never_races_a_commit_in_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let root = root.to_str().unwrap();
+    let a = Store::init_in_group(root, "web01/lineage-0", BLOCK, None)
+        .await
+        .unwrap();
+    let b = Store::init_in_group(root, "web02/lineage-0", BLOCK, None)
+        .await
+        .unwrap();
+    // web02 holds nothing: each of its collections deletes every chunk web01 does not name
+    // yet. Commits in web01 go on meanwhile, and every one of its points stays whole.
+    let image = dir.path().join("disk.img");
+    let mut rng = Rng::new(11);
+    let mut data = vec![0u8; 512 * 1024];
+    let done = Arc::new(AtomicBool::new(false));
+    let ran = Arc::new(AtomicU64::new(0));
+    let (b2, done2, ran2) = (b.clone(), done.clone(), ran.clone());
+    let gcs = tokio::spawn(async move {
+        while !done2.load(Ordering::SeqCst) {
+            match b2.gc(&NoProgress).await {
+                Ok(_) => {
+                    ran2.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => panic!("gc failed: {e}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    });
+    let mut images = Vec::new();
+    for _ in 0..8 {
+        rng.fill(&mut data);
+        std::fs::write(&image, &data).unwrap();
+        commit(&a, &image).await;
+        images.push(data.clone());
+    }
+    done.store(true, Ordering::SeqCst);
+    gcs.await.unwrap();
+    assert!(ran.load(Ordering::SeqCst) > 0, "no collection ran");
+    for (k, want) in images.iter().enumerate() {
+        let got = export(&a, dir.path(), PointId(k as u64 + 1)).await.unwrap();
+        assert!(got == *want, "point {} lost chunks", k + 1);
+    }
 }
