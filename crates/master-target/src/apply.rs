@@ -97,20 +97,37 @@ impl StoreRoot {
         if let Err(e) = written {
             tracing::warn!(%location, error = %e, "could not record the deletion of an ended replica's store; it is deleted now, and not again after a restart");
         }
-        Self::destroy_in_background(location, record);
+        Self::destroy_in_background(retention, location, record);
     }
 
-    /// Deletes the store at `location`, then its deletion record `record`.
-    pub(crate) fn destroy_in_background(location: String, record: PathBuf) {
+    /// Deletes the store at `location`, then its deletion record `record`. A store under the
+    /// volume's store root is one of its group: its chunks that no other store names are
+    /// collected after it.
+    pub(crate) fn destroy_in_background(retention: &Path, location: String, record: PathBuf) {
+        let root = Self::read(retention).ok().flatten();
         tokio::spawn(async move {
-            match boomerang_store::Store::destroy(&location).await {
+            let in_group = root.as_ref().and_then(|r| {
+                let under = location.strip_prefix(r.root.trim_end_matches('/'))?;
+                Some((r, under.strip_prefix('/')?.to_string()))
+            });
+            let deleted = match &in_group {
+                Some((root, path)) => {
+                    boomerang_store::Store::destroy_in_group(&root.root, path).await
+                }
+                None => boomerang_store::Store::destroy(&location).await,
+            };
+            match deleted {
                 Ok(n) => {
                     tracing::info!(%location, objects = n, "deleted the store of an ended replica");
                     let _ = std::fs::remove_file(&record);
                 }
                 Err(e) => {
-                    tracing::warn!(%location, error = %e, "could not delete the store of an ended replica; no point of it is used again, and the next start tries again")
+                    tracing::warn!(%location, error = %e, "could not delete the store of an ended replica; no point of it is used again, and the next start tries again");
+                    return;
                 }
+            }
+            if let Some((root, _)) = in_group {
+                collect_group(root).await;
             }
         });
     }
@@ -184,6 +201,34 @@ impl StoreRoot {
                     .map_err(|e| format!("could not write {}: {e}", path.display()))?;
                 Ok(Some(root.clone()))
             }
+        }
+    }
+}
+
+/// Collects the group of the replica stores under `root`: the chunks no store names any more
+/// (an ended replica's, pruned points') are deleted. A collection that cannot run now (a
+/// commit holds the group) is left to the next one.
+pub(crate) async fn collect_group(root: &StoreRoot) {
+    let key = match root
+        .key_file
+        .as_deref()
+        .map(boomerang_store::DataKey::read)
+        .transpose()
+    {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(root = %root.root, error = %e, "could not read the store key file; the group is not collected");
+            return;
+        }
+    };
+    match boomerang_store::Store::collect_group(&root.root, key.as_ref()).await {
+        Ok(r) => {
+            if r.deleted_objects > 0 {
+                tracing::info!(root = %root.root, objects = r.deleted_objects, bytes = r.deleted_bytes, "collected the chunks no replica names");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(root = %root.root, error = %boomerang_core::chain(&e), "could not collect the replica stores' group; trying again later")
         }
     }
 }

@@ -670,7 +670,7 @@ pub fn clear_retired(retention: &std::path::Path) {
     // Stores of ended replicas under a store root whose deletion a restart cut short.
     for entry in std::fs::read_dir(&retired).into_iter().flatten().flatten() {
         if let Some(location) = apply::forgotten_store(&entry.path()) {
-            apply::StoreRoot::destroy_in_background(location, entry.path());
+            apply::StoreRoot::destroy_in_background(retention, location, entry.path());
         }
     }
     std::thread::spawn(move || {

@@ -58,6 +58,9 @@ pub async fn prune_all(retention: &Path) -> Vec<Pruned> {
             names.insert(name.to_string());
         }
     }
+    // The stores under a store root are one group: collected once a pass, after the prunes.
+    let root = crate::apply::StoreRoot::read(retention).ok().flatten();
+    let mut pruned_any = false;
     for machine in names {
         let Some(keep) = get(retention, &machine) else {
             continue;
@@ -73,21 +76,26 @@ pub async fn prune_all(retention: &Path) -> Vec<Pruned> {
                 return Ok(None);
             };
             let report = store.prune(Keep::Within(keep)).await?;
-            let freed = if report.removed.is_empty() {
+            let grouped = store.config().group.is_some();
+            let freed = if report.removed.is_empty() || grouped {
                 0
             } else {
                 store.gc(&NoProgress).await?.deleted_bytes
             };
-            Ok::<_, boomerang_store::StoreError>(Some(Pruned {
-                machine: machine.clone(),
-                points_removed: report.removed.len(),
-                bytes_freed: freed,
-            }))
+            Ok::<_, boomerang_store::StoreError>(Some((
+                grouped,
+                Pruned {
+                    machine: machine.clone(),
+                    points_removed: report.removed.len(),
+                    bytes_freed: freed,
+                },
+            )))
         }
         .await;
         match pruned {
             Ok(None) => {}
-            Ok(Some(p)) => {
+            Ok(Some((grouped, p))) => {
+                pruned_any |= grouped && p.points_removed > 0;
                 if p.points_removed > 0 {
                     tracing::info!(machine = %p.machine, points = p.points_removed, bytes = p.bytes_freed, "dropped points past the policy's retention");
                 }
@@ -97,6 +105,9 @@ pub async fn prune_all(retention: &Path) -> Vec<Pruned> {
                 tracing::warn!(%machine, error = %boomerang_core::chain(&e), "could not drop the points past the policy's retention; trying again later")
             }
         }
+    }
+    if let Some(root) = root.filter(|_| pruned_any) {
+        crate::apply::collect_group(&root).await;
     }
     out
 }

@@ -66,7 +66,11 @@ impl Location {
                 "the store location is empty: give a directory or azure://container/prefix".into(),
             ));
         }
-        Ok(Location::Local(PathBuf::from(path)))
+        // Absolute (without following links), so that the places above a store are known
+        // whatever the working directory.
+        let path = std::path::absolute(path)
+            .map_err(|e| StoreError::io(format!("could not make {path:?} an absolute path"), e))?;
+        Ok(Location::Local(path))
     }
 
     /// The location `n` levels up (`azure://c/a/b` 1 up is `azure://c/a`); an error past the
@@ -168,10 +172,36 @@ impl Location {
                             e,
                         )
                     })?;
-                } else if !dir.is_dir() {
-                    return Err(StoreError::Missing {
-                        location: dir.display().to_string(),
-                    });
+                } else {
+                    // Only a directory that is not there is missing: one that cannot be looked
+                    // at (permissions, an I/O error, a dangling link) is an error, never taken
+                    // for a store that is gone.
+                    match std::fs::metadata(dir) {
+                        Ok(m) if m.is_dir() => {}
+                        Ok(_) => {
+                            return Err(StoreError::Invalid(format!(
+                                "{} is not a directory: give a store's directory",
+                                dir.display()
+                            )));
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            if std::fs::symlink_metadata(dir).is_ok() {
+                                return Err(StoreError::io(
+                                    format!("{} is a link to nothing", dir.display()),
+                                    e,
+                                ));
+                            }
+                            return Err(StoreError::Missing {
+                                location: dir.display().to_string(),
+                            });
+                        }
+                        Err(e) => {
+                            return Err(StoreError::io(
+                                format!("could not look at store directory {}", dir.display()),
+                                e,
+                            ));
+                        }
+                    }
                 }
                 let dir = dir.canonicalize().map_err(|e| {
                     StoreError::io(
@@ -356,6 +386,17 @@ impl Backend {
     pub async fn flush(&self) -> Result<()> {
         if let Some(shared) = &self.shared {
             Box::pin(shared.flush()).await?;
+            // One syncfs flushes the whole filesystem: the store's own directory is done if
+            // it is on the same one.
+            use std::os::unix::fs::MetadataExt;
+            let dev = |d: &Option<PathBuf>| {
+                d.as_ref()
+                    .and_then(|d| std::fs::metadata(d).ok())
+                    .map(|m| m.dev())
+            };
+            if dev(&self.local_dir).is_some() && dev(&self.local_dir) == dev(&shared.local_dir) {
+                return Ok(());
+            }
         }
         let Some(dir) = self.local_dir.clone() else {
             return Ok(());

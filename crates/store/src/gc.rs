@@ -93,58 +93,6 @@ impl Store {
     }
 }
 
-impl Store {
-    /// The other stores of this store's group (none for a store in no group), opened with
-    /// its key. A store whose record remains but which is gone (its deletion was cut short)
-    /// is passed over; one that cannot be read fails the collection, which must not delete
-    /// what it may name.
-    async fn group_members(&self) -> Result<Vec<Store>> {
-        let Some((root, own)) = self.group_place()? else {
-            return Ok(Vec::new());
-        };
-        let Some(shared) = self.backend().shared() else {
-            return Ok(Vec::new());
-        };
-        let records: Vec<_> = shared
-            .durable
-            .list(Some(&Path::from("members")))
-            .try_collect()
-            .await
-            .map_err(|e| StoreError::backend("could not list the stores of the group", e))?;
-        let mut out = Vec::new();
-        for record in records {
-            let Some(path) = record
-                .location
-                .as_ref()
-                .strip_prefix("members/")
-                .and_then(|p| p.strip_suffix(".member"))
-                .map(str::to_string)
-            else {
-                continue;
-            };
-            if path == own {
-                continue;
-            }
-            let location = root.join(&path)?;
-            let backend = match location.open(false).await {
-                Ok(b) => b,
-                Err(StoreError::Missing { .. }) => continue,
-                Err(e) => return Err(e),
-            };
-            match Store::open_sealed_on(backend, self.data_key()).await {
-                Ok(store) => out.push(store),
-                Err(StoreError::Missing { .. }) => continue,
-                Err(e) => {
-                    return Err(StoreError::Invalid(format!(
-                        "the store {location} of this store's group could not be read ({e}): nothing is collected, since its points may name chunks of the group"
-                    )));
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
 /// Reachable objects, nodes and chunks apart (a tail block could hash like a node).
 #[derive(Default)]
 struct Live {

@@ -20,6 +20,8 @@ use crate::{Store, now_ms};
 /// A lease older than this is ignored (its holder is gone).
 pub const STALE_AFTER_MS: u64 = 12 * 3600 * 1000;
 const GC_LEASE: &str = "leases/gc.lease";
+/// How long a GC waits for the commits running when it starts.
+const COMMITS_DRAIN: Duration = Duration::from_secs(60);
 /// How long a commit waits for a running GC.
 const GC_WAIT: Duration = Duration::from_secs(600);
 
@@ -106,13 +108,22 @@ impl Store {
     pub(crate) async fn commit_lease(&self) -> Result<Lease> {
         let started = std::time::Instant::now();
         loop {
+            // Unique among the processes of every host that commits to the store (or to its
+            // group): a random part besides the process id, which containers repeat.
+            let mut nonce = [0u8; 8];
+            aws_lc_rs::rand::fill(&mut nonce).map_err(|_| {
+                StoreError::Invalid("the system's random number generator failed".into())
+            })?;
             let path = format!(
-                "leases/commit-{}-{}-{}.lease",
+                "leases/commit-{}-{}-{}-{:016x}.lease",
                 std::process::id(),
                 now_ms(),
-                COUNTER.fetch_add(1, Ordering::Relaxed)
+                COUNTER.fetch_add(1, Ordering::Relaxed),
+                u64::from_le_bytes(nonce)
             );
-            self.put_lease(&path, "commit").await?;
+            if !self.put_lease(&path, "commit").await? {
+                continue;
+            }
             let lease = Lease {
                 store: self.clone(),
                 path,
@@ -135,7 +146,9 @@ impl Store {
         }
     }
 
-    /// Takes the GC lease; fails at once if a commit or another GC runs.
+    /// Takes the GC lease; fails at once if another GC runs, and if commits still run after
+    /// [`COMMITS_DRAIN`] (no new one starts once the GC lease is there: a store in a group
+    /// whose machines commit every few seconds would otherwise never be collected).
     pub(crate) async fn gc_lease(&self) -> Result<Lease> {
         if !self.put_lease(GC_LEASE, "gc").await? {
             let holders = self.live_leases(GC_LEASE).await?;
@@ -162,15 +175,21 @@ impl Store {
             store: self.clone(),
             path: GC_LEASE.into(),
         };
-        let commits = self.live_leases("leases/commit-").await?;
-        if let Some((path, holder)) = commits.first() {
-            lease.release().await;
-            return Err(StoreError::Conflict(format!(
-                "a commit ({holder}, lease {path}) is running on {}: run gc again when it has finished",
-                self.display()
-            )));
+        let started = std::time::Instant::now();
+        loop {
+            let commits = self.live_leases("leases/commit-").await?;
+            let Some((path, holder)) = commits.first() else {
+                return Ok(lease);
+            };
+            if started.elapsed() > COMMITS_DRAIN {
+                lease.release().await;
+                return Err(StoreError::Conflict(format!(
+                    "a commit ({holder}, lease {path}) is running on {}: run gc again when it has finished",
+                    self.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Ok(lease)
     }
 }
 

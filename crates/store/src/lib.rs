@@ -26,6 +26,7 @@ mod commit;
 mod diff;
 pub mod error;
 mod gc;
+mod group;
 mod lease;
 pub mod point;
 mod read;
@@ -214,51 +215,6 @@ impl Store {
         })
     }
 
-    /// Creates a store at `path` under the group root `root` (a directory or
-    /// `azure://container/prefix`), sealed under `key` if one is given: its chunks go to the
-    /// group's shared namespace (`root/.shared`), where blocks that stores of the group hold
-    /// alike (machines cloned from one template) are stored once. Every store of a group is
-    /// sealed under the same key, or none is.
-    pub async fn init_in_group(
-        root: &str,
-        path: &str,
-        block_size: u64,
-        key: Option<&DataKey>,
-    ) -> Result<Store> {
-        check_block_size(block_size)?;
-        let root = Location::parse(root)?;
-        let location = root.join(path)?;
-        let up = path.split('/').filter(|p| !p.is_empty()).count() as u32;
-        if up == 0 {
-            return Err(StoreError::Invalid(
-                "a store in a group has a path under the group's root, such as web01/lineage-0"
-                    .into(),
-            ));
-        }
-        let shared = root.join(GROUP_DIR)?.open(true).await?;
-        // The record first: a collection that sees the store's chunks sees its points.
-        let record = format!("members/{}.member", location.tail(up as usize));
-        let body = serde_json::json!({ "path": location.tail(up as usize) });
-        shared
-            .durable
-            .put(
-                &Path::from(record.as_str()),
-                PutPayload::from(body.to_string()),
-            )
-            .await
-            .map_err(|e| {
-                StoreError::backend(
-                    format!("could not record the store {location} in its group"),
-                    e,
-                )
-            })?;
-        let backend = location.open(true).await?;
-        let mut store =
-            Self::init_configured(backend, block_size, key, Some(GroupConfig { up })).await?;
-        store.backend = store.backend.clone().with_shared(shared);
-        Ok(store)
-    }
-
     /// Opens an existing store.
     pub async fn open(location: &str) -> Result<Store> {
         Self::open_with_key(location, None).await
@@ -356,7 +312,7 @@ impl Store {
                 let shared = Self::group_of(&backend, group)?.join(GROUP_DIR)?;
                 let opened = shared.open(false).await.map_err(|e| match e {
                     StoreError::Missing { location } => StoreError::Corrupt(format!(
-                        "the store at {} is in a group whose shared namespace {location} is missing: its chunks are there; restore it",
+                        "the store at {} is in a group whose shared namespace {location} is not there (it holds the store's chunks): open the store by its place under the group's root, or restore {location}",
                         backend.display()
                     )),
                     other => other,
@@ -374,6 +330,12 @@ impl Store {
 
     /// The root of the group of the store on `backend`.
     fn group_of(backend: &Backend, group: &GroupConfig) -> Result<Location> {
+        if group.up == 0 {
+            return Err(StoreError::Corrupt(format!(
+                "the store config at {} says the store is in a group, but not where: restore it from a copy",
+                backend.display()
+            )));
+        }
         let location = backend.location().ok_or_else(|| {
             StoreError::Invalid(format!(
                 "the store at {} is in a group, and was opened without its location: open it by its location",
@@ -431,70 +393,32 @@ impl Store {
 
     /// Deletes every object of the store at `location`: its points first, then its config,
     /// then the rest, so that a deletion cut short leaves no store, only objects no point
-    /// names. Returns the objects deleted.
+    /// names. A store in a group leaves its chunks to the group ([`Store::destroy_in_group`]).
+    /// Returns the objects deleted.
     pub async fn destroy(location: &str) -> Result<u64> {
         let place = Location::parse(location)?;
         let backend = place.open(false).await?;
-        // A store in a group leaves its chunks (other stores may hold them too: the group's
-        // collection deletes those no store names) and the group's leases.
-        let group = match backend.durable.get(&Path::from(CONFIG_PATH)).await {
-            Ok(r) => r
-                .bytes()
-                .await
-                .ok()
-                .and_then(|b| serde_json::from_slice::<StoreConfig>(&b).ok())
-                .and_then(|c| c.group),
-            Err(_) => None,
-        };
-        let mut deleted = 0;
-        let delete = async |store: &Arc<dyn object_store::ObjectStore>, path: &Path| match store
-            .delete(path)
-            .await
-        {
-            Ok(()) => Ok(1),
-            Err(object_store::Error::NotFound { .. }) => Ok(0),
-            Err(e) => Err(StoreError::backend(
-                format!("could not delete {path} in {location}"),
-                e,
-            )),
-        };
-        let own_only = group.is_some();
-        for (prefix, store) in [
-            (Some("points"), &backend.durable),
-            (None, &backend.durable),
-            (Some("chunks"), &backend.objects),
-            (Some("nodes"), &backend.objects),
-            (Some("leases"), &backend.durable),
-        ] {
-            if own_only && matches!(prefix, Some("chunks" | "leases")) {
-                continue;
+        let config = match backend.durable.get(&Path::from(CONFIG_PATH)).await {
+            Ok(r) => Some(r.bytes().await.map_err(|e| {
+                StoreError::backend(format!("could not read the config of {location}"), e)
+            })?),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => {
+                return Err(StoreError::backend(
+                    format!("could not read the config of {location}"),
+                    e,
+                ));
             }
-            let Some(prefix) = prefix else {
-                deleted += delete(store, &Path::from(CONFIG_PATH)).await?;
-                continue;
-            };
-            let metas: Vec<_> = match store.list(Some(&Path::from(prefix))).try_collect().await {
-                Ok(m) => m,
-                Err(object_store::Error::NotFound { .. }) => Vec::new(),
-                Err(e) => {
-                    return Err(StoreError::backend(
-                        format!("could not list {prefix}/ in {location}"),
-                        e,
-                    ));
-                }
-            };
-            for meta in metas {
-                deleted += delete(store, &meta.location).await?;
-            }
-        }
-        // Last, its record in the group: from then on, no collection looks for its points.
+        };
+        let group = config
+            .as_deref()
+            .and_then(|b| serde_json::from_slice::<StoreConfig>(b).ok())
+            .and_then(|c| c.group);
         if let Some(group) = group {
             let up = group.up as usize;
-            let shared = place.up(up)?.join(GROUP_DIR)?.open(false).await?;
-            let record = Path::from(format!("members/{}.member", place.tail(up)));
-            deleted += delete(&shared.durable, &record).await?;
+            return Self::destroy_in_group(&place.up(up)?.to_string(), &place.tail(up)).await;
         }
-        Ok(deleted)
+        delete_own_objects(&backend, false).await
     }
 
     /// How the store names content: keyed when it is sealed.
@@ -729,4 +653,52 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Deletes the objects of the store on `backend`: its points first, then its config, then
+/// the rest (with `own_only`, a store in a group: not the chunks and leases, which are the
+/// group's). Returns how many.
+pub(crate) async fn delete_own_objects(backend: &Backend, own_only: bool) -> Result<u64> {
+    let mut deleted = 0;
+    let display = backend.display().to_string();
+    let delete = async |store: &Arc<dyn object_store::ObjectStore>, path: &Path| match store
+        .delete(path)
+        .await
+    {
+        Ok(()) => Ok(1),
+        Err(object_store::Error::NotFound { .. }) => Ok(0),
+        Err(e) => Err(StoreError::backend(
+            format!("could not delete {path} in {display}"),
+            e,
+        )),
+    };
+    for (prefix, store) in [
+        (Some("points"), &backend.durable),
+        (None, &backend.durable),
+        (Some("chunks"), &backend.objects),
+        (Some("nodes"), &backend.objects),
+        (Some("leases"), &backend.durable),
+    ] {
+        if own_only && matches!(prefix, Some("chunks" | "leases")) {
+            continue;
+        }
+        let Some(prefix) = prefix else {
+            deleted += delete(store, &Path::from(CONFIG_PATH)).await?;
+            continue;
+        };
+        let metas: Vec<_> = match store.list(Some(&Path::from(prefix))).try_collect().await {
+            Ok(m) => m,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => {
+                return Err(StoreError::backend(
+                    format!("could not list {prefix}/ in {display}"),
+                    e,
+                ));
+            }
+        };
+        for meta in metas {
+            deleted += delete(store, &meta.location).await?;
+        }
+    }
+    Ok(deleted)
 }

@@ -605,7 +605,12 @@ async fn stores_in_a_group_keep_common_blocks_once_and_collect_only_what_none_na
     let c = Store::init_in_group(root, "web03/lineage-0", BLOCK, Some(&key))
         .await
         .unwrap();
-    commit(&c, &image).await;
+    // (Blocks of its own, which only it names.)
+    let mut own = vec![0u8; 8 * BLOCK as usize];
+    rng.fill(&mut own);
+    let own_image = d.join("web03.img");
+    std::fs::write(&own_image, &own).unwrap();
+    commit(&c, &own_image).await;
     std::fs::write(
         root_dir.join("web03/lineage-0/boomerang-store.json"),
         b"not json",
@@ -619,6 +624,44 @@ async fn stores_in_a_group_keep_common_blocks_once_and_collect_only_what_none_na
         "{err}"
     );
     assert_eq!(shared_chunk_bytes(&root_dir), before);
+    // So does one whose directory is not where its record says (moved, not mounted): it is
+    // not taken for a store that is gone.
+    std::fs::rename(root_dir.join("web03"), d.join("web03-moved")).unwrap();
+    let err = b.gc(&NoProgress).await.unwrap_err().to_string();
+    assert!(
+        err.contains("web03") && err.contains("nothing is collected"),
+        "{err}"
+    );
+    assert_eq!(shared_chunk_bytes(&root_dir), before);
+    // Deleted for good (and again: a deletion cut short is run again), it names nothing, and
+    // the group's collection frees what only it held.
+    Store::destroy_in_group(root, "web03/lineage-0")
+        .await
+        .unwrap();
+    Store::destroy_in_group(root, "web03/lineage-0")
+        .await
+        .unwrap();
+    let collected = Store::collect_group(root, Some(&key)).await.unwrap();
+    assert!(collected.deleted_objects > 0, "{collected:?}");
+    assert!(export(&b, d, PointId(2)).await.unwrap() == b2);
+    // Every store of a group is sealed under one key.
+    let other = DataKey::create(&d.join("other.key")).unwrap();
+    let err = Store::init_in_group(root, "web04/lineage-0", BLOCK, Some(&other))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("same key file"), "{err}");
+    let err = Store::init_in_group(root, "web04/lineage-0", BLOCK, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("in the clear"), "{err}");
+    // A path that is not plain names is refused.
+    assert!(
+        Store::init_in_group(root, "../web05", BLOCK, Some(&key))
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
