@@ -1,5 +1,5 @@
 //! Feeds arbitrary bytes to the replica store's decoders (chunk objects, tree nodes, point
-//! manifests, sealed objects), as a damaged or hostile store would: they must never panic, a
+//! manifests, pack indexes, sealed objects), as a damaged or hostile store would: they must never panic, a
 //! chunk or node they accept must match the hash it was asked for, and no forged bytes open
 //! as a sealed object.
 //!
@@ -28,6 +28,13 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = PointManifest::decode(data, "points/fuzz/00000000000000000001.point");
+    // A pack index: every entry it accepts is within a u64 range, and re-encodes to itself.
+    for key in [None, Some(&[0x42u8; 32])] {
+        if let Ok(entries) = boomerang_store::pack::decode_index(data, key) {
+            assert!(entries.len() <= boomerang_store::pack::MAX_ENTRIES);
+            assert_eq!(boomerang_store::pack::encode_index(&entries, key), data);
+        }
+    }
     // A forgery without the key never opens (the AEAD tag).
     let key = DataKey::from_bytes([0x42; 32]);
     assert!(seal::open_with(&key, "chunks/ab/abcd", data).is_err());

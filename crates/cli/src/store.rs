@@ -286,9 +286,11 @@ pub async fn run(args: StoreArgs, output: Output) -> anyhow::Result<i32> {
                 print_json(&u)?;
             } else {
                 println!(
-                    "{} chunks ({}){}, {} nodes ({}), {} points ({})",
+                    "{} chunks ({}) and {} pack objects of small chunks ({}){}, {} nodes ({}), {} points ({})",
                     u.chunk_objects,
                     bytes(u.chunk_bytes),
+                    u.pack_objects,
+                    bytes(u.pack_bytes),
                     if u.group {
                         ", those of the store's whole group"
                     } else {

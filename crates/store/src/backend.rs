@@ -314,10 +314,9 @@ impl std::fmt::Display for Location {
 
 /// Whether object `path` lives in a group's shared namespace: chunks and leases.
 pub(crate) fn is_shared_path(path: &str) -> bool {
-    path.starts_with("chunks/")
-        || path == "chunks"
-        || path.starts_with("leases/")
-        || path == "leases"
+    ["chunks", "packs", "leases"]
+        .iter()
+        .any(|p| path == *p || path.strip_prefix(p).is_some_and(|r| r.starts_with('/')))
 }
 
 impl Backend {

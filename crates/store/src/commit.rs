@@ -165,6 +165,7 @@ impl Store {
         let mut stats = CommitStats::default();
         let mut builder = TreeBuilder::with_hasher(shape, self.hasher());
         let mut puts: JoinSet<Result<u64>> = JoinSet::new();
+        let packer = crate::pack::Packer::default();
         let mut nodes = Vec::new();
         let mut node_bytes = 0u64;
         let mut next_block = 0u64;
@@ -189,7 +190,7 @@ impl Store {
                     if !hash.is_zero() {
                         let data = Bytes::copy_from_slice(&batch.data[offset..offset + len]);
                         wait_for_room(&mut puts, &mut stats.bytes_stored).await?;
-                        self.spawn_chunk_put(&mut puts, hash, data);
+                        self.spawn_chunk_put(&mut puts, hash, data, &packer);
                     }
                 }
                 offset += len;
@@ -235,6 +236,7 @@ impl Store {
         while let Some(done) = puts.join_next().await {
             stats.bytes_stored += join_result(done)?;
         }
+        packer.finish(self).await?;
         progress.finish();
         stats.node_bytes_stored = node_bytes;
 
@@ -295,20 +297,30 @@ impl Store {
 
     /// Compresses and stores one block's chunk in the background; the task yields the bytes
     /// stored.
+    /// A small chunk object ([`crate::pack::small_for`]) goes into the commit's packs
+    /// (`packer`) instead of an object of its own.
     pub(crate) fn spawn_chunk_put(
         &self,
         puts: &mut JoinSet<Result<u64>>,
         hash: &ChunkHash,
         data: Bytes,
+        packer: &crate::pack::Packer,
     ) {
-        let store = self.clone();
-        let path = Store::chunk_path(hash);
+        let (store, packer, hash) = (self.clone(), packer.clone(), *hash);
+        let path = Store::chunk_path(&hash);
         puts.spawn(async move {
-            let object = tokio::task::spawn_blocking(move || chunk::encode(&data))
-                .await
-                .map_err(|e| StoreError::io("chunk encoder failed", std::io::Error::other(e)))?;
+            let (sealing, name) = (store.clone(), path.clone());
+            let object = tokio::task::spawn_blocking(move || {
+                sealing.seal_object(&name, Bytes::from(chunk::encode(&data)))
+            })
+            .await
+            .map_err(|e| StoreError::io("chunk encoder failed", std::io::Error::other(e)))??;
             let n = object.len() as u64;
-            store.put_object(path, Bytes::from(object)).await?;
+            if object.len() < crate::pack::small_for(store.block_size()) {
+                packer.put(&store, hash, &object).await?;
+            } else {
+                store.put_stored(path, object).await?;
+            }
             Ok(n)
         });
     }

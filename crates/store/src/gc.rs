@@ -55,6 +55,36 @@ impl Store {
             live_objects: (live.nodes.len() + live.chunks.len()) as u64,
             ..GcReport::default()
         };
+        // Packs no live chunk is in: their index first, then the pack (a pack without an
+        // index is found by nothing: left by a commit cut short).
+        let mut indexed = std::collections::HashSet::new();
+        for idx in self.pack_indexes().await? {
+            let pack = format!("{}.pack", idx.trim_end_matches(".idx"));
+            let entries = self.read_index(&idx).await?;
+            if entries.iter().any(|(h, _, _)| live.chunks.contains(h)) {
+                indexed.insert(pack);
+                continue;
+            }
+            for path in [idx, pack] {
+                report.deleted_bytes += self.delete_if_there(&path).await?;
+                report.deleted_objects += 1;
+            }
+        }
+        let objects = self.backend().objects_at("packs/");
+        let packs: Vec<_> = objects
+            .list(Some(&Path::from("packs")))
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::backend("could not list packs/", e))?;
+        for meta in packs {
+            let path = meta.location.to_string();
+            if path.ends_with(".pack") && !indexed.contains(&path) {
+                report.deleted_bytes += self.delete_if_there(&path).await?;
+                report.deleted_objects += 1;
+            } else if path.ends_with(".pack") {
+                report.live_objects += 1;
+            }
+        }
         for prefix in ["chunks", "nodes"] {
             let objects = self.backend().objects_at(prefix);
             let mut listing = objects.list(Some(&Path::from(prefix)));
@@ -90,6 +120,24 @@ impl Store {
             }
         }
         Ok(report)
+    }
+}
+
+impl Store {
+    /// Deletes object `path` (of the shared namespace for a pack or chunk of a store in a
+    /// group); its size, 0 if it was not there.
+    async fn delete_if_there(&self, path: &str) -> Result<u64> {
+        let objects = self.backend().objects_at(path);
+        let p = Path::from(path);
+        let size = match objects.head(&p).await {
+            Ok(meta) => meta.size,
+            Err(object_store::Error::NotFound { .. }) => return Ok(0),
+            Err(e) => return Err(StoreError::backend(format!("could not look at {path}"), e)),
+        };
+        match objects.delete(&p).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(size),
+            Err(e) => Err(StoreError::backend(format!("could not delete {path}"), e)),
+        }
     }
 }
 
@@ -134,6 +182,9 @@ pub struct Usage {
     pub node_bytes: u64,
     pub point_objects: u64,
     pub point_bytes: u64,
+    /// Packs of small chunks (their data and their indexes).
+    pub pack_objects: u64,
+    pub pack_bytes: u64,
     /// The chunks counted are those of every store of the store's group.
     pub group: bool,
 }
@@ -145,7 +196,7 @@ impl Store {
             group: self.backend().shared().is_some(),
             ..Usage::default()
         };
-        for prefix in ["chunks", "nodes", "points"] {
+        for prefix in ["chunks", "nodes", "points", "packs"] {
             let objects = if prefix == "points" {
                 &self.backend().durable
             } else {
@@ -164,6 +215,7 @@ impl Store {
             match prefix {
                 "chunks" => (usage.chunk_objects, usage.chunk_bytes) = (n, bytes),
                 "nodes" => (usage.node_objects, usage.node_bytes) = (n, bytes),
+                "packs" => (usage.pack_objects, usage.pack_bytes) = (n, bytes),
                 _ => (usage.point_objects, usage.point_bytes) = (n, bytes),
             }
         }

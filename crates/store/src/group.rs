@@ -296,6 +296,7 @@ impl Store {
             config: std::sync::Arc::new(config),
             sealer: key.map(|k| std::sync::Arc::new(crate::seal::Sealer::new(k))),
             key: key.cloned(),
+            packs: Default::default(),
         };
         handle.gc(&NoProgress).await
     }

@@ -28,6 +28,7 @@ pub mod error;
 mod gc;
 mod group;
 mod lease;
+pub mod pack;
 pub mod point;
 mod read;
 mod retention;
@@ -129,6 +130,8 @@ pub struct Store {
     sealer: Option<Arc<seal::Sealer>>,
     /// Its data key (a store in a group opens the other stores of the group with it).
     key: Option<DataKey>,
+    /// The packs' indexes as last read (pack.rs), shared by the store's clones.
+    packs: Arc<std::sync::Mutex<Option<Arc<pack::PackIndex>>>>,
 }
 
 impl Store {
@@ -212,6 +215,7 @@ impl Store {
             config: Arc::new(config),
             sealer: key.map(|k| Arc::new(seal::Sealer::new(k))),
             key: key.cloned(),
+            packs: Arc::default(),
         })
     }
 
@@ -325,6 +329,7 @@ impl Store {
             config: Arc::new(config),
             sealer,
             key: key.cloned(),
+            packs: Arc::default(),
         })
     }
 
@@ -495,10 +500,20 @@ impl Store {
     }
 
     pub(crate) async fn put_object(&self, path: String, bytes: Bytes) -> Result<()> {
-        let bytes = match &self.sealer {
+        let bytes = self.seal_object(&path, bytes)?;
+        self.put_stored(path, bytes).await
+    }
+
+    /// Object `path`'s content as stored: sealed under its name, in a sealed store.
+    pub(crate) fn seal_object(&self, path: &str, bytes: Bytes) -> Result<Bytes> {
+        Ok(match &self.sealer {
             None => bytes,
-            Some(sealer) => Bytes::from(sealer.seal(&path, &bytes)?),
-        };
+            Some(sealer) => Bytes::from(sealer.seal(path, &bytes)?),
+        })
+    }
+
+    /// Puts object `path` as stored (sealed already, in a sealed store).
+    pub(crate) async fn put_stored(&self, path: String, bytes: Bytes) -> Result<()> {
         self.backend
             .objects_at(&path)
             .put(&Path::from(path.as_str()), PutPayload::from(bytes))
@@ -676,10 +691,11 @@ pub(crate) async fn delete_own_objects(backend: &Backend, own_only: bool) -> Res
         (Some("points"), &backend.durable),
         (None, &backend.durable),
         (Some("chunks"), &backend.objects),
+        (Some("packs"), &backend.objects),
         (Some("nodes"), &backend.objects),
         (Some("leases"), &backend.durable),
     ] {
-        if own_only && matches!(prefix, Some("chunks" | "leases")) {
+        if own_only && matches!(prefix, Some("chunks" | "packs" | "leases")) {
             continue;
         }
         let Some(prefix) = prefix else {

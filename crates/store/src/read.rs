@@ -79,21 +79,22 @@ impl Store {
         let expected = *hash;
         if self.backend().local_file(&path).is_some() {
             // One blocking hop for read, decompress and hash.
-            let (store, hash, disk) = (self.clone(), *hash, disk.clone());
-            return tokio::task::spawn_blocking(move || {
-                store.read_chunk_blocking(&hash, len, &disk, point, offset)
+            let (store, at, d) = (self.clone(), *hash, disk.clone());
+            let read = tokio::task::spawn_blocking(move || {
+                store.read_chunk_local(&at, len, &d, point, offset)
             })
             .await
-            .map_err(|e| StoreError::io("chunk reader failed", std::io::Error::other(e)))?;
+            .map_err(|e| StoreError::io("chunk reader failed", std::io::Error::other(e)))??;
+            // Not found: in a pack made since the indexes were read, if anywhere.
+            if let Some(data) = read {
+                return Ok(data);
+            }
         }
         let decoded = {
-            let bytes = self.get_raw(&path).await.map_err(|e| match e {
-                StoreError::Backend {
-                    source: object_store::Error::NotFound { .. },
-                    ..
-                } => missing_chunk(&path, disk, point, offset),
-                other => other,
-            })?;
+            let bytes = self
+                .get_chunk_raw(hash)
+                .await?
+                .ok_or_else(|| missing_chunk(&path, disk, point, offset))?;
             let (store, name) = (self.clone(), path.clone());
             tokio::task::spawn_blocking(move || {
                 store.open_chunk(&name, &bytes, &expected, Some(len))
@@ -116,6 +117,8 @@ impl Store {
     ) -> Result<()> {
         let shape = point.shape();
         let mut tree = TreeReader::new(self.clone(), point.tree());
+        // The point is committed: every pack it names is indexed by now.
+        self.load_packs().await?;
         // Write-back runs beside the export: every FLUSH_EVERY groups a background fdatasync
         // pushes what is dirty so far, so the final sync has little left to do.
         let mut flushing: Option<JoinHandle<std::io::Result<()>>> = None;
@@ -208,25 +211,52 @@ impl Store {
         point: PointId,
         offset: u64,
     ) -> Result<Bytes> {
+        self.read_chunk_local(hash, len, disk, point, offset)?
+            .ok_or_else(|| missing_chunk(&Store::chunk_path(hash), disk, point, offset))
+    }
+
+    /// [`Store::read_chunk_blocking`]; none when the chunk is neither in its own file nor in a
+    /// pack of the indexes as last read.
+    fn read_chunk_local(
+        &self,
+        hash: &ChunkHash,
+        len: usize,
+        disk: &DiskName,
+        point: PointId,
+        offset: u64,
+    ) -> Result<Option<Bytes>> {
         let path = Store::chunk_path(hash);
         let file = self
             .backend()
             .local_file(&path)
             .ok_or_else(|| StoreError::Invalid("not a local store".into()))?;
-        let bytes = std::fs::read(&file).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                missing_chunk(&path, disk, point, offset)
-            } else {
-                StoreError::io(
-                    format!(
-                        "could not read chunk {path} of {}",
-                        place(disk, point, offset)
-                    ),
-                    e,
-                )
+        let unreadable = |what: &str, e| {
+            StoreError::io(
+                format!("could not read {what} of {}", place(disk, point, offset)),
+                e,
+            )
+        };
+        let bytes = match std::fs::read(&file) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Packed: the indexes as last read say where.
+                let Some(at) = self.find_packed_now(hash) else {
+                    return Ok(None);
+                };
+                let pack = self
+                    .backend()
+                    .local_file(&at.pack)
+                    .ok_or_else(|| StoreError::Invalid("not a local store".into()))?;
+                let mut buf = vec![0u8; at.len as usize];
+                std::fs::File::open(&pack)
+                    .and_then(|f| f.read_exact_at(&mut buf, at.offset))
+                    .map_err(|e| unreadable(&format!("chunk {path} in {}", at.pack), e))?;
+                buf
             }
-        })?;
+            Err(e) => return Err(unreadable(&format!("chunk {path}"), e)),
+        };
         self.open_chunk(&path, &bytes, hash, Some(len))
+            .map(Some)
             .map_err(|e| damaged_chunk(&path, e, disk, point, offset))
     }
 

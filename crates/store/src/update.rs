@@ -62,6 +62,7 @@ impl Store {
             let mut tree = TreeReader::new(self.clone(), prev.tree());
             let mut stats = CommitStats::default();
             let mut puts: JoinSet<Result<u64>> = JoinSet::new();
+            let packer = crate::pack::Packer::default();
             let mut stored = 0u64;
 
             // Level 0: the changed blocks whose content really differs.
@@ -87,7 +88,7 @@ impl Store {
                 stats.bytes_changed += len as u64;
                 if !hash.is_zero() {
                     wait_for_room(&mut puts, &mut stored).await?;
-                    self.spawn_chunk_put(&mut puts, &hash, Bytes::copy_from_slice(&data));
+                    self.spawn_chunk_put(&mut puts, &hash, Bytes::copy_from_slice(&data), &packer);
                 }
                 updates.push((i, hash));
             }
@@ -139,6 +140,7 @@ impl Store {
             while let Some(done) = puts.join_next().await {
                 stored += join_result(done)?;
             }
+            packer.finish(self).await?;
             stats.bytes_stored = stored;
             stats.node_bytes_stored = node_bytes;
 

@@ -203,13 +203,8 @@ impl Store {
         len: Option<usize>,
     ) -> Result<(u64, Option<String>)> {
         let path = Store::chunk_path(hash);
-        let bytes = match self.get_raw(&path).await {
-            Ok(b) => b,
-            Err(StoreError::Backend {
-                source: object_store::Error::NotFound { .. },
-                ..
-            }) => return Ok((0, Some("the chunk is missing".into()))),
-            Err(e) => return Err(e),
+        let Some(bytes) = self.get_chunk_raw(hash).await? else {
+            return Ok((0, Some("the chunk is missing".into())));
         };
         let size = bytes.len() as u64;
         let (expected, store) = (*hash, self.clone());

@@ -338,6 +338,10 @@ async fn a_sealed_store_shows_nothing_and_opens_with_its_key_only() {
     let text = b"the machine's secret ledger, line after line. ".repeat(90)[..4096].to_vec();
     let mut image = text.repeat(8);
     image.extend_from_slice(&[0x42; 4096]);
+    // (And one that does not compress: a chunk object of its own.)
+    let mut noise = vec![0u8; 4096];
+    Rng::new(4).fill(&mut noise);
+    image.extend_from_slice(&noise);
     let path = dir.path().join("disk.img");
     std::fs::write(&path, &image).unwrap();
     commit(&store, &path).await;
@@ -355,12 +359,18 @@ async fn a_sealed_store_shows_nothing_and_opens_with_its_key_only() {
     assert!(objects > 2, "chunks and nodes were written");
     let plain = Store::chunk_path(&boomerang_store::chunk::hash(&text));
     assert!(!dir.path().join("store").join(&plain).exists());
-    assert!(
-        dir.path()
-            .join("store")
-            .join(Store::chunk_path(&store.hash(&text)))
-            .exists()
-    );
+    // (The text block compresses to little: it is in a pack, under its keyed name.)
+    let usage = store.usage().await.unwrap();
+    assert!(usage.pack_objects >= 2, "{usage:?}");
+    let plain_name = boomerang_store::chunk::hash(&text).0;
+    for entry in walk(&dir.path().join("store")) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(32).any(|w| w == plain_name),
+            "{} names the content by its plain hash",
+            entry.display()
+        );
+    }
     // The key is needed, and only this one: each refusal says which and what to do.
     let err = Store::open(loc).await.unwrap_err().to_string();
     assert!(
@@ -380,15 +390,18 @@ async fn a_sealed_store_shows_nothing_and_opens_with_its_key_only() {
     let store = Store::open_with_key(loc, Some(&again)).await.unwrap();
     let latest = store.latest(&disk()).await.unwrap().unwrap();
     assert!(export(&store, dir.path(), latest.id).await.unwrap() == image);
-    // An object put in place of another (both sealed under the key) is refused, by name.
+    // An object put in place of another (both sealed under the key) is refused, by name:
+    // here the noise block's object as the text block's (which was packed; an object of its
+    // own is read first).
     let (a, b) = (
         dir.path()
             .join("store")
             .join(Store::chunk_path(&store.hash(&text))),
         dir.path()
             .join("store")
-            .join(Store::chunk_path(&store.hash(&[0x42; 4096]))),
+            .join(Store::chunk_path(&store.hash(&noise))),
     );
+    std::fs::create_dir_all(a.parent().unwrap()).unwrap();
     std::fs::copy(&b, &a).unwrap();
     let err = export(&store, dir.path(), latest.id)
         .await
@@ -708,5 +721,111 @@ async fn a_collection_in_one_store_of_a_group_never_races_a_commit_in_another() 
     for (k, want) in images.iter().enumerate() {
         let got = export(&a, dir.path(), PointId(k as u64 + 1)).await.unwrap();
         assert!(got == *want, "point {} lost chunks", k + 1);
+    }
+}
+
+/// An image of `blocks` 4 KiB blocks that compress to a few bytes each, each its own (block
+/// k: the 4 bytes `seed, k, k >> 8, 1` repeated), as on a disk of logs or sparse-ish data.
+fn compressible(blocks: usize, seed: u8) -> Vec<u8> {
+    (0..blocks)
+        .flat_map(|k| [seed, k as u8, (k >> 8) as u8, 1].repeat(BLOCK as usize / 4))
+        .collect()
+}
+
+async fn small_chunks_go_into_packs(store: Store, dir: &Path) {
+    let image = dir.join("small.img");
+    let first = compressible(300, 0);
+    std::fs::write(&image, &first).unwrap();
+    let report = commit(&store, &image).await;
+    let usage = store.usage().await.unwrap();
+    // 300 blocks in one pack and its index, not 300 objects.
+    assert_eq!(usage.chunk_objects, 0, "{usage:?}");
+    assert_eq!(usage.pack_objects, 2, "{usage:?}");
+    assert!(export(&store, dir, report.point).await.unwrap() == first);
+    // A second point rewrites half the blocks: a second pack.
+    let mut second = first.clone();
+    second[..150 * BLOCK as usize].copy_from_slice(&compressible(150, 100));
+    std::fs::write(&image, &second).unwrap();
+    let report2 = commit(&store, &image).await;
+    assert_eq!(store.usage().await.unwrap().pack_objects, 4);
+    assert!(export(&store, dir, report2.point).await.unwrap() == second);
+    assert!(export(&store, dir, report.point).await.unwrap() == first);
+    assert!(store.verify(&NoProgress).await.unwrap().bad.is_empty());
+    // Only the second point kept: the first pack still holds chunks it names, so both stay.
+    store.prune(Keep::Last(1)).await.unwrap();
+    store.gc(&NoProgress).await.unwrap();
+    assert_eq!(store.usage().await.unwrap().pack_objects, 4);
+    assert!(export(&store, dir, report2.point).await.unwrap() == second);
+    // A third point rewrites every block: nothing of the first two packs is named, and they go.
+    let third = compressible(300, 200);
+    std::fs::write(&image, &third).unwrap();
+    let report3 = commit(&store, &image).await;
+    store.prune(Keep::Last(1)).await.unwrap();
+    let gc = store.gc(&NoProgress).await.unwrap();
+    assert!(gc.deleted_objects >= 4, "{gc:?}");
+    assert_eq!(store.usage().await.unwrap().pack_objects, 2);
+    assert!(export(&store, dir, report3.point).await.unwrap() == third);
+    // A flipped byte in a pack: verify names the chunk, and the export refuses.
+    let packs: Vec<_> = {
+        use futures::TryStreamExt;
+        store
+            .backend()
+            .objects_at("packs/")
+            .list(Some(&ObjPath::from("packs")))
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    let pack = packs
+        .iter()
+        .find(|m| m.location.as_ref().ends_with(".pack"))
+        .unwrap()
+        .location
+        .clone();
+    let objects = store.backend().objects_at("packs/");
+    let mut bytes = objects
+        .get(&pack)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    bytes[10] ^= 0x40;
+    objects.put(&pack, Bytes::from(bytes).into()).await.unwrap();
+    let report = store.verify(&NoProgress).await.unwrap();
+    assert!(!report.bad.is_empty(), "a damaged pack went unseen");
+    assert!(export(&store, dir, report3.point).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_chunks_are_batched_into_packs_on_every_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = DataKey::create(&dir.path().join("store.key")).unwrap();
+    let local = dir.path().join("local");
+    small_chunks_go_into_packs(
+        Store::init_sealed(local.to_str().unwrap(), BLOCK, &key)
+            .await
+            .unwrap(),
+        dir.path(),
+    )
+    .await;
+    small_chunks_go_into_packs(Store::init("memory://", BLOCK).await.unwrap(), dir.path()).await;
+    let root = dir.path().join("root");
+    small_chunks_go_into_packs(
+        Store::init_in_group(root.to_str().unwrap(), "web01/lineage-0", BLOCK, Some(&key))
+            .await
+            .unwrap(),
+        dir.path(),
+    )
+    .await;
+    assert!(root.join(".shared/packs").is_dir());
+    if azurite() {
+        let loc = format!("azure://{}/packs", unique("packs"));
+        small_chunks_go_into_packs(
+            Store::init_sealed(&loc, BLOCK, &key).await.unwrap(),
+            dir.path(),
+        )
+        .await;
     }
 }
