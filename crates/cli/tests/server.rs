@@ -3636,6 +3636,22 @@ fn a_server_backed_up_to_the_other_site_is_restored_with_its_sites_machines_and_
         "the backup is sealed"
     );
     let restored = d.join("restored");
+    // A place with no backup: said so, and nothing is made.
+    let empty = d.join("no-backups");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args(["server", "restore", "--from", empty.to_str().unwrap()])
+        .args(["--key-file", key.to_str().unwrap()])
+        .args(["--state", restored.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no server backup"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!restored.join("server.toml").exists());
     let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
         .args(["server", "restore", "--from", backups.to_str().unwrap()])
         .args(["--state", restored.to_str().unwrap()])
