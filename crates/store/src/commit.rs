@@ -95,9 +95,16 @@ impl Store {
             .map_err(|e| StoreError::io(format!("could not read image {}", image.display()), e))?;
 
         let lease = self.commit_lease().await?;
-        let result = self
-            .commit_locked(disk, file, image, size, options, progress)
-            .await;
+        let result = async {
+            // Under the lease (no collection deletes a pack meanwhile): the small chunks the
+            // packs hold already are not packed again.
+            if self.packs_small_chunks() {
+                self.load_packs().await?;
+            }
+            self.commit_locked(disk, file, image, size, options, progress)
+                .await
+        }
+        .await;
         lease.release().await;
         let (point, parent, stats) = result?;
         Ok(CommitReport {
@@ -316,7 +323,9 @@ impl Store {
             .await
             .map_err(|e| StoreError::io("chunk encoder failed", std::io::Error::other(e)))??;
             let n = object.len() as u64;
-            if object.len() < crate::pack::small_for(store.block_size()) {
+            if store.packs_small_chunks()
+                && object.len() < crate::pack::small_for(store.block_size())
+            {
                 packer.put(&store, hash, &object).await?;
             } else {
                 store.put_stored(path, object).await?;

@@ -60,14 +60,27 @@ impl Store {
         let mut indexed = std::collections::HashSet::new();
         for idx in self.pack_indexes().await? {
             let pack = format!("{}.pack", idx.trim_end_matches(".idx"));
-            let entries = self.read_index(&idx).await?;
+            let entries = match self.read_index(&idx).await {
+                Ok(Some(entries)) => entries,
+                Ok(None) => continue,
+                // A damaged index: its pack may hold live chunks. Kept, and said.
+                Err(e @ StoreError::Corrupt(_)) => {
+                    tracing::warn!(index = %idx, error = %e, "a pack index is damaged; its pack is kept");
+                    indexed.insert(pack);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if entries.iter().any(|(h, _, _)| live.chunks.contains(h)) {
                 indexed.insert(pack);
                 continue;
             }
             for path in [idx, pack] {
-                report.deleted_bytes += self.delete_if_there(&path).await?;
-                report.deleted_objects += 1;
+                let freed = self.delete_if_there(&path).await?;
+                if freed > 0 {
+                    report.deleted_bytes += freed;
+                    report.deleted_objects += 1;
+                }
             }
         }
         let objects = self.backend().objects_at("packs/");
@@ -79,8 +92,11 @@ impl Store {
         for meta in packs {
             let path = meta.location.to_string();
             if path.ends_with(".pack") && !indexed.contains(&path) {
-                report.deleted_bytes += self.delete_if_there(&path).await?;
-                report.deleted_objects += 1;
+                let freed = self.delete_if_there(&path).await?;
+                if freed > 0 {
+                    report.deleted_bytes += freed;
+                    report.deleted_objects += 1;
+                }
             } else if path.ends_with(".pack") {
                 report.live_objects += 1;
             }

@@ -290,6 +290,7 @@ impl Store {
             created_unix_ms: 0,
             sealed: None,
             group: Some(GroupConfig { up: 1 }),
+            features: Vec::new(),
         };
         let handle = Store {
             backend: shared.clone().with_shared(shared),

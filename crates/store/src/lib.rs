@@ -88,7 +88,14 @@ pub struct StoreConfig {
     /// namespace, so that blocks two stores of the group hold alike are stored once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<GroupConfig>,
+    /// What of the format the store uses beyond version 3's (version 4): `packs` (small
+    /// chunks batched, pack.rs). A Boomerang refuses a store with a feature it does not know.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
+
+/// The features this Boomerang reads and writes.
+pub const FEATURES: &[&str] = &["packs"];
 
 /// Where a store in a group finds the group: its root is `up` levels above the store, and the
 /// shared namespace is [`GROUP_DIR`] there.
@@ -130,8 +137,8 @@ pub struct Store {
     sealer: Option<Arc<seal::Sealer>>,
     /// Its data key (a store in a group opens the other stores of the group with it).
     key: Option<DataKey>,
-    /// The packs' indexes as last read (pack.rs), shared by the store's clones.
-    packs: Arc<std::sync::Mutex<Option<Arc<pack::PackIndex>>>>,
+    /// The packs' indexes as read so far (pack.rs), shared by the store's clones.
+    packs: pack::Packs,
 }
 
 impl Store {
@@ -173,11 +180,7 @@ impl Store {
         check_block_size(block_size)?;
         let config = StoreConfig {
             format: "boomerang-store".into(),
-            version: match (&group, key) {
-                (Some(_), _) => 3,
-                (None, Some(_)) => 2,
-                (None, None) => 1,
-            },
+            version: 4,
             block_size,
             fanout: tree::FANOUT,
             created_unix_ms: now_ms(),
@@ -186,6 +189,7 @@ impl Store {
                 key_id: k.id(),
             }),
             group,
+            features: FEATURES.iter().map(|f| f.to_string()).collect(),
         };
         let bytes = serde_json::to_vec_pretty(&config).expect("config serializes");
         let put = backend
@@ -215,7 +219,7 @@ impl Store {
             config: Arc::new(config),
             sealer: key.map(|k| Arc::new(seal::Sealer::new(k))),
             key: key.cloned(),
-            packs: Arc::default(),
+            packs: Default::default(),
         })
     }
 
@@ -267,6 +271,13 @@ impl Store {
             1 => config.sealed.is_none() && config.group.is_none(),
             2 => config.sealed.is_some() && cipher_known(&config.sealed) && config.group.is_none(),
             3 => config.group.is_some() && cipher_known(&config.sealed),
+            4 => {
+                cipher_known(&config.sealed)
+                    && config
+                        .features
+                        .iter()
+                        .all(|f| FEATURES.contains(&f.as_str()))
+            }
             _ => false,
         };
         if config.format != "boomerang-store" || !known {
@@ -329,7 +340,7 @@ impl Store {
             config: Arc::new(config),
             sealer,
             key: key.cloned(),
-            packs: Arc::default(),
+            packs: Default::default(),
         })
     }
 
@@ -362,6 +373,11 @@ impl Store {
             .map(|l| l.tail(group.up as usize))
             .unwrap_or_default();
         Ok(Some((root, path)))
+    }
+
+    /// Whether the store batches small chunks into packs (the `packs` feature).
+    pub(crate) fn packs_small_chunks(&self) -> bool {
+        self.config.features.iter().any(|f| f == "packs")
     }
 
     /// The data key the store was opened with, if it is sealed.

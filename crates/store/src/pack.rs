@@ -10,9 +10,13 @@
 //!                              found only once its bytes are there
 //! ```
 //!
-//! A reader that does not find a chunk's own object looks it up in the packs' indexes (read
-//! once, and again when a chunk is not in them). What it reads is checked as any chunk: by
-//! its name and, in a sealed store, by its seal.
+//! A reader looks a chunk up in the packs' indexes as read so far, then for its own object,
+//! then in indexes written since (read once each; one reading at a time). What it reads is
+//! checked as any chunk: by its name and, in a sealed store, by its seal. A commit packs no
+//! chunk the group's packs hold already (it reads the indexes under its lease, so no
+//! collection deletes them meanwhile). Packs and indexes are written durably (fsync on a local
+//! store), the pack first. Only stores with the `packs` feature (docs/formats.md) get packs: a
+//! Boomerang that does not know them refuses such a store rather than miss its chunks.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -57,14 +61,49 @@ pub struct Packed {
     pub len: u32,
 }
 
-/// The index of every pack of a store: chunk name to place.
-pub(crate) type PackIndex = HashMap<ChunkHash, Packed>;
+/// The packs' indexes read so far: chunk name to place, and which indexes were read.
+#[derive(Default)]
+pub(crate) struct PackIndex {
+    places: HashMap<ChunkHash, Packed>,
+    read: std::collections::HashSet<String>,
+}
 
-/// The chunks of a commit waiting to be written as a pack.
+/// A store's pack indexes, shared by its clones: what was read, and the one reading at a
+/// time.
+#[derive(Clone, Default)]
+pub(crate) struct Packs {
+    index: Arc<Mutex<PackIndex>>,
+    reading: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl std::fmt::Debug for Packs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self
+            .index
+            .lock()
+            .map(|i| i.places.len())
+            .unwrap_or_default();
+        write!(f, "Packs({n} chunks indexed)")
+    }
+}
+
+impl Packs {
+    fn get(&self, hash: &ChunkHash) -> Option<Packed> {
+        self.index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .places
+            .get(hash)
+            .cloned()
+    }
+}
+
+/// The chunks of a commit waiting to be written as a pack, and every chunk the commit packed.
 #[derive(Default)]
 struct Open {
     data: Vec<u8>,
     entries: Vec<(ChunkHash, u64, u32)>,
+    packed: std::collections::HashSet<ChunkHash>,
 }
 
 /// A commit's open pack; cheap to clone, shared by its put tasks.
@@ -76,51 +115,66 @@ impl Packer {
     /// pack to write, if this made one.
     fn add(&self, hash: ChunkHash, object: &[u8]) -> Option<Open> {
         let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !open.packed.insert(hash) {
+            return None; // in this commit's packs already
+        }
         let offset = open.data.len() as u64;
         open.data.extend_from_slice(object);
         open.entries.push((hash, offset, object.len() as u32));
-        (open.data.len() >= PACK_BYTES || open.entries.len() >= PACK_CHUNKS)
-            .then(|| std::mem::take(&mut *open))
+        (open.data.len() >= PACK_BYTES || open.entries.len() >= PACK_CHUNKS).then(|| Open {
+            data: std::mem::take(&mut open.data),
+            entries: std::mem::take(&mut open.entries),
+            packed: Default::default(),
+        })
     }
 
-    /// Puts chunk `hash` (its object as stored: encoded, sealed) into the commit's packs;
-    /// writes a pack when one is full. Returns the bytes written.
-    pub(crate) async fn put(&self, store: &Store, hash: ChunkHash, object: &[u8]) -> Result<u64> {
+    /// Puts chunk `hash` (its object as stored: encoded, sealed) into the commit's packs,
+    /// unless the store's packs hold it; writes a pack when one is full.
+    pub(crate) async fn put(&self, store: &Store, hash: ChunkHash, object: &[u8]) -> Result<()> {
+        if store.packs.get(&hash).is_some() {
+            return Ok(());
+        }
         match self.add(hash, object) {
             Some(full) => write(store, full).await,
-            None => Ok(0),
+            None => Ok(()),
         }
     }
 
-    /// Writes what is left in the open pack (before the commit's manifest). Returns the
-    /// bytes written.
-    pub(crate) async fn finish(&self, store: &Store) -> Result<u64> {
-        let open = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    /// Writes what is left in the open pack (before the commit's manifest).
+    pub(crate) async fn finish(&self, store: &Store) -> Result<()> {
+        let open = {
+            let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            Open {
+                data: std::mem::take(&mut open.data),
+                entries: std::mem::take(&mut open.entries),
+                packed: Default::default(),
+            }
+        };
         if open.entries.is_empty() {
-            return Ok(0);
+            return Ok(());
         }
         write(store, open).await
     }
 }
 
-/// Writes `open` as a pack, then its index. Returns the bytes written.
-async fn write(store: &Store, open: Open) -> Result<u64> {
+/// Writes `open` as a pack, then its index, each durable before the next (a crash leaves no
+/// index over a pack cut short).
+async fn write(store: &Store, open: Open) -> Result<()> {
     let index = encode_index(&open.entries, store.manifest_key());
     let id = blake3::hash(&index).to_hex();
     let base = format!("packs/{}/{id}", &id[..2]);
     let (pack, idx) = (format!("{base}.pack"), format!("{base}.idx"));
-    let n = (open.data.len() + index.len()) as u64;
     for (path, bytes) in [(pack, open.data), (idx, index)] {
         store
             .backend()
-            .objects_at(&path)
+            .durable_at(&path)
             .put(&Path::from(path.as_str()), PutPayload::from(bytes))
             .await
             .map_err(|e| {
                 StoreError::backend(format!("could not write {path} to {}", store.display()), e)
             })?;
     }
-    Ok(n)
+    Ok(())
 }
 
 /// An index object: header, entries, and a BLAKE3 checksum of both (keyed in a sealed store).
@@ -136,16 +190,19 @@ pub fn encode_index(entries: &[(ChunkHash, u64, u32)], key: Option<&[u8; 32]>) -
         out.extend_from_slice(&len.to_le_bytes());
     }
     let sum = checksum(&out, key);
-    out.extend_from_slice(&sum);
+    out.extend_from_slice(sum.as_bytes());
     out
 }
 
-fn checksum(bytes: &[u8], key: Option<&[u8; 32]>) -> [u8; 32] {
+fn checksum(bytes: &[u8], key: Option<&[u8; 32]>) -> blake3::Hash {
     match key {
-        Some(k) => *blake3::keyed_hash(k, bytes).as_bytes(),
-        None => *blake3::hash(bytes).as_bytes(),
+        Some(k) => blake3::keyed_hash(k, bytes),
+        None => blake3::hash(bytes),
     }
 }
+
+/// The largest index object.
+pub const MAX_INDEX: usize = HEADER + MAX_ENTRIES * ENTRY + 32;
 
 /// Decodes index object `bytes`: every entry, or why it cannot be used.
 pub fn decode_index(
@@ -158,6 +215,9 @@ pub fn decode_index(
     if bytes[8] != VERSION {
         return Err(format!("pack index version {} is unknown", bytes[8]));
     }
+    if bytes[9..12] != [0; 3] {
+        return Err("pack index has reserved bytes set".into());
+    }
     let count = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
     if count > MAX_ENTRIES || bytes.len() != HEADER + count * ENTRY + 32 {
         return Err(format!(
@@ -166,7 +226,9 @@ pub fn decode_index(
         ));
     }
     let (body, sum) = bytes.split_at(bytes.len() - 32);
-    if checksum(body, key) != sum {
+    let sum: [u8; 32] = sum.try_into().expect("32 bytes");
+    // (blake3::Hash compares in constant time.)
+    if checksum(body, key) != blake3::Hash::from_bytes(sum) {
         return Err(
             "pack index fails its checksum (damaged, or made without the store's key)".into(),
         );
@@ -176,8 +238,13 @@ pub fn decode_index(
         let hash = ChunkHash(e[..32].try_into().expect("32 bytes"));
         let offset = u64::from_le_bytes(e[32..40].try_into().expect("8 bytes"));
         let len = u32::from_le_bytes(e[40..44].try_into().expect("4 bytes"));
-        if offset.checked_add(u64::from(len)).is_none() {
-            return Err("pack index entry past any pack's end".into());
+        // A packed chunk is small, and in a pack of bounded size.
+        if len as usize >= SMALL
+            || offset.saturating_add(u64::from(len)) > (PACK_BYTES + SMALL) as u64
+        {
+            return Err(format!(
+                "pack index entry of {len} bytes at {offset} is not a small chunk in a pack"
+            ));
         }
         out.push((hash, offset, len));
     }
@@ -203,88 +270,154 @@ impl Store {
             .collect())
     }
 
-    /// The entries of index `path`.
-    pub(crate) async fn read_index(&self, path: &str) -> Result<Vec<(ChunkHash, u64, u32)>> {
-        let bytes = match self.backend().objects_at(path).get(&Path::from(path)).await {
-            Ok(r) => r.bytes().await,
-            Err(e) => Err(e),
-        }
-        .map_err(|e| StoreError::backend(format!("could not read pack index {path}"), e))?;
-        decode_index(&bytes, self.manifest_key()).map_err(|why| {
-            StoreError::Corrupt(format!(
-                "pack index {path} of {}: {why}; the chunks it lists cannot be found until it is restored (boomerang store verify names the points affected)",
-                self.display()
-            ))
-        })
-    }
-
-    /// Reads every pack index (again): the place of every packed chunk.
-    pub(crate) async fn load_packs(&self) -> Result<Arc<PackIndex>> {
-        let mut index = PackIndex::new();
-        for path in self.pack_indexes().await? {
-            let pack: Arc<str> = Arc::from(format!("{}.pack", path.trim_end_matches(".idx")));
-            for (hash, offset, len) in self.read_index(&path).await? {
-                index.insert(
-                    hash,
-                    Packed {
-                        pack: pack.clone(),
-                        offset,
-                        len,
-                    },
-                );
+    /// The entries of index `path`; none if it is not there any more (a collection deleted
+    /// it since it was listed).
+    pub(crate) async fn read_index(
+        &self,
+        path: &str,
+    ) -> Result<Option<Vec<(ChunkHash, u64, u32)>>> {
+        let objects = self.backend().objects_at(path);
+        let at = Path::from(path);
+        let fetched = match objects.head(&at).await {
+            Ok(meta) if meta.size > MAX_INDEX as u64 => {
+                return Err(StoreError::Corrupt(format!(
+                    "pack index {path} of {} is {} bytes, more than an index can be",
+                    self.display(),
+                    meta.size
+                )));
             }
-        }
-        let index = Arc::new(index);
-        *self.packs.lock().unwrap_or_else(|e| e.into_inner()) = Some(index.clone());
-        Ok(index)
-    }
-
-    /// Where packed chunk `hash` is, reading the indexes again if they were read before it
-    /// was packed.
-    pub(crate) async fn find_packed(&self, hash: &ChunkHash) -> Result<Option<Packed>> {
-        let held = self.packs.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(found) = held.as_ref().and_then(|i| i.get(hash)) {
-            return Ok(Some(found.clone()));
-        }
-        Ok(self.load_packs().await?.get(hash).cloned())
-    }
-
-    /// Where packed chunk `hash` is, from the indexes as last read (no reading: for the
-    /// blocking readers of a local store, which read them first).
-    pub(crate) fn find_packed_now(&self, hash: &ChunkHash) -> Option<Packed> {
-        let held = self.packs.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        held.and_then(|i| i.get(hash).cloned())
-    }
-
-    /// The object of packed chunk `at`, as stored.
-    pub(crate) async fn get_packed(&self, at: &Packed) -> Result<Bytes> {
-        let range = at.offset..at.offset + u64::from(at.len);
-        self.backend()
-            .objects_at(&at.pack)
-            .get_range(&Path::from(&*at.pack), range)
-            .await
-            .map_err(|e| {
-                StoreError::backend(
-                    format!("could not read {} from {}", at.pack, self.display()),
+            Ok(_) => match objects.get(&at).await {
+                Ok(r) => r.bytes().await,
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        let bytes = match fetched {
+            Ok(b) => b,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => {
+                return Err(StoreError::backend(
+                    format!("could not read pack index {path}"),
                     e,
-                )
+                ));
+            }
+        };
+        decode_index(&bytes, self.manifest_key())
+            .map(Some)
+            .map_err(|why| {
+                StoreError::Corrupt(format!(
+                    "pack index {path} of {}: {why}; the chunks it lists cannot be found until it is restored (boomerang store verify names the points affected)",
+                    self.display()
+                ))
             })
     }
 
-    /// The object of chunk `hash` as stored (sealed, in a sealed store): its own object, or
-    /// its place in a pack; none if it is in neither.
+    /// Brings the indexes read up to date, one reading at a time: those listed and not read
+    /// yet are read, and the places of those no longer listed (collected) are forgotten. An
+    /// index that cannot be decoded is left out, with a warning (the chunks only it lists are
+    /// then missing, which readers and verify say), so that it does not stop every other read.
+    pub(crate) async fn load_packs(&self) -> Result<()> {
+        let _one = self.packs.reading.lock().await;
+        let listed = self.pack_indexes().await?;
+        let new: Vec<String> = {
+            let mut held = self.packs.index.lock().unwrap_or_else(|e| e.into_inner());
+            let now: std::collections::HashSet<&String> = listed.iter().collect();
+            let gone: std::collections::HashSet<String> = held
+                .read
+                .iter()
+                .filter(|p| !now.contains(p))
+                .map(|p| format!("{}.pack", p.trim_end_matches(".idx")))
+                .collect();
+            if !gone.is_empty() {
+                held.places.retain(|_, p| !gone.contains(&*p.pack));
+                held.read.retain(|p| now.contains(p));
+            }
+            listed
+                .iter()
+                .filter(|p| !held.read.contains(*p))
+                .cloned()
+                .collect()
+        };
+        for path in new {
+            let entries = match self.read_index(&path).await {
+                Ok(Some(e)) => e,
+                Ok(None) => continue,
+                Err(e @ StoreError::Corrupt(_)) => {
+                    tracing::warn!(index = %path, error = %e, "a pack index is damaged; the chunks only it lists cannot be read");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let pack: Arc<str> = Arc::from(format!("{}.pack", path.trim_end_matches(".idx")));
+            let mut held = self.packs.index.lock().unwrap_or_else(|e| e.into_inner());
+            for (hash, offset, len) in entries {
+                held.places.entry(hash).or_insert(Packed {
+                    pack: pack.clone(),
+                    offset,
+                    len,
+                });
+            }
+            held.read.insert(path);
+        }
+        Ok(())
+    }
+
+    /// Where packed chunk `hash` is, from the indexes as read so far (no reading: for the
+    /// blocking readers of a local store, which read them first).
+    pub(crate) fn find_packed_now(&self, hash: &ChunkHash) -> Option<Packed> {
+        self.packs.get(hash)
+    }
+
+    /// The object of packed chunk `at`, as stored; none if its pack is not there.
+    pub(crate) async fn get_packed(&self, at: &Packed) -> Result<Option<Bytes>> {
+        let range = at.offset..at.offset + u64::from(at.len);
+        match self
+            .backend()
+            .objects_at(&at.pack)
+            .get_range(&Path::from(&*at.pack), range)
+            .await
+        {
+            Ok(b) if b.len() == at.len as usize => Ok(Some(b)),
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => {
+                self.forget_packed_any(at);
+                Ok(None)
+            }
+            Err(e) => Err(StoreError::backend(
+                format!("could not read {} from {}", at.pack, self.display()),
+                e,
+            )),
+        }
+    }
+
+    fn forget_packed_any(&self, at: &Packed) {
+        let mut held = self.packs.index.lock().unwrap_or_else(|e| e.into_inner());
+        held.places.retain(|_, p| p.pack != at.pack);
+        let idx = format!("{}.idx", at.pack.trim_end_matches(".pack"));
+        held.read.remove(&idx);
+    }
+
+    /// The object of chunk `hash` as stored (sealed, in a sealed store): from a pack the
+    /// indexes read so far name, its own object, or a pack written since; none if it is in
+    /// none of them.
     pub(crate) async fn get_chunk_raw(&self, hash: &ChunkHash) -> Result<Option<Bytes>> {
+        if let Some(at) = self.find_packed_now(hash)
+            && let Some(b) = self.get_packed(&at).await?
+        {
+            return Ok(Some(b));
+        }
         let path = Store::chunk_path(hash);
         match self.get_raw(&path).await {
-            Ok(b) => Ok(Some(b)),
+            Ok(b) => return Ok(Some(b)),
             Err(StoreError::Backend {
                 source: object_store::Error::NotFound { .. },
                 ..
-            }) => match self.find_packed(hash).await? {
-                Some(at) => self.get_packed(&at).await.map(Some),
-                None => Ok(None),
-            },
-            Err(e) => Err(e),
+            }) => {}
+            Err(e) => return Err(e),
+        }
+        self.load_packs().await?;
+        match self.find_packed_now(hash) {
+            Some(at) => self.get_packed(&at).await,
+            None => Ok(None),
         }
     }
 }

@@ -248,10 +248,20 @@ impl Store {
                     .local_file(&at.pack)
                     .ok_or_else(|| StoreError::Invalid("not a local store".into()))?;
                 let mut buf = vec![0u8; at.len as usize];
-                std::fs::File::open(&pack)
-                    .and_then(|f| f.read_exact_at(&mut buf, at.offset))
-                    .map_err(|e| unreadable(&format!("chunk {path} in {}", at.pack), e))?;
-                buf
+                match std::fs::File::open(&pack).and_then(|f| f.read_exact_at(&mut buf, at.offset))
+                {
+                    Ok(()) => buf,
+                    // Collected since the indexes were read: looked up again.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof
+                        ) =>
+                    {
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(unreadable(&format!("chunk {path} in {}", at.pack), e)),
+                }
             }
             Err(e) => return Err(unreadable(&format!("chunk {path}"), e)),
         };

@@ -59,6 +59,10 @@ impl Store {
 
         let lease = self.commit_lease().await?;
         let result = async {
+            // Under the lease: the small chunks the packs hold already are not packed again.
+            if self.packs_small_chunks() {
+                self.load_packs().await?;
+            }
             let mut tree = TreeReader::new(self.clone(), prev.tree());
             let mut stats = CommitStats::default();
             let mut puts: JoinSet<Result<u64>> = JoinSet::new();

@@ -203,8 +203,12 @@ impl Store {
         len: Option<usize>,
     ) -> Result<(u64, Option<String>)> {
         let path = Store::chunk_path(hash);
-        let Some(bytes) = self.get_chunk_raw(hash).await? else {
-            return Ok((0, Some("the chunk is missing".into())));
+        let bytes = match self.get_chunk_raw(hash).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok((0, Some("the chunk is missing".into()))),
+            // A store that does not answer: verify cannot go on. Anything else is this chunk's.
+            Err(e) if e.is_retryable() => return Err(e),
+            Err(e) => return Ok((0, Some(format!("the chunk cannot be read: {e}")))),
         };
         let size = bytes.len() as u64;
         let (expected, store) = (*hash, self.clone());
@@ -271,6 +275,21 @@ impl Store {
                         problem: format!("{problem} (unreferenced object)"),
                     });
                 }
+            }
+        }
+        // Every pack index reads (a damaged one hides the chunks it lists).
+        for idx in self.pack_indexes().await? {
+            report.unreferenced_checked += 1;
+            match self.read_index(&idx).await {
+                Ok(_) => {}
+                Err(e) if e.is_retryable() => return Err(e),
+                Err(e) => report.bad.push(BadObject {
+                    object: idx,
+                    disk: None,
+                    point: None,
+                    offset: None,
+                    problem: e.to_string(),
+                }),
             }
         }
         Ok(())

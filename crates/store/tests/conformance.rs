@@ -338,10 +338,13 @@ async fn a_sealed_store_shows_nothing_and_opens_with_its_key_only() {
     let text = b"the machine's secret ledger, line after line. ".repeat(90)[..4096].to_vec();
     let mut image = text.repeat(8);
     image.extend_from_slice(&[0x42; 4096]);
-    // (And one that does not compress: a chunk object of its own.)
+    // (And two that do not compress: chunk objects of their own.)
     let mut noise = vec![0u8; 4096];
     Rng::new(4).fill(&mut noise);
     image.extend_from_slice(&noise);
+    let mut other_noise = vec![0u8; 4096];
+    Rng::new(5).fill(&mut other_noise);
+    image.extend_from_slice(&other_noise);
     let path = dir.path().join("disk.img");
     std::fs::write(&path, &image).unwrap();
     commit(&store, &path).await;
@@ -390,25 +393,22 @@ async fn a_sealed_store_shows_nothing_and_opens_with_its_key_only() {
     let store = Store::open_with_key(loc, Some(&again)).await.unwrap();
     let latest = store.latest(&disk()).await.unwrap().unwrap();
     assert!(export(&store, dir.path(), latest.id).await.unwrap() == image);
-    // An object put in place of another (both sealed under the key) is refused, by name:
-    // here the noise block's object as the text block's (which was packed; an object of its
-    // own is read first).
+    // An object put in place of another (both sealed under the key) is refused, by name.
     let (a, b) = (
         dir.path()
             .join("store")
-            .join(Store::chunk_path(&store.hash(&text))),
+            .join(Store::chunk_path(&store.hash(&noise))),
         dir.path()
             .join("store")
-            .join(Store::chunk_path(&store.hash(&noise))),
+            .join(Store::chunk_path(&store.hash(&other_noise))),
     );
-    std::fs::create_dir_all(a.parent().unwrap()).unwrap();
     std::fs::copy(&b, &a).unwrap();
     let err = export(&store, dir.path(), latest.id)
         .await
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains(&Store::chunk_path(&store.hash(&text))) && err.contains("web-01-disk0"),
+        err.contains(&Store::chunk_path(&store.hash(&noise))) && err.contains("web-01-disk0"),
         "{err}"
     );
     let report = store.verify(&NoProgress).await.unwrap();
@@ -742,6 +742,14 @@ async fn small_chunks_go_into_packs(store: Store, dir: &Path) {
     assert_eq!(usage.chunk_objects, 0, "{usage:?}");
     assert_eq!(usage.pack_objects, 2, "{usage:?}");
     assert!(export(&store, dir, report.point).await.unwrap() == first);
+    // The same blocks at other places: the packs hold them already, nothing is packed again.
+    let half = 150 * BLOCK as usize;
+    let mut shifted = first[half..].to_vec();
+    shifted.extend_from_slice(&first[..half]);
+    std::fs::write(&image, &shifted).unwrap();
+    let moved = commit(&store, &image).await;
+    assert_eq!(store.usage().await.unwrap().pack_objects, 2);
+    assert!(export(&store, dir, moved.point).await.unwrap() == shifted);
     // A second point rewrites half the blocks: a second pack.
     let mut second = first.clone();
     second[..150 * BLOCK as usize].copy_from_slice(&compressible(150, 100));
@@ -796,6 +804,32 @@ async fn small_chunks_go_into_packs(store: Store, dir: &Path) {
     let report = store.verify(&NoProgress).await.unwrap();
     assert!(!report.bad.is_empty(), "a damaged pack went unseen");
     assert!(export(&store, dir, report3.point).await.is_err());
+    // A damaged index: verify names it.
+    let index = packs
+        .iter()
+        .find(|m| m.location.as_ref().ends_with(".idx"))
+        .unwrap()
+        .location
+        .clone();
+    let mut bytes = objects
+        .get(&index)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    bytes[20] ^= 0x01;
+    objects
+        .put(&index, Bytes::from(bytes).into())
+        .await
+        .unwrap();
+    let report = store.verify(&NoProgress).await.unwrap();
+    assert!(
+        report.bad.iter().any(|b| b.object.ends_with(".idx")),
+        "{:?}",
+        report.bad
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -828,4 +862,41 @@ async fn small_chunks_are_batched_into_packs_on_every_backend() {
         )
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_of_an_earlier_version_is_read_and_written_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().join("v1");
+    Store::init(loc.to_str().unwrap(), BLOCK).await.unwrap();
+    // The config as version 1 wrote it: no features, so no packs.
+    let config = loc.join("boomerang-store.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    assert_eq!(v["version"], 4, "{v}");
+    assert_eq!(v["features"], serde_json::json!(["packs"]), "{v}");
+    v["version"] = 1.into();
+    v.as_object_mut().unwrap().remove("features");
+    std::fs::write(&config, serde_json::to_vec(&v).unwrap()).unwrap();
+    let store = Store::open(loc.to_str().unwrap()).await.unwrap();
+    let image = dir.path().join("small.img");
+    let data = compressible(64, 9);
+    std::fs::write(&image, &data).unwrap();
+    let report = commit(&store, &image).await;
+    let usage = store.usage().await.unwrap();
+    assert_eq!(
+        (usage.pack_objects, usage.chunk_objects),
+        (0, 64),
+        "{usage:?}"
+    );
+    assert!(export(&store, dir.path(), report.point).await.unwrap() == data);
+    // A feature this Boomerang does not know: refused, never half read.
+    v["version"] = 4.into();
+    v["features"] = serde_json::json!(["packs", "from-the-future"]);
+    std::fs::write(&config, serde_json::to_vec(&v).unwrap()).unwrap();
+    let err = Store::open(loc.to_str().unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("upgrade Boomerang"), "{err}");
 }
