@@ -3065,6 +3065,76 @@ fn the_whole_circle_with_site_b_on_azure_blob_sealed_keeps_every_write() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Another key: refused, by its id.
+    let other = d.join("other.key");
+    boomerang(&["store", "keygen", other.to_str().unwrap()]);
+    let verify = |key: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_boomerang"))
+            .args([
+                "store",
+                "verify",
+                &store,
+                "--key-file",
+                key.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = verify(&other);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not the key"));
+    // Tampered blobs: a byte changed in each chunk of the group's namespace whose name starts
+    // with 0 (a sixteenth; the replica names a thousand chunks of fio's data): verify finds
+    // them, and exits 3.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let tampered = runtime.block_on(async {
+        use futures::TryStreamExt;
+        use object_store::ObjectStoreExt;
+        let shared = boomerang_store::Location::parse(&format!("{root}/.shared"))
+            .unwrap()
+            .open(false)
+            .await
+            .unwrap();
+        let listed: Vec<_> = shared
+            .objects
+            .list(Some(&object_store::path::Path::from("chunks")))
+            .try_collect()
+            .await
+            .unwrap();
+        let mut n = 0;
+        for meta in listed
+            .iter()
+            .filter(|m| m.location.as_ref().starts_with("chunks/0"))
+        {
+            let mut bytes = shared
+                .objects
+                .get(&meta.location)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+                .to_vec();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x20;
+            shared
+                .objects
+                .put(&meta.location, bytes.into())
+                .await
+                .unwrap();
+            n += 1;
+        }
+        n
+    });
+    assert!(tampered > 0, "no chunk to tamper with");
+    let out = verify(&key);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BAD"));
 }
 
 #[test]

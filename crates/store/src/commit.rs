@@ -326,10 +326,11 @@ impl Store {
             if store.packs_small_chunks()
                 && object.len() < crate::pack::small_for(store.block_size())
             {
-                packer.put(&store, hash, &object).await?;
-            } else {
-                store.put_stored(path, object).await?;
+                // Counted only when packed now (not held already).
+                let packed = packer.put(&store, hash, &object).await?;
+                return Ok(if packed { n } else { 0 });
             }
+            store.put_stored(path, object).await?;
             Ok(n)
         });
     }

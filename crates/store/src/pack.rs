@@ -113,31 +113,37 @@ pub(crate) struct Packer(Arc<Mutex<Open>>);
 impl Packer {
     /// Adds chunk `hash` (its object as stored, `object`) to the open pack; returns a full
     /// pack to write, if this made one.
-    fn add(&self, hash: ChunkHash, object: &[u8]) -> Option<Open> {
+    /// Whether `hash` is new to this commit's packs, and a full pack to write if adding it
+    /// made one.
+    fn add(&self, hash: ChunkHash, object: &[u8]) -> (bool, Option<Open>) {
         let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if !open.packed.insert(hash) {
-            return None; // in this commit's packs already
+            return (false, None); // in this commit's packs already
         }
         let offset = open.data.len() as u64;
         open.data.extend_from_slice(object);
         open.entries.push((hash, offset, object.len() as u32));
-        (open.data.len() >= PACK_BYTES || open.entries.len() >= PACK_CHUNKS).then(|| Open {
-            data: std::mem::take(&mut open.data),
-            entries: std::mem::take(&mut open.entries),
-            packed: Default::default(),
-        })
+        let full =
+            (open.data.len() >= PACK_BYTES || open.entries.len() >= PACK_CHUNKS).then(|| Open {
+                data: std::mem::take(&mut open.data),
+                entries: std::mem::take(&mut open.entries),
+                packed: Default::default(),
+            });
+        (true, full)
     }
 
     /// Puts chunk `hash` (its object as stored: encoded, sealed) into the commit's packs,
-    /// unless the store's packs hold it; writes a pack when one is full.
-    pub(crate) async fn put(&self, store: &Store, hash: ChunkHash, object: &[u8]) -> Result<()> {
+    /// unless the store's packs (or this commit's) hold it; writes a pack when one is full.
+    /// Whether it was packed now.
+    pub(crate) async fn put(&self, store: &Store, hash: ChunkHash, object: &[u8]) -> Result<bool> {
         if store.packs.get(&hash).is_some() {
-            return Ok(());
+            return Ok(false);
         }
-        match self.add(hash, object) {
-            Some(full) => write(store, full).await,
-            None => Ok(()),
+        let (added, full) = self.add(hash, object);
+        if let Some(full) = full {
+            write(store, full).await?;
         }
+        Ok(added)
     }
 
     /// Writes what is left in the open pack (before the commit's manifest).
