@@ -1902,15 +1902,7 @@ fn status_follows_a_machine_from_its_agents_report_to_protected_and_an_rpo_over_
         "the policy's app-consistent marks never came",
         30,
         Box::new(|| {
-            let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
-                .args(["master-target", "points"])
-                .arg(d.join("retention"))
-                .args(["--machine", "app01", "--disk", "d0", "--output", "json"])
-                .output()
-                .ok()?;
-            let points: Value = serde_json::from_slice(&out.stdout).ok()?;
-            points
-                .as_array()?
+            listed_points(d)?
                 .iter()
                 .any(|p| p["kind"] == "app")
                 .then_some(Value::Null)
@@ -2227,16 +2219,7 @@ fn a_planned_failover_stops_the_source_and_serves_its_disks_with_nothing_lost() 
 
     // Another point instead, before the commit: the disk there, the new writes dropped.
     let final_seq = result["seq"].as_u64().unwrap();
-    let points = json_out(
-        &std::process::Command::new(env!("CARGO_BIN_EXE_boomerang"))
-            .args(["master-target", "points"])
-            .arg(d.join("retention"))
-            .args(["--machine", "app01", "--disk", "d0", "--output", "json"])
-            .output()
-            .unwrap(),
-    );
-    let earlier = points
-        .as_array()
+    let earlier = listed_points(d)
         .unwrap()
         .iter()
         .map(|p| p["seq"].as_u64().unwrap())
@@ -2336,6 +2319,19 @@ fn same_soon(a: &Path, b: &Path, what: &str) {
     wait_for(what, 30, || {
         (std::fs::read(a).unwrap() == std::fs::read(b).unwrap()).then_some(Value::Null)
     });
+}
+
+/// The recovery points of app01's d0 that the master target's volume `d/retention` lists, if
+/// it lists them now.
+fn listed_points(d: &Path) -> Option<Vec<Value>> {
+    let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
+        .args(["master-target", "points"])
+        .arg(d.join("retention"))
+        .args(["--machine", "app01", "--disk", "d0", "--output", "json"])
+        .output()
+        .ok()?;
+    let points: Value = serde_json::from_slice(&out.stdout).ok()?;
+    points.as_array().cloned()
 }
 
 /// Inserts a crash-consistent mark in the write log in `log`; its seq.
@@ -3211,15 +3207,7 @@ fn an_azure_store_answering_503_raises_an_alert_then_replication_resumes_with_ev
         || active("replica-failing").is_none().then_some(Value::Null),
     );
     let point = wait_for("no point after the outage", 60, || {
-        let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
-            .args(["master-target", "points"])
-            .arg(d.join("retention"))
-            .args(["--machine", "app01", "--disk", "d0", "--output", "json"])
-            .output()
-            .ok()?;
-        let points: Value = serde_json::from_slice(&out.stdout).ok()?;
-        points
-            .as_array()?
+        listed_points(d)?
             .iter()
             .find(|p| p["seq"].as_u64().is_some_and(|s| s >= mark))
             .cloned()

@@ -245,6 +245,35 @@ async fn flip_first_chunk_of(store: &Store, image: &[u8], offset: usize) -> Stri
     path
 }
 
+/// Collects `store` again and again (pruning to its last two points first, with `prune`)
+/// until `done`, at most 5000 times, counting in `ran` the collections that ran (one that
+/// finds a commit running backs off).
+fn collect_until(
+    store: Store,
+    prune: bool,
+    done: Arc<AtomicBool>,
+    ran: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for _ in 0..5000 {
+            if done.load(Ordering::SeqCst) {
+                break;
+            }
+            if prune {
+                let _ = store.prune(Keep::Last(2)).await;
+            }
+            match store.gc(&NoProgress).await {
+                Ok(_) => {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => panic!("gc failed: {e}"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    })
+}
+
 /// Commits and GCs race; afterwards every point reads back and nothing dangles.
 async fn gc_races_commits(store: Store) {
     let tmp = tempfile::tempdir().unwrap();
@@ -258,23 +287,7 @@ async fn gc_races_commits(store: Store) {
     // (at most 2 s) for one GC to complete, so GCs both collide with commits and succeed.
     let ran = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
-    let (store2, ran2, done2) = (store.clone(), ran.clone(), done.clone());
-    let gcs = tokio::spawn(async move {
-        for _ in 0..5000 {
-            if done2.load(Ordering::SeqCst) {
-                break;
-            }
-            let _ = store2.prune(Keep::Last(2)).await;
-            match store2.gc(&NoProgress).await {
-                Ok(_) => {
-                    ran2.fetch_add(1, Ordering::SeqCst);
-                }
-                Err(StoreError::Conflict(_)) => {}
-                Err(e) => panic!("gc failed: {e}"),
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-    });
+    let gcs = collect_until(store.clone(), true, done.clone(), ran.clone());
     let mut last = Vec::new();
     for _ in 0..8 {
         for _ in 0..10 {
@@ -695,19 +708,7 @@ async fn a_collection_in_one_store_of_a_group_never_races_a_commit_in_another() 
     let mut data = vec![0u8; 512 * 1024];
     let done = Arc::new(AtomicBool::new(false));
     let ran = Arc::new(AtomicU64::new(0));
-    let (b2, done2, ran2) = (b.clone(), done.clone(), ran.clone());
-    let gcs = tokio::spawn(async move {
-        while !done2.load(Ordering::SeqCst) {
-            match b2.gc(&NoProgress).await {
-                Ok(_) => {
-                    ran2.fetch_add(1, Ordering::SeqCst);
-                }
-                Err(StoreError::Conflict(_)) => {}
-                Err(e) => panic!("gc failed: {e}"),
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-    });
+    let gcs = collect_until(b.clone(), false, done.clone(), ran.clone());
     let mut images = Vec::new();
     for _ in 0..8 {
         rng.fill(&mut data);
