@@ -217,7 +217,12 @@ impl Store {
         })
         .await
         .map_err(|e| StoreError::io("a verify task failed", std::io::Error::other(e)))?;
-        Ok((size, problem.map(|p| p.to_string())))
+        // A packed chunk: where it is, to restore.
+        let place = match self.find_packed_now(hash) {
+            Some(at) => format!(" (packed in {} at byte {})", at.pack, at.offset),
+            None => String::new(),
+        };
+        Ok((size, problem.map(|p| format!("{p}{place}"))))
     }
 
     /// Checks objects that no point references (left by a crash, or awaiting GC).
