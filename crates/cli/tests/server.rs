@@ -3531,6 +3531,20 @@ retention = {{ path = "/mnt/retention", filesystem = "ext4", capacity_bytes = 10
     assert!(!sites.to_string().contains(AZURITE_KEY), "{sites}");
 }
 
+/// A backup key made in `d`, the place of the backups at the other site, and the server.toml
+/// section that backs the server up there every second, the newest two kept.
+fn backup_settings(d: &Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let key = d.join("backup.key");
+    boomerang(&["store", "keygen", key.to_str().unwrap()]);
+    let backups = d.join("site-b-backups");
+    let settings = format!(
+        "\n[backup]\nlocation = \"{}\"\nkey_file = \"{}\"\nevery_seconds = 1\nkeep = 2\n",
+        backups.display(),
+        key.display()
+    );
+    (key, backups, settings)
+}
+
 #[test]
 fn a_restored_server_lists_the_same_recovery_points_and_its_components_report_to_it() {
     if !have("curl") {
@@ -3538,19 +3552,8 @@ fn a_restored_server_lists_the_same_recovery_points_and_its_components_report_to
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let key = d.join("backup.key");
-    boomerang(&["store", "keygen", key.to_str().unwrap()]);
-    let backups = d.join("site-b-backups");
-    let mut r = Replicating::start_full(
-        d,
-        &[],
-        &[],
-        &format!(
-            "\n[backup]\nlocation = \"{}\"\nkey_file = \"{}\"\nevery_seconds = 1\nkeep = 2\n",
-            backups.display(),
-            key.display()
-        ),
-    );
+    let (key, backups, settings) = backup_settings(d);
+    let mut r = Replicating::start_full(d, &[], &[], &settings);
     r.gold_policy();
     r.job_ok(&["protect", "app01", "--policy", "gold"]);
     wait_for("no point listed", 30, || {
@@ -3636,19 +3639,12 @@ fn a_server_backed_up_to_the_other_site_is_restored_with_its_sites_machines_and_
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let key = d.join("backup.key");
-    boomerang(&["store", "keygen", key.to_str().unwrap()]);
-    let backups = d.join("site-b-backups");
+    let (key, backups, settings) = backup_settings(d);
     let (daemon, admin) = server_with(d, |state| {
         with_inventory(state, INVENTORY, &[]);
         let config = state.join("server.toml");
-        let mut text = std::fs::read_to_string(&config).unwrap();
-        text.push_str(&format!(
-            "\n[backup]\nlocation = \"{}\"\nkey_file = \"{}\"\nevery_seconds = 1\nkeep = 2\n",
-            backups.display(),
-            key.display()
-        ));
-        std::fs::write(&config, text).unwrap();
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, text + &settings).unwrap();
     });
     let port = daemon.addr.rsplit_once(':').unwrap().1.to_string();
     let get = |port: &str, path: &str| call(d, "127.0.0.1", port, "GET", path, Some(&admin), None);

@@ -223,10 +223,15 @@ async fn count_objects(store: &Store) -> u64 {
 async fn flip_first_chunk_of(store: &Store, image: &[u8], offset: usize) -> String {
     let block = &image[offset..offset + BLOCK as usize];
     let path = Store::chunk_path(&store.hash(block));
-    let p = ObjPath::from(path.as_str());
-    let mut bytes = store
-        .backend()
-        .objects_at(&path)
+    flip_byte(store, &path, None, 0x10).await;
+    path
+}
+
+/// XORs byte `at` (the middle one, with none) of object `path` of `store` with `mask`.
+async fn flip_byte(store: &Store, path: &str, at: Option<usize>, mask: u8) {
+    let objects = store.backend().objects_at(path);
+    let p = ObjPath::from(path);
+    let mut bytes = objects
         .get(&p)
         .await
         .unwrap()
@@ -234,15 +239,9 @@ async fn flip_first_chunk_of(store: &Store, image: &[u8], offset: usize) -> Stri
         .await
         .unwrap()
         .to_vec();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x10;
-    store
-        .backend()
-        .objects_at(&path)
-        .put(&p, Bytes::from(bytes).into())
-        .await
-        .unwrap();
-    path
+    let at = at.unwrap_or(bytes.len() / 2);
+    bytes[at] ^= mask;
+    objects.put(&p, Bytes::from(bytes).into()).await.unwrap();
 }
 
 /// Collects `store` again and again (pruning to its last two points first, with `prune`)
@@ -785,23 +784,15 @@ async fn small_chunks_go_into_packs(store: Store, dir: &Path) {
             .await
             .unwrap()
     };
-    let pack = packs
-        .iter()
-        .find(|m| m.location.as_ref().ends_with(".pack"))
-        .unwrap()
-        .location
-        .clone();
-    let objects = store.backend().objects_at("packs/");
-    let mut bytes = objects
-        .get(&pack)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
-    bytes[10] ^= 0x40;
-    objects.put(&pack, Bytes::from(bytes).into()).await.unwrap();
+    let named = |suffix: &str| {
+        packs
+            .iter()
+            .find(|m| m.location.as_ref().ends_with(suffix))
+            .unwrap()
+            .location
+            .to_string()
+    };
+    flip_byte(&store, &named(".pack"), Some(10), 0x40).await;
     let report = store.verify(&NoProgress).await.unwrap();
     assert!(
         report
@@ -813,25 +804,7 @@ async fn small_chunks_go_into_packs(store: Store, dir: &Path) {
     );
     assert!(export(&store, dir, report3.point).await.is_err());
     // A damaged index: verify names it.
-    let index = packs
-        .iter()
-        .find(|m| m.location.as_ref().ends_with(".idx"))
-        .unwrap()
-        .location
-        .clone();
-    let mut bytes = objects
-        .get(&index)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
-    bytes[20] ^= 0x01;
-    objects
-        .put(&index, Bytes::from(bytes).into())
-        .await
-        .unwrap();
+    flip_byte(&store, &named(".idx"), Some(20), 0x01).await;
     let report = store.verify(&NoProgress).await.unwrap();
     assert!(
         report.bad.iter().any(|b| b.object.ends_with(".idx")),
