@@ -312,6 +312,24 @@ pub(crate) fn image_path(retention: &Path, stream: &str, disk: &DiskName) -> Pat
         .join(format!("{disk}.img"))
 }
 
+/// How an applier is told to stop, besides the end of its records.
+pub(crate) struct Stops {
+    /// The replica's lineage ended: stop at once, what is left to apply is of no use.
+    pub abandon: Arc<AtomicBool>,
+    /// The disks are handed back: apply every record, make no more points, and stop a
+    /// checkpoint being made (the replica's store goes with the release).
+    pub releasing: Arc<AtomicBool>,
+}
+
+/// A commit's progress that says stop once the disks are being handed back.
+struct UntilReleased<'a>(&'a AtomicBool);
+
+impl boomerang_store::Progress for UntilReleased<'_> {
+    fn stopped(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Starts the applier of `stream` on a thread of its own; it reports where it stands on
 /// `position`. `before` is the last record durable before this process took any: an earlier
 /// process may have applied records up to it.
@@ -325,9 +343,10 @@ pub(crate) fn spawn(
     durable: watch::Receiver<Seq>,
     position: watch::Sender<Position>,
     before: Seq,
-    abandon: Arc<AtomicBool>,
+    stops: Stops,
     problems: crate::Problems,
 ) {
+    let Stops { abandon, releasing } = stops;
     let name = format!("apply-{stream}");
     let started = std::thread::Builder::new().name(name).spawn(move || {
         let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -357,19 +376,25 @@ pub(crate) fn spawn(
                 last_point: None,
                 replay_until: Seq(0),
                 problems: problems.clone(),
+                releasing: releasing.clone(),
             };
             // A run after an error may have applied anything durable by now.
             let bound = if run == 1 { before } else { *durable.borrow() };
             match runtime.block_on(applier.run(durable.clone(), &position, run, bound, &abandon)) {
                 Ok(()) => return solved(&problems),
-                // Stopped from outside (a release, an adoption): no retry.
-                Err(_) if abandon.load(Ordering::Relaxed) || durable.has_changed().is_err() => {
-                    return solved(&problems);
-                }
+                // Stopped from outside (an adoption): no retry.
+                Err(_) if abandon.load(Ordering::Relaxed) => return solved(&problems),
                 Err(e) => {
                     let (lasting, whole_store) = lasting(&e);
                     let error = redact_queries(&boomerang_core::chain(&e).to_string());
-                    tracing::error!(%stream, %error, retry_in = ?backoff, "applying the incoming log stopped; retrying");
+                    // Stopped from outside (a release) with records left: the release finds
+                    // them missing, says why, and starts an applier again.
+                    let stopped = durable.has_changed().is_err();
+                    if stopped {
+                        tracing::error!(%stream, %error, "applying the incoming log stopped before every record reached the disks being handed back");
+                    } else {
+                        tracing::error!(%stream, %error, retry_in = ?backoff, "applying the incoming log stopped; retrying");
+                    }
                     // Reported (an alert at the configuration server) until a point is made.
                     problems
                         .lock()
@@ -386,6 +411,9 @@ pub(crate) fn spawn(
                             lasting,
                             whole_store,
                         });
+                    if stopped {
+                        return;
+                    }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
@@ -463,6 +491,8 @@ struct Applier {
     replay_until: Seq,
     /// Where a failed run reported its error; a point made clears it.
     problems: crate::Problems,
+    /// Set once the disks are being handed back: no more points (see [`Stops`]).
+    releasing: Arc<AtomicBool>,
 }
 
 impl Applier {
@@ -648,7 +678,7 @@ impl Applier {
         let block = self.block_size;
         if let Op::Mark { kind, time, .. } = record.op {
             self.note_mark(record.seq, kind, time.0);
-            if record.seq <= self.replay_until {
+            if record.seq <= self.replay_until || self.releasing.load(Ordering::Relaxed) {
                 return Ok(());
             }
             // Crash marks come every few seconds; a point costs the blocks changed since
@@ -711,7 +741,20 @@ impl Applier {
             }
             r.file.sync_data().map_err(Self::io("sync", &r.path))?;
             let changed = std::mem::take(&mut r.changed);
-            let report = store.commit_blocks(disk, &r.path, changed, options).await?;
+            let until = UntilReleased(&self.releasing);
+            let report = match store
+                .commit_blocks_with(disk, &r.path, changed, options, &until)
+                .await
+            {
+                Ok(report) => report,
+                // The disks are being handed back: the point would go with the store. The
+                // records go on being applied; `applied` stays at the last point made.
+                Err(StoreError::Interrupted { .. }) => {
+                    tracing::info!(stream = %self.stream, %disk, seq = %seq, "checkpoint stopped: the disks are being handed back");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
             tracing::info!(stream = %self.stream, %disk, point = %report.point, seq = %seq, "recovery point");
         }
         let path = self.dir().join("applied");

@@ -191,47 +191,33 @@ pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
     let seen = metrics.clone();
     let positions: digest::Positions = Arc::default();
     let problems: Problems = Arc::default();
+    let settings = ApplierSettings {
+        retention: retention.clone(),
+        block_size,
+        every,
+        window,
+        positions: positions.clone(),
+        problems: problems.clone(),
+    };
     for (stream, last) in incoming_streams(&config.retention.join("incoming")) {
         if ended(&config.retention, &stream) {
             continue;
         }
-        let (tx, rx) = watch::channel(last);
-        let (at, position) = watch::channel(digest::Position::default());
-        positions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(stream.clone(), position);
         // Everything the log holds was durable before this process: an earlier one may have
         // applied it.
-        let abandon = Arc::new(AtomicBool::new(false));
-        apply::spawn(
-            retention.clone(),
-            stream.clone(),
-            block_size,
-            every,
-            window,
-            rx,
-            at,
-            last,
-            abandon.clone(),
-            problems.clone(),
-        );
-        appliers.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            stream,
-            Applier {
-                durable: tx,
-                abandon,
-            },
-        );
+        let applier = settings.start(&stream, last, last);
+        appliers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(stream, applier);
     }
     let replicas = Arc::new(Replicas {
         retention: config.retention.clone(),
         appliers: appliers.clone(),
         positions: positions.clone(),
         problems: problems.clone(),
+        settings: settings.clone(),
     });
-    let known = positions.clone();
-    let failing = problems.clone();
     let on_durable = Arc::new(
         move |stream: &str, _disks: &[DiskName], records: &Records| {
             seen.durable(stream, records);
@@ -247,32 +233,8 @@ pub fn receiver_with_replicas(config: Config) -> Result<Started, StartError> {
             if ended(&retention, stream) || retention.join("adopting").join(stream).exists() {
                 return;
             }
-            let (tx, rx) = watch::channel(seq);
-            let (at, position) = watch::channel(digest::Position::default());
-            known
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(stream.to_string(), position);
-            let abandon = Arc::new(AtomicBool::new(false));
-            apply::spawn(
-                retention.clone(),
-                stream.to_string(),
-                block_size,
-                every,
-                window,
-                rx,
-                at,
-                Seq(records.first_seq().0.saturating_sub(1)),
-                abandon.clone(),
-                failing.clone(),
-            );
-            all.insert(
-                stream.to_string(),
-                Applier {
-                    durable: tx,
-                    abandon,
-                },
-            );
+            let before = Seq(records.first_seq().0.saturating_sub(1));
+            all.insert(stream.to_string(), settings.start(stream, seq, before));
         },
     );
     // A replica takes the records of its own lineage only: never those of one that ended
@@ -333,6 +295,7 @@ pub struct Replicas {
     appliers: Arc<Mutex<HashMap<String, Applier>>>,
     positions: digest::Positions,
     problems: Problems,
+    settings: ApplierSettings,
 }
 
 /// Why a replica makes no recovery point now: its applier failed (its store does not
@@ -368,8 +331,13 @@ impl Replicas {
 
     /// Stops the applier of `stream`, if one runs, and waits until it has ended: once it has
     /// applied every record received, or at once if `abandon` (what is left to apply is of
-    /// no use). The next record of the stream starts a new one.
-    async fn stop_applier(&self, stream: &str, abandon: bool) {
+    /// no use). The next record of the stream starts a new one. Without `abandon` it is a
+    /// release: the applier makes no more points (the replica's store is of no use once the
+    /// disks go back), and stops a checkpoint it is making.
+    ///
+    /// Returns the last record the applier applied and the last one durable here when it was
+    /// stopped, if one ran.
+    async fn stop_applier(&self, stream: &str, abandon: bool) -> Option<(Seq, Seq)> {
         let sender = self
             .appliers
             .lock()
@@ -380,12 +348,15 @@ impl Replicas {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(stream);
-        if let Some(applier) = sender {
+        let durable = sender.map(|applier| {
             applier.abandon.store(abandon, Ordering::Relaxed);
-        }
-        if let Some(mut rx) = position {
-            while rx.changed().await.is_ok() {}
-        }
+            applier.releasing.store(!abandon, Ordering::Relaxed);
+            *applier.durable.borrow()
+        });
+        let mut rx = position?;
+        while rx.changed().await.is_ok() {}
+        let applied = rx.borrow().applied;
+        durable.map(|durable| (applied, durable))
     }
 
     fn dir(&self, stream: &str) -> PathBuf {
@@ -558,7 +529,6 @@ impl Replicas {
             return serde_json::from_str::<Vec<(String, PathBuf)>>(&text)
                 .map_err(|e| format!("{} is damaged: {e}", released.display()));
         }
-        self.stop_applier(stream, false).await;
         let mut disks = Vec::new();
         for entry in std::fs::read_dir(&dir)
             .map_err(|e| format!("could not list {}: {e}", dir.display()))?
@@ -578,6 +548,26 @@ impl Replicas {
         {
             return Err(format!(
                 "the replica of {stream} here is not the machine's own disks (not adopted at a reprotect): fail over to it instead"
+            ));
+        }
+        if let Some((applied, durable)) = self.stop_applier(stream, false).await
+            && applied < durable
+        {
+            // Records missing from the disks: an applier takes them up again, and the
+            // failback is tried again later.
+            let why = self
+                .problems
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(stream)
+                .map_or_else(|| "its applier stopped".to_string(), |p| p.error.clone());
+            let applier = self.settings.start(stream, durable, durable);
+            self.appliers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(stream.to_string(), applier);
+            return Err(format!(
+                "the replica of {stream} here applied the records up to {applied} of the {durable} it received ({why}): nothing was handed back; run the failback again once the master target applies the rest"
             ));
         }
         // What was applied is on the disks before they are handed back.
@@ -691,6 +681,55 @@ struct Applier {
     durable: watch::Sender<Seq>,
     /// Set: the applier ends at once, leaving records unapplied.
     abandon: Arc<AtomicBool>,
+    /// Set: the disks are being handed back; the applier applies every record but makes no
+    /// more points, and stops a checkpoint it is making.
+    releasing: Arc<AtomicBool>,
+}
+
+/// What every applier of the master target shares, to start one.
+#[derive(Clone)]
+struct ApplierSettings {
+    retention: PathBuf,
+    block_size: u64,
+    every: std::time::Duration,
+    window: std::time::Duration,
+    positions: digest::Positions,
+    problems: Problems,
+}
+
+impl ApplierSettings {
+    /// Starts the applier of `stream` (see [`apply::spawn`]): `durable` is the last record
+    /// durable here, `before` the last one an earlier run may have applied.
+    fn start(&self, stream: &str, durable: Seq, before: Seq) -> Applier {
+        let (tx, rx) = watch::channel(durable);
+        let (at, position) = watch::channel(digest::Position::default());
+        self.positions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(stream.to_string(), position);
+        let abandon = Arc::new(AtomicBool::new(false));
+        let releasing = Arc::new(AtomicBool::new(false));
+        apply::spawn(
+            self.retention.clone(),
+            stream.to_string(),
+            self.block_size,
+            self.every,
+            self.window,
+            rx,
+            at,
+            before,
+            apply::Stops {
+                abandon: abandon.clone(),
+                releasing: releasing.clone(),
+            },
+            self.problems.clone(),
+        );
+        Applier {
+            durable: tx,
+            abandon,
+            releasing,
+        }
+    }
 }
 
 /// In a replica directory: its images are the machine's own disks (links), adopted at a

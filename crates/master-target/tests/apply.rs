@@ -610,3 +610,93 @@ async fn reopen_refused(addr: &str, ca: &Path) -> WireError {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_during_the_first_checkpoint_hands_back_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = site(dir.path());
+    let retention = dir.path().join("retention");
+    let (addr, _stop, _metrics, replicas) = start_with_replicas(&ca, &retention, 60).await;
+    // The machine's own disk, adopted at a reprotect: 256 MiB of data, so that the replica's
+    // first checkpoint (a scan of the whole disk) is still running when the release comes.
+    std::fs::create_dir_all(&retention).unwrap();
+    let own = dir.path().join("own.img");
+    let mut content = vec![0u8; 256 << 20];
+    boomerang_core::sample::XorShift::new(5).fill(&mut content);
+    std::fs::write(&own, &content).unwrap();
+    replicas
+        .adopt("web01", &[(sda(), own.clone())], 9)
+        .await
+        .unwrap();
+    let (mut client, next) = open_lineage(&addr, &ca, vec![sda()], 9, Seq(500))
+        .await
+        .unwrap();
+    assert_eq!(next, Seq(500));
+    // Writes and a mark: the replica's first checkpoint starts. Then more writes and the
+    // final mark of a failback, all durable here, and the release at once, as the failback
+    // gives it, while that checkpoint runs.
+    let mut seq = 500;
+    let mark = |seq: u64, id: u64| Record {
+        seq: Seq(seq),
+        op: Op::Mark {
+            kind: MarkKind::Crash,
+            id: MarkId(id),
+            time: UnixNanos::now(),
+        },
+    };
+    let mut rounds = Vec::new();
+    for round in 0..2u64 {
+        let mut records = Vec::new();
+        for k in 0..8u64 {
+            let offset = (round * 8 + k) * (16 << 20) + 4096 * k;
+            let data = vec![0xA0 + (round * 8 + k) as u8; 8192];
+            content[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+            records.push(Record {
+                seq: Seq(seq),
+                op: Op::Write {
+                    disk: sda(),
+                    offset,
+                    data,
+                },
+            });
+            seq += 1;
+        }
+        records.push(mark(seq, round + 1));
+        seq += 1;
+        rounds.push(records);
+    }
+    client.send(&rounds[0]).await;
+    // The checkpoint holds its store's commit lease while it runs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !any_lease(&retention) {
+        assert!(
+            Instant::now() < deadline,
+            "the first checkpoint never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let records = &rounds[1];
+    client.send(records).await;
+    let released = replicas.release("web01").await.unwrap();
+    assert_eq!(released, vec![("sda".to_string(), own.clone())]);
+    assert!(
+        std::fs::read(&own).unwrap() == content,
+        "every record received is in the disk handed back"
+    );
+    // Asked again, the same answer.
+    assert_eq!(replicas.release("web01").await.unwrap(), released);
+}
+
+/// Whether a store under `dir` holds a commit lease (a commit is running).
+fn any_lease(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let path = e.path();
+        if e.file_name() == "leases" {
+            return std::fs::read_dir(&path).is_ok_and(|mut l| l.next().is_some());
+        }
+        path.is_dir() && any_lease(&path)
+    })
+}

@@ -179,6 +179,10 @@ impl Store {
 
         let mut turn = 0;
         while let Some(batch) = batches[turn % READERS].recv().await {
+            if progress.stopped() {
+                // The readers stop at their next batch, their channels gone.
+                return Err(StoreError::Interrupted { disk: disk.clone() });
+            }
             let batch = batch.map_err(|e| {
                 StoreError::io(format!("could not read image {}", image.display()), e)
             })?;

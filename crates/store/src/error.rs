@@ -40,6 +40,13 @@ pub enum StoreError {
         source: object_store::Error,
     },
 
+    /// The caller stopped a commit before it wrote its point (see [`crate::Progress::stopped`]):
+    /// nothing of it is a point, and the objects it wrote are collected as garbage.
+    #[error(
+        "the commit of disk {disk} was stopped before it wrote its point; the store is as it was"
+    )]
+    Interrupted { disk: DiskName },
+
     /// A local file could not be read or written.
     #[error("{context}")]
     Io {

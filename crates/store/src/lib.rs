@@ -122,6 +122,11 @@ pub trait Progress: Send + Sync {
     fn start(&self, _what: &str, _total: u64) {}
     fn advance(&self, _n: u64) {}
     fn finish(&self) {}
+    /// Whether the work should stop now: a commit then ends with
+    /// [`StoreError::Interrupted`], writing no point (asked between blocks).
+    fn stopped(&self) -> bool {
+        false
+    }
 }
 
 /// Progress that goes nowhere.

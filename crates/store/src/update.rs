@@ -25,7 +25,7 @@ use crate::commit::{CommitOptions, CommitReport, join_result, wait_for_room};
 use crate::error::{Result, StoreError};
 use crate::point::CommitStats;
 use crate::tree::{FANOUT, TreeReader, encode_node};
-use crate::{NoProgress, Store, chunk};
+use crate::{NoProgress, Progress, Store, chunk};
 
 impl Store {
     /// Commits the next point of `disk`: its latest point with the blocks in `changed` (block
@@ -38,6 +38,21 @@ impl Store {
         image: &FsPath,
         changed: impl IntoIterator<Item = u64>,
         options: CommitOptions,
+    ) -> Result<CommitReport> {
+        self.commit_blocks_with(disk, image, changed, options, &NoProgress)
+            .await
+    }
+
+    /// [`Store::commit_blocks`], reporting to `progress` and stopping when it says so
+    /// ([`Progress::stopped`]): then it fails with [`StoreError::Interrupted`] and writes no
+    /// point.
+    pub async fn commit_blocks_with(
+        &self,
+        disk: &DiskName,
+        image: &FsPath,
+        changed: impl IntoIterator<Item = u64>,
+        options: CommitOptions,
+        progress: &dyn Progress,
     ) -> Result<CommitReport> {
         let started = Instant::now();
         let file = File::open(image).map_err(|e| {
@@ -52,7 +67,7 @@ impl Store {
             .len();
         let prev = match self.latest(disk).await? {
             Some(p) if p.size == size => p,
-            _ => return self.commit_image(disk, image, options, &NoProgress).await,
+            _ => return self.commit_image(disk, image, options, progress).await,
         };
         let shape = prev.shape();
         let blocks: BTreeSet<u64> = changed.into_iter().filter(|&b| b < shape.leaves).collect();
@@ -73,6 +88,9 @@ impl Store {
             let mut updates: Vec<(u64, ChunkHash)> = Vec::new();
             let mut data = Vec::new();
             for &i in &blocks {
+                if progress.stopped() {
+                    return Err(StoreError::Interrupted { disk: disk.clone() });
+                }
                 let len = shape.block_len(i);
                 data.resize(len, 0);
                 file.read_exact_at(&mut data, i * shape.block_size)

@@ -140,3 +140,75 @@ async fn a_full_scan_skips_holes_and_still_stores_the_image_exactly() {
         .sum();
     assert_eq!(report.stats.blocks_changed, blocks, "{:?}", report.stats);
 }
+
+/// Says stop once `after` calls to `advance` have been made.
+struct StopAfter {
+    after: usize,
+    seen: std::sync::atomic::AtomicUsize,
+}
+
+impl boomerang_store::Progress for StopAfter {
+    fn advance(&self, _n: u64) {
+        self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn stopped(&self) -> bool {
+        self.seen.load(std::sync::atomic::Ordering::Relaxed) >= self.after
+    }
+}
+
+#[tokio::test]
+async fn a_stopped_commit_writes_no_point_and_lets_the_next_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    // 64 MiB of data: read in several batches, so the stop comes in the middle.
+    let file = std::fs::File::create(&image).unwrap();
+    let mut rng = Rng::new(11);
+    let mut chunk = vec![0u8; 1 << 20];
+    for i in 0..64u64 {
+        rng.fill(&mut chunk);
+        file.write_all_at(&chunk, i << 20).unwrap();
+    }
+    let store = store(dir.path(), "s").await;
+    let stop = StopAfter {
+        after: 1,
+        seen: Default::default(),
+    };
+    let stopped = store
+        .commit_blocks_with(&disk(), &image, [], CommitOptions::default(), &stop)
+        .await
+        .expect_err("a full commit stopped after its first batch");
+    assert!(
+        matches!(&stopped, boomerang_store::StoreError::Interrupted { disk: d } if *d == disk()),
+        "{stopped}"
+    );
+    assert!(stopped.to_string().contains("stopped"), "{stopped}");
+    assert!(store.latest(&disk()).await.unwrap().is_none(), "no point");
+    // The commit let go of its lease: the next one runs at once, and reads back whole.
+    let report = store
+        .commit_image(&disk(), &image, CommitOptions::default(), &NoProgress)
+        .await
+        .unwrap();
+    let out = dir.path().join("out.img");
+    let point = store.point(&disk(), Some(report.point)).await.unwrap();
+    store.export_raw(&point, &out, &NoProgress).await.unwrap();
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&image).unwrap());
+
+    // A range commit stops between blocks too, and the latest point stays as it was.
+    file.write_all_at(&[7u8; BLOCK as usize], 0).unwrap();
+    let at_once = StopAfter {
+        after: 0,
+        seen: Default::default(),
+    };
+    let stopped = store
+        .commit_blocks_with(&disk(), &image, [0], CommitOptions::default(), &at_once)
+        .await
+        .expect_err("a range commit stopped before its first block");
+    assert!(matches!(
+        stopped,
+        boomerang_store::StoreError::Interrupted { .. }
+    ));
+    assert_eq!(
+        store.latest(&disk()).await.unwrap().unwrap().id,
+        report.point
+    );
+}
