@@ -747,10 +747,11 @@ impl Applier {
                 .await
             {
                 Ok(report) => report,
-                // The disks are being handed back: the point would go with the store. The
-                // records go on being applied; `applied` stays at the last point made.
-                Err(StoreError::Interrupted { .. }) => {
-                    tracing::info!(stream = %self.stream, %disk, seq = %seq, "checkpoint stopped: the disks are being handed back");
+                // The disks are being handed back: the point would go with the store, and a
+                // store that fails meanwhile must not hold the release up. The records go on
+                // being applied; `applied` stays at the last point made.
+                Err(e) if self.releasing.load(Ordering::Relaxed) => {
+                    tracing::info!(stream = %self.stream, %disk, seq = %seq, reason = %e, "checkpoint stopped: the disks are being handed back");
                     return Ok(());
                 }
                 Err(e) => return Err(e.into()),

@@ -338,16 +338,17 @@ impl Replicas {
     /// Returns the last record the applier applied and the last one durable here when it was
     /// stopped, if one ran.
     async fn stop_applier(&self, stream: &str, abandon: bool) -> Option<(Seq, Seq)> {
-        let sender = self
-            .appliers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(stream);
-        let position = self
-            .positions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(stream);
+        let (sender, position) = {
+            // Both under the appliers lock, as an applier starts (appliers, then positions).
+            let mut appliers = self.appliers.lock().unwrap_or_else(|e| e.into_inner());
+            let sender = appliers.remove(stream);
+            let position = self
+                .positions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(stream);
+            (sender, position)
+        };
         let durable = sender.map(|applier| {
             applier.abandon.store(abandon, Ordering::Relaxed);
             applier.releasing.store(!abandon, Ordering::Relaxed);
@@ -561,11 +562,12 @@ impl Replicas {
                 .unwrap_or_else(|e| e.into_inner())
                 .get(stream)
                 .map_or_else(|| "its applier stopped".to_string(), |p| p.error.clone());
-            let applier = self.settings.start(stream, durable, durable);
-            self.appliers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(stream.to_string(), applier);
+            let mut appliers = self.appliers.lock().unwrap_or_else(|e| e.into_inner());
+            if !appliers.contains_key(stream) {
+                // (A record that arrived meanwhile started one already.)
+                let applier = self.settings.start(stream, durable, durable);
+                appliers.insert(stream.to_string(), applier);
+            }
             return Err(format!(
                 "the replica of {stream} here applied the records up to {applied} of the {durable} it received ({why}): nothing was handed back; run the failback again once the master target applies the rest"
             ));
@@ -585,6 +587,11 @@ impl Replicas {
         retire(&self.retention, &dir)
             .map_err(|e| format!("could not remove {}: {e}", dir.display()))?;
         StoreRoot::forget(&self.retention, old_store);
+        // Whatever its applier reported is over with the replica.
+        self.problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(stream);
         tracing::warn!(%stream, "the replica here is handed back to the machine");
         Ok(disks)
     }

@@ -94,12 +94,18 @@ impl Store {
         file.seek(SeekFrom::Start(0))
             .map_err(|e| StoreError::io(format!("could not read image {}", image.display()), e))?;
 
+        if progress.stopped() {
+            return Err(StoreError::Interrupted { disk: disk.clone() });
+        }
         let lease = self.commit_lease().await?;
         let result = async {
             // Under the lease (no collection deletes a pack meanwhile): the small chunks the
             // packs hold already are not packed again.
             if self.packs_small_chunks() {
                 self.load_packs().await?;
+            }
+            if progress.stopped() {
+                return Err(StoreError::Interrupted { disk: disk.clone() });
             }
             self.commit_locked(disk, file, image, size, options, progress)
                 .await

@@ -72,6 +72,9 @@ impl Store {
         let shape = prev.shape();
         let blocks: BTreeSet<u64> = changed.into_iter().filter(|&b| b < shape.leaves).collect();
 
+        if progress.stopped() {
+            return Err(StoreError::Interrupted { disk: disk.clone() });
+        }
         let lease = self.commit_lease().await?;
         let result = async {
             // Under the lease: the small chunks the packs hold already are not packed again.

@@ -181,7 +181,7 @@ async fn a_stopped_commit_writes_no_point_and_lets_the_next_one_run() {
         matches!(&stopped, boomerang_store::StoreError::Interrupted { disk: d } if *d == disk()),
         "{stopped}"
     );
-    assert!(stopped.to_string().contains("stopped"), "{stopped}");
+    assert!(stopped.to_string().contains("disk db"), "{stopped}");
     assert!(store.latest(&disk()).await.unwrap().is_none(), "no point");
     // The commit let go of its lease: the next one runs at once, and reads back whole.
     let report = store
