@@ -329,6 +329,13 @@ impl CaptureDevice {
         Ok(self.bitmap()?.ranges(self.inner.size()))
     }
 
+    /// Marks the whole disk for a resync (the log lost changes of it).
+    pub fn mark_all_dirty(&self) -> io::Result<()> {
+        let mut bitmap = self.bitmap()?;
+        bitmap.mark(0, self.inner.size())?;
+        bitmap.sync()
+    }
+
     /// Whether the dirty-block bitmap has any block set (without walking it).
     pub fn is_dirty(&self) -> io::Result<bool> {
         Ok(self.bitmap()?.count() > 0)

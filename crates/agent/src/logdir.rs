@@ -88,6 +88,11 @@ pub struct LogDir {
     /// Disk order of the changes (see `order.rs`): tickets issued, and the turnstile.
     issued: u64,
     turnstile: Arc<Turnstile>,
+    /// After a machine crash, until the process server first answers: the first record
+    /// written since (see [`LogDir::continue_after_crash`]).
+    crash_floor: Option<Seq>,
+    /// The log went on past records it lost: every disk is to be resynced whole.
+    resync_all: bool,
     _lock: Flock<File>,
 }
 
@@ -200,6 +205,10 @@ impl Entry<'_> {
         }
     }
 }
+
+/// After a machine crash: the first sequence number written since (decimal), until the
+/// process server first answers.
+const CRASH_FLOOR: &str = "crash.floor";
 
 /// The next mark id, kept when segments are released (`release_through`).
 const NEXT_MARK: &str = "marks.next";
@@ -332,6 +341,19 @@ impl LogDir {
         std::io::Write::write_all(&mut marker, now.as_bytes()).map_err(io)?;
         marker.sync_all().map_err(io)?;
         File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        // Records from here on are written after the crash: a process server holding records
+        // from here on holds some this log lost. Kept until it first answers (the lowest, if
+        // the machine crashes again before).
+        let floor_path = dir.join(CRASH_FLOOR);
+        let mut crash_floor = std::fs::read_to_string(&floor_path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Seq);
+        if machine_crashed && crash_floor.is_none_or(|f| next_seq < f) {
+            boomerang_core::write_atomic(&floor_path, next_seq.0.to_string().as_bytes())
+                .map_err(io)?;
+            crash_floor = Some(next_seq);
+        }
         let earlier_cap = any_dirty_bitmap(dir);
         if machine_crashed {
             tracing::warn!(dir = %dir.display(), "the machine went down while the agent ran: the log may miss writes the disks kept; every disk is marked for a full resync");
@@ -363,6 +385,8 @@ impl LogDir {
             release_floor: Seq(0),
             issued: 0,
             turnstile: Arc::default(),
+            crash_floor,
+            resync_all: false,
             _lock: lock,
         })
     }
@@ -372,6 +396,62 @@ impl LogDir {
     pub fn with_cap(mut self, cap: Option<u64>) -> Self {
         self.cap = cap;
         self
+    }
+
+    /// Called with the next record the process server wants, before anything is sent. After a
+    /// machine crash the log may have lost its unsynced end while the process server holds
+    /// those records: the records written here since the crash then reuse their sequence
+    /// numbers for other changes, and sending from the process server's position would skip
+    /// some of them. So when the process server wants a record from the first one written
+    /// since the crash on, the log continues after the records it holds: every record here is
+    /// dropped, the next one is `next`, and every disk is resynced whole (against the
+    /// replica's digest; no mark until it is done). Returns whether it did.
+    ///
+    /// The first answer after the crash settles it, either way.
+    pub fn continue_after_crash(&mut self, next: Seq) -> Result<bool, LogDirError> {
+        let Some(floor) = self.crash_floor else {
+            return Ok(false);
+        };
+        let io = |source| LogDirError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        if next > floor {
+            self.turnstile.wait_for(self.issued);
+            self.persist_next_mark().map_err(io)?;
+            self.writer.sync()?;
+            let old = segments(&self.dir).map_err(io)?;
+            self.writer = create_segment(&self.dir, next, self.max_segment)?;
+            for path in old.iter().filter(|p| p.as_path() != self.writer.path()) {
+                std::fs::remove_file(path).map_err(io)?;
+            }
+            tracing::warn!(
+                dir = %self.dir.display(),
+                dropped_from = floor.0,
+                next = next.0,
+                "the process server holds records this log lost in the machine's crash: the log goes on after them, and every disk is resynced against the replica"
+            );
+            self.next_seq = next;
+            self.total = self.writer.size();
+            self.release_floor = Seq(0);
+            self.capped = true;
+            self.resync_all = true;
+        }
+        match std::fs::remove_file(self.dir.join(CRASH_FLOOR)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        self.crash_floor = None;
+        Ok(next > floor)
+    }
+
+    /// Whether every disk is to be resynced whole (see [`LogDir::continue_after_crash`]);
+    /// asking clears it.
+    pub fn take_resync_all(&mut self) -> bool {
+        std::mem::take(&mut self.resync_all)
     }
 
     /// Whether the machine crashed while the agent ran (see [`LogDir::open`]).
@@ -863,6 +943,12 @@ impl boomerang_wire::send::Source for Shipped {
             .release_through(durable)
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+
+    fn continue_after(&self, next: Seq) -> Result<bool, String> {
+        self.lock()?
+            .continue_after_crash(next)
+            .map_err(|e| boomerang_core::chain(&e).to_string())
     }
 
     fn wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {

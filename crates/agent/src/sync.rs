@@ -307,6 +307,12 @@ async fn pass(
 ) -> Result<bool, String> {
     {
         let mut l = log.lock().map_err(|_| "the log lock is poisoned")?;
+        if l.take_resync_all() {
+            // Under the log lock: no copy runs, and changes go to the bitmaps (capped).
+            for device in disks {
+                device.mark_all_dirty().map_err(|e| e.to_string())?;
+            }
+        }
         if l.is_capped() {
             if l.total_bytes() > cap / 2 {
                 // Still draining downstream.

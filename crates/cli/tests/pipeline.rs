@@ -528,6 +528,94 @@ fn after_a_machine_crash_only_the_blocks_that_differ_from_the_replica_travel() {
     );
 }
 
+/// The last record durable in the process server's cache of web01.
+fn cached_last_seq(cache: &Path) -> u64 {
+    let files = boomerang_core::log::segment_files(&cache.join("web01")).unwrap();
+    let reader = boomerang_core::log::SegmentReader::open(files.last().unwrap()).unwrap();
+    reader.map(|r| r.unwrap().seq.0).max().unwrap()
+}
+
+/// Cuts the agent's log in `log` before its first record above `keep`: the unsynced end a
+/// machine crash loses.
+fn cut_log_after(log: &Path, keep: u64) {
+    let files = boomerang_core::log::segment_files(log).unwrap();
+    for path in files.iter().rev() {
+        let bytes = std::fs::read(path).unwrap();
+        let mut at = boomerang_core::log::SEGMENT_HEADER_LEN;
+        while at < bytes.len() {
+            let Ok((record, len)) = boomerang_core::log::decode_frame(&bytes[at..]) else {
+                break;
+            };
+            if record.seq.0 > keep {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .unwrap()
+                    .set_len(at as u64)
+                    .unwrap();
+                return;
+            }
+            at += len;
+        }
+    }
+    panic!("no record above {keep} in {}", log.display());
+}
+
+#[test]
+fn after_a_machine_crash_that_cut_records_the_process_server_holds_the_replica_is_made_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = site(dir.path());
+    let disk = blank(dir.path(), "disk.img", 1024);
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    use std::os::unix::fs::FileExt;
+    for i in (0..1024u64).filter(|i| i % 3 != 0) {
+        f.write_all_at(&block(i, 1), i * 4096).unwrap();
+    }
+    let retention = dir.path().join("retention");
+    let cache = dir.path().join("cache");
+    let mt = master_target(&ca, &retention, "127.0.0.1:0");
+    let ps = process_server(&ca, &cache, "127.0.0.1:0", Some(&mt.addr), &[]);
+    let log = dir.path().join("log");
+    let marks = ["--mark-interval", "0.1"];
+    let mut first = agent(&ca, &disk, &log, &ps.addr, &marks);
+    let store = retention.join("replicas/web01/store");
+    let point = dir.path().join("point.img");
+    wait_for_point(
+        &store,
+        "latest",
+        &point,
+        Some(&std::fs::read(&disk).unwrap()),
+    );
+
+    // The machine goes down: the process server holds the last records, which the agent's
+    // log had not synced and loses. The disk kept other writes.
+    std::thread::sleep(Duration::from_millis(500));
+    first.signal("-KILL");
+    let held = cached_last_seq(&cache);
+    cut_log_after(&log, held - 4);
+    std::fs::write(log.join("agent.running"), "another boot\n").unwrap();
+    for i in [5u64, 300, 301, 1000] {
+        f.write_all_at(&block(i, 2), i * 4096).unwrap();
+    }
+    f.write_all_at(&[0u8; 8192], 700 * 4096).unwrap();
+    f.sync_all().unwrap();
+
+    // Back up: the records written since the crash reuse the numbers of those the process
+    // server holds. The log goes on after them and the disk is resynced: the newest point is
+    // the disk, block for block.
+    let _second = agent(&ca, &disk, &log, &ps.addr, &marks);
+    wait_for_point(
+        &store,
+        "latest",
+        &point,
+        Some(&std::fs::read(&disk).unwrap()),
+    );
+    assert!(
+        !log.join("crash.floor").exists(),
+        "the first answer of the process server settled the crash"
+    );
+}
+
 #[test]
 fn marks_between_checkpoints_are_points_the_incoming_log_brings_a_checkpoint_to() {
     let dir = tempfile::tempdir().unwrap();

@@ -28,6 +28,14 @@ pub trait Source: Send + Sync + 'static {
     /// The lineage of the records: each connection opens the stream with it, and ends when
     /// it changes (records read after the change are of the new one).
     fn lineage(&self) -> Result<crate::cache::Lineage, String>;
+    /// Called with the receiver's resume point before anything is sent: a log that lost
+    /// records the receiver holds (a machine crash cut its unsynced end) may go on after
+    /// them, and says so (it then resends what it must some other way). `false` leaves the
+    /// usual check: a receiver ahead of the log has diverged from it.
+    fn continue_after(&self, next: Seq) -> Result<bool, String> {
+        let _ = next;
+        Ok(false)
+    }
     /// Notified when records were appended, to send them at once rather than at the next
     /// poll (synchronous replication).
     fn wake(&self) -> Option<Arc<tokio::sync::Notify>> {
@@ -195,6 +203,10 @@ async fn stream<S: Source>(
         }
     };
     let mut lineage_checked = Instant::now();
+    log.continue_after(next).map_err(|why| ShipError::Log {
+        dir: dir.clone(),
+        why,
+    })?;
     let log_next = log.next_seq().map_err(|why| ShipError::Log {
         dir: dir.clone(),
         why,
