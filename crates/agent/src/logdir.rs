@@ -48,6 +48,11 @@ pub enum LogDirError {
         dir.display()
     )]
     FailedOver { dir: PathBuf, seq: u64 },
+    #[error(
+        "the agent of log directory {} has not heard from its process server since the machine's crash, which may have cut records from its log that the process server holds: the failover waits until the process server answers (check that it runs and that this machine reaches it)",
+        dir.display()
+    )]
+    AwaitingProcessServer { dir: PathBuf },
     #[error("a segment size of {0} bytes is too small: use at least 1 MiB")]
     SegmentTooSmall(u64),
     #[error(
@@ -209,6 +214,9 @@ impl Entry<'_> {
 /// After a machine crash: the first sequence number written since (decimal), until the
 /// process server first answers.
 const CRASH_FLOOR: &str = "crash.floor";
+/// Present while every disk is to be resynced whole and the bitmaps do not say so yet (see
+/// [`LogDir::continue_after_crash`]).
+const RESYNC_ALL: &str = "resync.all";
 
 /// The next mark id, kept when segments are released (`release_through`).
 const NEXT_MARK: &str = "marks.next";
@@ -354,6 +362,8 @@ impl LogDir {
                 .map_err(io)?;
             crash_floor = Some(next_seq);
         }
+        // A skip after a crash whose whole-disk resync was not yet marked in the bitmaps.
+        let resync_all = dir.join(RESYNC_ALL).exists();
         let earlier_cap = any_dirty_bitmap(dir);
         if machine_crashed {
             tracing::warn!(dir = %dir.display(), "the machine went down while the agent ran: the log may miss writes the disks kept; every disk is marked for a full resync");
@@ -373,7 +383,7 @@ impl LogDir {
             next_mark,
             total,
             cap: None,
-            capped: machine_crashed || earlier_cap,
+            capped: machine_crashed || earlier_cap || resync_all,
             machine_crashed,
             unclean_stop,
             behind: WriteBehind::default(),
@@ -386,7 +396,7 @@ impl LogDir {
             issued: 0,
             turnstile: Arc::default(),
             crash_floor,
-            resync_all: false,
+            resync_all,
             _lock: lock,
         })
     }
@@ -412,17 +422,34 @@ impl LogDir {
         let Some(floor) = self.crash_floor else {
             return Ok(false);
         };
+        if self.failed_over.is_some() {
+            // The log takes no record, so it cannot resync: it stays as it is (the sender
+            // reports the divergence).
+            return Ok(false);
+        }
         let io = |source| LogDirError::Io {
             dir: self.dir.clone(),
             source,
         };
         if next > floor {
             self.turnstile.wait_for(self.issued);
+            // From here changes go to the bitmaps, and the whole-disk resync is recorded
+            // before any record is dropped: a restart in between still does it.
+            self.capped = true;
+            self.resync_all = true;
+            boomerang_core::write_atomic(&self.dir.join(RESYNC_ALL), b"").map_err(io)?;
             self.persist_next_mark().map_err(io)?;
             self.writer.sync()?;
             let old = segments(&self.dir).map_err(io)?;
+            // A segment starting at `next` may be there (a roll-over, or a skip cut short):
+            // its records are dropped like the others.
+            let target = segment_path(&self.dir, next);
+            if target.exists() {
+                std::fs::remove_file(&target).map_err(io)?;
+            }
             self.writer = create_segment(&self.dir, next, self.max_segment)?;
-            for path in old.iter().filter(|p| p.as_path() != self.writer.path()) {
+            self.behind = WriteBehind::default();
+            for path in old.iter().filter(|p| **p != target) {
                 std::fs::remove_file(path).map_err(io)?;
             }
             tracing::warn!(
@@ -434,8 +461,6 @@ impl LogDir {
             self.next_seq = next;
             self.total = self.writer.size();
             self.release_floor = Seq(0);
-            self.capped = true;
-            self.resync_all = true;
         }
         match std::fs::remove_file(self.dir.join(CRASH_FLOOR)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
@@ -448,10 +473,31 @@ impl LogDir {
         Ok(next > floor)
     }
 
-    /// Whether every disk is to be resynced whole (see [`LogDir::continue_after_crash`]);
-    /// asking clears it.
-    pub fn take_resync_all(&mut self) -> bool {
-        std::mem::take(&mut self.resync_all)
+    /// Whether every disk is to be resynced whole and its bitmap does not say so yet (see
+    /// [`LogDir::continue_after_crash`]); no mark is made meanwhile.
+    pub fn resync_all_pending(&self) -> bool {
+        self.resync_all
+    }
+
+    /// Every disk's bitmap is set whole: the resync it asked for is under way.
+    pub fn resync_all_marked(&mut self) -> Result<(), LogDirError> {
+        match std::fs::remove_file(self.dir.join(RESYNC_ALL)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(LogDirError::Io {
+                    dir: self.dir.clone(),
+                    source: e,
+                });
+            }
+            _ => {}
+        }
+        self.resync_all = false;
+        Ok(())
+    }
+
+    /// Whether the process server has not answered since the machine's crash (see
+    /// [`LogDir::continue_after_crash`]).
+    pub fn awaiting_first_answer(&self) -> bool {
+        self.crash_floor.is_some()
     }
 
     /// Whether the machine crashed while the agent ran (see [`LogDir::open`]).
@@ -690,7 +736,7 @@ impl LogDir {
 
     /// Appends a consistency mark; returns its id and sequence number.
     pub fn mark(&mut self, kind: MarkKind) -> Result<(MarkId, Seq), LogDirError> {
-        if self.syncing {
+        if self.syncing || self.resync_all {
             // A point at this mark would hold a half-copied disk.
             return Err(LogDirError::Syncing);
         }
@@ -717,6 +763,11 @@ impl LogDir {
     pub fn fail_over(&mut self) -> Result<Seq, LogDirError> {
         if let Some(seq) = self.failed_over {
             return Ok(seq);
+        }
+        if self.crash_floor.is_some() {
+            return Err(LogDirError::AwaitingProcessServer {
+                dir: self.dir.clone(),
+            });
         }
         let (_, seq) = self.mark(MarkKind::Crash)?;
         self.writer.sync()?;
@@ -946,9 +997,15 @@ impl boomerang_wire::send::Source for Shipped {
     }
 
     fn continue_after(&self, next: Seq) -> Result<bool, String> {
-        self.lock()?
+        let skipped = self
+            .lock()?
             .continue_after_crash(next)
-            .map_err(|e| boomerang_core::chain(&e).to_string())
+            .map_err(|e| boomerang_core::chain(&e).to_string())?;
+        if skipped && let Some(link) = &self.link {
+            // Writers waiting for dropped records are not confirmed by later acks.
+            link.lost_below(next);
+        }
+        Ok(skipped)
     }
 
     fn wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
@@ -998,6 +1055,93 @@ mod tests {
             records.last().map(|r| (&r.op, r.seq)),
             Some((Op::Mark { .. }, s)) if s == seq
         ));
+    }
+
+    /// Opens the log in `dir` as after a crash of the machine (another boot id), with `writes`
+    /// more records appended.
+    fn crash_and_write(dir: &Path, writes: usize) -> LogDir {
+        std::fs::write(dir.join(RUNNING), "another boot\n").unwrap();
+        let mut log = LogDir::open(dir, MIN_SEGMENT).unwrap();
+        assert!(log.machine_crashed());
+        log.uncap();
+        for _ in 0..writes {
+            log.append(Op::Zero {
+                disk: DiskName::new("d").unwrap(),
+                offset: 0,
+                len: 512,
+            })
+            .unwrap();
+        }
+        log
+    }
+
+    #[test]
+    fn after_a_crash_the_first_answer_decides_whether_the_log_goes_on_after_the_receiver() {
+        let dir = tempfile::tempdir().unwrap();
+        let zero = || Op::Zero {
+            disk: DiskName::new("d").unwrap(),
+            offset: 0,
+            len: 512,
+        };
+        // Records 1..=5, then the machine crashes: the floor is 6, records 6..=8 follow.
+        {
+            let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+            for _ in 0..5 {
+                log.append(zero()).unwrap();
+            }
+        }
+        let mut log = crash_and_write(dir.path(), 3);
+        assert_eq!(log.crash_floor, Some(Seq(6)));
+        assert!(log.awaiting_first_answer());
+        assert!(
+            matches!(
+                log.fail_over(),
+                Err(LogDirError::AwaitingProcessServer { .. })
+            ),
+            "no failover before the process server answers"
+        );
+        // A receiver that holds nothing from the floor on: the records stay.
+        assert!(!log.continue_after_crash(Seq(4)).unwrap());
+        assert!(!log.awaiting_first_answer());
+        assert!(!dir.path().join(CRASH_FLOOR).exists());
+        assert_eq!(log.next_seq(), Seq(9));
+        assert!(!log.continue_after_crash(Seq(30)).unwrap(), "settled");
+        drop(log);
+
+        // Another crash: the floor is 9, record 9 follows. A receiver that wants record 11
+        // holds records this log lost; a segment already starting there goes too.
+        let mut log = crash_and_write(dir.path(), 1);
+        assert_eq!(log.crash_floor, Some(Seq(9)));
+        SegmentWriter::create(segment_path(dir.path(), Seq(11)), Seq(11), MIN_SEGMENT).unwrap();
+        assert!(log.continue_after_crash(Seq(11)).unwrap());
+        assert_eq!(log.next_seq(), Seq(11));
+        assert_eq!(
+            segments(dir.path()).unwrap(),
+            vec![segment_path(dir.path(), Seq(11))]
+        );
+        assert!(log.is_capped() && log.resync_all_pending());
+        assert!(
+            matches!(log.mark(MarkKind::Crash), Err(LogDirError::Syncing)),
+            "no mark before the resync"
+        );
+        // A restart before the bitmaps are marked: the resync is still owed.
+        drop(log);
+        let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+        assert!(log.resync_all_pending() && log.is_capped());
+        assert!(!log.awaiting_first_answer());
+        log.resync_all_marked().unwrap();
+        assert!(!dir.path().join(RESYNC_ALL).exists());
+        log.uncap();
+        assert_eq!(log.append(zero()).unwrap(), Seq(11));
+    }
+
+    #[test]
+    fn repeated_crashes_keep_the_lowest_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(crash_and_write(dir.path(), 2));
+        drop(crash_and_write(dir.path(), 2));
+        let log = crash_and_write(dir.path(), 0);
+        assert_eq!(log.crash_floor, Some(Seq(1)));
     }
 
     #[test]

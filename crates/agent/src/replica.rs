@@ -44,6 +44,9 @@ pub struct SyncLink {
     degraded: AtomicBool,
     /// The highest record a writer waited for.
     wanted: AtomicU64,
+    /// Records below this one were dropped from the log before the downstream had them: an
+    /// ack never confirms them.
+    lost_below: AtomicU64,
 }
 
 impl SyncLink {
@@ -56,6 +59,7 @@ impl SyncLink {
             fallback,
             degraded: AtomicBool::new(false),
             wanted: AtomicU64::new(0),
+            lost_below: AtomicU64::new(0),
         }
     }
 
@@ -73,6 +77,15 @@ impl SyncLink {
         self.moved.notify_all();
     }
 
+    /// The records below `seq` were dropped from the log (see `LogDir::continue_after_crash`):
+    /// writers waiting for them stop waiting and take the fallback.
+    pub fn lost_below(&self, seq: Seq) {
+        self.lost_below.fetch_max(seq.0, Ordering::Relaxed);
+        // Under the lock, so that no waiter misses the wake-up between its check and its wait.
+        drop(self.acked.lock().unwrap_or_else(|e| e.into_inner()));
+        self.moved.notify_all();
+    }
+
     /// Waits until the downstream holds `seq`; on timeout, fails or goes asynchronous.
     pub fn wait(&self, seq: Seq) -> std::io::Result<()> {
         self.wanted.fetch_max(seq.0, Ordering::Relaxed);
@@ -82,7 +95,8 @@ impl SyncLink {
         }
         let deadline = Instant::now() + self.timeout;
         let mut acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
-        while *acked < seq {
+        let lost = |seq: Seq| seq.0 < self.lost_below.load(Ordering::Relaxed);
+        while *acked < seq && !lost(seq) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -93,7 +107,7 @@ impl SyncLink {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        if *acked >= seq {
+        if *acked >= seq && !lost(seq) {
             return Ok(());
         }
         drop(acked);
@@ -150,5 +164,19 @@ mod tests {
         let err = strict.wait(Seq(1)).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
         assert!(err.to_string().contains("--sync-fallback fail"));
+    }
+
+    #[test]
+    fn an_ack_never_confirms_a_record_the_log_dropped() {
+        // A long timeout: the wait ends because the record was dropped, not by the clock.
+        let link = std::sync::Arc::new(SyncLink::new(Duration::from_secs(600), Fallback::Fail));
+        let l = link.clone();
+        let waiter = std::thread::spawn(move || l.wait(Seq(5)));
+        std::thread::sleep(Duration::from_millis(20));
+        link.lost_below(Seq(8));
+        link.acked(Seq(9));
+        assert!(waiter.join().unwrap().is_err(), "record 5 was dropped");
+        assert!(link.wait(Seq(7)).is_err(), "nor later");
+        link.wait(Seq(9)).unwrap();
     }
 }

@@ -307,11 +307,14 @@ async fn pass(
 ) -> Result<bool, String> {
     {
         let mut l = log.lock().map_err(|_| "the log lock is poisoned")?;
-        if l.take_resync_all() {
-            // Under the log lock: no copy runs, and changes go to the bitmaps (capped).
+        if l.resync_all_pending() {
+            // Under the log lock: no copy runs, changes go to the bitmaps (capped), and no
+            // mark is made before the resync (syncing from here on).
             for device in disks {
                 device.mark_all_dirty().map_err(|e| e.to_string())?;
             }
+            l.set_syncing(true);
+            l.resync_all_marked().map_err(|e| e.to_string())?;
         }
         if l.is_capped() {
             if l.total_bytes() > cap / 2 {
