@@ -306,7 +306,10 @@ impl Store {
                 "another commit to disk {disk} created point {id} meanwhile: run the commit again"
             ))),
             Err(e) => Err(StoreError::backend(
-                format!("could not write point manifest {path}"),
+                format!(
+                    "could not write point manifest {path} to {}",
+                    self.display()
+                ),
                 e,
             )),
         }

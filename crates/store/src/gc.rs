@@ -88,7 +88,9 @@ impl Store {
             .list(Some(&Path::from("packs")))
             .try_collect()
             .await
-            .map_err(|e| StoreError::backend("could not list packs/", e))?;
+            .map_err(|e| {
+                StoreError::backend(format!("could not list packs/ in {}", self.display()), e)
+            })?;
         for meta in packs {
             let path = meta.location.to_string();
             if path.ends_with(".pack") && !indexed.contains(&path) {
@@ -105,11 +107,9 @@ impl Store {
             let objects = self.backend().objects_at(prefix);
             let mut listing = objects.list(Some(&Path::from(prefix)));
             let mut doomed = Vec::new();
-            while let Some(meta) = listing
-                .try_next()
-                .await
-                .map_err(|e| StoreError::backend(format!("could not list {prefix}/"), e))?
-            {
+            while let Some(meta) = listing.try_next().await.map_err(|e| {
+                StoreError::backend(format!("could not list {prefix}/ in {}", self.display()), e)
+            })? {
                 let name = meta.location.filename().and_then(ChunkHash::from_hex);
                 let set = if prefix == "nodes" {
                     &live.nodes
@@ -123,11 +123,15 @@ impl Store {
                 doomed.push(meta.location);
             }
             report.deleted_objects += doomed.len() as u64;
+            let display = self.display();
             let mut deletes = futures::stream::iter(doomed)
                 .map(|p| async move {
                     match objects.delete(&p).await {
                         Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                        Err(e) => Err(StoreError::backend(format!("could not delete {p}"), e)),
+                        Err(e) => Err(StoreError::backend(
+                            format!("could not delete {p} in {display}"),
+                            e,
+                        )),
                     }
                 })
                 .buffer_unordered(16);
@@ -148,11 +152,19 @@ impl Store {
         let size = match objects.head(&p).await {
             Ok(meta) => meta.size,
             Err(object_store::Error::NotFound { .. }) => return Ok(0),
-            Err(e) => return Err(StoreError::backend(format!("could not look at {path}"), e)),
+            Err(e) => {
+                return Err(StoreError::backend(
+                    format!("could not look at {path} in {}", self.display()),
+                    e,
+                ));
+            }
         };
         match objects.delete(&p).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(size),
-            Err(e) => Err(StoreError::backend(format!("could not delete {path}"), e)),
+            Err(e) => Err(StoreError::backend(
+                format!("could not delete {path} in {}", self.display()),
+                e,
+            )),
         }
     }
 }
@@ -220,11 +232,9 @@ impl Store {
             };
             let mut listing = objects.list(Some(&Path::from(prefix)));
             let (mut n, mut bytes) = (0u64, 0u64);
-            while let Some(meta) = listing
-                .try_next()
-                .await
-                .map_err(|e| StoreError::backend(format!("could not list {prefix}/"), e))?
-            {
+            while let Some(meta) = listing.try_next().await.map_err(|e| {
+                StoreError::backend(format!("could not list {prefix}/ in {}", self.display()), e)
+            })? {
                 n += 1;
                 bytes += meta.size;
             }

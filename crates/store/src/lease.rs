@@ -66,7 +66,7 @@ impl Store {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(StoreError::backend(
-                format!("could not write lease {path}"),
+                format!("could not write lease {path} to {}", self.display()),
                 e,
             )),
         }
@@ -80,7 +80,15 @@ impl Store {
             .list(Some(&Path::from("leases")))
             .try_collect()
             .await
-            .map_err(|e| StoreError::backend("could not list leases", e))?;
+            .map_err(|e| {
+                StoreError::backend(
+                    format!(
+                        "could not list the leases of the store at {}",
+                        self.display()
+                    ),
+                    e,
+                )
+            })?;
         let mut out = Vec::new();
         for m in metas {
             let path = m.location.to_string();

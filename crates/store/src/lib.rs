@@ -626,8 +626,12 @@ impl Store {
             Ok(r) => r.bytes().await,
             Err(e) => Err(e),
         };
-        let bytes = bytes
-            .map_err(|e| StoreError::backend(format!("could not read point manifest {path}"), e))?;
+        let bytes = bytes.map_err(|e| {
+            StoreError::backend(
+                format!("could not read point manifest {path} in {}", self.display()),
+                e,
+            )
+        })?;
         PointManifest::decode_with(&bytes, path, self.manifest_key()).map_err(StoreError::Corrupt)
     }
 

@@ -240,7 +240,12 @@ impl Store {
                 .list(Some(&Path::from(prefix)))
                 .try_collect()
                 .await
-                .map_err(|e| StoreError::backend(format!("could not list {prefix}/"), e))?;
+                .map_err(|e| {
+                    StoreError::backend(
+                        format!("could not list {prefix}/ in {}", self.display()),
+                        e,
+                    )
+                })?;
             for meta in metas {
                 let object = meta.location.to_string();
                 let Some(hash) = meta.location.filename().and_then(ChunkHash::from_hex) else {
