@@ -453,6 +453,66 @@ fn replication_survives_cuts_delays_and_kill_9_of_every_process() {
     drop(agent);
 }
 
+/// Machine web01 with one disk of `blocks` 4 KiB blocks (data where `data(i)`), a process
+/// server and a master target on loopback; its agent marks every 0.1 s.
+struct Protected {
+    ca: PathBuf,
+    disk: PathBuf,
+    file: std::fs::File,
+    retention: PathBuf,
+    cache: PathBuf,
+    log: PathBuf,
+    store: PathBuf,
+    point: PathBuf,
+    _mt: Daemon,
+    ps: Daemon,
+}
+
+impl Protected {
+    fn start(dir: &Path, blocks: u64, data: impl Fn(u64) -> bool) -> Self {
+        use std::os::unix::fs::FileExt;
+        let ca = site(dir);
+        let disk = blank(dir, "disk.img", blocks);
+        let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        for i in (0..blocks).filter(|&i| data(i)) {
+            file.write_all_at(&block(i, 1), i * 4096).unwrap();
+        }
+        let retention = dir.join("retention");
+        let cache = dir.join("cache");
+        let mt = master_target(&ca, &retention, "127.0.0.1:0");
+        let ps = process_server(&ca, &cache, "127.0.0.1:0", Some(&mt.addr), &[]);
+        Protected {
+            store: retention.join("replicas/web01/store"),
+            point: dir.join("point.img"),
+            log: dir.join("log"),
+            ca,
+            disk,
+            file,
+            retention,
+            cache,
+            _mt: mt,
+            ps,
+        }
+    }
+
+    /// Starts the machine's agent.
+    fn agent(&self) -> Daemon {
+        agent(
+            &self.ca,
+            &self.disk,
+            &self.log,
+            &self.ps.addr,
+            &["--mark-interval", "0.1"],
+        )
+    }
+
+    /// Waits until the newest point is the disk as it is now.
+    fn wait_for_disk(&self) {
+        let now = std::fs::read(&self.disk).unwrap();
+        wait_for_point(&self.store, "latest", &self.point, Some(&now));
+    }
+}
+
 /// Bytes of write data the master target has received for web01 (its incoming log keeps every
 /// record for a day).
 fn received_write_bytes(retention: &Path) -> u64 {
@@ -468,35 +528,13 @@ fn received_write_bytes(retention: &Path) -> u64 {
 #[test]
 fn after_a_machine_crash_only_the_blocks_that_differ_from_the_replica_travel() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = site(dir.path());
     // 8 MiB, four fifths of it data, protected and replicated.
-    let disk = blank(dir.path(), "disk.img", 2048);
-    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    let m = Protected::start(dir.path(), 2048, |i| i % 5 != 0);
     use std::os::unix::fs::FileExt;
-    for i in (0..2048u64).filter(|i| i % 5 != 0) {
-        f.write_all_at(&block(i, 7), i * 4096).unwrap();
-    }
-    let retention = dir.path().join("retention");
-    let mt = master_target(&ca, &retention, "127.0.0.1:0");
-    let ps = process_server(
-        &ca,
-        &dir.path().join("cache"),
-        "127.0.0.1:0",
-        Some(&mt.addr),
-        &[],
-    );
-    let log = dir.path().join("log");
-    let marks = ["--mark-interval", "0.1"];
-    let mut first = agent(&ca, &disk, &log, &ps.addr, &marks);
-    let store = retention.join("replicas/web01/store");
-    let point = dir.path().join("point.img");
-    wait_for_point(
-        &store,
-        "latest",
-        &point,
-        Some(&std::fs::read(&disk).unwrap()),
-    );
-    let copied = received_write_bytes(&retention);
+    let (f, log, retention) = (&m.file, &m.log, &m.retention);
+    let mut first = m.agent();
+    m.wait_for_disk();
+    let copied = received_write_bytes(retention);
     assert!(
         copied >= 2048 * 4096 * 4 / 5,
         "the initial copy sent {copied} bytes"
@@ -512,14 +550,9 @@ fn after_a_machine_crash_only_the_blocks_that_differ_from_the_replica_travel() {
     f.sync_all().unwrap();
 
     // Back up: the agent resyncs the whole disk against the replica's digest.
-    let _second = agent(&ca, &disk, &log, &ps.addr, &marks);
-    wait_for_point(
-        &store,
-        "latest",
-        &point,
-        Some(&std::fs::read(&disk).unwrap()),
-    );
-    let resent = received_write_bytes(&retention) - copied;
+    let _second = m.agent();
+    m.wait_for_disk();
+    let resent = received_write_bytes(retention) - copied;
     assert_eq!(
         resent,
         2 * 65536,
@@ -564,54 +597,31 @@ fn cut_log_after(log: &Path, keep: u64) {
 #[test]
 fn after_a_machine_crash_that_cut_records_the_process_server_holds_the_replica_is_made_whole() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = site(dir.path());
-    let disk = blank(dir.path(), "disk.img", 1024);
-    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
-    use std::os::unix::fs::FileExt;
-    for i in (0..1024u64).filter(|i| i % 3 != 0) {
-        f.write_all_at(&block(i, 1), i * 4096).unwrap();
-    }
-    let retention = dir.path().join("retention");
-    let cache = dir.path().join("cache");
-    let mt = master_target(&ca, &retention, "127.0.0.1:0");
-    let ps = process_server(&ca, &cache, "127.0.0.1:0", Some(&mt.addr), &[]);
-    let log = dir.path().join("log");
-    let marks = ["--mark-interval", "0.1"];
-    let mut first = agent(&ca, &disk, &log, &ps.addr, &marks);
-    let store = retention.join("replicas/web01/store");
-    let point = dir.path().join("point.img");
-    wait_for_point(
-        &store,
-        "latest",
-        &point,
-        Some(&std::fs::read(&disk).unwrap()),
-    );
+    let m = Protected::start(dir.path(), 1024, |i| i % 3 != 0);
+    let mut first = m.agent();
+    m.wait_for_disk();
 
     // The machine goes down: the process server holds the last records, which the agent's
     // log had not synced and loses. The disk kept other writes.
     std::thread::sleep(Duration::from_millis(500));
     first.signal("-KILL");
-    let held = cached_last_seq(&cache);
-    cut_log_after(&log, held - 4);
-    std::fs::write(log.join("agent.running"), "another boot\n").unwrap();
+    let held = cached_last_seq(&m.cache);
+    cut_log_after(&m.log, held - 4);
+    std::fs::write(m.log.join("agent.running"), "another boot\n").unwrap();
+    use std::os::unix::fs::FileExt;
     for i in [5u64, 300, 301, 1000] {
-        f.write_all_at(&block(i, 2), i * 4096).unwrap();
+        m.file.write_all_at(&block(i, 2), i * 4096).unwrap();
     }
-    f.write_all_at(&[0u8; 8192], 700 * 4096).unwrap();
-    f.sync_all().unwrap();
+    m.file.write_all_at(&[0u8; 8192], 700 * 4096).unwrap();
+    m.file.sync_all().unwrap();
 
     // Back up: the records written since the crash reuse the numbers of those the process
     // server holds. The log goes on after them and the disk is resynced: the newest point is
     // the disk, block for block.
-    let _second = agent(&ca, &disk, &log, &ps.addr, &marks);
-    wait_for_point(
-        &store,
-        "latest",
-        &point,
-        Some(&std::fs::read(&disk).unwrap()),
-    );
+    let _second = m.agent();
+    m.wait_for_disk();
     assert!(
-        !log.join("crash.floor").exists(),
+        !m.log.join("crash.floor").exists(),
         "the first answer of the process server settled the crash"
     );
 }
