@@ -88,18 +88,8 @@ run_site() {
   local kind=$1 root=$2
   local dir=$work/$kind
   mkdir -p "$dir"
-  local mt ps t0 mt_metrics
-  mt=$(free_port); ps=$(free_port); mt_metrics=$(free_port)
-  "$bin" master-target --listen "127.0.0.1:$mt" --tls "$work/ca/issued/mt1" --retention "$dir/retention" \
-    --store-root "$root" --store-key-file "$work/site.key" --point-every 1 \
-    --metrics "127.0.0.1:$mt_metrics" >/dev/null 2>"$dir/mt.err" & pids+=($!)
-  mt_pid=$!
-  wait_port "$mt"
-  "$bin" process-server --listen "127.0.0.1:$ps" --tls "$work/ca/issued/ps1" --cache "$dir/cache" \
-    --master-target "127.0.0.1:$mt" >/dev/null 2>"$dir/ps.err" & pids+=($!)
-  ps_pid=$!
-  wait_port "$ps"
-  ps_addr=127.0.0.1:$ps
+  local t0 mt_metrics
+  start_servers "$dir" --store-root "$root" --store-key-file "$work/site.key" --point-every 1
   cp --sparse=always "$work/template.img" "$dir/web01.img"
   cp --sparse=always "$work/template.img" "$dir/web02.img"
 

@@ -26,21 +26,6 @@ bench_start pipeline
 "$bin" pki issue "$work/ca" --name mt1 --role master-target --host 127.0.0.1 >/dev/null
 "$bin" pki issue "$work/ca" --name web01 --role agent >/dev/null
 
-# Starts a master target and a process server for job directory $1; sets mt_metrics, ps_addr.
-start_servers() {
-  local dir=$1
-  local mt ps
-  mt=$(free_port); ps=$(free_port); mt_metrics=$(free_port)
-  "$bin" master-target --listen "127.0.0.1:$mt" --tls "$work/ca/issued/mt1" --retention "$dir/retention" \
-    --metrics "127.0.0.1:$mt_metrics" >/dev/null 2>"$dir/mt.err" & pids+=($!)
-  mt_pid=$!
-  wait_port "$mt"
-  "$bin" process-server --listen "127.0.0.1:$ps" --tls "$work/ca/issued/ps1" --cache "$dir/cache" \
-    --master-target "127.0.0.1:$mt" >/dev/null 2>"$dir/ps.err" & pids+=($!)
-  ps_pid=$!
-  wait_port "$ps"
-  ps_addr=127.0.0.1:$ps
-}
 
 # Peak RSS (KiB) of a running process, appended to $work/rss as "ROLE KIB".
 peak_rss() { awk -v role="$1" '/^VmHWM/ { print role, $2 }' "/proc/$2/status" >>"$work/rss" 2>/dev/null || true; }

@@ -3046,24 +3046,6 @@ fn the_whole_circle_with_site_b_on_azure_blob_sealed_keeps_every_write() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("sealed"));
-    let out = Command::new(env!("CARGO_BIN_EXE_boomerang"))
-        .args([
-            "store",
-            "verify",
-            &store,
-            "--key-file",
-            key.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Another key: refused, by its id.
-    let other = d.join("other.key");
-    boomerang(&["store", "keygen", other.to_str().unwrap()]);
     let verify = |key: &Path| {
         Command::new(env!("CARGO_BIN_EXE_boomerang"))
             .args([
@@ -3076,6 +3058,15 @@ fn the_whole_circle_with_site_b_on_azure_blob_sealed_keeps_every_write() {
             .output()
             .unwrap()
     };
+    let out = verify(&key);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Another key: refused, by its id.
+    let other = d.join("other.key");
+    boomerang(&["store", "keygen", other.to_str().unwrap()]);
     let out = verify(&other);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not the key"));
