@@ -12,6 +12,7 @@ use boomerang_core::log::{
     segment_name,
 };
 use boomerang_core::{DiskName, Seq};
+use boomerang_wire::cache::Lineage;
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::order::{Ticket, Turnstile};
@@ -41,6 +42,7 @@ pub enum LogDirError {
     Capped { dir: PathBuf, cap: u64 },
     #[error("the initial copy of a disk is still running: no consistency mark until it ends")]
     Syncing,
+
     #[error("the write log in {} is closed: the agent is stopping", dir.display())]
     Closed { dir: PathBuf },
     #[error(
@@ -98,6 +100,8 @@ pub struct LogDir {
     crash_floor: Option<Seq>,
     /// The log went on past records it lost: every disk is to be resynced whole.
     resync_all: bool,
+    /// See [`LogDir::lineage`].
+    raised: Option<Seq>,
     _lock: Flock<File>,
 }
 
@@ -218,6 +222,17 @@ const CRASH_FLOOR: &str = "crash.floor";
 /// [`LogDir::continue_after_crash`]).
 const RESYNC_ALL: &str = "resync.all";
 
+/// After the process server lost records this log released: the sequence number the records
+/// start again at (decimal; see [`LogDir::restart_after_gone`]).
+const LINEAGE_SINCE: &str = "lineage.since";
+
+fn write_raised(dir: &Path, since: Seq) -> std::io::Result<()> {
+    boomerang_core::write_atomic(
+        &dir.join(LINEAGE_SINCE),
+        format!("{}\n", since.0).as_bytes(),
+    )
+}
+
 /// The next mark id, kept when segments are released (`release_through`).
 const NEXT_MARK: &str = "marks.next";
 
@@ -231,6 +246,19 @@ fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+/// Where [`LogDir::restart_after_gone`] started the records again, if it did: `Err` with the
+/// text of a damaged file.
+fn read_raised(dir: &Path) -> std::io::Result<Result<Option<Seq>, String>> {
+    match std::fs::read_to_string(dir.join(LINEAGE_SINCE)) {
+        Ok(text) => Ok(match text.trim().parse::<u64>() {
+            Ok(since) if since > 0 => Ok(Some(Seq(since))),
+            _ => Err(text),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ok(None)),
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether any dirty-block bitmap in `dir` has a block set.
@@ -363,7 +391,20 @@ impl LogDir {
             crash_floor = Some(next_seq);
         }
         // A skip after a crash whose whole-disk resync was not yet marked in the bitmaps.
-        let resync_all = dir.join(RESYNC_ALL).exists();
+        let mut resync_all = dir.join(RESYNC_ALL).exists();
+        let raised = match read_raised(dir).map_err(io)? {
+            Ok(raised) => raised,
+            Err(text) => {
+                // Sending from before the gap would have the process server skip it; it is not
+                // known where the gap ends, so the records start again here, after every disk
+                // is resynced (recorded first) as after any gap.
+                tracing::warn!(dir = %dir.display(), file = LINEAGE_SINCE, ?text, "the record of where the records start again is damaged: they start again at the next one, and every disk is resynced against the replica");
+                boomerang_core::write_atomic(&dir.join(RESYNC_ALL), b"").map_err(io)?;
+                resync_all = true;
+                write_raised(dir, next_seq).map_err(io)?;
+                Some(next_seq)
+            }
+        };
         let earlier_cap = any_dirty_bitmap(dir);
         if machine_crashed {
             tracing::warn!(dir = %dir.display(), "the machine went down while the agent ran: the log may miss writes the disks kept; every disk is marked for a full resync");
@@ -397,6 +438,7 @@ impl LogDir {
             turnstile: Arc::default(),
             crash_floor,
             resync_all,
+            raised,
             _lock: lock,
         })
     }
@@ -427,41 +469,20 @@ impl LogDir {
             // reports the divergence).
             return Ok(false);
         }
-        let io = |source| LogDirError::Io {
-            dir: self.dir.clone(),
-            source,
-        };
         if next > floor {
-            self.turnstile.wait_for(self.issued);
-            // From here changes go to the bitmaps, and the whole-disk resync is recorded
-            // before any record is dropped: a restart in between still does it.
-            self.capped = true;
-            self.resync_all = true;
-            boomerang_core::write_atomic(&self.dir.join(RESYNC_ALL), b"").map_err(io)?;
-            self.persist_next_mark().map_err(io)?;
-            self.writer.sync()?;
-            let old = segments(&self.dir).map_err(io)?;
-            // A segment starting at `next` may be there (a roll-over, or a skip cut short):
-            // its records are dropped like the others.
-            let target = segment_path(&self.dir, next);
-            if target.exists() {
-                std::fs::remove_file(&target).map_err(io)?;
-            }
-            self.writer = create_segment(&self.dir, next, self.max_segment)?;
-            self.behind = WriteBehind::default();
-            for path in old.iter().filter(|p| **p != target) {
-                std::fs::remove_file(path).map_err(io)?;
-            }
+            self.begin_resync_all()?;
+            self.drop_records_continue_at(next)?;
             tracing::warn!(
                 dir = %self.dir.display(),
                 dropped_from = floor.0,
                 next = next.0,
                 "the process server holds records this log lost in the machine's crash: the log goes on after them, and every disk is resynced against the replica"
             );
-            self.next_seq = next;
-            self.total = self.writer.size();
-            self.release_floor = Seq(0);
         }
+        let io = |source| LogDirError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
         match std::fs::remove_file(self.dir.join(CRASH_FLOOR)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
             _ => {}
@@ -471,6 +492,91 @@ impl LogDir {
             .map_err(io)?;
         self.crash_floor = None;
         Ok(next > floor)
+    }
+
+    /// From here changes go to the bitmaps, no mark is made, and every disk is to be
+    /// resynced whole; recorded before any record is dropped, so a restart in between still
+    /// does it.
+    fn begin_resync_all(&mut self) -> Result<(), LogDirError> {
+        let io = |source| LogDirError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        self.turnstile.wait_for(self.issued);
+        self.capped = true;
+        self.resync_all = true;
+        boomerang_core::write_atomic(&self.dir.join(RESYNC_ALL), b"").map_err(io)?;
+        self.persist_next_mark().map_err(io)?;
+        Ok(self.writer.sync()?)
+    }
+
+    /// Drops every record and goes on with `next` as the next one, in a new segment.
+    fn drop_records_continue_at(&mut self, next: Seq) -> Result<(), LogDirError> {
+        let io = |source| LogDirError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        let old = segments(&self.dir).map_err(io)?;
+        // A segment starting at `next` may be there (a roll-over, or a skip cut short): its
+        // records are dropped like the others.
+        let target = segment_path(&self.dir, next);
+        if target.exists() {
+            std::fs::remove_file(&target).map_err(io)?;
+        }
+        self.writer = create_segment(&self.dir, next, self.max_segment)?;
+        self.behind = WriteBehind::default();
+        for path in old.iter().filter(|p| **p != target) {
+            std::fs::remove_file(path).map_err(io)?;
+        }
+        self.next_seq = next;
+        self.total = self.writer.size();
+        self.release_floor = Seq(0);
+        Ok(())
+    }
+
+    /// Called when the process server wants records this log released (it lost the records
+    /// it held: its cache was replaced, or the agent now sends to another one). Nothing can
+    /// fill the gap from here, so the stream starts again after it: `lineage`, the one the
+    /// records are of, goes on from the next record (persisted), every record held is
+    /// dropped (no mark of them may become a point over the gap), and every disk is resynced
+    /// whole against the replica, with no mark until it is done. Returns the lineage now.
+    pub fn restart_after_gone(&mut self, lineage: Lineage) -> Result<Lineage, LogDirError> {
+        if let Some(seq) = self.failed_over {
+            // The log takes no record, so it cannot resync.
+            return Err(LogDirError::FailedOver {
+                dir: self.dir.clone(),
+                seq: seq.0,
+            });
+        }
+        // The resync is recorded first: the raised lineage must never be durable without it,
+        // or the gap would go unfilled.
+        self.begin_resync_all()?;
+        let now = Lineage {
+            id: lineage.id,
+            since: self.next_seq,
+        };
+        write_raised(&self.dir, now.since).map_err(|source| LogDirError::Io {
+            dir: self.dir.clone(),
+            source,
+        })?;
+        self.raised = Some(now.since);
+        self.drop_records_continue_at(now.since)?;
+        tracing::warn!(
+            dir = %self.dir.display(),
+            lineage = %now,
+            "the process server lost records this log released: the records go on from here, and every disk is resynced against the replica"
+        );
+        Ok(now)
+    }
+
+    /// The lineage the records are of: `lineage` (the attachment's), starting later if the
+    /// records started again later (see [`LogDir::restart_after_gone`]). A new lineage starts
+    /// at the log's next record then, so later than that anyway.
+    pub fn lineage(&self, lineage: Lineage) -> Lineage {
+        Lineage {
+            id: lineage.id,
+            since: lineage.since.max(self.raised.unwrap_or(Seq(0))),
+        }
     }
 
     /// Whether every disk is to be resynced whole and its bitmap does not say so yet (see
@@ -955,7 +1061,7 @@ pub struct Shipped {
     pub link: Option<std::sync::Arc<crate::replica::SyncLink>>,
     /// The lineage of the disks' replica the records are for (fixed for the agent's run: an
     /// attach restarts it).
-    pub lineage: boomerang_wire::cache::Lineage,
+    pub lineage: Lineage,
 }
 
 impl Shipped {
@@ -977,16 +1083,15 @@ impl boomerang_wire::send::Source for Shipped {
         Ok(self.lock()?.next_seq())
     }
 
-    fn lineage(&self) -> Result<boomerang_wire::cache::Lineage, String> {
-        Ok(self.lineage)
+    fn lineage(&self) -> Result<Lineage, String> {
+        Ok(self.lock()?.lineage(self.lineage))
     }
 
-    fn release_through(
-        &self,
-        _lineage: boomerang_wire::cache::Lineage,
-        durable: Seq,
-    ) -> Result<(), String> {
-        // The log's lineage is fixed for the agent's run.
+    fn release_through(&self, lineage: Lineage, durable: Seq) -> Result<(), String> {
+        // An ack from before the lineage started again (see `on_gone`) is of records dropped.
+        if lineage != self.lock()?.lineage(self.lineage) {
+            return Ok(());
+        }
         if let Some(link) = &self.link {
             link.acked(durable);
         }
@@ -1006,6 +1111,25 @@ impl boomerang_wire::send::Source for Shipped {
             link.lost_below(next);
         }
         Ok(skipped)
+    }
+
+    fn on_gone(&self, wanted: Seq, first: Seq) -> Result<Option<Lineage>, String> {
+        let mut log = self.lock()?;
+        let lineage = log.lineage(self.lineage);
+        if wanted < lineage.since {
+            // Not a record of this lineage: the receiver is stale (it refuses the stream).
+            return Ok(None);
+        }
+        tracing::warn!(dir = %log.dir().display(), %wanted, %first, "the process server wants records this log released");
+        let now = log
+            .restart_after_gone(lineage)
+            .map_err(|e| boomerang_core::chain(&e).to_string())?;
+        drop(log);
+        if let Some(link) = &self.link {
+            // Writers waiting for dropped records are not confirmed by later acks.
+            link.lost_below(now.since);
+        }
+        Ok(Some(now))
     }
 
     fn wake(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
@@ -1133,6 +1257,72 @@ mod tests {
         assert!(!dir.path().join(RESYNC_ALL).exists());
         log.uncap();
         assert_eq!(log.append(zero()).unwrap(), Seq(11));
+    }
+
+    #[test]
+    fn a_receiver_that_lost_released_records_makes_the_lineage_start_again_after_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let zero = || Op::Zero {
+            disk: DiskName::new("d").unwrap(),
+            offset: 0,
+            len: 512,
+        };
+        let first = Lineage {
+            id: 3,
+            since: Seq(1),
+        };
+        let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+        for _ in 0..7 {
+            log.append(zero()).unwrap();
+        }
+        assert_eq!(log.lineage(first), first);
+        let now = log.restart_after_gone(first).unwrap();
+        assert_eq!(
+            now,
+            Lineage {
+                id: 3,
+                since: Seq(8)
+            }
+        );
+        assert_eq!(log.lineage(first), now);
+        assert_eq!(log.next_seq(), Seq(8));
+        assert_eq!(
+            segments(dir.path()).unwrap(),
+            vec![segment_path(dir.path(), Seq(8))],
+            "no record of before the gap is kept: none of its marks may become a point"
+        );
+        assert!(log.is_capped() && log.resync_all_pending());
+        assert!(
+            matches!(log.mark(MarkKind::Crash), Err(LogDirError::Syncing)),
+            "no mark before the resync"
+        );
+        // Kept across a restart; a new lineage starts where it says (later).
+        drop(log);
+        let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+        assert_eq!(log.lineage(first), now);
+        let newer = Lineage {
+            id: 4,
+            since: Seq(20),
+        };
+        assert_eq!(log.lineage(newer), newer);
+        assert!(log.resync_all_pending() && log.is_capped());
+        log.resync_all_marked().unwrap();
+        log.uncap();
+        for _ in 0..3 {
+            log.append(zero()).unwrap();
+        }
+        assert_eq!(log.next_seq(), Seq(11));
+        // A damaged record of it: where the gap ends is not known, so the records start again
+        // at the next one, with every disk resynced, rather than from before the gap.
+        drop(log);
+        std::fs::write(dir.path().join(LINEAGE_SINCE), "3 x\n").unwrap();
+        let log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+        assert_eq!(log.lineage(first).since, Seq(11));
+        assert!(log.resync_all_pending() && log.is_capped());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(LINEAGE_SINCE)).unwrap(),
+            "11\n"
+        );
     }
 
     #[test]

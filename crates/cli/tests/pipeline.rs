@@ -464,12 +464,18 @@ struct Protected {
     log: PathBuf,
     store: PathBuf,
     point: PathBuf,
-    _mt: Daemon,
+    mt: Daemon,
     ps: Daemon,
 }
 
 impl Protected {
     fn start(dir: &Path, blocks: u64, data: impl Fn(u64) -> bool) -> Self {
+        Self::start_with(dir, blocks, data, "0")
+    }
+
+    /// [`Protected::start`], the master target making points at most every `point_every`
+    /// seconds (the first mark of a run of its applier always makes one).
+    fn start_with(dir: &Path, blocks: u64, data: impl Fn(u64) -> bool, point_every: &str) -> Self {
         use std::os::unix::fs::FileExt;
         let ca = site(dir);
         let disk = blank(dir, "disk.img", blocks);
@@ -479,7 +485,19 @@ impl Protected {
         }
         let retention = dir.join("retention");
         let cache = dir.join("cache");
-        let mt = master_target(&ca, &retention, "127.0.0.1:0");
+        let mt = mt_daemon(
+            &ca,
+            "mt1",
+            &retention,
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--block-size",
+                "4KiB",
+                "--point-every",
+                point_every,
+            ],
+        );
         let ps = process_server(&ca, &cache, "127.0.0.1:0", Some(&mt.addr), &[]);
         Protected {
             store: retention.join("replicas/web01/store"),
@@ -490,20 +508,21 @@ impl Protected {
             file,
             retention,
             cache,
-            _mt: mt,
+            mt,
             ps,
         }
     }
 
     /// Starts the machine's agent.
     fn agent(&self) -> Daemon {
-        agent(
-            &self.ca,
-            &self.disk,
-            &self.log,
-            &self.ps.addr,
-            &["--mark-interval", "0.1"],
-        )
+        self.agent_with(&[])
+    }
+
+    /// Starts the machine's agent with `extra` arguments.
+    fn agent_with(&self, extra: &[&str]) -> Daemon {
+        let mut args = vec!["--mark-interval", "0.1"];
+        args.extend(extra);
+        agent(&self.ca, &self.disk, &self.log, &self.ps.addr, &args)
     }
 
     /// Waits until the newest point is the disk as it is now.
@@ -624,6 +643,80 @@ fn after_a_machine_crash_that_cut_records_the_process_server_holds_the_replica_i
         !m.log.join("crash.floor").exists(),
         "the first answer of the process server settled the crash"
     );
+}
+
+/// Waits up to a minute for `done`.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The first record the agent's log in `log` still holds.
+fn first_held(log: &Path) -> u64 {
+    let files = boomerang_core::log::segment_files(log).unwrap();
+    boomerang_core::log::first_seq_of(&files[0]).unwrap().0
+}
+
+#[test]
+fn a_process_server_that_lost_its_cache_gets_the_disks_again_and_points_resume_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    // Points at most hourly, so after the first one the replica image takes writes that no
+    // point has (besides the first mark after each start of its applier).
+    let mut m = Protected::start_with(dir.path(), 1024, |i| i % 2 == 0, "3600");
+    let agent = m.agent_with(&["--segment-size", "1MiB"]);
+    m.wait_for_disk();
+    let mut client = RawNbd::connect(&agent.addr, "d0").unwrap();
+    let mut cookie = 0;
+    let mut write = |round: u64, blocks: &mut dyn Iterator<Item = u64>| {
+        for i in blocks {
+            cookie += 1;
+            assert_eq!(client.write(cookie, i * 4096, &block(i, round)).unwrap(), 0);
+        }
+    };
+    // In the first quarter of the disk, which nothing writes later: its digest blocks match
+    // the replica image after the gap, so the resend leaves them out.
+    write(2, &mut (0..256).step_by(3));
+    let image = m.retention.join("replicas/web01/d0.img");
+    let now = std::fs::read(&m.disk).unwrap();
+    wait_until("the replica image takes the writes", || {
+        std::fs::read(&image).unwrap() == now
+    });
+    wait_until(
+        "the agent releases what the process server acknowledged",
+        || first_held(&m.log) > 1,
+    );
+
+    // The process server loses its cache, and comes back empty at its address; the machine
+    // goes on writing meanwhile.
+    let addr = m.ps.addr.clone();
+    m.ps.signal("-KILL");
+    std::fs::remove_dir_all(&m.cache).unwrap();
+    write(3, &mut (512..1024).step_by(5));
+    m.ps = process_server(&m.ca, &m.cache, &addr, Some(&m.mt.addr), &[]);
+    write(4, &mut (513..1024).step_by(7));
+
+    // The agent cannot send what the process server lost: its records start again after
+    // them, and every disk is resent against the replica. The first point after it is the
+    // disk block for block, the writes of round 2, which no point had and which were not
+    // resent, included.
+    m.wait_for_disk();
+    let since = std::fs::read_to_string(m.log.join("lineage.since")).unwrap();
+    let first: u64 = since.trim().parse().unwrap();
+    assert!(first > 1, "the records start again later: {since:?}");
+    for hop in [m.cache.join("web01"), m.retention.join("incoming/web01")] {
+        assert_eq!(
+            std::fs::read_to_string(hop.join("lineage")).unwrap(),
+            format!("0 {first}\n"),
+            "{} starts at the same record as the agent",
+            hop.display()
+        );
+    }
+    assert!(!m.log.join("resync.all").exists());
+    // Two points: the first copy, and the disk after the gap; none in between.
+    assert_eq!(store_points(&m.store).len(), 2);
 }
 
 #[test]

@@ -34,6 +34,9 @@ pub enum ApplyError {
     Store(#[from] StoreError),
     #[error("the incoming log of {stream} holds a damaged record: {why}")]
     Record { stream: String, why: String },
+    /// Not a failure: the stream's records start again later (see [`Applier::moved`]).
+    #[error("the records of {stream} start again at {now}: applying starts again there")]
+    Moved { stream: String, now: Lineage },
 }
 
 /// Where the replica store of `stream` lives on the retention volume (when the volume has no
@@ -358,6 +361,7 @@ pub(crate) fn spawn(
         };
         let mut backoff = Duration::from_millis(200);
         let mut run = 0;
+        let mut moved = false;
         let solved = |problems: &crate::Problems| {
             problems
                 .lock()
@@ -377,13 +381,24 @@ pub(crate) fn spawn(
                 replay_until: Seq(0),
                 problems: problems.clone(),
                 releasing: releasing.clone(),
+                whole: false,
             };
-            // A run after an error may have applied anything durable by now.
-            let bound = if run == 1 { before } else { *durable.borrow() };
+            // A run after an error may have applied anything durable by now; after the
+            // records moved on, none of the new ones.
+            let bound = match (run, moved) {
+                (1, _) => before,
+                (_, true) => Seq(0),
+                _ => *durable.borrow(),
+            };
+            moved = false;
             match runtime.block_on(applier.run(durable.clone(), &position, run, bound, &abandon)) {
                 Ok(()) => return solved(&problems),
                 // Stopped from outside (an adoption): no retry.
                 Err(_) if abandon.load(Ordering::Relaxed) => return solved(&problems),
+                Err(e @ ApplyError::Moved { .. }) => {
+                    tracing::warn!(%stream, reason = %e, "applying starts again");
+                    moved = true;
+                }
                 Err(e) => {
                     let (lasting, whole_store) = lasting(&e);
                     let error = redact_queries(&boomerang_core::chain(&e).to_string());
@@ -493,6 +508,10 @@ struct Applier {
     problems: crate::Problems,
     /// Set once the disks are being handed back: no more points (see [`Stops`]).
     releasing: Arc<AtomicBool>,
+    /// The next checkpoint reads every disk whole: the images may hold changes of records
+    /// this run does not apply, which no point has (the records started again later, see
+    /// [`Applier::moved`]).
+    whole: bool,
 }
 
 impl Applier {
@@ -509,6 +528,18 @@ impl Applier {
             path: path.to_path_buf(),
             source,
         }
+    }
+
+    /// After the incoming log could not be read on: whether it is because the stream's
+    /// records start again later in the same lineage (the agent went on after records its
+    /// process server lost, and every disk is being resent), which a new run applies from
+    /// there.
+    fn moved(&self, incoming: &Path, lineage: Lineage) -> Option<ApplyError> {
+        let now = Lineage::read(incoming).ok()?;
+        (now.id == lineage.id && now.since > lineage.since).then(|| ApplyError::Moved {
+            stream: self.stream.clone(),
+            now,
+        })
     }
 
     /// Applies records as they become durable, until the sender side of `durable` is gone.
@@ -595,8 +626,13 @@ impl Applier {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&self.stream);
         }
-        // Nothing before the lineage's first record is of it.
-        let applied = read_applied(&dir.join("applied")).max(Seq(lineage.since.0 - 1));
+        // Nothing before the lineage's first record is of it. Records before it that came after
+        // the last point may have changed the images: the next point reads them whole. (Also
+        // the first point of every lineage an adoption started, whose store is new: a whole
+        // read then, either way.)
+        let checkpointed = read_applied(&dir.join("applied"));
+        let applied = checkpointed.max(Seq(lineage.since.0 - 1));
+        self.whole = checkpointed < applied;
         // An earlier run applied records, perhaps past `applied`, but none past `bound`; not
         // of this lineage if this run had to wait for it (`bound` may then be of the old one).
         let earlier = !waited && (dir.join("applied").exists() || has_images(&dir));
@@ -604,7 +640,10 @@ impl Applier {
         if self.replay_until > applied {
             tracing::info!(stream = %self.stream, from = %Seq(applied.0 + 1), to = %self.replay_until, "applying records again after a restart: their marks are points through the incoming log, checkpoints resume after them");
         }
-        let mut tail = LogTail::open(&incoming, Seq(applied.0 + 1))?;
+        let mut tail = match LogTail::open(&incoming, Seq(applied.0 + 1)) {
+            Err(e) => return Err(self.moved(&incoming, lineage).unwrap_or(e.into())),
+            Ok(tail) => tail,
+        };
         position.send_replace(Position { run, applied });
         loop {
             // The replica's lineage ended (a reprotect took the machine away from it): what is
@@ -612,12 +651,22 @@ impl Applier {
             if abandon.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            let Some(batch) = tail.next_batch(4 << 20)? else {
+            let batch = match tail.next_batch(4 << 20) {
+                Err(e) => return Err(self.moved(&incoming, lineage).unwrap_or(e.into())),
+                Ok(batch) => batch,
+            };
+            let Some(batch) = batch else {
                 // (Checked below for each batch: a reprotect may adopt other disks meanwhile.)
                 // Wait for more durable records, or look again in a while.
                 let changed = tokio::time::timeout(Duration::from_secs(1), durable.changed()).await;
                 if let Ok(Err(_)) = changed {
                     return Ok(());
+                }
+                // Records that start again later may not come before the agent resends the
+                // disks, and it waits for this replica's digest at their start: the move is
+                // seen without them.
+                if let Some(moved) = self.moved(&incoming, lineage) {
+                    return Err(moved);
                 }
                 continue;
             };
@@ -742,10 +791,14 @@ impl Applier {
             r.file.sync_data().map_err(Self::io("sync", &r.path))?;
             let changed = std::mem::take(&mut r.changed);
             let until = UntilReleased(&self.releasing);
-            let report = match store
-                .commit_blocks_with(disk, &r.path, changed, options, &until)
-                .await
-            {
+            let committed = if self.whole {
+                store.commit_image(disk, &r.path, options, &until).await
+            } else {
+                store
+                    .commit_blocks_with(disk, &r.path, changed, options, &until)
+                    .await
+            };
+            let report = match committed {
                 Ok(report) => report,
                 // The disks are being handed back: the point would go with the store, and a
                 // store that fails meanwhile must not hold the release up. The records go on
@@ -760,6 +813,7 @@ impl Applier {
         }
         let path = self.dir().join("applied");
         write_applied(&path, seq).map_err(Self::io("record the applied mark in", &path))?;
+        self.whole = false;
         self.problems
             .lock()
             .unwrap_or_else(|e| e.into_inner())

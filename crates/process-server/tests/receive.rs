@@ -329,7 +329,8 @@ fn the_last_mark_is_reported_only_once_the_master_target_holds_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_newer_lineage_replaces_the_cached_records_and_an_ended_one_is_refused() {
+async fn a_newer_lineage_or_a_later_start_replaces_the_cached_records_and_an_older_one_is_refused()
+{
     let dir = tempfile::tempdir().unwrap();
     let ca = site(dir.path(), &["web01"]);
     let cache = dir.path().join("cache");
@@ -361,7 +362,7 @@ async fn a_newer_lineage_replaces_the_cached_records_and_an_ended_one_is_refused
         matches!(&refused, WireError::Refused { code: ErrorCode::Lineage, message } if message.contains("lineage 7") && message.contains("ended")),
         "{refused}"
     );
-    let (_client, next) = open_lineage(&addr, &ca, "web01", "web01", 7, Seq(40))
+    let (client, next) = open_lineage(&addr, &ca, "web01", "web01", 7, Seq(40))
         .await
         .unwrap();
     assert_eq!(next, Seq(46));
@@ -369,4 +370,34 @@ async fn a_newer_lineage_replaces_the_cached_records_and_an_ended_one_is_refused
         std::fs::read_to_string(cache.join("web01/lineage")).unwrap(),
         "7 40\n"
     );
+    drop(client);
+    // The same lineage starting later (the agent went on after records a process server lost):
+    // what is held is dropped, and the stream resumes there.
+    let (mut client, next) = open_lineage(&addr, &ca, "web01", "web01", 7, Seq(90))
+        .await
+        .unwrap();
+    assert_eq!(next, Seq(90));
+    assert!(
+        cached(&cache, "web01").is_empty(),
+        "records 40 to 45 are dropped"
+    );
+    client.send(90, 91).await.unwrap();
+    drop(client);
+    assert_eq!(
+        std::fs::read_to_string(cache.join("web01/lineage")).unwrap(),
+        "7 90\n"
+    );
+    // A sender from before that (a stale process server's forwarder) is refused.
+    let refused = open_lineage(&addr, &ca, "web01", "web01", 7, Seq(40))
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(&refused, WireError::Refused { code: ErrorCode::Lineage, message } if message.contains("stale")),
+        "{refused}"
+    );
+    let (_client, next) = open_lineage(&addr, &ca, "web01", "web01", 7, Seq(90))
+        .await
+        .unwrap();
+    assert_eq!(next, Seq(92));
 }

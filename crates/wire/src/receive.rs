@@ -47,7 +47,8 @@ pub type OnOpen = Arc<dyn Fn(&str, &[DiskName]) + Send + Sync>;
 /// of its replica.
 pub type OnLineage = Arc<dyn Fn(&str, Lineage) -> Result<(), String> + Send + Sync>;
 
-/// Called when a stream's held records were dropped for a newer lineage, with its name.
+/// Called when a stream's held records were dropped for a newer lineage (or for the same
+/// lineage starting later: its sender lost the records between), with its name.
 pub type OnReset = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// A receiver's settings.
@@ -123,6 +124,12 @@ impl Receiver {
         if offered.id < held.id {
             return Err(format!(
                 "stream {stream} is at {held} on this {}, and {client} sends records of {offered}, which ended: they are not taken. The sender is from before a reprotect or failback of {stream}; if its disks are to replicate again, reprotect the machine",
+                self.config.role
+            ));
+        }
+        if offered.id == held.id && offered.since < held.since {
+            return Err(format!(
+                "stream {stream} is at {held} on this {}, and {client} sends records from before it: the stream's agent went on after records this sender still has (they were lost on their way), so they are not taken. The sender is stale: point the machine's agent and the master target's process server at the one process server in use",
                 self.config.role
             ));
         }
@@ -348,7 +355,10 @@ impl Receiver {
                 return Err(e.into());
             }
         };
-        if offered.id > held.id {
+        // A newer lineage, or the same one starting later: the sender's records go on after a
+        // gap (it lost records the receiver had, or the receiver lost records it had released),
+        // so whatever is held is dropped and the stream starts again at `since`.
+        if offered.id > held.id || (offered.id == held.id && offered.since > held.since) {
             let (back, reset) = tokio::task::spawn_blocking(move || {
                 let reset = cache.reset(offered);
                 (cache, reset)
@@ -360,7 +370,7 @@ impl Receiver {
                 wr.refuse(ErrorCode::Unavailable, &e.to_string()).await;
                 return Err(e.into());
             }
-            tracing::warn!(%stream, %held, new = %offered, "a new lineage of the stream: the records of the old one are dropped");
+            tracing::warn!(%stream, %held, new = %offered, "the stream starts again: the records held are dropped");
             if let Some(reset) = &self.config.on_reset {
                 reset(&stream);
             }

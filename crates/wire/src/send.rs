@@ -36,6 +36,15 @@ pub trait Source: Send + Sync + 'static {
         let _ = next;
         Ok(false)
     }
+    /// Called when the receiver wants record `wanted` and the log starts at `first` above it:
+    /// the receiver lost records it held (a process server's cache replaced, or another
+    /// process server). A log that can go on after the gap starts its lineage again later
+    /// (every disk is then resent some other way) and returns the lineage now; `None` leaves
+    /// the error, retried until an operator acts.
+    fn on_gone(&self, wanted: Seq, first: Seq) -> Result<Option<crate::cache::Lineage>, String> {
+        let _ = (wanted, first);
+        Ok(None)
+    }
     /// Notified when records were appended, to send them at once rather than at the next
     /// poll (synchronous replication).
     fn wake(&self) -> Option<Arc<tokio::sync::Notify>> {
@@ -120,6 +129,12 @@ pub async fn ship<S: Source>(log: Arc<S>, config: ShipConfig, mut stop: watch::R
         }
         match ended {
             Ok(()) => return,
+            // Not a failure: the stream opens again at once, with the log's lineage now.
+            Err(e @ ShipError::NewLineage { .. }) => {
+                tracing::info!(to = %config.addr, stream = %config.stream, reason = %e, "opening the stream again");
+                backoff = Duration::from_millis(100);
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(to = %config.addr, stream = %config.stream, error = %boomerang_core::chain(&e), retry_in = ?backoff, "log sending stopped; retrying");
             }
@@ -228,7 +243,29 @@ async fn stream<S: Source>(
             })?;
     }
     tracing::info!(to = %config.addr, stream = %config.stream, next_seq = %next, "sending the log");
-    let mut tail = LogTail::open(&dir, next)?;
+    let mut tail = match LogTail::open(&dir, next) {
+        Err(TailError::Gone { wanted, first, .. }) => {
+            let now = log.on_gone(wanted, first).map_err(|why| ShipError::Log {
+                dir: dir.clone(),
+                why,
+            })?;
+            return Err(match now {
+                // (The same lineage again: the receiver did not start again at its `since`;
+                // retried with backoff rather than at once.)
+                Some(now) if now != lineage => {
+                    tracing::warn!(to = %config.addr, stream = %config.stream, %wanted, %first, %now, "the receiver lost records this log released: the stream starts again after them, and every disk is resent against the replica");
+                    ShipError::NewLineage { was: lineage, now }
+                }
+                _ => TailError::Gone {
+                    dir: dir.clone(),
+                    wanted,
+                    first,
+                }
+                .into(),
+            });
+        }
+        tail => tail?,
+    };
     let wake = log.wake();
     let mut out = Outbound::resume(next, credit);
     // Frames are read by a task of their own: a read cut short by `select!` would lose bytes.
