@@ -226,6 +226,13 @@ const RESYNC_ALL: &str = "resync.all";
 /// start again at (decimal; see [`LogDir::restart_after_gone`]).
 const LINEAGE_SINCE: &str = "lineage.since";
 
+/// How far past its next sequence number the log starts its records again after a gap: past
+/// any record a receiver may hold that this log lost in a machine crash (its unsynced end,
+/// which the crash floor settles with the process server; one that lost its own records can
+/// no longer say). A receiver that applied such a record must never take a new record under
+/// its number, nor count it as applied.
+const RESTART_GAP: u64 = 1 << 32;
+
 fn write_raised(dir: &Path, since: Seq) -> std::io::Result<()> {
     boomerang_core::write_atomic(
         &dir.join(LINEAGE_SINCE),
@@ -391,19 +398,10 @@ impl LogDir {
             crash_floor = Some(next_seq);
         }
         // A skip after a crash whose whole-disk resync was not yet marked in the bitmaps.
-        let mut resync_all = dir.join(RESYNC_ALL).exists();
-        let raised = match read_raised(dir).map_err(io)? {
-            Ok(raised) => raised,
-            Err(text) => {
-                // Sending from before the gap would have the process server skip it; it is not
-                // known where the gap ends, so the records start again here, after every disk
-                // is resynced (recorded first) as after any gap.
-                tracing::warn!(dir = %dir.display(), file = LINEAGE_SINCE, ?text, "the record of where the records start again is damaged: they start again at the next one, and every disk is resynced against the replica");
-                boomerang_core::write_atomic(&dir.join(RESYNC_ALL), b"").map_err(io)?;
-                resync_all = true;
-                write_raised(dir, next_seq).map_err(io)?;
-                Some(next_seq)
-            }
+        let resync_all = dir.join(RESYNC_ALL).exists();
+        let (raised, damaged) = match read_raised(dir).map_err(io)? {
+            Ok(raised) => (raised, None),
+            Err(text) => (None, Some(text)),
         };
         let earlier_cap = any_dirty_bitmap(dir);
         if machine_crashed {
@@ -416,7 +414,7 @@ impl LogDir {
             .iter()
             .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
             .sum();
-        Ok(LogDir {
+        let mut log = LogDir {
             dir: dir.to_path_buf(),
             max_segment,
             writer,
@@ -440,7 +438,14 @@ impl LogDir {
             resync_all,
             raised,
             _lock: lock,
-        })
+        };
+        if let Some(text) = damaged {
+            // Sending from before the gap would have the process server skip it, and where
+            // the gap ends is not known: the records start again, as after any gap.
+            tracing::warn!(dir = %dir.display(), file = LINEAGE_SINCE, ?text, "the record of where the records start again is damaged");
+            log.start_again()?;
+        }
+        Ok(log)
     }
 
     /// Bounds the log: past `cap` bytes, appends fail with [`LogDirError::Capped`] and the
@@ -450,35 +455,25 @@ impl LogDir {
         self
     }
 
-    /// Called with the next record the process server wants, before anything is sent. After a
-    /// machine crash the log may have lost its unsynced end while the process server holds
-    /// those records: the records written here since the crash then reuse their sequence
-    /// numbers for other changes, and sending from the process server's position would skip
-    /// some of them. So when the process server wants a record from the first one written
-    /// since the crash on, the log continues after the records it holds: every record here is
-    /// dropped, the next one is `next`, and every disk is resynced whole (against the
-    /// replica's digest; no mark until it is done). Returns whether it did.
-    ///
-    /// The first answer after the crash settles it, either way.
-    pub fn continue_after_crash(&mut self, next: Seq) -> Result<bool, LogDirError> {
-        let Some(floor) = self.crash_floor else {
-            return Ok(false);
-        };
-        if self.failed_over.is_some() {
-            // The log takes no record, so it cannot resync: it stays as it is (the sender
-            // reports the divergence).
-            return Ok(false);
+    /// Called when the process server first answers after a machine crash, before anything
+    /// is sent. The log may have lost its unsynced end while the process server, or the
+    /// master target past it, holds those records: the records written here since the crash
+    /// reuse their sequence numbers for other changes, and a receiver would take them for the
+    /// ones it holds. Which it holds, a process server that lost its own records cannot say;
+    /// so the records start again past them all (see [`LogDir::start_again`]: every disk is
+    /// resynced against the replica). Returns where they start again, if they did. (An agent
+    /// with no process server keeps its records, for a replay.)
+    pub fn continue_after_crash(&mut self) -> Result<Option<Seq>, LogDirError> {
+        if self.crash_floor.is_none() || self.failed_over.is_some() {
+            // (Failed over: the log takes no record, so it cannot resync; it stays as it is.)
+            return Ok(None);
         }
-        if next > floor {
-            self.begin_resync_all()?;
-            self.drop_records_continue_at(next)?;
-            tracing::warn!(
-                dir = %self.dir.display(),
-                dropped_from = floor.0,
-                next = next.0,
-                "the process server holds records this log lost in the machine's crash: the log goes on after them, and every disk is resynced against the replica"
-            );
-        }
+        let since = self.start_again()?;
+        tracing::warn!(
+            dir = %self.dir.display(),
+            since = since.0,
+            "the log may have lost records in the machine's crash that the replica holds: the records start again past them, and every disk is resynced against the replica"
+        );
         let io = |source| LogDirError::Io {
             dir: self.dir.clone(),
             source,
@@ -491,7 +486,7 @@ impl LogDir {
             .and_then(|d| d.sync_all())
             .map_err(io)?;
         self.crash_floor = None;
-        Ok(next > floor)
+        Ok(Some(since))
     }
 
     /// From here changes go to the bitmaps, no mark is made, and every disk is to be
@@ -536,11 +531,28 @@ impl LogDir {
 
     /// Called when the process server wants records this log released (it lost the records
     /// it held: its cache was replaced, or the agent now sends to another one). Nothing can
-    /// fill the gap from here, so the stream starts again after it: `lineage`, the one the
-    /// records are of, goes on from the next record (persisted), every record held is
-    /// dropped (no mark of them may become a point over the gap), and every disk is resynced
-    /// whole against the replica, with no mark until it is done. Returns the lineage now.
+    /// fill the gap from here, so the stream starts again after it (see
+    /// [`LogDir::start_again`]). Returns the lineage now: `lineage`, the one the records are
+    /// of, from where they start again.
     pub fn restart_after_gone(&mut self, lineage: Lineage) -> Result<Lineage, LogDirError> {
+        let since = self.start_again()?;
+        let now = Lineage {
+            id: lineage.id,
+            since,
+        };
+        tracing::warn!(
+            dir = %self.dir.display(),
+            lineage = %now,
+            "the process server lost records this log released: the records start again, and every disk is resynced against the replica"
+        );
+        Ok(now)
+    }
+
+    /// Starts the records again after a gap: every record held is dropped (no mark of them
+    /// may become a point over the gap), every disk is resynced whole against the replica
+    /// with no mark until it is done, and the records go on [`RESTART_GAP`] past the next
+    /// one, where they start again (persisted). Returns that sequence number.
+    fn start_again(&mut self) -> Result<Seq, LogDirError> {
         if let Some(seq) = self.failed_over {
             // The log takes no record, so it cannot resync.
             return Err(LogDirError::FailedOver {
@@ -548,25 +560,27 @@ impl LogDir {
                 seq: seq.0,
             });
         }
-        // The resync is recorded first: the raised lineage must never be durable without it,
-        // or the gap would go unfilled.
+        let since = self
+            .next_seq
+            .0
+            .checked_add(RESTART_GAP)
+            .map(Seq)
+            .ok_or_else(|| LogDirError::Io {
+                dir: self.dir.clone(),
+                source: std::io::Error::other(
+                    "the sequence numbers of the log are used up: start a new log directory",
+                ),
+            })?;
+        // The resync is recorded first: the new start must never be durable without it, or
+        // the gap would go unfilled.
         self.begin_resync_all()?;
-        let now = Lineage {
-            id: lineage.id,
-            since: self.next_seq,
-        };
-        write_raised(&self.dir, now.since).map_err(|source| LogDirError::Io {
+        write_raised(&self.dir, since).map_err(|source| LogDirError::Io {
             dir: self.dir.clone(),
             source,
         })?;
-        self.raised = Some(now.since);
-        self.drop_records_continue_at(now.since)?;
-        tracing::warn!(
-            dir = %self.dir.display(),
-            lineage = %now,
-            "the process server lost records this log released: the records go on from here, and every disk is resynced against the replica"
-        );
-        Ok(now)
+        self.raised = Some(since);
+        self.drop_records_continue_at(since)?;
+        Ok(since)
     }
 
     /// The lineage the records are of: `lineage` (the attachment's), starting later if the
@@ -1101,16 +1115,16 @@ impl boomerang_wire::send::Source for Shipped {
             .map_err(|e| e.to_string())
     }
 
-    fn continue_after(&self, next: Seq) -> Result<bool, String> {
-        let skipped = self
+    fn continue_after(&self, _next: Seq) -> Result<bool, String> {
+        let since = self
             .lock()?
-            .continue_after_crash(next)
+            .continue_after_crash()
             .map_err(|e| boomerang_core::chain(&e).to_string())?;
-        if skipped && let Some(link) = &self.link {
+        if let (Some(since), Some(link)) = (since, &self.link) {
             // Writers waiting for dropped records are not confirmed by later acks.
-            link.lost_below(next);
+            link.lost_below(since);
         }
-        Ok(skipped)
+        Ok(since.is_some())
     }
 
     fn on_gone(&self, wanted: Seq, first: Seq) -> Result<Option<Lineage>, String> {
@@ -1200,7 +1214,7 @@ mod tests {
     }
 
     #[test]
-    fn after_a_crash_the_first_answer_decides_whether_the_log_goes_on_after_the_receiver() {
+    fn after_a_crash_the_first_answer_starts_the_records_again_past_any_the_log_lost() {
         let dir = tempfile::tempdir().unwrap();
         let zero = || Op::Zero {
             disk: DiskName::new("d").unwrap(),
@@ -1224,39 +1238,36 @@ mod tests {
             ),
             "no failover before the process server answers"
         );
-        // A receiver that holds nothing from the floor on: the records stay.
-        assert!(!log.continue_after_crash(Seq(4)).unwrap());
+        // A receiver may hold records the log lost (or its master target may, past a process
+        // server that lost them): the records start again past them all, a segment already
+        // starting there goes too, and every disk is resynced.
+        let since = Seq(9 + RESTART_GAP);
+        SegmentWriter::create(segment_path(dir.path(), since), since, MIN_SEGMENT).unwrap();
+        assert_eq!(log.continue_after_crash().unwrap(), Some(since));
         assert!(!log.awaiting_first_answer());
         assert!(!dir.path().join(CRASH_FLOOR).exists());
-        assert_eq!(log.next_seq(), Seq(9));
-        assert!(!log.continue_after_crash(Seq(30)).unwrap(), "settled");
-        drop(log);
-
-        // Another crash: the floor is 9, record 9 follows. A receiver that wants record 11
-        // holds records this log lost; a segment already starting there goes too.
-        let mut log = crash_and_write(dir.path(), 1);
-        assert_eq!(log.crash_floor, Some(Seq(9)));
-        SegmentWriter::create(segment_path(dir.path(), Seq(11)), Seq(11), MIN_SEGMENT).unwrap();
-        assert!(log.continue_after_crash(Seq(11)).unwrap());
-        assert_eq!(log.next_seq(), Seq(11));
+        assert_eq!(log.next_seq(), since);
         assert_eq!(
             segments(dir.path()).unwrap(),
-            vec![segment_path(dir.path(), Seq(11))]
+            vec![segment_path(dir.path(), since)]
         );
         assert!(log.is_capped() && log.resync_all_pending());
         assert!(
             matches!(log.mark(MarkKind::Crash), Err(LogDirError::Syncing)),
             "no mark before the resync"
         );
-        // A restart before the bitmaps are marked: the resync is still owed.
+        assert_eq!(log.continue_after_crash().unwrap(), None, "settled");
+        // A restart before the bitmaps are marked: the resync is still owed, and the lineage
+        // still starts again there.
         drop(log);
         let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
         assert!(log.resync_all_pending() && log.is_capped());
         assert!(!log.awaiting_first_answer());
+        assert_eq!(log.lineage(Lineage::FIRST).since, since);
         log.resync_all_marked().unwrap();
         assert!(!dir.path().join(RESYNC_ALL).exists());
         log.uncap();
-        assert_eq!(log.append(zero()).unwrap(), Seq(11));
+        assert_eq!(log.append(zero()).unwrap(), since);
     }
 
     #[test]
@@ -1277,18 +1288,14 @@ mod tests {
         }
         assert_eq!(log.lineage(first), first);
         let now = log.restart_after_gone(first).unwrap();
-        assert_eq!(
-            now,
-            Lineage {
-                id: 3,
-                since: Seq(8)
-            }
-        );
+        // Past any record a receiver may hold that this log lost in a machine crash.
+        let since = Seq(8 + RESTART_GAP);
+        assert_eq!(now, Lineage { id: 3, since });
         assert_eq!(log.lineage(first), now);
-        assert_eq!(log.next_seq(), Seq(8));
+        assert_eq!(log.next_seq(), since);
         assert_eq!(
             segments(dir.path()).unwrap(),
-            vec![segment_path(dir.path(), Seq(8))],
+            vec![segment_path(dir.path(), since)],
             "no record of before the gap is kept: none of its marks may become a point"
         );
         assert!(log.is_capped() && log.resync_all_pending());
@@ -1302,7 +1309,7 @@ mod tests {
         assert_eq!(log.lineage(first), now);
         let newer = Lineage {
             id: 4,
-            since: Seq(20),
+            since: Seq(since.0 + 5),
         };
         assert_eq!(log.lineage(newer), newer);
         assert!(log.resync_all_pending() && log.is_capped());
@@ -1311,17 +1318,19 @@ mod tests {
         for _ in 0..3 {
             log.append(zero()).unwrap();
         }
-        assert_eq!(log.next_seq(), Seq(11));
-        // A damaged record of it: where the gap ends is not known, so the records start again
-        // at the next one, with every disk resynced, rather than from before the gap.
+        assert_eq!(log.next_seq(), Seq(since.0 + 3));
+        // A damaged record of it: where the gap ends is not known, so the records start again,
+        // with every disk resynced, rather than from before the gap.
         drop(log);
         std::fs::write(dir.path().join(LINEAGE_SINCE), "3 x\n").unwrap();
         let log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
-        assert_eq!(log.lineage(first).since, Seq(11));
+        let again = Seq(since.0 + 3 + RESTART_GAP);
+        assert_eq!(log.lineage(first).since, again);
+        assert_eq!(log.next_seq(), again);
         assert!(log.resync_all_pending() && log.is_capped());
         assert_eq!(
             std::fs::read_to_string(dir.path().join(LINEAGE_SINCE)).unwrap(),
-            "11\n"
+            format!("{}\n", again.0)
         );
     }
 

@@ -568,10 +568,12 @@ fn after_a_machine_crash_only_the_blocks_that_differ_from_the_replica_travel() {
     f.write_all_at(&[0u8; 65536], 64 * 4096).unwrap();
     f.sync_all().unwrap();
 
-    // Back up: the agent resyncs the whole disk against the replica's digest.
+    // Back up: the agent's records start again past any it may have lost (the incoming log
+    // then holds only what came since), and it resyncs the whole disk against the replica's
+    // digest.
     let _second = m.agent();
     m.wait_for_disk();
-    let resent = received_write_bytes(retention) - copied;
+    let resent = received_write_bytes(retention);
     assert_eq!(
         resent,
         2 * 65536,
@@ -717,6 +719,90 @@ fn a_process_server_that_lost_its_cache_gets_the_disks_again_and_points_resume_w
     assert!(!m.log.join("resync.all").exists());
     // Two points: the first copy, and the disk after the gap; none in between.
     assert_eq!(store_points(&m.store).len(), 2);
+}
+
+#[test]
+fn a_machine_crash_and_a_lost_process_server_cache_together_leave_no_record_unapplied() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Protected::start(dir.path(), 1024, |i| i % 3 != 0);
+    let mut first = m.agent();
+    m.wait_for_disk();
+
+    // The machine goes down, and its log loses records the master target holds and made
+    // points at (marks come every 0.1 s); the disk kept other writes.
+    std::thread::sleep(Duration::from_millis(500));
+    first.signal("-KILL");
+    let held = cached_last_seq(&m.cache);
+    cut_log_after(&m.log, held - 4);
+    std::fs::write(m.log.join("agent.running"), "another boot\n").unwrap();
+    use std::os::unix::fs::FileExt;
+    for i in [5u64, 300, 301, 1000] {
+        m.file.write_all_at(&block(i, 2), i * 4096).unwrap();
+    }
+    m.file.sync_all().unwrap();
+    // And the process server's cache is lost: nothing tells the agent any more what the
+    // master target holds.
+    let addr = m.ps.addr.clone();
+    m.ps.signal("-KILL");
+    std::fs::remove_dir_all(&m.cache).unwrap();
+    m.ps = process_server(&m.ca, &m.cache, &addr, Some(&m.mt.addr), &[]);
+
+    // The records start again past any the master target holds: none of the resync's is
+    // taken for one applied before, and the newest point is the disk.
+    let _second = m.agent();
+    m.wait_for_disk();
+    let since: u64 = std::fs::read_to_string(m.log.join("lineage.since"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        since > held,
+        "the records start again at {since}, past {held}"
+    );
+}
+
+#[test]
+fn an_agent_moved_to_an_empty_process_server_starts_again_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Protected::start(dir.path(), 1024, |i| i % 2 == 0);
+    let mut first = m.agent_with(&["--segment-size", "1MiB"]);
+    m.wait_for_disk();
+    wait_until(
+        "the agent releases what the process server acknowledged",
+        || first_held(&m.log) > 1,
+    );
+    first.signal("-KILL");
+
+    // The machine now sends to another process server, empty, forwarding to the same master
+    // target; the first one keeps running, with its cache.
+    let cache2 = dir.path().join("cache2");
+    let ps2 = process_server(&m.ca, &cache2, "127.0.0.1:0", Some(&m.mt.addr), &[]);
+    let second = agent(
+        &m.ca,
+        &m.disk,
+        &m.log,
+        &ps2.addr,
+        &["--mark-interval", "0.1", "--segment-size", "1MiB"],
+    );
+    let mut client = RawNbd::connect(&second.addr, "d0").unwrap();
+    let mut cookie = 0;
+    write_round(&mut client, &mut cookie, 2, 3, 1024);
+    m.wait_for_disk();
+    let since = std::fs::read_to_string(m.log.join("lineage.since")).unwrap();
+    let first_seq: u64 = since.trim().parse().unwrap();
+    for hop in [cache2.join("web01"), m.retention.join("incoming/web01")] {
+        assert_eq!(
+            std::fs::read_to_string(hop.join("lineage")).unwrap(),
+            format!("0 {first_seq}\n"),
+            "{} starts at the same record as the agent",
+            hop.display()
+        );
+    }
+    // Points go on through the new process server while the old one still runs (the master
+    // target refuses its stale stream: see the process server's receive tests).
+    write_round(&mut client, &mut cookie, 3, 5, 1024);
+    m.wait_for_disk();
 }
 
 #[test]

@@ -28,10 +28,11 @@ pub trait Source: Send + Sync + 'static {
     /// The lineage of the records: each connection opens the stream with it, and ends when
     /// it changes (records read after the change are of the new one).
     fn lineage(&self) -> Result<crate::cache::Lineage, String>;
-    /// Called with the receiver's resume point before anything is sent: a log that lost
-    /// records the receiver holds (a machine crash cut its unsynced end) may go on after
-    /// them, and says so (it then resends what it must some other way). `false` leaves the
-    /// usual check: a receiver ahead of the log has diverged from it.
+    /// Called with the receiver's resume point before anything is sent: a log that may have
+    /// lost records the receiver holds (a machine crash cut its unsynced end) may start its
+    /// lineage again past them, and says so (it then resends what it must some other way);
+    /// the stream then opens again with the lineage now. `false` leaves the usual check: a
+    /// receiver ahead of the log has diverged from it.
     fn continue_after(&self, next: Seq) -> Result<bool, String> {
         let _ = next;
         Ok(false)
@@ -218,10 +219,12 @@ async fn stream<S: Source>(
         }
     };
     let mut lineage_checked = Instant::now();
-    log.continue_after(next).map_err(|why| ShipError::Log {
+    if log.continue_after(next).map_err(|why| ShipError::Log {
         dir: dir.clone(),
         why,
-    })?;
+    })? {
+        same_lineage()?;
+    }
     let log_next = log.next_seq().map_err(|why| ShipError::Log {
         dir: dir.clone(),
         why,
