@@ -88,6 +88,9 @@ pub struct LogDir {
     synced_through: Seq,
     /// The highest sequence number acknowledged as durable downstream.
     acked: Seq,
+    /// The last one written to [`ACKED`], and when.
+    acked_written: Seq,
+    acked_written_at: Option<std::time::Instant>,
     /// See [`LogDir::fail_over`].
     failed_over: Option<Seq>,
     /// `release_through` has nothing to delete below this acknowledged sequence number.
@@ -222,9 +225,13 @@ const CRASH_FLOOR: &str = "crash.floor";
 /// [`LogDir::continue_after_crash`]).
 const RESYNC_ALL: &str = "resync.all";
 
-/// After the process server lost records this log released: the sequence number the records
-/// start again at (decimal; see [`LogDir::restart_after_gone`]).
+/// After the process server lost records it had acknowledged: the sequence number the records
+/// start again at (decimal; see [`LogDir::start_again`]).
 const LINEAGE_SINCE: &str = "lineage.since";
+
+/// The highest record the process server acknowledged (decimal), written at most every
+/// second: a lower bound, which tells after a machine crash whether it lost records.
+const ACKED: &str = "acked";
 
 /// How far past its next sequence number the log starts its records again after a gap: past
 /// any record a receiver may hold that this log lost in a machine crash (its unsynced end,
@@ -403,6 +410,11 @@ impl LogDir {
             Ok(raised) => (raised, None),
             Err(text) => (None, Some(text)),
         };
+        // A lower bound of what the process server acknowledged (see `continue_after_crash`).
+        let acked_written = std::fs::read_to_string(dir.join(ACKED))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map_or(Seq(0), Seq);
         let earlier_cap = any_dirty_bitmap(dir);
         if machine_crashed {
             tracing::warn!(dir = %dir.display(), "the machine went down while the agent ran: the log may miss writes the disks kept; every disk is marked for a full resync");
@@ -430,6 +442,8 @@ impl LogDir {
             syncing: false,
             synced_through: Seq(0),
             acked: Seq(0),
+            acked_written,
+            acked_written_at: None,
             failed_over,
             release_floor: Seq(0),
             issued: 0,
@@ -440,11 +454,17 @@ impl LogDir {
             _lock: lock,
         };
         if let Some(text) = damaged {
-            // Sending from before the gap would have the process server skip it, and where
-            // the gap ends is not known: the records start again, as after any gap.
-            tracing::warn!(dir = %dir.display(), file = LINEAGE_SINCE, ?text, "the record of where the records start again is damaged");
-            log.start_again()?;
+            if log.failed_over.is_some() {
+                // The log takes no record: there is nothing to send from either side of a gap.
+                tracing::warn!(dir = %dir.display(), file = LINEAGE_SINCE, ?text, "the record of where the records start again is damaged; the log takes no record (failed over), so it is left as it is");
+            } else {
+                // Sending from before the gap would have the process server skip it, and
+                // where the gap ends is not known: the records start again, as after any gap.
+                tracing::warn!(dir = %dir.display(), file = LINEAGE_SINCE, ?text, "the record of where the records start again is damaged");
+                log.start_again()?;
+            }
         }
+        log.finish_start_again()?;
         Ok(log)
     }
 
@@ -455,25 +475,55 @@ impl LogDir {
         self
     }
 
-    /// Called when the process server first answers after a machine crash, before anything
-    /// is sent. The log may have lost its unsynced end while the process server, or the
-    /// master target past it, holds those records: the records written here since the crash
-    /// reuse their sequence numbers for other changes, and a receiver would take them for the
-    /// ones it holds. Which it holds, a process server that lost its own records cannot say;
-    /// so the records start again past them all (see [`LogDir::start_again`]: every disk is
-    /// resynced against the replica). Returns where they start again, if they did. (An agent
-    /// with no process server keeps its records, for a replay.)
-    pub fn continue_after_crash(&mut self) -> Result<Option<Seq>, LogDirError> {
-        if self.crash_floor.is_none() || self.failed_over.is_some() {
-            // (Failed over: the log takes no record, so it cannot resync; it stays as it is.)
+    /// Called with the next record the process server wants, before anything is sent, the
+    /// first time after a machine crash. The log may have lost its unsynced end while the
+    /// process server, or the master target past it, holds those records: the records written
+    /// here since the crash reuse their sequence numbers for other changes, and a receiver
+    /// would take them for the ones it holds. So:
+    /// - when the process server wants a record from the first one written since the crash
+    ///   on, it holds records the log lost: the log goes on after them (every record here is
+    ///   dropped, the next one is `next`), and the replica keeps everything it has;
+    /// - when it wants one it had acknowledged ([`ACKED`]), it lost records, which the master
+    ///   target may hold past those the log lost: which, nobody can say, so the records start
+    ///   again past them all ([`LogDir::start_again`]);
+    /// - otherwise no receiver holds a record the log lost, and the log goes on as it is.
+    ///
+    /// Every disk is resynced whole after a machine crash either way (against the replica's
+    /// digest; no mark until it is done). Returns the first record kept or written from now
+    /// on, when records were dropped. An agent with no process server keeps its records (for a
+    /// replay).
+    pub fn continue_after_crash(&mut self, next: Seq) -> Result<Option<Seq>, LogDirError> {
+        let Some(floor) = self.crash_floor else {
+            return Ok(None);
+        };
+        if self.failed_over.is_some() {
+            // The log takes no record, so it cannot resync: it stays as it is (the sender
+            // reports the divergence).
             return Ok(None);
         }
-        let since = self.start_again()?;
-        tracing::warn!(
-            dir = %self.dir.display(),
-            since = since.0,
-            "the log may have lost records in the machine's crash that the replica holds: the records start again past them, and every disk is resynced against the replica"
-        );
+        let dropped_below = if next > floor {
+            self.begin_resync_all()?;
+            self.drop_records_continue_at(next)?;
+            tracing::warn!(
+                dir = %self.dir.display(),
+                dropped_from = floor.0,
+                next = next.0,
+                "the process server holds records this log lost in the machine's crash: the log goes on after them, and every disk is resynced against the replica"
+            );
+            Some(next)
+        } else if next <= self.acked_written {
+            let since = self.start_again()?;
+            tracing::warn!(
+                dir = %self.dir.display(),
+                wanted = next.0,
+                acknowledged = self.acked_written.0,
+                since = since.0,
+                "after the machine's crash the process server wants records it had acknowledged: it lost them, and the master target may hold records this log lost; the records start again past them, and every disk is resynced against the replica"
+            );
+            Some(since)
+        } else {
+            None
+        };
         let io = |source| LogDirError::Io {
             dir: self.dir.clone(),
             source,
@@ -486,7 +536,7 @@ impl LogDir {
             .and_then(|d| d.sync_all())
             .map_err(io)?;
         self.crash_floor = None;
-        Ok(Some(since))
+        Ok(dropped_below)
     }
 
     /// From here changes go to the bitmaps, no mark is made, and every disk is to be
@@ -581,6 +631,31 @@ impl LogDir {
         self.raised = Some(since);
         self.drop_records_continue_at(since)?;
         Ok(since)
+    }
+
+    /// Ends a start again cut short (by a stop, or a full volume) after its new start was
+    /// recorded: the records must go on there, as the receivers will ([`LogDir::lineage`]).
+    fn finish_start_again(&mut self) -> Result<(), LogDirError> {
+        match self.raised {
+            Some(since) if since > self.next_seq && self.failed_over.is_none() => {
+                self.drop_records_continue_at(since)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The highest record acknowledged downstream, when it is to be written to [`ACKED`] (at
+    /// most every second, and only when it moved).
+    pub fn acked_to_write(&mut self) -> Option<Seq> {
+        let due = self
+            .acked_written_at
+            .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1));
+        if self.acked <= self.acked_written || !due {
+            return None;
+        }
+        self.acked_written = self.acked;
+        self.acked_written_at = Some(std::time::Instant::now());
+        Some(self.acked)
     }
 
     /// The lineage the records are of: `lineage` (the attachment's), starting later if the
@@ -1109,17 +1184,26 @@ impl boomerang_wire::send::Source for Shipped {
         if let Some(link) = &self.link {
             link.acked(durable);
         }
-        self.lock()?
-            .release_through(durable)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        let (persist, dir) = {
+            let mut log = self.lock()?;
+            log.release_through(durable).map_err(|e| e.to_string())?;
+            (log.acked_to_write(), log.dir().to_path_buf())
+        };
+        if let Some(acked) = persist {
+            // Outside the lock: writers do not wait for it.
+            boomerang_core::write_atomic(&dir.join(ACKED), format!("{}\n", acked.0).as_bytes())
+                .map_err(|e| format!("could not write {}: {e}", dir.join(ACKED).display()))?;
+        }
+        Ok(())
     }
 
-    fn continue_after(&self, _next: Seq) -> Result<bool, String> {
-        let since = self
-            .lock()?
-            .continue_after_crash()
-            .map_err(|e| boomerang_core::chain(&e).to_string())?;
+    fn continue_after(&self, next: Seq) -> Result<bool, String> {
+        let since = {
+            let mut log = self.lock()?;
+            log.finish_start_again()
+                .and_then(|()| log.continue_after_crash(next))
+                .map_err(|e| boomerang_core::chain(&e).to_string())?
+        };
         if let (Some(since), Some(link)) = (since, &self.link) {
             // Writers waiting for dropped records are not confirmed by later acks.
             link.lost_below(since);
@@ -1214,7 +1298,7 @@ mod tests {
     }
 
     #[test]
-    fn after_a_crash_the_first_answer_starts_the_records_again_past_any_the_log_lost() {
+    fn after_a_crash_the_first_answer_decides_whether_the_log_goes_on_after_the_receiver() {
         let dir = tempfile::tempdir().unwrap();
         let zero = || Op::Zero {
             disk: DiskName::new("d").unwrap(),
@@ -1238,36 +1322,71 @@ mod tests {
             ),
             "no failover before the process server answers"
         );
-        // A receiver may hold records the log lost (or its master target may, past a process
-        // server that lost them): the records start again past them all, a segment already
-        // starting there goes too, and every disk is resynced.
-        let since = Seq(9 + RESTART_GAP);
-        SegmentWriter::create(segment_path(dir.path(), since), since, MIN_SEGMENT).unwrap();
-        assert_eq!(log.continue_after_crash().unwrap(), Some(since));
+        // A receiver that holds nothing from the floor on: the records stay.
+        assert_eq!(log.continue_after_crash(Seq(4)).unwrap(), None);
         assert!(!log.awaiting_first_answer());
         assert!(!dir.path().join(CRASH_FLOOR).exists());
-        assert_eq!(log.next_seq(), since);
+        assert_eq!(log.next_seq(), Seq(9));
+        assert_eq!(log.continue_after_crash(Seq(30)).unwrap(), None, "settled");
+        drop(log);
+
+        // Another crash: the floor is 9, record 9 follows. A receiver that wants record 11
+        // holds records this log lost; a segment already starting there goes too.
+        let mut log = crash_and_write(dir.path(), 1);
+        assert_eq!(log.crash_floor, Some(Seq(9)));
+        SegmentWriter::create(segment_path(dir.path(), Seq(11)), Seq(11), MIN_SEGMENT).unwrap();
+        assert_eq!(log.continue_after_crash(Seq(11)).unwrap(), Some(Seq(11)));
+        assert_eq!(log.next_seq(), Seq(11));
         assert_eq!(
             segments(dir.path()).unwrap(),
-            vec![segment_path(dir.path(), since)]
+            vec![segment_path(dir.path(), Seq(11))]
         );
         assert!(log.is_capped() && log.resync_all_pending());
         assert!(
             matches!(log.mark(MarkKind::Crash), Err(LogDirError::Syncing)),
             "no mark before the resync"
         );
-        assert_eq!(log.continue_after_crash().unwrap(), None, "settled");
-        // A restart before the bitmaps are marked: the resync is still owed, and the lineage
-        // still starts again there.
+        // A restart before the bitmaps are marked: the resync is still owed.
         drop(log);
         let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
         assert!(log.resync_all_pending() && log.is_capped());
         assert!(!log.awaiting_first_answer());
-        assert_eq!(log.lineage(Lineage::FIRST).since, since);
         log.resync_all_marked().unwrap();
         assert!(!dir.path().join(RESYNC_ALL).exists());
         log.uncap();
-        assert_eq!(log.append(zero()).unwrap(), since);
+        assert_eq!(log.append(zero()).unwrap(), Seq(11));
+    }
+
+    #[test]
+    fn after_a_crash_a_process_server_that_lost_acknowledged_records_starts_them_again() {
+        let dir = tempfile::tempdir().unwrap();
+        // Records 1..=5, acknowledged through 4 (written down, as the sender does), then the
+        // machine crashes: the floor is 6, records 6..=8 follow.
+        {
+            let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+            for _ in 0..5 {
+                log.append(Op::Zero {
+                    disk: DiskName::new("d").unwrap(),
+                    offset: 0,
+                    len: 512,
+                })
+                .unwrap();
+            }
+            log.release_through(Seq(4)).unwrap();
+            assert_eq!(log.acked_to_write(), Some(Seq(4)));
+            assert_eq!(log.acked_to_write(), None, "once a second at most");
+            std::fs::write(dir.path().join(ACKED), "4\n").unwrap();
+        }
+        let mut log = crash_and_write(dir.path(), 3);
+        // A process server that wants record 3 lost records it had acknowledged (its cache
+        // was replaced): the master target may hold records this log lost, under numbers it
+        // gives again. The records start again past them all.
+        let since = Seq(9 + RESTART_GAP);
+        assert_eq!(log.continue_after_crash(Seq(3)).unwrap(), Some(since));
+        assert_eq!(log.lineage(Lineage::FIRST).since, since);
+        assert_eq!(log.next_seq(), since);
+        assert!(log.is_capped() && log.resync_all_pending());
+        assert!(!log.awaiting_first_answer());
     }
 
     #[test]
@@ -1331,6 +1450,33 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(dir.path().join(LINEAGE_SINCE)).unwrap(),
             format!("{}\n", again.0)
+        );
+    }
+
+    #[test]
+    fn a_start_again_cut_short_after_its_start_was_recorded_goes_on_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+        for _ in 0..3 {
+            log.append(Op::Zero {
+                disk: DiskName::new("d").unwrap(),
+                offset: 0,
+                len: 512,
+            })
+            .unwrap();
+        }
+        // Stopped after `resync.all` and `lineage.since` were written, before the records
+        // were dropped: the receivers start at 1000, so the log must too.
+        std::fs::write(dir.path().join(RESYNC_ALL), "").unwrap();
+        write_raised(dir.path(), Seq(1000)).unwrap();
+        drop(log);
+        let log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+        assert_eq!(log.next_seq(), Seq(1000));
+        assert_eq!(log.lineage(Lineage::FIRST).since, Seq(1000));
+        assert!(log.resync_all_pending());
+        assert_eq!(
+            segments(dir.path()).unwrap(),
+            vec![segment_path(dir.path(), Seq(1000))]
         );
     }
 

@@ -568,12 +568,10 @@ fn after_a_machine_crash_only_the_blocks_that_differ_from_the_replica_travel() {
     f.write_all_at(&[0u8; 65536], 64 * 4096).unwrap();
     f.sync_all().unwrap();
 
-    // Back up: the agent's records start again past any it may have lost (the incoming log
-    // then holds only what came since), and it resyncs the whole disk against the replica's
-    // digest.
+    // Back up: the agent resyncs the whole disk against the replica's digest.
     let _second = m.agent();
     m.wait_for_disk();
-    let resent = received_write_bytes(retention);
+    let resent = received_write_bytes(retention) - copied;
     assert_eq!(
         resent,
         2 * 65536,
@@ -585,8 +583,15 @@ fn after_a_machine_crash_only_the_blocks_that_differ_from_the_replica_travel() {
 /// The last record durable in the process server's cache of web01.
 fn cached_last_seq(cache: &Path) -> u64 {
     let files = boomerang_core::log::segment_files(&cache.join("web01")).unwrap();
-    let reader = boomerang_core::log::SegmentReader::open(files.last().unwrap()).unwrap();
-    reader.map(|r| r.unwrap().seq.0).max().unwrap()
+    // The newest segment may be one just begun, with no record yet.
+    files
+        .iter()
+        .rev()
+        .find_map(|f| {
+            let reader = boomerang_core::log::SegmentReader::open(f).unwrap();
+            reader.map(|r| r.unwrap().seq.0).max()
+        })
+        .unwrap()
 }
 
 /// Cuts the agent's log in `log` before its first record above `keep`: the unsynced end a
@@ -740,8 +745,12 @@ fn a_machine_crash_and_a_lost_process_server_cache_together_leave_no_record_unap
         m.file.write_all_at(&block(i, 2), i * 4096).unwrap();
     }
     m.file.sync_all().unwrap();
-    // And the process server's cache is lost: nothing tells the agent any more what the
-    // master target holds.
+    // And the process server's cache is lost, once the master target holds every record
+    // it had: nothing tells the agent any more what the master target holds.
+    wait_until(
+        "the master target holds what the process server held",
+        || cached_last_seq(&m.retention.join("incoming")) >= held,
+    );
     let addr = m.ps.addr.clone();
     m.ps.signal("-KILL");
     std::fs::remove_dir_all(&m.cache).unwrap();
@@ -759,6 +768,11 @@ fn a_machine_crash_and_a_lost_process_server_cache_together_leave_no_record_unap
     assert!(
         since > held,
         "the records start again at {since}, past {held}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(m.retention.join("incoming/web01/lineage")).unwrap(),
+        format!("0 {since}\n"),
+        "the master target starts again there"
     );
 }
 

@@ -125,7 +125,11 @@ pub fn receiver(config: Config) -> Result<(Arc<Receiver>, Arc<Metrics>), ServeEr
         on_open: Some(on_open),
         // A newer lineage from the agent replaces what the cache holds; an older is refused.
         on_lineage: None,
-        on_reset: Some(Arc::new(move |stream: &str| reset.reset(stream))),
+        on_reset: Some(Arc::new(
+            move |stream: &str, lineage: boomerang_wire::cache::Lineage| {
+                reset.reset(stream, lineage.since)
+            },
+        )),
         on_digest: relay,
     })?;
     Ok((receiver, metrics))

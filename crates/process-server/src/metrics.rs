@@ -98,13 +98,17 @@ impl Metrics {
         });
     }
 
-    /// The stream's records were dropped for a newer lineage: what was received, forwarded
-    /// or waiting of the old one says nothing about the new one (whose sequence numbers may
-    /// be lower). The byte counter goes on.
-    pub fn reset(&self, stream: &str) {
+    /// The stream's records were dropped for a newer lineage, or for the same one starting
+    /// again at `since`: what was received, forwarded or waiting of the old records says
+    /// nothing about the new ones. The byte counter goes on.
+    pub fn reset(&self, stream: &str, since: Seq) {
         self.with(stream, |s| {
+            // Nothing before `since` is owed: the backlog starts empty, however high `since`.
+            let before = since.0.saturating_sub(1);
             *s = Stream {
                 bytes: s.bytes,
+                received: before,
+                forwarded: before,
                 ..Stream::default()
             };
         });

@@ -48,8 +48,9 @@ pub type OnOpen = Arc<dyn Fn(&str, &[DiskName]) + Send + Sync>;
 pub type OnLineage = Arc<dyn Fn(&str, Lineage) -> Result<(), String> + Send + Sync>;
 
 /// Called when a stream's held records were dropped for a newer lineage (or for the same
-/// lineage starting later: its sender lost the records between), with its name.
-pub type OnReset = Arc<dyn Fn(&str) + Send + Sync>;
+/// lineage starting later: its sender lost the records between), with its name and the
+/// lineage now.
+pub type OnReset = Arc<dyn Fn(&str, Lineage) + Send + Sync>;
 
 /// A receiver's settings.
 pub struct Config {
@@ -372,7 +373,7 @@ impl Receiver {
             }
             tracing::warn!(%stream, %held, new = %offered, "the stream starts again: the records held are dropped");
             if let Some(reset) = &self.config.on_reset {
-                reset(&stream);
+                reset(&stream, offered);
             }
         }
         if let Some(opened) = &self.config.on_open {
