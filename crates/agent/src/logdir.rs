@@ -411,10 +411,13 @@ impl LogDir {
             Err(text) => (None, Some(text)),
         };
         // A lower bound of what the process server acknowledged (see `continue_after_crash`).
-        let acked_written = std::fs::read_to_string(dir.join(ACKED))
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .map_or(Seq(0), Seq);
+        let acked_written = match std::fs::read_to_string(dir.join(ACKED)) {
+            Ok(text) => text.trim().parse::<u64>().map(Seq).unwrap_or_else(|_| {
+                tracing::warn!(path = %dir.join(ACKED).display(), ?text, "damaged, so taken as nothing acknowledged: after a machine crash, a process server that lost records may go unnoticed");
+                Seq(0)
+            }),
+            Err(_) => Seq(0),
+        };
         let earlier_cap = any_dirty_bitmap(dir);
         if machine_crashed {
             tracing::warn!(dir = %dir.display(), "the machine went down while the agent ran: the log may miss writes the disks kept; every disk is marked for a full resync");
@@ -464,7 +467,9 @@ impl LogDir {
                 log.start_again()?;
             }
         }
-        log.finish_start_again()?;
+        if log.finish_start_again()?.is_some() {
+            tracing::warn!(dir = %dir.display(), "a start again of the records was cut short: the records go on where it recorded, and every disk is resynced");
+        }
         Ok(log)
     }
 
@@ -480,13 +485,14 @@ impl LogDir {
     /// process server, or the master target past it, holds those records: the records written
     /// here since the crash reuse their sequence numbers for other changes, and a receiver
     /// would take them for the ones it holds. So:
-    /// - when the process server wants a record from the first one written since the crash
-    ///   on, it holds records the log lost: the log goes on after them (every record here is
-    ///   dropped, the next one is `next`), and the replica keeps everything it has;
-    /// - when it wants one it had acknowledged ([`ACKED`]), it lost records, which the master
-    ///   target may hold past those the log lost: which, nobody can say, so the records start
-    ///   again past them all ([`LogDir::start_again`]);
-    /// - otherwise no receiver holds a record the log lost, and the log goes on as it is.
+    /// - when it wants one it had acknowledged (as far as [`ACKED`] says), it lost records,
+    ///   which the master target may hold past those the log lost: which, nobody can say, so
+    ///   the records start again past them all ([`LogDir::start_again`]);
+    /// - when it wants a record from the first one written since the crash on, it holds
+    ///   records the log lost: the log goes on after them (every record here is dropped, the
+    ///   next one is `next`), and the replica keeps everything it has;
+    /// - otherwise no receiver holds a record the log lost (as far as the process server
+    ///   kept what it acknowledged, down to what [`ACKED`] says), and the log goes on as it is.
     ///
     /// Every disk is resynced whole after a machine crash either way (against the replica's
     /// digest; no mark until it is done). Returns the first record kept or written from now
@@ -501,17 +507,9 @@ impl LogDir {
             // reports the divergence).
             return Ok(None);
         }
-        let dropped_below = if next > floor {
-            self.begin_resync_all()?;
-            self.drop_records_continue_at(next)?;
-            tracing::warn!(
-                dir = %self.dir.display(),
-                dropped_from = floor.0,
-                next = next.0,
-                "the process server holds records this log lost in the machine's crash: the log goes on after them, and every disk is resynced against the replica"
-            );
-            Some(next)
-        } else if next <= self.acked_written {
+        // (Acknowledged first: a process server may hold records the log lost and still have
+        // lost later ones it had acknowledged.)
+        let dropped_below = if next <= self.acked_written {
             let since = self.start_again()?;
             tracing::warn!(
                 dir = %self.dir.display(),
@@ -521,6 +519,16 @@ impl LogDir {
                 "after the machine's crash the process server wants records it had acknowledged: it lost them, and the master target may hold records this log lost; the records start again past them, and every disk is resynced against the replica"
             );
             Some(since)
+        } else if next > floor {
+            self.begin_resync_all()?;
+            self.drop_records_continue_at(next)?;
+            tracing::warn!(
+                dir = %self.dir.display(),
+                dropped_from = floor.0,
+                next = next.0,
+                "the process server holds records this log lost in the machine's crash: the log goes on after them, and every disk is resynced against the replica"
+            );
+            Some(next)
         } else {
             None
         };
@@ -635,27 +643,32 @@ impl LogDir {
 
     /// Ends a start again cut short (by a stop, or a full volume) after its new start was
     /// recorded: the records must go on there, as the receivers will ([`LogDir::lineage`]).
-    fn finish_start_again(&mut self) -> Result<(), LogDirError> {
+    /// Returns where the records went on, if they were dropped: records logged meanwhile (a
+    /// resync may have run and ended) are resent with every disk again.
+    fn finish_start_again(&mut self) -> Result<Option<Seq>, LogDirError> {
         match self.raised {
             Some(since) if since > self.next_seq && self.failed_over.is_none() => {
-                self.drop_records_continue_at(since)
+                self.begin_resync_all()?;
+                self.drop_records_continue_at(since)?;
+                Ok(Some(since))
             }
-            _ => Ok(()),
+            _ => Ok(None),
         }
     }
 
     /// The highest record acknowledged downstream, when it is to be written to [`ACKED`] (at
-    /// most every second, and only when it moved).
-    pub fn acked_to_write(&mut self) -> Option<Seq> {
+    /// most every second, and only when it moved); [`LogDir::acked_written`] once it is.
+    pub fn acked_to_write(&self) -> Option<Seq> {
         let due = self
             .acked_written_at
             .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1));
-        if self.acked <= self.acked_written || !due {
-            return None;
-        }
-        self.acked_written = self.acked;
+        (self.acked > self.acked_written && due).then_some(self.acked)
+    }
+
+    /// `acked` is written to [`ACKED`].
+    pub fn acked_written(&mut self, acked: Seq) {
+        self.acked_written = self.acked_written.max(acked);
         self.acked_written_at = Some(std::time::Instant::now());
-        Some(self.acked)
     }
 
     /// The lineage the records are of: `lineage` (the attachment's), starting later if the
@@ -1190,9 +1203,15 @@ impl boomerang_wire::send::Source for Shipped {
             (log.acked_to_write(), log.dir().to_path_buf())
         };
         if let Some(acked) = persist {
-            // Outside the lock: writers do not wait for it.
-            boomerang_core::write_atomic(&dir.join(ACKED), format!("{}\n", acked.0).as_bytes())
-                .map_err(|e| format!("could not write {}: {e}", dir.join(ACKED).display()))?;
+            // Outside the lock: writers do not wait for it. An aid only: a failure is said
+            // and replication goes on (tried again at the next ack).
+            let path = dir.join(ACKED);
+            match boomerang_core::write_atomic(&path, format!("{}\n", acked.0).as_bytes()) {
+                Ok(()) => self.lock()?.acked_written(acked),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "could not write down what the process server acknowledged; after a machine crash, a process server that lost records may go unnoticed")
+                }
+            }
         }
         Ok(())
     }
@@ -1200,8 +1219,9 @@ impl boomerang_wire::send::Source for Shipped {
     fn continue_after(&self, next: Seq) -> Result<bool, String> {
         let since = {
             let mut log = self.lock()?;
-            log.finish_start_again()
-                .and_then(|()| log.continue_after_crash(next))
+            let finished = log.finish_start_again();
+            finished
+                .and_then(|finished| Ok(log.continue_after_crash(next)?.or(finished)))
                 .map_err(|e| boomerang_core::chain(&e).to_string())?
         };
         if let (Some(since), Some(link)) = (since, &self.link) {
@@ -1374,8 +1394,10 @@ mod tests {
             }
             log.release_through(Seq(4)).unwrap();
             assert_eq!(log.acked_to_write(), Some(Seq(4)));
-            assert_eq!(log.acked_to_write(), None, "once a second at most");
             std::fs::write(dir.path().join(ACKED), "4\n").unwrap();
+            log.acked_written(Seq(4));
+            log.release_through(Seq(5)).unwrap();
+            assert_eq!(log.acked_to_write(), None, "once a second at most");
         }
         let mut log = crash_and_write(dir.path(), 3);
         // A process server that wants record 3 lost records it had acknowledged (its cache
@@ -1465,9 +1487,9 @@ mod tests {
             })
             .unwrap();
         }
-        // Stopped after `resync.all` and `lineage.since` were written, before the records
-        // were dropped: the receivers start at 1000, so the log must too.
-        std::fs::write(dir.path().join(RESYNC_ALL), "").unwrap();
+        // Stopped after `lineage.since` was written, before the records were dropped, and
+        // after a resync had run and ended (`resync.all` gone, records 1..=3 logged since):
+        // the receivers start at 1000, so the log must too, and resync every disk again.
         write_raised(dir.path(), Seq(1000)).unwrap();
         drop(log);
         let log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
