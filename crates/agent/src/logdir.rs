@@ -1299,14 +1299,21 @@ mod tests {
         ));
     }
 
-    /// Opens the log in `dir` as after a crash of the machine (another boot id), with `writes`
-    /// more records appended.
-    fn crash_and_write(dir: &Path, writes: usize) -> LogDir {
-        std::fs::write(dir.join(RUNNING), "another boot\n").unwrap();
-        let mut log = LogDir::open(dir, MIN_SEGMENT).unwrap();
-        assert!(log.machine_crashed());
-        log.uncap();
-        for _ in 0..writes {
+    /// The log in `dir` went on at `at`: it holds no record of before (none of their marks may
+    /// become a point), owes a resync of every disk, and makes no mark until it is done.
+    fn assert_goes_on_whole_at(log: &mut LogDir, dir: &Path, at: Seq) {
+        assert_eq!(log.next_seq(), at);
+        assert_eq!(segments(dir).unwrap(), vec![segment_path(dir, at)]);
+        assert!(log.is_capped() && log.resync_all_pending());
+        assert!(
+            matches!(log.mark(MarkKind::Crash), Err(LogDirError::Syncing)),
+            "no mark before the resync"
+        );
+    }
+
+    /// Appends `n` small records to `log`.
+    fn append_zeros(log: &mut LogDir, n: usize) {
+        for _ in 0..n {
             log.append(Op::Zero {
                 disk: DiskName::new("d").unwrap(),
                 offset: 0,
@@ -1314,6 +1321,16 @@ mod tests {
             })
             .unwrap();
         }
+    }
+
+    /// Opens the log in `dir` as after a crash of the machine (another boot id), with `writes`
+    /// more records appended.
+    fn crash_and_write(dir: &Path, writes: usize) -> LogDir {
+        std::fs::write(dir.join(RUNNING), "another boot\n").unwrap();
+        let mut log = LogDir::open(dir, MIN_SEGMENT).unwrap();
+        assert!(log.machine_crashed());
+        log.uncap();
+        append_zeros(&mut log, writes);
         log
     }
 
@@ -1356,16 +1373,7 @@ mod tests {
         assert_eq!(log.crash_floor, Some(Seq(9)));
         SegmentWriter::create(segment_path(dir.path(), Seq(11)), Seq(11), MIN_SEGMENT).unwrap();
         assert_eq!(log.continue_after_crash(Seq(11)).unwrap(), Some(Seq(11)));
-        assert_eq!(log.next_seq(), Seq(11));
-        assert_eq!(
-            segments(dir.path()).unwrap(),
-            vec![segment_path(dir.path(), Seq(11))]
-        );
-        assert!(log.is_capped() && log.resync_all_pending());
-        assert!(
-            matches!(log.mark(MarkKind::Crash), Err(LogDirError::Syncing)),
-            "no mark before the resync"
-        );
+        assert_goes_on_whole_at(&mut log, dir.path(), Seq(11));
         // A restart before the bitmaps are marked: the resync is still owed.
         drop(log);
         let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
@@ -1384,14 +1392,7 @@ mod tests {
         // machine crashes: the floor is 6, records 6..=8 follow.
         {
             let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
-            for _ in 0..5 {
-                log.append(Op::Zero {
-                    disk: DiskName::new("d").unwrap(),
-                    offset: 0,
-                    len: 512,
-                })
-                .unwrap();
-            }
+            append_zeros(&mut log, 5);
             log.release_through(Seq(4)).unwrap();
             assert_eq!(log.acked_to_write(), Some(Seq(4)));
             std::fs::write(dir.path().join(ACKED), "4\n").unwrap();
@@ -1433,17 +1434,7 @@ mod tests {
         let since = Seq(8 + RESTART_GAP);
         assert_eq!(now, Lineage { id: 3, since });
         assert_eq!(log.lineage(first), now);
-        assert_eq!(log.next_seq(), since);
-        assert_eq!(
-            segments(dir.path()).unwrap(),
-            vec![segment_path(dir.path(), since)],
-            "no record of before the gap is kept: none of its marks may become a point"
-        );
-        assert!(log.is_capped() && log.resync_all_pending());
-        assert!(
-            matches!(log.mark(MarkKind::Crash), Err(LogDirError::Syncing)),
-            "no mark before the resync"
-        );
+        assert_goes_on_whole_at(&mut log, dir.path(), since);
         // Kept across a restart; a new lineage starts where it says (later).
         drop(log);
         let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
@@ -1479,14 +1470,7 @@ mod tests {
     fn a_start_again_cut_short_after_its_start_was_recorded_goes_on_there() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
-        for _ in 0..3 {
-            log.append(Op::Zero {
-                disk: DiskName::new("d").unwrap(),
-                offset: 0,
-                len: 512,
-            })
-            .unwrap();
-        }
+        append_zeros(&mut log, 3);
         // Stopped after `lineage.since` was written, before the records were dropped, and
         // after a resync had run and ended (`resync.all` gone, records 1..=3 logged since):
         // the receivers start at 1000, so the log must too, and resync every disk again.

@@ -620,15 +620,12 @@ fn cut_log_after(log: &Path, keep: u64) {
     panic!("no record above {keep} in {}", log.display());
 }
 
-#[test]
-fn after_a_machine_crash_that_cut_records_the_process_server_holds_the_replica_is_made_whole() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = Protected::start(dir.path(), 1024, |i| i % 3 != 0);
+/// Replicates `m`'s disk, then the machine goes down: the process server holds the last
+/// records, which the agent's log had not synced and loses (the log is cut 4 records below
+/// them). The disk kept other writes. Returns the last record the process server holds.
+fn crash_cutting_records(m: &Protected) -> u64 {
     let mut first = m.agent();
     m.wait_for_disk();
-
-    // The machine goes down: the process server holds the last records, which the agent's
-    // log had not synced and loses. The disk kept other writes.
     std::thread::sleep(Duration::from_millis(500));
     first.signal("-KILL");
     let held = cached_last_seq(&m.cache);
@@ -638,6 +635,16 @@ fn after_a_machine_crash_that_cut_records_the_process_server_holds_the_replica_i
     for i in [5u64, 300, 301, 1000] {
         m.file.write_all_at(&block(i, 2), i * 4096).unwrap();
     }
+    m.file.sync_all().unwrap();
+    held
+}
+
+#[test]
+fn after_a_machine_crash_that_cut_records_the_process_server_holds_the_replica_is_made_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Protected::start(dir.path(), 1024, |i| i % 3 != 0);
+    crash_cutting_records(&m);
+    use std::os::unix::fs::FileExt;
     m.file.write_all_at(&[0u8; 8192], 700 * 4096).unwrap();
     m.file.sync_all().unwrap();
 
@@ -730,21 +737,9 @@ fn a_process_server_that_lost_its_cache_gets_the_disks_again_and_points_resume_w
 fn a_machine_crash_and_a_lost_process_server_cache_together_leave_no_record_unapplied() {
     let dir = tempfile::tempdir().unwrap();
     let mut m = Protected::start(dir.path(), 1024, |i| i % 3 != 0);
-    let mut first = m.agent();
-    m.wait_for_disk();
-
-    // The machine goes down, and its log loses records the master target holds and made
-    // points at (marks come every 0.1 s); the disk kept other writes.
-    std::thread::sleep(Duration::from_millis(500));
-    first.signal("-KILL");
-    let held = cached_last_seq(&m.cache);
-    cut_log_after(&m.log, held - 4);
-    std::fs::write(m.log.join("agent.running"), "another boot\n").unwrap();
-    use std::os::unix::fs::FileExt;
-    for i in [5u64, 300, 301, 1000] {
-        m.file.write_all_at(&block(i, 2), i * 4096).unwrap();
-    }
-    m.file.sync_all().unwrap();
+    // (The master target holds the records the crash takes, and made points at some: marks
+    // come every 0.1 s.)
+    let held = crash_cutting_records(&m);
     // And the process server's cache is lost, once the master target holds every record
     // it had: nothing tells the agent any more what the master target holds.
     wait_until(
