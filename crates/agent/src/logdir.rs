@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use boomerang_core::log::{
     AppendOutcome, FRAME_OVERHEAD, LogError, MarkId, MarkKind, Op, Record, Repair,
@@ -89,8 +90,8 @@ pub struct LogDir {
     /// The highest sequence number acknowledged as durable downstream.
     acked: Seq,
     /// The last one written to [`ACKED`], and when.
-    acked_written: Seq,
-    acked_written_at: Option<std::time::Instant>,
+    acked_written: Arc<AtomicU64>,
+    acked_behind: AckedBehind,
     /// See [`LogDir::fail_over`].
     failed_over: Option<Seq>,
     /// `release_through` has nothing to delete below this acknowledged sequence number.
@@ -186,6 +187,54 @@ fn drop_range(file: &File, start: u64, end: u64) {
     };
     // Advice: a filesystem that ignores it only keeps more pages cached.
     let _ = posix_fadvise(file, start, len, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+}
+
+/// Writes [`ACKED`] from a thread of its own, at most every second: the file is synced, which
+/// must hold up neither the log's lock nor the sender. An aid only: a failure is said, and
+/// tried again at a later acknowledgement.
+#[derive(Default)]
+struct AckedBehind {
+    sent_at: Option<std::time::Instant>,
+    writer: Option<std::sync::mpsc::SyncSender<u64>>,
+}
+
+impl AckedBehind {
+    fn write(&mut self, dir: &Path, acked: Seq, written: &Arc<AtomicU64>) {
+        if self
+            .sent_at
+            .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(1))
+        {
+            return;
+        }
+        let writer = self.writer.get_or_insert_with(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(1);
+            let (path, written) = (dir.join(ACKED), written.clone());
+            // If the thread cannot start, nothing is written down: said at each try below.
+            let _ = std::thread::Builder::new()
+                .name("log-acked".into())
+                .spawn(move || {
+                    for acked in rx {
+                        match boomerang_core::write_atomic(&path, format!("{acked}\n").as_bytes()) {
+                            Ok(()) => {
+                                written.fetch_max(acked, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                tracing::warn!(path = %path.display(), error = %e, "could not write down what the process server acknowledged; after a machine crash, a process server that lost records may go unnoticed");
+                            }
+                        }
+                    }
+                });
+            tx
+        });
+        match writer.try_send(acked.0) {
+            // A write still under way: the next acknowledgement tries again.
+            Ok(()) | Err(std::sync::mpsc::TrySendError::Full(_)) => {}
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                tracing::warn!(dir = %dir.display(), "could not write down what the process server acknowledged (no thread to write it)");
+            }
+        }
+        self.sent_at = Some(std::time::Instant::now());
+    }
 }
 
 /// What [`LogDir::append_entry`] appends: a record, or a write whose data is borrowed.
@@ -445,8 +494,8 @@ impl LogDir {
             syncing: false,
             synced_through: Seq(0),
             acked: Seq(0),
-            acked_written,
-            acked_written_at: None,
+            acked_written: Arc::new(AtomicU64::new(acked_written.0)),
+            acked_behind: AckedBehind::default(),
             failed_over,
             release_floor: Seq(0),
             issued: 0,
@@ -509,12 +558,13 @@ impl LogDir {
         }
         // (Acknowledged first: a process server may hold records the log lost and still have
         // lost later ones it had acknowledged.)
-        let dropped_below = if next <= self.acked_written {
+        let acked_written = Seq(self.acked_written.load(Ordering::Relaxed));
+        let dropped_below = if next <= acked_written {
             let since = self.start_again()?;
             tracing::warn!(
                 dir = %self.dir.display(),
                 wanted = next.0,
-                acknowledged = self.acked_written.0,
+                acknowledged = acked_written.0,
                 since = since.0,
                 "after the machine's crash the process server wants records it had acknowledged: it lost them, and the master target may hold records this log lost; the records start again past them, and every disk is resynced against the replica"
             );
@@ -656,19 +706,9 @@ impl LogDir {
         }
     }
 
-    /// The highest record acknowledged downstream, when it is to be written to [`ACKED`] (at
-    /// most every second, and only when it moved); [`LogDir::acked_written`] once it is.
-    pub fn acked_to_write(&self) -> Option<Seq> {
-        let due = self
-            .acked_written_at
-            .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1));
-        (self.acked > self.acked_written && due).then_some(self.acked)
-    }
-
-    /// `acked` is written to [`ACKED`].
-    pub fn acked_written(&mut self, acked: Seq) {
-        self.acked_written = self.acked_written.max(acked);
-        self.acked_written_at = Some(std::time::Instant::now());
+    /// The highest record written to [`ACKED`] (see [`LogDir::release_through`]).
+    pub fn acked_written(&self) -> Seq {
+        Seq(self.acked_written.load(Ordering::Relaxed))
     }
 
     /// The lineage the records are of: `lineage` (the attachment's), starting later if the
@@ -894,6 +934,10 @@ impl LogDir {
     /// segment's records end where the next segment's begin, so only whole segments go.
     pub fn release_through(&mut self, durable: Seq) -> Result<u64, LogDirError> {
         self.acked = self.acked.max(durable);
+        if self.acked > self.acked_written() {
+            self.acked_behind
+                .write(&self.dir, self.acked, &self.acked_written);
+        }
         let io = |source| LogDirError::Io {
             dir: self.dir.clone(),
             source,
@@ -1197,23 +1241,10 @@ impl boomerang_wire::send::Source for Shipped {
         if let Some(link) = &self.link {
             link.acked(durable);
         }
-        let (persist, dir) = {
-            let mut log = self.lock()?;
-            log.release_through(durable).map_err(|e| e.to_string())?;
-            (log.acked_to_write(), log.dir().to_path_buf())
-        };
-        if let Some(acked) = persist {
-            // Outside the lock: writers do not wait for it. An aid only: a failure is said
-            // and replication goes on (tried again at the next ack).
-            let path = dir.join(ACKED);
-            match boomerang_core::write_atomic(&path, format!("{}\n", acked.0).as_bytes()) {
-                Ok(()) => self.lock()?.acked_written(acked),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "could not write down what the process server acknowledged; after a machine crash, a process server that lost records may go unnoticed")
-                }
-            }
-        }
-        Ok(())
+        self.lock()?
+            .release_through(durable)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     fn continue_after(&self, next: Seq) -> Result<bool, String> {
@@ -1393,12 +1424,18 @@ mod tests {
         {
             let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
             append_zeros(&mut log, 5);
+            // Written down from a thread of its own, at most once a second.
             log.release_through(Seq(4)).unwrap();
-            assert_eq!(log.acked_to_write(), Some(Seq(4)));
-            std::fs::write(dir.path().join(ACKED), "4\n").unwrap();
-            log.acked_written(Seq(4));
             log.release_through(Seq(5)).unwrap();
-            assert_eq!(log.acked_to_write(), None, "once a second at most");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while log.acked_written() < Seq(4) {
+                assert!(std::time::Instant::now() < deadline, "acked not written");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            assert_eq!(
+                std::fs::read_to_string(dir.path().join(ACKED)).unwrap(),
+                "4\n"
+            );
         }
         let mut log = crash_and_write(dir.path(), 3);
         // A process server that wants record 3 lost records it had acknowledged (its cache
