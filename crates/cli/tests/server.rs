@@ -1965,6 +1965,43 @@ fn a_test_failover_serves_the_disks_at_a_point_isolated_and_its_cleanup_removes_
         (&json!("protected"), &json!("gold"))
     );
 
+    // An edit of the policy reaches the machine it protects: a protect job sends it to the
+    // master target and the agent.
+    let (code, edited) = call(
+        d,
+        "127.0.0.1",
+        &r.port,
+        "PUT",
+        "/api/policies/gold",
+        Some(&r.admin),
+        Some(
+            &json!({"rpo_threshold_seconds": 30, "retention_seconds": 7200, "app_consistent_seconds": 0}),
+        ),
+    );
+    assert_eq!(code, 200, "{edited}");
+    wait_for(
+        "the edited policy never reached the master target",
+        60,
+        || {
+            let kept =
+                std::fs::read_to_string(d.join("retention/replicas/app01/retention")).ok()?;
+            (kept == "7200").then_some(Value::Null)
+        },
+    );
+    let jobs = json_out(&r.cli(&["job", "list", "--output", "json"]));
+    let pushed = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|j| j["kind"] == "protect")
+        .cloned()
+        .unwrap();
+    assert_ne!(pushed["id"], protected["id"], "{jobs}");
+    wait_for("the protect job of the edit never ended", 30, || {
+        let job = json_out(&r.cli(&["job", "show", &pushed["id"].to_string(), "--output", "json"]));
+        (job["state"] == "succeeded").then_some(job)
+    });
+
     // One app-consistent mark among the crash marks (every 0.3 s): the point asked for.
     let mark = json_out(
         &Command::new(env!("CARGO_BIN_EXE_boomerang"))
@@ -2075,6 +2112,8 @@ fn a_test_failover_serves_the_disks_at_a_point_isolated_and_its_cleanup_removes_
         states,
         [
             ("test-failover", "failed"),
+            ("protect", "succeeded"),
+            // (The policy's edit.)
             ("protect", "succeeded"),
             ("test-failover", "succeeded"),
             ("test-failover-cleanup", "succeeded")

@@ -652,7 +652,9 @@ async fn create_policy(
     ))
 }
 
-/// Changes a replication policy (admin); a failback policy is refused with 409.
+/// Changes a replication policy (admin); a failback policy is refused with 409. Each machine
+/// the policy protects that is protected now gets a protect job, which sends the new settings
+/// to its master target and agent.
 #[utoipa::path(put, path = "/api/policies/{name}", tag = "policies", request_body = PolicySettings,
     params(("name" = String, Path, description = "The policy's name")),
     responses((status = 200, body = Policy), (status = 400, body = ApiError),
@@ -661,13 +663,25 @@ async fn create_policy(
     security(("bearer" = [])))]
 async fn update_policy(
     State(state): State<Arc<AppState>>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     Path(name): Path<String>,
     Body(settings): Body<PolicySettings>,
 ) -> Result<Json<Policy>, ApiError> {
     settings.check().map_err(ApiError::bad_request)?;
-    Ok(Json(
-        db(&state, move |db| db.update_policy(&name, &settings)).await?,
-    ))
+    let timeout = state.heartbeat_timeout_ms;
+    let (policy, started, left) = db(&state, move |db| {
+        let policy = db.update_policy(&name, &settings)?;
+        // The machines it protects take the new settings.
+        let (started, left) = db.push_policy(&policy.name, &caller.name, timeout)?;
+        Ok((policy, started, left))
+    })
+    .await?;
+    if !started.is_empty() {
+        state.jobs_changed.notify_one();
+    }
+    let jobs: Vec<i64> = started.iter().map(|j| j.id).collect();
+    tracing::info!(policy = %policy.name, ?jobs, left_out = ?left, "policy changed: a protect job sends it to each machine protected with it now");
+    Ok(Json(policy))
 }
 
 /// Deletes a replication policy and its failback policy (admin); a failback policy alone is

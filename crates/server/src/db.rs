@@ -949,10 +949,17 @@ impl Db {
             )));
         }
         let since = now_ms();
+        // The same policy again (its settings sent again) keeps the time it was given.
         tx.execute(
             "INSERT INTO protections (machine, policy, since_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT (machine) DO UPDATE SET policy = excluded.policy, since_ms = excluded.since_ms",
+             ON CONFLICT (machine) DO UPDATE SET since_ms = CASE WHEN policy = excluded.policy
+                 THEN since_ms ELSE excluded.since_ms END, policy = excluded.policy",
             params![machine, found.id, since],
+        )?;
+        let since: i64 = tx.query_row(
+            "SELECT since_ms FROM protections WHERE machine = ?1",
+            [machine],
+            |r| r.get(0),
         )?;
         tx.commit()?;
         Ok(Protection {

@@ -544,6 +544,47 @@ fn row_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
 }
 
 impl Db {
+    /// After an edit of replication policy `name`: a protect job for each machine it protects
+    /// that is protected now, which sends the policy's retention to the machine's master
+    /// target and its app-consistent schedule to its agent. Returns the jobs started, and the
+    /// machines left out: not protected now (syncing: its protect job reads the policy as it
+    /// goes; failed over: its next protect sends it), or running another job.
+    pub fn push_policy(
+        &self,
+        name: &str,
+        actor: &str,
+        heartbeat_timeout_ms: i64,
+    ) -> Result<(Vec<Job>, Vec<String>), DbError> {
+        let statuses = crate::api::statuses(self, heartbeat_timeout_ms)?;
+        let (mut started, mut left) = (Vec::new(), Vec::new());
+        for (protection, _) in self.protections()? {
+            if protection.policy != name {
+                continue;
+            }
+            let protected = statuses
+                .iter()
+                .any(|s| s.name == protection.machine && s.state == ProtectionState::Protected);
+            if !protected {
+                left.push(protection.machine);
+                continue;
+            }
+            let job = NewJob {
+                kind: JobKind::Protect,
+                machine: protection.machine.clone(),
+                point: None,
+                planned: false,
+                policy: Some(name.to_string()),
+                options: Data::new(),
+            };
+            match self.create_job(&job, actor) {
+                Ok(job) => started.push(job),
+                Err(DbError::Conflict(_)) => left.push(protection.machine),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((started, left))
+    }
+
     /// Records a job to run, at its first step.
     pub fn create_job(&self, new: &NewJob, actor: &str) -> Result<Job, DbError> {
         let now = crate::db::now();

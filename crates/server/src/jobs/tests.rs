@@ -736,6 +736,59 @@ fn protect_gives_the_policy_and_follows_the_initial_sync_to_protected() {
 }
 
 #[test]
+fn an_edited_policy_goes_to_the_machines_protected_with_it_now() {
+    let (_dir, db) = db();
+    let settings = |retention_seconds| crate::policy::PolicySettings {
+        rpo_threshold_seconds: 30,
+        retention_seconds,
+        app_consistent_seconds: 600,
+    };
+    db.create_policy("gold", &settings(3600)).unwrap();
+    db.set_protection("app01", "gold").unwrap();
+    let since = db.protections().unwrap()[0].0.since_unix_ms;
+    // Not protected yet (no copy reported): left to its protect job.
+    let (started, left) = db.push_policy("gold", "admin", 60_000).unwrap();
+    assert!(started.is_empty());
+    assert_eq!(left, ["app01"]);
+
+    protect(&db);
+    db.update_policy("gold", &settings(7200)).unwrap();
+    let (started, left) = db.push_policy("gold", "admin", 60_000).unwrap();
+    assert_eq!(started.len(), 1, "{left:?}");
+    assert!(left.is_empty());
+    let job = started[0].id;
+    engine(&db).step_all().unwrap();
+    engine(&db).step_all().unwrap();
+    assert_eq!(db.get_job(job).unwrap().unwrap().step, "retention");
+    let told = answer(&db, "mt1", true, json!({"retention_seconds": 7200}));
+    assert_eq!(told.params["retention_seconds"], 7200);
+    engine(&db).step_all().unwrap();
+    let app = answer(&db, "app01", true, json!({"seconds": 600.0}));
+    assert_eq!(
+        (app.kind.as_str(), &app.params["seconds"]),
+        ("app-mark-interval", &json!(600))
+    );
+    engine(&db).step_all().unwrap();
+    let done = db.get_job(job).unwrap().unwrap();
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    assert_eq!(
+        db.protections().unwrap()[0].0.since_unix_ms,
+        since,
+        "protected with the policy since it was given, not since the edit"
+    );
+
+    // A machine running another job is left out (its next protect sends the settings).
+    let other = db.create_job(&new(JobKind::Commit, None), "ops").unwrap();
+    let (started, left) = db.push_policy("gold", "admin", 60_000).unwrap();
+    assert!(started.is_empty());
+    assert_eq!(left, ["app01"]);
+    assert_eq!(
+        db.get_job(other.id).unwrap().unwrap().state,
+        JobState::Running
+    );
+}
+
+#[test]
 fn a_protect_job_waiting_on_its_master_target_is_cancelled_and_says_the_machine_is_protected() {
     let (_dir, db) = db();
     db.create_policy(
