@@ -668,19 +668,25 @@ async fn update_policy(
     Body(settings): Body<PolicySettings>,
 ) -> Result<Json<Policy>, ApiError> {
     settings.check().map_err(ApiError::bad_request)?;
-    let timeout = state.heartbeat_timeout_ms;
-    let (policy, started, left) = db(&state, move |db| {
-        let policy = db.update_policy(&name, &settings)?;
-        // The machines it protects take the new settings.
-        let (started, left) = db.push_policy(&policy.name, &caller.name, timeout)?;
-        Ok((policy, started, left))
+    let policy = db(&state, move |db| db.update_policy(&name, &settings)).await?;
+    // The machines it protects take the new settings. The edit stands whatever happens here.
+    let (timeout, pushed) = (state.heartbeat_timeout_ms, policy.name.clone());
+    match db(&state, move |db| {
+        db.push_policy(&pushed, &caller.name, timeout)
     })
-    .await?;
-    if !started.is_empty() {
-        state.jobs_changed.notify_one();
+    .await
+    {
+        Ok((started, left)) => {
+            if !started.is_empty() {
+                state.jobs_changed.notify_one();
+            }
+            let jobs: Vec<i64> = started.iter().map(|j| j.id).collect();
+            tracing::info!(policy = %policy.name, ?jobs, left_out = ?left, "policy changed: a protect job sends it to each machine that replicates with it now; those left out take it at their next protect");
+        }
+        Err(e) => {
+            tracing::error!(policy = %policy.name, error = %e.message, "policy changed, but not sent to its machines: run protect for each to send it");
+        }
     }
-    let jobs: Vec<i64> = started.iter().map(|j| j.id).collect();
-    tracing::info!(policy = %policy.name, ?jobs, left_out = ?left, "policy changed: a protect job sends it to each machine protected with it now");
     Ok(Json(policy))
 }
 

@@ -543,12 +543,18 @@ fn row_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     })
 }
 
+/// In a protect job's data: started by an edit of its policy (see [`Db::push_policy`]).
+const PUSHED: &str = "pushed";
+
 impl Db {
     /// After an edit of replication policy `name`: a protect job for each machine it protects
-    /// that is protected now, which sends the policy's retention to the machine's master
-    /// target and its app-consistent schedule to its agent. Returns the jobs started, and the
-    /// machines left out: not protected now (syncing: its protect job reads the policy as it
-    /// goes; failed over: its next protect sends it), or running another job.
+    /// that replicates now (protected, resyncing, or in its first copy with no job running),
+    /// which sends the policy's retention to the machine's master target and its
+    /// app-consistent schedule to its agent once the machine is protected. Such a job gives
+    /// way to any job asked for the machine later (it is cancelled then), so it never holds
+    /// up a failover, and a later edit replaces it. Returns the jobs started, and the machines
+    /// left out: failed over or unprotected (their next protect sends the policy), or running
+    /// another job (a protect job in progress reads the policy as it goes).
     pub fn push_policy(
         &self,
         name: &str,
@@ -561,20 +567,28 @@ impl Db {
             if protection.policy != name {
                 continue;
             }
-            let protected = statuses
-                .iter()
-                .any(|s| s.name == protection.machine && s.state == ProtectionState::Protected);
-            if !protected {
+            let replicating = statuses.iter().any(|s| {
+                s.name == protection.machine
+                    && matches!(
+                        s.state,
+                        ProtectionState::Protected
+                            | ProtectionState::Resync
+                            | ProtectionState::InitialSync
+                    )
+            });
+            if !replicating {
                 left.push(protection.machine);
                 continue;
             }
+            let mut options = Data::new();
+            options.insert(PUSHED.into(), json!(true));
             let job = NewJob {
                 kind: JobKind::Protect,
                 machine: protection.machine.clone(),
                 point: None,
                 planned: false,
                 policy: Some(name.to_string()),
-                options: Data::new(),
+                options,
             };
             match self.create_job(&job, actor) {
                 Ok(job) => started.push(job),
@@ -605,20 +619,37 @@ impl Db {
             let mut conn = self.conn();
             let tx = conn.transaction()?;
             // One job at a time per machine: two would act on the same disks.
-            let running: Option<(i64, String)> = {
+            let running: Option<(i64, String, String)> = {
                 use rusqlite::OptionalExtension;
                 tx.query_row(
-                    "SELECT id, kind FROM jobs WHERE machine = ?1 AND state = 'running' LIMIT 1",
+                    "SELECT id, kind, data FROM jobs WHERE machine = ?1 AND state = 'running' LIMIT 1",
                     [&new.machine],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?
             };
-            if let Some((other, kind)) = running {
-                return Err(DbError::Conflict(format!(
-                    "job {other} ({kind}) of machine {:?} is running: wait for it to end (boomerang job show {other})",
-                    new.machine
-                )));
+            if let Some((other, kind, other_data)) = running {
+                // A policy's edit being sent (see `push_policy`) gives way to any job asked
+                // for: safe to stop at any step, and the machine's next protect sends it.
+                let pushed = serde_json::from_str::<Data>(&other_data)
+                    .is_ok_and(|d| d.get(PUSHED) == Some(&json!(true)));
+                if !pushed {
+                    return Err(DbError::Conflict(format!(
+                        "job {other} ({kind}) of machine {:?} is running: wait for it to end (boomerang job show {other})",
+                        new.machine
+                    )));
+                }
+                tx.execute(
+                    "UPDATE jobs SET state = 'cancelled', message = ?2, updated_ms = ?3 WHERE id = ?1 AND state = 'running'",
+                    rusqlite::params![
+                        other,
+                        format!(
+                            "cancelled for a {} job of the machine: the policy's edit may not have reached its master target and agent; the machine's next protect sends it",
+                            new.kind.as_str()
+                        ),
+                        now
+                    ],
+                )?;
             }
             tx.execute(
                 "INSERT INTO jobs (kind, machine, state, step, result, requested_by, created_ms, updated_ms, data)
@@ -795,6 +826,10 @@ impl Db {
         // Where a job may stop, and what is left to do then.
         let message = match (row.job.kind, row.step) {
             (_, 0) => "cancelled before it started".to_string(),
+            (JobKind::Protect, _) if row.data.get(PUSHED) == Some(&json!(true)) => format!(
+                "cancelled: the policy's edit may not have reached the master target and agent of {:?}; its next protect sends it",
+                row.job.machine
+            ),
             (JobKind::TestFailover, 2) => "cancelled while its master target may be starting it: run test-failover-cleanup, which stops it if it started".to_string(),
             (JobKind::Failover, 2) if row.data.get("planned") == Some(&json!(true)) => format!(
                 "cancelled while waiting for the final mark at the master target: the machine is stopped at its source (its agent refuses writes); fail over unplanned, or remove the failed-over marker in its agent's log directory and restart the agent to run it there again ({:?})",
@@ -1548,6 +1583,26 @@ impl<'a> Engine<'a> {
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string();
+                if data.get(PUSHED) == Some(&json!(true)) {
+                    // Sends an edit of the machine's policy: only while it is still its policy
+                    // (it may have been changed or taken away meanwhile).
+                    let still = self
+                        .db
+                        .protections()?
+                        .iter()
+                        .any(|(p, _)| p.machine == machine && p.policy == policy);
+                    if !still {
+                        let message = format!(
+                            "machine {machine:?} is no longer protected with policy {policy:?}: the policy's edit is not sent"
+                        );
+                        self.db
+                            .end_job(id, JobState::Cancelled, &message, &Value::Null)?;
+                        return Ok(());
+                    }
+                    data.insert("started_ms".into(), json!(crate::db::now()));
+                    self.db.advance(id, 0, 1, &data, None)?;
+                    return Ok(());
+                }
                 match self.db.set_protection(&machine, &policy) {
                     Ok(_) => {
                         data.insert("started_ms".into(), json!(crate::db::now()));

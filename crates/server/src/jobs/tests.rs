@@ -745,8 +745,12 @@ fn an_edited_policy_goes_to_the_machines_protected_with_it_now() {
     };
     db.create_policy("gold", &settings(3600)).unwrap();
     db.set_protection("app01", "gold").unwrap();
-    let since = db.protections().unwrap()[0].0.since_unix_ms;
-    // Not protected yet (no copy reported): left to its protect job.
+    // Given long ago: a protect job sending an edit keeps that time.
+    db.conn()
+        .execute("UPDATE protections SET since_ms = 1000", [])
+        .unwrap();
+    let since = 1000;
+    // No agent reports its disks: nothing replicates, and its next protect sends the policy.
     let (started, left) = db.push_policy("gold", "admin", 60_000).unwrap();
     assert!(started.is_empty());
     assert_eq!(left, ["app01"]);
@@ -777,8 +781,17 @@ fn an_edited_policy_goes_to_the_machines_protected_with_it_now() {
         "protected with the policy since it was given, not since the edit"
     );
 
-    // A machine running another job is left out (its next protect sends the settings).
+    // A job sending an edit gives way to any job asked for the machine: it never holds up a
+    // failover. A later edit replaces it too.
+    let (first, _) = db.push_policy("gold", "admin", 60_000).unwrap();
+    let (second, _) = db.push_policy("gold", "admin", 60_000).unwrap();
+    let first = db.get_job(first[0].id).unwrap().unwrap();
+    assert_eq!(first.state, JobState::Cancelled);
     let other = db.create_job(&new(JobKind::Commit, None), "ops").unwrap();
+    let second = db.get_job(second[0].id).unwrap().unwrap();
+    assert_eq!(second.state, JobState::Cancelled, "{second:?}");
+    assert!(second.message.unwrap().contains("next protect"));
+    // A machine running another job is left out: that job is not stopped.
     let (started, left) = db.push_policy("gold", "admin", 60_000).unwrap();
     assert!(started.is_empty());
     assert_eq!(left, ["app01"]);
@@ -786,6 +799,21 @@ fn an_edited_policy_goes_to_the_machines_protected_with_it_now() {
         db.get_job(other.id).unwrap().unwrap().state,
         JobState::Running
     );
+    db.cancel_job(other.id).unwrap();
+
+    // A job sending an edit to a machine whose policy changed meanwhile sends nothing.
+    let (started, _) = db.push_policy("gold", "admin", 60_000).unwrap();
+    db.create_policy("silver", &settings(60)).unwrap();
+    db.set_protection("app01", "silver").unwrap();
+    engine(&db).step_all().unwrap();
+    let job = db.get_job(started[0].id).unwrap().unwrap();
+    assert_eq!(job.state, JobState::Cancelled, "{job:?}");
+    assert!(
+        job.message
+            .unwrap()
+            .contains("no longer protected with policy")
+    );
+    assert_eq!(db.protections().unwrap()[0].0.policy, "silver");
 }
 
 #[test]
