@@ -190,30 +190,36 @@ fn drop_range(file: &File, start: u64, end: u64) {
 }
 
 /// Writes [`ACKED`] from a thread of its own, at most every second: the file is synced, which
-/// must hold up neither the log's lock nor the sender. An aid only: a failure is said, and
-/// tried again at a later acknowledgement.
+/// must hold up neither the log's lock nor the sender. The newest acknowledgement is written
+/// within a second or so, also when acknowledgements stop coming. An aid only: a failure is
+/// said, and tried again a second later.
 #[derive(Default)]
 struct AckedBehind {
-    sent_at: Option<std::time::Instant>,
-    writer: Option<std::sync::mpsc::SyncSender<u64>>,
+    /// The highest record acknowledged, for the thread to write down.
+    newest: Arc<AtomicU64>,
+    /// Dropped with the log, which ends the thread.
+    wake: Option<std::sync::mpsc::SyncSender<()>>,
 }
 
 impl AckedBehind {
-    fn write(&mut self, dir: &Path, acked: Seq, written: &Arc<AtomicU64>) {
-        if self
-            .sent_at
-            .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(1))
-        {
-            return;
-        }
-        let writer = self.writer.get_or_insert_with(|| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(1);
-            let (path, written) = (dir.join(ACKED), written.clone());
-            // If the thread cannot start, nothing is written down: said at each try below.
+    fn acked(&mut self, dir: &Path, acked: Seq, written: &Arc<AtomicU64>) {
+        self.newest.fetch_max(acked.0, Ordering::Relaxed);
+        let wake = self.wake.get_or_insert_with(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+            let (path, newest, written) = (dir.join(ACKED), self.newest.clone(), written.clone());
+            // If the thread cannot start, nothing is written down (the crash check then takes
+            // the process server's word, as before the file existed).
             let _ = std::thread::Builder::new()
                 .name("log-acked".into())
                 .spawn(move || {
-                    for acked in rx {
+                    let second = std::time::Duration::from_secs(1);
+                    while let Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                        rx.recv_timeout(second)
+                    {
+                        let acked = newest.load(Ordering::Relaxed);
+                        if acked <= written.load(Ordering::Relaxed) {
+                            continue;
+                        }
                         match boomerang_core::write_atomic(&path, format!("{acked}\n").as_bytes()) {
                             Ok(()) => {
                                 written.fetch_max(acked, Ordering::Relaxed);
@@ -222,18 +228,14 @@ impl AckedBehind {
                                 tracing::warn!(path = %path.display(), error = %e, "could not write down what the process server acknowledged; after a machine crash, a process server that lost records may go unnoticed");
                             }
                         }
+                        // At most one write a second.
+                        std::thread::sleep(second);
                     }
                 });
             tx
         });
-        match writer.try_send(acked.0) {
-            // A write still under way: the next acknowledgement tries again.
-            Ok(()) | Err(std::sync::mpsc::TrySendError::Full(_)) => {}
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
-                tracing::warn!(dir = %dir.display(), "could not write down what the process server acknowledged (no thread to write it)");
-            }
-        }
-        self.sent_at = Some(std::time::Instant::now());
+        // A write under way, or a wake-up pending: the thread sees the newest value anyway.
+        let _ = wake.try_send(());
     }
 }
 
@@ -936,7 +938,7 @@ impl LogDir {
         self.acked = self.acked.max(durable);
         if self.acked > self.acked_written() {
             self.acked_behind
-                .write(&self.dir, self.acked, &self.acked_written);
+                .acked(&self.dir, self.acked, &self.acked_written);
         }
         let io = |source| LogDirError::Io {
             dir: self.dir.clone(),
@@ -1424,9 +1426,10 @@ mod tests {
         {
             let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
             append_zeros(&mut log, 5);
-            // Written down from a thread of its own, at most once a second.
+            // Written down from a thread of its own, at most once a second; the newest one
+            // too once acknowledgements stop.
+            log.release_through(Seq(3)).unwrap();
             log.release_through(Seq(4)).unwrap();
-            log.release_through(Seq(5)).unwrap();
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
             while log.acked_written() < Seq(4) {
                 assert!(std::time::Instant::now() < deadline, "acked not written");
