@@ -313,6 +313,14 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
+/// Removes `path`; one already gone is no error.
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Where [`LogDir::restart_after_gone`] started the records again, if it did: `Err` with the
 /// text of a damaged file.
 fn read_raised(dir: &Path) -> std::io::Result<Result<Option<Seq>, String>> {
@@ -588,10 +596,7 @@ impl LogDir {
             dir: self.dir.clone(),
             source,
         };
-        match std::fs::remove_file(self.dir.join(CRASH_FLOOR)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-            _ => {}
-        }
+        remove_if_present(&self.dir.join(CRASH_FLOOR)).map_err(io)?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io)?;
@@ -731,15 +736,10 @@ impl LogDir {
 
     /// Every disk's bitmap is set whole: the resync it asked for is under way.
     pub fn resync_all_marked(&mut self) -> Result<(), LogDirError> {
-        match std::fs::remove_file(self.dir.join(RESYNC_ALL)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(LogDirError::Io {
-                    dir: self.dir.clone(),
-                    source: e,
-                });
-            }
-            _ => {}
-        }
+        remove_if_present(&self.dir.join(RESYNC_ALL)).map_err(|source| LogDirError::Io {
+            dir: self.dir.clone(),
+            source,
+        })?;
         self.resync_all = false;
         Ok(())
     }
@@ -1116,10 +1116,7 @@ impl LogDir {
         for path in old.iter().filter(|p| p.as_path() != self.writer.path()) {
             std::fs::remove_file(path).map_err(io)?;
         }
-        match std::fs::remove_file(self.dir.join(FAILED_OVER)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-            _ => {}
-        }
+        remove_if_present(&self.dir.join(FAILED_OVER)).map_err(io)?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io)?;

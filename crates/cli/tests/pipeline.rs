@@ -42,6 +42,11 @@ fn site(dir: &Path) -> PathBuf {
 }
 
 fn master_target(ca: &Path, retention: &Path, listen: &str) -> Daemon {
+    master_target_every(ca, retention, listen, "0")
+}
+
+/// [`master_target`], making points at most every `point_every` seconds.
+fn master_target_every(ca: &Path, retention: &Path, listen: &str, point_every: &str) -> Daemon {
     mt_daemon(
         ca,
         "mt1",
@@ -52,7 +57,7 @@ fn master_target(ca: &Path, retention: &Path, listen: &str) -> Daemon {
             "--block-size",
             "4KiB",
             "--point-every",
-            "0",
+            point_every,
         ],
     )
 }
@@ -485,19 +490,7 @@ impl Protected {
         }
         let retention = dir.join("retention");
         let cache = dir.join("cache");
-        let mt = mt_daemon(
-            &ca,
-            "mt1",
-            &retention,
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--block-size",
-                "4KiB",
-                "--point-every",
-                point_every,
-            ],
-        );
+        let mt = master_target_every(&ca, &retention, "127.0.0.1:0", point_every);
         let ps = process_server(&ca, &cache, "127.0.0.1:0", Some(&mt.addr), &[]);
         Protected {
             store: retention.join("replicas/web01/store"),
