@@ -641,7 +641,7 @@ impl Applier {
             tracing::info!(stream = %self.stream, from = %Seq(applied.0 + 1), to = %self.replay_until, "applying records again after a restart: their marks are points through the incoming log, checkpoints resume after them");
         }
         let mut tail = match LogTail::open(&incoming, Seq(applied.0 + 1)) {
-            Err(e) => return Err(self.moved(&incoming, lineage).unwrap_or(e.into())),
+            Err(e) => return Err(self.moved(&incoming, lineage).unwrap_or_else(|| e.into())),
             Ok(tail) => tail,
         };
         position.send_replace(Position { run, applied });
@@ -652,7 +652,7 @@ impl Applier {
                 return Ok(());
             }
             let batch = match tail.next_batch(4 << 20) {
-                Err(e) => return Err(self.moved(&incoming, lineage).unwrap_or(e.into())),
+                Err(e) => return Err(self.moved(&incoming, lineage).unwrap_or_else(|| e.into())),
                 Ok(batch) => batch,
             };
             let Some(batch) = batch else {

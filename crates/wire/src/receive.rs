@@ -359,7 +359,7 @@ impl Receiver {
         // A newer lineage, or the same one starting later: the sender's records go on after a
         // gap (it lost records the receiver had, or the receiver lost records it had released),
         // so whatever is held is dropped and the stream starts again at `since`.
-        if offered.id > held.id || (offered.id == held.id && offered.since > held.since) {
+        if (offered.id, offered.since) > (held.id, held.since) {
             let (back, reset) = tokio::task::spawn_blocking(move || {
                 let reset = cache.reset(offered);
                 (cache, reset)
