@@ -38,7 +38,8 @@ impl AsyncWrite for Client {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    // Timers: the server bounds the handshake and its stop in time.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
     let server = Server::new(
         vec![
             Export { name: "a".into(), description: String::new(), device: Arc::new(MemDevice::new(1 << 20)), read_only: false },
@@ -46,5 +47,7 @@ fuzz_target!(|data: &[u8]| {
         ],
         1,
     );
-    runtime.block_on(server.handle(Client(std::io::Cursor::new(data.to_vec()))));
+    // The server does not stop while the client talks.
+    let (_running, closing) = tokio::sync::watch::channel(false);
+    runtime.block_on(server.handle(Client(std::io::Cursor::new(data.to_vec())), closing));
 });

@@ -194,6 +194,15 @@ impl CaptureDevice {
 }
 
 impl CaptureDevice {
+    /// Makes the disk and its dirty-block bitmap durable: at a clean stop, once the log takes
+    /// no more changes (see [`LogDir::close_clean`]).
+    pub fn sync_disk(&self) -> Result<(), String> {
+        self.bitmap()
+            .and_then(|bitmap| bitmap.sync())
+            .and_then(|()| self.inner.flush())
+            .map_err(|e| format!("disk {}: {e}", self.disk))
+    }
+
     /// Makes writes wait for the process server (synchronous replication).
     pub fn with_sync(mut self, link: Arc<SyncLink>) -> Self {
         self.sync = Some(link);
@@ -724,7 +733,10 @@ mod tests {
             got[8192..].iter().all(|&b| b == 9),
             "another disk's change is not applied here"
         );
-        log.lock().unwrap().close_clean().unwrap();
+        log.lock()
+            .unwrap()
+            .close_clean(|| dev.sync_disk())
+            .unwrap();
         drop((dev, log));
         assert!(!LogDir::open(&log_dir, MIN_SEGMENT).unwrap().unclean_stop());
     }

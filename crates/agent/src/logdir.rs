@@ -56,6 +56,10 @@ pub enum LogDirError {
         dir.display()
     )]
     AwaitingProcessServer { dir: PathBuf },
+    #[error(
+        "could not sync the disks at the agent's stop ({0}): the stop counts as a crash, and the next start checks the disks against the log"
+    )]
+    DisksNotSynced(String),
     #[error("a segment size of {0} bytes is too small: use at least 1 MiB")]
     SegmentTooSmall(u64),
     #[error(
@@ -774,12 +778,21 @@ impl LogDir {
         ticket
     }
 
-    /// Syncs the log and records a clean stop, so the next start trusts the log.
-    pub fn close_clean(&mut self) -> Result<(), LogDirError> {
+    /// Syncs the log, has `sync_disks` make the disks durable, and records a clean stop, so
+    /// the next start trusts the log and the disks alike. Without the disks' sync, a machine
+    /// crash after the stop could lose writes the disks held only in the page cache while the
+    /// synced log (and the replica) kept them: the disk would differ from its replica unseen.
+    /// If the disks cannot be synced the stop stays unclean, and the next start treats it as
+    /// a crash.
+    pub fn close_clean(
+        &mut self,
+        sync_disks: impl FnOnce() -> Result<(), String>,
+    ) -> Result<(), LogDirError> {
         self.turnstile.wait_for(self.issued);
         // A write still in flight after this is refused: the log says it stopped cleanly.
         self.closed = true;
         self.writer.sync()?;
+        sync_disks().map_err(LogDirError::DisksNotSynced)?;
         std::fs::remove_file(self.dir.join(RUNNING)).map_err(|source| LogDirError::Io {
             dir: self.dir.clone(),
             source,
@@ -1290,6 +1303,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_stop_whose_disks_could_not_be_synced_counts_as_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+            let refused = log.close_clean(|| Err("disk d: EIO".into()));
+            assert!(
+                matches!(&refused, Err(LogDirError::DisksNotSynced(why)) if why == "disk d: EIO"),
+                "{refused:?}"
+            );
+        }
+        let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
+        assert!(log.unclean_stop(), "the next start checks the disks");
+        let mut synced = false;
+        log.close_clean(|| {
+            synced = true;
+            Ok(())
+        })
+        .unwrap();
+        assert!(synced);
+        drop(log);
+        assert!(!LogDir::open(dir.path(), MIN_SEGMENT).unwrap().unclean_stop());
+    }
+
+    #[test]
     fn a_failed_over_log_takes_no_record_even_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let disk = DiskName::new("d").unwrap();
@@ -1311,7 +1348,7 @@ mod tests {
                 write(&mut log),
                 Err(LogDirError::FailedOver { seq: 2, .. })
             ));
-            log.close_clean().unwrap();
+            log.close_clean(|| Ok(())).unwrap();
             seq
         };
         let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();

@@ -621,7 +621,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     let mut log = log
         .lock()
         .map_err(|_| anyhow::anyhow!("log lock poisoned"))?;
-    log.close_clean()?;
+    log.close_clean(|| devices.iter().try_for_each(|d| d.sync_disk()))?;
     if restart {
         drop(log);
         eprintln!("agent restarting: the configuration server attached or released its disks");

@@ -15,6 +15,10 @@ use crate::handshake::{Negotiated, handshake};
 /// How long a client may take to finish the handshake.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// At a server's stop: how long a client has, once told `ESHUTDOWN`, to disconnect before the
+/// server closes the connection.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// One disk served under a name.
 pub struct Export {
     pub name: String,
@@ -28,6 +32,7 @@ pub struct Export {
 pub struct Server {
     exports: Arc<BTreeMap<String, Arc<Export>>>,
     connections: Arc<Semaphore>,
+    max_connections: u32,
 }
 
 /// Where to listen: `127.0.0.1:PORT` (any socket address) or `unix:PATH`.
@@ -87,9 +92,11 @@ impl Server {
             .into_iter()
             .map(|e| (e.name.clone(), Arc::new(e)))
             .collect();
+        let max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS.min(1 << 16));
         Server {
             exports: Arc::new(exports),
-            connections: Arc::new(Semaphore::new(max_connections.max(1))),
+            connections: Arc::new(Semaphore::new(max_connections)),
+            max_connections: max_connections as u32,
         }
     }
 
@@ -101,19 +108,37 @@ impl Server {
         self.exports.values()
     }
 
-    /// Accepts clients until `shutdown` turns true; then stops accepting and returns.
-    /// Connections already open finish on their own (the client disconnects).
-    pub async fn serve(
+    /// Accepts clients until `shutdown` turns true (or its sender is dropped); then stops
+    /// accepting, closes the connections, and returns once they are closed. Each connection
+    /// finishes the requests in flight and answers later ones with `ESHUTDOWN`, as the protocol
+    /// asks of a server that stops; a client that has not disconnected after
+    /// [`SHUTDOWN_GRACE`] is disconnected.
+    pub async fn serve(&self, listener: Listener, shutdown: watch::Receiver<bool>) -> io::Result<()> {
+        self.accept_until(listener, shutdown.clone()).await?;
+        // Every connection gives its slot back when it ends. Requests in flight finish first;
+        // one that hangs (a device that never answers) does not hold the stop up for ever.
+        let all = self.connections.acquire_many(self.max_connections);
+        if tokio::time::timeout(SHUTDOWN_GRACE * 2, all).await.is_err() {
+            tracing::warn!("NBD connections still open at the server's stop: they are dropped");
+        }
+        Ok(())
+    }
+
+    async fn accept_until(
         &self,
         listener: Listener,
         mut shutdown: watch::Receiver<bool>,
     ) -> io::Result<()> {
+        if *shutdown.borrow_and_update() {
+            return Ok(());
+        }
         loop {
             let permit = tokio::select! {
                 p = self.connections.clone().acquire_owned() => p.map_err(io::Error::other)?,
                 _ = shutdown.changed() => return Ok(()),
             };
             let server = self.clone();
+            let closing = shutdown.clone();
             tokio::select! {
                 accepted = accept(&listener) => {
                     let conn = match accepted {
@@ -128,9 +153,9 @@ impl Server {
                         match conn {
                             Conn::Tcp(s) => {
                                 let _ = s.set_nodelay(true);
-                                server.handle(s).await
+                                server.handle(s, closing).await
                             }
-                            Conn::Unix(s) => server.handle(s).await,
+                            Conn::Unix(s) => server.handle(s, closing).await,
                         }
                     });
                 }
@@ -139,23 +164,28 @@ impl Server {
         }
     }
 
-    /// Serves one client connection to its end.
-    pub async fn handle<S>(&self, mut stream: S)
+    /// Serves one client connection to its end, or until `closing` turns true (or its sender
+    /// is dropped): see [`Server::serve`].
+    pub async fn handle<S>(&self, mut stream: S, mut closing: watch::Receiver<bool>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        // A client that does not finish the handshake must not hold a connection slot forever.
-        let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, self))
-            .await
-            .unwrap_or_else(|_| {
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the handshake took too long",
-                ))
-            });
+        // A client that does not finish the handshake must not hold a connection slot forever;
+        // one still negotiating when the server stops is simply disconnected.
+        let negotiated = tokio::select! {
+            n = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, self)) => {
+                n.unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the handshake took too long",
+                    ))
+                })
+            }
+            _ = closing.wait_for(|c| *c) => return,
+        };
         match negotiated {
             Ok(Negotiated::Transmit(session)) => {
-                if let Err(e) = crate::transmission::transmit(stream, session).await {
+                if let Err(e) = crate::transmission::transmit(stream, session, closing).await {
                     tracing::debug!(error = %e, "NBD connection ended with an error");
                 }
             }

@@ -1,13 +1,16 @@
 //! The transmission phase: a reader parses requests and hands each to its own task; a writer
 //! sends replies as they complete, matched by cookie. At most [`IN_FLIGHT`] requests and
 //! [`BYTES_IN_FLIGHT`] bytes of payload are held per connection, so memory stays bounded
-//! whatever the client sends.
+//! whatever the client sends. When the server stops, the requests in flight finish, later
+//! ones are answered `ESHUTDOWN` (the client's cue to disconnect), and the connection closes
+//! when the client disconnects, sends nothing for [`REFUSE_IDLE`], or
+//! [`crate::server::SHUTDOWN_GRACE`] has passed.
 
 use std::io;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::handshake::Session;
 use crate::proto::*;
@@ -19,6 +22,9 @@ pub const BYTES_IN_FLIGHT: u32 = 32 * 1024 * 1024;
 /// Requests up to this length (without FUA) run inline in the connection's reader: 1 MiB, the
 /// largest request most clients send (qemu, nbdcopy and fio's defaults stay at or under it).
 const QUICK_LEN: u32 = 1024 * 1024;
+/// After the server's stop, a client that sends nothing for this long is disconnected (one that
+/// was idle need not be waited for).
+const REFUSE_IDLE: std::time::Duration = std::time::Duration::from_millis(250);
 /// Accounting unit of the byte budget.
 const UNIT: u32 = 64 * 1024;
 const UNITS: u32 = BYTES_IN_FLIGHT / UNIT;
@@ -38,8 +44,13 @@ enum Outcome {
     Err(u32),
 }
 
-/// Serves requests until the client disconnects or breaks the protocol.
-pub async fn transmit<S>(stream: S, session: Session) -> io::Result<()>
+/// Serves requests until the client disconnects or breaks the protocol, or until `closing`
+/// turns true (or its sender is dropped).
+pub async fn transmit<S>(
+    stream: S,
+    session: Session,
+    mut closing: watch::Receiver<bool>,
+) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -65,7 +76,17 @@ where
     let session = Arc::new(session);
     let total = IN_FLIGHT as u32 + UNITS;
     let slots = Arc::new(Semaphore::new(total as usize));
-    let result = read_requests(&mut rd, &session, &slots, &tx).await;
+    let result = match read_requests(&mut rd, &session, &slots, &tx, &mut closing).await {
+        Ok(Ended::Closing) => {
+            let refused = refuse_requests(&mut rd, &session, &tx);
+            // A client that does not disconnect is disconnected.
+            tokio::time::timeout(crate::server::SHUTDOWN_GRACE, refused)
+                .await
+                .unwrap_or(Ok(()))
+        }
+        Ok(Ended::Client) => Ok(()),
+        Err(e) => Err(e),
+    };
     // Let the requests in flight finish and reply, then close.
     let _ = slots.acquire_many(total).await;
     drop(tx);
@@ -73,24 +94,53 @@ where
     result.and(written)
 }
 
-async fn read_requests<R: AsyncRead + Unpin>(
+/// Why a connection's reader stopped reading requests.
+enum Ended {
+    /// The client disconnected.
+    Client,
+    /// The server is stopping.
+    Closing,
+}
+
+/// The next request's header, once a whole one has arrived; `None` when the client closed
+/// the connection between requests.
+async fn read_header<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<Option<Request>> {
+    let mut header = [0u8; REQUEST_HEADER_LEN];
+    match rd.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    Request::parse(&header)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+async fn read_requests<R: AsyncBufReadExt + Unpin>(
     rd: &mut R,
     session: &Arc<Session>,
     slots: &Arc<Semaphore>,
     tx: &mpsc::Sender<Reply>,
-) -> io::Result<()> {
+    closing: &mut watch::Receiver<bool>,
+) -> io::Result<Ended> {
     let size = session.export.device.size();
     loop {
-        let mut header = [0u8; REQUEST_HEADER_LEN];
-        match rd.read_exact(&mut header).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
+        // Between requests, the server's stop ends the reading; a request begun is read whole.
+        // (Waiting for buffered bytes consumes nothing, so it may be abandoned.)
+        tokio::select! {
+            biased;
+            _ = closing.wait_for(|c| *c) => return Ok(Ended::Closing),
+            more = rd.fill_buf() => {
+                if more?.is_empty() {
+                    return Ok(Ended::Client);
+                }
+            }
         }
-        let req =
-            Request::parse(&header).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let Some(req) = read_header(rd).await? else {
+            return Ok(Ended::Client);
+        };
         if req.kind == CMD_DISC {
-            return Ok(());
+            return Ok(Ended::Client);
         }
         // Room for this request, taken before its payload is read or allocated. A READ over the
         // limit holds no buffer (it is refused), so it needs no budget.
@@ -154,6 +204,41 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 .await;
         });
     }
+}
+
+/// After the server's stop: answers each request `ESHUTDOWN` without running it, until the
+/// client disconnects or falls silent for [`REFUSE_IDLE`].
+async fn refuse_requests<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    session: &Session,
+    tx: &mpsc::Sender<Reply>,
+) -> io::Result<()> {
+    while let Ok(next) = tokio::time::timeout(REFUSE_IDLE, read_header(rd)).await {
+        let Some(req) = next? else {
+            break;
+        };
+        if req.kind == CMD_DISC {
+            break;
+        }
+        if req.kind == CMD_WRITE {
+            if req.length > MAX_PAYLOAD {
+                break;
+            }
+            let skipped = tokio::io::copy(
+                &mut (&mut *rd).take(u64::from(req.length)),
+                &mut tokio::io::sink(),
+            )
+            .await?;
+            if skipped < u64::from(req.length) {
+                break;
+            }
+        }
+        let reply = reply_bytes(session, &req, Outcome::Err(ESHUTDOWN));
+        if tx.send((reply, None)).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Reads a write's payload into a buffer that is not zeroed first: zeroing a fresh megabyte

@@ -19,7 +19,8 @@ const MIB: u64 = 1 << 20;
 struct Running {
     addr: String,
     stop: watch::Sender<bool>,
-    _runtime: tokio::runtime::Runtime,
+    serving: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    runtime: tokio::runtime::Runtime,
 }
 
 impl Running {
@@ -42,12 +43,24 @@ impl Running {
         let listener = runtime.block_on(Listener::bind(&listen)).unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, rx) = watch::channel(false);
-        runtime.spawn(async move { server.serve(listener, rx).await });
+        let serving = runtime.spawn(async move { server.serve(listener, rx).await });
         Running {
             addr,
             stop,
-            _runtime: runtime,
+            serving: Some(serving),
+            runtime,
         }
+    }
+
+    /// Stops the server and waits, at most `limit`, until it has closed every connection.
+    fn stop(&mut self, limit: std::time::Duration) {
+        let _ = self.stop.send(true);
+        let serving = self.serving.take().expect("stopped once");
+        self.runtime
+            .block_on(async { tokio::time::timeout(limit, serving).await })
+            .expect("the server closes its connections and returns")
+            .unwrap()
+            .unwrap();
     }
 
     fn uri(&self, export: &str) -> String {
@@ -353,4 +366,49 @@ fn bad_requests_get_the_errors_the_protocol_names_and_others_keep_working() {
 
     // The first client was not disturbed.
     assert_eq!(err(&mut c, 0, 8, 0, 4, &[]), 0);
+}
+
+#[test]
+fn a_stopping_server_finishes_answers_eshutdown_and_closes_every_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = sample_image(dir.path(), "x.img", 8 * MIB);
+    let mut srv = Running::start(vec![("x", img.clone(), false)], "127.0.0.1:0".parse().unwrap());
+    let mut idle = RawNbd::connect(&srv.addr, "x").unwrap();
+    assert_eq!(err(&mut idle, 1, 1, 0, 4, b"kept"), 0);
+    let mut busy = RawNbd::connect(&srv.addr, "x").unwrap();
+    let mut negotiating = TcpStream::connect(&srv.addr).unwrap();
+    let mut greeting = [0u8; 18];
+    negotiating.read_exact(&mut greeting).unwrap();
+
+    let stopping = std::thread::scope(|scope| {
+        let stopping = scope.spawn(|| srv.stop(std::time::Duration::from_secs(20)));
+        // Sent after the stop: refused with ESHUTDOWN, and not written.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            err(&mut busy, 1, 2, 8192, 4, b"late"),
+            108,
+            "a request after the stop: ESHUTDOWN"
+        );
+        // The client's answer to ESHUTDOWN: a soft disconnect, which the server closes.
+        let mut disc = Vec::new();
+        disc.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        disc.extend_from_slice(&0u16.to_be_bytes());
+        disc.extend_from_slice(&2u16.to_be_bytes());
+        disc.extend_from_slice(&[0u8; 20]);
+        busy.0.write_all(&disc).unwrap();
+        stopping.join()
+    });
+    stopping.expect("the stop returned");
+
+    let mut buf = [0u8; 1];
+    for (name, conn) in [
+        ("the soft-disconnected client", &mut busy.0),
+        ("the idle client", &mut idle.0),
+        ("the client in its handshake", &mut negotiating),
+    ] {
+        assert_eq!(conn.read(&mut buf).unwrap_or(0), 0, "{name} is disconnected");
+    }
+    let disk = std::fs::read(&img).unwrap();
+    assert_eq!(&disk[..4], b"kept", "the write before the stop is on the disk");
+    assert_ne!(&disk[8192..8196], b"late", "the refused write is not");
 }
