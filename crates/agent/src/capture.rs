@@ -733,10 +733,7 @@ mod tests {
             got[8192..].iter().all(|&b| b == 9),
             "another disk's change is not applied here"
         );
-        log.lock()
-            .unwrap()
-            .close_clean(|| dev.sync_disk())
-            .unwrap();
+        log.lock().unwrap().close_clean(|| dev.sync_disk()).unwrap();
         drop((dev, log));
         assert!(!LogDir::open(&log_dir, MIN_SEGMENT).unwrap().unclean_stop());
     }

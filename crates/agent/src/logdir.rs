@@ -57,7 +57,7 @@ pub enum LogDirError {
     )]
     AwaitingProcessServer { dir: PathBuf },
     #[error(
-        "could not sync the disks at the agent's stop ({0}): the stop counts as a crash, and the next start checks the disks against the log"
+        "could not sync the disks at the agent's stop ({0}): the next start resyncs every disk whole; check the disk or volume for errors"
     )]
     DisksNotSynced(String),
     #[error("a segment size of {0} bytes is too small: use at least 1 MiB")]
@@ -782,8 +782,9 @@ impl LogDir {
     /// the next start trusts the log and the disks alike. Without the disks' sync, a machine
     /// crash after the stop could lose writes the disks held only in the page cache while the
     /// synced log (and the replica) kept them: the disk would differ from its replica unseen.
-    /// If the disks cannot be synced the stop stays unclean, and the next start treats it as
-    /// a crash.
+    /// If the disks cannot be synced the stop stays unclean, and every disk is to be resynced
+    /// whole: after a failed sync the kernel may have dropped dirty pages of any age, more than
+    /// an agent crash's redo of the newest segment would put back.
     pub fn close_clean(
         &mut self,
         sync_disks: impl FnOnce() -> Result<(), String>,
@@ -792,7 +793,12 @@ impl LogDir {
         // A write still in flight after this is refused: the log says it stopped cleanly.
         self.closed = true;
         self.writer.sync()?;
-        sync_disks().map_err(LogDirError::DisksNotSynced)?;
+        if let Err(why) = sync_disks() {
+            if let Err(e) = self.begin_resync_all() {
+                tracing::error!(error = %boomerang_core::chain(&e), "could not mark the disks for a full resync");
+            }
+            return Err(LogDirError::DisksNotSynced(why));
+        }
         std::fs::remove_file(self.dir.join(RUNNING)).map_err(|source| LogDirError::Io {
             dir: self.dir.clone(),
             source,
@@ -1315,6 +1321,8 @@ mod tests {
         }
         let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
         assert!(log.unclean_stop(), "the next start checks the disks");
+        assert!(log.resync_all_pending(), "every disk is resynced whole");
+        log.resync_all_marked().unwrap();
         let mut synced = false;
         log.close_clean(|| {
             synced = true;
@@ -1323,7 +1331,11 @@ mod tests {
         .unwrap();
         assert!(synced);
         drop(log);
-        assert!(!LogDir::open(dir.path(), MIN_SEGMENT).unwrap().unclean_stop());
+        assert!(
+            !LogDir::open(dir.path(), MIN_SEGMENT)
+                .unwrap()
+                .unclean_stop()
+        );
     }
 
     #[test]

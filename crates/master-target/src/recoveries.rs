@@ -80,11 +80,22 @@ struct Running {
     machine: String,
     disks: Vec<Arc<Recovery>>,
     stop_serving: tokio::sync::watch::Sender<bool>,
+    /// The NBD server's task, until it is stopped.
+    serving: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     stop_copying: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
+    /// Stops the NBD server and waits until it has closed its connections: the requests it
+    /// read are finished and answered first, so its clients lose no acknowledged write.
+    async fn stop_serving(&mut self) {
+        let _ = self.stop_serving.send(true);
+        if let Some(serving) = self.serving.take() {
+            let _ = serving.await;
+        }
+    }
+
     /// Stops serving and copying (once its disks are closed), and waits for the copies to
     /// end; its disks.
     async fn halt(self) -> Vec<Arc<Recovery>> {
@@ -258,7 +269,7 @@ impl Recoveries {
         };
         let server = Server::new(exports, 64);
         let (stop_serving, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move { server.serve(listener, stopped).await });
+        let serving = tokio::spawn(async move { server.serve(listener, stopped).await });
         let stop_copying = Arc::new(AtomicBool::new(false));
         let threads = recoveries
             .iter()
@@ -280,6 +291,7 @@ impl Recoveries {
                 machine: machine.to_string(),
                 disks: recoveries,
                 stop_serving,
+                serving: Some(serving),
                 stop_copying,
                 threads,
             },
@@ -377,10 +389,11 @@ impl Recoveries {
                     ));
                 }
             }
-            let Some(r) = running.remove(key) else {
+            let Some(mut r) = running.remove(key) else {
                 return Err(format!("{key} vanished"));
             };
             drop(running);
+            r.stop_serving().await;
             let closed: Result<Vec<()>, String> = r
                 .disks
                 .iter()
@@ -431,8 +444,9 @@ impl Recoveries {
     /// Stops serving `key` and deletes its targets.
     pub async fn stop(&self, key: &str) -> Result<(), String> {
         let gone = self.running.lock().await.remove(key);
-        if let Some(r) = gone {
-            // Clients still connected get errors from now on, not a deleted file.
+        if let Some(mut r) = gone {
+            r.stop_serving().await;
+            // A client that kept a connection past the stop gets errors, not a deleted file.
             for d in &r.disks {
                 if let Err(e) = d.close() {
                     tracing::warn!(target = %d.target().display(), error = %e, "could not save a recovery before stopping it");

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -13,11 +14,11 @@ use crate::BlockDevice;
 use crate::handshake::{Negotiated, handshake};
 
 /// How long a client may take to finish the handshake.
-pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// At a server's stop: how long a client has, once told `ESHUTDOWN`, to disconnect before the
-/// server closes the connection.
-pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// At a server's stop: how long a connection may take to finish the requests it has read,
+/// reply, and close; then it is closed whatever it was doing.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// One disk served under a name.
 pub struct Export {
@@ -32,7 +33,6 @@ pub struct Export {
 pub struct Server {
     exports: Arc<BTreeMap<String, Arc<Export>>>,
     connections: Arc<Semaphore>,
-    max_connections: u32,
 }
 
 /// Where to listen: `127.0.0.1:PORT` (any socket address) or `unix:PATH`.
@@ -92,11 +92,9 @@ impl Server {
             .into_iter()
             .map(|e| (e.name.clone(), Arc::new(e)))
             .collect();
-        let max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS.min(1 << 16));
         Server {
             exports: Arc::new(exports),
-            connections: Arc::new(Semaphore::new(max_connections)),
-            max_connections: max_connections as u32,
+            connections: Arc::new(Semaphore::new(max_connections.max(1))),
         }
     }
 
@@ -110,29 +108,42 @@ impl Server {
 
     /// Accepts clients until `shutdown` turns true (or its sender is dropped); then stops
     /// accepting, closes the connections, and returns once they are closed. Each connection
-    /// finishes the requests in flight and answers later ones with `ESHUTDOWN`, as the protocol
-    /// asks of a server that stops; a client that has not disconnected after
-    /// [`SHUTDOWN_GRACE`] is disconnected.
-    pub async fn serve(&self, listener: Listener, shutdown: watch::Receiver<bool>) -> io::Result<()> {
-        self.accept_until(listener, shutdown.clone()).await?;
-        // Every connection gives its slot back when it ends. Requests in flight finish first;
-        // one that hangs (a device that never answers) does not hold the stop up for ever.
-        let all = self.connections.acquire_many(self.max_connections);
-        if tokio::time::timeout(SHUTDOWN_GRACE * 2, all).await.is_err() {
-            tracing::warn!("NBD connections still open at the server's stop: they are dropped");
+    /// stops reading between requests, finishes and answers the requests it has read (as the
+    /// protocol asks of a server that stops), and closes; one still busy [`SHUTDOWN_GRACE`]
+    /// after the stop is closed anyway.
+    pub async fn serve(
+        &self,
+        listener: Listener,
+        shutdown: watch::Receiver<bool>,
+    ) -> io::Result<()> {
+        let mut connections = tokio::task::JoinSet::new();
+        let accepted = self
+            .accept_until(listener, shutdown, &mut connections)
+            .await;
+        let all_closed = async { while connections.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), all_closed)
+            .await
+            .is_err()
+        {
+            // Only a task that does not yield (a device call that never returns) gets here.
+            tracing::warn!("NBD connections still open after the server's stop: they are dropped");
+            connections.abort_all();
         }
-        Ok(())
+        accepted
     }
 
     async fn accept_until(
         &self,
         listener: Listener,
         mut shutdown: watch::Receiver<bool>,
+        connections: &mut tokio::task::JoinSet<()>,
     ) -> io::Result<()> {
         if *shutdown.borrow_and_update() {
             return Ok(());
         }
         loop {
+            // Forget the connections that ended.
+            while connections.try_join_next().is_some() {}
             let permit = tokio::select! {
                 p = self.connections.clone().acquire_owned() => p.map_err(io::Error::other)?,
                 _ = shutdown.changed() => return Ok(()),
@@ -148,7 +159,7 @@ impl Server {
                             continue;
                         }
                     };
-                    tokio::spawn(async move {
+                    connections.spawn(async move {
                         let _permit = permit;
                         match conn {
                             Conn::Tcp(s) => {

@@ -1,15 +1,16 @@
 //! The transmission phase: a reader parses requests and hands each to its own task; a writer
 //! sends replies as they complete, matched by cookie. At most [`IN_FLIGHT`] requests and
 //! [`BYTES_IN_FLIGHT`] bytes of payload are held per connection, so memory stays bounded
-//! whatever the client sends. When the server stops, the requests in flight finish, later
-//! ones are answered `ESHUTDOWN` (the client's cue to disconnect), and the connection closes
-//! when the client disconnects, sends nothing for [`REFUSE_IDLE`], or
-//! [`crate::server::SHUTDOWN_GRACE`] has passed.
+//! whatever the client sends. When the server stops, the reader stops between requests, the
+//! requests already read finish and are replied to, and the connection closes; requests the
+//! client sent meanwhile go unanswered, so a client that reconnects sends them again (an
+//! error reply would fail them for good). Whatever happens, the connection is gone
+//! [`crate::server::SHUTDOWN_GRACE`] after the stop.
 
 use std::io;
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::handshake::Session;
@@ -22,9 +23,10 @@ pub const BYTES_IN_FLIGHT: u32 = 32 * 1024 * 1024;
 /// Requests up to this length (without FUA) run inline in the connection's reader: 1 MiB, the
 /// largest request most clients send (qemu, nbdcopy and fio's defaults stay at or under it).
 const QUICK_LEN: u32 = 1024 * 1024;
-/// After the server's stop, a client that sends nothing for this long is disconnected (one that
-/// was idle need not be waited for).
-const REFUSE_IDLE: std::time::Duration = std::time::Duration::from_millis(250);
+/// At a stop, once the replies are sent: how long the requests the client sent meanwhile are
+/// read off (and dropped) before the connection closes. Closing with unread bytes would reset
+/// the connection, and a reset can discard replies the client has not read yet.
+const DRAIN: std::time::Duration = std::time::Duration::from_millis(250);
 /// Accounting unit of the byte budget.
 const UNIT: u32 = 64 * 1024;
 const UNITS: u32 = BYTES_IN_FLIGHT / UNIT;
@@ -49,14 +51,14 @@ enum Outcome {
 pub async fn transmit<S>(
     stream: S,
     session: Session,
-    mut closing: watch::Receiver<bool>,
+    closing: watch::Receiver<bool>,
 ) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
     // Buffered both ways: a header is 28 bytes and a reply 16, one syscall each would dominate.
-    let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
+    let mut rd = BufReader::with_capacity(256 * 1024, rd);
     let mut wr = tokio::io::BufWriter::with_capacity(256 * 1024, wr);
     // A reply travels with its request's permit: the budget is given back once the reply is
     // written, so replies a client does not read cannot pile up.
@@ -73,25 +75,40 @@ where
         wr.flush().await?;
         wr.shutdown().await
     });
+    let writer_abort = writer.abort_handle();
     let session = Arc::new(session);
     let total = IN_FLIGHT as u32 + UNITS;
     let slots = Arc::new(Semaphore::new(total as usize));
-    let result = match read_requests(&mut rd, &session, &slots, &tx, &mut closing).await {
-        Ok(Ended::Closing) => {
-            let refused = refuse_requests(&mut rd, &session, &tx);
-            // A client that does not disconnect is disconnected.
-            tokio::time::timeout(crate::server::SHUTDOWN_GRACE, refused)
-                .await
-                .unwrap_or(Ok(()))
+    let mut stopping = closing.clone();
+    let served = async {
+        let mut closing = closing;
+        let ended = read_requests(&mut rd, &session, &slots, &tx, &mut closing).await;
+        // Let the requests in flight finish and reply, then close.
+        let _ = slots.acquire_many(total).await;
+        drop(tx);
+        let written = writer.await.map_err(io::Error::other)?;
+        if let Ok(Ended::Closing) = ended {
+            let mut sink = tokio::io::sink();
+            let _ = tokio::time::timeout(DRAIN, tokio::io::copy(&mut rd, &mut sink)).await;
         }
-        Ok(Ended::Client) => Ok(()),
-        Err(e) => Err(e),
+        ended.map(|_| ()).and(written)
     };
-    // Let the requests in flight finish and reply, then close.
-    let _ = slots.acquire_many(total).await;
-    drop(tx);
-    let written = writer.await.map_err(io::Error::other)?;
-    result.and(written)
+    // A client that stops reading its replies, or stalls in the middle of a request, does not
+    // hold the connection open past the server's stop.
+    let deadline = async {
+        let _ = stopping.wait_for(|c| *c).await;
+        tokio::time::sleep(crate::server::SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        result = served => result,
+        _ = deadline => {
+            writer_abort.abort();
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection was still busy when the server's stop allowed no more time",
+            ))
+        }
+    }
 }
 
 /// Why a connection's reader stopped reading requests.
@@ -116,8 +133,8 @@ async fn read_header<R: AsyncRead + Unpin>(rd: &mut R) -> io::Result<Option<Requ
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-async fn read_requests<R: AsyncBufReadExt + Unpin>(
-    rd: &mut R,
+async fn read_requests<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
     session: &Arc<Session>,
     slots: &Arc<Semaphore>,
     tx: &mpsc::Sender<Reply>,
@@ -126,15 +143,19 @@ async fn read_requests<R: AsyncBufReadExt + Unpin>(
     let size = session.export.device.size();
     loop {
         // Between requests, the server's stop ends the reading; a request begun is read whole.
-        // (Waiting for buffered bytes consumes nothing, so it may be abandoned.)
-        tokio::select! {
-            biased;
-            _ = closing.wait_for(|c| *c) => return Ok(Ended::Closing),
-            more = rd.fill_buf() => {
-                if more?.is_empty() {
-                    return Ok(Ended::Client);
+        // (Waiting for bytes to buffer consumes nothing, so that wait may be abandoned.)
+        if rd.buffer().is_empty() {
+            tokio::select! {
+                biased;
+                _ = closing.wait_for(|c| *c) => return Ok(Ended::Closing),
+                more = rd.fill_buf() => {
+                    if more?.is_empty() {
+                        return Ok(Ended::Client);
+                    }
                 }
             }
+        } else if *closing.borrow() || closing.has_changed().is_err() {
+            return Ok(Ended::Closing);
         }
         let Some(req) = read_header(rd).await? else {
             return Ok(Ended::Client);
@@ -204,41 +225,6 @@ async fn read_requests<R: AsyncBufReadExt + Unpin>(
                 .await;
         });
     }
-}
-
-/// After the server's stop: answers each request `ESHUTDOWN` without running it, until the
-/// client disconnects or falls silent for [`REFUSE_IDLE`].
-async fn refuse_requests<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    session: &Session,
-    tx: &mpsc::Sender<Reply>,
-) -> io::Result<()> {
-    while let Ok(next) = tokio::time::timeout(REFUSE_IDLE, read_header(rd)).await {
-        let Some(req) = next? else {
-            break;
-        };
-        if req.kind == CMD_DISC {
-            break;
-        }
-        if req.kind == CMD_WRITE {
-            if req.length > MAX_PAYLOAD {
-                break;
-            }
-            let skipped = tokio::io::copy(
-                &mut (&mut *rd).take(u64::from(req.length)),
-                &mut tokio::io::sink(),
-            )
-            .await?;
-            if skipped < u64::from(req.length) {
-                break;
-            }
-        }
-        let reply = reply_bytes(session, &req, Outcome::Err(ESHUTDOWN));
-        if tx.send((reply, None)).await.is_err() {
-            break;
-        }
-    }
-    Ok(())
 }
 
 /// Reads a write's payload into a buffer that is not zeroed first: zeroing a fresh megabyte
