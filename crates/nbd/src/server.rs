@@ -94,7 +94,9 @@ impl Server {
             .collect();
         Server {
             exports: Arc::new(exports),
-            connections: Arc::new(Semaphore::new(max_connections.max(1))),
+            connections: Arc::new(Semaphore::new(
+                max_connections.clamp(1, Semaphore::MAX_PERMITS),
+            )),
         }
     }
 
@@ -125,7 +127,9 @@ impl Server {
             .await
             .is_err()
         {
-            // Only a task that does not yield (a device call that never returns) gets here.
+            // Each connection ends by its own deadline; one still here is held in a device call
+            // on an async worker (a read or write served inline), and is aborted once that call
+            // returns. Device calls in the blocking pool finish on their own either way.
             tracing::warn!("NBD connections still open after the server's stop: they are dropped");
             connections.abort_all();
         }
@@ -146,7 +150,7 @@ impl Server {
             while connections.try_join_next().is_some() {}
             let permit = tokio::select! {
                 p = self.connections.clone().acquire_owned() => p.map_err(io::Error::other)?,
-                _ = shutdown.changed() => return Ok(()),
+                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
             };
             let server = self.clone();
             let closing = shutdown.clone();
@@ -170,7 +174,7 @@ impl Server {
                         }
                     });
                 }
-                _ = shutdown.changed() => return Ok(()),
+                _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
             }
         }
     }

@@ -75,7 +75,9 @@ where
         wr.flush().await?;
         wr.shutdown().await
     });
-    let writer_abort = writer.abort_handle();
+    // However the connection ends (a deadline, or this task aborted), the writer goes with it:
+    // left alone it could wait for ever on a client that reads nothing.
+    let _writer_guard = AbortOnDrop(writer.abort_handle());
     let session = Arc::new(session);
     let total = IN_FLIGHT as u32 + UNITS;
     let slots = Arc::new(Semaphore::new(total as usize));
@@ -102,12 +104,20 @@ where
     tokio::select! {
         result = served => result,
         _ = deadline => {
-            writer_abort.abort();
             Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the connection was still busy when the server's stop allowed no more time",
             ))
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
