@@ -4,7 +4,10 @@
 //! `leases/gc.lease` (conditional put: one GC at a time), then looks for commit leases. With
 //! strongly consistent listing, at least one of two racing parties sees the other and backs
 //! off, so a GC never sweeps while a commit may reference objects of an older point.
-//! A lease left by a crashed process goes stale after [`STALE_AFTER_MS`].
+//! A lease left by a crashed process goes stale after [`STALE_AFTER_MS`]; sooner when the
+//! process that reads it can tell that the holder is gone: a process of the same kernel and
+//! pid namespace that no longer runs (see [`process_identity`]). The usual case is a master
+//! target (or a `store gc`) that crashed and started again on the same host.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -30,6 +33,71 @@ struct LeaseBody {
     kind: String,
     holder: String,
     created_unix_ms: u64,
+    /// The holder process (see [`process_identity`]); absent where it cannot be told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    process: Option<String>,
+}
+
+/// A process as this kernel and pid namespace know it: the boot id, the pid namespace, the pid,
+/// and the process's start time (clock ticks since boot), which tells the process from a later
+/// one that reuses its pid.
+fn process_identity(pid: u32) -> Option<String> {
+    Some(format!("{}{pid}/{}", here()?, start_ticks(pid)?))
+}
+
+/// The boot id and pid namespace of this process, as the prefix of a [`process_identity`].
+fn here() -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let namespace = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    Some(format!("{}/{}/", boot.trim(), namespace.display()))
+}
+
+/// When process `pid` started, in clock ticks since boot; `None` if it does not run.
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22; the fields are counted after the command name, which may hold anything.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Whether a process `pid` exists (whoever owns it), by a null signal.
+fn signalled(pid: u32) -> bool {
+    use nix::errno::Errno;
+    let Ok(pid) = i32::try_from(pid) else {
+        return true;
+    };
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(Errno::ESRCH)
+    )
+}
+
+impl LeaseBody {
+    /// Whether the holder is a process of this kernel and pid namespace that no longer runs.
+    /// A holder elsewhere (another host, container or boot) is never judged gone here.
+    fn holder_gone(&self) -> bool {
+        let (Some(theirs), Some(here)) = (&self.process, here()) else {
+            return false;
+        };
+        let Some((pid, start)) = theirs
+            .strip_prefix(&here)
+            .and_then(|rest| rest.split_once('/'))
+        else {
+            return false;
+        };
+        match (pid.parse::<u32>(), start.parse::<u64>()) {
+            (Ok(pid), Ok(start)) => match start_ticks(pid) {
+                Some(now) => now != start,
+                // Not in /proc: gone, unless /proc hides it (`hidepid`) and it still runs.
+                None => !signalled(pid),
+            },
+            _ => false,
+        }
+    }
 }
 
 /// A held lease; call [`Lease::release`] on every path out.
@@ -51,6 +119,7 @@ impl Store {
             kind: kind.into(),
             holder: holder(),
             created_unix_ms: now_ms(),
+            process: process_identity(std::process::id()),
         };
         let bytes = serde_json::to_vec(&body).expect("lease serializes");
         match self
@@ -107,6 +176,10 @@ impl Store {
                 tracing::warn!(lease = %path, holder = %body.holder, "ignoring a stale lease");
                 continue;
             }
+            if body.holder_gone() {
+                tracing::warn!(lease = %path, holder = %body.holder, "ignoring a lease whose holder no longer runs");
+                continue;
+            }
             out.push((path, body.holder));
         }
         Ok(out)
@@ -136,7 +209,13 @@ impl Store {
                 store: self.clone(),
                 path,
             };
-            let gc = self.live_leases(GC_LEASE).await?;
+            let gc = match self.live_leases(GC_LEASE).await {
+                Ok(gc) => gc,
+                Err(e) => {
+                    lease.release().await;
+                    return Err(e);
+                }
+            };
             if gc.is_empty() {
                 return Ok(lease);
             }
@@ -185,7 +264,13 @@ impl Store {
         };
         let started = std::time::Instant::now();
         loop {
-            let commits = self.live_leases("leases/commit-").await?;
+            let commits = match self.live_leases("leases/commit-").await {
+                Ok(commits) => commits,
+                Err(e) => {
+                    lease.release().await;
+                    return Err(e);
+                }
+            };
             let Some((path, holder)) = commits.first() else {
                 return Ok(lease);
             };
@@ -213,5 +298,73 @@ impl Lease {
         {
             tracing::warn!(lease = %self.path, error = %boomerang_core::chain(&e), "could not release a lease; it will go stale");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(process: Option<String>, created_unix_ms: u64) -> LeaseBody {
+        LeaseBody {
+            kind: "commit".into(),
+            holder: "a test".into(),
+            created_unix_ms,
+            process,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_of_a_process_here_that_no_longer_runs_is_ignored_and_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = Store::init(root.to_str().unwrap(), 64 * 1024)
+            .await
+            .unwrap();
+        let leases = root.join("leases");
+        std::fs::create_dir_all(&leases).unwrap();
+        let put = |name: &str, body: &LeaseBody| {
+            std::fs::write(leases.join(name), serde_json::to_vec(body).unwrap()).unwrap();
+        };
+        let live = || async { store.live_leases("leases/commit-").await.unwrap() };
+        let me = process_identity(std::process::id()).expect("this process, as /proc tells it");
+        let here = here().unwrap();
+        // A process that ran and ended.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone_pid = child.id();
+        let gone_start = start_ticks(gone_pid);
+        child.wait().unwrap();
+
+        put("commit-mine.lease", &lease(Some(me.clone()), now_ms()));
+        assert_eq!(live().await.len(), 1, "the holder runs: the lease holds");
+        std::fs::remove_file(leases.join("commit-mine.lease")).unwrap();
+
+        if let Some(start) = gone_start {
+            let gone = format!("{here}{gone_pid}/{start}");
+            put("commit-gone.lease", &lease(Some(gone), now_ms()));
+            assert!(live().await.is_empty(), "its holder ended: ignored at once");
+            std::fs::remove_file(leases.join("commit-gone.lease")).unwrap();
+        }
+
+        // This process's pid, but another start: a process before it that had the same pid.
+        let (pid, start) = me.strip_prefix(&here).unwrap().split_once('/').unwrap();
+        let reused = format!("{here}{pid}/{}", start.parse::<u64>().unwrap() + 1);
+        put("commit-reused.lease", &lease(Some(reused), now_ms()));
+        assert!(live().await.is_empty(), "its pid was reused: ignored");
+        std::fs::remove_file(leases.join("commit-reused.lease")).unwrap();
+
+        // Holders this process cannot judge: another boot or namespace, or a lease without
+        // the field. They hold until they are stale.
+        put(
+            "commit-elsewhere.lease",
+            &lease(Some(format!("another-boot/pid:[1]/{gone_pid}/1")), now_ms()),
+        );
+        put("commit-older.lease", &lease(None, now_ms()));
+        assert_eq!(live().await.len(), 2);
+        put(
+            "commit-older.lease",
+            &lease(None, now_ms() - STALE_AFTER_MS - 1000),
+        );
+        assert_eq!(live().await.len(), 1, "stale after STALE_AFTER_MS");
     }
 }
