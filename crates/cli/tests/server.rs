@@ -563,6 +563,11 @@ fn a_replication_policy_brings_its_failback_policy_which_cannot_be_edited() {
     let (status, changed) = req("PUT", "/api/policies/gold", &admin, Some(settings));
     assert_eq!(status, 200, "{changed}");
     assert_eq!(changed["rpo_threshold_seconds"], 60);
+    assert_eq!(
+        (&changed["sent"], &changed["left_out"]),
+        (&json!([]), &json!([])),
+        "no machine uses it yet: {changed}"
+    );
 
     // Bad input, and roles.
     let (status, err) = req("POST", "/api/policies", &admin, Some(gold.clone()));
@@ -1997,6 +2002,14 @@ fn a_test_failover_serves_the_disks_at_a_point_isolated_and_its_cleanup_removes_
         .cloned()
         .unwrap();
     assert_ne!(pushed["id"], protected["id"], "{jobs}");
+    // The answer to the edit names the job that sends it, and leaves no machine out.
+    assert_eq!(
+        edited["sent"],
+        json!([{"machine": "app01", "job": pushed["id"]}]),
+        "{edited}"
+    );
+    assert_eq!(edited["left_out"], json!([]), "{edited}");
+    assert_eq!(edited["retention_seconds"], 7200, "{edited}");
     wait_for("the protect job of the edit never ended", 30, || {
         let job = json_out(&r.cli(&["job", "show", &pushed["id"].to_string(), "--output", "json"]));
         (job["state"] == "succeeded").then_some(job)

@@ -579,6 +579,28 @@ async fn refresh_inventory(
     Ok(Json(counts))
 }
 
+/// A replication policy just changed, and where the change went.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct UpdatedPolicy {
+    #[serde(flatten)]
+    pub policy: Policy,
+    /// The protect jobs that send the change, by machine.
+    pub sent: Vec<SentPolicy>,
+    /// The machines it protects that the change was not sent to now, and why.
+    pub left_out: Vec<crate::jobs::LeftOut>,
+    /// Why the change could not be sent at all (it stands nonetheless): run protect for each
+    /// machine to send it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_error: Option<String>,
+}
+
+/// A protect job sending a policy's change to a machine.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SentPolicy {
+    pub machine: String,
+    pub job: i64,
+}
+
 /// A replication policy just made, and the failback policy made with it.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedPolicy {
@@ -653,11 +675,11 @@ async fn create_policy(
 }
 
 /// Changes a replication policy (admin); a failback policy is refused with 409. Each machine
-/// the policy protects that is protected now gets a protect job, which sends the new settings
-/// to its master target and agent.
+/// the policy protects that replicates now gets a protect job, which sends the new settings
+/// to its master target and agent; the answer lists those jobs and the machines left out.
 #[utoipa::path(put, path = "/api/policies/{name}", tag = "policies", request_body = PolicySettings,
     params(("name" = String, Path, description = "The policy's name")),
-    responses((status = 200, body = Policy), (status = 400, body = ApiError),
+    responses((status = 200, body = UpdatedPolicy), (status = 400, body = ApiError),
         (status = 401, body = ApiError), (status = 403, body = ApiError),
         (status = 404, body = ApiError), (status = 409, body = ApiError)),
     security(("bearer" = [])))]
@@ -666,9 +688,16 @@ async fn update_policy(
     axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     Path(name): Path<String>,
     Body(settings): Body<PolicySettings>,
-) -> Result<Json<Policy>, ApiError> {
+) -> Result<Json<UpdatedPolicy>, ApiError> {
     settings.check().map_err(ApiError::bad_request)?;
     let policy = db(&state, move |db| db.update_policy(&name, &settings)).await?;
+    let mut updated = UpdatedPolicy {
+        policy,
+        sent: Vec::new(),
+        left_out: Vec::new(),
+        send_error: None,
+    };
+    let policy = &updated.policy;
     // The machines it protects take the new settings. The edit stands whatever happens here.
     let (timeout, pushed) = (state.heartbeat_timeout_ms, policy.name.clone());
     match db(&state, move |db| {
@@ -682,12 +711,21 @@ async fn update_policy(
             }
             let jobs: Vec<i64> = started.iter().map(|j| j.id).collect();
             tracing::info!(policy = %policy.name, ?jobs, left_out = ?left, "policy changed: a protect job sends it to each machine that replicates with it now; those left out take it at their next protect");
+            updated.sent = started
+                .into_iter()
+                .map(|j| SentPolicy {
+                    machine: j.machine,
+                    job: j.id,
+                })
+                .collect();
+            updated.left_out = left;
         }
         Err(e) => {
             tracing::error!(policy = %policy.name, error = %e.message, "policy changed, but not sent to its machines: run protect for each to send it");
+            updated.send_error = Some(e.message);
         }
     }
-    Ok(Json(policy))
+    Ok(Json(updated))
 }
 
 /// Deletes a replication policy and its failback policy (admin); a failback policy alone is
@@ -1711,7 +1749,7 @@ impl utoipa::Modify for ClosedVariants {
         cancel_job, next_command, answer_command),
     components(schemas(ApiError, Health, NewToken, TokenInfo, CreatedToken, AuditEntry, Role,
         Site, Host, Datastore, Machine, Refreshed, Policy, NewPolicy, PolicySettings,
-        CreatedPolicy, Report, Check, Purpose, Severity, MasterTarget, ProcessServer,
+        CreatedPolicy, UpdatedPolicy, SentPolicy, crate::jobs::LeftOut, Report, Check, Purpose, Severity, MasterTarget, ProcessServer,
         NewComponent, Enrollment, EnrollRequest, Enrolled, Heartbeat, ComponentInfo, ComponentHealth,
         Alert, Group, NewGroup, DiskReport, DiskSync, StreamReport, ReplicaReport, RecoveryReport,
         ReplicaProblemReport,

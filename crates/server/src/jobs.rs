@@ -546,6 +546,13 @@ fn row_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
 /// In a protect job's data: started by an edit of its policy (see [`Db::push_policy`]).
 const PUSHED: &str = "pushed";
 
+/// A machine an edit of its policy was not sent to, and why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct LeftOut {
+    pub machine: String,
+    pub why: String,
+}
+
 impl Db {
     /// After an edit of replication policy `name`: a protect job for each machine it protects
     /// that replicates now (protected, resyncing, or in its first copy with no job running),
@@ -560,24 +567,34 @@ impl Db {
         name: &str,
         actor: &str,
         heartbeat_timeout_ms: i64,
-    ) -> Result<(Vec<Job>, Vec<String>), DbError> {
+    ) -> Result<(Vec<Job>, Vec<LeftOut>), DbError> {
         let statuses = crate::api::statuses(self, heartbeat_timeout_ms)?;
         let (mut started, mut left) = (Vec::new(), Vec::new());
         for (protection, _) in self.protections()? {
             if protection.policy != name {
                 continue;
             }
-            let replicating = statuses.iter().any(|s| {
-                s.name == protection.machine
-                    && matches!(
-                        s.state,
-                        ProtectionState::Protected
-                            | ProtectionState::Resync
-                            | ProtectionState::InitialSync
-                    )
-            });
+            let state = statuses
+                .iter()
+                .find(|s| s.name == protection.machine)
+                .map(|s| s.state);
+            let replicating = matches!(
+                state,
+                Some(
+                    ProtectionState::Protected
+                        | ProtectionState::Resync
+                        | ProtectionState::InitialSync
+                )
+            );
             if !replicating {
-                left.push(protection.machine);
+                let now = match state {
+                    Some(ProtectionState::FailedOver) => "failed over",
+                    _ => "not replicating (no agent reports its disks)",
+                };
+                left.push(LeftOut {
+                    machine: protection.machine,
+                    why: format!("{now}: its next protect sends the policy"),
+                });
                 continue;
             }
             let mut options = Data::new();
@@ -592,7 +609,10 @@ impl Db {
             };
             match self.create_job(&job, actor) {
                 Ok(job) => started.push(job),
-                Err(DbError::Conflict(_)) => left.push(protection.machine),
+                Err(DbError::Conflict(_)) => left.push(LeftOut {
+                    machine: protection.machine,
+                    why: "runs another job: a protect job reads the policy as it goes, any other takes it at the next protect".into(),
+                }),
                 Err(e) => return Err(e),
             }
         }
