@@ -4,10 +4,14 @@
 //! `leases/gc.lease` (conditional put: one GC at a time), then looks for commit leases. With
 //! strongly consistent listing, at least one of two racing parties sees the other and backs
 //! off, so a GC never sweeps while a commit may reference objects of an older point.
-//! A lease left by a crashed process goes stale after [`STALE_AFTER_MS`]; sooner when the
-//! process that reads it can tell that the holder is gone: a process of the same kernel and
-//! pid namespace that no longer runs (see [`process_identity`]). The usual case is a master
-//! target (or a `store gc`) that crashed and started again on the same host.
+//! A lease left by a crashed process goes stale after [`STALE_AFTER_MS`]. Sooner, a process
+//! that can tell that a lease's holder is gone (a process of the same kernel and namespaces
+//! that no longer runs, see [`process_identity`]) ignores it: a GC ignores such a commit lease
+//! and deletes it, and a commit ignores such a GC lease. The usual case is a master target (or
+//! a `store gc`) that crashed and started again on the same host. A stale GC lease is still
+//! replaced only after [`STALE_AFTER_MS`]: two GCs replacing one at once could both sweep.
+//! Not supported with this shortcut: moving a running holder to another machine
+//! (checkpoint/restore) or cloning a running machine while it holds a lease.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -38,18 +42,38 @@ struct LeaseBody {
     process: Option<String>,
 }
 
-/// A process as this kernel and pid namespace know it: the boot id, the pid namespace, the pid,
-/// and the process's start time (clock ticks since boot), which tells the process from a later
-/// one that reuses its pid.
+/// A holder judged gone is ignored only once its lease is this old: requests it sent just
+/// before it ended (a GC's deletes) have landed by then.
+const GONE_AFTER_MS: u64 = 2 * 60 * 1000;
+
+/// A process as this kernel and namespaces know it: the boot id, the pid and time namespaces,
+/// the pid, and the process's start time (clock ticks since boot), which tells the process from
+/// a later one that reuses its pid.
 fn process_identity(pid: u32) -> Option<String> {
     Some(format!("{}{pid}/{}", here()?, start_ticks(pid)?))
 }
 
-/// The boot id and pid namespace of this process, as the prefix of a [`process_identity`].
+/// The boot id, pid namespace and time namespace of this process, as the prefix of a
+/// [`process_identity`]; `None` where they cannot be told, or where `/proc` is not that of this
+/// process's own pid namespace (its pids and start times would be another's).
 fn here() -> Option<String> {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    let namespace = std::fs::read_link("/proc/self/ns/pid").ok()?;
-    Some(format!("{}/{}/", boot.trim(), namespace.display()))
+    let pids = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    // Start times are shown shifted by the reader's time namespace.
+    let time = std::fs::read_link("/proc/self/ns/time").ok()?;
+    // One pid in `NSpid`, this process's own: `/proc` is mounted from its pid namespace.
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    let mut own = nspid.split_whitespace();
+    if own.next()? != std::process::id().to_string() || own.next().is_some() {
+        return None;
+    }
+    Some(format!(
+        "{}/{}/{}/",
+        boot.trim(),
+        pids.display(),
+        time.display()
+    ))
 }
 
 /// When process `pid` started, in clock ticks since boot; `None` if it does not run.
@@ -77,9 +101,13 @@ fn signalled(pid: u32) -> bool {
 }
 
 impl LeaseBody {
-    /// Whether the holder is a process of this kernel and pid namespace that no longer runs.
-    /// A holder elsewhere (another host, container or boot) is never judged gone here.
+    /// Whether the holder is a process of this kernel and namespaces that no longer runs, and
+    /// the lease is older than [`GONE_AFTER_MS`]. A holder elsewhere (another host, container
+    /// or boot) is never judged gone here.
     fn holder_gone(&self) -> bool {
+        if now_ms().saturating_sub(self.created_unix_ms) < GONE_AFTER_MS {
+            return false;
+        }
         let (Some(theirs), Some(here)) = (&self.process, here()) else {
             return false;
         };
@@ -141,8 +169,14 @@ impl Store {
         }
     }
 
-    /// Live leases whose path starts with `prefix`, with their holders.
-    async fn live_leases(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+    /// Live leases whose path starts with `prefix`, with their holders. With `judge_holders`,
+    /// a lease whose holder is gone is not live either (see the module's notes); such a commit
+    /// lease, whose name no other holder takes, is deleted.
+    async fn live_leases(
+        &self,
+        prefix: &str,
+        judge_holders: bool,
+    ) -> Result<Vec<(String, String)>> {
         let metas: Vec<_> = self
             .backend()
             .durable_at("leases/")
@@ -176,8 +210,15 @@ impl Store {
                 tracing::warn!(lease = %path, holder = %body.holder, "ignoring a stale lease");
                 continue;
             }
-            if body.holder_gone() {
+            if judge_holders && body.holder_gone() {
                 tracing::warn!(lease = %path, holder = %body.holder, "ignoring a lease whose holder no longer runs");
+                if path.starts_with("leases/commit-") || path.contains("/leases/commit-") {
+                    let _ = self
+                        .backend()
+                        .durable_at("leases/")
+                        .delete(&m.location)
+                        .await;
+                }
                 continue;
             }
             out.push((path, body.holder));
@@ -209,7 +250,7 @@ impl Store {
                 store: self.clone(),
                 path,
             };
-            let gc = match self.live_leases(GC_LEASE).await {
+            let gc = match self.live_leases(GC_LEASE, true).await {
                 Ok(gc) => gc,
                 Err(e) => {
                     lease.release().await;
@@ -238,7 +279,8 @@ impl Store {
     /// whose machines commit every few seconds would otherwise never be collected).
     pub(crate) async fn gc_lease(&self) -> Result<Lease> {
         if !self.put_lease(GC_LEASE, "gc").await? {
-            let holders = self.live_leases(GC_LEASE).await?;
+            // Only a lease stale by its age is replaced (see the module's notes).
+            let holders = self.live_leases(GC_LEASE, false).await?;
             if let Some((_, holder)) = holders.first() {
                 return Err(StoreError::Conflict(format!(
                     "another garbage collection ({holder}) is running on {}: wait for it to finish",
@@ -264,7 +306,7 @@ impl Store {
         };
         let started = std::time::Instant::now();
         loop {
-            let commits = match self.live_leases("leases/commit-").await {
+            let commits = match self.live_leases("leases/commit-", true).await {
                 Ok(commits) => commits,
                 Err(e) => {
                     lease.release().await;
@@ -326,45 +368,66 @@ mod tests {
         let put = |name: &str, body: &LeaseBody| {
             std::fs::write(leases.join(name), serde_json::to_vec(body).unwrap()).unwrap();
         };
-        let live = || async { store.live_leases("leases/commit-").await.unwrap() };
+        let live = |judge| {
+            let store = store.clone();
+            async move { store.live_leases("leases/commit-", judge).await.unwrap() }
+        };
         let me = process_identity(std::process::id()).expect("this process, as /proc tells it");
         let here = here().unwrap();
+        // Old enough that a holder gone may be judged so.
+        let before = now_ms() - GONE_AFTER_MS - 1000;
         // A process that ran and ended.
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let gone_pid = child.id();
-        let gone_start = start_ticks(gone_pid);
+        let gone_start = start_ticks(gone_pid).expect("a child not yet waited for is in /proc");
         child.wait().unwrap();
+        let gone = format!("{here}{gone_pid}/{gone_start}");
 
-        put("commit-mine.lease", &lease(Some(me.clone()), now_ms()));
-        assert_eq!(live().await.len(), 1, "the holder runs: the lease holds");
+        put("commit-mine.lease", &lease(Some(me.clone()), before));
+        assert_eq!(
+            live(true).await.len(),
+            1,
+            "the holder runs: the lease holds"
+        );
         std::fs::remove_file(leases.join("commit-mine.lease")).unwrap();
 
-        if let Some(start) = gone_start {
-            let gone = format!("{here}{gone_pid}/{start}");
-            put("commit-gone.lease", &lease(Some(gone), now_ms()));
-            assert!(live().await.is_empty(), "its holder ended: ignored at once");
-            std::fs::remove_file(leases.join("commit-gone.lease")).unwrap();
-        }
+        put("commit-young.lease", &lease(Some(gone.clone()), now_ms()));
+        assert_eq!(
+            live(true).await.len(),
+            1,
+            "its holder ended a moment ago: what it sent may still land"
+        );
+        std::fs::remove_file(leases.join("commit-young.lease")).unwrap();
+
+        put("commit-gone.lease", &lease(Some(gone), before));
+        assert_eq!(live(false).await.len(), 1, "not judged: it holds");
+        assert!(live(true).await.is_empty(), "its holder ended: ignored");
+        assert!(
+            !leases.join("commit-gone.lease").exists(),
+            "and deleted, a name no other holder takes"
+        );
 
         // This process's pid, but another start: a process before it that had the same pid.
         let (pid, start) = me.strip_prefix(&here).unwrap().split_once('/').unwrap();
         let reused = format!("{here}{pid}/{}", start.parse::<u64>().unwrap() + 1);
-        put("commit-reused.lease", &lease(Some(reused), now_ms()));
-        assert!(live().await.is_empty(), "its pid was reused: ignored");
-        std::fs::remove_file(leases.join("commit-reused.lease")).unwrap();
+        put("commit-reused.lease", &lease(Some(reused), before));
+        assert!(live(true).await.is_empty(), "its pid was reused: ignored");
 
         // Holders this process cannot judge: another boot or namespace, or a lease without
         // the field. They hold until they are stale.
         put(
             "commit-elsewhere.lease",
-            &lease(Some(format!("another-boot/pid:[1]/{gone_pid}/1")), now_ms()),
+            &lease(
+                Some(format!("another-boot/pid:[1]/time:[2]/{gone_pid}/1")),
+                before,
+            ),
         );
-        put("commit-older.lease", &lease(None, now_ms()));
-        assert_eq!(live().await.len(), 2);
+        put("commit-older.lease", &lease(None, before));
+        assert_eq!(live(true).await.len(), 2);
         put(
             "commit-older.lease",
             &lease(None, now_ms() - STALE_AFTER_MS - 1000),
         );
-        assert_eq!(live().await.len(), 1, "stale after STALE_AFTER_MS");
+        assert_eq!(live(true).await.len(), 1, "stale after STALE_AFTER_MS");
     }
 }
