@@ -48,6 +48,9 @@ pub struct AppState {
     pub jobs_changed: tokio::sync::Notify,
     /// Told after each pass of the job engine: a job may be waiting for its preflight.
     pub preflights_wanted: tokio::sync::Notify,
+    /// The newest command's id, sent after each pass of the job engine that gave one out:
+    /// components waiting for a command look again when it moves.
+    pub commands_posted: tokio::sync::watch::Sender<i64>,
 }
 
 impl AppState {
@@ -993,9 +996,8 @@ async fn heartbeat(
                 }
             }
             let suffix = format!("/replica-on/{name}");
-            for alert in db.active_alerts()? {
-                if alert.kind == REPLICA_FAILING
-                    && alert.object.ends_with(&suffix)
+            for alert in db.active_alerts_of(REPLICA_FAILING)? {
+                if alert.object.ends_with(&suffix)
                     && !failing.iter().any(|(m, _)| alert.object == object(m))
                 {
                     db.resolve(REPLICA_FAILING, &alert.object)?;
@@ -1102,8 +1104,8 @@ pub async fn watch_components(state: Arc<AppState>) {
                         // own alert says it is silent.
                         if role == components::ComponentRole::MasterTarget {
                             let suffix = format!("/replica-on/{name}");
-                            for alert in db.active_alerts()? {
-                                if alert.kind == REPLICA_FAILING && alert.object.ends_with(&suffix) {
+                            for alert in db.active_alerts_of(REPLICA_FAILING)? {
+                                if alert.object.ends_with(&suffix) {
                                     db.resolve(REPLICA_FAILING, &alert.object)?;
                                 }
                             }
@@ -1489,11 +1491,19 @@ pub async fn run_jobs(state: Arc<AppState>) {
     loop {
         let timeout = state.heartbeat_timeout_ms;
         let stepped = db(&state, move |db| {
-            crate::jobs::Engine::new(db, timeout).step_all()
+            crate::jobs::Engine::new(db, timeout).step_all()?;
+            db.newest_command()
         })
         .await;
-        if let Err(e) = stepped {
-            tracing::error!(error = %e.message, "could not step the jobs");
+        match stepped {
+            Ok(newest) => {
+                state.commands_posted.send_if_modified(|seen| {
+                    let moved = *seen != newest;
+                    *seen = newest;
+                    moved
+                });
+            }
+            Err(e) => tracing::error!(error = %e.message, "could not step the jobs"),
         }
         state.preflights_wanted.notify_one();
         let _ = tokio::time::timeout(
@@ -1608,6 +1618,10 @@ pub struct WaitQuery {
     pub busy: Option<String>,
 }
 
+/// How often a component waiting for a command looks again, besides when the job engine gives
+/// one out.
+const COMMANDS_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A component fetches its next command (with its component token): 200 and the command, or
 /// 204 when none came within `wait` seconds. A command comes again until it is answered.
 #[utoipa::path(get, path = "/api/commands", tag = "components", params(WaitQuery),
@@ -1646,15 +1660,21 @@ async fn next_command(
         }
     };
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(wait as u64);
+    let mut posted = state.commands_posted.subscribe();
     loop {
+        // Seen before the query: a command given out after it wakes the wait below.
+        posted.borrow_and_update();
         let (name, busy) = (caller.name.clone(), busy.clone());
         if let Some(command) = db(&state, move |db| db.next_command(&name, &busy)).await? {
             return Ok(Json(command).into_response());
         }
-        if tokio::time::Instant::now() >= deadline {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // Woken by the job engine; a look every few seconds besides, whatever happens.
+        let until = deadline.min(now + COMMANDS_RECHECK);
+        let _ = tokio::time::timeout_at(until, posted.changed()).await;
     }
 }
 

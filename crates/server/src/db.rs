@@ -110,6 +110,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX commands_pending ON commands (component, state);",
     // 8: the machine an agent standing by at a recovery site serves once reprotected.
     "ALTER TABLE components ADD COLUMN machine TEXT;",
+    // 9: the active alerts, found without reading the resolved ones (every heartbeat raises or
+    // resolves some, and resolved alerts are kept).
+    "CREATE INDEX alerts_active ON alerts (kind, object) WHERE resolved_ms IS NULL;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -784,6 +787,14 @@ impl Db {
         self.alerts_where("resolved_ms IS NULL ORDER BY id", params![])
     }
 
+    /// The active alerts of `kind`.
+    pub fn active_alerts_of(&self, kind: &str) -> Result<Vec<Alert>, DbError> {
+        self.alerts_where(
+            "resolved_ms IS NULL AND kind = ?1 ORDER BY id",
+            params![kind],
+        )
+    }
+
     fn alerts_where(
         &self,
         condition: &str,
@@ -1025,6 +1036,40 @@ impl Db {
 mod tests {
     use super::*;
     use crate::inventory::{Inventory, Machine, MachineSource};
+
+    #[test]
+    fn active_alerts_are_found_by_the_index_not_by_reading_every_alert() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("state.db")).unwrap();
+        for k in 0..50 {
+            db.raise("kind-a", &format!("object/{k}"), "m").unwrap();
+            db.resolve("kind-a", &format!("object/{k}")).unwrap();
+        }
+        db.raise("kind-a", "object/live", "m").unwrap();
+        db.raise("kind-b", "object/other", "m").unwrap();
+        let active = db.active_alerts_of("kind-a").unwrap();
+        assert_eq!(active.len(), 1);
+        assert_eq!(active[0].object, "object/live");
+        for query in [
+            "SELECT id FROM alerts WHERE resolved_ms IS NULL AND kind = 'kind-a' ORDER BY id",
+            "UPDATE alerts SET resolved_ms = 1 WHERE kind = 'kind-a' AND object = 'x' AND resolved_ms IS NULL",
+        ] {
+            let plan: Vec<String> = {
+                let conn = db.conn();
+                let mut stmt = conn
+                    .prepare(&format!("EXPLAIN QUERY PLAN {query}"))
+                    .unwrap();
+                stmt.query_map([], |r| r.get::<_, String>(3))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap()
+            };
+            assert!(
+                plan.iter().any(|step| step.contains("alerts_active")),
+                "{query}: {plan:?}"
+            );
+        }
+    }
 
     fn machine(name: &str, source: MachineSource, disks: u64) -> Machine {
         let mut m: Machine = toml::from_str(&format!(

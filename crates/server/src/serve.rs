@@ -52,6 +52,7 @@ pub fn prepare(config: &ServerConfig) -> Result<Prepared, ServeError> {
         sources: Arc::new(sources),
         jobs_changed: Default::default(),
         preflights_wanted: Default::default(),
+        commands_posted: tokio::sync::watch::Sender::new(0),
     });
     // What a backup takes: server.toml, the CA, the server's certificate and the inventory
     // files in the state directory (and the database).
