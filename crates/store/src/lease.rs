@@ -6,15 +6,20 @@
 //! off, so a GC never sweeps while a commit may reference objects of an older point.
 //! A lease left by a crashed process goes stale after [`STALE_AFTER_MS`]. Sooner, a process
 //! that can tell that a lease's holder is gone (a process of the same kernel and namespaces
-//! that no longer runs, see [`process_identity`]) ignores it: a GC ignores such a commit lease
-//! and deletes it, and a commit ignores such a GC lease. The usual case is a master target (or
-//! a `store gc`) that crashed and started again on the same host. A stale GC lease is still
-//! replaced only after [`STALE_AFTER_MS`]: two GCs replacing one at once could both sweep.
+//! that no longer runs, see [`process_identity`]) ignores it once it has seen it gone for
+//! [`GONE_AFTER`] (requests the holder sent before it ended, such as a GC's deletes to an
+//! object store, have landed by then): a GC then deletes such a commit lease and goes on, and a
+//! commit goes on past such a GC lease. The usual case is a master target (or a `store gc`)
+//! that crashed and started again on the same host. A GC lease is replaced only once stale by
+//! its age, as before: two GCs replacing one at once could both sweep. A GC releases its lease
+//! only while the lease is still its own.
 //! Not supported with this shortcut: moving a running holder to another machine
 //! (checkpoint/restore) or cloning a running machine while it holds a lease.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use object_store::path::Path;
@@ -40,11 +45,39 @@ struct LeaseBody {
     /// The holder process (see [`process_identity`]); absent where it cannot be told.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     process: Option<String>,
+    /// Random, this lease's own: tells it from another one written at the same path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nonce: Option<String>,
 }
 
-/// A holder judged gone is ignored only once its lease is this old: requests it sent just
-/// before it ended (a GC's deletes) have landed by then.
-const GONE_AFTER_MS: u64 = 2 * 60 * 1000;
+/// A lease whose holder is gone is ignored only once this process has seen it gone for this
+/// long: requests the holder sent just before it ended (a GC's deletes, a commit's manifest)
+/// have landed by then.
+#[cfg(not(test))]
+const GONE_AFTER: Duration = Duration::from_secs(120);
+#[cfg(test)]
+const GONE_AFTER: Duration = Duration::from_millis(300);
+
+/// When this process first saw the holder of a lease gone, by store, lease and creation time.
+type SeenGone = HashMap<(String, String, u64), Instant>;
+static SEEN_GONE: Mutex<Option<SeenGone>> = Mutex::new(None);
+
+/// How long this process has seen the holder of lease `path` (created at `created`) gone.
+fn gone_for(store: &str, path: &str, created: u64) -> Duration {
+    let mut seen = SEEN_GONE.lock().unwrap_or_else(|e| e.into_inner());
+    let map = seen.get_or_insert_with(HashMap::new);
+    map.entry((store.to_string(), path.to_string(), created))
+        .or_insert_with(Instant::now)
+        .elapsed()
+}
+
+/// A lease found live, with its holder; `ended`: its holder is gone, but it still holds a
+/// while (see [`GONE_AFTER`]).
+struct LiveLease {
+    path: String,
+    holder: String,
+    ended: bool,
+}
 
 /// A process as this kernel and namespaces know it: the boot id, the pid and time namespaces,
 /// the pid, and the process's start time (clock ticks since boot), which tells the process from
@@ -101,13 +134,9 @@ fn signalled(pid: u32) -> bool {
 }
 
 impl LeaseBody {
-    /// Whether the holder is a process of this kernel and namespaces that no longer runs, and
-    /// the lease is older than [`GONE_AFTER_MS`]. A holder elsewhere (another host, container
-    /// or boot) is never judged gone here.
+    /// Whether the holder is a process of this kernel and namespaces that no longer runs. A
+    /// holder elsewhere (another host, container or boot) is never judged gone here.
     fn holder_gone(&self) -> bool {
-        if now_ms().saturating_sub(self.created_unix_ms) < GONE_AFTER_MS {
-            return false;
-        }
         let (Some(theirs), Some(here)) = (&self.process, here()) else {
             return false;
         };
@@ -132,9 +161,18 @@ impl LeaseBody {
 pub(crate) struct Lease {
     store: Store,
     path: String,
+    /// The body written, by which a GC lease is known as this holder's own at its release.
+    body: LeaseBody,
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn random_u64() -> Result<u64> {
+    let mut bytes = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut bytes)
+        .map_err(|_| StoreError::Invalid("the system's random number generator failed".into()))?;
+    Ok(u64::from_le_bytes(bytes))
+}
 
 fn holder() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -142,12 +180,14 @@ fn holder() -> String {
 }
 
 impl Store {
-    async fn put_lease(&self, path: &str, kind: &str) -> Result<bool> {
+    /// Writes lease `path` if no such lease exists: the lease, or `None` if one exists.
+    async fn put_lease(&self, path: &str, kind: &str) -> Result<Option<Lease>> {
         let body = LeaseBody {
             kind: kind.into(),
             holder: holder(),
             created_unix_ms: now_ms(),
             process: process_identity(std::process::id()),
+            nonce: Some(format!("{:016x}", random_u64()?)),
         };
         let bytes = serde_json::to_vec(&body).expect("lease serializes");
         match self
@@ -160,8 +200,12 @@ impl Store {
             )
             .await
         {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Ok(_) => Ok(Some(Lease {
+                store: self.clone(),
+                path: path.to_string(),
+                body,
+            })),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(None),
             Err(e) => Err(StoreError::backend(
                 format!("could not write lease {path} to {}", self.display()),
                 e,
@@ -169,14 +213,10 @@ impl Store {
         }
     }
 
-    /// Live leases whose path starts with `prefix`, with their holders. With `judge_holders`,
-    /// a lease whose holder is gone is not live either (see the module's notes); such a commit
-    /// lease, whose name no other holder takes, is deleted.
-    async fn live_leases(
-        &self,
-        prefix: &str,
-        judge_holders: bool,
-    ) -> Result<Vec<(String, String)>> {
+    /// Live leases whose path starts with `prefix`. With `judge_holders`, a lease whose holder
+    /// this process has seen gone for [`GONE_AFTER`] is not live either (see the module's
+    /// notes); such a commit lease, whose name no other holder takes, is deleted.
+    async fn live_leases(&self, prefix: &str, judge_holders: bool) -> Result<Vec<LiveLease>> {
         let metas: Vec<_> = self
             .backend()
             .durable_at("leases/")
@@ -210,9 +250,13 @@ impl Store {
                 tracing::warn!(lease = %path, holder = %body.holder, "ignoring a stale lease");
                 continue;
             }
-            if judge_holders && body.holder_gone() {
+            let ended = body.holder_gone();
+            if ended
+                && judge_holders
+                && gone_for(self.display(), &path, body.created_unix_ms) >= GONE_AFTER
+            {
                 tracing::warn!(lease = %path, holder = %body.holder, "ignoring a lease whose holder no longer runs");
-                if path.starts_with("leases/commit-") || path.contains("/leases/commit-") {
+                if path.starts_with("leases/commit-") {
                     let _ = self
                         .backend()
                         .durable_at("leases/")
@@ -221,7 +265,11 @@ impl Store {
                 }
                 continue;
             }
-            out.push((path, body.holder));
+            out.push(LiveLease {
+                path,
+                holder: body.holder,
+                ended,
+            });
         }
         Ok(out)
     }
@@ -232,23 +280,15 @@ impl Store {
         loop {
             // Unique among the processes of every host that commits to the store (or to its
             // group): a random part besides the process id, which containers repeat.
-            let mut nonce = [0u8; 8];
-            aws_lc_rs::rand::fill(&mut nonce).map_err(|_| {
-                StoreError::Invalid("the system's random number generator failed".into())
-            })?;
             let path = format!(
                 "leases/commit-{}-{}-{}-{:016x}.lease",
                 std::process::id(),
                 now_ms(),
                 COUNTER.fetch_add(1, Ordering::Relaxed),
-                u64::from_le_bytes(nonce)
+                random_u64()?
             );
-            if !self.put_lease(&path, "commit").await? {
+            let Some(lease) = self.put_lease(&path, "commit").await? else {
                 continue;
-            }
-            let lease = Lease {
-                store: self.clone(),
-                path,
             };
             let gc = match self.live_leases(GC_LEASE, true).await {
                 Ok(gc) => gc,
@@ -264,7 +304,7 @@ impl Store {
             if started.elapsed() > GC_WAIT {
                 return Err(StoreError::Conflict(format!(
                     "a garbage collection ({}) has held {} for over {} s: wait for it to finish, or if that process is gone delete the lease",
-                    gc[0].1,
+                    gc[0].holder,
                     GC_LEASE,
                     GC_WAIT.as_secs()
                 )));
@@ -278,31 +318,9 @@ impl Store {
     /// [`COMMITS_DRAIN`] (no new one starts once the GC lease is there: a store in a group
     /// whose machines commit every few seconds would otherwise never be collected).
     pub(crate) async fn gc_lease(&self) -> Result<Lease> {
-        if !self.put_lease(GC_LEASE, "gc").await? {
-            // Only a lease stale by its age is replaced (see the module's notes).
-            let holders = self.live_leases(GC_LEASE, false).await?;
-            if let Some((_, holder)) = holders.first() {
-                return Err(StoreError::Conflict(format!(
-                    "another garbage collection ({holder}) is running on {}: wait for it to finish",
-                    self.display()
-                )));
-            }
-            // A stale GC lease: replace it.
-            let _ = self
-                .backend()
-                .durable_at(GC_LEASE)
-                .delete(&Path::from(GC_LEASE))
-                .await;
-            if !self.put_lease(GC_LEASE, "gc").await? {
-                return Err(StoreError::Conflict(format!(
-                    "another garbage collection started on {} meanwhile: wait for it to finish",
-                    self.display()
-                )));
-            }
-        }
-        let lease = Lease {
-            store: self.clone(),
-            path: GC_LEASE.into(),
+        let lease = match self.put_lease(GC_LEASE, "gc").await? {
+            Some(lease) => lease,
+            None => self.replace_stale_gc_lease().await?,
         };
         let started = std::time::Instant::now();
         loop {
@@ -313,10 +331,17 @@ impl Store {
                     return Err(e);
                 }
             };
-            let Some((path, holder)) = commits.first() else {
+            let Some(LiveLease { path, holder, .. }) = commits.first() else {
                 return Ok(lease);
             };
-            if started.elapsed() > COMMITS_DRAIN {
+            // Leases of commits that ended only hold until they have been seen so for
+            // GONE_AFTER: worth waiting for.
+            let limit = if commits.iter().all(|c| c.ended) {
+                COMMITS_DRAIN.max(GONE_AFTER + Duration::from_secs(5))
+            } else {
+                COMMITS_DRAIN
+            };
+            if started.elapsed() > limit {
                 lease.release().await;
                 return Err(StoreError::Conflict(format!(
                     "a commit ({holder}, lease {path}) is running on {}: run gc again when it has finished",
@@ -328,9 +353,59 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The GC lease, in place of one stale by its age; an error if another GC holds it.
+    async fn replace_stale_gc_lease(&self) -> Result<Lease> {
+        // Only a lease stale by its age is replaced (see the module's notes).
+        let holders = self.live_leases(GC_LEASE, false).await?;
+        if let Some(LiveLease { holder, ended, .. }) = holders.first() {
+            return Err(StoreError::Conflict(if *ended {
+                format!(
+                    "the garbage collection that holds {GC_LEASE} on {} ({holder}) has ended without releasing it: it is replaced {} hours after it was taken; once no collection runs, delete it to collect sooner",
+                    self.display(),
+                    STALE_AFTER_MS / 3_600_000
+                )
+            } else {
+                format!(
+                    "another garbage collection ({holder}) is running on {}: wait for it to finish",
+                    self.display()
+                )
+            }));
+        }
+        let _ = self
+            .backend()
+            .durable_at(GC_LEASE)
+            .delete(&Path::from(GC_LEASE))
+            .await;
+        self.put_lease(GC_LEASE, "gc").await?.ok_or_else(|| {
+            StoreError::Conflict(format!(
+                "another garbage collection started on {} meanwhile: wait for it to finish",
+                self.display()
+            ))
+        })
+    }
+}
+
 impl Lease {
+    /// Whether the lease at its path is still the one this holder wrote: a GC lease another
+    /// GC replaced (after it went stale) is not this holder's to delete.
+    async fn still_own(&self) -> bool {
+        let store = self.store.backend().durable_at("leases/");
+        let Ok(found) = store.get(&Path::from(self.path.as_str())).await else {
+            return false;
+        };
+        let Ok(bytes) = found.bytes().await else {
+            return false;
+        };
+        serde_json::from_slice::<LeaseBody>(&bytes).is_ok_and(|b| b.nonce == self.body.nonce)
+    }
+
     /// Gives the lease back. Failure only leaves a lease that goes stale; it is logged.
     pub(crate) async fn release(self) {
+        if self.path == GC_LEASE && !self.still_own().await {
+            tracing::warn!(lease = %self.path, "the GC lease is no longer this collection's: left in place");
+            return;
+        }
         if let Err(e) = self
             .store
             .backend()
@@ -353,11 +428,21 @@ mod tests {
             holder: "a test".into(),
             created_unix_ms,
             process,
+            nonce: None,
         }
     }
 
     #[tokio::test]
     async fn a_lease_of_a_process_here_that_no_longer_runs_is_ignored_and_no_other() {
+        if here().is_none() {
+            // The kernel or /proc cannot tell (no time namespaces, /proc of another pid
+            // namespace): the shortcut is off. CI's machines can tell.
+            assert!(
+                std::env::var("CI").is_err(),
+                "this machine cannot tell processes apart"
+            );
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
         let store = Store::init(root.to_str().unwrap(), 64 * 1024)
@@ -370,12 +455,20 @@ mod tests {
         };
         let live = |judge| {
             let store = store.clone();
-            async move { store.live_leases("leases/commit-", judge).await.unwrap() }
+            async move {
+                store
+                    .live_leases("leases/commit-", judge)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|l| (l.path, l.ended))
+                    .collect::<Vec<_>>()
+            }
         };
-        let me = process_identity(std::process::id()).expect("this process, as /proc tells it");
+        let me = process_identity(std::process::id()).unwrap();
         let here = here().unwrap();
-        // Old enough that a holder gone may be judged so.
-        let before = now_ms() - GONE_AFTER_MS - 1000;
+        // Taken long ago: only how long the holder has been seen gone counts.
+        let long_ago = now_ms() - 3_600_000;
         // A process that ran and ended.
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let gone_pid = child.id();
@@ -383,25 +476,30 @@ mod tests {
         child.wait().unwrap();
         let gone = format!("{here}{gone_pid}/{gone_start}");
 
-        put("commit-mine.lease", &lease(Some(me.clone()), before));
+        put("commit-mine.lease", &lease(Some(me.clone()), long_ago));
         assert_eq!(
-            live(true).await.len(),
-            1,
+            live(true).await,
+            [("leases/commit-mine.lease".to_string(), false)],
             "the holder runs: the lease holds"
         );
         std::fs::remove_file(leases.join("commit-mine.lease")).unwrap();
 
-        put("commit-young.lease", &lease(Some(gone.clone()), now_ms()));
+        put("commit-gone.lease", &lease(Some(gone), long_ago));
         assert_eq!(
-            live(true).await.len(),
-            1,
-            "its holder ended a moment ago: what it sent may still land"
+            live(true).await,
+            [("leases/commit-gone.lease".to_string(), true)],
+            "its holder has just been seen gone: what it sent may still land"
         );
-        std::fs::remove_file(leases.join("commit-young.lease")).unwrap();
-
-        put("commit-gone.lease", &lease(Some(gone), before));
-        assert_eq!(live(false).await.len(), 1, "not judged: it holds");
-        assert!(live(true).await.is_empty(), "its holder ended: ignored");
+        tokio::time::sleep(GONE_AFTER).await;
+        assert_eq!(
+            live(false).await,
+            [("leases/commit-gone.lease".to_string(), true)],
+            "not judged: it holds"
+        );
+        assert!(
+            live(true).await.is_empty(),
+            "seen gone long enough: ignored"
+        );
         assert!(
             !leases.join("commit-gone.lease").exists(),
             "and deleted, a name no other holder takes"
@@ -410,8 +508,11 @@ mod tests {
         // This process's pid, but another start: a process before it that had the same pid.
         let (pid, start) = me.strip_prefix(&here).unwrap().split_once('/').unwrap();
         let reused = format!("{here}{pid}/{}", start.parse::<u64>().unwrap() + 1);
-        put("commit-reused.lease", &lease(Some(reused), before));
+        put("commit-reused.lease", &lease(Some(reused), long_ago));
+        assert_eq!(live(true).await.len(), 1);
+        tokio::time::sleep(GONE_AFTER).await;
         assert!(live(true).await.is_empty(), "its pid was reused: ignored");
+        assert!(!leases.join("commit-reused.lease").exists());
 
         // Holders this process cannot judge: another boot or namespace, or a lease without
         // the field. They hold until they are stale.
@@ -419,15 +520,34 @@ mod tests {
             "commit-elsewhere.lease",
             &lease(
                 Some(format!("another-boot/pid:[1]/time:[2]/{gone_pid}/1")),
-                before,
+                long_ago,
             ),
         );
-        put("commit-older.lease", &lease(None, before));
+        put("commit-older.lease", &lease(None, long_ago));
+        tokio::time::sleep(GONE_AFTER).await;
         assert_eq!(live(true).await.len(), 2);
         put(
             "commit-older.lease",
             &lease(None, now_ms() - STALE_AFTER_MS - 1000),
         );
         assert_eq!(live(true).await.len(), 1, "stale after STALE_AFTER_MS");
+    }
+
+    #[tokio::test]
+    async fn a_gc_lease_taken_over_by_another_gc_is_not_released_by_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = Store::init(root.to_str().unwrap(), 64 * 1024)
+            .await
+            .unwrap();
+        let first = store.put_lease(GC_LEASE, "gc").await.unwrap().unwrap();
+        assert!(store.put_lease(GC_LEASE, "gc").await.unwrap().is_none());
+        // Another GC replaced it (as it does with a stale one).
+        std::fs::remove_file(root.join(GC_LEASE)).unwrap();
+        let second = store.put_lease(GC_LEASE, "gc").await.unwrap().unwrap();
+        first.release().await;
+        assert!(root.join(GC_LEASE).exists(), "the second GC's lease stays");
+        second.release().await;
+        assert!(!root.join(GC_LEASE).exists());
     }
 }
