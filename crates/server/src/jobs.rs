@@ -971,8 +971,6 @@ impl Db {
         Ok(out)
     }
 
-    /// The next command for `component` not answered yet, of a running job, other than those
-    /// in `busy` (the ones it is carrying out).
     /// The id of the newest command given out (0 before the first).
     pub fn newest_command(&self) -> Result<i64, DbError> {
         Ok(self
@@ -982,6 +980,8 @@ impl Db {
             })?)
     }
 
+    /// The next command for `component` not answered yet, of a running job, other than those
+    /// in `busy` (the ones it is carrying out).
     pub fn next_command(&self, component: &str, busy: &[i64]) -> Result<Option<Command>, DbError> {
         use rusqlite::OptionalExtension;
         let busy = serde_json::to_string(busy).unwrap_or_else(|_| "[]".into());

@@ -58,17 +58,52 @@ const GONE_AFTER: Duration = Duration::from_secs(120);
 #[cfg(test)]
 const GONE_AFTER: Duration = Duration::from_millis(300);
 
-/// When this process first saw the holder of a lease gone, by store, lease and creation time.
-type SeenGone = HashMap<(String, String, u64), Instant>;
+/// When this process first saw the holder of a lease gone, by the lease (path and body, whose
+/// holder identity and nonce make it unique).
+type SeenGone = HashMap<(String, String), Instant>;
 static SEEN_GONE: Mutex<Option<SeenGone>> = Mutex::new(None);
 
-/// How long this process has seen the holder of lease `path` (created at `created`) gone.
-fn gone_for(store: &str, path: &str, created: u64) -> Duration {
+fn seen_gone_key(path: &str, body: &LeaseBody) -> (String, String) {
+    let who = format!(
+        "{}/{}/{}",
+        body.created_unix_ms,
+        body.process.as_deref().unwrap_or(""),
+        body.nonce.as_deref().unwrap_or("")
+    );
+    (path.to_string(), who)
+}
+
+/// How long this process has seen the holder of lease `path` gone.
+fn gone_for(path: &str, body: &LeaseBody) -> Duration {
     let mut seen = SEEN_GONE.lock().unwrap_or_else(|e| e.into_inner());
     let map = seen.get_or_insert_with(HashMap::new);
-    map.entry((store.to_string(), path.to_string(), created))
+    map.entry(seen_gone_key(path, body))
         .or_insert_with(Instant::now)
         .elapsed()
+}
+
+/// Forgets a lease deleted.
+fn forget_gone(path: &str, body: &LeaseBody) {
+    let mut seen = SEEN_GONE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(map) = seen.as_mut() {
+        map.remove(&seen_gone_key(path, body));
+    }
+}
+
+/// Since when every lease in the way has had an ended holder: such leases hold only until they
+/// have been seen so for [`GONE_AFTER`], which is worth waiting for past the usual limit.
+#[derive(Default)]
+struct EndedSince(Option<Instant>);
+
+impl EndedSince {
+    fn worth_waiting(&mut self, leases: &[LiveLease]) -> bool {
+        if !leases.iter().all(|l| l.ended) {
+            self.0 = None;
+            return false;
+        }
+        let since = *self.0.get_or_insert_with(Instant::now);
+        since.elapsed() <= GONE_AFTER + Duration::from_secs(5)
+    }
 }
 
 /// A lease found live, with its holder; `ended`: its holder is gone, but it still holds a
@@ -205,7 +240,15 @@ impl Store {
                 path: path.to_string(),
                 body,
             })),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(None),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                // A create retried after its first try landed finds its own lease.
+                let lease = Lease {
+                    store: self.clone(),
+                    path: path.to_string(),
+                    body,
+                };
+                Ok(lease.still_own(false).await.then_some(lease))
+            }
             Err(e) => Err(StoreError::backend(
                 format!("could not write lease {path} to {}", self.display()),
                 e,
@@ -238,12 +281,28 @@ impl Store {
             if !path.starts_with(prefix) {
                 continue;
             }
-            let body = match self.backend().durable_at("leases/").get(&m.location).await {
-                Ok(r) => r.bytes().await.ok(),
-                Err(_) => None, // released meanwhile
+            // A lease that cannot be read may be live: only one released meanwhile is not.
+            let unreadable = |e| {
+                StoreError::backend(
+                    format!(
+                        "could not read lease {path} of the store at {}",
+                        self.display()
+                    ),
+                    e,
+                )
             };
-            let Some(body) = body else { continue };
-            let Ok(body) = serde_json::from_slice::<LeaseBody>(&body) else {
+            let bytes = match self.backend().durable_at("leases/").get(&m.location).await {
+                Ok(r) => r.bytes().await.map_err(unreadable)?,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(unreadable(e)),
+            };
+            let Ok(body) = serde_json::from_slice::<LeaseBody>(&bytes) else {
+                // Not ours to judge: it holds (until someone removes it).
+                out.push(LiveLease {
+                    path,
+                    holder: "an unreadable lease".into(),
+                    ended: false,
+                });
                 continue;
             };
             if now_ms().saturating_sub(body.created_unix_ms) > STALE_AFTER_MS {
@@ -251,17 +310,17 @@ impl Store {
                 continue;
             }
             let ended = body.holder_gone();
-            if ended
-                && judge_holders
-                && gone_for(self.display(), &path, body.created_unix_ms) >= GONE_AFTER
-            {
+            if ended && judge_holders && gone_for(&path, &body) >= GONE_AFTER {
                 tracing::warn!(lease = %path, holder = %body.holder, "ignoring a lease whose holder no longer runs");
                 if path.starts_with("leases/commit-") {
-                    let _ = self
+                    let deleted = self
                         .backend()
                         .durable_at("leases/")
                         .delete(&m.location)
                         .await;
+                    if deleted.is_ok() {
+                        forget_gone(&path, &body);
+                    }
                 }
                 continue;
             }
@@ -277,6 +336,7 @@ impl Store {
     /// Takes a commit lease, waiting while a GC runs.
     pub(crate) async fn commit_lease(&self) -> Result<Lease> {
         let started = std::time::Instant::now();
+        let mut ended = EndedSince::default();
         loop {
             // Unique among the processes of every host that commits to the store (or to its
             // group): a random part besides the process id, which containers repeat.
@@ -301,7 +361,7 @@ impl Store {
                 return Ok(lease);
             }
             lease.release().await;
-            if started.elapsed() > GC_WAIT {
+            if started.elapsed() > GC_WAIT && !ended.worth_waiting(&gc) {
                 return Err(StoreError::Conflict(format!(
                     "a garbage collection ({}) has held {} for over {} s: wait for it to finish, or if that process is gone delete the lease",
                     gc[0].holder,
@@ -323,6 +383,7 @@ impl Store {
             None => self.replace_stale_gc_lease().await?,
         };
         let started = std::time::Instant::now();
+        let mut ended = EndedSince::default();
         loop {
             let commits = match self.live_leases("leases/commit-", true).await {
                 Ok(commits) => commits,
@@ -334,14 +395,7 @@ impl Store {
             let Some(LiveLease { path, holder, .. }) = commits.first() else {
                 return Ok(lease);
             };
-            // Leases of commits that ended only hold until they have been seen so for
-            // GONE_AFTER: worth waiting for.
-            let limit = if commits.iter().all(|c| c.ended) {
-                COMMITS_DRAIN.max(GONE_AFTER + Duration::from_secs(5))
-            } else {
-                COMMITS_DRAIN
-            };
-            if started.elapsed() > limit {
+            if started.elapsed() > COMMITS_DRAIN && !ended.worth_waiting(&commits) {
                 lease.release().await;
                 return Err(StoreError::Conflict(format!(
                     "a commit ({holder}, lease {path}) is running on {}: run gc again when it has finished",
@@ -388,21 +442,31 @@ impl Store {
 
 impl Lease {
     /// Whether the lease at its path is still the one this holder wrote: a GC lease another
-    /// GC replaced (after it went stale) is not this holder's to delete.
-    async fn still_own(&self) -> bool {
+    /// GC replaced (after it went stale) is not this holder's to delete. One that cannot be
+    /// read after a few tries counts as its own if `unreadable_is_own` (at a release: left in
+    /// place, it would hold every commit up while this process lives).
+    async fn still_own(&self, unreadable_is_own: bool) -> bool {
         let store = self.store.backend().durable_at("leases/");
-        let Ok(found) = store.get(&Path::from(self.path.as_str())).await else {
-            return false;
-        };
-        let Ok(bytes) = found.bytes().await else {
-            return false;
-        };
-        serde_json::from_slice::<LeaseBody>(&bytes).is_ok_and(|b| b.nonce == self.body.nonce)
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let read = match store.get(&Path::from(self.path.as_str())).await {
+                Ok(found) => found.bytes().await,
+                Err(object_store::Error::NotFound { .. }) => return false,
+                Err(e) => Err(e),
+            };
+            if let Ok(bytes) = read {
+                return serde_json::from_slice::<LeaseBody>(&bytes)
+                    .is_ok_and(|b| b.nonce == self.body.nonce);
+            }
+        }
+        unreadable_is_own
     }
 
     /// Gives the lease back. Failure only leaves a lease that goes stale; it is logged.
     pub(crate) async fn release(self) {
-        if self.path == GC_LEASE && !self.still_own().await {
+        if self.path == GC_LEASE && !self.still_own(true).await {
             tracing::warn!(lease = %self.path, "the GC lease is no longer this collection's: left in place");
             return;
         }
@@ -531,6 +595,9 @@ mod tests {
             &lease(None, now_ms() - STALE_AFTER_MS - 1000),
         );
         assert_eq!(live(true).await.len(), 1, "stale after STALE_AFTER_MS");
+        // One that cannot be read may be live: it holds.
+        std::fs::write(leases.join("commit-garbled.lease"), b"not json").unwrap();
+        assert_eq!(live(true).await.len(), 2);
     }
 
     #[tokio::test]
