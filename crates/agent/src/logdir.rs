@@ -1391,14 +1391,18 @@ mod tests {
     }
 
     /// Appends `n` small records to `log`.
+    /// A small change to disk `d`.
+    fn zero() -> Op {
+        Op::Zero {
+            disk: DiskName::new("d").unwrap(),
+            offset: 0,
+            len: 512,
+        }
+    }
+
     fn append_zeros(log: &mut LogDir, n: usize) {
         for _ in 0..n {
-            log.append(Op::Zero {
-                disk: DiskName::new("d").unwrap(),
-                offset: 0,
-                len: 512,
-            })
-            .unwrap();
+            log.append(zero()).unwrap();
         }
     }
 
@@ -1416,11 +1420,6 @@ mod tests {
     #[test]
     fn after_a_crash_the_first_answer_decides_whether_the_log_goes_on_after_the_receiver() {
         let dir = tempfile::tempdir().unwrap();
-        let zero = || Op::Zero {
-            disk: DiskName::new("d").unwrap(),
-            offset: 0,
-            len: 512,
-        };
         // Records 1..=5, then the machine crashes: the floor is 6, records 6..=8 follow.
         {
             let mut log = LogDir::open(dir.path(), MIN_SEGMENT).unwrap();
@@ -1501,11 +1500,6 @@ mod tests {
     #[test]
     fn a_receiver_that_lost_released_records_makes_the_lineage_start_again_after_them() {
         let dir = tempfile::tempdir().unwrap();
-        let zero = || Op::Zero {
-            disk: DiskName::new("d").unwrap(),
-            offset: 0,
-            len: 512,
-        };
         let first = Lineage {
             id: 3,
             since: Seq(1),

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::handshake::Session;
 use crate::proto::*;
@@ -63,7 +64,9 @@ where
     // A reply travels with its request's permit: the budget is given back once the reply is
     // written, so replies a client does not read cannot pile up.
     let (tx, mut rx) = mpsc::channel::<Reply>(IN_FLIGHT);
-    let writer = tokio::spawn(async move {
+    // However the connection ends (a deadline, or this task aborted), the writer goes with it:
+    // left alone it could wait for ever on a client that reads nothing.
+    let writer = AbortOnDropHandle::new(tokio::spawn(async move {
         while let Some((buf, permit)) = rx.recv().await {
             wr.write_all(&buf).await?;
             drop(permit);
@@ -74,10 +77,7 @@ where
         }
         wr.flush().await?;
         wr.shutdown().await
-    });
-    // However the connection ends (a deadline, or this task aborted), the writer goes with it:
-    // left alone it could wait for ever on a client that reads nothing.
-    let _writer_guard = AbortOnDrop(writer.abort_handle());
+    }));
     let session = Arc::new(session);
     let total = IN_FLIGHT as u32 + UNITS;
     let slots = Arc::new(Semaphore::new(total as usize));
@@ -109,15 +109,6 @@ where
                 "the connection was still busy when the server's stop allowed no more time",
             ))
         }
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -125,6 +125,12 @@ fn process_identity(pid: u32) -> Option<String> {
 /// [`process_identity`]; `None` where they cannot be told, or where `/proc` is not that of this
 /// process's own pid namespace (its pids and start times would be another's).
 fn here() -> Option<String> {
+    // The same for the life of the process: read once, not at every lease looked at.
+    static HERE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    HERE.get_or_init(read_here).clone()
+}
+
+fn read_here() -> Option<String> {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
     let pids = std::fs::read_link("/proc/self/ns/pid").ok()?;
     // Start times are shown shifted by the reader's time namespace.

@@ -282,7 +282,7 @@ async fn stream<S: Source>(
             }
         }
     });
-    let _reader = AbortOnDrop(reader);
+    let _reader = tokio_util::task::AbortOnDropHandle::new(reader);
     let mut pace = Pace::default();
     let mut heard = Instant::now();
     let mut said = Instant::now();
@@ -417,14 +417,6 @@ impl Pace {
         let due = Duration::from_secs_f64(self.sent as f64 / rate as f64);
         let elapsed = now - self.since.unwrap_or(now);
         due.saturating_sub(elapsed)
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
